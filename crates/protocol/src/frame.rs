@@ -1,0 +1,197 @@
+//! Every frame of the protocol, client to server and server to client.
+//!
+//! Both directions are internally tagged enums: a frame is a map whose `type` field names the
+//! variant, e.g. `{"type":"ping"}`. The same model is encoded as JSON (text frames) or as a
+//! MessagePack map with the same field names (binary frames). Unknown fields are ignored so that
+//! newer clients can talk to older servers.
+//!
+//! Times (`ts`, `server_time`) are milliseconds since the Unix epoch, by the server's clock.
+//! Sequence numbers start at 1; `0` means "before the first message".
+
+use crate::error_code::ErrorCode;
+use crate::limits::Limits;
+use serde::{Deserialize, Serialize};
+
+/// A frame a client sends.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientFrame {
+    /// Send a message. Exactly one of `conv` (an existing conversation) or `to` (a user: the
+    /// direct conversation with them, created on first send) must be set. `cmid` is the client
+    /// message id: unique per sending user, reused on every resend of the same message.
+    Send {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        conv: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        to: Option<String>,
+        cmid: String,
+        body: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reply_to: Option<u64>,
+    },
+    /// Cumulative delivered positions: "this device has stored every message up to `seq`".
+    Ack { acks: Vec<Position> },
+    /// Cumulative read position of this device's user in one conversation.
+    Read { conv: String, seq: u64 },
+    /// Pull messages with seq > `after`, at most `limit` (server default and cap apply). Also
+    /// acknowledges delivery up to `after`.
+    Sync {
+        conv: String,
+        after: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<u32>,
+    },
+    /// Ask for the overview of every conversation this user is a member of.
+    Convs,
+    /// Liveness check; answered by `pong` with the same nonce.
+    Ping {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        nonce: Option<u64>,
+    },
+}
+
+/// A position in one conversation, as carried by `ack`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Position {
+    pub conv: String,
+    pub seq: u64,
+}
+
+/// A stored message as the server delivers it, pushed in `msg` or pulled in `synced`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    pub conv: String,
+    pub seq: u64,
+    /// Sending user.
+    pub from: String,
+    /// Sending device.
+    pub device: String,
+    pub cmid: String,
+    pub body: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<u64>,
+    /// When the server accepted it.
+    pub ts: u64,
+}
+
+/// One conversation in a `convs` overview.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConvInfo {
+    pub conv: String,
+    pub kind: ConvKind,
+    pub epoch: u64,
+    /// Highest seq assigned so far (0 when empty).
+    pub max_seq: u64,
+    /// Lowest seq still stored; lower ones were removed by retention.
+    pub first_seq: u64,
+    /// This device's delivered position.
+    pub delivered: u64,
+    /// This user's read position.
+    pub read: u64,
+    /// Every member with their delivered and read positions (maximum over their devices).
+    pub members: Vec<MemberPosition>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConvKind {
+    Direct,
+    Group,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberPosition {
+    pub user: String,
+    pub delivered: u64,
+    pub read: u64,
+}
+
+/// A frame the server sends.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerFrame {
+    /// First frame on every connection.
+    Welcome {
+        user: String,
+        device: String,
+        protocol: u32,
+        server_time: u64,
+        limits: Limits,
+    },
+    /// The message with this `cmid` is durable with this `seq`. Sent again, identical, for a
+    /// duplicate resend.
+    Accepted {
+        cmid: String,
+        conv: String,
+        seq: u64,
+        ts: u64,
+    },
+    /// The message with this `cmid` was not stored.
+    Rejected {
+        cmid: String,
+        code: ErrorCode,
+        message: String,
+        retryable: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retry_after_ms: Option<u64>,
+    },
+    /// A new message pushed to a device that is caught up in this conversation.
+    Msg(Message),
+    /// There are messages up to `max_seq` that were not pushed: pull them with `sync`.
+    Notify { conv: String, max_seq: u64 },
+    /// The answer to `sync`.
+    Synced {
+        conv: String,
+        epoch: u64,
+        messages: Vec<Message>,
+        /// More messages follow the last one returned; sync again after it.
+        has_more: bool,
+        /// Lowest seq still stored. If it is greater than `after + 1`, the range in between
+        /// was removed by retention.
+        first_seq: u64,
+        max_seq: u64,
+    },
+    /// A member's delivered/read positions changed (cumulative, never decreasing).
+    Receipt {
+        conv: String,
+        user: String,
+        delivered: u64,
+        read: u64,
+    },
+    /// The answer to `convs`.
+    Convs { conversations: Vec<ConvInfo> },
+    /// A frame could not be served. The connection stays open.
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
+    Pong {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        nonce: Option<u64>,
+        server_time: u64,
+    },
+}
+
+impl ServerFrame {
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
+        ServerFrame::Error {
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn rejected(
+        cmid: impl Into<String>,
+        code: ErrorCode,
+        message: impl Into<String>,
+        retry_after_ms: Option<u64>,
+    ) -> Self {
+        ServerFrame::Rejected {
+            cmid: cmid.into(),
+            code,
+            message: message.into(),
+            retryable: code.retryable(),
+            retry_after_ms,
+        }
+    }
+}
