@@ -1,1 +1,26 @@
+//! Ordo's delivery rules as a sans-IO state machine.
+//!
+//! The [`Core`] owns every rule of the contract that does not need I/O: who may read and write a
+//! conversation, which seq a message gets, whether a send is a duplicate, which device cursor and
+//! which receipt moved, what to push to whom and when to fall back to `notify`, what retention
+//! removes. It never reads a clock, touches a disk or a socket: the caller passes the time in,
+//! persists the [`Batch`]es it hands out, reports back when a batch is durable, and carries out
+//! the [`Action`]s it gets. The server drives it with tokio and redb; a simulation can drive it
+//! with a fake network and disk.
+//!
+//! Durability rule: nothing a batch contains becomes visible to any client (no `accepted`, no
+//! `msg`, no `receipt`, no admin answer) until the caller reports that batch committed.
 
+pub mod config;
+pub mod conv;
+pub mod engine;
+pub mod error;
+pub mod model;
+pub mod rate;
+pub mod rng;
+pub mod session;
+
+pub use config::CoreConfig;
+pub use engine::{Action, AdminOp, AdminReply, Core, CoreStats, SessionId, SyncPlan, Ticket};
+pub use error::CoreError;
+pub use model::*;

@@ -14,7 +14,9 @@ pub mod limits;
 pub use codec::{decode_client, decode_server, encode, DecodeError, Encoding};
 pub use error_code::ErrorCode;
 pub use frame::*;
-pub use ids::{direct_conv_id, validate_conv_id, validate_id, IdError, IdKind};
+pub use ids::{
+    direct_conv_id, is_direct, validate_conv_id, validate_id, IdError, IdKind, DIRECT_PREFIX,
+};
 pub use limits::Limits;
 
 /// The protocol version this crate speaks. Sent in `welcome`; bumped on any incompatible change.

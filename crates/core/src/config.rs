@@ -1,0 +1,39 @@
+//! Tunables of the delivery rules. The server fills these from its configuration.
+
+use crate::model::Retention;
+use ordo_protocol::Limits;
+
+#[derive(Clone, Debug)]
+pub struct CoreConfig {
+    pub limits: Limits,
+    /// Most pushed-but-unacknowledged messages per device and conversation; past it the device
+    /// gets `notify` and pulls.
+    pub push_window: u64,
+    /// Groups with more members than this never get `msg` pushes, only `notify`.
+    pub push_max_members: usize,
+    /// How long a (sender, client message id) pair is remembered, in milliseconds.
+    pub dedup_window_ms: u64,
+    /// Sustained sends per second per user; 0 disables the limit.
+    pub rate_per_sec: f64,
+    /// Sends a user may burst above the sustained rate.
+    pub rate_burst: f64,
+    /// Retention given to conversations that do not set their own.
+    pub default_retention: Retention,
+    /// Default `limit` of a `sync` that names none.
+    pub default_sync_limit: u32,
+}
+
+impl Default for CoreConfig {
+    fn default() -> Self {
+        CoreConfig {
+            limits: Limits::default(),
+            push_window: 256,
+            push_max_members: 1000,
+            dedup_window_ms: 24 * 60 * 60 * 1000,
+            rate_per_sec: 1000.0,
+            rate_burst: 2000.0,
+            default_retention: Retention::default(),
+            default_sync_limit: 100,
+        }
+    }
+}

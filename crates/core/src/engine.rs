@@ -1,0 +1,955 @@
+//! The [`Core`] state machine: events in (connect, send, ack, read, sync, admin, commit done,
+//! ticks), [`Action`]s out.
+//!
+//! Group commit lives here as a rule, not as I/O: every change joins the *pending* set; the
+//! caller takes it as a [`Batch`] whenever no batch is in flight, makes it durable, and reports
+//! back with [`Core::commit_done`]. Only then are the answers to that batch released: `accepted`
+//! to senders, `msg`/`notify` to devices, `receipt`s, admin replies. So no client ever sees a seq
+//! that a crash could take back.
+
+use crate::config::CoreConfig;
+use crate::conv::{Conv, Cursor};
+use crate::error::CoreError;
+use crate::model::*;
+use crate::rate::TokenBucket;
+use crate::rng::SplitMix64;
+use crate::session::{PushState, Session};
+use ordo_protocol::{
+    direct_conv_id, validate_id, ConvInfo, ConvKind, ErrorCode, IdKind, MemberPosition, Message,
+    ServerFrame, DIRECT_PREFIX,
+};
+use std::collections::{BTreeSet, HashMap, VecDeque};
+
+/// Identifies one connected device; chosen by the caller, unique while connected.
+pub type SessionId = u64;
+/// Identifies one admin request; chosen by the caller, echoed in [`Action::AdminDone`].
+pub type Ticket = u64;
+
+/// Something the caller must do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Send this frame to this connection.
+    Send {
+        session: SessionId,
+        frame: ServerFrame,
+    },
+    /// An admin request finished (its change is durable, or it failed).
+    AdminDone {
+        ticket: Ticket,
+        reply: Result<AdminReply, CoreError>,
+    },
+}
+
+/// Admin reply: the group as it now stands.
+pub type AdminReply = ConvRecord;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AdminOp {
+    CreateGroup {
+        id: String,
+        members: Vec<String>,
+        retention: Retention,
+    },
+    UpdateGroup {
+        id: String,
+        add: Vec<String>,
+        remove: Vec<String>,
+        retention: Option<Retention>,
+    },
+}
+
+/// What a `sync` should read from the store: seqs `from..=to`, at most `limit`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SyncPlan {
+    pub conv: String,
+    pub epoch: u64,
+    pub from: u64,
+    pub to: u64,
+    pub limit: u32,
+}
+
+/// Who waits for which seq to become durable, to be told `accepted`.
+#[derive(Clone, Debug)]
+struct Waiter {
+    session: SessionId,
+    cmid: String,
+    conv: String,
+    seq: u64,
+    ts: u64,
+}
+
+#[derive(Clone, Debug)]
+struct DedupEntry {
+    conv: String,
+    seq: u64,
+    ts: u64,
+}
+
+/// Changes not yet handed out in a batch, plus the answers that wait on them.
+#[derive(Default)]
+struct Pending {
+    messages: Vec<StoredMessage>,
+    convs: BTreeSet<String>,
+    dedup_put: Vec<DedupRecord>,
+    dedup_delete: Vec<(String, String)>,
+    cursors: BTreeSet<(String, String, String)>,
+    trim_before_ms: Vec<(String, u64)>,
+    waiters: Vec<Waiter>,
+    admin: Vec<(Ticket, String)>,
+    receipts: BTreeSet<(String, String)>,
+}
+
+impl Pending {
+    fn is_empty(&self) -> bool {
+        self.messages.is_empty()
+            && self.convs.is_empty()
+            && self.dedup_put.is_empty()
+            && self.dedup_delete.is_empty()
+            && self.cursors.is_empty()
+            && self.trim_before_ms.is_empty()
+            && self.waiters.is_empty()
+            && self.admin.is_empty()
+            && self.receipts.is_empty()
+    }
+}
+
+/// A batch handed out and not yet reported back.
+struct InFlight {
+    id: u64,
+    messages: Vec<StoredMessage>,
+    convs: Vec<String>,
+    waiters: Vec<Waiter>,
+    admin: Vec<(Ticket, String)>,
+    receipts: BTreeSet<(String, String)>,
+}
+
+pub struct Core {
+    cfg: CoreConfig,
+    rng: SplitMix64,
+    convs: HashMap<String, Conv>,
+    /// (user, cmid) -> what it was accepted as.
+    dedup: HashMap<(String, String), DedupEntry>,
+    /// Dedup keys in acceptance order, for expiry.
+    dedup_order: VecDeque<(u64, String, String)>,
+    sessions: HashMap<SessionId, Session>,
+    by_user: HashMap<String, BTreeSet<SessionId>>,
+    buckets: HashMap<String, TokenBucket>,
+    pending: Pending,
+    in_flight: Option<InFlight>,
+    next_batch: u64,
+    stats: CoreStats,
+}
+
+/// Running totals the caller exports as metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CoreStats {
+    /// Resends answered from the dedup table.
+    pub dedup_hits: u64,
+    /// Messages made durable and acknowledged.
+    pub accepted: u64,
+    /// `msg` frames pushed.
+    pub pushed: u64,
+    /// `notify` frames sent.
+    pub notified: u64,
+}
+
+impl Core {
+    /// Rebuilds the rules' state from what the store holds. `seed` feeds the generator of
+    /// epochs: random in production, fixed in a simulation.
+    pub fn new(cfg: CoreConfig, seed: u64, snapshot: Snapshot) -> Self {
+        let mut convs = HashMap::new();
+        for rec in snapshot.convs {
+            convs.insert(rec.id.clone(), Conv::new(rec, true));
+        }
+        for c in snapshot.cursors {
+            if let Some(conv) = convs.get_mut(&c.conv) {
+                conv.cursors.insert(
+                    (c.user, c.device),
+                    Cursor {
+                        delivered: c.delivered,
+                        read: c.read,
+                    },
+                );
+            }
+        }
+        for conv in convs.values_mut() {
+            let users: Vec<String> = conv.cursors.keys().map(|(u, _)| u.clone()).collect();
+            for u in users {
+                let pos = conv.user_position(&u);
+                conv.published.insert(u, pos);
+            }
+        }
+        let mut dedup_records = snapshot.dedup;
+        dedup_records.sort_by_key(|d| d.ts);
+        let mut dedup = HashMap::new();
+        let mut dedup_order = VecDeque::new();
+        for d in dedup_records {
+            dedup_order.push_back((d.ts, d.user.clone(), d.cmid.clone()));
+            dedup.insert(
+                (d.user, d.cmid),
+                DedupEntry {
+                    conv: d.conv,
+                    seq: d.seq,
+                    ts: d.ts,
+                },
+            );
+        }
+        Core {
+            cfg,
+            rng: SplitMix64::new(seed),
+            convs,
+            dedup,
+            dedup_order,
+            sessions: HashMap::new(),
+            by_user: HashMap::new(),
+            buckets: HashMap::new(),
+            pending: Pending::default(),
+            in_flight: None,
+            next_batch: 1,
+            stats: CoreStats::default(),
+        }
+    }
+
+    pub fn stats(&self) -> CoreStats {
+        self.stats
+    }
+
+    pub fn config(&self) -> &CoreConfig {
+        &self.cfg
+    }
+
+    // ----- connections -----
+
+    pub fn connect(&mut self, session: SessionId, user: &str, device: &str) {
+        self.sessions
+            .insert(session, Session::new(user.to_string(), device.to_string()));
+        self.by_user
+            .entry(user.to_string())
+            .or_default()
+            .insert(session);
+    }
+
+    pub fn disconnect(&mut self, session: SessionId) {
+        if let Some(s) = self.sessions.remove(&session) {
+            if let Some(set) = self.by_user.get_mut(&s.user) {
+                set.remove(&session);
+                if set.is_empty() {
+                    self.by_user.remove(&s.user);
+                }
+            }
+        }
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    // ----- sending -----
+
+    /// A `send` from a connected device. Returns the frames to answer with at once (a duplicate
+    /// of a durable message, or a rejection); a new message is answered at commit.
+    pub fn send(
+        &mut self,
+        session: SessionId,
+        conv: Option<&str>,
+        to: Option<&str>,
+        cmid: &str,
+        body: String,
+        reply_to: Option<u64>,
+        now_ms: u64,
+    ) -> Vec<Action> {
+        match self.try_send(session, conv, to, cmid, body, reply_to, now_ms) {
+            Ok(actions) => actions,
+            Err(e) => vec![Action::Send {
+                session,
+                frame: ServerFrame::rejected(cmid, e.code(), e.to_string(), e.retry_after_ms()),
+            }],
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn try_send(
+        &mut self,
+        session: SessionId,
+        conv: Option<&str>,
+        to: Option<&str>,
+        cmid: &str,
+        body: String,
+        reply_to: Option<u64>,
+        now_ms: u64,
+    ) -> Result<Vec<Action>, CoreError> {
+        let (user, device) = match self.sessions.get(&session) {
+            Some(s) => (s.user.clone(), s.device.clone()),
+            None => return Ok(Vec::new()),
+        };
+        validate_id(IdKind::ClientMessage, cmid)?;
+        let conv_id = match (conv, to) {
+            (Some(c), None) => {
+                validate_id(IdKind::Conversation, c)?;
+                c.to_string()
+            }
+            (None, Some(peer)) => {
+                validate_id(IdKind::User, peer)?;
+                direct_conv_id(&user, peer)
+            }
+            _ => {
+                return Err(CoreError::Invalid(
+                    "a send names exactly one of `conv` or `to`".into(),
+                ))
+            }
+        };
+
+        // A resend inside the dedup window gets the original answer, wherever it is.
+        let key = (user.clone(), cmid.to_string());
+        if let Some(d) = self.dedup.get(&key) {
+            if now_ms < d.ts.saturating_add(self.cfg.dedup_window_ms) {
+                if d.conv != conv_id {
+                    return Err(CoreError::Invalid(format!(
+                        "client message id {cmid:?} was already used in conversation {:?}; use a new id per message",
+                        d.conv
+                    )));
+                }
+                self.stats.dedup_hits += 1;
+                let durable = self
+                    .convs
+                    .get(&d.conv)
+                    .is_some_and(|c| c.durable_seq >= d.seq);
+                let waiter = Waiter {
+                    session,
+                    cmid: cmid.to_string(),
+                    conv: d.conv.clone(),
+                    seq: d.seq,
+                    ts: d.ts,
+                };
+                if durable {
+                    return Ok(vec![accepted_action(&waiter)]);
+                }
+                self.pending.waiters.push(waiter);
+                return Ok(Vec::new());
+            }
+        }
+
+        if body.len() > self.cfg.limits.max_body_bytes {
+            return Err(CoreError::BodyTooLarge {
+                len: body.len(),
+                max: self.cfg.limits.max_body_bytes,
+            });
+        }
+
+        if !self.convs.contains_key(&conv_id) {
+            match to {
+                Some(peer) => {
+                    let members: BTreeSet<String> =
+                        [user.clone(), peer.to_string()].into_iter().collect();
+                    let rec = ConvRecord {
+                        id: conv_id.clone(),
+                        kind: ConvKind::Direct,
+                        epoch: self.rng.next_epoch(),
+                        max_seq: 0,
+                        first_seq: 1,
+                        members,
+                        retention: Retention::default(),
+                        created_ms: now_ms,
+                    };
+                    // Creation is only recorded together with its first message below.
+                    self.check_rate(&user, now_ms)?;
+                    self.convs.insert(conv_id.clone(), Conv::new(rec, false));
+                    return Ok(self.append(session, &user, &device, &conv_id, cmid, body, None, now_ms));
+                }
+                None => return Err(CoreError::NoSuchConversation(conv_id)),
+            }
+        }
+        let c = &self.convs[&conv_id];
+        if !c.is_member(&user) {
+            return Err(CoreError::NotMember(conv_id));
+        }
+        if let Some(r) = reply_to {
+            if r == 0 || r > c.rec.max_seq {
+                return Err(CoreError::Invalid(format!(
+                    "reply_to {r} is not a seq of conversation {conv_id:?} (1..={})",
+                    c.rec.max_seq
+                )));
+            }
+        }
+        self.check_rate(&user, now_ms)?;
+        Ok(self.append(session, &user, &device, &conv_id, cmid, body, reply_to, now_ms))
+    }
+
+    fn check_rate(&mut self, user: &str, now_ms: u64) -> Result<(), CoreError> {
+        let (rate, burst) = (self.cfg.rate_per_sec, self.cfg.rate_burst);
+        self.buckets
+            .entry(user.to_string())
+            .or_insert_with(|| TokenBucket::new(burst, now_ms))
+            .take(rate, burst, now_ms)
+            .map_err(CoreError::RateLimited)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn append(
+        &mut self,
+        session: SessionId,
+        user: &str,
+        device: &str,
+        conv_id: &str,
+        cmid: &str,
+        body: String,
+        reply_to: Option<u64>,
+        now_ms: u64,
+    ) -> Vec<Action> {
+        let Some(conv) = self.convs.get_mut(conv_id) else {
+            return Vec::new();
+        };
+        conv.rec.max_seq += 1;
+        let seq = conv.rec.max_seq;
+        self.pending.messages.push(Message {
+            conv: conv_id.to_string(),
+            seq,
+            from: user.to_string(),
+            device: device.to_string(),
+            cmid: cmid.to_string(),
+            body,
+            reply_to,
+            ts: now_ms,
+        });
+        self.pending.convs.insert(conv_id.to_string());
+        self.pending.dedup_put.push(DedupRecord {
+            user: user.to_string(),
+            cmid: cmid.to_string(),
+            conv: conv_id.to_string(),
+            seq,
+            ts: now_ms,
+        });
+        self.dedup.insert(
+            (user.to_string(), cmid.to_string()),
+            DedupEntry {
+                conv: conv_id.to_string(),
+                seq,
+                ts: now_ms,
+            },
+        );
+        self.dedup_order
+            .push_back((now_ms, user.to_string(), cmid.to_string()));
+        self.pending.waiters.push(Waiter {
+            session,
+            cmid: cmid.to_string(),
+            conv: conv_id.to_string(),
+            seq,
+            ts: now_ms,
+        });
+        Vec::new()
+    }
+
+    // ----- positions -----
+
+    fn member_conv(&self, session: SessionId, conv: &str) -> Result<(String, String), CoreError> {
+        let s = self
+            .sessions
+            .get(&session)
+            .ok_or_else(|| CoreError::Invalid("connection is closed".into()))?;
+        validate_id(IdKind::Conversation, conv)?;
+        let c = self
+            .convs
+            .get(conv)
+            .filter(|c| c.durable)
+            .ok_or_else(|| CoreError::NoSuchConversation(conv.to_string()))?;
+        if !c.is_member(&s.user) {
+            return Err(CoreError::NotMember(conv.to_string()));
+        }
+        Ok((s.user.clone(), s.device.clone()))
+    }
+
+    /// A cumulative delivered position from a device. Positions past what is durable are
+    /// clamped; positions behind the current one are ignored (cursors never go back).
+    pub fn ack(&mut self, session: SessionId, conv: &str, seq: u64) -> Result<(), CoreError> {
+        let (user, device) = self.member_conv(session, conv)?;
+        self.move_cursor(&user, &device, conv, Some(seq), None);
+        Ok(())
+    }
+
+    /// A cumulative read position; reading implies delivery.
+    pub fn read(&mut self, session: SessionId, conv: &str, seq: u64) -> Result<(), CoreError> {
+        let (user, device) = self.member_conv(session, conv)?;
+        self.move_cursor(&user, &device, conv, Some(seq), Some(seq));
+        Ok(())
+    }
+
+    fn move_cursor(
+        &mut self,
+        user: &str,
+        device: &str,
+        conv_id: &str,
+        delivered: Option<u64>,
+        read: Option<u64>,
+    ) {
+        let Some(conv) = self.convs.get_mut(conv_id) else {
+            return;
+        };
+        let cap = conv.durable_seq;
+        let cur = conv
+            .cursors
+            .entry((user.to_string(), device.to_string()))
+            .or_default();
+        let before = *cur;
+        if let Some(d) = delivered {
+            cur.delivered = cur.delivered.max(d.min(cap));
+        }
+        if let Some(r) = read {
+            cur.read = cur.read.max(r.min(cap));
+        }
+        if *cur != before {
+            self.pending.cursors.insert((
+                conv_id.to_string(),
+                user.to_string(),
+                device.to_string(),
+            ));
+            self.pending
+                .receipts
+                .insert((conv_id.to_string(), user.to_string()));
+        }
+    }
+
+    /// Starts a `sync`: checks membership, applies the piggybacked ack, and says what to read.
+    pub fn sync(
+        &mut self,
+        session: SessionId,
+        conv: &str,
+        after: u64,
+        limit: Option<u32>,
+    ) -> Result<SyncPlan, CoreError> {
+        let (user, device) = self.member_conv(session, conv)?;
+        let limit = match limit {
+            Some(0) => return Err(CoreError::Invalid("sync limit must be at least 1".into())),
+            Some(l) => l.min(self.cfg.limits.max_sync_limit),
+            None => self.cfg.default_sync_limit,
+        };
+        self.move_cursor(&user, &device, conv, Some(after), None);
+        let c = &self.convs[conv];
+        Ok(SyncPlan {
+            conv: conv.to_string(),
+            epoch: c.rec.epoch,
+            from: after.saturating_add(1),
+            to: c.durable_seq,
+            limit,
+        })
+    }
+
+    /// A `sync` answer went out to the device, covering everything up to `up_to`. If the
+    /// device is still behind and will not ask again by itself (`has_more` false), it is
+    /// told to pull.
+    pub fn sync_served(
+        &mut self,
+        session: SessionId,
+        conv: &str,
+        up_to: u64,
+        has_more: bool,
+    ) -> Vec<Action> {
+        let Some(c) = self.convs.get(conv) else {
+            return Vec::new();
+        };
+        let durable = c.durable_seq;
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return Vec::new();
+        };
+        let st = s.convs.entry(conv.to_string()).or_default();
+        st.sent_up_to = st.sent_up_to.max(up_to);
+        st.notified = false;
+        if !has_more && durable > st.sent_up_to {
+            st.notified = true;
+            return vec![Action::Send {
+                session,
+                frame: ServerFrame::Notify {
+                    conv: conv.to_string(),
+                    max_seq: durable,
+                },
+            }];
+        }
+        Vec::new()
+    }
+
+    /// The overview of every conversation the session's user belongs to.
+    pub fn overview(&self, session: SessionId) -> Vec<ConvInfo> {
+        let Some(s) = self.sessions.get(&session) else {
+            return Vec::new();
+        };
+        let mut out: Vec<ConvInfo> = self
+            .convs
+            .values()
+            .filter(|c| c.durable && c.is_member(&s.user))
+            .map(|c| {
+                let mine = c.cursor(&s.user, &s.device);
+                ConvInfo {
+                    conv: c.rec.id.clone(),
+                    kind: c.rec.kind,
+                    epoch: c.rec.epoch,
+                    max_seq: c.durable_seq,
+                    first_seq: c.rec.first_seq.min(c.durable_seq + 1),
+                    delivered: mine.delivered,
+                    read: mine.read,
+                    members: c
+                        .rec
+                        .members
+                        .iter()
+                        .map(|u| {
+                            let p = c.published.get(u).copied().unwrap_or_default();
+                            MemberPosition {
+                                user: u.clone(),
+                                delivered: p.delivered,
+                                read: p.read,
+                            }
+                        })
+                        .collect(),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.conv.cmp(&b.conv));
+        out
+    }
+
+    // ----- admin -----
+
+    pub fn group(&self, id: &str) -> Option<ConvRecord> {
+        self.convs
+            .get(id)
+            .filter(|c| c.durable && c.rec.kind == ConvKind::Group)
+            .map(|c| {
+                let mut rec = c.rec.clone();
+                rec.max_seq = c.durable_seq;
+                rec
+            })
+    }
+
+    /// Starts an admin change; it is answered with [`Action::AdminDone`] once durable.
+    pub fn admin(&mut self, ticket: Ticket, op: AdminOp, now_ms: u64) -> Result<(), CoreError> {
+        match op {
+            AdminOp::CreateGroup {
+                id,
+                members,
+                retention,
+            } => {
+                validate_id(IdKind::Conversation, &id)?;
+                if id.starts_with(DIRECT_PREFIX) {
+                    return Err(CoreError::Invalid(format!(
+                        "group ids may not start with {DIRECT_PREFIX:?}: that prefix is for direct conversations"
+                    )));
+                }
+                if self.convs.contains_key(&id) {
+                    return Err(CoreError::AlreadyExists(id));
+                }
+                let members = validate_members(&members)?;
+                let rec = ConvRecord {
+                    id: id.clone(),
+                    kind: ConvKind::Group,
+                    epoch: self.rng.next_epoch(),
+                    max_seq: 0,
+                    first_seq: 1,
+                    members,
+                    retention,
+                    created_ms: now_ms,
+                };
+                self.convs.insert(id.clone(), Conv::new(rec, false));
+                self.pending.convs.insert(id.clone());
+                self.pending.admin.push((ticket, id));
+            }
+            AdminOp::UpdateGroup {
+                id,
+                add,
+                remove,
+                retention,
+            } => {
+                let add = validate_members(&add)?;
+                let remove = validate_members(&remove)?;
+                let c = self
+                    .convs
+                    .get_mut(&id)
+                    .filter(|c| c.rec.kind == ConvKind::Group)
+                    .ok_or_else(|| CoreError::NoSuchConversation(id.clone()))?;
+                c.rec.members.extend(add);
+                for u in &remove {
+                    c.rec.members.remove(u);
+                }
+                if let Some(r) = retention {
+                    c.rec.retention = r;
+                }
+                for sid in remove.iter().flat_map(|u| self.by_user.get(u)).flatten() {
+                    if let Some(s) = self.sessions.get_mut(sid) {
+                        s.convs.remove(&id);
+                    }
+                }
+                self.pending.convs.insert(id.clone());
+                self.pending.admin.push((ticket, id));
+            }
+        }
+        Ok(())
+    }
+
+    // ----- ticks -----
+
+    /// Forgets dedup entries older than the window (they are deleted from the store with the
+    /// next batch).
+    pub fn expire_dedup(&mut self, now_ms: u64) {
+        while let Some((ts, _, _)) = self.dedup_order.front() {
+            if ts.saturating_add(self.cfg.dedup_window_ms) > now_ms {
+                break;
+            }
+            let Some((ts, user, cmid)) = self.dedup_order.pop_front() else {
+                break;
+            };
+            let key = (user, cmid);
+            if self.dedup.get(&key).is_some_and(|d| d.ts == ts) {
+                self.dedup.remove(&key);
+                self.pending.dedup_delete.push(key);
+            }
+        }
+    }
+
+    /// Asks the store to drop messages older than each conversation's max age.
+    pub fn retention_tick(&mut self, now_ms: u64) {
+        let default = self.cfg.default_retention;
+        for c in self.convs.values() {
+            if !c.durable || c.rec.first_seq > c.durable_seq {
+                continue;
+            }
+            if let Some(age) = c.rec.retention.or(default).max_age_ms {
+                self.pending
+                    .trim_before_ms
+                    .push((c.rec.id.clone(), now_ms.saturating_sub(age)));
+            }
+        }
+    }
+
+    // ----- group commit -----
+
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    pub fn in_flight(&self) -> bool {
+        self.in_flight.is_some()
+    }
+
+    /// Hands out the next batch to make durable, if there is something pending and no other
+    /// batch is in flight.
+    pub fn take_batch(&mut self) -> Option<Batch> {
+        if self.in_flight.is_some() || self.pending.is_empty() {
+            return None;
+        }
+        let p = std::mem::take(&mut self.pending);
+        let id = self.next_batch;
+        self.next_batch += 1;
+        let default = self.cfg.default_retention;
+
+        let mut trim_below = Vec::new();
+        let mut convs = Vec::with_capacity(p.convs.len());
+        for cid in &p.convs {
+            let Some(c) = self.convs.get_mut(cid) else {
+                continue;
+            };
+            if let Some(max) = c.rec.retention.or(default).max_count {
+                let keep_from = c.rec.max_seq.saturating_sub(max) + 1;
+                if keep_from > c.rec.first_seq {
+                    c.rec.first_seq = keep_from;
+                    trim_below.push((cid.clone(), keep_from));
+                }
+            }
+            convs.push(c.rec.clone());
+        }
+        let cursors = p
+            .cursors
+            .iter()
+            .filter_map(|(conv, user, device)| {
+                self.convs
+                    .get(conv)
+                    .map(|c| c.cursor_record(user, device))
+            })
+            .collect();
+        let batch = Batch {
+            id,
+            messages: p.messages.clone(),
+            convs,
+            dedup_put: p.dedup_put,
+            dedup_delete: p.dedup_delete,
+            cursors,
+            trim_below,
+            trim_before_ms: p.trim_before_ms,
+        };
+        self.in_flight = Some(InFlight {
+            id,
+            messages: p.messages,
+            convs: p.convs.into_iter().collect(),
+            waiters: p.waiters,
+            admin: p.admin,
+            receipts: p.receipts,
+        });
+        Some(batch)
+    }
+
+    /// The batch `id` is durable: release everything that waited on it.
+    pub fn commit_done(&mut self, id: u64, outcome: CommitOutcome) -> Vec<Action> {
+        let Some(f) = self.in_flight.take_if(|f| f.id == id) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for cid in &f.convs {
+            if let Some(c) = self.convs.get_mut(cid) {
+                c.durable = true;
+            }
+        }
+        for m in &f.messages {
+            if let Some(c) = self.convs.get_mut(&m.conv) {
+                c.durable_seq = c.durable_seq.max(m.seq);
+            }
+        }
+        for (cid, first) in outcome.first_seqs {
+            if let Some(c) = self.convs.get_mut(&cid) {
+                c.rec.first_seq = c.rec.first_seq.max(first);
+            }
+        }
+        for w in &f.waiters {
+            out.push(accepted_action(w));
+        }
+        for (ticket, cid) in f.admin {
+            let reply = self
+                .group(&cid)
+                .ok_or_else(|| CoreError::NoSuchConversation(cid.clone()));
+            out.push(Action::AdminDone { ticket, reply });
+        }
+        self.stats.accepted += f.messages.len() as u64;
+        for m in f.messages {
+            self.fan_out(m, &mut out);
+        }
+        for (cid, user) in f.receipts {
+            self.publish_receipt(&cid, &user, &mut out);
+        }
+        out
+    }
+
+    /// Storage failed: nothing pending or in flight will become durable. Every waiting sender
+    /// and admin request is told to retry. The caller then rebuilds the core from the store,
+    /// which is the truth, and drops the connections.
+    pub fn abort_all(&mut self, reason: &str) -> Vec<Action> {
+        let mut out = Vec::new();
+        let pending = std::mem::take(&mut self.pending);
+        let (mut waiters, mut admin) = (pending.waiters, pending.admin);
+        if let Some(f) = self.in_flight.take() {
+            waiters.extend(f.waiters);
+            admin.extend(f.admin);
+        }
+        for w in waiters {
+            out.push(Action::Send {
+                session: w.session,
+                frame: ServerFrame::rejected(
+                    w.cmid,
+                    ErrorCode::Unavailable,
+                    format!("the message could not be stored ({reason}); resend it"),
+                    Some(1000),
+                ),
+            });
+        }
+        for (ticket, _) in admin {
+            out.push(Action::AdminDone {
+                ticket,
+                reply: Err(CoreError::Invalid(format!(
+                    "the change could not be stored ({reason}); retry"
+                ))),
+            });
+        }
+        out
+    }
+
+    fn fan_out(&mut self, m: Message, out: &mut Vec<Action>) {
+        let Some(c) = self.convs.get(&m.conv) else {
+            return;
+        };
+        let large = c.rec.members.len() > self.cfg.push_max_members;
+        let durable = c.durable_seq;
+        let window = self.cfg.push_window;
+        for user in &c.rec.members {
+            let Some(sids) = self.by_user.get(user) else {
+                continue;
+            };
+            for sid in sids {
+                let Some(s) = self.sessions.get_mut(sid) else {
+                    continue;
+                };
+                let cursor = c.cursor(user, &s.device);
+                let st = s.convs.entry(m.conv.clone()).or_insert(PushState {
+                    sent_up_to: cursor.delivered,
+                    notified: false,
+                });
+                let in_window = m.seq.saturating_sub(cursor.delivered) <= window;
+                if !large && st.sent_up_to + 1 == m.seq && in_window {
+                    st.sent_up_to = m.seq;
+                    self.stats.pushed += 1;
+                    out.push(Action::Send {
+                        session: *sid,
+                        frame: ServerFrame::Msg(m.clone()),
+                    });
+                } else if !st.notified && st.sent_up_to < m.seq {
+                    st.notified = true;
+                    self.stats.notified += 1;
+                    out.push(Action::Send {
+                        session: *sid,
+                        frame: ServerFrame::Notify {
+                            conv: m.conv.clone(),
+                            max_seq: durable,
+                        },
+                    });
+                }
+            }
+        }
+    }
+
+    fn publish_receipt(&mut self, cid: &str, user: &str, out: &mut Vec<Action>) {
+        let Some(c) = self.convs.get_mut(cid) else {
+            return;
+        };
+        let pos = c.user_position(user);
+        let old = c.published.get(user).copied().unwrap_or_default();
+        let new = Cursor {
+            delivered: old.delivered.max(pos.delivered),
+            read: old.read.max(pos.read),
+        };
+        if new == old {
+            return;
+        }
+        c.published.insert(user.to_string(), new);
+        if c.rec.members.len() > self.cfg.push_max_members {
+            return;
+        }
+        let frame = ServerFrame::Receipt {
+            conv: cid.to_string(),
+            user: user.to_string(),
+            delivered: new.delivered,
+            read: new.read,
+        };
+        for member in &c.rec.members {
+            for sid in self.by_user.get(member).into_iter().flatten() {
+                out.push(Action::Send {
+                    session: *sid,
+                    frame: frame.clone(),
+                });
+            }
+        }
+    }
+}
+
+fn accepted_action(w: &Waiter) -> Action {
+    Action::Send {
+        session: w.session,
+        frame: ServerFrame::Accepted {
+            cmid: w.cmid.clone(),
+            conv: w.conv.clone(),
+            seq: w.seq,
+            ts: w.ts,
+        },
+    }
+}
+
+fn validate_members(users: &[String]) -> Result<BTreeSet<String>, CoreError> {
+    users
+        .iter()
+        .map(|u| validate_id(IdKind::User, u).map(|_| u.clone()))
+        .collect::<Result<_, _>>()
+        .map_err(CoreError::from)
+}
+

@@ -1,0 +1,42 @@
+//! Errors of the core's rules, each mapped to the protocol's error code a client sees.
+
+use ordo_protocol::{ErrorCode, IdError};
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CoreError {
+    #[error(transparent)]
+    BadId(#[from] IdError),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("body is {len} bytes; the limit is {max}")]
+    BodyTooLarge { len: usize, max: usize },
+    #[error("conversation {0:?} does not exist")]
+    NoSuchConversation(String),
+    #[error("you are not a member of conversation {0:?}")]
+    NotMember(String),
+    #[error("conversation {0:?} already exists")]
+    AlreadyExists(String),
+    #[error("sending too fast; retry in {0} ms")]
+    RateLimited(u64),
+}
+
+impl CoreError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            CoreError::BadId(_) | CoreError::Invalid(_) | CoreError::AlreadyExists(_) => {
+                ErrorCode::Invalid
+            }
+            CoreError::BodyTooLarge { .. } => ErrorCode::TooLarge,
+            CoreError::NoSuchConversation(_) => ErrorCode::NotFound,
+            CoreError::NotMember(_) => ErrorCode::NotMember,
+            CoreError::RateLimited(_) => ErrorCode::RateLimited,
+        }
+    }
+
+    pub fn retry_after_ms(&self) -> Option<u64> {
+        match self {
+            CoreError::RateLimited(ms) => Some(*ms),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,120 @@
+//! The records the core hands to storage and gets back from it: what a conversation, a message,
+//! a cursor and a dedup entry look like at rest, the [`Batch`] of changes committed atomically,
+//! and the [`Snapshot`] the core is rebuilt from at start.
+//!
+//! Every store backend persists exactly these records; their shape is the contract between the
+//! core and any store.
+
+use ordo_protocol::{ConvKind, Message};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+
+/// How much history a conversation keeps. `None` keeps everything.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Retention {
+    /// Messages older than this many milliseconds are removed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_age_ms: Option<u64>,
+    /// Only the newest this many messages are kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_count: Option<u64>,
+}
+
+impl Retention {
+    pub fn is_keep_all(&self) -> bool {
+        self.max_age_ms.is_none() && self.max_count.is_none()
+    }
+
+    /// This retention where set, `fallback` where not.
+    pub fn or(self, fallback: Retention) -> Retention {
+        Retention {
+            max_age_ms: self.max_age_ms.or(fallback.max_age_ms),
+            max_count: self.max_count.or(fallback.max_count),
+        }
+    }
+}
+
+/// A conversation at rest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConvRecord {
+    pub id: String,
+    pub kind: ConvKind,
+    pub epoch: u64,
+    /// Highest seq assigned (and, in a committed record, durable).
+    pub max_seq: u64,
+    /// Lowest seq still stored (max_seq + 1 when retention removed everything).
+    pub first_seq: u64,
+    pub members: BTreeSet<String>,
+    /// The conversation's own retention; unset fields fall back to the server default.
+    pub retention: Retention,
+    pub created_ms: u64,
+}
+
+/// A message at rest: the protocol's message, which already carries every stored field.
+pub type StoredMessage = Message;
+
+/// One device's positions in one conversation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CursorRecord {
+    pub conv: String,
+    pub user: String,
+    pub device: String,
+    pub delivered: u64,
+    pub read: u64,
+}
+
+/// What a (sender, client message id) pair was accepted as.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DedupRecord {
+    pub user: String,
+    pub cmid: String,
+    pub conv: String,
+    pub seq: u64,
+    pub ts: u64,
+}
+
+/// Everything a store must make durable in one atomic, fsynced commit.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Batch {
+    pub id: u64,
+    /// New messages, in seq order within each conversation.
+    pub messages: Vec<StoredMessage>,
+    /// Conversations created or changed (seq, membership, retention, first_seq).
+    pub convs: Vec<ConvRecord>,
+    pub dedup_put: Vec<DedupRecord>,
+    /// Expired dedup entries to forget: (user, cmid).
+    pub dedup_delete: Vec<(String, String)>,
+    pub cursors: Vec<CursorRecord>,
+    /// Remove messages of `conv` with seq below the given one (count-based retention).
+    pub trim_below: Vec<(String, u64)>,
+    /// Remove messages of `conv` accepted before the given time (age-based retention). The store
+    /// reports the resulting first seq in [`CommitOutcome::first_seqs`].
+    pub trim_before_ms: Vec<(String, u64)>,
+}
+
+impl Batch {
+    pub fn is_empty(&self) -> bool {
+        self.messages.is_empty()
+            && self.convs.is_empty()
+            && self.dedup_put.is_empty()
+            && self.dedup_delete.is_empty()
+            && self.cursors.is_empty()
+            && self.trim_below.is_empty()
+            && self.trim_before_ms.is_empty()
+    }
+}
+
+/// What a store reports after committing a batch.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CommitOutcome {
+    /// For every age-based trim: the conversation's first seq after it.
+    pub first_seqs: Vec<(String, u64)>,
+}
+
+/// The durable state the core is rebuilt from at start.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub convs: Vec<ConvRecord>,
+    pub cursors: Vec<CursorRecord>,
+    pub dedup: Vec<DedupRecord>,
+}

@@ -1,0 +1,30 @@
+//! One connected device as the core sees it: who it is and, per conversation, how far the
+//! server has pushed to it and whether a `notify` is outstanding.
+
+use std::collections::HashMap;
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PushState {
+    /// Highest seq this connection has been sent (pushed or synced); pushes continue only
+    /// from exactly here, so a device never receives a pushed gap.
+    pub sent_up_to: u64,
+    /// A `notify` was sent and the device has not synced since.
+    pub notified: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct Session {
+    pub user: String,
+    pub device: String,
+    pub convs: HashMap<String, PushState>,
+}
+
+impl Session {
+    pub fn new(user: String, device: String) -> Self {
+        Session {
+            user,
+            device,
+            convs: HashMap::new(),
+        }
+    }
+}

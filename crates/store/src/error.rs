@@ -1,0 +1,23 @@
+//! Errors of the storage layer.
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the data store at {path}: {source}; check that the directory is writable and not used by another ordo process")]
+    Open {
+        path: String,
+        #[source]
+        source: redb::Error,
+    },
+    #[error("storage engine error: {0}")]
+    Engine(#[from] redb::Error),
+    #[error("stored record is corrupt ({what}): {detail}")]
+    Corrupt { what: &'static str, detail: String },
+    #[error("cannot encode a record: {0}")]
+    Encode(#[from] rmp_serde::encode::Error),
+}
+
+impl StoreError {
+    pub(crate) fn engine<E: Into<redb::Error>>(e: E) -> Self {
+        StoreError::Engine(e.into())
+    }
+}

@@ -1,0 +1,205 @@
+//! The embedded default store, on redb: one file, ACID transactions, one fsync per commit.
+//!
+//! Group commit happens above (the server hands over one batch per commit); here every batch is
+//! one write transaction with `Durability::Immediate`, so `commit` returns only after fsync.
+//! Records are MessagePack-encoded; keys are tuples so that a conversation's messages are
+//! contiguous and ordered by seq.
+
+use crate::{Page, Store, StoreError};
+use ordo_core::{Batch, CommitOutcome, ConvRecord, CursorRecord, DedupRecord, Snapshot};
+use ordo_protocol::Message;
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::de::DeserializeOwned;
+use std::path::Path;
+
+const MESSAGES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("messages");
+const CONVS: TableDefinition<&str, &[u8]> = TableDefinition::new("convs");
+/// (conv, user, device) -> (delivered, read)
+const CURSORS: TableDefinition<(&str, &str, &str), (u64, u64)> = TableDefinition::new("cursors");
+/// (user, cmid) -> DedupRecord
+const DEDUP: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("dedup");
+
+pub struct RedbStore {
+    db: Database,
+}
+
+impl RedbStore {
+    /// Opens (or creates) the store file `ordo.redb` inside `dir`, creating `dir` if needed.
+    /// After a crash redb repairs the file on open before returning.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let path = dir.join("ordo.redb");
+        let open_err = |source: redb::Error| StoreError::Open {
+            path: path.display().to_string(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(|e| open_err(e.into()))?;
+        let db = Database::create(&path).map_err(|e| open_err(e.into()))?;
+        // Create every table once so that readers never meet a missing one.
+        let tx = db.begin_write().map_err(StoreError::engine)?;
+        {
+            tx.open_table(MESSAGES).map_err(StoreError::engine)?;
+            tx.open_table(CONVS).map_err(StoreError::engine)?;
+            tx.open_table(CURSORS).map_err(StoreError::engine)?;
+            tx.open_table(DEDUP).map_err(StoreError::engine)?;
+        }
+        tx.commit().map_err(StoreError::engine)?;
+        Ok(RedbStore { db })
+    }
+}
+
+fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
+    rmp_serde::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        what,
+        detail: e.to_string(),
+    })
+}
+
+fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
+    Ok(rmp_serde::to_vec_named(v)?)
+}
+
+impl Store for RedbStore {
+    fn load(&self) -> Result<Snapshot, StoreError> {
+        let tx = self.db.begin_read().map_err(StoreError::engine)?;
+        let mut snap = Snapshot::default();
+        let convs = tx.open_table(CONVS).map_err(StoreError::engine)?;
+        for row in convs.iter().map_err(StoreError::engine)? {
+            let (_, v) = row.map_err(StoreError::engine)?;
+            snap.convs.push(decode::<ConvRecord>("conversation", v.value())?);
+        }
+        let cursors = tx.open_table(CURSORS).map_err(StoreError::engine)?;
+        for row in cursors.iter().map_err(StoreError::engine)? {
+            let (k, v) = row.map_err(StoreError::engine)?;
+            let (conv, user, device) = k.value();
+            let (delivered, read) = v.value();
+            snap.cursors.push(CursorRecord {
+                conv: conv.to_string(),
+                user: user.to_string(),
+                device: device.to_string(),
+                delivered,
+                read,
+            });
+        }
+        let dedup = tx.open_table(DEDUP).map_err(StoreError::engine)?;
+        for row in dedup.iter().map_err(StoreError::engine)? {
+            let (_, v) = row.map_err(StoreError::engine)?;
+            snap.dedup.push(decode::<DedupRecord>("dedup entry", v.value())?);
+        }
+        Ok(snap)
+    }
+
+    fn commit(&self, batch: &Batch) -> Result<CommitOutcome, StoreError> {
+        let mut outcome = CommitOutcome::default();
+        if batch.is_empty() {
+            return Ok(outcome);
+        }
+        let mut tx = self.db.begin_write().map_err(StoreError::engine)?;
+        tx.set_durability(Durability::Immediate)
+            .map_err(StoreError::engine)?;
+        {
+            let mut messages = tx.open_table(MESSAGES).map_err(StoreError::engine)?;
+            for m in &batch.messages {
+                messages
+                    .insert((m.conv.as_str(), m.seq), encode(m)?.as_slice())
+                    .map_err(StoreError::engine)?;
+            }
+            for (conv, below) in &batch.trim_below {
+                messages
+                    .retain_in((conv.as_str(), 0)..(conv.as_str(), *below), |_, _| false)
+                    .map_err(StoreError::engine)?;
+            }
+            let mut convs = tx.open_table(CONVS).map_err(StoreError::engine)?;
+            for c in &batch.convs {
+                convs
+                    .insert(c.id.as_str(), encode(c)?.as_slice())
+                    .map_err(StoreError::engine)?;
+            }
+            for (conv, cutoff) in &batch.trim_before_ms {
+                let mut doomed = Vec::new();
+                let mut first = None;
+                for row in messages
+                    .range((conv.as_str(), 0)..=(conv.as_str(), u64::MAX))
+                    .map_err(StoreError::engine)?
+                {
+                    let (k, v) = row.map_err(StoreError::engine)?;
+                    let m: Message = decode("message", v.value())?;
+                    if m.ts >= *cutoff {
+                        first = Some(m.seq);
+                        break;
+                    }
+                    doomed.push(k.value().1);
+                }
+                if doomed.is_empty() {
+                    continue;
+                }
+                for seq in &doomed {
+                    messages
+                        .remove((conv.as_str(), *seq))
+                        .map_err(StoreError::engine)?;
+                }
+                let raw = convs
+                    .get(conv.as_str())
+                    .map_err(StoreError::engine)?
+                    .map(|g| g.value().to_vec());
+                if let Some(raw) = raw {
+                    let mut rec: ConvRecord = decode("conversation", &raw)?;
+                    let new_first = first.unwrap_or(rec.max_seq + 1).max(rec.first_seq);
+                    rec.first_seq = new_first;
+                    convs
+                        .insert(conv.as_str(), encode(&rec)?.as_slice())
+                        .map_err(StoreError::engine)?;
+                    outcome.first_seqs.push((conv.clone(), new_first));
+                }
+            }
+            let mut cursors = tx.open_table(CURSORS).map_err(StoreError::engine)?;
+            for c in &batch.cursors {
+                cursors
+                    .insert(
+                        (c.conv.as_str(), c.user.as_str(), c.device.as_str()),
+                        (c.delivered, c.read),
+                    )
+                    .map_err(StoreError::engine)?;
+            }
+            let mut dedup = tx.open_table(DEDUP).map_err(StoreError::engine)?;
+            for d in &batch.dedup_put {
+                dedup
+                    .insert((d.user.as_str(), d.cmid.as_str()), encode(d)?.as_slice())
+                    .map_err(StoreError::engine)?;
+            }
+            for (user, cmid) in &batch.dedup_delete {
+                dedup
+                    .remove((user.as_str(), cmid.as_str()))
+                    .map_err(StoreError::engine)?;
+            }
+        }
+        tx.commit().map_err(StoreError::engine)?;
+        Ok(outcome)
+    }
+
+    fn read_page(&self, conv: &str, from: u64, to: u64, limit: u32) -> Result<Page, StoreError> {
+        let tx = self.db.begin_read().map_err(StoreError::engine)?;
+        let convs = tx.open_table(CONVS).map_err(StoreError::engine)?;
+        let Some(raw) = convs.get(conv).map_err(StoreError::engine)? else {
+            return Ok(Page::default());
+        };
+        let rec: ConvRecord = decode("conversation", raw.value())?;
+        let mut page = Page {
+            first_seq: rec.first_seq,
+            messages: Vec::new(),
+        };
+        let start = from.max(rec.first_seq);
+        if start > to || limit == 0 {
+            return Ok(page);
+        }
+        let messages = tx.open_table(MESSAGES).map_err(StoreError::engine)?;
+        for row in messages
+            .range((conv, start)..=(conv, to))
+            .map_err(StoreError::engine)?
+            .take(limit as usize)
+        {
+            let (_, v) = row.map_err(StoreError::engine)?;
+            page.messages.push(decode("message", v.value())?);
+        }
+        Ok(page)
+    }
+}
