@@ -1,1 +1,82 @@
-fn main() {}
+//! The `ordo` command: `serve` runs the server, `token` mints a client token, `bench` measures
+//! a running server.
+
+mod bench;
+mod serve;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "ordo", version, about = "Ordo: ordered, exactly-once message delivery")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the server (embedded store; no external service needed).
+    Serve(Box<serve::ServeArgs>),
+    /// Print a client token for USER's DEVICE, signed with the data directory's secret.
+    Token {
+        /// The server's data directory (its `secret` file signs the token; created if missing).
+        #[arg(long, env = "ORDO_DATA", default_value = "./ordo-data")]
+        data: PathBuf,
+        /// Sign with this secret instead of `<data>/secret`.
+        #[arg(long, env = "ORDO_SECRET", hide_env_values = true)]
+        secret: Option<String>,
+        #[arg(long)]
+        user: String,
+        #[arg(long)]
+        device: String,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = ordo_server::DEFAULT_TOKEN_TTL_SECS)]
+        ttl_secs: u64,
+    },
+    /// Measure accepted msgs/s and latency against a running server.
+    Bench(bench::BenchArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Serve(args) => serve::run(*args),
+        Cmd::Token {
+            data,
+            secret,
+            user,
+            device,
+            ttl_secs,
+        } => {
+            let key = match ordo_server::token_key(secret.as_deref(), &data) {
+                Ok(k) => k,
+                Err(e) => {
+                    eprintln!("ordo token: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            let claims = ordo_server::auth::Claims {
+                user,
+                device,
+                exp: now + ttl_secs,
+            };
+            match key.sign(&claims) {
+                Ok(t) => {
+                    println!("{t}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("ordo token: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Cmd::Bench(args) => bench::run(args),
+    }
+}

@@ -1,1 +1,174 @@
+//! The Ordo server: the tokio runtime side of the delivery rules.
+//!
+//! [`start`] opens the embedded store, rebuilds the core from it, starts the router task (the
+//! one owner of the core) and its commit thread, and serves WebSocket and HTTP with axum.
+//! Shutdown closes every connection with 1001, lets the router commit what is pending, and
+//! returns once it is on disk.
 
+pub mod auth;
+pub mod config;
+mod conn;
+mod http;
+pub mod metrics;
+mod router;
+
+pub use config::{Config, ConfigError};
+
+use auth::TokenKey;
+use ordo_protocol::Limits;
+use ordo_store::{RedbStore, Store, StoreError};
+use router::{Command, Router};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+/// Lifetime of tokens issued without an explicit one: 30 days.
+pub const DEFAULT_TOKEN_TTL_SECS: u64 = 30 * 24 * 3600;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot read or create {what} in {dir}: {source}")]
+    Secret {
+        what: &'static str,
+        dir: String,
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr}: {source}; is another server running there? (change it with --listen)")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("server error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// What every request handler and connection shares.
+#[derive(Clone)]
+pub(crate) struct AppState {
+    router: mpsc::Sender<Command>,
+    store: Arc<dyn Store>,
+    limits: Limits,
+    outbound_queue: usize,
+    tokens: TokenKey,
+    admin_key: Arc<str>,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// The token secret: flag/env value, or `<data>/secret`, created on first use.
+pub fn token_key(secret: Option<&str>, data: &std::path::Path) -> Result<TokenKey, ServerError> {
+    let s = auth::load_or_create_secret(secret, data, "secret").map_err(|source| {
+        ServerError::Secret {
+            what: "the token secret",
+            dir: data.display().to_string(),
+            source,
+        }
+    })?;
+    Ok(TokenKey::new(s.as_bytes()))
+}
+
+/// The admin key: flag/env value, or `<data>/admin.key`, created on first use.
+pub fn admin_key(given: Option<&str>, data: &std::path::Path) -> Result<String, ServerError> {
+    auth::load_or_create_secret(given, data, "admin.key").map_err(|source| ServerError::Secret {
+        what: "the admin key",
+        dir: data.display().to_string(),
+        source,
+    })
+}
+
+/// A running server.
+pub struct RunningServer {
+    addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<Result<(), ServerError>>,
+}
+
+impl RunningServer {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Closes connections, commits what is pending and waits until it is durable.
+    pub async fn shutdown(self) -> Result<(), ServerError> {
+        let _ = self.stop.send(true);
+        self.wait().await
+    }
+
+    /// Waits until the server stops.
+    pub async fn wait(self) -> Result<(), ServerError> {
+        match self.task.await {
+            Ok(r) => r,
+            Err(e) => Err(ServerError::Io(std::io::Error::other(e.to_string()))),
+        }
+    }
+
+    /// A handle that stops the server when sent `true` (for signal handlers).
+    pub fn stopper(&self) -> watch::Sender<bool> {
+        self.stop.clone()
+    }
+}
+
+/// Opens the store and starts serving. Returns once the listener is bound.
+pub async fn start(cfg: Config) -> Result<RunningServer, ServerError> {
+    cfg.validate()?;
+    let _ = metrics::handle();
+    let data = cfg.data.clone();
+    let store: Arc<dyn Store> =
+        Arc::new(tokio::task::spawn_blocking(move || RedbStore::open(&data)).await.map_err(
+            |e| ServerError::Io(std::io::Error::other(e.to_string())),
+        )??);
+    let tokens = token_key(cfg.secret.as_deref(), &cfg.data)?;
+    let admin = admin_key(cfg.admin_key.as_deref(), &cfg.data)?;
+
+    let router = Router::new(
+        cfg.core(),
+        store.clone(),
+        Duration::from_secs(cfg.housekeeping_secs),
+    )?;
+    let (router_tx, router_rx) = mpsc::channel(8192);
+    let router_task = tokio::spawn(router.run(router_rx));
+
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| ServerError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
+    let addr = listener.local_addr()?;
+    let (stop, stop_rx) = watch::channel(false);
+    let state = AppState {
+        router: router_tx.clone(),
+        store,
+        limits: cfg.limits(),
+        outbound_queue: cfg.outbound_queue,
+        tokens,
+        admin_key: admin.into(),
+        shutdown: stop_rx.clone(),
+    };
+    let app = http::routes(state);
+    tracing::info!(%addr, data = %cfg.data.display(), "ordo listening");
+
+    let mut until = stop_rx;
+    let task = tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = until.wait_for(|s| *s).await;
+            })
+            .await;
+        // Connections are closed; let the router commit what is pending.
+        let (done, finished) = oneshot::channel();
+        if router_tx.send(Command::Shutdown { done }).await.is_ok() {
+            let _ = finished.await;
+        }
+        drop(router_tx);
+        let _ = router_task.await;
+        tracing::info!("ordo stopped; everything accepted is on disk");
+        served.map_err(ServerError::Io)
+    });
+    Ok(RunningServer { addr, stop, task })
+}

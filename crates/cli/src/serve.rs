@@ -1,0 +1,179 @@
+//! `ordo serve`: settings from flags, `ORDO_*` environment variables and an optional TOML file
+//! (flags and env win over the file, the file over defaults), then run until SIGTERM or Ctrl-C.
+
+use clap::Args;
+use ordo_server::Config;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// TOML file with any of the settings below (snake_case keys).
+    #[arg(long, env = "ORDO_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:7400].
+    #[arg(long, env = "ORDO_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Data directory [default: ./ordo-data].
+    #[arg(long, env = "ORDO_DATA")]
+    data: Option<PathBuf>,
+    /// Token-signing secret [default: generated into <data>/secret].
+    #[arg(long, env = "ORDO_SECRET", hide_env_values = true)]
+    secret: Option<String>,
+    /// Admin API key [default: generated into <data>/admin.key].
+    #[arg(long, env = "ORDO_ADMIN_KEY", hide_env_values = true)]
+    admin_key: Option<String>,
+    /// Largest WebSocket message in bytes [default: 65536].
+    #[arg(long, env = "ORDO_MAX_FRAME_BYTES")]
+    max_frame_bytes: Option<usize>,
+    /// Largest message body in bytes [default: 32768].
+    #[arg(long, env = "ORDO_MAX_BODY_BYTES")]
+    max_body_bytes: Option<usize>,
+    /// Most messages one sync returns [default: 1000].
+    #[arg(long, env = "ORDO_MAX_SYNC_LIMIT")]
+    max_sync_limit: Option<u32>,
+    /// Unacknowledged pushes per device and conversation before `notify` [default: 256].
+    #[arg(long, env = "ORDO_PUSH_WINDOW")]
+    push_window: Option<u64>,
+    /// Groups larger than this get `notify` only [default: 1000].
+    #[arg(long, env = "ORDO_PUSH_MAX_MEMBERS")]
+    push_max_members: Option<usize>,
+    /// How long resends are recognised, in seconds [default: 86400].
+    #[arg(long, env = "ORDO_DEDUP_WINDOW_SECS")]
+    dedup_window_secs: Option<u64>,
+    /// Sends per second per user, 0 for no limit [default: 1000].
+    #[arg(long, env = "ORDO_RATE_PER_SEC")]
+    rate_per_sec: Option<f64>,
+    /// Burst above the rate [default: 2000].
+    #[arg(long, env = "ORDO_RATE_BURST")]
+    rate_burst: Option<f64>,
+    /// Drop messages older than this many seconds (server-wide default; unset keeps all).
+    #[arg(long, env = "ORDO_RETENTION_MAX_AGE_SECS")]
+    retention_max_age_secs: Option<u64>,
+    /// Keep only this many newest messages per conversation (server-wide default).
+    #[arg(long, env = "ORDO_RETENTION_MAX_COUNT")]
+    retention_max_count: Option<u64>,
+    /// How often retention and dedup expiry run, in seconds [default: 60].
+    #[arg(long, env = "ORDO_HOUSEKEEPING_SECS")]
+    housekeeping_secs: Option<u64>,
+    /// `text` or `json` [default: text].
+    #[arg(long, env = "ORDO_LOG_FORMAT")]
+    log_format: Option<String>,
+}
+
+impl ServeArgs {
+    fn config(self) -> Result<Config, ordo_server::ConfigError> {
+        let mut c = match &self.config {
+            Some(p) => Config::from_file(p)?,
+            None => Config::default(),
+        };
+        macro_rules! set {
+            ($($f:ident),*) => { $( if let Some(v) = self.$f { c.$f = v; } )* };
+        }
+        set!(
+            listen,
+            data,
+            max_frame_bytes,
+            max_body_bytes,
+            max_sync_limit,
+            push_window,
+            push_max_members,
+            dedup_window_secs,
+            rate_per_sec,
+            rate_burst,
+            housekeeping_secs,
+            log_format
+        );
+        if self.secret.is_some() {
+            c.secret = self.secret;
+        }
+        if self.admin_key.is_some() {
+            c.admin_key = self.admin_key;
+        }
+        if self.retention_max_age_secs.is_some() {
+            c.retention_max_age_secs = self.retention_max_age_secs;
+        }
+        if self.retention_max_count.is_some() {
+            c.retention_max_count = self.retention_max_count;
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+fn init_logs(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+pub fn run(args: ServeArgs) -> ExitCode {
+    let cfg = match args.config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ordo serve: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logs(&cfg.log_format);
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ordo serve: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let server = match ordo_server::start(cfg).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!("{e}");
+                eprintln!("ordo serve: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let stop = server.stopper();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("stopping: closing connections and flushing");
+            let _ = stop.send(true);
+        });
+        match server.wait().await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ordo serve: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,152 @@
+//! Server settings: defaults, the optional TOML file, and how command-line flags and environment
+//! variables override it (the `ordo` command does the parsing and calls [`Config::apply`]).
+
+use ordo_core::{CoreConfig, Retention};
+use ordo_protocol::Limits;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address the WebSocket and HTTP endpoints listen on.
+    pub listen: SocketAddr,
+    /// Directory of the embedded store, the token secret and the admin key.
+    pub data: PathBuf,
+    /// Secret that signs client tokens; generated into `<data>/secret` when unset.
+    pub secret: Option<String>,
+    /// Key for the admin API; generated into `<data>/admin.key` when unset.
+    pub admin_key: Option<String>,
+    pub max_frame_bytes: usize,
+    pub max_body_bytes: usize,
+    pub max_sync_limit: u32,
+    pub default_sync_limit: u32,
+    pub max_acks_per_frame: usize,
+    /// Pushed-but-unacknowledged messages per device and conversation before falling back to
+    /// `notify`.
+    pub push_window: u64,
+    /// Groups larger than this get `notify` only.
+    pub push_max_members: usize,
+    /// Frames queued for one connection before it is dropped as too slow.
+    pub outbound_queue: usize,
+    pub dedup_window_secs: u64,
+    /// Sends per second per user (0: unlimited) and the burst allowed above it.
+    pub rate_per_sec: f64,
+    pub rate_burst: f64,
+    /// Server-wide retention for conversations that set none (unset: keep everything).
+    pub retention_max_age_secs: Option<u64>,
+    pub retention_max_count: Option<u64>,
+    /// How often age-based retention and dedup expiry run.
+    pub housekeeping_secs: u64,
+    /// `text` or `json` logs.
+    pub log_format: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let core = CoreConfig::default();
+        Config {
+            listen: "127.0.0.1:7400".parse().expect("static address"),
+            data: PathBuf::from("./ordo-data"),
+            secret: None,
+            admin_key: None,
+            max_frame_bytes: core.limits.max_frame_bytes,
+            max_body_bytes: core.limits.max_body_bytes,
+            max_sync_limit: core.limits.max_sync_limit,
+            default_sync_limit: core.default_sync_limit,
+            max_acks_per_frame: core.limits.max_acks_per_frame,
+            push_window: core.push_window,
+            push_max_members: core.push_max_members,
+            outbound_queue: 1024,
+            dedup_window_secs: core.dedup_window_ms / 1000,
+            rate_per_sec: core.rate_per_sec,
+            rate_burst: core.rate_burst,
+            retention_max_age_secs: None,
+            retention_max_count: None,
+            housekeeping_secs: 60,
+            log_format: "text".into(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {source}")]
+    Parse {
+        path: String,
+        source: toml::de::Error,
+    },
+    #[error("invalid setting: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Reads a TOML file whose keys are the field names above; missing keys keep defaults.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.display().to_string(),
+            source,
+        })
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError::Invalid(m.to_string()));
+        if self.max_body_bytes == 0 || self.max_frame_bytes < self.max_body_bytes + 256 {
+            return bad("max_frame_bytes must exceed max_body_bytes by at least 256 bytes, and max_body_bytes must be positive");
+        }
+        if self.max_sync_limit == 0 || self.default_sync_limit == 0 {
+            return bad("sync limits must be at least 1");
+        }
+        if self.default_sync_limit > self.max_sync_limit {
+            return bad("default_sync_limit may not exceed max_sync_limit");
+        }
+        if self.push_window == 0 || self.outbound_queue < 16 {
+            return bad("push_window must be at least 1 and outbound_queue at least 16");
+        }
+        if self.rate_per_sec < 0.0 || self.rate_burst < 1.0 && self.rate_per_sec > 0.0 {
+            return bad("rate_per_sec must be >= 0 and rate_burst >= 1");
+        }
+        if self.housekeeping_secs == 0 {
+            return bad("housekeeping_secs must be at least 1");
+        }
+        if self.log_format != "text" && self.log_format != "json" {
+            return bad("log_format is `text` or `json`");
+        }
+        Ok(())
+    }
+
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_frame_bytes: self.max_frame_bytes,
+            max_body_bytes: self.max_body_bytes,
+            max_sync_limit: self.max_sync_limit,
+            max_acks_per_frame: self.max_acks_per_frame,
+        }
+    }
+
+    pub fn core(&self) -> CoreConfig {
+        CoreConfig {
+            limits: self.limits(),
+            push_window: self.push_window,
+            push_max_members: self.push_max_members,
+            dedup_window_ms: self.dedup_window_secs.saturating_mul(1000),
+            rate_per_sec: self.rate_per_sec,
+            rate_burst: self.rate_burst,
+            default_retention: Retention {
+                max_age_ms: self.retention_max_age_secs.map(|s| s.saturating_mul(1000)),
+                max_count: self.retention_max_count,
+            },
+            default_sync_limit: self.default_sync_limit,
+        }
+    }
+}

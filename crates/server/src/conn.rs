@@ -1,0 +1,311 @@
+//! One WebSocket connection: decode frames, pass them to the router, serve `sync` from the store
+//! and write the router's frames out in the encoding the client last spoke.
+//!
+//! A reader loop and a writer task share one bounded queue of outgoing frames. Bad frames get an
+//! `error` frame and the connection stays usable; a frame over the size limit closes the socket
+//! with 1009; a connection the router dropped as too slow is closed with 1013.
+
+use crate::metrics as m;
+use crate::router::{Command, SessionHandle};
+use crate::AppState;
+use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket};
+use futures_util::{SinkExt, StreamExt};
+use ordo_core::SessionId;
+use ordo_protocol::{
+    decode_client, encode, ClientFrame, Encoded, Encoding, ErrorCode, ServerFrame,
+    PROTOCOL_VERSION,
+};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot, Notify};
+
+static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
+
+/// WebSocket close codes used by the server.
+pub mod close {
+    pub const GOING_AWAY: u16 = 1001;
+    pub const TOO_BIG: u16 = 1009;
+    pub const TRY_AGAIN_LATER: u16 = 1013;
+}
+
+struct Conn {
+    state: AppState,
+    session: SessionId,
+    tx: mpsc::Sender<ServerFrame>,
+    /// Last encoding the client spoke: true for MessagePack.
+    msgpack: Arc<AtomicBool>,
+}
+
+pub async fn run(socket: WebSocket, state: AppState, user: String, device: String, enc: Encoding) {
+    let session = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
+    let (mut sink, mut stream) = socket.split();
+    let (tx, mut rx) = mpsc::channel::<ServerFrame>(state.outbound_queue);
+    let kick = Arc::new(Notify::new());
+    let msgpack = Arc::new(AtomicBool::new(enc == Encoding::MsgPack));
+    let (close_tx, mut close_rx) = mpsc::channel::<(u16, String)>(1);
+
+    let handle = SessionHandle {
+        tx: tx.clone(),
+        kick: kick.clone(),
+    };
+    if state
+        .router
+        .send(Command::Connect {
+            session,
+            user: user.clone(),
+            device: device.clone(),
+            handle,
+        })
+        .await
+        .is_err()
+    {
+        let _ = sink
+            .send(close_msg(close::GOING_AWAY, "server is shutting down"))
+            .await;
+        return;
+    }
+    tracing::debug!(session, %user, %device, "connected");
+
+    // Writer: frames from the router and from this connection, then an optional close.
+    let writer_msgpack = msgpack.clone();
+    let writer = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                biased;
+                Some((code, reason)) = close_rx.recv() => {
+                    let _ = sink.send(close_msg(code, &reason)).await;
+                    break;
+                }
+                frame = rx.recv() => {
+                    let Some(frame) = frame else { break };
+                    if let ServerFrame::Msg(_) = frame {
+                        metrics::counter!(m::DELIVERED).increment(1);
+                    }
+                    let enc = if writer_msgpack.load(Ordering::Relaxed) {
+                        Encoding::MsgPack
+                    } else {
+                        Encoding::Json
+                    };
+                    if sink.send(to_ws(encode(&frame, enc))).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = sink.close().await;
+    });
+
+    let conn = Conn {
+        state: state.clone(),
+        session,
+        tx: tx.clone(),
+        msgpack,
+    };
+    let _ = conn
+        .tx
+        .send(ServerFrame::Welcome {
+            user,
+            device,
+            protocol: PROTOCOL_VERSION,
+            server_time: crate::router::now_ms(),
+            limits: state.limits.clone(),
+        })
+        .await;
+
+    let mut shutdown = state.shutdown.clone();
+    let close = loop {
+        tokio::select! {
+            _ = kick.notified() => break Some((close::TRY_AGAIN_LATER, "dropped: too slow to keep up; reconnect and sync".to_string())),
+            _ = shutdown.changed() => break Some((close::GOING_AWAY, "server is shutting down; reconnect".to_string())),
+            msg = stream.next() => match msg {
+                None => break None,
+                Some(Err(e)) => break read_error_close(&e),
+                Some(Ok(WsMessage::Close(_))) => break None,
+                Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => {}
+                Some(Ok(WsMessage::Text(t))) => {
+                    if let Err(c) = conn.on_message(t.as_bytes(), Encoding::Json).await { break Some(c) }
+                }
+                Some(Ok(WsMessage::Binary(b))) => {
+                    if let Err(c) = conn.on_message(&b, Encoding::MsgPack).await { break Some(c) }
+                }
+            }
+        }
+    };
+    let _ = state.router.send(Command::Disconnect { session }).await;
+    if let Some(c) = close {
+        let _ = close_tx.send(c).await;
+    }
+    drop(conn);
+    drop(tx);
+    let _ = writer.await;
+    tracing::debug!(session, "disconnected");
+}
+
+fn close_msg(code: u16, reason: &str) -> WsMessage {
+    WsMessage::Close(Some(CloseFrame {
+        code,
+        reason: Utf8Bytes::from(reason.to_string()),
+    }))
+}
+
+fn to_ws(e: Encoded) -> WsMessage {
+    match e {
+        Encoded::Text(s) => WsMessage::Text(Utf8Bytes::from(s)),
+        Encoded::Binary(b) => WsMessage::Binary(b.into()),
+    }
+}
+
+/// A read error after which the socket may still take a close frame: a message over the size
+/// limit gets 1009; anything else (reset, protocol violation) just ends the connection.
+fn read_error_close(e: &axum::Error) -> Option<(u16, String)> {
+    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = src {
+        if let Some(tokio_tungstenite::tungstenite::Error::Capacity(c)) =
+            s.downcast_ref::<tokio_tungstenite::tungstenite::Error>()
+        {
+            return Some((close::TOO_BIG, format!("frame too large: {c}")));
+        }
+        src = s.source();
+    }
+    None
+}
+
+impl Conn {
+    /// Handles one incoming message; an error is the close (code, reason) that ends the
+    /// connection.
+    async fn on_message(&self, bytes: &[u8], enc: Encoding) -> Result<(), Close> {
+        let limit = self.state.limits.max_frame_bytes;
+        if bytes.len() > limit {
+            return Err((
+                close::TOO_BIG,
+                format!("frame of {} bytes exceeds max_frame_bytes {limit}", bytes.len()),
+            ));
+        }
+        self.msgpack
+            .store(enc == Encoding::MsgPack, Ordering::Relaxed);
+        let frame = match decode_client(bytes, enc) {
+            Ok(f) => f,
+            Err(e) => {
+                metrics::counter!(m::FRAME_ERRORS).increment(1);
+                self.reply(ServerFrame::error(ErrorCode::Malformed, e.to_string()))
+                    .await;
+                return Ok(());
+            }
+        };
+        match frame {
+            ClientFrame::Ping { nonce } => {
+                self.reply(ServerFrame::Pong {
+                    nonce,
+                    server_time: crate::router::now_ms(),
+                })
+                .await;
+            }
+            ClientFrame::Convs => {
+                let (reply, rx) = oneshot::channel();
+                self.router(Command::Overview {
+                    session: self.session,
+                    reply,
+                })
+                .await?;
+                let conversations = rx.await.map_err(|_| going_away())?;
+                self.reply(ServerFrame::Convs { conversations }).await;
+            }
+            ClientFrame::Sync { conv, after, limit } => self.sync(conv, after, limit).await?,
+            ClientFrame::Ack { ref acks } if acks.len() > self.state.limits.max_acks_per_frame => {
+                self.reply(ServerFrame::error(
+                    ErrorCode::Invalid,
+                    format!(
+                        "ack carries {} positions; the limit is {}",
+                        acks.len(),
+                        self.state.limits.max_acks_per_frame
+                    ),
+                ))
+                .await;
+            }
+            frame => {
+                self.router(Command::Frame {
+                    session: self.session,
+                    frame,
+                })
+                .await?
+            }
+        }
+        Ok(())
+    }
+
+    async fn sync(&self, conv: String, after: u64, limit: Option<u32>) -> Result<(), Close> {
+        let (reply, rx) = oneshot::channel();
+        self.router(Command::SyncStart {
+            session: self.session,
+            conv: conv.clone(),
+            after,
+            limit,
+            reply,
+        })
+        .await?;
+        let plan = match rx.await.map_err(|_| going_away())? {
+            Ok(p) => p,
+            Err(e) => {
+                self.reply(ServerFrame::error(e.code(), e.to_string())).await;
+                return Ok(());
+            }
+        };
+        let store = self.state.store.clone();
+        let (c, from, to, lim) = (plan.conv.clone(), plan.from, plan.to, plan.limit);
+        let page = tokio::task::spawn_blocking(move || store.read_page(&c, from, to, lim)).await;
+        let page = match page {
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, conv = %conv, "sync read failed");
+                self.reply(ServerFrame::error(
+                    ErrorCode::Unavailable,
+                    "history could not be read; retry the sync",
+                ))
+                .await;
+                return Ok(());
+            }
+            Err(_) => {
+                self.reply(ServerFrame::error(ErrorCode::Internal, "sync failed; retry"))
+                    .await;
+                return Ok(());
+            }
+        };
+        let last = page.messages.last().map(|m| m.seq);
+        let has_more = last.is_some_and(|l| l < plan.to);
+        let up_to = last.unwrap_or(plan.to);
+        metrics::counter!(m::DELIVERED).increment(page.messages.len() as u64);
+        self.reply(ServerFrame::Synced {
+            conv: plan.conv,
+            epoch: plan.epoch,
+            messages: page.messages,
+            has_more,
+            first_seq: page.first_seq,
+            max_seq: plan.to,
+        })
+        .await;
+        self.router(Command::SyncServed {
+            session: self.session,
+            conv,
+            up_to,
+            has_more,
+        })
+        .await
+    }
+
+    async fn reply(&self, frame: ServerFrame) {
+        let _ = self.tx.send(frame).await;
+    }
+
+    /// Sends to the router; fails with a close if the router is gone (server stopping).
+    async fn router(&self, cmd: Command) -> Result<(), Close> {
+        self.state.router.send(cmd).await.map_err(|_| going_away())
+    }
+}
+
+/// A close frame to send: (code, reason).
+type Close = (u16, String);
+
+fn going_away() -> Close {
+    (close::GOING_AWAY, "server is shutting down; reconnect".into())
+}
+

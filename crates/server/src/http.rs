@@ -1,0 +1,286 @@
+//! HTTP routes: the WebSocket upgrade at `/v1/ws`, health and metrics, and the admin API for
+//! groups and tokens (which needs the admin key as a bearer token).
+
+use crate::auth::{constant_time_eq, AuthError, Claims};
+use crate::router::Command;
+use crate::AppState;
+use axum::extract::{Path, Query, State, WebSocketUpgrade};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use ordo_core::{AdminOp, CoreError, Retention};
+use ordo_protocol::{Encoding, ErrorCode};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::oneshot;
+
+pub fn routes(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/ws", get(ws_upgrade))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/v1/admin/groups", post(create_group))
+        .route("/v1/admin/groups/{id}", get(get_group).patch(update_group))
+        .route("/v1/admin/tokens", post(issue_token))
+        .with_state(state)
+}
+
+/// A JSON error response: `{"error": {"code": ..., "message": ...}}`.
+fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    (
+        status,
+        Json(json!({"error": {"code": code, "message": message.into()}})),
+    )
+        .into_response()
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+}
+
+#[derive(Deserialize)]
+struct WsQuery {
+    token: Option<String>,
+    /// `json` (default) or `msgpack`: the encoding of frames sent before the client speaks.
+    encoding: Option<String>,
+}
+
+async fn ws_upgrade(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<WsQuery>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let token = bearer(&headers).map(str::to_string).or(q.token);
+    let claims = match token {
+        None => Err(AuthError::Missing),
+        Some(t) => state.tokens.verify(&t, crate::router::now_ms() / 1000),
+    };
+    let claims = match claims {
+        Ok(c) => c,
+        Err(e) => return error(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string()),
+    };
+    let enc = match q.encoding.as_deref() {
+        None | Some("json") => Encoding::Json,
+        Some("msgpack") => Encoding::MsgPack,
+        Some(other) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid",
+                format!("unknown encoding {other:?}; use json or msgpack"),
+            )
+        }
+    };
+    if *state.shutdown.borrow() {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "server is shutting down",
+        );
+    }
+    // A little above the limit, so that a frame just over it reaches our own check and gets a
+    // proper 1009 close with a reason; anything larger is cut off by the WebSocket layer, which
+    // also ends in 1009.
+    let max = state.limits.max_frame_bytes + 1024;
+    ws.max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| crate::conn::run(socket, state, claims.user, claims.device, enc))
+}
+
+async fn healthz() -> Response {
+    Json(json!({"status": "ok"})).into_response()
+}
+
+async fn metrics() -> Response {
+    match crate::metrics::handle() {
+        Some(h) => (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            h.render(),
+        )
+            .into_response(),
+        None => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "another metrics recorder is installed in this process",
+        ),
+    }
+}
+
+fn check_admin(state: &AppState, headers: &HeaderMap) -> Result<(), Response> {
+    match bearer(headers) {
+        Some(k) if constant_time_eq(k.as_bytes(), state.admin_key.as_bytes()) => Ok(()),
+        _ => Err(error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "the admin API needs `Authorization: Bearer <admin key>` (see <data>/admin.key)",
+        )),
+    }
+}
+
+fn core_error(e: CoreError) -> Response {
+    let status = match e {
+        CoreError::NoSuchConversation(_) => StatusCode::NOT_FOUND,
+        CoreError::AlreadyExists(_) => StatusCode::CONFLICT,
+        _ => StatusCode::BAD_REQUEST,
+    };
+    let code = match e {
+        CoreError::AlreadyExists(_) => "exists",
+        _ => e.code().as_str(),
+    };
+    error(status, code, e.to_string())
+}
+
+async fn run_admin(state: &AppState, op: AdminOp, status: StatusCode) -> Response {
+    let (reply, rx) = oneshot::channel();
+    if state.router.send(Command::Admin { op, reply }).await.is_err() {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::ShuttingDown.as_str(),
+            "server is shutting down",
+        );
+    }
+    match rx.await {
+        Ok(Ok(group)) => (status, Json(group)).into_response(),
+        Ok(Err(e)) => core_error(e),
+        Err(_) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Unavailable.as_str(),
+            "the change could not be stored; retry",
+        ),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateGroup {
+    id: String,
+    #[serde(default)]
+    members: Vec<String>,
+    #[serde(default)]
+    retention: Retention,
+}
+
+async fn create_group(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Json<CreateGroup>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    if let Err(r) = check_admin(&state, &headers) {
+        return r;
+    }
+    let Json(req) = match body {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "malformed", e.body_text()),
+    };
+    let op = AdminOp::CreateGroup {
+        id: req.id,
+        members: req.members,
+        retention: req.retention,
+    };
+    run_admin(&state, op, StatusCode::CREATED).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateGroup {
+    #[serde(default)]
+    add: Vec<String>,
+    #[serde(default)]
+    remove: Vec<String>,
+    retention: Option<Retention>,
+}
+
+async fn update_group(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Result<Json<UpdateGroup>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    if let Err(r) = check_admin(&state, &headers) {
+        return r;
+    }
+    let Json(req) = match body {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "malformed", e.body_text()),
+    };
+    let op = AdminOp::UpdateGroup {
+        id,
+        add: req.add,
+        remove: req.remove,
+        retention: req.retention,
+    };
+    run_admin(&state, op, StatusCode::OK).await
+}
+
+async fn get_group(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    if let Err(r) = check_admin(&state, &headers) {
+        return r;
+    }
+    let (reply, rx) = oneshot::channel();
+    if state
+        .router
+        .send(Command::GetGroup {
+            id: id.clone(),
+            reply,
+        })
+        .await
+        .is_err()
+    {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "server is shutting down",
+        );
+    }
+    match rx.await {
+        Ok(Some(g)) => Json(g).into_response(),
+        _ => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("group {id:?} does not exist"),
+        ),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IssueToken {
+    user: String,
+    device: String,
+    /// Lifetime in seconds (default 30 days).
+    ttl_secs: Option<u64>,
+}
+
+async fn issue_token(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Json<IssueToken>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    if let Err(r) = check_admin(&state, &headers) {
+        return r;
+    }
+    let Json(req) = match body {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "malformed", e.body_text()),
+    };
+    let exp = crate::router::now_ms() / 1000 + req.ttl_secs.unwrap_or(crate::DEFAULT_TOKEN_TTL_SECS);
+    let claims = Claims {
+        user: req.user,
+        device: req.device,
+        exp,
+    };
+    match state.tokens.sign(&claims) {
+        Ok(token) => Json(json!({"token": token, "exp": exp})).into_response(),
+        Err(e) => error(StatusCode::BAD_REQUEST, "invalid", e.to_string()),
+    }
+}

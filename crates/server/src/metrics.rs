@@ -1,0 +1,43 @@
+//! Metric names and the Prometheus recorder behind `GET /metrics`.
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use std::sync::OnceLock;
+
+pub const CONNECTIONS: &str = "ordo_connections";
+pub const ACCEPTED: &str = "ordo_messages_accepted_total";
+pub const DELIVERED: &str = "ordo_messages_delivered_total";
+pub const DEDUP_HITS: &str = "ordo_dedup_hits_total";
+pub const NOTIFIES: &str = "ordo_notifies_total";
+pub const REJECTED: &str = "ordo_sends_rejected_total";
+pub const FRAME_ERRORS: &str = "ordo_frame_errors_total";
+pub const SLOW_CONSUMERS: &str = "ordo_slow_consumers_dropped_total";
+pub const COMMITS: &str = "ordo_commits_total";
+pub const COMMIT_MESSAGES: &str = "ordo_commit_batch_messages";
+pub const COMMIT_SECONDS: &str = "ordo_commit_seconds";
+pub const COMMIT_FAILURES: &str = "ordo_commit_failures_total";
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the process-wide recorder once; later calls return the same handle. `None` if
+/// another recorder was installed first (metrics then go there, and `/metrics` says so).
+pub fn handle() -> Option<&'static PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full(COMMIT_MESSAGES.into()),
+                    &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0],
+                )
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(COMMIT_SECONDS.into()),
+                        &[
+                            0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1,
+                            0.25, 1.0,
+                        ],
+                    )
+                });
+            builder.ok().and_then(|b| b.install_recorder().ok())
+        })
+        .as_ref()
+}

@@ -1,0 +1,394 @@
+//! The router task: the single owner of the [`Core`], and the bridge to the commit thread.
+//!
+//! Connections send it [`Command`]s over a bounded channel. It feeds them to the core, hands the
+//! core's pending changes to the commit thread one batch at a time (while a batch is being
+//! fsynced, new sends pile up into the next one: that is the group commit), and when a batch is
+//! durable it carries out the core's actions: `accepted`, `msg`, `notify`, `receipt`, admin
+//! replies. It never waits on a connection: a connection whose queue is full is dropped as too
+//! slow and will resume from its cursor when it reconnects.
+
+use crate::metrics as m;
+use ordo_core::{
+    Action, AdminOp, AdminReply, Batch, CommitOutcome, Core, CoreConfig, CoreError, CoreStats,
+    SessionId, SyncPlan, Ticket,
+};
+use ordo_protocol::{ClientFrame, ConvInfo, ServerFrame};
+use ordo_store::{Store, StoreError};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::{mpsc, oneshot, Notify};
+
+/// How a router reaches one connection.
+#[derive(Clone)]
+pub struct SessionHandle {
+    pub tx: mpsc::Sender<ServerFrame>,
+    /// Woken when the router drops the connection (too slow, or storage failed).
+    pub kick: Arc<Notify>,
+}
+
+pub enum Command {
+    Connect {
+        session: SessionId,
+        user: String,
+        device: String,
+        handle: SessionHandle,
+    },
+    Disconnect {
+        session: SessionId,
+    },
+    /// `send`, `ack` or `read`.
+    Frame {
+        session: SessionId,
+        frame: ClientFrame,
+    },
+    SyncStart {
+        session: SessionId,
+        conv: String,
+        after: u64,
+        limit: Option<u32>,
+        reply: oneshot::Sender<Result<SyncPlan, CoreError>>,
+    },
+    SyncServed {
+        session: SessionId,
+        conv: String,
+        up_to: u64,
+        has_more: bool,
+    },
+    Overview {
+        session: SessionId,
+        reply: oneshot::Sender<Vec<ConvInfo>>,
+    },
+    Admin {
+        op: AdminOp,
+        reply: oneshot::Sender<Result<AdminReply, CoreError>>,
+    },
+    GetGroup {
+        id: String,
+        reply: oneshot::Sender<Option<AdminReply>>,
+    },
+    /// Finish what is pending, then stop.
+    Shutdown {
+        done: oneshot::Sender<()>,
+    },
+}
+
+struct Committed {
+    id: u64,
+    result: Result<CommitOutcome, StoreError>,
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+pub struct Router {
+    core: Core,
+    cfg: CoreConfig,
+    store: Arc<dyn Store>,
+    sessions: HashMap<SessionId, SessionHandle>,
+    admin: HashMap<Ticket, oneshot::Sender<Result<AdminReply, CoreError>>>,
+    next_ticket: Ticket,
+    writer: std::sync::mpsc::Sender<Batch>,
+    committed: mpsc::UnboundedReceiver<Committed>,
+    last_now: u64,
+    last_stats: CoreStats,
+    housekeeping: Duration,
+    last_housekeeping: Instant,
+    shutdown: Vec<oneshot::Sender<()>>,
+}
+
+impl Router {
+    /// Loads the core from the store and starts the commit thread.
+    pub fn new(
+        cfg: CoreConfig,
+        store: Arc<dyn Store>,
+        housekeeping: Duration,
+    ) -> Result<Self, StoreError> {
+        let snapshot = store.load()?;
+        let core = Core::new(cfg.clone(), rand::random(), snapshot);
+        let (writer, batches) = std::sync::mpsc::channel::<Batch>();
+        let (done_tx, committed) = mpsc::unbounded_channel();
+        let thread_store = store.clone();
+        std::thread::Builder::new()
+            .name("ordo-commit".into())
+            .spawn(move || commit_thread(thread_store, batches, done_tx))
+            .map_err(|e| StoreError::Engine(e.into()))?;
+        Ok(Router {
+            core,
+            cfg,
+            store,
+            sessions: HashMap::new(),
+            admin: HashMap::new(),
+            next_ticket: 1,
+            writer,
+            committed,
+            last_now: 0,
+            last_stats: CoreStats::default(),
+            housekeeping,
+            last_housekeeping: Instant::now(),
+            shutdown: Vec::new(),
+        })
+    }
+
+    fn now(&mut self) -> u64 {
+        // Never let time go backwards inside the rules (dedup window, rate limit, ts order).
+        self.last_now = self.last_now.max(now_ms());
+        self.last_now
+    }
+
+    pub async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut open = true;
+        loop {
+            tokio::select! {
+                biased;
+                Some(c) = self.committed.recv() => self.on_committed(c),
+                cmd = rx.recv(), if open => match cmd {
+                    Some(cmd) => {
+                        self.handle(cmd);
+                        // Take whatever else is queued before committing: a bigger batch.
+                        for _ in 0..4096 {
+                            match rx.try_recv() {
+                                Ok(cmd) => self.handle(cmd),
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                    None => open = false,
+                },
+                _ = tick.tick() => self.on_tick(),
+            }
+            self.record_stats();
+            self.start_commit();
+            if (!open || !self.shutdown.is_empty())
+                && !self.core.has_pending()
+                && !self.core.in_flight()
+            {
+                break;
+            }
+        }
+        for done in self.shutdown.drain(..) {
+            let _ = done.send(());
+        }
+    }
+
+    fn start_commit(&mut self) {
+        if let Some(batch) = self.core.take_batch() {
+            if self.writer.send(batch).is_err() {
+                // The commit thread is gone: nothing can become durable any more.
+                tracing::error!("commit thread stopped; failing pending sends");
+                let actions = self.core.abort_all("commit thread stopped");
+                self.dispatch(actions);
+            }
+        }
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        let now = self.now();
+        match cmd {
+            Command::Connect {
+                session,
+                user,
+                device,
+                handle,
+            } => {
+                self.core.connect(session, &user, &device);
+                self.sessions.insert(session, handle);
+                metrics::gauge!(m::CONNECTIONS).set(self.sessions.len() as f64);
+            }
+            Command::Disconnect { session } => {
+                self.core.disconnect(session);
+                self.sessions.remove(&session);
+                metrics::gauge!(m::CONNECTIONS).set(self.sessions.len() as f64);
+            }
+            Command::Frame { session, frame } => self.on_frame(session, frame, now),
+            Command::SyncStart {
+                session,
+                conv,
+                after,
+                limit,
+                reply,
+            } => {
+                let _ = reply.send(self.core.sync(session, &conv, after, limit));
+            }
+            Command::SyncServed {
+                session,
+                conv,
+                up_to,
+                has_more,
+            } => {
+                let actions = self.core.sync_served(session, &conv, up_to, has_more);
+                self.dispatch(actions);
+            }
+            Command::Overview { session, reply } => {
+                let _ = reply.send(self.core.overview(session));
+            }
+            Command::Admin { op, reply } => {
+                let ticket = self.next_ticket;
+                self.next_ticket += 1;
+                match self.core.admin(ticket, op, now) {
+                    Ok(()) => {
+                        self.admin.insert(ticket, reply);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
+            }
+            Command::GetGroup { id, reply } => {
+                let _ = reply.send(self.core.group(&id));
+            }
+            Command::Shutdown { done } => self.shutdown.push(done),
+        }
+    }
+
+    fn on_frame(&mut self, session: SessionId, frame: ClientFrame, now: u64) {
+        let result = match frame {
+            ClientFrame::Send {
+                conv,
+                to,
+                cmid,
+                body,
+                reply_to,
+            } => {
+                let actions = self.core.send(
+                    session,
+                    conv.as_deref(),
+                    to.as_deref(),
+                    &cmid,
+                    body,
+                    reply_to,
+                    now,
+                );
+                self.dispatch(actions);
+                Ok(())
+            }
+            ClientFrame::Ack { acks } => acks
+                .iter()
+                .try_for_each(|p| self.core.ack(session, &p.conv, p.seq)),
+            ClientFrame::Read { conv, seq } => self.core.read(session, &conv, seq),
+            // Other frames are answered by the connection itself.
+            _ => Ok(()),
+        };
+        if let Err(e) = result {
+            self.send_to(session, ServerFrame::error(e.code(), e.to_string()));
+        }
+    }
+
+    fn on_committed(&mut self, c: Committed) {
+        match c.result {
+            Ok(outcome) => {
+                let actions = self.core.commit_done(c.id, outcome);
+                self.dispatch(actions);
+            }
+            Err(e) => {
+                metrics::counter!(m::COMMIT_FAILURES).increment(1);
+                tracing::error!(error = %e, "commit failed; reloading state from the store");
+                let actions = self.core.abort_all(&e.to_string());
+                self.dispatch(actions);
+                self.rebuild();
+            }
+        }
+    }
+
+    /// After a failed commit the store is the only truth: rebuild the core from it and drop
+    /// every connection (clients reconnect and resync from their cursors).
+    fn rebuild(&mut self) {
+        match self.store.load() {
+            Ok(snapshot) => {
+                self.core = Core::new(self.cfg.clone(), rand::random(), snapshot);
+                self.last_stats = CoreStats::default();
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot reload the store; keeping the old state");
+            }
+        }
+        for (_, h) in self.sessions.drain() {
+            h.kick.notify_one();
+        }
+        metrics::gauge!(m::CONNECTIONS).set(0.0);
+    }
+
+    fn on_tick(&mut self) {
+        let now = self.now();
+        if self.last_housekeeping.elapsed() >= self.housekeeping {
+            self.last_housekeeping = Instant::now();
+            self.core.expire_dedup(now);
+            self.core.retention_tick(now);
+        }
+    }
+
+    fn record_stats(&mut self) {
+        let s = self.core.stats();
+        let l = self.last_stats;
+        metrics::counter!(m::ACCEPTED).increment(s.accepted.saturating_sub(l.accepted));
+        metrics::counter!(m::DEDUP_HITS).increment(s.dedup_hits.saturating_sub(l.dedup_hits));
+        metrics::counter!(m::NOTIFIES).increment(s.notified.saturating_sub(l.notified));
+        self.last_stats = s;
+    }
+
+    fn dispatch(&mut self, actions: Vec<Action>) {
+        for a in actions {
+            match a {
+                Action::Send { session, frame } => self.send_to(session, frame),
+                Action::AdminDone { ticket, reply } => {
+                    if let Some(tx) = self.admin.remove(&ticket) {
+                        let _ = tx.send(reply);
+                    }
+                }
+            }
+        }
+    }
+
+    fn send_to(&mut self, session: SessionId, frame: ServerFrame) {
+        let Some(h) = self.sessions.get(&session) else {
+            return;
+        };
+        if let ServerFrame::Rejected { .. } = frame {
+            metrics::counter!(m::REJECTED).increment(1);
+        }
+        match h.tx.try_send(frame) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                metrics::counter!(m::SLOW_CONSUMERS).increment(1);
+                tracing::warn!(session, "connection too slow to keep up; dropping it");
+                h.kick.notify_one();
+                self.core.disconnect(session);
+                self.sessions.remove(&session);
+                metrics::gauge!(m::CONNECTIONS).set(self.sessions.len() as f64);
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+}
+
+fn commit_thread(
+    store: Arc<dyn Store>,
+    batches: std::sync::mpsc::Receiver<Batch>,
+    done: mpsc::UnboundedSender<Committed>,
+) {
+    while let Ok(batch) = batches.recv() {
+        let started = Instant::now();
+        let result = store.commit(&batch);
+        let elapsed = started.elapsed();
+        if !batch.is_empty() {
+            metrics::counter!(m::COMMITS).increment(1);
+            metrics::histogram!(m::COMMIT_MESSAGES).record(batch.messages.len() as f64);
+            metrics::histogram!(m::COMMIT_SECONDS).record(elapsed.as_secs_f64());
+        }
+        if done
+            .send(Committed {
+                id: batch.id,
+                result,
+            })
+            .is_err()
+        {
+            break;
+        }
+    }
+}
