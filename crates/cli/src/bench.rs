@@ -151,19 +151,22 @@ async fn bench(args: BenchArgs) -> Result<(), BenchError> {
     let mut accepted = 0u64;
     let mut retries = 0u64;
     for t in tasks {
-        let (h, n, r) = t
-            .await
-            .map_err(|e| BenchError::Other(e.to_string()))??;
+        let (h, n, r) = t.await.map_err(|e| BenchError::Other(e.to_string()))??;
         hist.add(&h).map_err(|e| BenchError::Other(e.to_string()))?;
         accepted += n;
         retries += r;
     }
     let elapsed = started.elapsed().as_secs_f64();
     let after = scrape(&http, &base).await?;
-    let delta = |k: &str| after.get(k).copied().unwrap_or(0.0) - before.get(k).copied().unwrap_or(0.0);
+    let delta =
+        |k: &str| after.get(k).copied().unwrap_or(0.0) - before.get(k).copied().unwrap_or(0.0);
     let commits = delta("ordo_commits_total");
     let committed_msgs = delta("ordo_commit_batch_messages_sum");
-    let per_fsync = if commits > 0.0 { committed_msgs / commits } else { 0.0 };
+    let per_fsync = if commits > 0.0 {
+        committed_msgs / commits
+    } else {
+        0.0
+    };
     let rate = accepted as f64 / elapsed;
     let p = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
     if args.json {
@@ -250,7 +253,9 @@ async fn sender(
                 c.send(&frame(k)).await?;
             }
             ServerFrame::Rejected { message, .. } | ServerFrame::Error { message, .. } => {
-                return Err(BenchError::Other(format!("server refused a send: {message}")));
+                return Err(BenchError::Other(format!(
+                    "server refused a send: {message}"
+                )));
             }
             _ => {}
         }

@@ -9,7 +9,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "ordo", version, about = "Ordo: ordered, exactly-once message delivery")]
+#[command(
+    name = "ordo",
+    version,
+    about = "Ordo: ordered, exactly-once message delivery"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,

@@ -248,6 +248,7 @@ impl Core {
 
     /// A `send` from a connected device. Returns the frames to answer with at once (a duplicate
     /// of a durable message, or a rejection); a new message is answered at commit.
+    #[allow(clippy::too_many_arguments)]
     pub fn send(
         &mut self,
         session: SessionId,
@@ -354,7 +355,9 @@ impl Core {
                     // Creation is only recorded together with its first message below.
                     self.check_rate(&user, now_ms)?;
                     self.convs.insert(conv_id.clone(), Conv::new(rec, false));
-                    return Ok(self.append(session, &user, &device, &conv_id, cmid, body, None, now_ms));
+                    return Ok(
+                        self.append(session, &user, &device, &conv_id, cmid, body, None, now_ms)
+                    );
                 }
                 None => return Err(CoreError::NoSuchConversation(conv_id)),
             }
@@ -372,7 +375,9 @@ impl Core {
             }
         }
         self.check_rate(&user, now_ms)?;
-        Ok(self.append(session, &user, &device, &conv_id, cmid, body, reply_to, now_ms))
+        Ok(self.append(
+            session, &user, &device, &conv_id, cmid, body, reply_to, now_ms,
+        ))
     }
 
     fn check_rate(&mut self, user: &str, now_ms: u64) -> Result<(), CoreError> {
@@ -757,9 +762,7 @@ impl Core {
             .cursors
             .iter()
             .filter_map(|(conv, user, device)| {
-                self.convs
-                    .get(conv)
-                    .map(|c| c.cursor_record(user, device))
+                self.convs.get(conv).map(|c| c.cursor_record(user, device))
             })
             .collect();
         let batch = Batch {
@@ -952,4 +955,3 @@ fn validate_members(users: &[String]) -> Result<BTreeSet<String>, CoreError> {
         .collect::<Result<_, _>>()
         .map_err(CoreError::from)
 }
-

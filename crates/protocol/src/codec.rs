@@ -163,7 +163,12 @@ mod tests {
             server_time: 9,
             limits: Limits::default(),
         });
-        roundtrip_server(&ServerFrame::rejected("c", ErrorCode::RateLimited, "slow", Some(5)));
+        roundtrip_server(&ServerFrame::rejected(
+            "c",
+            ErrorCode::RateLimited,
+            "slow",
+            Some(5),
+        ));
         roundtrip_server(&ServerFrame::Convs {
             conversations: vec![ConvInfo {
                 conv: "g".into(),
@@ -203,16 +208,18 @@ mod tests {
             proptest::option::of(any::<u64>()),
             any::<u64>(),
         )
-            .prop_map(|(conv, seq, from, device, cmid, body, reply_to, ts)| Message {
-                conv,
-                seq,
-                from,
-                device,
-                cmid,
-                body,
-                reply_to,
-                ts,
-            })
+            .prop_map(
+                |(conv, seq, from, device, cmid, body, reply_to, ts)| Message {
+                    conv,
+                    seq,
+                    from,
+                    device,
+                    cmid,
+                    body,
+                    reply_to,
+                    ts,
+                },
+            )
     }
 
     proptest! {

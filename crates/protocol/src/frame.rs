@@ -161,10 +161,7 @@ pub enum ServerFrame {
     /// The answer to `convs`.
     Convs { conversations: Vec<ConvInfo> },
     /// A frame could not be served. The connection stays open.
-    Error {
-        code: ErrorCode,
-        message: String,
-    },
+    Error { code: ErrorCode, message: String },
     Pong {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         nonce: Option<u64>,

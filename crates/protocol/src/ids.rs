@@ -101,7 +101,10 @@ mod tests {
 
     #[test]
     fn direct_id_is_symmetric_and_unambiguous() {
-        assert_eq!(direct_conv_id("alice", "bob"), direct_conv_id("bob", "alice"));
+        assert_eq!(
+            direct_conv_id("alice", "bob"),
+            direct_conv_id("bob", "alice")
+        );
         assert_ne!(direct_conv_id("ab", "c"), direct_conv_id("a", "bc"));
         let id = direct_conv_id("alice", "bob");
         assert!(is_direct(&id));
@@ -112,7 +115,10 @@ mod tests {
     #[test]
     fn id_validation() {
         assert!(validate_id(IdKind::User, "alice@example.com").is_ok());
-        assert_eq!(validate_id(IdKind::User, ""), Err(IdError::Empty(IdKind::User)));
+        assert_eq!(
+            validate_id(IdKind::User, ""),
+            Err(IdError::Empty(IdKind::User))
+        );
         assert!(matches!(
             validate_id(IdKind::Device, "a b"),
             Err(IdError::BadChar { ch: ' ', .. })

@@ -11,7 +11,7 @@ pub mod frame;
 pub mod ids;
 pub mod limits;
 
-pub use codec::{decode_client, decode_server, encode, DecodeError, Encoding};
+pub use codec::{decode_client, decode_server, encode, DecodeError, Encoded, Encoding};
 pub use error_code::ErrorCode;
 pub use frame::*;
 pub use ids::{

@@ -155,7 +155,10 @@ mod tests {
             Err(AuthError::BadSignature)
         );
         let (p, s) = t.split_once('.').unwrap();
-        let forged = format!("{}.{s}", URL_SAFE_NO_PAD.encode(br#"{"u":"bob","d":"x","exp":100}"#));
+        let forged = format!(
+            "{}.{s}",
+            URL_SAFE_NO_PAD.encode(br#"{"u":"bob","d":"x","exp":100}"#)
+        );
         assert_eq!(k.verify(&forged, 1), Err(AuthError::BadSignature));
         assert_eq!(k.verify(p, 1), Err(AuthError::Malformed));
     }

@@ -12,8 +12,7 @@ use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket};
 use futures_util::{SinkExt, StreamExt};
 use ordo_core::SessionId;
 use ordo_protocol::{
-    decode_client, encode, ClientFrame, Encoded, Encoding, ErrorCode, ServerFrame,
-    PROTOCOL_VERSION,
+    decode_client, encode, ClientFrame, Encoded, Encoding, ErrorCode, ServerFrame, PROTOCOL_VERSION,
 };
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -178,7 +177,10 @@ impl Conn {
         if bytes.len() > limit {
             return Err((
                 close::TOO_BIG,
-                format!("frame of {} bytes exceeds max_frame_bytes {limit}", bytes.len()),
+                format!(
+                    "frame of {} bytes exceeds max_frame_bytes {limit}",
+                    bytes.len()
+                ),
             ));
         }
         self.msgpack
@@ -246,7 +248,8 @@ impl Conn {
         let plan = match rx.await.map_err(|_| going_away())? {
             Ok(p) => p,
             Err(e) => {
-                self.reply(ServerFrame::error(e.code(), e.to_string())).await;
+                self.reply(ServerFrame::error(e.code(), e.to_string()))
+                    .await;
                 return Ok(());
             }
         };
@@ -265,8 +268,11 @@ impl Conn {
                 return Ok(());
             }
             Err(_) => {
-                self.reply(ServerFrame::error(ErrorCode::Internal, "sync failed; retry"))
-                    .await;
+                self.reply(ServerFrame::error(
+                    ErrorCode::Internal,
+                    "sync failed; retry",
+                ))
+                .await;
                 return Ok(());
             }
         };
@@ -306,6 +312,8 @@ impl Conn {
 type Close = (u16, String);
 
 fn going_away() -> Close {
-    (close::GOING_AWAY, "server is shutting down; reconnect".into())
+    (
+        close::GOING_AWAY,
+        "server is shutting down; reconnect".into(),
+    )
 }
-

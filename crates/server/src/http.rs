@@ -112,15 +112,16 @@ async fn metrics() -> Response {
     }
 }
 
-fn check_admin(state: &AppState, headers: &HeaderMap) -> Result<(), Response> {
-    match bearer(headers) {
-        Some(k) if constant_time_eq(k.as_bytes(), state.admin_key.as_bytes()) => Ok(()),
-        _ => Err(error(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "the admin API needs `Authorization: Bearer <admin key>` (see <data>/admin.key)",
-        )),
-    }
+fn admin_ok(state: &AppState, headers: &HeaderMap) -> bool {
+    bearer(headers).is_some_and(|k| constant_time_eq(k.as_bytes(), state.admin_key.as_bytes()))
+}
+
+fn admin_unauthorized() -> Response {
+    error(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "the admin API needs `Authorization: Bearer <admin key>` (see <data>/admin.key)",
+    )
 }
 
 fn core_error(e: CoreError) -> Response {
@@ -138,7 +139,12 @@ fn core_error(e: CoreError) -> Response {
 
 async fn run_admin(state: &AppState, op: AdminOp, status: StatusCode) -> Response {
     let (reply, rx) = oneshot::channel();
-    if state.router.send(Command::Admin { op, reply }).await.is_err() {
+    if state
+        .router
+        .send(Command::Admin { op, reply })
+        .await
+        .is_err()
+    {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::ShuttingDown.as_str(),
@@ -171,8 +177,8 @@ async fn create_group(
     headers: HeaderMap,
     body: Result<Json<CreateGroup>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    if let Err(r) = check_admin(&state, &headers) {
-        return r;
+    if !admin_ok(&state, &headers) {
+        return admin_unauthorized();
     }
     let Json(req) = match body {
         Ok(b) => b,
@@ -202,8 +208,8 @@ async fn update_group(
     Path(id): Path<String>,
     body: Result<Json<UpdateGroup>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    if let Err(r) = check_admin(&state, &headers) {
-        return r;
+    if !admin_ok(&state, &headers) {
+        return admin_unauthorized();
     }
     let Json(req) = match body {
         Ok(b) => b,
@@ -223,8 +229,8 @@ async fn get_group(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    if let Err(r) = check_admin(&state, &headers) {
-        return r;
+    if !admin_ok(&state, &headers) {
+        return admin_unauthorized();
     }
     let (reply, rx) = oneshot::channel();
     if state
@@ -266,14 +272,15 @@ async fn issue_token(
     headers: HeaderMap,
     body: Result<Json<IssueToken>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    if let Err(r) = check_admin(&state, &headers) {
-        return r;
+    if !admin_ok(&state, &headers) {
+        return admin_unauthorized();
     }
     let Json(req) = match body {
         Ok(b) => b,
         Err(e) => return error(StatusCode::BAD_REQUEST, "malformed", e.body_text()),
     };
-    let exp = crate::router::now_ms() / 1000 + req.ttl_secs.unwrap_or(crate::DEFAULT_TOKEN_TTL_SECS);
+    let exp =
+        crate::router::now_ms() / 1000 + req.ttl_secs.unwrap_or(crate::DEFAULT_TOKEN_TTL_SECS);
     let claims = Claims {
         user: req.user,
         device: req.device,

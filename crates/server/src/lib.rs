@@ -118,10 +118,11 @@ pub async fn start(cfg: Config) -> Result<RunningServer, ServerError> {
     cfg.validate()?;
     let _ = metrics::handle();
     let data = cfg.data.clone();
-    let store: Arc<dyn Store> =
-        Arc::new(tokio::task::spawn_blocking(move || RedbStore::open(&data)).await.map_err(
-            |e| ServerError::Io(std::io::Error::other(e.to_string())),
-        )??);
+    let store: Arc<dyn Store> = Arc::new(
+        tokio::task::spawn_blocking(move || RedbStore::open(&data))
+            .await
+            .map_err(|e| ServerError::Io(std::io::Error::other(e.to_string())))??,
+    );
     let tokens = token_key(cfg.secret.as_deref(), &cfg.data)?;
     let admin = admin_key(cfg.admin_key.as_deref(), &cfg.data)?;
 

@@ -65,7 +65,8 @@ impl Store for RedbStore {
         let convs = tx.open_table(CONVS).map_err(StoreError::engine)?;
         for row in convs.iter().map_err(StoreError::engine)? {
             let (_, v) = row.map_err(StoreError::engine)?;
-            snap.convs.push(decode::<ConvRecord>("conversation", v.value())?);
+            snap.convs
+                .push(decode::<ConvRecord>("conversation", v.value())?);
         }
         let cursors = tx.open_table(CURSORS).map_err(StoreError::engine)?;
         for row in cursors.iter().map_err(StoreError::engine)? {
@@ -83,7 +84,8 @@ impl Store for RedbStore {
         let dedup = tx.open_table(DEDUP).map_err(StoreError::engine)?;
         for row in dedup.iter().map_err(StoreError::engine)? {
             let (_, v) = row.map_err(StoreError::engine)?;
-            snap.dedup.push(decode::<DedupRecord>("dedup entry", v.value())?);
+            snap.dedup
+                .push(decode::<DedupRecord>("dedup entry", v.value())?);
         }
         Ok(snap)
     }

@@ -124,5 +124,9 @@ fn retention_by_count_and_by_age() {
         })
         .unwrap();
     assert_eq!(out.first_seqs, vec![("g".to_string(), 11)]);
-    assert!(store.read_page("g", 1, 10, 100).unwrap().messages.is_empty());
+    assert!(store
+        .read_page("g", 1, 10, 100)
+        .unwrap()
+        .messages
+        .is_empty());
 }
