@@ -339,6 +339,11 @@ impl Core {
 
         if !self.convs.contains_key(&conv_id) {
             match to {
+                Some(_) if reply_to.is_some() => {
+                    return Err(CoreError::Invalid(
+                        "reply_to names a seq, but this conversation has no messages yet".into(),
+                    ))
+                }
                 Some(peer) => {
                     let members: BTreeSet<String> =
                         [user.clone(), peer.to_string()].into_iter().collect();

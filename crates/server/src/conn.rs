@@ -20,6 +20,9 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 
+/// How long a closing connection may take to flush what is queued for it.
+const WRITER_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// WebSocket close codes used by the server.
 pub mod close {
     pub const GOING_AWAY: u16 = 1001;
@@ -43,6 +46,14 @@ pub async fn run(socket: WebSocket, state: AppState, user: String, device: Strin
     let msgpack = Arc::new(AtomicBool::new(enc == Encoding::MsgPack));
     let (close_tx, mut close_rx) = mpsc::channel::<(u16, String)>(1);
 
+    // `welcome` is queued before the router knows the session, so that it is always first.
+    let _ = tx.try_send(ServerFrame::Welcome {
+        user: user.clone(),
+        device: device.clone(),
+        protocol: PROTOCOL_VERSION,
+        server_time: crate::router::now_ms(),
+        limits: state.limits.clone(),
+    });
     let handle = SessionHandle {
         tx: tx.clone(),
         kick: kick.clone(),
@@ -100,17 +111,6 @@ pub async fn run(socket: WebSocket, state: AppState, user: String, device: Strin
         tx: tx.clone(),
         msgpack,
     };
-    let _ = conn
-        .tx
-        .send(ServerFrame::Welcome {
-            user,
-            device,
-            protocol: PROTOCOL_VERSION,
-            server_time: crate::router::now_ms(),
-            limits: state.limits.clone(),
-        })
-        .await;
-
     let mut shutdown = state.shutdown.clone();
     let close = loop {
         tokio::select! {
@@ -136,7 +136,15 @@ pub async fn run(socket: WebSocket, state: AppState, user: String, device: Strin
     }
     drop(conn);
     drop(tx);
-    let _ = writer.await;
+    // A peer that stopped reading must not pin the task and socket: give the writer a grace
+    // period to flush and close, then cut it off.
+    let mut writer = writer;
+    if tokio::time::timeout(WRITER_GRACE, &mut writer)
+        .await
+        .is_err()
+    {
+        writer.abort();
+    }
     tracing::debug!(session, "disconnected");
 }
 

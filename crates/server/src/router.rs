@@ -248,7 +248,8 @@ impl Router {
     }
 
     fn on_frame(&mut self, session: SessionId, frame: ClientFrame, now: u64) {
-        let result = match frame {
+        let mut errors = Vec::new();
+        match frame {
             ClientFrame::Send {
                 conv,
                 to,
@@ -266,16 +267,24 @@ impl Router {
                     now,
                 );
                 self.dispatch(actions);
-                Ok(())
             }
-            ClientFrame::Ack { acks } => acks
-                .iter()
-                .try_for_each(|p| self.core.ack(session, &p.conv, p.seq)),
-            ClientFrame::Read { conv, seq } => self.core.read(session, &conv, seq),
+            // Every valid position is applied even if another in the same frame is not.
+            ClientFrame::Ack { acks } => {
+                for p in acks {
+                    if let Err(e) = self.core.ack(session, &p.conv, p.seq) {
+                        errors.push(e);
+                    }
+                }
+            }
+            ClientFrame::Read { conv, seq } => {
+                if let Err(e) = self.core.read(session, &conv, seq) {
+                    errors.push(e);
+                }
+            }
             // Other frames are answered by the connection itself.
-            _ => Ok(()),
-        };
-        if let Err(e) = result {
+            _ => {}
+        }
+        for e in errors {
             self.send_to(session, ServerFrame::error(e.code(), e.to_string()));
         }
     }
