@@ -1,5 +1,8 @@
-//! In-memory state of one conversation: its durable record, the seq assigned so far, every
-//! device's cursor, and the receipts last published per member.
+//! In-memory state of one conversation, kept twice where it matters: the *live* view (what the
+//! pending batch will make true: last assigned seq, members after pending admin changes, every
+//! ack received) and the *durable* view (what the store has committed). Anything a client can
+//! observe (membership checks for reads, fan-out, receipts, overviews, admin replies) is taken
+//! from the durable view, so nothing observed can be taken back by a crash.
 
 use crate::model::{ConvRecord, CursorRecord};
 use std::collections::HashMap;
@@ -15,12 +18,14 @@ pub struct Cursor {
 pub struct Conv {
     /// The record as it will be after the pending batch commits (`max_seq` = last assigned).
     pub rec: ConvRecord,
+    /// The record as last committed; `None` until the conversation's first commit.
+    pub durable_rec: Option<ConvRecord>,
     /// Highest seq known durable: the highest any client may see.
     pub durable_seq: u64,
-    /// Whether the conversation itself has been committed once.
-    pub durable: bool,
-    /// (user, device) -> positions.
+    /// (user, device) -> positions, including acks not yet committed.
     pub cursors: HashMap<(String, String), Cursor>,
+    /// (user, device) -> positions as committed.
+    pub durable_cursors: HashMap<(String, String), Cursor>,
     /// user -> (delivered, read) last published in a `receipt` (always durable values).
     pub published: HashMap<String, Cursor>,
 }
@@ -29,15 +34,43 @@ impl Conv {
     pub fn new(rec: ConvRecord, durable: bool) -> Self {
         Conv {
             durable_seq: if durable { rec.max_seq } else { 0 },
+            durable_rec: durable.then(|| rec.clone()),
             rec,
-            durable,
             cursors: HashMap::new(),
+            durable_cursors: HashMap::new(),
             published: HashMap::new(),
         }
     }
 
+    pub fn is_durable(&self) -> bool {
+        self.durable_rec.is_some()
+    }
+
+    /// Membership after pending changes: decides what may be written.
     pub fn is_member(&self, user: &str) -> bool {
         self.rec.members.contains(user)
+    }
+
+    /// Membership as committed: decides what may be read and who is sent what.
+    pub fn is_durable_member(&self, user: &str) -> bool {
+        self.durable_rec
+            .as_ref()
+            .is_some_and(|r| r.members.contains(user))
+    }
+
+    pub fn durable_members(&self) -> impl Iterator<Item = &String> {
+        self.durable_rec.iter().flat_map(|r| r.members.iter())
+    }
+
+    pub fn durable_member_count(&self) -> usize {
+        self.durable_rec.as_ref().map_or(0, |r| r.members.len())
+    }
+
+    /// Lowest seq still stored, as committed.
+    pub fn durable_first_seq(&self) -> u64 {
+        self.durable_rec
+            .as_ref()
+            .map_or(1, |r| r.first_seq.min(self.durable_seq + 1))
     }
 
     pub fn cursor(&self, user: &str, device: &str) -> Cursor {
@@ -47,10 +80,17 @@ impl Conv {
             .unwrap_or_default()
     }
 
-    /// The user's position over all their devices: the furthest any of them got.
-    pub fn user_position(&self, user: &str) -> Cursor {
+    pub fn durable_cursor(&self, user: &str, device: &str) -> Cursor {
+        self.durable_cursors
+            .get(&(user.to_string(), device.to_string()))
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// The user's committed position over all their devices: the furthest any of them got.
+    pub fn durable_user_position(&self, user: &str) -> Cursor {
         let mut out = Cursor::default();
-        for ((u, _), c) in &self.cursors {
+        for ((u, _), c) in &self.durable_cursors {
             if u == user {
                 out.delivered = out.delivered.max(c.delivered);
                 out.read = out.read.max(c.read);

@@ -117,7 +117,9 @@ impl Pending {
 struct InFlight {
     id: u64,
     messages: Vec<StoredMessage>,
-    convs: Vec<String>,
+    /// The conversation records exactly as this batch writes them.
+    convs: Vec<ConvRecord>,
+    cursors: Vec<CursorRecord>,
     waiters: Vec<Waiter>,
     admin: Vec<(Ticket, String)>,
     receipts: BTreeSet<(String, String)>,
@@ -163,19 +165,18 @@ impl Core {
         }
         for c in snapshot.cursors {
             if let Some(conv) = convs.get_mut(&c.conv) {
-                conv.cursors.insert(
-                    (c.user, c.device),
-                    Cursor {
-                        delivered: c.delivered,
-                        read: c.read,
-                    },
-                );
+                let pos = Cursor {
+                    delivered: c.delivered,
+                    read: c.read,
+                };
+                conv.cursors.insert((c.user.clone(), c.device.clone()), pos);
+                conv.durable_cursors.insert((c.user, c.device), pos);
             }
         }
         for conv in convs.values_mut() {
             let users: Vec<String> = conv.cursors.keys().map(|(u, _)| u.clone()).collect();
             for u in users {
-                let pos = conv.user_position(&u);
+                let pos = conv.durable_user_position(&u);
                 conv.published.insert(u, pos);
             }
         }
@@ -422,6 +423,10 @@ impl Core {
             ts: now_ms,
         });
         self.pending.convs.insert(conv_id.to_string());
+        // An expiry of the same key still pending must not undo this new entry.
+        self.pending
+            .dedup_delete
+            .retain(|(u, c)| u != user || c != cmid);
         self.pending.dedup_put.push(DedupRecord {
             user: user.to_string(),
             cmid: cmid.to_string(),
@@ -460,9 +465,9 @@ impl Core {
         let c = self
             .convs
             .get(conv)
-            .filter(|c| c.durable)
+            .filter(|c| c.is_durable())
             .ok_or_else(|| CoreError::NoSuchConversation(conv.to_string()))?;
-        if !c.is_member(&s.user) {
+        if !c.is_durable_member(&s.user) {
             return Err(CoreError::NotMember(conv.to_string()));
         }
         Ok((s.user.clone(), s.device.clone()))
@@ -584,21 +589,19 @@ impl Core {
         let mut out: Vec<ConvInfo> = self
             .convs
             .values()
-            .filter(|c| c.durable && c.is_member(&s.user))
+            .filter(|c| c.is_durable_member(&s.user))
             .map(|c| {
-                let mine = c.cursor(&s.user, &s.device);
+                let mine = c.durable_cursor(&s.user, &s.device);
                 ConvInfo {
                     conv: c.rec.id.clone(),
                     kind: c.rec.kind,
                     epoch: c.rec.epoch,
                     max_seq: c.durable_seq,
-                    first_seq: c.rec.first_seq.min(c.durable_seq + 1),
+                    first_seq: c.durable_first_seq(),
                     delivered: mine.delivered,
                     read: mine.read,
                     members: c
-                        .rec
-                        .members
-                        .iter()
+                        .durable_members()
                         .map(|u| {
                             let p = c.published.get(u).copied().unwrap_or_default();
                             MemberPosition {
@@ -617,15 +620,16 @@ impl Core {
 
     // ----- admin -----
 
+    /// A group as committed.
     pub fn group(&self, id: &str) -> Option<ConvRecord> {
-        self.convs
-            .get(id)
-            .filter(|c| c.durable && c.rec.kind == ConvKind::Group)
-            .map(|c| {
-                let mut rec = c.rec.clone();
-                rec.max_seq = c.durable_seq;
-                rec
-            })
+        let c = self.convs.get(id)?;
+        let mut rec = c.durable_rec.clone()?;
+        if rec.kind != ConvKind::Group {
+            return None;
+        }
+        rec.max_seq = c.durable_seq;
+        rec.first_seq = c.durable_first_seq();
+        Some(rec)
     }
 
     /// Starts an admin change; it is answered with [`Action::AdminDone`] once durable.
@@ -716,7 +720,7 @@ impl Core {
     pub fn retention_tick(&mut self, now_ms: u64) {
         let default = self.cfg.default_retention;
         for c in self.convs.values() {
-            if !c.durable || c.rec.first_seq > c.durable_seq {
+            if !c.is_durable() || c.rec.first_seq > c.durable_seq {
                 continue;
             }
             if let Some(age) = c.rec.retention.or(default).max_age_ms {
@@ -763,7 +767,7 @@ impl Core {
             }
             convs.push(c.rec.clone());
         }
-        let cursors = p
+        let cursors: Vec<CursorRecord> = p
             .cursors
             .iter()
             .filter_map(|(conv, user, device)| {
@@ -773,17 +777,18 @@ impl Core {
         let batch = Batch {
             id,
             messages: p.messages.clone(),
-            convs,
+            convs: convs.clone(),
             dedup_put: p.dedup_put,
             dedup_delete: p.dedup_delete,
-            cursors,
+            cursors: cursors.clone(),
             trim_below,
             trim_before_ms: p.trim_before_ms,
         };
         self.in_flight = Some(InFlight {
             id,
             messages: p.messages,
-            convs: p.convs.into_iter().collect(),
+            convs,
+            cursors,
             waiters: p.waiters,
             admin: p.admin,
             receipts: p.receipts,
@@ -797,19 +802,28 @@ impl Core {
             return Vec::new();
         };
         let mut out = Vec::new();
-        for cid in &f.convs {
-            if let Some(c) = self.convs.get_mut(cid) {
-                c.durable = true;
+        for rec in f.convs {
+            if let Some(c) = self.convs.get_mut(&rec.id) {
+                let first = c.durable_rec.as_ref().map_or(1, |d| d.first_seq);
+                c.durable_seq = c.durable_seq.max(rec.max_seq);
+                let mut rec = rec;
+                rec.first_seq = rec.first_seq.max(first);
+                c.durable_rec = Some(rec);
             }
         }
-        for m in &f.messages {
-            if let Some(c) = self.convs.get_mut(&m.conv) {
-                c.durable_seq = c.durable_seq.max(m.seq);
+        for cur in f.cursors {
+            if let Some(c) = self.convs.get_mut(&cur.conv) {
+                let d = c.durable_cursors.entry((cur.user, cur.device)).or_default();
+                d.delivered = d.delivered.max(cur.delivered);
+                d.read = d.read.max(cur.read);
             }
         }
         for (cid, first) in outcome.first_seqs {
             if let Some(c) = self.convs.get_mut(&cid) {
                 c.rec.first_seq = c.rec.first_seq.max(first);
+                if let Some(d) = c.durable_rec.as_mut() {
+                    d.first_seq = d.first_seq.max(first);
+                }
             }
         }
         for w in &f.waiters {
@@ -868,10 +882,10 @@ impl Core {
         let Some(c) = self.convs.get(&m.conv) else {
             return;
         };
-        let large = c.rec.members.len() > self.cfg.push_max_members;
+        let large = c.durable_member_count() > self.cfg.push_max_members;
         let durable = c.durable_seq;
         let window = self.cfg.push_window;
-        for user in &c.rec.members {
+        for user in c.durable_members() {
             let Some(sids) = self.by_user.get(user) else {
                 continue;
             };
@@ -911,7 +925,7 @@ impl Core {
         let Some(c) = self.convs.get_mut(cid) else {
             return;
         };
-        let pos = c.user_position(user);
+        let pos = c.durable_user_position(user);
         let old = c.published.get(user).copied().unwrap_or_default();
         let new = Cursor {
             delivered: old.delivered.max(pos.delivered),
@@ -921,7 +935,7 @@ impl Core {
             return;
         }
         c.published.insert(user.to_string(), new);
-        if c.rec.members.len() > self.cfg.push_max_members {
+        if c.durable_member_count() > self.cfg.push_max_members {
             return;
         }
         let frame = ServerFrame::Receipt {
@@ -930,7 +944,7 @@ impl Core {
             delivered: new.delivered,
             read: new.read,
         };
-        for member in &c.rec.members {
+        for member in c.durable_members() {
             for sid in self.by_user.get(member).into_iter().flatten() {
                 out.push(Action::Send {
                     session: *sid,

@@ -163,14 +163,15 @@ impl Store for RedbStore {
                     .map_err(StoreError::engine)?;
             }
             let mut dedup = tx.open_table(DEDUP).map_err(StoreError::engine)?;
-            for d in &batch.dedup_put {
-                dedup
-                    .insert((d.user.as_str(), d.cmid.as_str()), encode(d)?.as_slice())
-                    .map_err(StoreError::engine)?;
-            }
+            // Expiries first: a key expired and reused within one batch must end up present.
             for (user, cmid) in &batch.dedup_delete {
                 dedup
                     .remove((user.as_str(), cmid.as_str()))
+                    .map_err(StoreError::engine)?;
+            }
+            for d in &batch.dedup_put {
+                dedup
+                    .insert((d.user.as_str(), d.cmid.as_str()), encode(d)?.as_slice())
                     .map_err(StoreError::engine)?;
             }
         }
