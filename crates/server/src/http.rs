@@ -4,13 +4,15 @@
 use crate::auth::{constant_time_eq, AuthError, Claims};
 use crate::router::Command;
 use crate::AppState;
-use axum::extract::{Path, Query, State, WebSocketUpgrade};
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State, WebSocketUpgrade};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use ordo_core::{AdminOp, CoreError, Retention};
 use ordo_protocol::{Encoding, ErrorCode};
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::oneshot;
@@ -112,16 +114,36 @@ async fn metrics() -> Response {
     }
 }
 
-fn admin_ok(state: &AppState, headers: &HeaderMap) -> bool {
-    bearer(headers).is_some_and(|k| constant_time_eq(k.as_bytes(), state.admin_key.as_bytes()))
+/// Extractor that admits a request only with the admin key as its bearer token.
+struct Admin;
+
+impl FromRequestParts<AppState> for Admin {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Response> {
+        match bearer(&parts.headers) {
+            Some(k) if constant_time_eq(k.as_bytes(), state.admin_key.as_bytes()) => Ok(Admin),
+            _ => Err(error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "the admin API needs `Authorization: Bearer <admin key>` (see <data>/admin.key)",
+            )),
+        }
+    }
 }
 
-fn admin_unauthorized() -> Response {
-    error(
-        StatusCode::UNAUTHORIZED,
-        "unauthorized",
-        "the admin API needs `Authorization: Bearer <admin key>` (see <data>/admin.key)",
-    )
+/// A JSON request body whose errors are answered in the API's error format.
+struct Body<T>(T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
+    type Rejection = Response;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Response> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(Body(v)),
+            Err(e) => Err(error(StatusCode::BAD_REQUEST, "malformed", e.body_text())),
+        }
+    }
 }
 
 fn core_error(e: CoreError) -> Response {
@@ -174,16 +196,9 @@ struct CreateGroup {
 
 async fn create_group(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    body: Result<Json<CreateGroup>, axum::extract::rejection::JsonRejection>,
+    _: Admin,
+    Body(req): Body<CreateGroup>,
 ) -> Response {
-    if !admin_ok(&state, &headers) {
-        return admin_unauthorized();
-    }
-    let Json(req) = match body {
-        Ok(b) => b,
-        Err(e) => return error(StatusCode::BAD_REQUEST, "malformed", e.body_text()),
-    };
     let op = AdminOp::CreateGroup {
         id: req.id,
         members: req.members,
@@ -204,17 +219,10 @@ struct UpdateGroup {
 
 async fn update_group(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    _: Admin,
     Path(id): Path<String>,
-    body: Result<Json<UpdateGroup>, axum::extract::rejection::JsonRejection>,
+    Body(req): Body<UpdateGroup>,
 ) -> Response {
-    if !admin_ok(&state, &headers) {
-        return admin_unauthorized();
-    }
-    let Json(req) = match body {
-        Ok(b) => b,
-        Err(e) => return error(StatusCode::BAD_REQUEST, "malformed", e.body_text()),
-    };
     let op = AdminOp::UpdateGroup {
         id,
         add: req.add,
@@ -224,14 +232,7 @@ async fn update_group(
     run_admin(&state, op, StatusCode::OK).await
 }
 
-async fn get_group(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Response {
-    if !admin_ok(&state, &headers) {
-        return admin_unauthorized();
-    }
+async fn get_group(State(state): State<AppState>, _: Admin, Path(id): Path<String>) -> Response {
     let (reply, rx) = oneshot::channel();
     if state
         .router
@@ -269,16 +270,9 @@ struct IssueToken {
 
 async fn issue_token(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    body: Result<Json<IssueToken>, axum::extract::rejection::JsonRejection>,
+    _: Admin,
+    Body(req): Body<IssueToken>,
 ) -> Response {
-    if !admin_ok(&state, &headers) {
-        return admin_unauthorized();
-    }
-    let Json(req) = match body {
-        Ok(b) => b,
-        Err(e) => return error(StatusCode::BAD_REQUEST, "malformed", e.body_text()),
-    };
     let exp =
         crate::router::now_ms() / 1000 + req.ttl_secs.unwrap_or(crate::DEFAULT_TOKEN_TTL_SECS);
     let claims = Claims {
