@@ -40,6 +40,7 @@ struct Conn {
 
 pub async fn run(socket: WebSocket, state: AppState, user: String, device: String, enc: Encoding) {
     let session = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
+    let _live = state.live.clone();
     let (mut sink, mut stream) = socket.split();
     let (tx, mut rx) = mpsc::channel::<ServerFrame>(state.outbound_queue);
     let kick = Arc::new(Notify::new());

@@ -24,6 +24,9 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
+/// How long shutdown waits for connections to finish their close handshake.
+const CLOSE_GRACE: Duration = Duration::from_secs(10);
+
 /// Lifetime of tokens issued without an explicit one: 30 days.
 pub const DEFAULT_TOKEN_TTL_SECS: u64 = 30 * 24 * 3600;
 
@@ -58,6 +61,8 @@ pub(crate) struct AppState {
     tokens: TokenKey,
     admin_key: Arc<str>,
     shutdown: watch::Receiver<bool>,
+    /// Held by every connection task; shutdown waits until all are dropped.
+    live: mpsc::Sender<()>,
 }
 
 /// The token secret: flag/env value, or `<data>/secret`, created on first use.
@@ -142,6 +147,7 @@ pub async fn start(cfg: Config) -> Result<RunningServer, ServerError> {
         })?;
     let addr = listener.local_addr()?;
     let (stop, stop_rx) = watch::channel(false);
+    let (live, mut all_closed) = mpsc::channel::<()>(1);
     let state = AppState {
         router: router_tx.clone(),
         store,
@@ -150,6 +156,7 @@ pub async fn start(cfg: Config) -> Result<RunningServer, ServerError> {
         tokens,
         admin_key: admin.into(),
         shutdown: stop_rx.clone(),
+        live,
     };
     let app = http::routes(state);
     tracing::info!(%addr, data = %cfg.data.display(), "ordo listening");
@@ -161,6 +168,9 @@ pub async fn start(cfg: Config) -> Result<RunningServer, ServerError> {
                 let _ = until.wait_for(|s| *s).await;
             })
             .await;
+        // WebSocket connections outlive axum's graceful shutdown: wait until each has sent its
+        // close frame (bounded, so a stuck peer cannot hold the server up).
+        let _ = tokio::time::timeout(CLOSE_GRACE, all_closed.recv()).await;
         // Connections are closed; let the router commit what is pending.
         let (done, finished) = oneshot::channel();
         if router_tx.send(Command::Shutdown { done }).await.is_ok() {
