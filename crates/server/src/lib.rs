@@ -15,6 +15,7 @@ mod router;
 pub use config::{Config, ConfigError};
 
 use auth::TokenKey;
+use axum::serve::ListenerExt;
 use ordo_protocol::Limits;
 use ordo_store::{RedbStore, Store, StoreError};
 use router::{Command, Router};
@@ -146,6 +147,12 @@ pub async fn start(cfg: Config) -> Result<RunningServer, ServerError> {
             source,
         })?;
     let addr = listener.local_addr()?;
+    // Frames are small and latency matters: never let Nagle hold one back waiting for an ACK.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     let (stop, stop_rx) = watch::channel(false);
     let (live, mut all_closed) = mpsc::channel::<()>(1);
     let state = AppState {
