@@ -68,7 +68,7 @@ fn main() -> ExitCode {
             let claims = ordo_server::auth::Claims {
                 user,
                 device,
-                exp: now + ttl_secs,
+                exp: now.saturating_add(ttl_secs),
             };
             match key.sign(&claims) {
                 Ok(t) => {

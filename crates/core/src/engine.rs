@@ -135,6 +135,8 @@ pub struct Core {
     dedup_order: VecDeque<(u64, String, String)>,
     sessions: HashMap<SessionId, Session>,
     by_user: HashMap<String, BTreeSet<SessionId>>,
+    /// user -> conversations they are a durable member of (for `convs` without a full scan).
+    member_of: HashMap<String, BTreeSet<String>>,
     buckets: HashMap<String, TokenBucket>,
     pending: Pending,
     in_flight: Option<InFlight>,
@@ -180,6 +182,15 @@ impl Core {
                 conv.published.insert(u, pos);
             }
         }
+        let mut member_of: HashMap<String, BTreeSet<String>> = HashMap::new();
+        for c in convs.values() {
+            for u in &c.rec.members {
+                member_of
+                    .entry(u.clone())
+                    .or_default()
+                    .insert(c.rec.id.clone());
+            }
+        }
         let mut dedup_records = snapshot.dedup;
         dedup_records.sort_by_key(|d| d.ts);
         let mut dedup = HashMap::new();
@@ -203,6 +214,7 @@ impl Core {
             dedup_order,
             sessions: HashMap::new(),
             by_user: HashMap::new(),
+            member_of,
             buckets: HashMap::new(),
             pending: Pending::default(),
             in_flight: None,
@@ -359,7 +371,7 @@ impl Core {
                         created_ms: now_ms,
                     };
                     // Creation is only recorded together with its first message below.
-                    self.check_rate(&user, now_ms)?;
+                    self.admit(session, &conv_id, cmid, &user, now_ms)?;
                     self.convs.insert(conv_id.clone(), Conv::new(rec, false));
                     return Ok(
                         self.append(session, &user, &device, &conv_id, cmid, body, None, now_ms)
@@ -380,19 +392,48 @@ impl Core {
                 )));
             }
         }
-        self.check_rate(&user, now_ms)?;
+        self.admit(session, &conv_id, cmid, &user, now_ms)?;
         Ok(self.append(
             session, &user, &device, &conv_id, cmid, body, reply_to, now_ms,
         ))
     }
 
-    fn check_rate(&mut self, user: &str, now_ms: u64) -> Result<(), CoreError> {
+    /// The per-user rate limit, applied so that it never reorders one device's messages: once a
+    /// send is refused for rate, the same connection's later new sends into that conversation
+    /// are refused too until the refused one is resent.
+    fn admit(
+        &mut self,
+        session: SessionId,
+        conv_id: &str,
+        cmid: &str,
+        user: &str,
+        now_ms: u64,
+    ) -> Result<(), CoreError> {
         let (rate, burst) = (self.cfg.rate_per_sec, self.cfg.rate_burst);
-        self.buckets
+        let held = self
+            .sessions
+            .get(&session)
+            .and_then(|s| s.held_back.get(conv_id))
+            .filter(|held| held.as_str() != cmid)
+            .cloned();
+        if let Some(earlier) = held {
+            return Err(CoreError::HeldBack {
+                earlier,
+                retry_after_ms: 1,
+            });
+        }
+        let taken = self
+            .buckets
             .entry(user.to_string())
             .or_insert_with(|| TokenBucket::new(burst, now_ms))
-            .take(rate, burst, now_ms)
-            .map_err(CoreError::RateLimited)
+            .take(rate, burst, now_ms);
+        if let Some(s) = self.sessions.get_mut(&session) {
+            match taken {
+                Ok(()) => s.held_back.remove(conv_id),
+                Err(_) => s.held_back.insert(conv_id.to_string(), cmid.to_string()),
+            };
+        }
+        taken.map_err(CoreError::RateLimited)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -587,8 +628,11 @@ impl Core {
             return Vec::new();
         };
         let mut out: Vec<ConvInfo> = self
-            .convs
-            .values()
+            .member_of
+            .get(&s.user)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.convs.get(id))
             .filter(|c| c.is_durable_member(&s.user))
             .map(|c| {
                 let mine = c.durable_cursor(&s.user, &s.device);
@@ -808,7 +852,20 @@ impl Core {
                 c.durable_seq = c.durable_seq.max(rec.max_seq);
                 let mut rec = rec;
                 rec.first_seq = rec.first_seq.max(first);
-                c.durable_rec = Some(rec);
+                let old = c.durable_rec.replace(rec);
+                let old_members = old.map(|o| o.members).unwrap_or_default();
+                let new_members = c.durable_members().cloned().collect::<BTreeSet<_>>();
+                for u in old_members.difference(&new_members) {
+                    if let Some(set) = self.member_of.get_mut(u) {
+                        set.remove(&c.rec.id);
+                    }
+                }
+                for u in new_members.difference(&old_members) {
+                    self.member_of
+                        .entry(u.clone())
+                        .or_default()
+                        .insert(c.rec.id.clone());
+                }
             }
         }
         for cur in f.cursors {
@@ -870,7 +927,7 @@ impl Core {
         for (ticket, _) in admin {
             out.push(Action::AdminDone {
                 ticket,
-                reply: Err(CoreError::Invalid(format!(
+                reply: Err(CoreError::Unavailable(format!(
                     "the change could not be stored ({reason}); retry"
                 ))),
             });

@@ -18,6 +18,13 @@ pub enum CoreError {
     AlreadyExists(String),
     #[error("sending too fast; retry in {0} ms")]
     RateLimited(u64),
+    #[error("message {earlier:?} of this conversation was refused for rate and must be resent first, to keep your messages in order")]
+    HeldBack {
+        earlier: String,
+        retry_after_ms: u64,
+    },
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl CoreError {
@@ -29,13 +36,15 @@ impl CoreError {
             CoreError::BodyTooLarge { .. } => ErrorCode::TooLarge,
             CoreError::NoSuchConversation(_) => ErrorCode::NotFound,
             CoreError::NotMember(_) => ErrorCode::NotMember,
-            CoreError::RateLimited(_) => ErrorCode::RateLimited,
+            CoreError::RateLimited(_) | CoreError::HeldBack { .. } => ErrorCode::RateLimited,
+            CoreError::Unavailable(_) => ErrorCode::Unavailable,
         }
     }
 
     pub fn retry_after_ms(&self) -> Option<u64> {
         match self {
             CoreError::RateLimited(ms) => Some(*ms),
+            CoreError::HeldBack { retry_after_ms, .. } => Some(*retry_after_ms),
             _ => None,
         }
     }

@@ -17,6 +17,9 @@ pub struct Session {
     pub user: String,
     pub device: String,
     pub convs: HashMap<String, PushState>,
+    /// conversation -> the client message id refused for rate; later new sends of this
+    /// connection into that conversation wait behind it, so that sender order holds.
+    pub held_back: HashMap<String, String>,
 }
 
 impl Session {
@@ -25,6 +28,7 @@ impl Session {
             user,
             device,
             convs: HashMap::new(),
+            held_back: HashMap::new(),
         }
     }
 }

@@ -934,6 +934,49 @@ fn sending_too_fast_is_rate_limited_with_a_retry_hint() {
 // Fan-out: msg, notify, push window, large groups, sync
 // ---------------------------------------------------------------------------------------------
 
+/// G4 under the rate limit: once m1 is refused for rate, m2 from the same connection must not
+/// overtake it when a token comes back; m2 is held back until m1 is resent.
+#[test]
+fn a_rate_limited_send_holds_back_later_sends_so_order_holds() {
+    let mut s = Sim::new(CoreConfig {
+        rate_per_sec: 1.0,
+        rate_burst: 1.0,
+        ..CoreConfig::default()
+    });
+    s.group("g", &["alice", "bob"], Retention::default());
+    s.core.connect(1, "alice", "a1");
+    s.core.connect(3, "alice", "a2");
+    s.now = 0;
+    assert!(s.send(1, "g", "m0").is_empty());
+    assert_eq!(rejected(&s.send(1, "g", "m1")).0, ErrorCode::RateLimited);
+    s.now = 5_000;
+    // Tokens are back, but m2 may not overtake m1.
+    let (c, retryable, _) = rejected(&s.send(1, "g", "m2"));
+    assert_eq!((c, retryable), (ErrorCode::RateLimited, true));
+    // Another device of the same user is not held back by this one's order.
+    assert!(s.send(3, "g", "x1").is_empty());
+    s.now = 10_000;
+    assert!(
+        s.send(1, "g", "m1").is_empty(),
+        "the refused message goes first"
+    );
+    s.now = 15_000;
+    assert!(s.send(1, "g", "m2").is_empty(), "then the next one");
+    let (_, out) = s.flush();
+    let order: Vec<(String, u64)> = accepted(&out, 1)
+        .into_iter()
+        .map(|(cmid, _, seq, _)| (cmid, seq))
+        .collect();
+    assert_eq!(
+        order,
+        vec![
+            ("m0".to_string(), 1),
+            ("m1".to_string(), 3),
+            ("m2".to_string(), 4)
+        ]
+    );
+}
+
 #[test]
 fn every_online_device_of_every_member_gets_msg_in_seq_order() {
     let mut s = Sim::new(cfg());

@@ -22,6 +22,8 @@ pub struct Config {
     pub max_body_bytes: usize,
     pub max_sync_limit: u32,
     pub default_sync_limit: u32,
+    /// Body bytes one `synced` page may carry before it ends early with `has_more`.
+    pub max_sync_bytes: usize,
     pub max_acks_per_frame: usize,
     /// Pushed-but-unacknowledged messages per device and conversation before falling back to
     /// `notify`.
@@ -55,6 +57,7 @@ impl Default for Config {
             max_body_bytes: core.limits.max_body_bytes,
             max_sync_limit: core.limits.max_sync_limit,
             default_sync_limit: core.default_sync_limit,
+            max_sync_bytes: 1 << 20,
             max_acks_per_frame: core.limits.max_acks_per_frame,
             push_window: core.push_window,
             push_max_members: core.push_max_members,
@@ -103,6 +106,9 @@ impl Config {
         let bad = |m: &str| Err(ConfigError::Invalid(m.to_string()));
         if self.max_body_bytes == 0 || self.max_frame_bytes < self.max_body_bytes + 256 {
             return bad("max_frame_bytes must exceed max_body_bytes by at least 256 bytes, and max_body_bytes must be positive");
+        }
+        if self.max_sync_bytes == 0 {
+            return bad("max_sync_bytes must be positive");
         }
         if self.max_sync_limit == 0 || self.default_sync_limit == 0 {
             return bad("sync limits must be at least 1");

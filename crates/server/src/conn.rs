@@ -198,8 +198,7 @@ impl Conn {
             Ok(f) => f,
             Err(e) => {
                 metrics::counter!(m::FRAME_ERRORS).increment(1);
-                self.reply(ServerFrame::error(ErrorCode::Malformed, e.to_string()))
-                    .await;
+                self.reply(ServerFrame::error(ErrorCode::Malformed, e.to_string()))?;
                 return Ok(());
             }
         };
@@ -208,8 +207,7 @@ impl Conn {
                 self.reply(ServerFrame::Pong {
                     nonce,
                     server_time: crate::router::now_ms(),
-                })
-                .await;
+                })?;
             }
             ClientFrame::Convs => {
                 let (reply, rx) = oneshot::channel();
@@ -219,7 +217,7 @@ impl Conn {
                 })
                 .await?;
                 let conversations = rx.await.map_err(|_| going_away())?;
-                self.reply(ServerFrame::Convs { conversations }).await;
+                self.reply(ServerFrame::Convs { conversations })?;
             }
             ClientFrame::Sync { conv, after, limit } => self.sync(conv, after, limit).await?,
             ClientFrame::Ack { ref acks } if acks.len() > self.state.limits.max_acks_per_frame => {
@@ -230,8 +228,7 @@ impl Conn {
                         acks.len(),
                         self.state.limits.max_acks_per_frame
                     ),
-                ))
-                .await;
+                ))?;
             }
             frame => {
                 self.router(Command::Frame {
@@ -256,33 +253,27 @@ impl Conn {
         .await?;
         let plan = match rx.await.map_err(|_| going_away())? {
             Ok(p) => p,
-            Err(e) => {
-                self.reply(ServerFrame::error(e.code(), e.to_string()))
-                    .await;
-                return Ok(());
-            }
+            Err(e) => return self.reply(ServerFrame::error(e.code(), e.to_string())),
         };
         let store = self.state.store.clone();
         let (c, from, to, lim) = (plan.conv.clone(), plan.from, plan.to, plan.limit);
-        let page = tokio::task::spawn_blocking(move || store.read_page(&c, from, to, lim)).await;
+        let budget = self.state.max_sync_bytes;
+        let page =
+            tokio::task::spawn_blocking(move || store.read_page(&c, from, to, lim, budget)).await;
         let page = match page {
             Ok(Ok(p)) => p,
             Ok(Err(e)) => {
                 tracing::error!(error = %e, conv = %conv, "sync read failed");
-                self.reply(ServerFrame::error(
+                return self.reply(ServerFrame::error(
                     ErrorCode::Unavailable,
                     "history could not be read; retry the sync",
-                ))
-                .await;
-                return Ok(());
+                ));
             }
             Err(_) => {
-                self.reply(ServerFrame::error(
+                return self.reply(ServerFrame::error(
                     ErrorCode::Internal,
                     "sync failed; retry",
                 ))
-                .await;
-                return Ok(());
             }
         };
         let last = page.messages.last().map(|m| m.seq);
@@ -294,10 +285,10 @@ impl Conn {
             epoch: plan.epoch,
             messages: page.messages,
             has_more,
-            first_seq: page.first_seq,
+            // A trim committed after this sync was planned is not reported past the plan's end.
+            first_seq: page.first_seq.min(plan.to.saturating_add(1)),
             max_seq: plan.to,
-        })
-        .await;
+        })?;
         self.router(Command::SyncServed {
             session: self.session,
             conv,
@@ -307,8 +298,17 @@ impl Conn {
         .await
     }
 
-    async fn reply(&self, frame: ServerFrame) {
-        let _ = self.tx.send(frame).await;
+    /// Queues a frame for this connection. A full queue means the peer is not reading: the
+    /// connection is closed rather than waited on, so it can never pin the task or memory.
+    fn reply(&self, frame: ServerFrame) -> Result<(), Close> {
+        match self.tx.try_send(frame) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => Err((
+                close::TRY_AGAIN_LATER,
+                "dropped: too slow to keep up; reconnect and sync".into(),
+            )),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(going_away()),
+        }
     }
 
     /// Sends to the router; fails with a close if the router is gone (server stopping).

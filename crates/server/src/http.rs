@@ -37,13 +37,11 @@ fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response
         .into_response()
 }
 
+/// The credentials of an `Authorization: Bearer ...` header (the scheme is case-insensitive).
 fn bearer(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get(header::AUTHORIZATION)?
-        .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")
-        .map(str::trim)
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, rest) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
 }
 
 #[derive(Deserialize)]
@@ -150,6 +148,7 @@ fn core_error(e: CoreError) -> Response {
     let status = match e {
         CoreError::NoSuchConversation(_) => StatusCode::NOT_FOUND,
         CoreError::AlreadyExists(_) => StatusCode::CONFLICT,
+        CoreError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::BAD_REQUEST,
     };
     let code = match e {
@@ -273,8 +272,8 @@ async fn issue_token(
     _: Admin,
     Body(req): Body<IssueToken>,
 ) -> Response {
-    let exp =
-        crate::router::now_ms() / 1000 + req.ttl_secs.unwrap_or(crate::DEFAULT_TOKEN_TTL_SECS);
+    let exp = (crate::router::now_ms() / 1000)
+        .saturating_add(req.ttl_secs.unwrap_or(crate::DEFAULT_TOKEN_TTL_SECS));
     let claims = Claims {
         user: req.user,
         device: req.device,

@@ -58,6 +58,7 @@ pub(crate) struct AppState {
     router: mpsc::Sender<Command>,
     store: Arc<dyn Store>,
     limits: Limits,
+    max_sync_bytes: usize,
     outbound_queue: usize,
     tokens: TokenKey,
     admin_key: Arc<str>,
@@ -138,7 +139,14 @@ pub async fn start(cfg: Config) -> Result<RunningServer, ServerError> {
         Duration::from_secs(cfg.housekeeping_secs),
     )?;
     let (router_tx, router_rx) = mpsc::channel(8192);
-    let router_task = tokio::spawn(router.run(router_rx));
+    let (stop, stop_rx) = watch::channel(false);
+    let router_stop = stop.clone();
+    let router_task = tokio::spawn(async move {
+        let result = router.run(router_rx).await;
+        // Whatever ended the router ends the server.
+        let _ = router_stop.send(true);
+        result
+    });
 
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
@@ -153,12 +161,12 @@ pub async fn start(cfg: Config) -> Result<RunningServer, ServerError> {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
     });
-    let (stop, stop_rx) = watch::channel(false);
     let (live, mut all_closed) = mpsc::channel::<()>(1);
     let state = AppState {
         router: router_tx.clone(),
         store,
         limits: cfg.limits(),
+        max_sync_bytes: cfg.max_sync_bytes,
         outbound_queue: cfg.outbound_queue,
         tokens,
         admin_key: admin.into(),
@@ -184,7 +192,14 @@ pub async fn start(cfg: Config) -> Result<RunningServer, ServerError> {
             let _ = finished.await;
         }
         drop(router_tx);
-        let _ = router_task.await;
+        match router_task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "stopped after a storage failure");
+                return Err(ServerError::Store(e));
+            }
+            Err(e) => return Err(ServerError::Io(std::io::Error::other(e.to_string()))),
+        }
         tracing::info!("ordo stopped; everything accepted is on disk");
         served.map_err(ServerError::Io)
     });

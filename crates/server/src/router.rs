@@ -6,6 +6,10 @@
 //! durable it carries out the core's actions: `accepted`, `msg`, `notify`, `receipt`, admin
 //! replies. It never waits on a connection: a connection whose queue is full is dropped as too
 //! slow and will resume from its cursor when it reconnects.
+//!
+//! A failed commit is fatal (fail-stop): every waiting sender is told to retry, and the server
+//! stops with an error. After an I/O error the disk's state is unknown; only a restart, which
+//! reloads from the store, knows again what is durable.
 
 use crate::metrics as m;
 use ordo_core::{
@@ -87,8 +91,6 @@ pub fn now_ms() -> u64 {
 
 pub struct Router {
     core: Core,
-    cfg: CoreConfig,
-    store: Arc<dyn Store>,
     sessions: HashMap<SessionId, SessionHandle>,
     admin: HashMap<Ticket, oneshot::Sender<Result<AdminReply, CoreError>>>,
     next_ticket: Ticket,
@@ -99,6 +101,8 @@ pub struct Router {
     housekeeping: Duration,
     last_housekeeping: Instant,
     shutdown: Vec<oneshot::Sender<()>>,
+    /// Set by a failed commit: the router stops and the server exits with this error.
+    fatal: Option<StoreError>,
 }
 
 impl Router {
@@ -109,18 +113,15 @@ impl Router {
         housekeeping: Duration,
     ) -> Result<Self, StoreError> {
         let snapshot = store.load()?;
-        let core = Core::new(cfg.clone(), rand::random(), snapshot);
+        let core = Core::new(cfg, rand::random(), snapshot);
         let (writer, batches) = std::sync::mpsc::channel::<Batch>();
         let (done_tx, committed) = mpsc::unbounded_channel();
-        let thread_store = store.clone();
         std::thread::Builder::new()
             .name("ordo-commit".into())
-            .spawn(move || commit_thread(thread_store, batches, done_tx))
+            .spawn(move || commit_thread(store, batches, done_tx))
             .map_err(|e| StoreError::Engine(e.into()))?;
         Ok(Router {
             core,
-            cfg,
-            store,
             sessions: HashMap::new(),
             admin: HashMap::new(),
             next_ticket: 1,
@@ -131,6 +132,7 @@ impl Router {
             housekeeping,
             last_housekeeping: Instant::now(),
             shutdown: Vec::new(),
+            fatal: None,
         })
     }
 
@@ -140,7 +142,8 @@ impl Router {
         self.last_now
     }
 
-    pub async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+    /// Runs until shutdown (after committing what is pending) or a storage failure.
+    pub async fn run(mut self, mut rx: mpsc::Receiver<Command>) -> Result<(), StoreError> {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut open = true;
@@ -148,6 +151,7 @@ impl Router {
             tokio::select! {
                 biased;
                 Some(c) = self.committed.recv() => self.on_committed(c),
+                _ = tick.tick() => self.on_tick(),
                 cmd = rx.recv(), if open => match cmd {
                     Some(cmd) => {
                         self.handle(cmd);
@@ -161,7 +165,12 @@ impl Router {
                     }
                     None => open = false,
                 },
-                _ = tick.tick() => self.on_tick(),
+            }
+            if let Some(e) = self.fatal.take() {
+                for (_, h) in self.sessions.drain() {
+                    h.kick.notify_one();
+                }
+                return Err(e);
             }
             self.record_stats();
             self.start_commit();
@@ -175,6 +184,7 @@ impl Router {
         for done in self.shutdown.drain(..) {
             let _ = done.send(());
         }
+        Ok(())
     }
 
     fn start_commit(&mut self) {
@@ -184,6 +194,9 @@ impl Router {
                 tracing::error!("commit thread stopped; failing pending sends");
                 let actions = self.core.abort_all("commit thread stopped");
                 self.dispatch(actions);
+                self.fatal = Some(StoreError::Engine(
+                    std::io::Error::other("the commit thread stopped").into(),
+                ));
             }
         }
     }
@@ -297,30 +310,12 @@ impl Router {
             }
             Err(e) => {
                 metrics::counter!(m::COMMIT_FAILURES).increment(1);
-                tracing::error!(error = %e, "commit failed; reloading state from the store");
+                tracing::error!(error = %e, "commit failed; stopping the server (restart it to reload from the store)");
                 let actions = self.core.abort_all(&e.to_string());
                 self.dispatch(actions);
-                self.rebuild();
+                self.fatal = Some(e);
             }
         }
-    }
-
-    /// After a failed commit the store is the only truth: rebuild the core from it and drop
-    /// every connection (clients reconnect and resync from their cursors).
-    fn rebuild(&mut self) {
-        match self.store.load() {
-            Ok(snapshot) => {
-                self.core = Core::new(self.cfg.clone(), rand::random(), snapshot);
-                self.last_stats = CoreStats::default();
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot reload the store; keeping the old state");
-            }
-        }
-        for (_, h) in self.sessions.drain() {
-            h.kick.notify_one();
-        }
-        metrics::gauge!(m::CONNECTIONS).set(0.0);
     }
 
     fn on_tick(&mut self) {

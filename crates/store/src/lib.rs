@@ -30,6 +30,15 @@ pub trait Store: Send + Sync + 'static {
     /// Makes the whole batch durable, or nothing of it. Returns only once it is on disk.
     fn commit(&self, batch: &Batch) -> Result<CommitOutcome, StoreError>;
 
-    /// Reads messages of `conv` with seq in `from..=to`, at most `limit` of them.
-    fn read_page(&self, conv: &str, from: u64, to: u64, limit: u32) -> Result<Page, StoreError>;
+    /// Reads messages of `conv` with seq in `from..=to`, at most `limit` of them, and stops
+    /// after the first message that brings the bodies' total to `max_bytes` or more (so a page
+    /// always holds at least one message when there is one).
+    fn read_page(
+        &self,
+        conv: &str,
+        from: u64,
+        to: u64,
+        limit: u32,
+        max_bytes: usize,
+    ) -> Result<Page, StoreError>;
 }

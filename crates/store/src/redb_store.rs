@@ -179,7 +179,14 @@ impl Store for RedbStore {
         Ok(outcome)
     }
 
-    fn read_page(&self, conv: &str, from: u64, to: u64, limit: u32) -> Result<Page, StoreError> {
+    fn read_page(
+        &self,
+        conv: &str,
+        from: u64,
+        to: u64,
+        limit: u32,
+        max_bytes: usize,
+    ) -> Result<Page, StoreError> {
         let tx = self.db.begin_read().map_err(StoreError::engine)?;
         let convs = tx.open_table(CONVS).map_err(StoreError::engine)?;
         let Some(raw) = convs.get(conv).map_err(StoreError::engine)? else {
@@ -195,13 +202,19 @@ impl Store for RedbStore {
             return Ok(page);
         }
         let messages = tx.open_table(MESSAGES).map_err(StoreError::engine)?;
+        let mut bytes = 0usize;
         for row in messages
             .range((conv, start)..=(conv, to))
             .map_err(StoreError::engine)?
             .take(limit as usize)
         {
             let (_, v) = row.map_err(StoreError::engine)?;
-            page.messages.push(decode("message", v.value())?);
+            let m: Message = decode("message", v.value())?;
+            bytes += m.body.len();
+            page.messages.push(m);
+            if bytes >= max_bytes {
+                break;
+            }
         }
         Ok(page)
     }

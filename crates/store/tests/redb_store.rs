@@ -64,15 +64,26 @@ fn commit_survives_reopen() {
     assert_eq!(snap.cursors.len(), 1);
     assert_eq!(snap.cursors[0].delivered, 2);
     assert_eq!(snap.dedup.len(), 1);
-    let page = store.read_page("g", 1, 3, 10).unwrap();
+    let page = store.read_page("g", 1, 3, 10, usize::MAX).unwrap();
     assert_eq!(page.first_seq, 1);
     assert_eq!(
         page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
         vec![1, 2, 3]
     );
-    let page = store.read_page("g", 2, 3, 1).unwrap();
+    let page = store.read_page("g", 2, 3, 1, usize::MAX).unwrap();
     assert_eq!(page.messages, vec![msg("g", 2, 20)]);
-    assert_eq!(store.read_page("nope", 1, 3, 10).unwrap().messages, vec![]);
+    assert_eq!(
+        store
+            .read_page("nope", 1, 3, 10, usize::MAX)
+            .unwrap()
+            .messages,
+        vec![]
+    );
+    // The byte budget ends a page after the message that reaches it ("body 1" is 6 bytes).
+    let page = store.read_page("g", 1, 3, 10, 7).unwrap();
+    assert_eq!(page.messages.len(), 2);
+    let page = store.read_page("g", 1, 3, 10, 1).unwrap();
+    assert_eq!(page.messages.len(), 1);
 }
 
 #[test]
@@ -96,7 +107,7 @@ fn retention_by_count_and_by_age() {
             ..Batch::default()
         })
         .unwrap();
-    let page = store.read_page("g", 1, 10, 100).unwrap();
+    let page = store.read_page("g", 1, 10, 100, usize::MAX).unwrap();
     assert_eq!(page.first_seq, 4);
     assert_eq!(page.messages.first().map(|m| m.seq), Some(4));
     assert_eq!(page.messages.len(), 7);
@@ -109,7 +120,7 @@ fn retention_by_count_and_by_age() {
         })
         .unwrap();
     assert_eq!(out.first_seqs, vec![("g".to_string(), 7)]);
-    let page = store.read_page("g", 1, 10, 100).unwrap();
+    let page = store.read_page("g", 1, 10, 100, usize::MAX).unwrap();
     assert_eq!(page.first_seq, 7);
     assert_eq!(
         page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
@@ -125,7 +136,7 @@ fn retention_by_count_and_by_age() {
         .unwrap();
     assert_eq!(out.first_seqs, vec![("g".to_string(), 11)]);
     assert!(store
-        .read_page("g", 1, 10, 100)
+        .read_page("g", 1, 10, 100, usize::MAX)
         .unwrap()
         .messages
         .is_empty());
