@@ -68,6 +68,17 @@ pub struct SyncPlan {
     pub limit: u32,
 }
 
+/// A `send` frame as the core takes it. Exactly one of `conv` and `to` should be set.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SendRequest<'a> {
+    pub conv: Option<&'a str>,
+    /// A user: the direct conversation with them, created on the first send.
+    pub to: Option<&'a str>,
+    pub cmid: &'a str,
+    pub body: String,
+    pub reply_to: Option<u64>,
+}
+
 /// Who waits for which seq to become durable, to be told `accepted`.
 #[derive(Clone, Debug)]
 struct Waiter {
@@ -261,18 +272,9 @@ impl Core {
 
     /// A `send` from a connected device. Returns the frames to answer with at once (a duplicate
     /// of a durable message, or a rejection); a new message is answered at commit.
-    #[allow(clippy::too_many_arguments)]
-    pub fn send(
-        &mut self,
-        session: SessionId,
-        conv: Option<&str>,
-        to: Option<&str>,
-        cmid: &str,
-        body: String,
-        reply_to: Option<u64>,
-        now_ms: u64,
-    ) -> Vec<Action> {
-        match self.try_send(session, conv, to, cmid, body, reply_to, now_ms) {
+    pub fn send(&mut self, session: SessionId, req: SendRequest<'_>, now_ms: u64) -> Vec<Action> {
+        let cmid = req.cmid.to_string();
+        match self.try_send(session, req, now_ms) {
             Ok(actions) => actions,
             Err(e) => vec![Action::Send {
                 session,
@@ -281,17 +283,19 @@ impl Core {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn try_send(
         &mut self,
         session: SessionId,
-        conv: Option<&str>,
-        to: Option<&str>,
-        cmid: &str,
-        body: String,
-        reply_to: Option<u64>,
+        req: SendRequest<'_>,
         now_ms: u64,
     ) -> Result<Vec<Action>, CoreError> {
+        let SendRequest {
+            conv,
+            to,
+            cmid,
+            body,
+            reply_to,
+        } = req;
         let (user, device) = match self.sessions.get(&session) {
             Some(s) => (s.user.clone(), s.device.clone()),
             None => return Ok(Vec::new()),

@@ -21,6 +21,8 @@ pub mod rng;
 pub mod session;
 
 pub use config::CoreConfig;
-pub use engine::{Action, AdminOp, AdminReply, Core, CoreStats, SessionId, SyncPlan, Ticket};
+pub use engine::{
+    Action, AdminOp, AdminReply, Core, CoreStats, SendRequest, SessionId, SyncPlan, Ticket,
+};
 pub use error::CoreError;
 pub use model::*;

@@ -4,7 +4,7 @@
 
 use ordo_core::{
     Action, AdminOp, Batch, CommitOutcome, ConvRecord, Core, CoreConfig, CoreError, CursorRecord,
-    DedupRecord, Retention, SessionId, Snapshot, SyncPlan,
+    DedupRecord, Retention, SendRequest, SessionId, Snapshot, SyncPlan,
 };
 use ordo_protocol::{direct_conv_id, ConvKind, ErrorCode, Message, ServerFrame};
 use proptest::prelude::*;
@@ -140,11 +140,13 @@ impl Sim {
     fn send(&mut self, sid: SessionId, conv: &str, cmid: &str) -> Vec<Action> {
         self.core.send(
             sid,
-            Some(conv),
-            None,
-            cmid,
-            format!("body of {cmid}"),
-            None,
+            SendRequest {
+                conv: Some(conv),
+                to: None,
+                cmid,
+                body: format!("body of {cmid}"),
+                reply_to: None,
+            },
             self.now,
         )
     }
@@ -152,11 +154,13 @@ impl Sim {
     fn send_to(&mut self, sid: SessionId, to: &str, cmid: &str) -> Vec<Action> {
         self.core.send(
             sid,
-            None,
-            Some(to),
-            cmid,
-            format!("body of {cmid}"),
-            None,
+            SendRequest {
+                conv: None,
+                to: Some(to),
+                cmid,
+                body: format!("body of {cmid}"),
+                reply_to: None,
+            },
             self.now,
         )
     }
@@ -532,11 +536,13 @@ fn duplicate_while_pending_is_answered_at_commit_with_the_same_seq() {
         .core
         .send(
             1,
-            Some("g"),
-            None,
-            "x",
-            "other body".into(),
-            None,
+            SendRequest {
+                conv: Some("g"),
+                to: None,
+                cmid: "x",
+                body: "other body".into(),
+                reply_to: None
+            },
             s.now + 5
         )
         .is_empty());
@@ -593,9 +599,17 @@ fn duplicate_after_durable_is_answered_at_once_with_the_original_answer() {
     assert_eq!(original.len(), 1);
 
     s.now += 5_000;
-    let out = s
-        .core
-        .send(1, Some("g"), None, "x", "changed".into(), None, s.now);
+    let out = s.core.send(
+        1,
+        SendRequest {
+            conv: Some("g"),
+            to: None,
+            cmid: "x",
+            body: "changed".into(),
+            reply_to: None,
+        },
+        s.now,
+    );
     assert_eq!(accepted(&out, 1), original, "the same answer, same ts");
     assert_eq!(out.len(), 1);
     // The key is (user, cmid): another device of the same user is a resend too.
@@ -813,8 +827,17 @@ fn bodies_over_the_limit_are_too_large() {
     s.group("g", &["alice", "bob"], Retention::default());
     s.core.connect(1, "alice", "a1");
     let send = |s: &mut Sim, conv: Option<&str>, to: Option<&str>, cmid: &str, body: &str| {
-        s.core
-            .send(1, conv, to, cmid, body.to_string(), None, s.now)
+        s.core.send(
+            1,
+            SendRequest {
+                conv,
+                to,
+                cmid,
+                body: body.to_string(),
+                reply_to: None,
+            },
+            s.now,
+        )
     };
     assert!(send(&mut s, Some("g"), None, "ok", "0123456789").is_empty());
     let (c, retryable, _) = rejected(&send(&mut s, Some("g"), None, "big", "0123456789a"));
@@ -860,7 +883,17 @@ fn invalid_ids_and_arguments_are_rejected_as_invalid() {
         (Some("g"), None, "c6".into(), Some(1)),
     ];
     for (conv, to, cmid, reply_to) in cases {
-        let out = s.core.send(1, conv, to, &cmid, body(), reply_to, now);
+        let out = s.core.send(
+            1,
+            SendRequest {
+                conv,
+                to,
+                cmid: &cmid,
+                body: body(),
+                reply_to,
+            },
+            now,
+        );
         let (c, retryable, _) = rejected(&out);
         assert_eq!(
             (c, retryable),
@@ -881,7 +914,17 @@ fn invalid_ids_and_arguments_are_rejected_as_invalid() {
     s.send(1, "g", "first");
     assert!(s
         .core
-        .send(1, Some("g"), None, "reply", body(), Some(1), now)
+        .send(
+            1,
+            SendRequest {
+                conv: Some("g"),
+                to: None,
+                cmid: "reply",
+                body: body(),
+                reply_to: Some(1)
+            },
+            now
+        )
         .is_empty());
     let (_, out) = s.flush();
     assert_eq!(accepted(&out, 1).len(), 2);
@@ -1944,9 +1987,17 @@ fn an_added_member_reads_only_once_the_addition_is_durable() {
 fn reply_to_is_checked_on_the_first_direct_message_too() {
     let mut s = Sim::new(cfg());
     s.core.connect(1, "alice", "a1");
-    let out = s
-        .core
-        .send(1, None, Some("bob"), "x", "hi".into(), Some(5), s.now);
+    let out = s.core.send(
+        1,
+        SendRequest {
+            conv: None,
+            to: Some("bob"),
+            cmid: "x",
+            body: "hi".into(),
+            reply_to: Some(5),
+        },
+        s.now,
+    );
     assert_eq!(rejected(&out).0, ErrorCode::Invalid);
     assert!(s.core.take_batch().is_none(), "no conversation created");
 }

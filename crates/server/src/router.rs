@@ -14,7 +14,7 @@
 use crate::metrics as m;
 use ordo_core::{
     Action, AdminOp, AdminReply, Batch, CommitOutcome, Core, CoreConfig, CoreError, CoreStats,
-    SessionId, SyncPlan, Ticket,
+    SendRequest, SessionId, SyncPlan, Ticket,
 };
 use ordo_protocol::{ClientFrame, ConvInfo, ServerFrame};
 use ordo_store::{Store, StoreError};
@@ -272,11 +272,13 @@ impl Router {
             } => {
                 let actions = self.core.send(
                     session,
-                    conv.as_deref(),
-                    to.as_deref(),
-                    &cmid,
-                    body,
-                    reply_to,
+                    SendRequest {
+                        conv: conv.as_deref(),
+                        to: to.as_deref(),
+                        cmid: &cmid,
+                        body,
+                        reply_to,
+                    },
                     now,
                 );
                 self.dispatch(actions);
