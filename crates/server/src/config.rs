@@ -113,9 +113,6 @@ impl Config {
         if self.max_sync_limit == 0 || self.default_sync_limit == 0 {
             return bad("sync limits must be at least 1");
         }
-        if self.default_sync_limit > self.max_sync_limit {
-            return bad("default_sync_limit may not exceed max_sync_limit");
-        }
         if self.push_window == 0 || self.outbound_queue < 16 {
             return bad("push_window must be at least 1 and outbound_queue at least 16");
         }
@@ -152,7 +149,8 @@ impl Config {
                 max_age_ms: self.retention_max_age_secs.map(|s| s.saturating_mul(1000)),
                 max_count: self.retention_max_count,
             },
-            default_sync_limit: self.default_sync_limit,
+            // A default above the cap is served as the cap, like any request.
+            default_sync_limit: self.default_sync_limit.min(self.max_sync_limit),
         }
     }
 }

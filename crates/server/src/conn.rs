@@ -303,10 +303,13 @@ impl Conn {
     fn reply(&self, frame: ServerFrame) -> Result<(), Close> {
         match self.tx.try_send(frame) {
             Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(_)) => Err((
-                close::TRY_AGAIN_LATER,
-                "dropped: too slow to keep up; reconnect and sync".into(),
-            )),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                metrics::counter!(m::SLOW_CONSUMERS).increment(1);
+                Err((
+                    close::TRY_AGAIN_LATER,
+                    "dropped: too slow to keep up; reconnect and sync".into(),
+                ))
+            }
             Err(mpsc::error::TrySendError::Closed(_)) => Err(going_away()),
         }
     }

@@ -120,16 +120,26 @@ impl RunningServer {
     }
 }
 
-/// Opens the store and starts serving. Returns once the listener is bound.
+/// Opens the embedded store in `cfg.data` and starts serving. Returns once the listener is
+/// bound.
 pub async fn start(cfg: Config) -> Result<RunningServer, ServerError> {
     cfg.validate()?;
-    let _ = metrics::handle();
     let data = cfg.data.clone();
     let store: Arc<dyn Store> = Arc::new(
         tokio::task::spawn_blocking(move || RedbStore::open(&data))
             .await
             .map_err(|e| ServerError::Io(std::io::Error::other(e.to_string())))??,
     );
+    start_with_store(cfg, store).await
+}
+
+/// Starts serving on any [`Store`] (the token secret and admin key still live in `cfg.data`).
+pub async fn start_with_store(
+    cfg: Config,
+    store: Arc<dyn Store>,
+) -> Result<RunningServer, ServerError> {
+    cfg.validate()?;
+    let _ = metrics::handle();
     let tokens = token_key(cfg.secret.as_deref(), &cfg.data)?;
     let admin = admin_key(cfg.admin_key.as_deref(), &cfg.data)?;
 
