@@ -1,0 +1,15 @@
+//! The Ordo client SDK.
+//!
+//! Half of Ordo's promise lives on the client: the outbox that resends a message with the same
+//! client message id until the server accepts it, the reorder buffer that hands the app only
+//! contiguous seqs, each once, and the rule that a message is stored before it is acknowledged.
+//! These rules are written here without I/O, so that a simulation can drive them; a tokio driver
+//! and a local store put them to work.
+
+pub mod backoff;
+pub mod outbox;
+pub mod reorder;
+
+pub use backoff::RetryPolicy;
+pub use outbox::{Outbox, Pending, Target};
+pub use reorder::{Offer, ReorderBuffer};
