@@ -9,7 +9,12 @@
 pub mod backoff;
 pub mod outbox;
 pub mod reorder;
+pub mod state;
 
 pub use backoff::RetryPolicy;
 pub use outbox::{Outbox, Pending, Target};
 pub use reorder::{Offer, ReorderBuffer};
+pub use state::{
+    ClientConfig, ClientSnapshot, ClientState, ConvSnapshot, Effect, Event, SentSnapshot, Status,
+    StoreOp,
+};
