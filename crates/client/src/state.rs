@@ -72,11 +72,21 @@ pub enum Event {
         read: u64,
     },
     /// Seqs `from..=to` were removed by retention before this device got them.
-    HistoryGap { conv: String, from: u64, to: u64 },
+    HistoryGap {
+        conv: String,
+        from: u64,
+        to: u64,
+    },
     /// The conversation's history was reset on the server; it is being fetched again from 1.
-    EpochReset { conv: String, epoch: u64 },
+    EpochReset {
+        conv: String,
+        epoch: u64,
+    },
     /// The server refused a frame other than a send.
-    ServerError { code: ErrorCode, message: String },
+    ServerError {
+        code: ErrorCode,
+        message: String,
+    },
     Connected,
     Disconnected,
 }
@@ -277,7 +287,13 @@ impl ClientState {
 
     /// Queues a message. Returns its client message id at once; the message is in the outbox
     /// (first effect: persist) and its status is `Pending`.
-    pub fn send(&mut self, target: Target, body: String, reply_to: Option<u64>, now: u64) -> String {
+    pub fn send(
+        &mut self,
+        target: Target,
+        body: String,
+        reply_to: Option<u64>,
+        now: u64,
+    ) -> String {
         let (a, b) = (self.next_u64(), self.next_u64() as u32);
         // Ids are at most 128 bytes: keep the device part short.
         let prefix: String = self.device.chars().take(32).collect();
@@ -319,10 +335,11 @@ impl ClientState {
         if send {
             c.read_sent = seq;
         }
-        self.effects.push_back(Effect::Persist(vec![StoreOp::SetRead {
-            conv: conv.to_string(),
-            seq,
-        }]));
+        self.effects
+            .push_back(Effect::Persist(vec![StoreOp::SetRead {
+                conv: conv.to_string(),
+                seq,
+            }]));
         if send {
             self.transmit(ClientFrame::Read {
                 conv: conv.to_string(),
@@ -371,7 +388,9 @@ impl ClientState {
     pub fn frame(&mut self, f: ServerFrame, now: u64) {
         match f {
             ServerFrame::Welcome { user, .. } => self.user = Some(user),
-            ServerFrame::Accepted { cmid, conv, seq, .. } => self.on_accepted(cmid, conv, seq),
+            ServerFrame::Accepted {
+                cmid, conv, seq, ..
+            } => self.on_accepted(cmid, conv, seq),
             ServerFrame::Rejected {
                 cmid,
                 code,
@@ -382,9 +401,10 @@ impl ClientState {
                 if retryable {
                     self.outbox.retry_later(&cmid, now, retry_after_ms);
                 } else if let Some(p) = self.outbox.reject(&cmid) {
-                    self.effects.push_back(Effect::Persist(vec![StoreOp::RemovePending(
-                        p.cmid.clone(),
-                    )]));
+                    self.effects
+                        .push_back(Effect::Persist(vec![StoreOp::RemovePending(
+                            p.cmid.clone(),
+                        )]));
                     self.event(Event::Status {
                         cmid,
                         conv: match p.target {
@@ -471,11 +491,12 @@ impl ClientState {
             return;
         }
         let contiguous = self.contiguous(conv);
-        self.effects.push_back(Effect::Persist(vec![StoreOp::PutMessages {
-            conv: conv.to_string(),
-            messages: ready.clone(),
-            contiguous,
-        }]));
+        self.effects
+            .push_back(Effect::Persist(vec![StoreOp::PutMessages {
+                conv: conv.to_string(),
+                messages: ready.clone(),
+                contiguous,
+            }]));
         for m in ready {
             self.event(Event::Message(m));
         }
@@ -508,12 +529,13 @@ impl ClientState {
                 c.reorder.reset(0);
                 c.acked = 0;
                 c.read = 0;
-                self.effects.push_back(Effect::Persist(vec![StoreOp::SetConv {
-                    conv: conv.clone(),
-                    epoch: Some(epoch),
-                    contiguous: 0,
-                    reset: true,
-                }]));
+                self.effects
+                    .push_back(Effect::Persist(vec![StoreOp::SetConv {
+                        conv: conv.clone(),
+                        epoch: Some(epoch),
+                        contiguous: 0,
+                        reset: true,
+                    }]));
                 self.event(Event::EpochReset {
                     conv: conv.clone(),
                     epoch,
@@ -525,24 +547,26 @@ impl ClientState {
             None => {
                 c.epoch = Some(epoch);
                 let contiguous = c.reorder.contiguous();
-                self.effects.push_back(Effect::Persist(vec![StoreOp::SetConv {
-                    conv: conv.clone(),
-                    epoch: Some(epoch),
-                    contiguous,
-                    reset: false,
-                }]));
+                self.effects
+                    .push_back(Effect::Persist(vec![StoreOp::SetConv {
+                        conv: conv.clone(),
+                        epoch: Some(epoch),
+                        contiguous,
+                        reset: false,
+                    }]));
             }
         }
         let c = self.conv_mut(&conv);
         let (gap, mut ready) = c.reorder.skip_to(first_seq);
         if let Some((from, to)) = gap {
             let contiguous = to;
-            self.effects.push_back(Effect::Persist(vec![StoreOp::SetConv {
-                conv: conv.clone(),
-                epoch: Some(epoch),
-                contiguous,
-                reset: false,
-            }]));
+            self.effects
+                .push_back(Effect::Persist(vec![StoreOp::SetConv {
+                    conv: conv.clone(),
+                    epoch: Some(epoch),
+                    contiguous,
+                    reset: false,
+                }]));
             self.event(Event::HistoryGap {
                 conv: conv.clone(),
                 from,
@@ -720,7 +744,9 @@ impl ClientState {
         }
         for (p, why) in failed {
             self.effects
-                .push_back(Effect::Persist(vec![StoreOp::RemovePending(p.cmid.clone())]));
+                .push_back(Effect::Persist(vec![StoreOp::RemovePending(
+                    p.cmid.clone(),
+                )]));
             let reason = match why {
                 Failure::Exhausted { attempts } => {
                     format!("not accepted after {attempts} attempts")
