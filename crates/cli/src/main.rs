@@ -1,7 +1,8 @@
-//! The `ordo` command: `serve` runs the server, `token` mints a client token, `bench` measures
-//! a running server.
+//! The `ordo` command: `serve` runs the server, `token` mints a client token, `send`, `tail`
+//! and `chat` use the client SDK, `bench` measures a running server.
 
 mod bench;
+mod messaging;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -39,6 +40,12 @@ enum Cmd {
         #[arg(long, default_value_t = ordo_server::DEFAULT_TOKEN_TTL_SECS)]
         ttl_secs: u64,
     },
+    /// Send each TEXT as one message, in order; exit 0 once all are accepted.
+    Send(messaging::SendArgs),
+    /// Print every message received, one JSON object per line, until killed.
+    Tail(messaging::TailArgs),
+    /// Line-mode chat in one conversation, showing each message's state as it changes.
+    Chat(messaging::ChatArgs),
     /// Measure accepted msgs/s and latency against a running server.
     Bench(bench::BenchArgs),
 }
@@ -81,6 +88,9 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Cmd::Send(args) => messaging::send(args),
+        Cmd::Tail(args) => messaging::tail(args),
+        Cmd::Chat(args) => messaging::chat(args),
         Cmd::Bench(args) => bench::run(args),
     }
 }

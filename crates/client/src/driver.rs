@@ -174,6 +174,17 @@ impl Client {
         Some(e)
     }
 
+    /// Client message ids still in the outbox (queued, not yet accepted), oldest first.
+    pub fn pending(&self) -> Result<Vec<String>, ClientError> {
+        Ok(self
+            .store
+            .snapshot()?
+            .outbox
+            .into_iter()
+            .map(|p| p.cmid)
+            .collect())
+    }
+
     /// Messages of `conv` stored locally with seq > `after`, at most `limit`.
     pub fn history(
         &self,
@@ -193,19 +204,23 @@ impl Client {
     }
 }
 
-/// The device id inside a token (`<payload>.<sig>`, payload base64url JSON with `d`), used to
-/// prefix client message ids; any readable fallback works if the token is opaque.
-fn device_of(token: &str) -> String {
+/// The (user, device) a token names, read from its payload (`<payload>.<sig>`, the payload
+/// base64url JSON with `u` and `d`) without checking the signature: only the server can, and
+/// does. `None` for a token of another shape.
+pub fn token_identity(token: &str) -> Option<(String, String)> {
     use base64::Engine;
-    token
-        .split_once('.')
-        .and_then(|(p, _)| {
-            base64::engine::general_purpose::URL_SAFE_NO_PAD
-                .decode(p)
-                .ok()
-        })
-        .and_then(|json| serde_json::from_slice::<serde_json::Value>(&json).ok())
-        .and_then(|v| v["d"].as_str().map(str::to_string))
+    let (payload, _) = token.split_once('.')?;
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&json).ok()?;
+    Some((v["u"].as_str()?.to_string(), v["d"].as_str()?.to_string()))
+}
+
+/// The device id used to prefix client message ids.
+fn device_of(token: &str) -> String {
+    token_identity(token)
+        .map(|(_, d)| d)
         .filter(|d| ordo_protocol::validate_id(ordo_protocol::IdKind::Device, d).is_ok())
         .unwrap_or_else(|| "client".to_string())
 }

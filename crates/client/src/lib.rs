@@ -14,7 +14,7 @@ pub mod state;
 pub mod store;
 
 pub use backoff::RetryPolicy;
-pub use driver::{Client, ClientError, ClientOptions};
+pub use driver::{token_identity, Client, ClientError, ClientOptions};
 pub use ordo_protocol::{direct_conv_id, Message};
 pub use outbox::{Outbox, Pending, Target};
 pub use reorder::{Offer, ReorderBuffer};
