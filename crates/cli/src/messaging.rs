@@ -65,6 +65,9 @@ pub struct SendArgs {
     /// Give up (exit 1) if not everything is accepted within this many seconds.
     #[arg(long, default_value_t = 60)]
     timeout_secs: u64,
+    /// Report progress on stderr (when the messages are safely queued, and each acceptance).
+    #[arg(long, short)]
+    verbose: bool,
     /// Messages, each argument one message, sent in this order.
     text: Vec<String>,
 }
@@ -137,6 +140,12 @@ pub fn send(args: SendArgs) -> ExitCode {
                 }
             }
         }
+        if args.verbose {
+            eprintln!(
+                "ordo send: {} message(s) queued; waiting for the server to accept them",
+                waiting.len()
+            );
+        }
         let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout_secs);
         // Also wait for messages left pending by an earlier run on the same store.
         let mut pending: HashMap<String, ()> = waiting.iter().map(|c| (c.clone(), ())).collect();
@@ -157,8 +166,11 @@ pub fn send(args: SendArgs) -> ExitCode {
                 }
                 Ok(Some(ev)) => ev,
             };
-            if let Event::Status { cmid, status, .. } = ev {
+            if let Event::Status { cmid, status, conv } = ev {
                 let ours = pending.contains_key(&cmid);
+                if let (Status::Sent(seq), true) = (&status, args.verbose) {
+                    eprintln!("ordo send: {cmid} accepted as seq {seq} of {}", conv.unwrap_or_default());
+                }
                 match status {
                     Status::Sent(_) if ours => {
                         pending.remove(&cmid);

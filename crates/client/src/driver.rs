@@ -87,6 +87,8 @@ pub struct Client {
     cmds: mpsc::UnboundedSender<Cmd>,
     events: mpsc::UnboundedReceiver<Event>,
     store: Arc<LocalStore>,
+    /// The last message handed out, recorded as done when the app asks for the next event.
+    taken: Option<(String, u64)>,
 }
 
 impl Client {
@@ -120,6 +122,7 @@ impl Client {
             cmds,
             events,
             store,
+            taken: None,
         })
     }
 
@@ -162,16 +165,27 @@ impl Client {
             .map_err(|_| ClientError::Closed)
     }
 
-    /// The next event; `None` once the client is closed. A message taken here is never handed
-    /// out again, even after a restart on the same store.
+    /// The next event; `None` once the client is closed.
+    ///
+    /// Messages come per conversation in seq order, each once. Asking for the next event
+    /// records, on disk, that the app is done with the message returned before, so a client
+    /// reopened on the same store hands out exactly the messages the app had not finished
+    /// (only a crash between finishing one and asking for the next can repeat that one).
     pub async fn next_event(&mut self) -> Option<Event> {
+        self.commit_taken();
         let e = self.events.recv().await?;
         if let Event::Message(m) = &e {
-            if let Err(err) = self.store.set_handed(&m.conv, m.seq) {
+            self.taken = Some((m.conv.clone(), m.seq));
+        }
+        Some(e)
+    }
+
+    fn commit_taken(&mut self) {
+        if let Some((conv, seq)) = self.taken.take() {
+            if let Err(err) = self.store.set_handed(&conv, seq) {
                 tracing::error!(error = %err, "cannot record a handed message");
             }
         }
-        Some(e)
     }
 
     /// Client message ids still in the outbox (queued, not yet accepted), oldest first.
@@ -195,8 +209,10 @@ impl Client {
         Ok(self.store.history(conv, after, limit)?)
     }
 
-    /// Stops the driver (pending messages stay in the outbox for the next open).
-    pub async fn close(self) {
+    /// Stops the driver (pending messages stay in the outbox for the next open) and records
+    /// that the app is done with the last message it took.
+    pub async fn close(mut self) {
+        self.commit_taken();
         let (done, rx) = oneshot::channel();
         if self.cmds.send(Cmd::Close { done }).is_ok() {
             let _ = rx.await;
