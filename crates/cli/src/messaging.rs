@@ -166,6 +166,14 @@ pub fn send(args: SendArgs) -> ExitCode {
                 }
                 Ok(Some(ev)) => ev,
             };
+            if let Event::ConnectFailed {
+                reason,
+                unauthorized: true,
+            } = &ev
+            {
+                eprintln!("ordo send: {reason}");
+                return ExitCode::FAILURE;
+            }
             if let Event::Status { cmid, status, conv } = ev {
                 let ours = pending.contains_key(&cmid);
                 if let (Status::Sent(seq), true) = (&status, args.verbose) {
@@ -221,6 +229,13 @@ pub fn tail(args: TailArgs) -> ExitCode {
                 Event::HistoryGap { conv, from, to } => serde_json::json!({
                     "conv": conv, "gap": {"from": from, "to": to},
                 }),
+                Event::ConnectFailed {
+                    reason,
+                    unauthorized: true,
+                } => {
+                    eprintln!("ordo tail: {reason}");
+                    return ExitCode::FAILURE;
+                }
                 _ => continue,
             };
             let mut out = stdout.lock();
@@ -288,6 +303,10 @@ pub fn chat(args: ChatArgs) -> ExitCode {
                     }
                     Some(Event::HistoryGap { conv: c, from, to }) if c == conv => {
                         println!("      (messages {from}..{to} were removed by retention)");
+                    }
+                    Some(Event::ConnectFailed { reason, unauthorized: true }) => {
+                        eprintln!("ordo chat: {reason}");
+                        return ExitCode::FAILURE;
                     }
                     Some(Event::Connected) => println!("      (connected)"),
                     Some(Event::Disconnected) => println!("      (disconnected; reconnecting)"),

@@ -370,3 +370,45 @@ async fn a_restarted_tail_prints_only_what_it_had_not_printed() {
     );
     alice.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_token_ends_send_and_tail_with_the_reason() {
+    let server = Server::start(&[]).await;
+    let url = server.ws_url();
+    for cmd in [
+        vec![
+            "send",
+            "--server",
+            &url,
+            "--token",
+            "bad.token",
+            "--to",
+            "bob",
+            "hi",
+        ],
+        vec![
+            "tail",
+            "--server",
+            &url,
+            "--token",
+            "bad.token",
+            "--store",
+            "/nonexistent-dir/x",
+        ],
+    ] {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = dir.path().join("t.redb");
+        let mut args = cmd.clone();
+        if args[0] == "tail" {
+            args[6] = store.to_str().expect("utf-8 path");
+        }
+        let out = ordo(&args).output().expect("run ordo");
+        assert!(!out.status.success(), "{} must fail", args[0]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("401") && err.contains("token"),
+            "{}: the reason names the refused token: {err}",
+            args[0]
+        );
+    }
+}

@@ -272,11 +272,15 @@ impl Driver {
                         let now = self.now();
                         self.state.connected(now);
                     }
-                    Err(e) => {
+                    Err((reason, unauthorized)) => {
                         attempt = attempt.saturating_add(1);
                         let delay = self.opts.reconnect.delay_ms(attempt, rand::random());
-                        tracing::debug!(error = %e, delay, "connect failed");
+                        tracing::debug!(error = %reason, delay, "connect failed");
                         reconnect_at = Some(self.now() + delay);
+                        let _ = self.events.send(Event::ConnectFailed {
+                            reason,
+                            unauthorized,
+                        });
                     }
                 }
                 if !self.carry_out().await {
@@ -347,16 +351,35 @@ impl Driver {
         }
     }
 
-    async fn connect(&self) -> Result<Ws, String> {
+    /// One connection attempt; the error says why, and whether the token was refused.
+    async fn connect(&self) -> Result<Ws, (String, bool)> {
         let url = format!("{}/v1/ws", self.opts.url.trim_end_matches('/'));
-        let mut req = url.into_client_request().map_err(|e| e.to_string())?;
-        let auth = HeaderValue::from_str(&format!("Bearer {}", self.opts.token))
-            .map_err(|e| e.to_string())?;
+        let mut req = url
+            .into_client_request()
+            .map_err(|e| (format!("bad server URL {:?}: {e}", self.opts.url), false))?;
+        let auth = HeaderValue::from_str(&format!("Bearer {}", self.opts.token)).map_err(|_| {
+            (
+                "the token has characters not allowed in a header".to_string(),
+                true,
+            )
+        })?;
         req.headers_mut().insert("authorization", auth);
         let fut = tokio_tungstenite::connect_async_with_config(req, None, true);
         match tokio::time::timeout(self.opts.connect_timeout, fut).await {
-            Err(_) => Err("connect timed out".into()),
-            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err((format!("no answer from {} in time", self.opts.url), false)),
+            Ok(Err(tokio_tungstenite::tungstenite::Error::Http(resp))) => {
+                let status = resp.status();
+                let body = resp
+                    .body()
+                    .as_ref()
+                    .map(|b| String::from_utf8_lossy(b).into_owned())
+                    .unwrap_or_default();
+                Err((
+                    format!("the server refused the connection ({status}): {body}"),
+                    status.as_u16() == 401,
+                ))
+            }
+            Ok(Err(e)) => Err((format!("cannot connect to {}: {e}", self.opts.url), false)),
             Ok(Ok((ws, _))) => Ok(ws),
         }
     }

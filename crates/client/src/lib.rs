@@ -5,6 +5,44 @@
 //! contiguous seqs, each once, and the rule that a message is stored before it is acknowledged.
 //! These rules are written here without I/O ([`state`]), so that a simulation can drive them; a
 //! local store ([`store`]) and a tokio driver ([`driver`]) put them to work.
+//!
+//! ```no_run
+//! use ordo_client::{Client, ClientOptions, Event, Status, Target};
+//!
+//! # async fn demo(token: String) -> Result<(), ordo_client::ClientError> {
+//! // One store file per device; reopening it carries on where the last run stopped.
+//! let mut client = Client::open(ClientOptions::new(
+//!     "ws://127.0.0.1:7400",
+//!     token,
+//!     "alice-phone.redb",
+//! ))
+//! .await?;
+//!
+//! // Returns at once, with the message safely in the outbox (optimistic UI: show it as
+//! // pending). The SDK resends it until the server accepts it, exactly once.
+//! let cmid = client.send(Target::User("bob".into()), "hi bob").await?;
+//!
+//! while let Some(event) = client.next_event().await {
+//!     match event {
+//!         // Every message of every conversation, once each, in seq order.
+//!         Event::Message(m) => {
+//!             println!("{} #{} {}: {}", m.conv, m.seq, m.from, m.body);
+//!             client.mark_read(&m.conv, m.seq)?;
+//!         }
+//!         // Pending -> Sent(seq) -> Delivered -> Read, or Failed(reason).
+//!         Event::Status { cmid: c, status, .. } if c == cmid => {
+//!             if status == Status::Read {
+//!                 break;
+//!             }
+//!         }
+//!         Event::HistoryGap { conv, from, to } => println!("{conv}: {from}..={to} removed"),
+//!         _ => {}
+//!     }
+//! }
+//! client.close().await;
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod backoff;
 pub mod driver;

@@ -89,6 +89,12 @@ pub enum Event {
     },
     Connected,
     Disconnected,
+    /// A connection attempt failed; the driver tries again with backoff. `unauthorized`: the
+    /// server refused the token, so only a new token will help.
+    ConnectFailed {
+        reason: String,
+        unauthorized: bool,
+    },
 }
 
 /// A change to the local store.
