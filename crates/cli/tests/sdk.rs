@@ -412,3 +412,64 @@ async fn a_refused_token_ends_send_and_tail_with_the_reason() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn chat_shows_each_state_of_a_message() {
+    let server = Server::start(&[]).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = server.ws_url();
+    let alice = token("alice", "chat");
+    let mut child = ordo(&["chat", "--server", &url, "--token", &alice, "--to", "bob"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn ordo chat");
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let wait_for = |what: &str| loop {
+        let line = rx
+            .recv_timeout(WAIT)
+            .unwrap_or_else(|_| panic!("no line with {what:?}"));
+        if line.contains(what) {
+            return line;
+        }
+    };
+    wait_for("(connected)");
+    use std::io::Write;
+    writeln!(stdin, "hello bob").expect("type a line");
+    stdin.flush().expect("flush");
+    wait_for("[pending] hello bob");
+    wait_for("[sent #1] hello bob");
+
+    // Bob's device takes the message and reads it: alice's chat shows delivered, then read.
+    let mut bob = sdk(&server, "bob", "b1", dir.path()).await;
+    let mut got = Vec::new();
+    let mut st = HashMap::new();
+    pump(&mut bob, &mut got, &mut st, |g, _| !g.is_empty()).await;
+    assert_eq!(got[0].body, "hello bob");
+    wait_for("[delivered] hello bob");
+    bob.mark_read(&got[0].conv, got[0].seq).expect("mark read");
+    wait_for("[read] hello bob");
+
+    // Bob answers; alice's chat prints it.
+    bob.send(Target::User("alice".into()), "hi alice")
+        .await
+        .expect("queued");
+    let line = wait_for("hi alice");
+    assert!(line.contains("2 bob: hi alice"), "{line}");
+    drop(stdin); // Ctrl-D
+    let status = tokio::task::spawn_blocking(move || child.wait().expect("wait chat"))
+        .await
+        .expect("join");
+    assert!(status.success());
+    bob.close().await;
+}
