@@ -600,7 +600,10 @@ impl ClientState {
         for m in &info.members {
             c.positions.insert(m.user.clone(), (m.delivered, m.read));
         }
-        c.acked = c.acked.max(info.delivered);
+        // The server may hold an older delivered position than what we stored (our last ack
+        // was lost with the connection): acknowledge again soon.
+        let ack_again = c.reorder.contiguous() > info.delivered;
+        c.acked = info.delivered;
         c.read_sent = info.read;
         let resend_read = connected && c.read > info.read;
         let read = c.read;
@@ -619,6 +622,8 @@ impl ClientState {
         }
         if behind {
             self.start_sync(&info.conv);
+        } else if ack_again && self.ack_due.is_none() {
+            self.ack_due = Some(0);
         }
         self.update_statuses(&info.conv);
     }
