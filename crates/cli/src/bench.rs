@@ -74,11 +74,37 @@ pub fn run(args: BenchArgs) -> ExitCode {
     }
 }
 
-fn http_base(ws: &str) -> String {
-    ws.replacen("ws://", "http://", 1)
-        .replacen("wss://", "https://", 1)
+/// The HTTP base URL of the server named by a `ws://host:port` URL (a trailing `/v1/ws` is
+/// tolerated).
+fn http_base(ws: &str) -> Result<String, BenchError> {
+    let rest = ws
+        .strip_prefix("ws://")
+        .map(|r| format!("http://{r}"))
+        .or_else(|| ws.strip_prefix("wss://").map(|r| format!("https://{r}")))
+        .ok_or_else(|| {
+            BenchError::Other(format!(
+                "--server {ws:?} must be a WebSocket URL such as ws://127.0.0.1:7400"
+            ))
+        })?;
+    Ok(rest
         .trim_end_matches('/')
-        .to_string()
+        .trim_end_matches("/v1/ws")
+        .to_string())
+}
+
+/// Turns an HTTP failure into what went wrong and what to do.
+fn explain(e: reqwest::Error, base: &str) -> BenchError {
+    if e.is_connect() {
+        return BenchError::Other(format!(
+            "cannot reach the server at {base}: is `ordo serve` running there?"
+        ));
+    }
+    if e.status().is_some_and(|s| s.as_u16() == 401) {
+        return BenchError::Other(
+            "the server refused the admin key: pass the server's key with --admin-key, or --data with its data directory".into(),
+        );
+    }
+    BenchError::Http(e)
 }
 
 /// Reads the counters we need from the Prometheus text.
@@ -86,7 +112,8 @@ async fn scrape(http: &reqwest::Client, base: &str) -> Result<HashMap<String, f6
     let text = http
         .get(format!("{base}/metrics"))
         .send()
-        .await?
+        .await
+        .map_err(|e| explain(e, base))?
         .text()
         .await?;
     Ok(text
@@ -111,7 +138,8 @@ async fn bench(args: BenchArgs) -> Result<(), BenchError> {
                 ))
             })?,
     };
-    let base = http_base(&args.server);
+    let base = http_base(&args.server)?;
+    let server = base.replacen("http", "ws", 1);
     let http = reqwest::Client::new();
     let run_id = std::process::id();
     let mut tokens = Vec::new();
@@ -121,8 +149,9 @@ async fn bench(args: BenchArgs) -> Result<(), BenchError> {
             .bearer_auth(&admin)
             .json(&serde_json::json!({"user": format!("bench-{run_id}-{i}"), "device": "d"}))
             .send()
-            .await?
-            .error_for_status()?
+            .await
+            .and_then(|r| r.error_for_status())
+            .map_err(|e| explain(e, &base))?
             .json()
             .await?;
         let t = resp["token"]
@@ -139,7 +168,7 @@ async fn bench(args: BenchArgs) -> Result<(), BenchError> {
     let started = Instant::now();
     let mut tasks = Vec::new();
     for (i, token) in tokens.into_iter().enumerate() {
-        let server = args.server.clone();
+        let server = server.clone();
         let body = body.clone();
         let (messages, window) = (args.messages, args.window);
         tasks.push(tokio::spawn(async move {

@@ -61,6 +61,13 @@ fn main() -> ExitCode {
             device,
             ttl_secs,
         } => {
+            if ttl_secs == 0 {
+                eprintln!(
+                    "ordo token: --ttl-secs must be at least 1 (0 would print an expired token)"
+                );
+                return ExitCode::from(2);
+            }
+            let fresh = secret.is_none() && !data.join("secret").exists();
             let key = match ordo_server::token_key(secret.as_deref(), &data) {
                 Ok(k) => k,
                 Err(e) => {
@@ -68,6 +75,13 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
+            if fresh {
+                eprintln!(
+                    "ordo token: generated a new token secret in {}; only a server started with --data {} accepts this token",
+                    data.join("secret").display(),
+                    data.display()
+                );
+            }
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())

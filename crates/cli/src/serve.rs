@@ -105,8 +105,10 @@ impl ServeArgs {
 fn init_logs(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     if format == "json" {
         b.json().init();
@@ -135,7 +137,6 @@ pub fn run(args: ServeArgs) -> ExitCode {
         let server = match ordo_server::start(cfg).await {
             Ok(s) => s,
             Err(e) => {
-                tracing::error!("{e}");
                 eprintln!("ordo serve: {e}");
                 return ExitCode::FAILURE;
             }

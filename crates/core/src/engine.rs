@@ -610,7 +610,13 @@ impl Core {
         let Some(s) = self.sessions.get_mut(&session) else {
             return Vec::new();
         };
-        let st = s.convs.entry(conv.to_string()).or_default();
+        // A connection's push position starts at its device's delivered position, whichever
+        // comes first: a push or a (possibly partial) sync.
+        let delivered = c.cursor(&s.user, &s.device).delivered;
+        let st = s.convs.entry(conv.to_string()).or_insert(PushState {
+            sent_up_to: delivered,
+            notified: false,
+        });
         st.sent_up_to = st.sent_up_to.max(up_to);
         st.notified = false;
         if !has_more && durable > st.sent_up_to {

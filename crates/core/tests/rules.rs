@@ -1020,6 +1020,30 @@ fn a_rate_limited_send_holds_back_later_sends_so_order_holds() {
     );
 }
 
+/// A fresh connection counts as caught up to its stored delivered position, even when its
+/// first contact with the conversation is a partial sync of older history.
+#[test]
+fn a_partial_sync_does_not_lower_the_push_position_below_the_stored_one() {
+    let mut s = Sim::new(cfg());
+    s.group("g", &["alice", "bob"], Retention::default());
+    s.core.connect(1, "alice", "a1");
+    s.core.connect(2, "bob", "b1");
+    s.send(1, "g", "m1");
+    s.send(1, "g", "m2");
+    s.flush();
+    s.core.read(2, "g", 2).unwrap();
+    s.flush();
+    s.core.disconnect(2);
+    s.core.connect(3, "bob", "b1");
+    let plan = s.core.sync(3, "g", 0, Some(1)).unwrap();
+    assert_eq!((plan.from, plan.to, plan.limit), (1, 2, 1));
+    assert!(s.core.sync_served(3, "g", 1, true).is_empty());
+    s.send(1, "g", "m3");
+    let (_, out) = s.flush();
+    assert_eq!(msg_seqs(&out, 3), vec![3], "pushed, not notified");
+    assert!(notifies(&out, 3).is_empty());
+}
+
 #[test]
 fn every_online_device_of_every_member_gets_msg_in_seq_order() {
     let mut s = Sim::new(cfg());

@@ -30,7 +30,7 @@ pub struct Claims {
 pub enum AuthError {
     #[error("no token: send `Authorization: Bearer <token>` or `?token=<token>`")]
     Missing,
-    #[error("token is not of the form <payload>.<signature>")]
+    #[error("token is malformed: expected <payload>.<signature>, both base64url, as printed by `ordo token`")]
     Malformed,
     #[error("token signature does not match this server's secret")]
     BadSignature,

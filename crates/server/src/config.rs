@@ -104,8 +104,14 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: &str| Err(ConfigError::Invalid(m.to_string()));
-        if self.max_body_bytes == 0 || self.max_frame_bytes < self.max_body_bytes + 256 {
-            return bad("max_frame_bytes must exceed max_body_bytes by at least 256 bytes, and max_body_bytes must be positive");
+        if self.max_body_bytes == 0 {
+            return bad("max_body_bytes must be positive");
+        }
+        if self.max_frame_bytes < self.max_body_bytes.saturating_add(256) {
+            return Err(ConfigError::Invalid(format!(
+                "max_frame_bytes ({}) must exceed max_body_bytes ({}) by at least 256 bytes, room for the frame's other fields; raise --max-frame-bytes or lower --max-body-bytes",
+                self.max_frame_bytes, self.max_body_bytes
+            )));
         }
         if self.max_sync_bytes == 0 {
             return bad("max_sync_bytes must be positive");

@@ -119,7 +119,7 @@ pub async fn run(socket: WebSocket, state: AppState, user: String, device: Strin
             _ = shutdown.changed() => break Some((close::GOING_AWAY, "server is shutting down; reconnect".to_string())),
             msg = stream.next() => match msg {
                 None => break None,
-                Some(Err(e)) => break read_error_close(&e),
+                Some(Err(e)) => break read_error_close(&e, state.limits.max_frame_bytes),
                 Some(Ok(WsMessage::Close(_))) => break None,
                 Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => {}
                 Some(Ok(WsMessage::Text(t))) => {
@@ -165,13 +165,18 @@ fn to_ws(e: Encoded) -> WsMessage {
 
 /// A read error after which the socket may still take a close frame: a message over the size
 /// limit gets 1009; anything else (reset, protocol violation) just ends the connection.
-fn read_error_close(e: &axum::Error) -> Option<(u16, String)> {
+fn read_error_close(e: &axum::Error, limit: usize) -> Option<(u16, String)> {
+    use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
     let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
     while let Some(s) = src {
-        if let Some(tokio_tungstenite::tungstenite::Error::Capacity(c)) =
-            s.downcast_ref::<tokio_tungstenite::tungstenite::Error>()
-        {
-            return Some((close::TOO_BIG, format!("frame too large: {c}")));
+        if let Some(WsError::Capacity(c)) = s.downcast_ref::<WsError>() {
+            let reason = match c {
+                CapacityError::MessageTooLong { size, .. } => {
+                    format!("frame of {size} bytes exceeds max_frame_bytes {limit}")
+                }
+                other => format!("frame too large ({other}); max_frame_bytes is {limit}"),
+            };
+            return Some((close::TOO_BIG, reason));
         }
         src = s.source();
     }

@@ -121,7 +121,12 @@ impl FromRequestParts<AppState> for Admin {
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Response> {
         match bearer(&parts.headers) {
             Some(k) if constant_time_eq(k.as_bytes(), state.admin_key.as_bytes()) => Ok(Admin),
-            _ => Err(error(
+            Some(_) => Err(error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "the admin key does not match this server's (--admin-key, ORDO_ADMIN_KEY or <data>/admin.key)",
+            )),
+            None => Err(error(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
                 "the admin API needs `Authorization: Bearer <admin key>` (see <data>/admin.key)",

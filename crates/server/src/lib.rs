@@ -140,6 +140,11 @@ pub async fn start_with_store(
 ) -> Result<RunningServer, ServerError> {
     cfg.validate()?;
     let _ = metrics::handle();
+    if cfg.secret.as_ref().is_some_and(|s| s.len() < 16) {
+        tracing::warn!(
+            "the token secret is short; anyone who guesses it can forge tokens: use at least 32 random characters"
+        );
+    }
     let tokens = token_key(cfg.secret.as_deref(), &cfg.data)?;
     let admin = admin_key(cfg.admin_key.as_deref(), &cfg.data)?;
 
