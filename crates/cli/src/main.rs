@@ -2,6 +2,7 @@
 //! and `chat` use the client SDK, `bench` measures a running server.
 
 mod bench;
+mod check;
 mod messaging;
 mod serve;
 
@@ -48,6 +49,9 @@ enum Cmd {
     Chat(messaging::ChatArgs),
     /// Measure accepted msgs/s and latency against a running server.
     Bench(bench::BenchArgs),
+    /// Chaos run against a real server: kills, cut connections, client crashes; then verify
+    /// that every accepted message reached every device exactly once, in order.
+    Check(check::CheckArgs),
 }
 
 fn main() -> ExitCode {
@@ -106,5 +110,6 @@ fn main() -> ExitCode {
         Cmd::Tail(args) => messaging::tail(args),
         Cmd::Chat(args) => messaging::chat(args),
         Cmd::Bench(args) => bench::run(args),
+        Cmd::Check(args) => check::run(args),
     }
 }

@@ -89,6 +89,7 @@ pub struct Client {
     store: Arc<LocalStore>,
     /// The last message handed out, recorded as done when the app asks for the next event.
     taken: Option<(String, u64)>,
+    driver: tokio::task::JoinHandle<()>,
 }
 
 impl Client {
@@ -117,12 +118,13 @@ impl Client {
             ws: None,
             start: Instant::now(),
         };
-        tokio::spawn(driver.run(cmd_rx));
+        let driver = tokio::spawn(driver.run(cmd_rx));
         Ok(Client {
             cmds,
             events,
             store,
             taken: None,
+            driver,
         })
     }
 
@@ -207,6 +209,14 @@ impl Client {
         limit: usize,
     ) -> Result<Vec<Message>, ClientError> {
         Ok(self.store.history(conv, after, limit)?)
+    }
+
+    /// Stops the driver at once, mid-flight, the way a crash of the app would: no close frame,
+    /// nothing flushed beyond what the store already holds. The app is taken to have finished
+    /// with the last message it took. For fault-injection tools such as `ordo check`.
+    pub fn crash(mut self) {
+        self.commit_taken();
+        self.driver.abort();
     }
 
     /// Stops the driver (pending messages stay in the outbox for the next open) and records

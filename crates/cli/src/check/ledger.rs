@@ -1,0 +1,323 @@
+//! The ledger of a check: what every device sent, what the server accepted, what every device
+//! was handed, and the verdict.
+//!
+//! Checked as events arrive: each device gets each conversation's seqs exactly as 1, 2, 3, ...
+//! (a repeat is a duplicate, a jump is a misorder) and receipts never go back. Checked at the
+//! end: every accepted message is at its seq on every member device, every device saw the same
+//! message at the same seq, every sent message was accepted once, and each device's messages
+//! kept their send order.
+
+use ordo_client::{Event, Status};
+use serde::Serialize;
+use std::collections::HashMap;
+
+/// The verdict, printed and (with `--json`) written as JSON.
+#[derive(Debug, Default, Serialize)]
+pub struct Report {
+    pub seed: u64,
+    pub seconds: f64,
+    pub devices: usize,
+    pub sent: u64,
+    pub accepted: u64,
+    pub delivered: u64,
+    pub server_kills: u64,
+    pub client_kills: u64,
+    pub disconnects: u64,
+    /// Accepted messages missing on a member device, and sent messages never accepted.
+    pub lost: u64,
+    /// Messages handed to a device twice, or accepted under two seqs.
+    pub duplicated: u64,
+    /// Seqs skipped or out of order, devices disagreeing on a seq, or a device's messages
+    /// numbered out of send order.
+    pub misordered: u64,
+    pub receipt_regressions: u64,
+    /// Everything was delivered before the settle deadline.
+    pub settled: bool,
+    /// The first violations, in words.
+    pub violations: Vec<String>,
+}
+
+impl Report {
+    pub fn passed(&self) -> bool {
+        self.settled
+            && self.lost == 0
+            && self.duplicated == 0
+            && self.misordered == 0
+            && self.receipt_regressions == 0
+    }
+
+    pub fn print(&self) {
+        println!(
+            "ordo check: seed {}, {:.1} s, {} devices",
+            self.seed, self.seconds, self.devices
+        );
+        println!(
+            "  sent {}  accepted {}  delivered {}",
+            self.sent, self.accepted, self.delivered
+        );
+        println!(
+            "  server kills {}  client kills {}  disconnects {}",
+            self.server_kills, self.client_kills, self.disconnects
+        );
+        println!(
+            "  lost {}  duplicated {}  misordered {}  receipt regressions {}  settled {}",
+            self.lost, self.duplicated, self.misordered, self.receipt_regressions, self.settled
+        );
+        for v in &self.violations {
+            println!("  ! {v}");
+        }
+        println!("{}", if self.passed() { "PASS" } else { "FAIL" });
+    }
+}
+
+const MAX_VIOLATIONS: usize = 30;
+
+pub struct Ledger {
+    /// (user, device) per device index.
+    devices: Vec<(String, String)>,
+    /// Conversation -> member users.
+    members: Vec<(String, Vec<String>)>,
+    /// Per device: (conversation, cmid) in send order.
+    sent: Vec<Vec<(String, String)>>,
+    accepted: HashMap<String, (String, u64)>,
+    /// Per device: conversation -> (seq, cmid) in the order handed out.
+    received: Vec<HashMap<String, Vec<(u64, String)>>>,
+    /// (observer device, conversation, user) -> (delivered, read).
+    receipts: HashMap<(usize, String, String), (u64, u64)>,
+    outbox_empty: Vec<bool>,
+    report: Report,
+}
+
+impl Ledger {
+    pub fn new(devices: Vec<(String, String)>, members: Vec<(String, Vec<String>)>) -> Self {
+        let n = devices.len();
+        Ledger {
+            devices,
+            members,
+            sent: vec![Vec::new(); n],
+            accepted: HashMap::new(),
+            received: vec![HashMap::new(); n],
+            receipts: HashMap::new(),
+            outbox_empty: vec![false; n],
+            report: Report::default(),
+        }
+    }
+
+    fn violation(&mut self, v: String) {
+        if self.report.violations.len() < MAX_VIOLATIONS {
+            self.report.violations.push(v);
+        }
+    }
+
+    fn name(&self, d: usize) -> String {
+        format!("{}/{}", self.devices[d].0, self.devices[d].1)
+    }
+
+    pub fn sent(&mut self, device: usize, conv: &str, cmid: String) {
+        self.report.sent += 1;
+        self.outbox_empty[device] = false;
+        self.sent[device].push((conv.to_string(), cmid));
+    }
+
+    pub fn outbox_empty(&mut self, device: usize, empty: bool) {
+        self.outbox_empty[device] = empty;
+    }
+
+    pub fn event(&mut self, device: usize, ev: Event) {
+        match ev {
+            Event::Message(m) => {
+                self.report.delivered += 1;
+                let list = self.received[device].entry(m.conv.clone()).or_default();
+                let last = list.last().map_or(0, |(s, _)| *s);
+                if m.seq == last + 1 {
+                    list.push((m.seq, m.cmid));
+                } else if m.seq <= last {
+                    self.report.duplicated += 1;
+                    let who = self.name(device);
+                    self.violation(format!(
+                        "{who} was handed {} seq {} again (after {last})",
+                        m.conv, m.seq
+                    ));
+                } else {
+                    list.push((m.seq, m.cmid));
+                    self.report.misordered += 1;
+                    let who = self.name(device);
+                    self.violation(format!(
+                        "{who} was handed {} seq {} right after {last}",
+                        m.conv, m.seq
+                    ));
+                }
+            }
+            Event::Status {
+                cmid,
+                conv: Some(conv),
+                status: Status::Sent(seq),
+            } => match self.accepted.get(&cmid) {
+                Some(prev) if *prev != (conv.clone(), seq) => {
+                    self.report.duplicated += 1;
+                    let prev = prev.clone();
+                    self.violation(format!(
+                        "{cmid} accepted as {conv} seq {seq} after {} seq {}",
+                        prev.0, prev.1
+                    ));
+                }
+                Some(_) => {}
+                None => {
+                    self.accepted.insert(cmid, (conv, seq));
+                }
+            },
+            Event::Receipt {
+                conv,
+                user,
+                delivered,
+                read,
+            } => {
+                let key = (device, conv.clone(), user.clone());
+                let before = self.receipts.get(&key).copied().unwrap_or((0, 0));
+                if delivered < before.0 || read < before.1 {
+                    self.report.receipt_regressions += 1;
+                    let who = self.name(device);
+                    self.violation(format!(
+                        "{who} saw {user}'s receipt in {conv} go from {before:?} to ({delivered}, {read})"
+                    ));
+                }
+                self.receipts
+                    .insert(key, (before.0.max(delivered), before.1.max(read)));
+            }
+            _ => {}
+        }
+    }
+
+    fn conv_members(&self, conv: &str) -> &[String] {
+        self.members
+            .iter()
+            .find(|(c, _)| c == conv)
+            .map_or(&[], |(_, m)| m.as_slice())
+    }
+
+    /// Highest seq anyone knows of in `conv`.
+    fn conv_max(&self, conv: &str) -> u64 {
+        let accepted = self
+            .accepted
+            .values()
+            .filter(|(c, _)| c == conv)
+            .map(|(_, s)| *s)
+            .max()
+            .unwrap_or(0);
+        let received = self
+            .received
+            .iter()
+            .filter_map(|r| r.get(conv)?.last().map(|(s, _)| *s))
+            .max()
+            .unwrap_or(0);
+        accepted.max(received)
+    }
+
+    /// Every outbox is empty, every sent message accepted, and every member device has every
+    /// conversation up to its highest seq.
+    pub fn settled(&self) -> bool {
+        if !self.outbox_empty.iter().all(|e| *e) {
+            return false;
+        }
+        if self
+            .sent
+            .iter()
+            .flatten()
+            .any(|(_, cmid)| !self.accepted.contains_key(cmid))
+        {
+            return false;
+        }
+        self.members.iter().all(|(conv, users)| {
+            let max = self.conv_max(conv);
+            self.devices
+                .iter()
+                .enumerate()
+                .filter(|(_, (u, _))| users.contains(u))
+                .all(|(d, _)| {
+                    self.received[d]
+                        .get(conv)
+                        .and_then(|l| l.last())
+                        .map_or(0, |(s, _)| *s)
+                        >= max
+                })
+        })
+    }
+
+    pub fn verify(&mut self, settled: bool) -> Report {
+        self.report.settled = settled;
+        self.report.devices = self.devices.len();
+        self.report.accepted = self.accepted.len() as u64;
+        // Every sent message accepted.
+        let unaccepted: Vec<String> = self
+            .sent
+            .iter()
+            .flatten()
+            .filter(|(_, cmid)| !self.accepted.contains_key(cmid))
+            .map(|(_, c)| c.clone())
+            .collect();
+        for cmid in unaccepted {
+            self.report.lost += 1;
+            self.violation(format!("{cmid} was sent but never accepted"));
+        }
+        // Every accepted message at its seq on every member device; all devices agree.
+        let mut at: HashMap<(String, u64), String> = HashMap::new();
+        for d in 0..self.devices.len() {
+            for (conv, list) in self.received[d].clone() {
+                for (seq, cmid) in list {
+                    match at.get(&(conv.clone(), seq)) {
+                        Some(other) if *other != cmid => {
+                            self.report.misordered += 1;
+                            let who = self.name(d);
+                            self.violation(format!(
+                                "{who} has {cmid} at {conv} seq {seq}, another device has {other}"
+                            ));
+                        }
+                        Some(_) => {}
+                        None => {
+                            at.insert((conv.clone(), seq), cmid);
+                        }
+                    }
+                }
+            }
+        }
+        let accepted: Vec<(String, String, u64)> = self
+            .accepted
+            .iter()
+            .map(|(cmid, (conv, seq))| (cmid.clone(), conv.clone(), *seq))
+            .collect();
+        for (cmid, conv, seq) in accepted {
+            let users = self.conv_members(&conv).to_vec();
+            for d in 0..self.devices.len() {
+                if !users.contains(&self.devices[d].0) {
+                    continue;
+                }
+                let has = self.received[d]
+                    .get(&conv)
+                    .is_some_and(|l| l.iter().any(|(s, c)| *s == seq && *c == cmid));
+                if !has {
+                    self.report.lost += 1;
+                    let who = self.name(d);
+                    self.violation(format!("{who} never got {cmid} ({conv} seq {seq})"));
+                }
+            }
+        }
+        // Sender FIFO: each device's messages numbered in send order, per conversation.
+        for d in 0..self.devices.len() {
+            let mut last: HashMap<String, u64> = HashMap::new();
+            for (conv, cmid) in self.sent[d].clone() {
+                let Some((c, seq)) = self.accepted.get(&cmid).cloned() else {
+                    continue;
+                };
+                let prev = last.insert(c.clone(), seq).unwrap_or(0);
+                if seq <= prev {
+                    self.report.misordered += 1;
+                    let who = self.name(d);
+                    self.violation(format!(
+                        "{who}'s {cmid} in {conv} got seq {seq}, not after its earlier message's {prev}"
+                    ));
+                }
+            }
+        }
+        std::mem::take(&mut self.report)
+    }
+}

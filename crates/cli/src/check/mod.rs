@@ -1,0 +1,401 @@
+//! `ordo check`: a chaos run against real processes, and the ledger that judges it.
+//!
+//! A real `ordo serve` runs as a child process ([`target`]); SDK clients, each with its own
+//! store, talk to it through a fault-injecting proxy ([`proxy`]) in a group and in direct
+//! conversations at a steady rate. The server is SIGKILLed and restarted at random intervals;
+//! clients crash (their driver stops mid-flight) and are reopened on their stores. After the
+//! stormy part, faults stop and everything settles; then the ledger checks that every accepted
+//! message reached every member device exactly once and in order, that each device's messages
+//! kept their send order, and that receipts never went back.
+
+mod ledger;
+mod proxy;
+mod target;
+
+use clap::Args;
+use ledger::{Ledger, Report};
+use ordo_client::{Client, ClientOptions, Target};
+use ordo_server::auth::{Claims, TokenKey};
+use proxy::{FaultProxy, Faults};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use target::{CheckTarget, LocalServer};
+use tokio::sync::mpsc;
+
+#[derive(Args)]
+pub struct CheckArgs {
+    /// Seconds of faults and traffic (then everything settles and is verified).
+    #[arg(long, default_value_t = 30)]
+    duration: u64,
+    /// SDK clients (devices); users get one or two devices each.
+    #[arg(long, default_value_t = 6)]
+    clients: usize,
+    /// Mean seconds between server SIGKILLs (0: never).
+    #[arg(long, default_value_t = 5.0)]
+    kill_every: f64,
+    /// Mean seconds between client crashes (0: never).
+    #[arg(long, default_value_t = 8.0)]
+    client_kill_every: f64,
+    /// Mean seconds a connection lives before the proxy cuts it (0: never).
+    #[arg(long, default_value_t = 3.0)]
+    disconnect_every: f64,
+    /// Messages per second, all clients together.
+    #[arg(long, default_value_t = 40.0)]
+    rate: f64,
+    /// Seed of every random choice (printed; pass it again to replay the same plan).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Longest wait for everything to be delivered once faults stop.
+    #[arg(long, default_value_t = 120)]
+    settle_secs: u64,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: CheckArgs) -> ExitCode {
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ordo check: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(check(args)) {
+        Ok((report, json)) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).unwrap_or_default()
+                );
+            } else {
+                report.print();
+            }
+            if report.passed() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("ordo check: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// One simulated device.
+#[derive(Clone)]
+struct Device {
+    user: String,
+    device: String,
+    /// Conversations it sends into: (target, conversation id).
+    targets: Vec<(Target, String)>,
+}
+
+enum Ctrl {
+    Crash,
+    StopSending,
+}
+
+async fn check(args: CheckArgs) -> Result<(Report, bool), String> {
+    let seed = args.seed.unwrap_or_else(rand::random);
+    eprintln!("ordo check: seed {seed}");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let started = Instant::now();
+
+    let server = tokio::task::spawn_blocking(LocalServer::start)
+        .await
+        .map_err(|e| e.to_string())??;
+    let port = server.port();
+    let secret = server.secret().to_string();
+    let admin = server.admin_key().to_string();
+    let server: Arc<Mutex<Box<dyn CheckTarget>>> = Arc::new(Mutex::new(Box::new(server)));
+
+    let faults = Faults {
+        mean_life: if args.disconnect_every > 0.0 {
+            Duration::from_secs_f64(args.disconnect_every)
+        } else {
+            Duration::from_secs(1 << 30)
+        },
+        stall_chance: 0.01,
+        max_stall: Duration::from_millis(300),
+    };
+    let proxy = FaultProxy::start(port, faults, rng.random())
+        .await
+        .map_err(|e| format!("cannot start the proxy: {e}"))?;
+    let url = format!("ws://{}", proxy.addr);
+
+    // Users, devices and conversations.
+    let clients = args.clients.max(2);
+    let users = (clients * 2 / 3).max(2);
+    let names: Vec<String> = (0..users).map(|u| format!("u{u}")).collect();
+    create_group(port, &admin, "chk", &names).await?;
+    let devices: Vec<Device> = (0..clients)
+        .map(|i| {
+            let u = i % users;
+            let peer = (u + 1) % users;
+            Device {
+                user: names[u].clone(),
+                device: format!("d{}", i / users),
+                targets: vec![
+                    (Target::Conv("chk".into()), "chk".into()),
+                    (
+                        Target::User(names[peer].clone()),
+                        ordo_client::direct_conv_id(&names[u], &names[peer]),
+                    ),
+                ],
+            }
+        })
+        .collect();
+    let mut members: Vec<(String, Vec<String>)> = vec![("chk".into(), names.clone())];
+    for u in 0..users {
+        let peer = (u + 1) % users;
+        let conv = ordo_client::direct_conv_id(&names[u], &names[peer]);
+        if !members.iter().any(|(c, _)| *c == conv) {
+            members.push((conv, vec![names[u].clone(), names[peer].clone()]));
+        }
+    }
+    let ledger = Arc::new(Mutex::new(Ledger::new(
+        devices
+            .iter()
+            .map(|d| (d.user.clone(), d.device.clone()))
+            .collect(),
+        members,
+    )));
+
+    // Device tasks.
+    let dir = tempfile::tempdir().map_err(|e| format!("cannot create a temp dir: {e}"))?;
+    let key = TokenKey::new(secret.as_bytes());
+    let per_device_rate = (args.rate / clients as f64).max(0.01);
+    let client_kills = Arc::new(AtomicU64::new(0));
+    let mut ctrls = Vec::new();
+    let mut tasks = Vec::new();
+    for (i, d) in devices.iter().enumerate() {
+        let token = key
+            .sign(&Claims {
+                user: d.user.clone(),
+                device: d.device.clone(),
+                exp: u64::MAX / 4,
+            })
+            .map_err(|e| e.to_string())?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        ctrls.push(tx);
+        let opts = {
+            let mut o = ClientOptions::new(
+                url.clone(),
+                token,
+                dir.path().join(format!("{}-{}.redb", d.user, d.device)),
+            );
+            o.reconnect.initial_ms = 100;
+            o.reconnect.max_ms = 2000;
+            o.config.retry.max_attempts = None; // under chaos, keep trying: never give up
+            o.config.retry.max_ms = 2000;
+            o
+        };
+        tasks.push(tokio::spawn(device_task(
+            i,
+            d.clone(),
+            opts,
+            ledger.clone(),
+            rx,
+            per_device_rate,
+            rng.random(),
+            client_kills.clone(),
+        )));
+    }
+
+    // The storm: server kills and client crashes until the duration is over.
+    let storm_end = Instant::now() + Duration::from_secs(args.duration);
+    let server_kills = Arc::new(AtomicU64::new(0));
+    let stop_killing = Arc::new(AtomicBool::new(false));
+    let killer = {
+        let (server, kills, stop, mean) = (
+            server.clone(),
+            server_kills.clone(),
+            stop_killing.clone(),
+            args.kill_every,
+        );
+        let mut r = StdRng::seed_from_u64(rng.random());
+        tokio::task::spawn_blocking(move || -> Result<(), String> {
+            if mean <= 0.0 {
+                return Ok(());
+            }
+            loop {
+                let wait = exp_secs(&mut r, mean);
+                let until = Instant::now() + wait;
+                while Instant::now() < until {
+                    if stop.load(Ordering::Relaxed) {
+                        return Ok(());
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let down = Duration::from_millis(r.random_range(50..600));
+                let mut s = server.lock().map_err(|_| "server lock poisoned")?;
+                s.kill()?;
+                kills.fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(down);
+                s.restart()?;
+            }
+        })
+    };
+    while Instant::now() < storm_end {
+        let wait = if args.client_kill_every > 0.0 {
+            exp_secs(&mut rng, args.client_kill_every)
+        } else {
+            storm_end.saturating_duration_since(Instant::now())
+        };
+        tokio::time::sleep(wait.min(storm_end.saturating_duration_since(Instant::now()))).await;
+        if Instant::now() >= storm_end || args.client_kill_every <= 0.0 {
+            break;
+        }
+        let victim = rng.random_range(0..ctrls.len());
+        let _ = ctrls[victim].send(Ctrl::Crash);
+    }
+
+    // Calm: no more faults, no more new messages; wait for everything to arrive.
+    stop_killing.store(true, Ordering::Relaxed);
+    killer
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("server control failed: {e}"))?;
+    proxy.set_faults(false);
+    for c in &ctrls {
+        let _ = c.send(Ctrl::StopSending);
+    }
+    {
+        let server = server.clone();
+        tokio::task::spawn_blocking(move || -> Result<(), String> {
+            let mut s = server.lock().map_err(|_| "server lock poisoned")?;
+            if !s.is_running() {
+                s.restart()?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+    }
+    let settle_deadline = Instant::now() + Duration::from_secs(args.settle_secs);
+    let mut settled = false;
+    while Instant::now() < settle_deadline {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if ledger.lock().map_err(|_| "ledger lock poisoned")?.settled() {
+            settled = true;
+            break;
+        }
+    }
+    drop(ctrls);
+    for t in tasks {
+        t.abort();
+    }
+
+    let mut report = ledger
+        .lock()
+        .map_err(|_| "ledger lock poisoned")?
+        .verify(settled);
+    report.seed = seed;
+    report.seconds = started.elapsed().as_secs_f64();
+    report.server_kills = server_kills.load(Ordering::Relaxed);
+    report.client_kills = client_kills.load(Ordering::Relaxed);
+    report.disconnects = proxy.disconnects.load(Ordering::Relaxed);
+    Ok((report, args.json))
+}
+
+fn exp_secs(r: &mut StdRng, mean: f64) -> Duration {
+    let u: f64 = r.random_range(0.0001..1.0);
+    Duration::from_secs_f64(mean * -u.ln())
+}
+
+async fn create_group(port: u16, admin: &str, id: &str, members: &[String]) -> Result<(), String> {
+    let resp = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{port}/v1/admin/groups"))
+        .bearer_auth(admin)
+        .json(&serde_json::json!({"id": id, "members": members}))
+        .send()
+        .await
+        .map_err(|e| format!("cannot create the group: {e}"))?;
+    if !resp.status().is_success() {
+        return Err(format!(
+            "cannot create the group: {}",
+            resp.text().await.unwrap_or_default()
+        ));
+    }
+    Ok(())
+}
+
+async fn open_client(opts: &ClientOptions) -> Client {
+    // After a crash the old driver may still hold the store for a moment.
+    loop {
+        match Client::open(opts.clone()).await {
+            Ok(c) => return c,
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn device_task(
+    index: usize,
+    d: Device,
+    opts: ClientOptions,
+    ledger: Arc<Mutex<Ledger>>,
+    mut ctrl: mpsc::UnboundedReceiver<Ctrl>,
+    rate: f64,
+    seed: u64,
+    kills: Arc<AtomicU64>,
+) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut client = open_client(&opts).await;
+    let mut sending = true;
+    let mut n = 0u64;
+    let period = Duration::from_secs_f64(1.0 / rate);
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut outbox_check = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        tokio::select! {
+            ev = client.next_event() => match ev {
+                Some(ev) => {
+                    if let Ok(mut l) = ledger.lock() {
+                        l.event(index, ev);
+                    }
+                }
+                None => {
+                    // The driver stopped (its store failed): start over on the same store.
+                    client = open_client(&opts).await;
+                }
+            },
+            _ = tick.tick(), if sending => {
+                let (target, conv) = d.targets[rng.random_range(0..d.targets.len())].clone();
+                n += 1;
+                let body = format!("{}/{}#{n}", d.user, d.device);
+                if let Ok(cmid) = client.send(target, body).await {
+                    if let Ok(mut l) = ledger.lock() {
+                        l.sent(index, &conv, cmid);
+                    }
+                }
+            }
+            _ = outbox_check.tick(), if !sending => {
+                let empty = client.pending().map(|p| p.is_empty()).unwrap_or(false);
+                if let Ok(mut l) = ledger.lock() {
+                    l.outbox_empty(index, empty);
+                }
+            }
+            c = ctrl.recv() => match c {
+                Some(Ctrl::Crash) => {
+                    client.crash();
+                    kills.fetch_add(1, Ordering::Relaxed);
+                    let down = Duration::from_millis(rng.random_range(50..800));
+                    tokio::time::sleep(down).await;
+                    client = open_client(&opts).await;
+                }
+                Some(Ctrl::StopSending) => sending = false,
+                None => return,
+            },
+        }
+    }
+}
