@@ -321,3 +321,119 @@ impl Ledger {
         std::mem::take(&mut self.report)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ordo_client::Message;
+
+    fn msg(conv: &str, seq: u64, cmid: &str) -> Event {
+        Event::Message(Message {
+            conv: conv.into(),
+            seq,
+            from: "a".into(),
+            device: "d0".into(),
+            cmid: cmid.into(),
+            body: String::new(),
+            reply_to: None,
+            ts: 0,
+        })
+    }
+
+    fn sent_ok(conv: &str, seq: u64, cmid: &str) -> Event {
+        Event::Status {
+            cmid: cmid.into(),
+            conv: Some(conv.into()),
+            status: Status::Sent(seq),
+        }
+    }
+
+    fn ledger() -> Ledger {
+        Ledger::new(
+            vec![("a".into(), "d0".into()), ("b".into(), "d0".into())],
+            vec![("g".into(), vec!["a".into(), "b".into()])],
+        )
+    }
+
+    fn clean() -> Ledger {
+        let mut l = ledger();
+        l.sent(0, "g", "x".into());
+        l.sent(0, "g", "y".into());
+        l.event(0, sent_ok("g", 1, "x"));
+        l.event(0, sent_ok("g", 2, "y"));
+        l.outbox_empty(0, true);
+        l.outbox_empty(1, true);
+        l
+    }
+
+    #[test]
+    fn a_clean_run_passes() {
+        let mut l = clean();
+        for d in 0..2 {
+            l.event(d, msg("g", 1, "x"));
+            l.event(d, msg("g", 2, "y"));
+        }
+        assert!(l.settled());
+        let r = l.verify(true);
+        assert!(r.passed(), "{r:?}");
+    }
+
+    #[test]
+    fn each_kind_of_violation_is_caught() {
+        // Lost: b never gets y.
+        let mut l = clean();
+        l.event(0, msg("g", 1, "x"));
+        l.event(0, msg("g", 2, "y"));
+        l.event(1, msg("g", 1, "x"));
+        assert!(!l.settled());
+        let r = l.verify(false);
+        assert_eq!(r.lost, 1);
+        assert!(!r.passed());
+
+        // Duplicated and skipped.
+        let mut l = clean();
+        l.event(1, msg("g", 1, "x"));
+        l.event(1, msg("g", 1, "x"));
+        l.event(0, msg("g", 2, "y"));
+        let r = l.verify(true);
+        assert_eq!(r.duplicated, 1);
+        assert_eq!(r.misordered, 1);
+
+        // Devices disagree on a seq; a message accepted under two seqs.
+        let mut l = clean();
+        l.event(0, msg("g", 1, "x"));
+        l.event(1, msg("g", 1, "y"));
+        l.event(0, sent_ok("g", 3, "x"));
+        let r = l.verify(true);
+        assert!(r.misordered >= 1);
+        assert_eq!(r.duplicated, 1);
+
+        // Sender FIFO: y was sent after x but numbered before it.
+        let mut l = ledger();
+        l.sent(0, "g", "x".into());
+        l.sent(0, "g", "y".into());
+        l.event(0, sent_ok("g", 2, "x"));
+        l.event(0, sent_ok("g", 1, "y"));
+        let r = l.verify(true);
+        assert_eq!(r.misordered, 1);
+
+        // Receipts going back.
+        let mut l = clean();
+        let receipt = |d, r| Event::Receipt {
+            conv: "g".into(),
+            user: "b".into(),
+            delivered: d,
+            read: r,
+        };
+        l.event(0, receipt(2, 1));
+        l.event(0, receipt(1, 1));
+        let r = l.verify(true);
+        assert_eq!(r.receipt_regressions, 1);
+
+        // Sent, never accepted.
+        let mut l = ledger();
+        l.sent(0, "g", "z".into());
+        let r = l.verify(true);
+        assert_eq!(r.lost, 1);
+    }
+}

@@ -34,7 +34,7 @@ pub struct CheckArgs {
     /// SDK clients (devices); users get one or two devices each.
     #[arg(long, default_value_t = 6)]
     clients: usize,
-    /// Mean seconds between server SIGKILLs (0: never).
+    /// Mean seconds between server SIGKILLs, each then restarted (0: never).
     #[arg(long, default_value_t = 5.0)]
     kill_every: f64,
     /// Mean seconds between client crashes (0: never).
@@ -226,7 +226,9 @@ async fn check(args: CheckArgs) -> Result<(Report, bool), String> {
                 return Ok(());
             }
             loop {
-                let wait = exp_secs(&mut r, mean);
+                // Uniform around the mean, so that a run of a given length sees a predictable
+                // number of kills.
+                let wait = Duration::from_secs_f64(mean * r.random_range(0.5..1.5));
                 let until = Instant::now() + wait;
                 while Instant::now() < until {
                     if stop.load(Ordering::Relaxed) {
