@@ -31,6 +31,11 @@ pub struct Pending {
     pub attempts: u32,
     /// When the next send is due, in the caller's milliseconds; 0 means "as soon as possible".
     pub due_ms: u64,
+    /// Sent on the current connection and not refused: the server has it or will answer. A
+    /// later message of the same conversation may follow it at once (TCP keeps their order);
+    /// one that is not in flight (refused for now, or never sent) holds the later ones back.
+    #[serde(skip)]
+    pub in_flight: bool,
 }
 
 impl Pending {
@@ -103,13 +108,15 @@ impl Outbox {
     pub fn all_due_now(&mut self) {
         for p in &mut self.queue {
             p.due_ms = 0;
+            p.in_flight = false;
         }
     }
 
     /// The messages to send now, in order, each marked as sent once more with its next retry
-    /// time. Within a conversation, once one message is not due, the later ones wait too, so
-    /// a resend never overtakes an earlier message. `unit` yields jitter in `[0, 1)`.
-    /// Messages that used up their attempts are returned as failed instead.
+    /// time. Within a conversation, a message that is waiting and not in flight (refused for
+    /// now) holds back the later ones, so nothing overtakes it; messages in flight do not, so
+    /// new messages are pipelined. `unit` yields jitter in `[0, 1)`. Messages that used up
+    /// their attempts are returned as failed instead.
     pub fn take_due(
         &mut self,
         now_ms: u64,
@@ -120,8 +127,14 @@ impl Outbox {
         let mut blocked: Vec<Target> = Vec::new();
         let mut keep = VecDeque::with_capacity(self.queue.len());
         while let Some(mut p) = self.queue.pop_front() {
-            if blocked.contains(&p.target) || p.due_ms > now_ms {
-                blocked.push(p.target.clone());
+            if blocked.contains(&p.target) {
+                keep.push_back(p);
+                continue;
+            }
+            if p.due_ms > now_ms {
+                if !p.in_flight {
+                    blocked.push(p.target.clone());
+                }
                 keep.push_back(p);
                 continue;
             }
@@ -131,6 +144,7 @@ impl Outbox {
                 continue;
             }
             p.attempts += 1;
+            p.in_flight = true;
             p.due_ms = now_ms + self.policy.delay_ms(p.attempts, unit());
             send.push(p.clone());
             keep.push_back(p);
@@ -145,6 +159,7 @@ impl Outbox {
         if let Some(p) = self.queue.iter_mut().find(|p| p.cmid == cmid) {
             let wait = retry_after_ms.unwrap_or(0);
             p.due_ms = p.due_ms.max(now_ms + wait);
+            p.in_flight = false;
         }
     }
 
@@ -153,9 +168,21 @@ impl Outbox {
         self.accepted(cmid)
     }
 
-    /// The earliest time a message is due, if any.
+    /// The earliest time [`take_due`](Self::take_due) would send something, if any: messages
+    /// held back behind a waiting one of their conversation do not count.
     pub fn next_due(&self) -> Option<u64> {
-        self.queue.iter().map(|p| p.due_ms).min()
+        let mut blocked: Vec<&Target> = Vec::new();
+        let mut next: Option<u64> = None;
+        for p in &self.queue {
+            if blocked.contains(&&p.target) {
+                continue;
+            }
+            next = Some(next.map_or(p.due_ms, |n| n.min(p.due_ms)));
+            if !p.in_flight && p.due_ms > 0 {
+                blocked.push(&p.target);
+            }
+        }
+        next
     }
 }
 
@@ -172,6 +199,7 @@ mod tests {
             reply_to: None,
             attempts: 0,
             due_ms: 0,
+            in_flight: false,
         }
     }
 

@@ -173,6 +173,8 @@ struct ConvState {
     /// Read position the server is known to have.
     read_sent: u64,
     members: Vec<String>,
+    /// `members` came from an overview (not guessed): statuses may be derived from them.
+    members_known: bool,
     /// user -> (delivered, read), from receipts and overviews.
     positions: HashMap<String, (u64, u64)>,
 }
@@ -188,6 +190,8 @@ pub struct ClientState {
     /// (conv, seq) -> (cmid, status) of our messages not yet read by everyone.
     sent: BTreeMap<(String, u64), (String, Status)>,
     effects: VecDeque<Effect>,
+    /// A `convs` request is outstanding.
+    overview_pending: bool,
     rng: u64,
     ack_due: Option<u64>,
 }
@@ -208,6 +212,7 @@ impl ClientState {
                     read: c.read,
                     read_sent: 0,
                     members: Vec::new(),
+                    members_known: false,
                     positions: HashMap::new(),
                 },
             );
@@ -226,6 +231,7 @@ impl ClientState {
             convs,
             sent,
             effects: VecDeque::new(),
+            overview_pending: false,
             rng: seed | 1,
             ack_due: None,
         }
@@ -285,6 +291,7 @@ impl ClientState {
                 read: 0,
                 read_sent: 0,
                 members: Vec::new(),
+                members_known: false,
                 positions: HashMap::new(),
             })
     }
@@ -311,6 +318,7 @@ impl ClientState {
             reply_to,
             attempts: 0,
             due_ms: 0,
+            in_flight: false,
         };
         self.outbox.push(p.clone());
         self.effects
@@ -363,7 +371,15 @@ impl ClientState {
         self.event(Event::Connected);
         self.outbox.all_due_now();
         self.flush_outbox(now);
-        self.transmit(ClientFrame::Convs);
+        self.request_overview();
+    }
+
+    /// Asks for the overview (members and positions of every conversation), once at a time.
+    fn request_overview(&mut self) {
+        if self.connected && !self.overview_pending {
+            self.overview_pending = true;
+            self.transmit(ClientFrame::Convs);
+        }
     }
 
     pub fn disconnected(&mut self) {
@@ -371,6 +387,7 @@ impl ClientState {
             return;
         }
         self.connected = false;
+        self.overview_pending = false;
         for c in self.convs.values_mut() {
             c.syncing = false;
             c.read_sent = 0;
@@ -396,7 +413,11 @@ impl ClientState {
             ServerFrame::Welcome { user, .. } => self.user = Some(user),
             ServerFrame::Accepted {
                 cmid, conv, seq, ..
-            } => self.on_accepted(cmid, conv, seq),
+            } => {
+                self.on_accepted(cmid, conv, seq);
+                // Anything held back behind it may go now.
+                self.flush_outbox(now);
+            }
             ServerFrame::Rejected {
                 cmid,
                 code,
@@ -442,6 +463,7 @@ impl ClientState {
                 read,
             } => self.on_receipt(conv, user, delivered, read),
             ServerFrame::Convs { conversations } => {
+                self.overview_pending = false;
                 for info in conversations {
                     self.on_conv_info(info);
                 }
@@ -597,8 +619,12 @@ impl ClientState {
         let connected = self.connected;
         let c = self.conv_mut(&info.conv);
         c.members = info.members.iter().map(|m| m.user.clone()).collect();
+        c.members_known = true;
         for m in &info.members {
-            c.positions.insert(m.user.clone(), (m.delivered, m.read));
+            // A receipt may be newer than the overview: positions only move forward.
+            let p = c.positions.entry(m.user.clone()).or_insert((0, 0));
+            p.0 = p.0.max(m.delivered);
+            p.1 = p.1.max(m.read);
         }
         // The server may hold an older delivered position than what we stored (our last ack
         // was lost with the connection): acknowledge again soon.
@@ -633,8 +659,11 @@ impl ClientState {
         let e = c.positions.entry(user.clone()).or_insert((0, 0));
         e.0 = e.0.max(delivered);
         e.1 = e.1.max(read);
-        if !c.members.contains(&user) {
-            c.members.push(user.clone());
+        // Members are learnt from the overview only: guessing them from receipts would call a
+        // message delivered while a member we have not heard of still lacks it.
+        let stale = !c.members_known || !c.members.contains(&user);
+        if stale {
+            self.request_overview();
         }
         self.event(Event::Receipt {
             conv: conv.clone(),
@@ -653,6 +682,13 @@ impl ClientState {
         let Some(c) = self.convs.get(conv) else {
             return;
         };
+        if !c.members_known {
+            // A conversation new since the last overview: learn its members first.
+            if self.sent.keys().any(|(cv, _)| cv == conv) {
+                self.request_overview();
+            }
+            return;
+        }
         let others: Vec<&String> = c.members.iter().filter(|u| **u != me).collect();
         if others.is_empty() {
             return;

@@ -9,9 +9,6 @@
 //! lists every failing seed with the end of the first one's trace; `ORDO_SIM_SEED=<n>` replays
 //! one seed and prints its whole trace on failure, `ORDO_SIM_SEEDS=<n>` runs seeds `0..n`
 //! (default 200).
-//!
-//! Tests marked `#[ignore = "bug: ..."]` show defects found in the client; run them with
-//! `cargo test -p ordo-client --test state -- --ignored`.
 
 use ordo_client::{
     ClientConfig, ClientSnapshot, ClientState, ConvSnapshot, Effect, Event, Pending, RetryPolicy,
@@ -484,6 +481,7 @@ fn send_stores_the_pending_message_before_transmitting_it() {
                 reply_to: None,
                 attempts: 0,
                 due_ms: 0,
+                in_flight: false,
             })]),
             Effect::Event(Event::Status {
                 cmid: cmid.clone(),
@@ -1293,7 +1291,6 @@ fn told_delivered(c: &mut Tc, times: std::ops::Range<u64>) -> u64 {
 /// message is answered or its own resend is due (up to the 60 s backoff cap, or the server's
 /// retry_after for a rate-limited one).
 #[test]
-#[ignore = "bug: next_deadline is in the past (Some(0)) while a message waits behind an earlier one of its conversation; drivers busy-spin"]
 fn next_deadline_is_after_the_tick_that_could_not_send() {
     let mut c = Tc::online("alice");
     let (a, _) = c.send(team(), "a", 0);
@@ -1316,7 +1313,6 @@ fn next_deadline_is_after_the_tick_that_could_not_send() {
 /// protocol allows pipelining (a connection's sends are numbered in the order sent; the rate
 /// limit holds later sends back itself), and on (re)connect the outbox is pipelined already.
 #[test]
-#[ignore = "bug: a second message to a conversation is not transmitted while the first is unanswered (stop-and-wait per conversation)"]
 fn a_second_message_to_a_conversation_is_transmitted_without_waiting_for_the_first_answer() {
     let mut c = Tc::online("alice");
     let (a, fx) = c.send(team(), "a", 0);
@@ -1336,7 +1332,6 @@ fn a_second_message_to_a_conversation_is_transmitted_without_waiting_for_the_fir
 /// the users it has seen receipts from. One member's receipt then marks our message Delivered
 /// (or Read) although other members have not got it, and the status never goes back.
 #[test]
-#[ignore = "bug: a receipt that arrives before the overview marks a group message Delivered although other members lack it (G7)"]
 fn a_receipt_before_the_overview_does_not_mark_a_group_message_delivered() {
     let mut first = Tc::online("alice");
     let (a, _) = first.send(team(), "a", 1);
@@ -3047,7 +3042,6 @@ fn simulation_brings_delivered_and_read_positions_back_to_the_senders() {
 /// carol's receipt (delivered 6) arrives before the `convs` answer, then the `accepted` for
 /// team/1, and team/1 shows Delivered while bob has delivered 0.
 #[test]
-#[ignore = "bug: a receipt that arrives before the overview marks a group message Delivered/Read although other members lack it (G7)"]
 fn simulation_never_shows_delivered_or_read_before_every_other_member_got_there() {
     simulate(200, sim::Receipts::Strict);
 }
