@@ -123,6 +123,7 @@ pub fn send(args: SendArgs) -> ExitCode {
         Err(c) => return c,
     };
     rt.block_on(async move {
+        let kept = args.store.is_some();
         let (mut client, _guard) = match open(&args.conn, args.store).await {
             Ok(c) => c,
             Err(e) => {
@@ -150,14 +151,23 @@ pub fn send(args: SendArgs) -> ExitCode {
         // Also wait for messages left pending by an earlier run on the same store.
         let mut pending: HashMap<String, ()> = waiting.iter().map(|c| (c.clone(), ())).collect();
         let mut earlier = client_outbox_len(&client, &pending);
+        let mut last_connect_error: Option<String> = None;
         while !pending.is_empty() || earlier > 0 {
             let ev = match tokio::time::timeout_at(deadline, client.next_event()).await {
                 Err(_) => {
+                    let fate = if kept {
+                        "they stay in the store and go out with the next run on it"
+                    } else {
+                        "they were not sent (with --store PATH they would be kept for a later run)"
+                    };
                     eprintln!(
-                        "ordo send: {} message(s) not accepted within {} s; they stay in the store for the next run",
+                        "ordo send: {} message(s) not accepted within {} s; {fate}",
                         pending.len() + earlier,
                         args.timeout_secs
                     );
+                    if let Some(why) = &last_connect_error {
+                        eprintln!("ordo send: the last connection attempt failed: {why}");
+                    }
                     return ExitCode::FAILURE;
                 }
                 Ok(None) => {
@@ -166,18 +176,25 @@ pub fn send(args: SendArgs) -> ExitCode {
                 }
                 Ok(Some(ev)) => ev,
             };
-            if let Event::ConnectFailed {
-                reason,
-                unauthorized: true,
-            } = &ev
-            {
-                eprintln!("ordo send: {reason}");
-                return ExitCode::FAILURE;
+            match &ev {
+                Event::ConnectFailed {
+                    reason,
+                    unauthorized: true,
+                } => {
+                    eprintln!("ordo send: {reason}");
+                    return ExitCode::FAILURE;
+                }
+                Event::ConnectFailed { reason, .. } => last_connect_error = Some(reason.clone()),
+                Event::Connected => last_connect_error = None,
+                _ => {}
             }
             if let Event::Status { cmid, status, conv } = ev {
                 let ours = pending.contains_key(&cmid);
                 if let (Status::Sent(seq), true) = (&status, args.verbose) {
-                    eprintln!("ordo send: {cmid} accepted as seq {seq} of {}", conv.unwrap_or_default());
+                    eprintln!(
+                        "ordo send: {cmid} accepted as seq {seq} of {}",
+                        conv.unwrap_or_default()
+                    );
                 }
                 match status {
                     Status::Sent(_) if ours => {
