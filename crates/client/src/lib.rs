@@ -46,6 +46,8 @@
 
 pub mod backoff;
 pub mod driver;
+#[cfg(feature = "fault-injection")]
+pub mod fault;
 pub mod outbox;
 pub mod reorder;
 pub mod state;
@@ -53,6 +55,8 @@ pub mod store;
 
 pub use backoff::RetryPolicy;
 pub use driver::{token_identity, Client, ClientError, ClientOptions};
+#[cfg(feature = "fault-injection")]
+pub use fault::Faults;
 pub use ordo_protocol::{direct_conv_id, Message};
 pub use outbox::{Outbox, Pending, Target};
 pub use reorder::{Offer, ReorderBuffer};

@@ -194,6 +194,9 @@ pub struct ClientState {
     overview_pending: bool,
     rng: u64,
     ack_due: Option<u64>,
+    /// Test-only: safeguards switched off by the simulation (all on unless it says so).
+    #[cfg(feature = "fault-injection")]
+    faults: crate::fault::Faults,
 }
 
 impl ClientState {
@@ -234,7 +237,16 @@ impl ClientState {
             overview_pending: false,
             rng: seed | 1,
             ack_due: None,
+            #[cfg(feature = "fault-injection")]
+            faults: crate::fault::Faults::default(),
         }
+    }
+
+    /// Test-only: switches off the safeguards `faults` names, so that the simulation can show
+    /// it catches the resulting bugs. Only with the `fault-injection` feature.
+    #[cfg(feature = "fault-injection")]
+    pub fn set_faults(&mut self, faults: crate::fault::Faults) {
+        self.faults = faults;
     }
 
     pub fn poll_effect(&mut self) -> Option<Effect> {
@@ -506,10 +518,19 @@ impl ClientState {
 
     fn on_message(&mut self, m: Message, now: u64) {
         let conv = m.conv.clone();
+        // Test-only sabotage: a message behind a hole goes to the app at once.
+        #[cfg(feature = "fault-injection")]
+        let early = self.faults.no_reorder.then(|| m.clone());
         let offer = self.conv_mut(&conv).reorder.offer(m);
         match offer {
             Offer::Duplicate => {}
-            Offer::Gap { .. } => self.start_sync(&conv),
+            Offer::Gap { .. } => {
+                #[cfg(feature = "fault-injection")]
+                if let Some(m) = early {
+                    self.event(Event::Message(m));
+                }
+                self.start_sync(&conv)
+            }
             Offer::Ready(ready) => self.store_and_hand(&conv, ready, now),
         }
     }

@@ -153,6 +153,9 @@ pub struct Core {
     in_flight: Option<InFlight>,
     next_batch: u64,
     stats: CoreStats,
+    /// Test-only: safeguards switched off by the simulation (all on unless it says so).
+    #[cfg(feature = "fault-injection")]
+    faults: crate::fault::Faults,
 }
 
 /// Running totals the caller exports as metrics.
@@ -231,7 +234,16 @@ impl Core {
             in_flight: None,
             next_batch: 1,
             stats: CoreStats::default(),
+            #[cfg(feature = "fault-injection")]
+            faults: crate::fault::Faults::default(),
         }
+    }
+
+    /// Test-only: switches off the safeguards `faults` names, so that the simulation can show
+    /// it catches the resulting bugs. Only with the `fault-injection` feature.
+    #[cfg(feature = "fault-injection")]
+    pub fn set_faults(&mut self, faults: crate::fault::Faults) {
+        self.faults = faults;
     }
 
     pub fn stats(&self) -> CoreStats {
@@ -319,7 +331,11 @@ impl Core {
 
         // A resend inside the dedup window gets the original answer, wherever it is.
         let key = (user.clone(), cmid.to_string());
-        if let Some(d) = self.dedup.get(&key) {
+        let known = self.dedup.get(&key);
+        // Test-only sabotage: forget every earlier send.
+        #[cfg(feature = "fault-injection")]
+        let known = known.filter(|_| !self.faults.no_dedup);
+        if let Some(d) = known {
             if now_ms < d.ts.saturating_add(self.cfg.dedup_window_ms) {
                 if d.conv != conv_id {
                     return Err(CoreError::Invalid(format!(

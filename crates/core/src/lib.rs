@@ -15,6 +15,8 @@ pub mod config;
 pub mod conv;
 pub mod engine;
 pub mod error;
+#[cfg(feature = "fault-injection")]
+pub mod fault;
 pub mod model;
 pub mod rate;
 pub mod rng;
@@ -25,4 +27,6 @@ pub use engine::{
     Action, AdminOp, AdminReply, Core, CoreStats, SendRequest, SessionId, SyncPlan, Ticket,
 };
 pub use error::CoreError;
+#[cfg(feature = "fault-injection")]
+pub use fault::Faults;
 pub use model::*;

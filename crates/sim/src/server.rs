@@ -1,0 +1,393 @@
+//! The server side: the real [`Core`] driven the way the server's router drives it, a model of
+//! its durable store, group commit with one batch in flight, housekeeping, and crashes.
+//!
+//! A crash loses the core and every connection, and keeps exactly what the store had made
+//! durable; the restarted core is rebuilt from the store's snapshot. Under
+//! [`Sabotage::FsyncBeforeAccept`] the answers for a batch go out when the batch is taken,
+//! before it is durable, and a crash before the fsync rolls the store back.
+
+use crate::checks::{Kind, Violation};
+use crate::faults::Sabotage;
+use crate::network::short;
+use crate::world::Sim;
+use ordo_core::{
+    Action, Batch, CommitOutcome, ConvRecord, Core, CoreConfig, CursorRecord, DedupRecord,
+    SendRequest, SessionId, Snapshot, SyncPlan,
+};
+use ordo_protocol::{ClientFrame, Limits, Message, ServerFrame};
+use std::collections::BTreeMap;
+
+/// What a store backend holds after applying the committed batches (as in the core's rules
+/// tests): the truth a restarted core is rebuilt from.
+#[derive(Clone, Debug, Default)]
+pub struct ServerStore {
+    pub convs: BTreeMap<String, ConvRecord>,
+    pub messages: BTreeMap<(String, u64), Message>,
+    pub cursors: BTreeMap<(String, String, String), CursorRecord>,
+    pub dedup: BTreeMap<(String, String), DedupRecord>,
+}
+
+impl ServerStore {
+    pub fn apply(&mut self, b: &Batch) -> Result<CommitOutcome, Violation> {
+        for c in &b.convs {
+            self.convs.insert(c.id.clone(), c.clone());
+        }
+        for m in &b.messages {
+            if self
+                .messages
+                .insert((m.conv.clone(), m.seq), m.clone())
+                .is_some()
+            {
+                return Err(Violation::new(
+                    Kind::Sequence,
+                    format!("G3: seq {} of {} stored twice", m.seq, m.conv),
+                ));
+            }
+        }
+        for k in &b.dedup_delete {
+            self.dedup.remove(k);
+        }
+        for d in &b.dedup_put {
+            self.dedup
+                .insert((d.user.clone(), d.cmid.clone()), d.clone());
+        }
+        for c in &b.cursors {
+            self.cursors.insert(
+                (c.conv.clone(), c.user.clone(), c.device.clone()),
+                c.clone(),
+            );
+        }
+        for (conv, below) in &b.trim_below {
+            self.messages.retain(|(c, s), _| c != conv || *s >= *below);
+        }
+        let mut first_seqs = Vec::new();
+        for (conv, before) in &b.trim_before_ms {
+            self.messages
+                .retain(|(c, _), m| c != conv || m.ts >= *before);
+            let max = self.convs.get(conv).map_or(0, |r| r.max_seq);
+            let first = self
+                .messages
+                .range((conv.clone(), 0)..=(conv.clone(), u64::MAX))
+                .map(|((_, s), _)| *s)
+                .next()
+                .unwrap_or(max + 1);
+            if let Some(r) = self.convs.get_mut(conv) {
+                r.first_seq = r.first_seq.max(first);
+            }
+            first_seqs.push((conv.clone(), first));
+        }
+        Ok(CommitOutcome { first_seqs })
+    }
+
+    pub fn read(&self, plan: &SyncPlan) -> Vec<Message> {
+        if plan.from > plan.to {
+            return Vec::new();
+        }
+        self.messages
+            .range((plan.conv.clone(), plan.from)..=(plan.conv.clone(), plan.to))
+            .take(plan.limit as usize)
+            .map(|(_, m)| m.clone())
+            .collect()
+    }
+
+    pub fn first_seq(&self, conv: &str) -> u64 {
+        self.convs.get(conv).map_or(1, |r| r.first_seq)
+    }
+
+    /// A user's durable (delivered, read): the furthest any of their devices got.
+    pub fn position(&self, conv: &str, user: &str) -> (u64, u64) {
+        self.cursors
+            .values()
+            .filter(|c| c.conv == conv && c.user == user)
+            .fold((0, 0), |(d, r), c| (d.max(c.delivered), r.max(c.read)))
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            convs: self.convs.values().cloned().collect(),
+            cursors: self.cursors.values().cloned().collect(),
+            dedup: self.dedup.values().cloned().collect(),
+        }
+    }
+}
+
+/// The batch being written. Normally it is not applied to the store until its fsync is done
+/// (`at`); sabotaged, it was applied and answered at once, and `rollback` is the store as it
+/// was before, which a crash before `at` brings back.
+pub struct InFlight {
+    pub batch: Option<Batch>,
+    pub at: u64,
+    pub rollback: Option<ServerStore>,
+}
+
+pub struct Server {
+    pub cfg: CoreConfig,
+    pub core: Core,
+    pub store: ServerStore,
+    pub up: bool,
+    pub restart_at: Option<u64>,
+    pub incarnation: u64,
+    pub in_flight: Option<InFlight>,
+    /// The server's clock minus the simulation's (it jumps; see [`crate::faults`]).
+    pub clock_offset: i64,
+    pub housekeeping_at: u64,
+}
+
+impl Sim {
+    /// The time the server reads from its clock.
+    pub(crate) fn server_now(&self) -> u64 {
+        (self.now as i64 + self.server.clock_offset).max(0) as u64
+    }
+
+    /// Hands the core's next batch to the writer, if it is idle.
+    pub(crate) fn pump(&mut self) -> Result<(), Violation> {
+        if !self.server.up || self.server.in_flight.is_some() {
+            return Ok(());
+        }
+        let Some(b) = self.server.core.take_batch() else {
+            return Ok(());
+        };
+        let at = self.now + self.rng.range((1, 25));
+        if self.opts.sabotage != Sabotage::FsyncBeforeAccept {
+            self.server.in_flight = Some(InFlight {
+                batch: Some(b),
+                at,
+                rollback: None,
+            });
+            return Ok(());
+        }
+        // Sabotaged: written (readable) but not yet fsynced, and answered already.
+        let rollback = self.server.store.clone();
+        let outcome = self.server.store.apply(&b)?;
+        tr!(
+            self,
+            "batch {} ({} messages) answered before its fsync",
+            b.id,
+            b.messages.len()
+        );
+        self.server.in_flight = Some(InFlight {
+            batch: None,
+            at,
+            rollback: Some(rollback),
+        });
+        self.check_cursors(&b)?;
+        let actions = self.server.core.commit_done(b.id, outcome);
+        self.dispatch(actions)
+    }
+
+    /// The batch in flight is durable now (fsync returned).
+    pub(crate) fn commit(&mut self) -> Result<(), Violation> {
+        let Some(mut f) = self.server.in_flight.take() else {
+            return Ok(());
+        };
+        let crash = self.faults_on && self.rng.chance(self.plan.crash_in_commit);
+        let Some(b) = f.batch.take() else {
+            // Sabotaged: the answers went out long ago; only the fsync is left.
+            if crash {
+                self.server.in_flight = Some(f);
+                tr!(self, "server crash before the fsync of answered changes");
+                self.server_crash();
+                return Ok(());
+            }
+            tr!(self, "fsync done");
+            return self.pump();
+        };
+        let outcome = self.server.store.apply(&b)?;
+        tr!(
+            self,
+            "commit batch {} ({} messages)",
+            b.id,
+            b.messages.len()
+        );
+        self.check_cursors(&b)?;
+        if crash {
+            tr!(self, "server crash after the commit, before any answer");
+            self.server_crash();
+            return Ok(());
+        }
+        let actions = self.server.core.commit_done(b.id, outcome);
+        self.dispatch(actions)?;
+        self.pump()
+    }
+
+    /// The server's periodic housekeeping, as its router does it: expire dedup entries and
+    /// apply retention, on its own clock (which may have jumped).
+    pub(crate) fn housekeeping(&mut self) -> Result<(), Violation> {
+        self.server.housekeeping_at = self.now + self.rng.range((500, 3_000));
+        let now = self.server_now();
+        self.server.core.expire_dedup(now);
+        self.server.core.retention_tick(now);
+        self.pump()
+    }
+
+    pub(crate) fn server_crash(&mut self) {
+        self.stats.server_crashes += 1;
+        tr!(self, "SERVER CRASH");
+        self.server.up = false;
+        if let Some(rollback) = self.server.in_flight.take().and_then(|f| f.rollback) {
+            tr!(self, "the unsynced batch is lost");
+            self.server.store = rollback;
+        }
+        self.server.incarnation += 1;
+        self.server.restart_at = Some(self.now + self.rng.range((50, 2_500)));
+        let now = self.now;
+        for c in self.conns.values_mut().filter(|c| c.alive || c.drain_c2s) {
+            c.close();
+            c.client_detect = Some(now + 1 + self.rng.next_u64() % 400);
+            c.server_detect = None;
+        }
+    }
+
+    pub(crate) fn server_restart(&mut self) {
+        self.server.restart_at = None;
+        let mut core = Core::new(
+            self.server.cfg.clone(),
+            self.seed ^ (self.server.incarnation << 40),
+            self.server.store.snapshot(),
+        );
+        core.set_faults(self.opts.sabotage.core_faults());
+        self.server.core = core;
+        self.server.up = true;
+        tr!(self, "server up (incarnation {})", self.server.incarnation);
+    }
+
+    pub(crate) fn server_detect(&mut self, sid: SessionId) {
+        let up = self.server.up;
+        let inc = self.server.incarnation;
+        if let Some(c) = self.conns.get_mut(&sid) {
+            c.server_detect = None;
+            c.drain_c2s = false;
+            if up && c.incarnation == inc {
+                self.server.core.disconnect(sid);
+            }
+        }
+        self.forget_dead(sid);
+    }
+
+    pub(crate) fn dispatch(&mut self, actions: Vec<Action>) -> Result<(), Violation> {
+        for a in actions {
+            if let Action::Send { session, frame } = a {
+                if let ServerFrame::Msg(m) = &frame {
+                    if self.server.store.messages.get(&(m.conv.clone(), m.seq)) != Some(m) {
+                        self.rule(
+                            Kind::NotDurable,
+                            format!("G1: pushed {}/{} is not durable", m.conv, m.seq),
+                        )?;
+                    }
+                }
+                self.send_to_client(session, frame);
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn deliver_to_server(&mut self, sid: SessionId) -> Result<(), Violation> {
+        let Some(c) = self.conns.get_mut(&sid) else {
+            return Ok(());
+        };
+        let held = self.devs[c.dev].cut_off_until;
+        let Some(i) = c.next_c2s(held) else {
+            return Ok(());
+        };
+        let (_, _, f) = c.c2s.remove(i);
+        let (dev, incarnation) = (c.dev, c.incarnation);
+        if !self.server.up || incarnation != self.server.incarnation {
+            return Ok(());
+        }
+        tr!(self, "{} -> {}", self.name(dev), short(&f));
+        let now = self.server_now();
+        match f {
+            ClientFrame::Send {
+                conv,
+                to,
+                cmid,
+                body,
+                reply_to,
+            } => {
+                let actions = self.server.core.send(
+                    sid,
+                    SendRequest {
+                        conv: conv.as_deref(),
+                        to: to.as_deref(),
+                        cmid: &cmid,
+                        body,
+                        reply_to,
+                    },
+                    now,
+                );
+                self.dispatch(actions)?;
+            }
+            ClientFrame::Ack { acks } => {
+                for p in acks {
+                    if let Err(e) = self.server.core.ack(sid, &p.conv, p.seq) {
+                        self.send_to_client(sid, ServerFrame::error(e.code(), e.to_string()));
+                    }
+                }
+            }
+            ClientFrame::Read { conv, seq } => {
+                if let Err(e) = self.server.core.read(sid, &conv, seq) {
+                    self.send_to_client(sid, ServerFrame::error(e.code(), e.to_string()));
+                }
+            }
+            ClientFrame::Sync { conv, after, limit } => {
+                match self.server.core.sync(sid, &conv, after, limit) {
+                    Ok(plan) => {
+                        let page = self.server.store.read(&plan);
+                        let last = page.last().map(|m| m.seq);
+                        let has_more = last.is_some_and(|l| l < plan.to);
+                        let up_to = last.unwrap_or(plan.to);
+                        let first_seq = self
+                            .server
+                            .store
+                            .first_seq(&plan.conv)
+                            .min(plan.to.saturating_add(1));
+                        self.send_to_client(
+                            sid,
+                            ServerFrame::Synced {
+                                conv: plan.conv.clone(),
+                                epoch: plan.epoch,
+                                messages: page,
+                                has_more,
+                                first_seq,
+                                max_seq: plan.to,
+                            },
+                        );
+                        let actions = self.server.core.sync_served(sid, &conv, up_to, has_more);
+                        self.dispatch(actions)?;
+                    }
+                    Err(e) => self.send_to_client(sid, ServerFrame::error(e.code(), e.to_string())),
+                }
+            }
+            ClientFrame::Convs => {
+                let conversations = self.server.core.overview(sid);
+                self.send_to_client(sid, ServerFrame::Convs { conversations });
+            }
+            ClientFrame::Ping { nonce } => self.send_to_client(
+                sid,
+                ServerFrame::Pong {
+                    nonce,
+                    server_time: now,
+                },
+            ),
+        }
+        self.pump()
+    }
+
+    /// A device's connection reaches the server: the core learns of the session, and the
+    /// device gets its welcome.
+    pub(crate) fn accept_connection(&mut self, sid: SessionId, d: usize) {
+        let (user, device) = (self.devs[d].user, self.devs[d].device);
+        self.server.core.connect(sid, user, device);
+        let server_time = self.server_now();
+        self.send_to_client(
+            sid,
+            ServerFrame::Welcome {
+                user: user.into(),
+                device: device.into(),
+                protocol: 1,
+                server_time,
+                limits: Limits::default(),
+            },
+        );
+    }
+}
