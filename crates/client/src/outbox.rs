@@ -113,10 +113,12 @@ impl Outbox {
     }
 
     /// The messages to send now, in order, each marked as sent once more with its next retry
-    /// time. Within a conversation, a message that is waiting and not in flight (refused for
-    /// now) holds back the later ones, so nothing overtakes it; messages in flight do not, so
-    /// new messages are pipelined. `unit` yields jitter in `[0, 1)`. Messages that used up
-    /// their attempts are returned as failed instead.
+    /// time. Within a conversation nothing overtakes an earlier message that is waiting: a
+    /// message refused for now holds back every later one, and a resend also waits for every
+    /// earlier message whose own resend is not due yet (it may have been refused without us
+    /// knowing yet). Only a first send may follow messages in flight at once, which pipelines
+    /// new messages. `unit` yields jitter in `[0, 1)`. Messages that used up their attempts
+    /// are returned as failed instead.
     pub fn take_due(
         &mut self,
         now_ms: u64,
@@ -124,15 +126,20 @@ impl Outbox {
     ) -> (Vec<Pending>, Vec<(Pending, Failure)>) {
         let mut send = Vec::new();
         let mut failed = Vec::new();
+        // Conversations where a later message may not go at all, and where only first sends may.
         let mut blocked: Vec<Target> = Vec::new();
+        let mut only_new: Vec<Target> = Vec::new();
         let mut keep = VecDeque::with_capacity(self.queue.len());
         while let Some(mut p) = self.queue.pop_front() {
-            if blocked.contains(&p.target) {
+            let resend = p.attempts > 0;
+            if blocked.contains(&p.target) || (resend && only_new.contains(&p.target)) {
                 keep.push_back(p);
                 continue;
             }
             if p.due_ms > now_ms {
-                if !p.in_flight {
+                if p.in_flight {
+                    only_new.push(p.target.clone());
+                } else {
                     blocked.push(p.target.clone());
                 }
                 keep.push_back(p);
@@ -172,14 +179,20 @@ impl Outbox {
     /// held back behind a waiting one of their conversation do not count.
     pub fn next_due(&self) -> Option<u64> {
         let mut blocked: Vec<&Target> = Vec::new();
+        let mut only_new: Vec<&Target> = Vec::new();
         let mut next: Option<u64> = None;
         for p in &self.queue {
-            if blocked.contains(&&p.target) {
+            let resend = p.attempts > 0;
+            if blocked.contains(&&p.target) || (resend && only_new.contains(&&p.target)) {
                 continue;
             }
             next = Some(next.map_or(p.due_ms, |n| n.min(p.due_ms)));
-            if !p.in_flight && p.due_ms > 0 {
-                blocked.push(&p.target);
+            if p.due_ms > 0 {
+                if p.in_flight {
+                    only_new.push(&p.target);
+                } else {
+                    blocked.push(&p.target);
+                }
             }
         }
         next

@@ -20,6 +20,10 @@ use ordo_protocol::{
 };
 use std::collections::{BTreeSet, HashMap, VecDeque};
 
+/// Most refused sends remembered per connection and conversation to keep their order; past it,
+/// further ones are refused without being queued (the client resends them in order anyway).
+const MAX_HELD_BACK: usize = 4096;
+
 /// Identifies one connected device; chosen by the caller, unique while connected.
 pub type SessionId = u64;
 /// Identifies one admin request; chosen by the caller, echoed in [`Action::AdminDone`].
@@ -430,17 +434,21 @@ impl Core {
         now_ms: u64,
     ) -> Result<(), CoreError> {
         let (rate, burst) = (self.cfg.rate_per_sec, self.cfg.rate_burst);
-        let held = self
+        if let Some(queue) = self
             .sessions
-            .get(&session)
-            .and_then(|s| s.held_back.get(conv_id))
-            .filter(|held| held.as_str() != cmid)
-            .cloned();
-        if let Some(earlier) = held {
-            return Err(CoreError::HeldBack {
-                earlier,
-                retry_after_ms: 1,
-            });
+            .get_mut(&session)
+            .and_then(|s| s.held_back.get_mut(conv_id))
+            .filter(|q| !q.is_empty())
+        {
+            if queue.front().is_some_and(|first| first != cmid) {
+                if !queue.iter().any(|c| c == cmid) && queue.len() < MAX_HELD_BACK {
+                    queue.push_back(cmid.to_string());
+                }
+                return Err(CoreError::HeldBack {
+                    earlier: queue.front().cloned().unwrap_or_default(),
+                    retry_after_ms: 1,
+                });
+            }
         }
         let taken = self
             .buckets
@@ -448,10 +456,22 @@ impl Core {
             .or_insert_with(|| TokenBucket::new(burst, now_ms))
             .take(rate, burst, now_ms);
         if let Some(s) = self.sessions.get_mut(&session) {
+            let queue = s.held_back.entry(conv_id.to_string()).or_default();
             match taken {
-                Ok(()) => s.held_back.remove(conv_id),
-                Err(_) => s.held_back.insert(conv_id.to_string(), cmid.to_string()),
-            };
+                Ok(()) => {
+                    if queue.front().is_some_and(|first| first == cmid) {
+                        queue.pop_front();
+                    }
+                    if queue.is_empty() {
+                        s.held_back.remove(conv_id);
+                    }
+                }
+                Err(_) => {
+                    if queue.is_empty() {
+                        queue.push_back(cmid.to_string());
+                    }
+                }
+            }
         }
         taken.map_err(CoreError::RateLimited)
     }

@@ -1,7 +1,7 @@
 //! One connected device as the core sees it: who it is and, per conversation, how far the
 //! server has pushed to it and whether a `notify` is outstanding.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PushState {
@@ -17,9 +17,11 @@ pub struct Session {
     pub user: String,
     pub device: String,
     pub convs: HashMap<String, PushState>,
-    /// conversation -> the client message id refused for rate; later new sends of this
-    /// connection into that conversation wait behind it, so that sender order holds.
-    pub held_back: HashMap<String, String>,
+    /// conversation -> client message ids refused (for rate, or held back behind one that
+    /// was), in the order they arrived. Only the first may be admitted; each admission lets
+    /// the next one go. So resends, in whatever order they come, are numbered in the order the
+    /// connection first sent them.
+    pub held_back: HashMap<String, VecDeque<String>>,
 }
 
 impl Session {

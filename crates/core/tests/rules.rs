@@ -1020,6 +1020,42 @@ fn a_rate_limited_send_holds_back_later_sends_so_order_holds() {
     );
 }
 
+/// G4 with several refused messages: whatever order their resends come in, they are numbered
+/// in the order the connection first sent them.
+#[test]
+fn refused_messages_are_admitted_in_their_first_send_order() {
+    let mut s = Sim::new(CoreConfig {
+        rate_per_sec: 1.0,
+        rate_burst: 2.0,
+        ..CoreConfig::default()
+    });
+    s.group("g", &["alice", "bob"], Retention::default());
+    s.core.connect(1, "alice", "a1");
+    s.now = 0;
+    assert!(s.send(1, "g", "m0").is_empty());
+    assert!(s.send(1, "g", "m1").is_empty());
+    for m in ["m2", "m3", "m4"] {
+        assert_eq!(rejected(&s.send(1, "g", m)).0, ErrorCode::RateLimited);
+    }
+    // Later, with two tokens back, the resends arrive out of order.
+    s.now = 10_000;
+    assert!(s.send(1, "g", "m2").is_empty(), "the first refused goes");
+    assert_eq!(
+        rejected(&s.send(1, "g", "m4")).0,
+        ErrorCode::RateLimited,
+        "m4 may not overtake m3, though a token is there"
+    );
+    assert!(s.send(1, "g", "m3").is_empty());
+    s.now = 11_000;
+    assert!(s.send(1, "g", "m4").is_empty());
+    let (_, out) = s.flush();
+    let order: Vec<String> = accepted(&out, 1)
+        .into_iter()
+        .map(|(cmid, _, seq, _)| format!("{cmid}:{seq}"))
+        .collect();
+    assert_eq!(order, ["m0:1", "m1:2", "m2:3", "m3:4", "m4:5"]);
+}
+
 /// A fresh connection counts as caught up to its stored delivered position, even when its
 /// first contact with the conversation is a partial sync of older history.
 #[test]

@@ -71,75 +71,26 @@ fn trace_of(seed: u64, opts: Options, keep: Option<usize>) -> (String, Result<()
     )
 }
 
-/// A product bug the simulation found and that is not fixed yet. A seed that fails only this
-/// way is listed, not failed, by [`simulate`] (unless `ORDO_SIM_STRICT=1`, or one seed is
-/// replayed with `ORDO_SIM_SEED`); any other failure still fails the run.
-pub struct KnownIssue {
-    pub name: &'static str,
-    pub matches: fn(&Outcome, &Violation) -> bool,
-}
-
-/// Sender FIFO (G4) broken by rate limiting. A device reconnects with a backlog and pipelines
-/// it; the server refuses the first message of a conversation for rate and the later ones as
-/// held back behind it. The client resends each unanswered message on its own jittered timer,
-/// so a later message can be resent before earlier ones; once the first refused message is
-/// admitted the server forgets the hold, admits that later message, and numbers it before the
-/// earlier refused ones (seen with `ORDO_SIM_SEED=280`, and with `=126` after a lost rejection).
-fn rate_limit_reorders_resends(_: &Outcome, v: &Violation) -> bool {
-    v.kind == Kind::SenderOrder && v.detail.contains("refused for rate")
-}
-
-pub const KNOWN_ISSUES: &[KnownIssue] = &[KnownIssue {
-    name:
-        "G4 under rate limiting: a later message's resend is admitted before earlier held-back ones",
-    matches: rate_limit_reorders_resends,
-}];
-
-fn known_issue(o: &Outcome) -> Option<&'static str> {
-    let v = o.result.as_ref().err()?;
-    KNOWN_ISSUES
-        .iter()
-        .find(|k| (k.matches)(o, v))
-        .map(|k| k.name)
-}
-
 /// Runs the seeds the environment asks for (default `0..default`) and panics, listing every
-/// failing seed with the end of the first one's trace, if any fails (seeds that hit only a
-/// [known issue](KNOWN_ISSUES) are listed on stderr instead). Returns the totals.
+/// failing seed with the end of the first one's trace, if any fails. Returns the totals.
 pub fn simulate(default: u64, opts: Options) -> Stats {
     let (seeds, one) = seeds_from_env(default);
-    let strict = one || std::env::var("ORDO_SIM_STRICT").is_ok_and(|v| v == "1");
     let started = std::time::Instant::now();
     let mut total = Stats::default();
     let mut failures: Vec<(u64, &'static str, Violation)> = Vec::new();
-    let mut known: Vec<String> = Vec::new();
     for &seed in &seeds {
         let o = run_seed(seed, opts, false);
         total += o.stats;
-        match (known_issue(&o), o.result) {
-            (Some(name), Err(v)) if !strict => {
-                known.push(format!(
-                    "  seed {seed} ({}): {v}\n    known issue: {name}",
-                    o.profile
-                ));
-            }
-            (_, Err(v)) => failures.push((seed, o.profile, v)),
-            (_, Ok(())) => {}
+        if let Err(v) = o.result {
+            failures.push((seed, o.profile, v));
         }
     }
     eprintln!(
-        "{} seeds ({} failed, {} on a known issue) in {:.1} s, {opts:?}; totals: {total:?}",
+        "{} seeds ({} failed) in {:.1} s, {opts:?}; totals: {total:?}",
         seeds.len(),
         failures.len(),
-        known.len(),
         started.elapsed().as_secs_f64()
     );
-    if !known.is_empty() {
-        eprintln!(
-            "seeds that hit a known, unfixed product bug (ORDO_SIM_STRICT=1 fails on them):\n{}",
-            known.join("\n")
-        );
-    }
     if let Some((seed, _, _)) = failures.first() {
         // One seed replayed: the whole trace; otherwise its end.
         let (tail, again) = trace_of(*seed, opts, if one { None } else { Some(150) });

@@ -72,10 +72,10 @@ fn a_seed_replays_exactly() {
     }
 }
 
-/// The seeds that show the known G4 bug under rate limiting (see `ordo_sim::KNOWN_ISSUES`):
-/// they must pass once it is fixed.
+/// Regression: under rate limiting, a later message's resend used to be admitted before
+/// earlier held-back ones (G4). The server now keeps every refused message of a connection in
+/// order, and the client never resends past an earlier unanswered message.
 #[test]
-#[ignore = "known product bug: under rate limiting a later message's resend is admitted before earlier held-back ones (G4)"]
 fn rate_limited_resends_keep_the_sender_order() {
     for seed in [126, 280] {
         let o = run_seed(seed, Options::default(), false);
