@@ -578,13 +578,7 @@ impl ClientState {
                 c.reorder.reset(0);
                 c.acked = 0;
                 c.read = 0;
-                self.effects
-                    .push_back(Effect::Persist(vec![StoreOp::SetConv {
-                        conv: conv.clone(),
-                        epoch: Some(epoch),
-                        contiguous: 0,
-                        reset: true,
-                    }]));
+                self.persist_conv(&conv, epoch, 0, true);
                 self.event(Event::EpochReset {
                     conv: conv.clone(),
                     epoch,
@@ -596,26 +590,13 @@ impl ClientState {
             None => {
                 c.epoch = Some(epoch);
                 let contiguous = c.reorder.contiguous();
-                self.effects
-                    .push_back(Effect::Persist(vec![StoreOp::SetConv {
-                        conv: conv.clone(),
-                        epoch: Some(epoch),
-                        contiguous,
-                        reset: false,
-                    }]));
+                self.persist_conv(&conv, epoch, contiguous, false);
             }
         }
         let c = self.conv_mut(&conv);
         let (gap, mut ready) = c.reorder.skip_to(first_seq);
         if let Some((from, to)) = gap {
-            let contiguous = to;
-            self.effects
-                .push_back(Effect::Persist(vec![StoreOp::SetConv {
-                    conv: conv.clone(),
-                    epoch: Some(epoch),
-                    contiguous,
-                    reset: false,
-                }]));
+            self.persist_conv(&conv, epoch, to, false);
             self.event(Event::HistoryGap {
                 conv: conv.clone(),
                 from,
@@ -830,6 +811,17 @@ impl ClientState {
                 status: Status::Failed(reason),
             });
         }
+    }
+
+    /// Stores a conversation's epoch and contiguous position (`reset`: the old history goes).
+    fn persist_conv(&mut self, conv: &str, epoch: u64, contiguous: u64, reset: bool) {
+        self.effects
+            .push_back(Effect::Persist(vec![StoreOp::SetConv {
+                conv: conv.to_string(),
+                epoch: Some(epoch),
+                contiguous,
+                reset,
+            }]));
     }
 
     fn transmit(&mut self, f: ClientFrame) {
