@@ -20,6 +20,9 @@ fn a_short_chaos_run_finds_no_violation() {
             "6",
             "--rate",
             "30",
+            // Below what each user offers, so refusals and ordered resends are exercised.
+            "--user-rate",
+            "5",
             "--json",
         ])
         .env_remove("RUST_LOG")

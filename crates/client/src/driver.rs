@@ -273,6 +273,13 @@ impl Driver {
         let mut attempt: u32 = 0;
         let mut reconnect_at = Some(self.now());
         loop {
+            // However the connection was lost (a failed read, a failed write while carrying out
+            // effects), the next attempt is always scheduled.
+            if self.ws.is_none() && reconnect_at.is_none() {
+                attempt = attempt.saturating_add(1);
+                reconnect_at =
+                    Some(self.now() + self.opts.reconnect.delay_ms(attempt, rand::random()));
+            }
             if self.ws.is_none() && reconnect_at.is_some_and(|t| t <= self.now()) {
                 match self.connect().await {
                     Ok(ws) => {
@@ -317,10 +324,15 @@ impl Driver {
                     Some(Cmd::Send { target, body, reply_to, reply }) => {
                         let now = self.now();
                         let cmid = self.state.send(target, body, reply_to, now);
-                        // The first effect is the outbox write: carry it out before answering.
+                        // The first effect is the outbox write: carry it out before answering. If
+                        // it fails the driver stops: the message must not go out unrecorded.
                         match self.persist_next() {
                             Ok(()) => { let _ = reply.send(Ok(cmid)); }
-                            Err(e) => { let _ = reply.send(Err(e)); }
+                            Err(e) => {
+                                tracing::error!(error = %e, "client store failed; stopping the client");
+                                let _ = reply.send(Err(e));
+                                return;
+                            }
                         }
                     }
                     Some(Cmd::MarkRead { conv, seq }) => self.state.mark_read(&conv, seq),
@@ -352,11 +364,6 @@ impl Driver {
             }
             if !self.carry_out().await {
                 return;
-            }
-            if self.ws.is_none() && !self.state.is_connected() && reconnect_at.is_none() {
-                attempt = attempt.saturating_add(1);
-                reconnect_at =
-                    Some(self.now() + self.opts.reconnect.delay_ms(attempt, rand::random()));
             }
         }
     }

@@ -164,8 +164,9 @@ impl Outbox {
     /// this message and the later ones of its conversation go again.
     pub fn retry_later(&mut self, cmid: &str, now_ms: u64, retry_after_ms: Option<u64>) {
         if let Some(p) = self.queue.iter_mut().find(|p| p.cmid == cmid) {
-            let wait = retry_after_ms.unwrap_or(0);
-            p.due_ms = p.due_ms.max(now_ms + wait);
+            // The server's hint, but never longer than our own longest backoff.
+            let wait = retry_after_ms.unwrap_or(0).min(self.policy.max_ms);
+            p.due_ms = p.due_ms.max(now_ms.saturating_add(wait));
             p.in_flight = false;
         }
     }

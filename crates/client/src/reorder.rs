@@ -46,7 +46,7 @@ impl ReorderBuffer {
         if m.seq <= self.contiguous || self.waiting.contains_key(&m.seq) {
             return Offer::Duplicate;
         }
-        if m.seq != self.contiguous + 1 {
+        if m.seq != self.contiguous.saturating_add(1) {
             if self.waiting.len() >= self.capacity {
                 // Keep the lowest seqs: they are the next to become contiguous.
                 if let Some((&high, _)) = self.waiting.last_key_value() {
@@ -76,7 +76,7 @@ impl ReorderBuffer {
     /// waited for. Returns the removed range `(from, to)` if it moved the position, and the
     /// buffered messages that became contiguous.
     pub fn skip_to(&mut self, first_seq: u64) -> (Option<(u64, u64)>, Vec<Message>) {
-        if first_seq <= self.contiguous + 1 {
+        if first_seq <= self.contiguous.saturating_add(1) {
             return (None, Vec::new());
         }
         let gap = (self.contiguous + 1, first_seq - 1);

@@ -24,6 +24,10 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 /// further ones are refused without being queued (the client resends them in order anyway).
 const MAX_HELD_BACK: usize = 4096;
 
+/// A held-back send not resent for this long is forgotten (the client's longest backoff is a
+/// minute, ±30 %): a message the client gave up on must not block its conversation for good.
+const HELD_BACK_TTL_MS: u64 = 120_000;
+
 /// Identifies one connected device; chosen by the caller, unique while connected.
 pub type SessionId = u64;
 /// Identifies one admin request; chosen by the caller, echoed in [`Action::AdminDone`].
@@ -438,14 +442,22 @@ impl Core {
             .sessions
             .get_mut(&session)
             .and_then(|s| s.held_back.get_mut(conv_id))
-            .filter(|q| !q.is_empty())
         {
-            if queue.front().is_some_and(|first| first != cmid) {
-                if !queue.iter().any(|c| c == cmid) && queue.len() < MAX_HELD_BACK {
-                    queue.push_back(cmid.to_string());
+            while queue
+                .front()
+                .is_some_and(|(c, at)| c != cmid && at.saturating_add(HELD_BACK_TTL_MS) < now_ms)
+            {
+                queue.pop_front();
+            }
+            if let Some(entry) = queue.iter_mut().find(|(c, _)| c == cmid) {
+                entry.1 = now_ms;
+            }
+            if queue.front().is_some_and(|(first, _)| first != cmid) {
+                if !queue.iter().any(|(c, _)| c == cmid) && queue.len() < MAX_HELD_BACK {
+                    queue.push_back((cmid.to_string(), now_ms));
                 }
                 return Err(CoreError::HeldBack {
-                    earlier: queue.front().cloned().unwrap_or_default(),
+                    earlier: queue.front().map(|(c, _)| c.clone()).unwrap_or_default(),
                     retry_after_ms: 1,
                 });
             }
@@ -459,7 +471,7 @@ impl Core {
             let queue = s.held_back.entry(conv_id.to_string()).or_default();
             match taken {
                 Ok(()) => {
-                    if queue.front().is_some_and(|first| first == cmid) {
+                    if queue.front().is_some_and(|(first, _)| first == cmid) {
                         queue.pop_front();
                     }
                     if queue.is_empty() {
@@ -468,7 +480,7 @@ impl Core {
                 }
                 Err(_) => {
                     if queue.is_empty() {
-                        queue.push_back(cmid.to_string());
+                        queue.push_back((cmid.to_string(), now_ms));
                     }
                 }
             }

@@ -20,8 +20,9 @@ pub struct Session {
     /// conversation -> client message ids refused (for rate, or held back behind one that
     /// was), in the order they arrived. Only the first may be admitted; each admission lets
     /// the next one go. So resends, in whatever order they come, are numbered in the order the
-    /// connection first sent them.
-    pub held_back: HashMap<String, VecDeque<String>>,
+    /// connection first sent them. Each entry keeps when it was last refused: one the client
+    /// stopped resending (it gave up, or it was refused for another reason) expires.
+    pub held_back: HashMap<String, VecDeque<(String, u64)>>,
 }
 
 impl Session {

@@ -46,6 +46,10 @@ pub struct CheckArgs {
     /// Messages per second, all clients together.
     #[arg(long, default_value_t = 40.0)]
     rate: f64,
+    /// The server's per-user send limit (sends per second, also the burst); set it below what
+    /// a user offers to exercise refusals and resends under the limit. 0: no limit.
+    #[arg(long, default_value_t = 0.0)]
+    user_rate: f64,
     /// Seed of every random choice (printed; pass it again to replay the same plan).
     #[arg(long)]
     seed: Option<u64>,
@@ -108,7 +112,8 @@ async fn check(args: CheckArgs) -> Result<(Report, bool), String> {
     let mut rng = StdRng::seed_from_u64(seed);
     let started = Instant::now();
 
-    let server = tokio::task::spawn_blocking(LocalServer::start)
+    let user_rate = args.user_rate;
+    let server = tokio::task::spawn_blocking(move || LocalServer::start(user_rate))
         .await
         .map_err(|e| e.to_string())??;
     let port = server.port();

@@ -27,10 +27,12 @@ pub struct LocalServer {
     admin_key: String,
     child: Option<Child>,
     starts: u32,
+    /// Sends per second per user the server allows (0: no limit).
+    user_rate: f64,
 }
 
 impl LocalServer {
-    pub fn start() -> Result<Self, String> {
+    pub fn start(user_rate: f64) -> Result<Self, String> {
         let exe =
             std::env::current_exe().map_err(|e| format!("cannot find the ordo binary: {e}"))?;
         let dir = tempfile::tempdir().map_err(|e| format!("cannot create a temp dir: {e}"))?;
@@ -46,6 +48,7 @@ impl LocalServer {
             admin_key: format!("check-admin-{:016x}", rand::random::<u64>()),
             child: None,
             starts: 0,
+            user_rate,
         };
         s.restart()?;
         Ok(s)
@@ -104,7 +107,8 @@ impl CheckTarget for LocalServer {
             .arg("--data")
             .arg(self.data_dir())
             .args(["--secret", &self.secret, "--admin-key", &self.admin_key])
-            .args(["--rate-per-sec", "0"])
+            .args(["--rate-per-sec", &self.user_rate.to_string()])
+            .args(["--rate-burst", &self.user_rate.max(1.0).to_string()])
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
