@@ -36,7 +36,13 @@ fn a_short_chaos_run_finds_no_violation() {
         )
     });
     assert!(out.status.success(), "ordo check failed:\n{report:#}");
-    for field in ["lost", "duplicated", "misordered", "receipt_regressions"] {
+    for field in [
+        "lost",
+        "unaccepted",
+        "duplicated",
+        "misordered",
+        "receipt_regressions",
+    ] {
         assert_eq!(report[field], 0, "{field}:\n{report:#}");
     }
     assert_eq!(report["settled"], true);

@@ -23,8 +23,11 @@ pub struct Report {
     pub server_kills: u64,
     pub client_kills: u64,
     pub disconnects: u64,
-    /// Accepted messages missing on a member device, and sent messages never accepted.
+    /// Accepted messages missing on a member device.
     pub lost: u64,
+    /// Sent messages never accepted (still in an outbox when the check ended: with `settled`
+    /// false, the run was cut short rather than a message lost).
+    pub unaccepted: u64,
     /// Messages handed to a device twice, or accepted under two seqs.
     pub duplicated: u64,
     /// Seqs skipped or out of order, devices disagreeing on a seq, or a device's messages
@@ -41,6 +44,7 @@ impl Report {
     pub fn passed(&self) -> bool {
         self.settled
             && self.lost == 0
+            && self.unaccepted == 0
             && self.duplicated == 0
             && self.misordered == 0
             && self.receipt_regressions == 0
@@ -60,8 +64,13 @@ impl Report {
             self.server_kills, self.client_kills, self.disconnects
         );
         println!(
-            "  lost {}  duplicated {}  misordered {}  receipt regressions {}  settled {}",
-            self.lost, self.duplicated, self.misordered, self.receipt_regressions, self.settled
+            "  lost {}  unaccepted {}  duplicated {}  misordered {}  receipt regressions {}  settled {}",
+            self.lost,
+            self.unaccepted,
+            self.duplicated,
+            self.misordered,
+            self.receipt_regressions,
+            self.settled
         );
         for v in &self.violations {
             println!("  ! {v}");
@@ -268,7 +277,7 @@ impl Ledger {
             .map(|(_, c)| c.clone())
             .collect();
         for cmid in unaccepted {
-            self.report.lost += 1;
+            self.report.unaccepted += 1;
             self.violation(format!("{cmid} was sent but never accepted"));
         }
         // Every accepted message at its seq on every member device; all devices agree.
@@ -468,6 +477,7 @@ mod tests {
         let mut l = ledger();
         l.sent(0, "g", "z".into());
         let r = l.verify(true);
-        assert_eq!(r.lost, 1);
+        assert_eq!(r.unaccepted, 1);
+        assert!(!r.passed());
     }
 }
