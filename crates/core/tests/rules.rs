@@ -1056,6 +1056,36 @@ fn refused_messages_are_admitted_in_their_first_send_order() {
     assert_eq!(order, ["m0:1", "m1:2", "m2:3", "m3:4", "m4:5"]);
 }
 
+/// A refused send the client gave up on does not hold its conversation back for good: once it
+/// has not been resent for two minutes, later sends go.
+#[test]
+fn a_held_back_send_that_is_never_resent_expires() {
+    let mut s = Sim::new(CoreConfig {
+        rate_per_sec: 1.0,
+        rate_burst: 1.0,
+        ..CoreConfig::default()
+    });
+    s.group("g", &["alice", "bob"], Retention::default());
+    s.core.connect(1, "alice", "a1");
+    s.now = 0;
+    assert!(s.send(1, "g", "m0").is_empty());
+    assert_eq!(rejected(&s.send(1, "g", "m1")).0, ErrorCode::RateLimited);
+    s.now = 60_000;
+    assert_eq!(
+        rejected(&s.send(1, "g", "m2")).0,
+        ErrorCode::RateLimited,
+        "still held back behind m1"
+    );
+    s.now = 200_000; // m1 was never resent; m2 was refused at 60 s, so it is fresh
+    assert!(s.send(1, "g", "m2").is_empty(), "m1's hold expired");
+    let (_, out) = s.flush();
+    let order: Vec<String> = accepted(&out, 1)
+        .into_iter()
+        .map(|(cmid, _, seq, _)| format!("{cmid}:{seq}"))
+        .collect();
+    assert_eq!(order, ["m0:1", "m2:2"]);
+}
+
 /// A fresh connection counts as caught up to its stored delivered position, even when its
 /// first contact with the conversation is a partial sync of older history.
 #[test]
