@@ -47,7 +47,7 @@ enum Cmd {
     Tail(messaging::TailArgs),
     /// Line-mode chat in one conversation, showing each message's state as it changes.
     Chat(messaging::ChatArgs),
-    /// Measure accepted msgs/s and latency against a running server.
+    /// Benchmarks: Ordo side by side with Mosquitto and NATS JetStream (pairs, fanout, catchup, connections).
     Bench(bench::BenchArgs),
     /// Chaos run against a real server: kills, cut connections, client crashes; then verify
     /// that every accepted message reached every device exactly once, in order.

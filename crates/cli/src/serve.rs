@@ -36,9 +36,9 @@ pub struct ServeArgs {
     /// Unacknowledged pushes per device and conversation before `notify` [default: 256].
     #[arg(long, env = "ORDO_PUSH_WINDOW")]
     push_window: Option<u64>,
-    /// Groups larger than this get `notify` only [default: 1000].
-    #[arg(long, env = "ORDO_PUSH_MAX_MEMBERS")]
-    push_max_members: Option<usize>,
+    /// Groups larger than this get no receipt frames [default: 1000].
+    #[arg(long, env = "ORDO_RECEIPT_MAX_MEMBERS")]
+    receipt_max_members: Option<usize>,
     /// How long resends are recognised, in seconds [default: 86400].
     #[arg(long, env = "ORDO_DEDUP_WINDOW_SECS")]
     dedup_window_secs: Option<u64>,
@@ -78,7 +78,7 @@ impl ServeArgs {
             max_body_bytes,
             max_sync_limit,
             push_window,
-            push_max_members,
+            receipt_max_members,
             dedup_window_secs,
             rate_per_sec,
             rate_burst,

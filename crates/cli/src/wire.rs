@@ -36,6 +36,17 @@ impl WireClient {
     /// Connects to `base` (e.g. `ws://127.0.0.1:7400`) with the token in the Authorization
     /// header. The first frame, `welcome`, is left for the caller to read.
     pub async fn connect(base: &str, token: &str, encoding: Encoding) -> Result<Self, WireError> {
+        Self::connect_from(base, token, encoding, None).await
+    }
+
+    /// Like [`connect`](Self::connect), from the local address `from` (so that more connections
+    /// than one address has ports can be opened, over several 127.0.0.x addresses).
+    pub async fn connect_from(
+        base: &str,
+        token: &str,
+        encoding: Encoding,
+        from: Option<std::net::IpAddr>,
+    ) -> Result<Self, WireError> {
         let enc = match encoding {
             Encoding::Json => "json",
             Encoding::MsgPack => "msgpack",
@@ -48,17 +59,64 @@ impl WireClient {
         let mut cfg = WebSocketConfig::default();
         cfg.max_message_size = Some(64 << 20);
         cfg.max_frame_size = Some(64 << 20);
-        let (ws, _) = tokio_tungstenite::connect_async_with_config(req, Some(cfg), true).await?;
+        // The default (128 KiB) is zero-filled before every read: costly with many connections.
+        cfg.read_buffer_size = 16 << 10;
+        let ws = match from {
+            None => {
+                tokio_tungstenite::connect_async_with_config(req, Some(cfg), true)
+                    .await?
+                    .0
+            }
+            Some(ip) => {
+                let host = req.uri().host().unwrap_or("127.0.0.1").to_string();
+                let port = req.uri().port_u16().unwrap_or(80);
+                let target = tokio::net::lookup_host((host.as_str(), port))
+                    .await
+                    .map_err(|e| WireError::Request(format!("cannot resolve {host}: {e}")))?
+                    .next()
+                    .ok_or_else(|| WireError::Request(format!("{host} has no address")))?;
+                let sock = match ip {
+                    std::net::IpAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+                    std::net::IpAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+                }
+                .and_then(|s| s.bind(std::net::SocketAddr::new(ip, 0)).map(|_| s))
+                .map_err(|e| WireError::Request(format!("cannot bind to {ip}: {e}")))?;
+                let tcp = sock
+                    .connect(target)
+                    .await
+                    .map_err(|e| WireError::Request(format!("cannot connect to {target}: {e}")))?;
+                let _ = tcp.set_nodelay(true);
+                tokio_tungstenite::client_async_with_config(
+                    req,
+                    MaybeTlsStream::Plain(tcp),
+                    Some(cfg),
+                )
+                .await?
+                .0
+            }
+        };
         Ok(WireClient { ws, encoding })
     }
 
-    pub async fn send(&mut self, frame: &ClientFrame) -> Result<(), WireError> {
+    /// Queues a frame without flushing it (follow with [`flush`](Self::flush)): many frames,
+    /// one write.
+    pub async fn feed(&mut self, frame: &ClientFrame) -> Result<(), WireError> {
         let msg = match encode(frame, self.encoding) {
             Encoded::Text(s) => WsMessage::Text(s.into()),
             Encoded::Binary(b) => WsMessage::Binary(b.into()),
         };
-        self.ws.send(msg).await?;
+        self.ws.feed(msg).await?;
         Ok(())
+    }
+
+    pub async fn flush(&mut self) -> Result<(), WireError> {
+        self.ws.flush().await?;
+        Ok(())
+    }
+
+    pub async fn send(&mut self, frame: &ClientFrame) -> Result<(), WireError> {
+        self.feed(frame).await?;
+        self.flush().await
     }
 
     /// Sends a raw WebSocket message (for tests of malformed input).

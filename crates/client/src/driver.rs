@@ -381,7 +381,7 @@ impl Driver {
             )
         })?;
         req.headers_mut().insert("authorization", auth);
-        let fut = tokio_tungstenite::connect_async_with_config(req, None, true);
+        let fut = tokio_tungstenite::connect_async_with_config(req, Some(ws_config()), true);
         match tokio::time::timeout(self.opts.connect_timeout, fut).await {
             Err(_) => Err((format!("no answer from {} in time", self.opts.url), false)),
             Ok(Err(tokio_tungstenite::tungstenite::Error::Http(resp))) => {
@@ -447,4 +447,10 @@ async fn next_ws(
         Some(ws) => ws.next().await,
         None => std::future::pending().await,
     }
+}
+
+/// The WebSocket settings of the SDK's connection. The read buffer is zero-filled up to its size
+/// before every read, so it is kept well below the library's default of 128 KiB.
+fn ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(16 << 10)
 }

@@ -9,8 +9,9 @@ pub struct CoreConfig {
     /// Most pushed-but-unacknowledged messages per device and conversation; past it the device
     /// gets `notify` and pulls.
     pub push_window: u64,
-    /// Groups with more members than this never get `msg` pushes, only `notify`.
-    pub push_max_members: usize,
+    /// Groups with more members than this get no `receipt` frames (every member would be told
+    /// of every other member's moves); their positions are in the overview.
+    pub receipt_max_members: usize,
     /// How long a (sender, client message id) pair is remembered, in milliseconds.
     pub dedup_window_ms: u64,
     /// Sustained sends per second per user; 0 disables the limit.
@@ -28,7 +29,7 @@ impl Default for CoreConfig {
         CoreConfig {
             limits: Limits::default(),
             push_window: 256,
-            push_max_members: 1000,
+            receipt_max_members: 1000,
             dedup_window_ms: 24 * 60 * 60 * 1000,
             rate_per_sec: 1000.0,
             rate_burst: 2000.0,

@@ -997,7 +997,6 @@ impl Core {
         let Some(c) = self.convs.get(&m.conv) else {
             return;
         };
-        let large = c.durable_member_count() > self.cfg.push_max_members;
         let durable = c.durable_seq;
         let window = self.cfg.push_window;
         for user in c.durable_members() {
@@ -1014,7 +1013,7 @@ impl Core {
                     notified: false,
                 });
                 let in_window = m.seq.saturating_sub(cursor.delivered) <= window;
-                if !large && st.sent_up_to + 1 == m.seq && in_window {
+                if st.sent_up_to + 1 == m.seq && in_window {
                     st.sent_up_to = m.seq;
                     self.stats.pushed += 1;
                     out.push(Action::Send {
@@ -1050,7 +1049,7 @@ impl Core {
             return;
         }
         c.published.insert(user.to_string(), new);
-        if c.durable_member_count() > self.cfg.push_max_members {
+        if c.durable_member_count() > self.cfg.receipt_max_members {
             return;
         }
         let frame = ServerFrame::Receipt {

@@ -1220,9 +1220,9 @@ fn a_whole_batch_past_the_window_gives_one_notify_with_the_batch_max() {
 }
 
 #[test]
-fn groups_larger_than_push_max_members_get_only_notify() {
+fn groups_larger_than_receipt_max_members_get_pushes_but_no_receipts() {
     let mut s = Sim::new(CoreConfig {
-        push_max_members: 2,
+        receipt_max_members: 2,
         ..cfg()
     });
     s.group("big", &["alice", "bob", "carol"], Retention::default());
@@ -1235,38 +1235,38 @@ fn groups_larger_than_push_max_members_get_only_notify() {
         s.send(1, "small", &format!("small{i}"));
         out.extend(s.flush().1);
     }
-    let big: Vec<_> = frames(&out, 2)
-        .into_iter()
-        .filter(|f| match f {
-            ServerFrame::Msg(m) => m.conv == "big",
-            ServerFrame::Notify { conv, .. } => conv == "big",
-            _ => false,
-        })
-        .collect();
-    assert_eq!(
-        big,
-        vec![ServerFrame::Notify {
-            conv: "big".into(),
-            max_seq: 1
-        }]
-    );
-    // A group of exactly push_max_members still gets pushes.
-    let small: Vec<u64> = frames(&out, 2)
+    // Every member of both groups is pushed every message, in order.
+    for conv in ["big", "small"] {
+        let seqs: Vec<u64> = frames(&out, 2)
+            .into_iter()
+            .filter_map(|f| match f {
+                ServerFrame::Msg(m) if m.conv == conv => Some(m.seq),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(seqs, vec![1, 2, 3], "{conv}");
+    }
+    // bob's acks move receipts in the small group only.
+    s.core.ack(2, "big", 3).unwrap();
+    s.core.ack(2, "small", 3).unwrap();
+    let out = s.flush().1;
+    let receipts: Vec<String> = frames(&out, 1)
         .into_iter()
         .filter_map(|f| match f {
-            ServerFrame::Msg(m) if m.conv == "small" => Some(m.seq),
+            ServerFrame::Receipt { conv, .. } => Some(conv),
             _ => None,
         })
         .collect();
-    assert_eq!(small, vec![1, 2, 3]);
-    // After a sync the next message notifies again, once.
-    s.core.sync(2, "big", 0, None).unwrap();
-    assert!(s.core.sync_served(2, "big", 3, false).is_empty());
-    s.send(1, "big", "big4");
-    s.send(1, "big", "big5");
-    let out = s.flush().1;
-    assert_eq!(notifies(&out, 2), vec![5]);
-    assert!(msg_seqs(&out, 2).is_empty());
+    assert_eq!(receipts, vec!["small".to_string()]);
+    // The big group's positions are still in the overview.
+    let big = s
+        .core
+        .overview(1)
+        .into_iter()
+        .find(|c| c.conv == "big")
+        .unwrap();
+    let bob = big.members.iter().find(|m| m.user == "bob").unwrap();
+    assert_eq!(bob.delivered, 3);
 }
 
 #[test]

@@ -28,8 +28,8 @@ pub struct Config {
     /// Pushed-but-unacknowledged messages per device and conversation before falling back to
     /// `notify`.
     pub push_window: u64,
-    /// Groups larger than this get `notify` only.
-    pub push_max_members: usize,
+    /// Groups larger than this get no receipt frames.
+    pub receipt_max_members: usize,
     /// Frames queued for one connection before it is dropped as too slow.
     pub outbound_queue: usize,
     pub dedup_window_secs: u64,
@@ -60,7 +60,7 @@ impl Default for Config {
             max_sync_bytes: 1 << 20,
             max_acks_per_frame: core.limits.max_acks_per_frame,
             push_window: core.push_window,
-            push_max_members: core.push_max_members,
+            receipt_max_members: core.receipt_max_members,
             outbound_queue: 1024,
             dedup_window_secs: core.dedup_window_ms / 1000,
             rate_per_sec: core.rate_per_sec,
@@ -147,7 +147,7 @@ impl Config {
         CoreConfig {
             limits: self.limits(),
             push_window: self.push_window,
-            push_max_members: self.push_max_members,
+            receipt_max_members: self.receipt_max_members,
             dedup_window_ms: self.dedup_window_secs.saturating_mul(1000),
             rate_per_sec: self.rate_per_sec,
             rate_burst: self.rate_burst,

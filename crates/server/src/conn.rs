@@ -23,6 +23,9 @@ static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 /// How long a closing connection may take to flush what is queued for it.
 const WRITER_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// Most frames written to the socket at once (one flush) when more are queued.
+const WRITE_BATCH: usize = 256;
+
 /// WebSocket close codes used by the server.
 pub mod close {
     pub const GOING_AWAY: u16 = 1001;
@@ -33,7 +36,7 @@ pub mod close {
 struct Conn {
     state: AppState,
     session: SessionId,
-    tx: mpsc::Sender<ServerFrame>,
+    tx: mpsc::Sender<Box<ServerFrame>>,
     /// Last encoding the client spoke: true for MessagePack.
     msgpack: Arc<AtomicBool>,
 }
@@ -42,19 +45,22 @@ pub async fn run(socket: WebSocket, state: AppState, user: String, device: Strin
     let session = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
     let _live = state.live.clone();
     let (mut sink, mut stream) = socket.split();
-    let (tx, mut rx) = mpsc::channel::<ServerFrame>(state.outbound_queue);
+    // Frames are boxed: the queue allocates its slots in blocks up front, and an idle
+    // connection should not pay for a block of full-size frames.
+    let (tx, mut rx) = mpsc::channel::<Box<ServerFrame>>(state.outbound_queue);
     let kick = Arc::new(Notify::new());
     let msgpack = Arc::new(AtomicBool::new(enc == Encoding::MsgPack));
-    let (close_tx, mut close_rx) = mpsc::channel::<(u16, String)>(1);
+    let (close_tx, mut close_rx) = oneshot::channel::<(u16, String)>();
+    let mut close_open = true;
 
     // `welcome` is queued before the router knows the session, so that it is always first.
-    let _ = tx.try_send(ServerFrame::Welcome {
+    let _ = tx.try_send(Box::new(ServerFrame::Welcome {
         user: user.clone(),
         device: device.clone(),
         protocol: PROTOCOL_VERSION,
         server_time: crate::router::now_ms(),
         limits: state.limits.clone(),
-    });
+    }));
     let handle = SessionHandle {
         tx: tx.clone(),
         kick: kick.clone(),
@@ -83,21 +89,39 @@ pub async fn run(socket: WebSocket, state: AppState, user: String, device: Strin
         loop {
             tokio::select! {
                 biased;
-                Some((code, reason)) = close_rx.recv() => {
-                    let _ = sink.send(close_msg(code, &reason)).await;
-                    break;
-                }
+                close = &mut close_rx, if close_open => match close {
+                    Ok((code, reason)) => {
+                        let _ = sink.send(close_msg(code, &reason)).await;
+                        break;
+                    }
+                    // Ended without a close frame to send: write out what is queued.
+                    Err(_) => close_open = false,
+                },
                 frame = rx.recv() => {
                     let Some(frame) = frame else { break };
-                    if let ServerFrame::Msg(_) = frame {
-                        metrics::counter!(m::DELIVERED).increment(1);
-                    }
                     let enc = if writer_msgpack.load(Ordering::Relaxed) {
                         Encoding::MsgPack
                     } else {
                         Encoding::Json
                     };
-                    if sink.send(to_ws(encode(&frame, enc))).await.is_err() {
+                    // Everything already queued goes out in one write.
+                    let mut next = Some(frame);
+                    let mut queued = 0;
+                    let mut failed = false;
+                    while let Some(frame) = next.take() {
+                        if let ServerFrame::Msg(_) = *frame {
+                            metrics::counter!(m::DELIVERED).increment(1);
+                        }
+                        if sink.feed(to_ws(encode(&frame, enc))).await.is_err() {
+                            failed = true;
+                            break;
+                        }
+                        queued += 1;
+                        if queued < WRITE_BATCH {
+                            next = rx.try_recv().ok();
+                        }
+                    }
+                    if failed || sink.flush().await.is_err() {
                         break;
                     }
                 }
@@ -133,7 +157,7 @@ pub async fn run(socket: WebSocket, state: AppState, user: String, device: Strin
     };
     let _ = state.router.send(Command::Disconnect { session }).await;
     if let Some(c) = close {
-        let _ = close_tx.send(c).await;
+        let _ = close_tx.send(c);
     }
     drop(conn);
     drop(tx);
@@ -306,7 +330,7 @@ impl Conn {
     /// Queues a frame for this connection. A full queue means the peer is not reading: the
     /// connection is closed rather than waited on, so it can never pin the task or memory.
     fn reply(&self, frame: ServerFrame) -> Result<(), Close> {
-        match self.tx.try_send(frame) {
+        match self.tx.try_send(Box::new(frame)) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(_)) => {
                 metrics::counter!(m::SLOW_CONSUMERS).increment(1);

@@ -51,6 +51,9 @@ struct WsQuery {
     encoding: Option<String>,
 }
 
+/// Bytes read from a client socket at once (see [`ws_upgrade`]).
+const READ_BUFFER: usize = 2048;
+
 async fn ws_upgrade(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -88,8 +91,12 @@ async fn ws_upgrade(
     // proper 1009 close with a reason; anything larger is cut off by the WebSocket layer, which
     // also ends in 1009.
     let max = state.limits.max_frame_bytes + 1024;
+    // The WebSocket layer zero-fills its read buffer up to this size before every read and keeps
+    // it for the connection's life: small keeps idle connections cheap and reads fast (frames
+    // larger than this are read in several steps).
     ws.max_message_size(max)
         .max_frame_size(max)
+        .read_buffer_size(READ_BUFFER)
         .on_upgrade(move |socket| crate::conn::run(socket, state, claims.user, claims.device, enc))
 }
 

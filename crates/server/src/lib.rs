@@ -120,6 +120,10 @@ impl RunningServer {
     }
 }
 
+/// Connections the kernel may hold for the server before it accepts them (capped by the
+/// system's `net.core.somaxconn`).
+const LISTEN_BACKLOG: u32 = 4096;
+
 /// Opens the embedded store in `cfg.data` and starts serving. Returns once the listener is
 /// bound.
 pub async fn start(cfg: Config) -> Result<RunningServer, ServerError> {
@@ -163,12 +167,22 @@ pub async fn start_with_store(
         result
     });
 
-    let listener = tokio::net::TcpListener::bind(cfg.listen)
-        .await
-        .map_err(|source| ServerError::Bind {
-            addr: cfg.listen,
-            source,
-        })?;
+    // A deep accept queue: after a restart every client reconnects at once, and a connection
+    // the queue has no room for waits a whole second for the retry of its SYN.
+    let listener = (|| {
+        let sock = if cfg.listen.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        sock.set_reuseaddr(true)?;
+        sock.bind(cfg.listen)?;
+        sock.listen(LISTEN_BACKLOG)
+    })()
+    .map_err(|source| ServerError::Bind {
+        addr: cfg.listen,
+        source,
+    })?;
     let addr = listener.local_addr()?;
     // Frames are small and latency matters: never let Nagle hold one back waiting for an ACK.
     let listener = listener.tap_io(|tcp| {

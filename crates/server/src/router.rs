@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 /// How a router reaches one connection.
 #[derive(Clone)]
 pub struct SessionHandle {
-    pub tx: mpsc::Sender<ServerFrame>,
+    pub tx: mpsc::Sender<Box<ServerFrame>>,
     /// Woken when the router drops the connection (too slow, or storage failed).
     pub kick: Arc<Notify>,
 }
@@ -358,7 +358,7 @@ impl Router {
         if let ServerFrame::Rejected { .. } = frame {
             metrics::counter!(m::REJECTED).increment(1);
         }
-        match h.tx.try_send(frame) {
+        match h.tx.try_send(Box::new(frame)) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
                 metrics::counter!(m::SLOW_CONSUMERS).increment(1);

@@ -179,8 +179,8 @@ impl Sim {
         let rate = rng.chance(0.3);
         let cfg = CoreConfig {
             push_window: rng.range((1, 8)),
-            // Groups over push_max_members get `notify` only, and no receipts.
-            push_max_members: if opts.receipts == Receipts::Off && rng.chance(0.2) {
+            // Groups over receipt_max_members get no receipts.
+            receipt_max_members: if opts.receipts == Receipts::Off && rng.chance(0.2) {
                 2
             } else {
                 1_000

@@ -10,7 +10,7 @@
 
 mod ledger;
 mod proxy;
-mod target;
+pub(crate) mod target;
 
 use clap::Args;
 use ledger::{Ledger, Report};

@@ -29,10 +29,17 @@ pub struct LocalServer {
     starts: u32,
     /// Sends per second per user the server allows (0: no limit).
     user_rate: f64,
+    /// More `ordo serve` flags.
+    extra: Vec<String>,
 }
 
 impl LocalServer {
     pub fn start(user_rate: f64) -> Result<Self, String> {
+        Self::start_with(user_rate, Vec::new())
+    }
+
+    /// Like [`start`](Self::start), with more `ordo serve` flags.
+    pub fn start_with(user_rate: f64, extra: Vec<String>) -> Result<Self, String> {
         let exe =
             std::env::current_exe().map_err(|e| format!("cannot find the ordo binary: {e}"))?;
         let dir = tempfile::tempdir().map_err(|e| format!("cannot create a temp dir: {e}"))?;
@@ -49,9 +56,15 @@ impl LocalServer {
             child: None,
             starts: 0,
             user_rate,
+            extra,
         };
         s.restart()?;
         Ok(s)
+    }
+
+    /// The running server's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -109,6 +122,7 @@ impl CheckTarget for LocalServer {
             .args(["--secret", &self.secret, "--admin-key", &self.admin_key])
             .args(["--rate-per-sec", &self.user_rate.to_string()])
             .args(["--rate-burst", &self.user_rate.max(1.0).to_string()])
+            .args(&self.extra)
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -1,0 +1,354 @@
+//! NATS JetStream as a peer system of `ordo bench` (`jetstream`), running the same workloads as
+//! Ordo: pairs, fan-out to the consumers of one subject, and catch-up of a consumer that was
+//! offline.
+//!
+//! How the system is configured:
+//!
+//! - One stream per run, on file storage, with the subjects `ordo_bench.<run>.>` and no limits;
+//!   the server is a single node, so one replica. It is deleted at the end of the run (with its
+//!   consumers).
+//! - Every sender and every receiver has a connection of its own. A sender publishes with
+//!   `jetstream::Context::publish` and has at most `window` publishes whose ack it has not had
+//!   yet; accept latency runs from the publish call (in fixed-rate runs: the scheduled send time)
+//!   to the stream's publish ack.
+//! - Every receiver is a durable pull consumer with explicit acks, filtered to its subject, created
+//!   before anything is sent, and consumed with `Consumer::messages` (pull requests of 200
+//!   messages); each message is acked as it arrives. Delivery latency runs from the send time
+//!   stamped in the body to the message reaching the receiver.
+//! - Durability as configured on this machine (`nats-server -js -sd /var/lib/nats-server`, no
+//!   sync settings): the file store writes each message to its block file before the publish ack,
+//!   but does not fsync per message; it syncs to disk periodically (every 2 minutes by default),
+//!   so an acked message may live only in the operating system's page cache.
+//!
+//! No wait is unbounded: publish acks time out after 10 s, and receivers stop once nothing has
+//! arrived for 10 s after the senders finished; the run reports what arrived (`lost` is the
+//! deliveries expected minus those received).
+
+use super::payload::Clock;
+use super::peer::{self, Bodies, Inbox, Publish, Sent, Subscribe, Task, Until, IDLE};
+use super::report::{Latency, Outcome};
+use super::{fail, run_tag, BenchError, CatchupArgs, FanoutArgs, PairsArgs};
+use async_nats::jetstream::consumer::{pull, AckPolicy, PullConsumer};
+use async_nats::jetstream::context::{ContextBuilder, PublishAckFuture};
+use async_nats::jetstream::stream::{self, StorageType};
+use async_nats::jetstream::Context;
+use futures_util::StreamExt;
+use std::sync::Arc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+
+const SYSTEM: &str = "jetstream";
+/// The first token of every subject the bench uses.
+const PREFIX: &str = "ordo_bench";
+
+/// P sender/receiver pairs, sender i publishing to the subject receiver i consumes.
+pub async fn pairs(url: &str, a: &PairsArgs, clock: &Clock) -> Result<Outcome, BenchError> {
+    let server = Server::open(url).await?;
+    let bodies = Bodies::new(clock, a.body_bytes);
+    let subject = |i: usize| server.subject(&format!("pair.{i}"));
+    let run = peer::pairs(
+        SYSTEM,
+        server.receivers((0..a.pairs).map(|i| (format!("r{i}"), subject(i)))),
+        |i| Publisher::start(&server, format!("s{i}"), subject(i), a.window, bodies),
+        a,
+        clock,
+    );
+    server.cleanup(run.await).await
+}
+
+/// One publisher and `members` durable consumers of one subject; each message is sent once every
+/// consumer has the one before (or nothing new arrived for 10 s).
+pub async fn fanout(url: &str, a: &FanoutArgs, clock: &Clock) -> Result<Outcome, BenchError> {
+    let server = Server::open(url).await?;
+    let bodies = Bodies::new(clock, a.body_bytes);
+    let subject = server.subject("group");
+    let run = peer::fanout(
+        SYSTEM,
+        server.receivers((0..a.members).map(|i| (format!("m{i}"), subject.clone()))),
+        Publisher::start(&server, "s".into(), subject.clone(), 1, bodies),
+        a,
+        clock,
+    );
+    server.cleanup(run.await).await
+}
+
+/// One durable consumer offline while `messages` are published to its subject; the time from
+/// its reconnect (a new connection that binds the consumer and pulls) until it has them all (or
+/// nothing new arrived for 10 s).
+pub async fn catchup(url: &str, a: &CatchupArgs, clock: &Clock) -> Result<Outcome, BenchError> {
+    let server = Server::open(url).await?;
+    let bodies = Bodies::new(clock, a.body_bytes);
+    let subject = server.subject("inbox");
+    let durable = "r";
+    let offline = async {
+        server
+            .admin
+            .create_consumer_on_stream(consumer_config(durable, &subject), &server.stream)
+            .await
+            .map_err(fail(&format!(
+                "cannot create the durable consumer {durable}"
+            )))?;
+        Ok(())
+    };
+    let reconnect = async {
+        let js = server.connect(durable, 1).await?;
+        let consumer: PullConsumer = js
+            .get_consumer_from_stream(durable, &server.stream)
+            .await
+            .map_err(fail(&format!("cannot bind the durable consumer {durable}")))?;
+        Ok(Receiver {
+            id: durable.to_string(),
+            consumer,
+        })
+    };
+    let run = peer::catchup(
+        SYSTEM,
+        offline,
+        Publisher::start(&server, "s".into(), subject.clone(), a.window, bodies),
+        reconnect,
+        a,
+        clock,
+    );
+    server.cleanup(run.await).await
+}
+
+/// A durable pull consumer of `subject` with explicit acks.
+fn consumer_config(durable: &str, subject: &str) -> pull::Config {
+    pull::Config {
+        durable_name: Some(durable.to_string()),
+        filter_subject: subject.to_string(),
+        ack_policy: AckPolicy::Explicit,
+        ..Default::default()
+    }
+}
+
+/// The NATS server and this run's stream.
+struct Server {
+    url: String,
+    tag: String,
+    stream: String,
+    admin: Context,
+}
+
+impl Server {
+    /// Connects and creates the run's stream.
+    async fn open(url: &str) -> Result<Self, BenchError> {
+        let tag = run_tag();
+        let mut server = Server {
+            url: url.to_string(),
+            stream: format!("ORDO_BENCH_{tag}"),
+            tag,
+            admin: ContextBuilder::new().build(connect_client(url, "admin").await?),
+        };
+        server.admin.set_timeout(IDLE);
+        server
+            .admin
+            .create_stream(stream::Config {
+                name: server.stream.clone(),
+                subjects: vec![format!("{PREFIX}.{}.>", server.tag)],
+                storage: StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| {
+                BenchError(format!(
+                    "cannot create the JetStream stream {} on {url}: {e} (is JetStream enabled, \
+                     nats-server -js?)",
+                    server.stream
+                ))
+            })?;
+        Ok(server)
+    }
+
+    /// Deletes the run's stream (and its consumers), whatever the run's `result`, and passes the
+    /// result on.
+    async fn cleanup(&self, result: Result<Outcome, BenchError>) -> Result<Outcome, BenchError> {
+        if let Err(e) = self.admin.delete_stream(&self.stream).await {
+            if result.is_ok() {
+                eprintln!(
+                    "ordo bench: could not delete the JetStream stream {} on {}: {e}; delete it \
+                     with `nats stream rm {}`",
+                    self.stream, self.url, self.stream
+                );
+            }
+        }
+        result
+    }
+
+    fn subject(&self, leaf: &str) -> String {
+        format!("{PREFIX}.{}.{leaf}", self.tag)
+    }
+
+    /// A JetStream context on a connection of its own, for `window` publishes awaiting acks.
+    async fn connect(&self, name: &str, window: usize) -> Result<Context, BenchError> {
+        let client = connect_client(&self.url, name).await?;
+        Ok(ContextBuilder::new()
+            .timeout(IDLE)
+            .max_ack_inflight(window.max(1))
+            .backpressure_on_inflight(true)
+            .build(client))
+    }
+
+    /// Creates each (durable name, subject) consumer on a connection of its own,
+    /// [`peer::SETUP_CONCURRENCY`] at a time.
+    async fn receivers(
+        &self,
+        who: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Vec<Receiver>, BenchError> {
+        peer::set_up(who, |(id, subject)| async move {
+            let js = self.connect(&id, 1).await?;
+            let consumer = js
+                .create_consumer_on_stream(consumer_config(&id, &subject), &self.stream)
+                .await
+                .map_err(fail(&format!("cannot create the durable consumer {id}")))?;
+            Ok(Receiver { id, consumer })
+        })
+        .await
+    }
+}
+
+async fn connect_client(url: &str, name: &str) -> Result<async_nats::Client, BenchError> {
+    async_nats::ConnectOptions::new()
+        .name(format!("ordo-bench {name}"))
+        .connect(url)
+        .await
+        .map_err(|e| {
+            BenchError(format!(
+                "cannot connect to NATS at {url}: {e} (is nats-server running?)"
+            ))
+        })
+}
+
+/// A durable pull consumer, bound on its receiver's connection.
+struct Receiver {
+    id: String,
+    consumer: PullConsumer,
+}
+
+impl Subscribe for Receiver {
+    /// Consumes, acking each message, until told to stop ([`Until`]); failed pulls and acks
+    /// count as the inbox's `errors`.
+    fn receive(self, until: Until) -> Task<Inbox> {
+        let Receiver { id, consumer } = self;
+        Task::spawn(async move {
+            let mut messages = match consumer.messages().await {
+                Ok(m) => m,
+                Err(e) => {
+                    return Inbox::failed(format!("consumer {id}: cannot start pulling: {e}"))
+                }
+            };
+            let mut rx = until.start();
+            while let Some(next) = rx.next(messages.next()).await {
+                match next {
+                    Some(Ok(m)) => {
+                        rx.arrived(&m.payload);
+                        if m.ack().await.is_err() {
+                            rx.inbox.errors += 1;
+                        }
+                    }
+                    Some(Err(_)) => rx.inbox.errors += 1,
+                    None => break,
+                }
+            }
+            rx.inbox
+        })
+    }
+}
+
+/// A publish whose ack is awaited: its send stamp, the ack, and its place in the window.
+type Pending = (u64, PublishAckFuture, OwnedSemaphorePermit);
+
+/// A sender with at most `window` publishes awaiting their ack. The acks are awaited in order in
+/// a task of their own, which times each against its send stamp.
+struct Publisher {
+    id: String,
+    js: Context,
+    subject: String,
+    bodies: Bodies,
+    permits: Arc<Semaphore>,
+    pending: mpsc::UnboundedSender<Pending>,
+    sent: u64,
+    error: Option<String>,
+    confirmer: Task<(u64, Latency, Option<String>)>,
+}
+
+impl Publisher {
+    async fn start(
+        server: &Server,
+        id: String,
+        subject: String,
+        window: usize,
+        bodies: Bodies,
+    ) -> Result<Self, BenchError> {
+        let js = server.connect(&id, window).await?;
+        let permits = Arc::new(Semaphore::new(window));
+        let (pending, pending_rx) = mpsc::unbounded_channel();
+        let confirmer = Task::spawn(confirm(pending_rx, permits.clone(), bodies.clock));
+        Ok(Publisher {
+            id,
+            js,
+            subject,
+            bodies,
+            permits,
+            pending,
+            sent: 0,
+            error: None,
+            confirmer,
+        })
+    }
+}
+
+impl Publish for Publisher {
+    /// `None` once publishing failed.
+    async fn send(&mut self, due: Option<u64>) -> Option<u64> {
+        let permit = self.permits.clone().acquire_owned().await.ok()?;
+        let (stamp, body) = self.bodies.stamped(due);
+        match self.js.publish(self.subject.clone(), body.into()).await {
+            Ok(ack) => {
+                self.pending.send((stamp, ack, permit)).ok()?;
+                self.sent += 1;
+                Some(stamp)
+            }
+            Err(e) => {
+                self.error = Some(e.to_string());
+                None
+            }
+        }
+    }
+
+    /// Waits for the acks still due.
+    async fn finish(self) -> Result<Sent, BenchError> {
+        drop(self.pending);
+        let (accepted, accept, error) = self.confirmer.join().await?;
+        if let Some(e) = self.error.or(error) {
+            return Err(BenchError(format!(
+                "JetStream did not take a message of sender {} on {}: {e}",
+                self.id, self.subject
+            )));
+        }
+        Ok(Sent {
+            sent: self.sent,
+            accepted,
+            accept,
+        })
+    }
+}
+
+/// Awaits each publish's ack in order and times it; on a failed ack (each waits at most
+/// [`IDLE`]) closes the window, so the sender stops.
+async fn confirm(
+    mut pending: mpsc::UnboundedReceiver<Pending>,
+    permits: Arc<Semaphore>,
+    clock: Clock,
+) -> (u64, Latency, Option<String>) {
+    let (mut accepted, mut latency) = (0, Latency::default());
+    while let Some((stamp, ack, permit)) = pending.recv().await {
+        if let Err(e) = ack.await {
+            permits.close();
+            return (accepted, latency, Some(e.to_string()));
+        }
+        latency.record_micros(clock.now_us().saturating_sub(stamp));
+        accepted += 1;
+        drop(permit);
+    }
+    (accepted, latency, None)
+}

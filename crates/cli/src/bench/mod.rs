@@ -1,0 +1,451 @@
+//! `ordo bench`: the same workloads against Ordo and against the systems users would pick
+//! instead (Mosquitto with QoS 1 and QoS 2, NATS JetStream), on one machine, in one run.
+//!
+//! Scenarios (`pairs`, `fanout`, `catchup`, `connections`) are described by their argument
+//! structs below; each system module ([`ordo`], [`mqtt`], [`jetstream`]) implements them with the
+//! same shape. Runs are alternated between systems (Ordo, QoS 1, QoS 2, JetStream, Ordo, ...), and
+//! each system's row is the median of its runs ([`report::median`]). `disk` measures the disk's
+//! own fdatasync latency, the floor under Ordo's delivery latency; `chart` draws an SVG from the
+//! `--json` output.
+
+mod chart;
+mod disk;
+mod jetstream;
+mod mqtt;
+mod ordo;
+mod payload;
+mod peer;
+mod progress;
+mod report;
+
+use clap::{Args, Subcommand, ValueEnum};
+use payload::Clock;
+use progress::Progress;
+use report::Outcome;
+use serde::Serialize;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// P sender/receiver pairs in 1:1 conversations, each sender with at most W unconfirmed
+    /// messages; with --rate, senders keep a fixed total rate instead.
+    Pairs(PairsCmd),
+    /// One sender into a group of N members, all online: time until every member has each
+    /// message.
+    Fanout(FanoutCmd),
+    /// A device offline while K messages arrive: time to receive them all once it reconnects.
+    Catchup(CatchupCmd),
+    /// N idle authenticated connections held open: server memory per connection, connect rate.
+    Connections(ConnectionsCmd),
+    /// The disk's own fdatasync latency (append 4 KiB, fdatasync), in the given directory.
+    Disk(disk::DiskArgs),
+    /// Draw an SVG chart from the `--json` outputs of earlier runs.
+    Chart(chart::ChartArgs),
+}
+
+/// Options every message scenario shares.
+#[derive(Args, Clone)]
+pub struct Common {
+    /// Systems to measure, comma-separated.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "ordo,mqtt-qos1,mqtt-qos2,jetstream"
+    )]
+    pub systems: Vec<System>,
+    /// Runs per system (alternated between systems); rows show the median.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Print the result (every run and the medians) as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Measure this running Ordo server (ws://host:port) instead of starting one. Tokens are
+    /// minted with --admin-key or the key in --data.
+    #[arg(long)]
+    pub server: Option<String>,
+    /// The running server's data directory (its `admin.key`), with --server.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// The running server's admin key, with --server.
+    #[arg(long, env = "ORDO_ADMIN_KEY", hide_env_values = true)]
+    pub admin_key: Option<String>,
+    /// Extra `ordo serve` flags for the server the bench starts (e.g. "--push-window 1024").
+    #[arg(long, allow_hyphen_values = true)]
+    pub serve_args: Option<String>,
+    /// Mosquitto's address.
+    #[arg(long, default_value = "127.0.0.1:1883")]
+    pub mqtt: String,
+    /// NATS's URL.
+    #[arg(long, default_value = "nats://127.0.0.1:4222")]
+    pub nats: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum System {
+    Ordo,
+    MqttQos1,
+    MqttQos2,
+    Jetstream,
+}
+
+impl System {
+    pub fn name(self) -> &'static str {
+        match self {
+            System::Ordo => "ordo",
+            System::MqttQos1 => "mqtt-qos1",
+            System::MqttQos2 => "mqtt-qos2",
+            System::Jetstream => "jetstream",
+        }
+    }
+}
+
+#[derive(Args, Clone, Serialize)]
+pub struct PairsArgs {
+    /// Sender/receiver pairs.
+    #[arg(long, default_value_t = 10)]
+    pub pairs: usize,
+    /// Messages per sender.
+    #[arg(long, default_value_t = 10_000)]
+    pub messages: usize,
+    /// Most unconfirmed messages per sender.
+    #[arg(long, default_value_t = 64)]
+    pub window: usize,
+    /// Body size in bytes (at least 16: the send time stamp).
+    #[arg(long, default_value_t = 100)]
+    pub body_bytes: usize,
+    /// Fixed total send rate in msgs/s across all senders (latency is then measured from each
+    /// message's scheduled send time, so falling behind shows).
+    #[arg(long)]
+    pub rate: Option<f64>,
+}
+
+#[derive(Args)]
+struct PairsCmd {
+    #[command(flatten)]
+    args: PairsArgs,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args, Clone, Serialize)]
+pub struct FanoutArgs {
+    /// Group members, each with one online device (the sender is one of them).
+    #[arg(long, default_value_t = 10_000)]
+    pub members: usize,
+    /// Messages sent, one after another: each is sent once every member has the previous one.
+    #[arg(long, default_value_t = 20)]
+    pub messages: usize,
+    #[arg(long, default_value_t = 100)]
+    pub body_bytes: usize,
+}
+
+#[derive(Args)]
+struct FanoutCmd {
+    #[command(flatten)]
+    args: FanoutArgs,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args, Clone, Serialize)]
+pub struct CatchupArgs {
+    /// Messages that arrive while the device is offline.
+    #[arg(long, default_value_t = 100_000)]
+    pub messages: usize,
+    #[arg(long, default_value_t = 100)]
+    pub body_bytes: usize,
+    /// Most unconfirmed messages while filling.
+    #[arg(long, default_value_t = 256)]
+    pub window: usize,
+}
+
+#[derive(Args)]
+struct CatchupCmd {
+    #[command(flatten)]
+    args: CatchupArgs,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args, Clone, Serialize)]
+pub struct ConnectionsArgs {
+    /// Idle connections to hold open.
+    #[arg(long, default_value_t = 10_000)]
+    pub connections: usize,
+    /// Source addresses 127.0.0.1 .. 127.0.0.N to spread them over (about 28,000 ports each).
+    #[arg(long, default_value_t = 4)]
+    pub sources: u8,
+    /// Connections opened at once.
+    #[arg(long, default_value_t = 256)]
+    pub concurrency: usize,
+}
+
+#[derive(Args)]
+struct ConnectionsCmd {
+    #[command(flatten)]
+    args: ConnectionsArgs,
+    #[command(flatten)]
+    common: Common,
+}
+
+/// What went wrong in a benchmark, and what to do about it.
+#[derive(Debug)]
+pub struct BenchError(pub String);
+
+impl std::fmt::Display for BenchError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// `.map_err(fail("what was being done"))`: keeps the cause and says what failed.
+pub fn fail<E: std::fmt::Display>(doing: &str) -> impl FnOnce(E) -> BenchError + '_ {
+    move |e| BenchError(format!("{doing}: {e}"))
+}
+
+/// A name no earlier run used, for topics, client ids, streams and users.
+pub fn run_tag() -> String {
+    format!("{:08x}", rand::random::<u32>())
+}
+
+/// Raises this process's open-file limit to `want` if the hard limit allows (each connection is
+/// a file descriptor on both ends; the Ordo server the bench starts inherits the limit), and
+/// fails with what to do if it cannot.
+pub fn raise_fd_limit(want: u64) -> Result<(), BenchError> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
+    let ok = unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            false
+        } else {
+            if lim.rlim_max < want {
+                let raised = libc::rlimit {
+                    rlim_cur: want,
+                    rlim_max: want,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                    return Ok(());
+                }
+            }
+            lim.rlim_cur = lim.rlim_max.min(want.max(lim.rlim_cur));
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 && lim.rlim_cur >= want
+        }
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(BenchError(format!(
+            "this run needs {want} open files per process but the limit is {} (hard {}); raise the hard limit (ulimit -Hn, as root) or ask for fewer connections",
+            lim.rlim_cur, lim.rlim_max
+        )))
+    }
+}
+
+#[derive(Serialize)]
+struct Results<'a, P: Serialize> {
+    scenario: &'a str,
+    params: &'a P,
+    runs: &'a [Outcome],
+    medians: &'a [Outcome],
+}
+
+pub fn run(args: BenchArgs) -> ExitCode {
+    match args.scenario {
+        Scenario::Disk(a) => return disk::run(a),
+        Scenario::Chart(a) => return chart::run(a),
+        _ => {}
+    }
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ordo bench: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async {
+        match args.scenario {
+            Scenario::Pairs(c) => {
+                if c.args.body_bytes < payload::STAMP_LEN {
+                    return Err(BenchError(format!(
+                        "--body-bytes must be at least {} (the send time stamp)",
+                        payload::STAMP_LEN
+                    )));
+                }
+                if c.args.pairs == 0 || c.args.window == 0 || c.args.messages == 0 {
+                    return Err(BenchError(
+                        "--pairs, --window and --messages must be at least 1".into(),
+                    ));
+                }
+                if c.args.rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
+                    return Err(BenchError(
+                        "--rate must be a positive number of messages per second".into(),
+                    ));
+                }
+                let name = if c.args.rate.is_some() { "pairs-fixed-rate" } else { "pairs" };
+                let a = c.args.clone();
+                series(name, &c.args, &c.common, move |sys, common, clock| {
+                    let a = a.clone();
+                    async move {
+                        match sys {
+                            System::Ordo => ordo::pairs(&common, &a, &clock).await,
+                            System::MqttQos1 => mqtt::pairs(&common.mqtt, 1, &a, &clock).await,
+                            System::MqttQos2 => mqtt::pairs(&common.mqtt, 2, &a, &clock).await,
+                            System::Jetstream => jetstream::pairs(&common.nats, &a, &clock).await,
+                        }
+                    }
+                })
+                .await
+            }
+            Scenario::Fanout(c) => {
+                if c.args.members == 0 || c.args.messages == 0 {
+                    return Err(BenchError(
+                        "--members and --messages must be at least 1".into(),
+                    ));
+                }
+                raise_fd_limit(c.args.members as u64 + 1024)?;
+                let a = c.args.clone();
+                series("fanout", &c.args, &c.common, move |sys, common, clock| {
+                    let a = a.clone();
+                    async move {
+                        match sys {
+                            System::Ordo => ordo::fanout(&common, &a, &clock).await,
+                            System::MqttQos1 => mqtt::fanout(&common.mqtt, 1, &a, &clock).await,
+                            System::MqttQos2 => mqtt::fanout(&common.mqtt, 2, &a, &clock).await,
+                            System::Jetstream => jetstream::fanout(&common.nats, &a, &clock).await,
+                        }
+                    }
+                })
+                .await
+            }
+            Scenario::Catchup(c) => {
+                if c.args.messages == 0 || c.args.window == 0 {
+                    return Err(BenchError("--messages and --window must be at least 1".into()));
+                }
+                let a = c.args.clone();
+                series("catchup", &c.args, &c.common, move |sys, common, clock| {
+                    let a = a.clone();
+                    async move {
+                        match sys {
+                            System::Ordo => ordo::catchup(&common, &a, &clock).await,
+                            System::MqttQos1 => mqtt::catchup(&common.mqtt, 1, &a, &clock).await,
+                            System::MqttQos2 => mqtt::catchup(&common.mqtt, 2, &a, &clock).await,
+                            System::Jetstream => {
+                                jetstream::catchup(&common.nats, &a, &clock).await
+                            }
+                        }
+                    }
+                })
+                .await
+            }
+            Scenario::Connections(c) => {
+                raise_fd_limit(c.args.connections as u64 + 512)?;
+                let a = c.args.clone();
+                series("connections", &c.args, &c.common, move |sys, common, _clock| {
+                    let a = a.clone();
+                    async move {
+                        match sys {
+                            System::Ordo => ordo::connections(&common, &a).await,
+                            other => Err(BenchError(format!(
+                                "the connections scenario measures Ordo's server only (not {}); run it with --systems ordo",
+                                other.name()
+                            ))),
+                        }
+                    }
+                })
+                .await
+            }
+            Scenario::Disk(_) | Scenario::Chart(_) => Ok(()),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ordo bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs `one` for every system, `common.runs` times, alternating systems, then prints the
+/// medians (and with `--json` every run).
+async fn series<P, F, Fut>(
+    scenario: &str,
+    params: &P,
+    common: &Common,
+    one: F,
+) -> Result<(), BenchError>
+where
+    P: Serialize,
+    F: Fn(System, Common, Clock) -> Fut,
+    Fut: std::future::Future<Output = Result<Outcome, BenchError>>,
+{
+    if common.runs == 0 || common.systems.is_empty() {
+        return Err(BenchError("--runs and --systems must not be empty".into()));
+    }
+    let mut runs: Vec<Outcome> = Vec::new();
+    for round in 0..common.runs {
+        for &sys in &common.systems {
+            if !common.json {
+                eprintln!(
+                    "{scenario}: {} run {}/{}",
+                    sys.name(),
+                    round + 1,
+                    common.runs
+                );
+            }
+            let outcome = one(sys, common.clone(), Clock::new())
+                .await
+                .map_err(|e| BenchError(format!("{scenario} on {}: {e}", sys.name())))?;
+            runs.push(outcome);
+        }
+    }
+    let medians: Vec<Outcome> = common
+        .systems
+        .iter()
+        .filter_map(|s| {
+            let mine: Vec<Outcome> = runs
+                .iter()
+                .filter(|r| r.system == s.name())
+                .cloned()
+                .collect();
+            report::median(&mine)
+        })
+        .collect();
+    if common.json {
+        let doc = Results {
+            scenario,
+            params,
+            runs: &runs,
+            medians: &medians,
+        };
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&doc).map_err(fail("cannot write JSON"))?
+        );
+    } else {
+        println!(
+            "{scenario} ({}), median of {} run(s):",
+            serde_json::to_string(params).unwrap_or_default(),
+            common.runs
+        );
+        print!("{}", report::table(&medians));
+    }
+    Ok(())
+}
+
+/// A progress bar for one run.
+pub fn progress(label: &str, total: u64) -> Progress {
+    Progress::new(label, total)
+}
