@@ -74,7 +74,7 @@ pub struct DedupRecord {
 }
 
 /// Everything a store must make durable in one atomic, fsynced commit.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Batch {
     pub id: u64,
     /// New messages, in seq order within each conversation.

@@ -14,6 +14,9 @@ pub const SLOW_CONSUMERS: &str = "ordo_slow_consumers_dropped_total";
 pub const COMMITS: &str = "ordo_commits_total";
 pub const COMMIT_MESSAGES: &str = "ordo_commit_batch_messages";
 pub const COMMIT_SECONDS: &str = "ordo_commit_seconds";
+/// From the router handing a batch to the commit thread to the router having it back durable:
+/// the commit plus both hand-overs.
+pub const BATCH_SECONDS: &str = "ordo_batch_roundtrip_seconds";
 pub const COMMIT_FAILURES: &str = "ordo_commit_failures_total";
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
@@ -32,7 +35,7 @@ pub fn handle() -> Option<&'static PrometheusHandle> {
                 )
                 .and_then(|b| {
                     b.set_buckets_for_metric(
-                        Matcher::Full(COMMIT_SECONDS.into()),
+                        Matcher::Suffix("_seconds".into()),
                         &[
                             0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1,
                             0.25, 1.0,

@@ -103,6 +103,8 @@ pub struct Router {
     shutdown: Vec<oneshot::Sender<()>>,
     /// Set by a failed commit: the router stops and the server exits with this error.
     fatal: Option<StoreError>,
+    /// When the batch now being committed was handed over.
+    in_flight_since: Option<Instant>,
 }
 
 impl Router {
@@ -133,6 +135,7 @@ impl Router {
             last_housekeeping: Instant::now(),
             shutdown: Vec::new(),
             fatal: None,
+            in_flight_since: None,
         })
     }
 
@@ -189,6 +192,7 @@ impl Router {
 
     fn start_commit(&mut self) {
         if let Some(batch) = self.core.take_batch() {
+            self.in_flight_since = Some(Instant::now());
             if self.writer.send(batch).is_err() {
                 // The commit thread is gone: nothing can become durable any more.
                 tracing::error!("commit thread stopped; failing pending sends");
@@ -305,6 +309,9 @@ impl Router {
     }
 
     fn on_committed(&mut self, c: Committed) {
+        if let Some(t) = self.in_flight_since.take() {
+            metrics::histogram!(m::BATCH_SECONDS).record(t.elapsed().as_secs_f64());
+        }
         match c.result {
             Ok(outcome) => {
                 let actions = self.core.commit_done(c.id, outcome);

@@ -8,6 +8,14 @@ pub enum StoreError {
         #[source]
         source: redb::Error,
     },
+    #[error(
+        "cannot read or write {path}: {source}; check the disk and the directory's permissions"
+    )]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("storage engine error: {0}")]
     Engine(#[from] redb::Error),
     #[error("stored record is corrupt ({what}): {detail}")]

@@ -8,6 +8,7 @@
 
 mod error;
 mod redb_store;
+pub mod wal;
 
 pub use error::StoreError;
 pub use redb_store::RedbStore;

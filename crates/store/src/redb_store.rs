@@ -1,16 +1,24 @@
-//! The embedded default store, on redb: one file, ACID transactions, one fsync per commit.
+//! The embedded default store: a write-ahead log ([`crate::wal`]) in front of a redb B-tree file.
 //!
-//! Group commit happens above (the server hands over one batch per commit); here every batch is
-//! one write transaction with `Durability::Immediate`, so `commit` returns only after fsync.
+//! Group commit happens above (the server hands over one batch per commit). Here a batch is
+//! durable once its log record is synced (one sequential write, one `fdatasync`); it is then
+//! applied to the B-tree in a write transaction that is not synced (`Durability::None`; reads
+//! see it at once), which also records the batch's log seqno in the `meta` table. Every
+//! [`wal::CHECKPOINT_BYTES`](crate::wal::CHECKPOINT_BYTES) of log, an empty durable commit makes
+//! the B-tree durable up to there and the log starts over. On open, log records newer than the
+//! B-tree's recorded seqno are applied again, so a crash loses nothing that was synced.
+//!
 //! Records are MessagePack-encoded; keys are tuples so that a conversation's messages are
 //! contiguous and ordered by seq.
 
+use crate::wal::{self, Wal};
 use crate::{Page, Store, StoreError};
 use ordo_core::{Batch, CommitOutcome, ConvRecord, CursorRecord, DedupRecord, Snapshot};
 use ordo_protocol::Message;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::de::DeserializeOwned;
 use std::path::Path;
+use std::sync::Mutex;
 
 const MESSAGES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("messages");
 const CONVS: TableDefinition<&str, &[u8]> = TableDefinition::new("convs");
@@ -18,9 +26,13 @@ const CONVS: TableDefinition<&str, &[u8]> = TableDefinition::new("convs");
 const CURSORS: TableDefinition<(&str, &str, &str), (u64, u64)> = TableDefinition::new("cursors");
 /// (user, cmid) -> DedupRecord
 const DEDUP: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("dedup");
+/// `wal_applied` -> seqno of the last log record applied to the B-tree.
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const WAL_APPLIED: &str = "wal_applied";
 
 pub struct RedbStore {
     db: Database,
+    wal: Mutex<Wal>,
 }
 
 impl RedbStore {
@@ -41,10 +53,49 @@ impl RedbStore {
             tx.open_table(CONVS).map_err(StoreError::engine)?;
             tx.open_table(CURSORS).map_err(StoreError::engine)?;
             tx.open_table(DEDUP).map_err(StoreError::engine)?;
+            tx.open_table(META).map_err(StoreError::engine)?;
         }
         tx.commit().map_err(StoreError::engine)?;
-        Ok(RedbStore { db })
+        let mut applied = {
+            let tx = db.begin_read().map_err(StoreError::engine)?;
+            let meta = tx.open_table(META).map_err(StoreError::engine)?;
+            let v = meta.get(WAL_APPLIED).map_err(StoreError::engine)?;
+            v.map(|g| g.value())
+        };
+        let (mut log, records) = Wal::open(dir)?;
+        let mut replayed = 0usize;
+        for r in records {
+            if applied.is_some_and(|a| r.seqno <= a) {
+                continue;
+            }
+            apply(&db, &r.batch, Some(r.seqno), Durability::None)?;
+            applied = Some(r.seqno);
+            replayed += 1;
+        }
+        if replayed > 0 {
+            tracing::info!(
+                records = replayed,
+                "applied write-ahead log records left by the last run"
+            );
+        }
+        // Whatever the B-tree holds now becomes durable, so the log can start over.
+        checkpoint(&db)?;
+        log.set_next_seqno(applied.map_or(0, |a| a + 1).max(log.next_seqno()));
+        log.restart();
+        Ok(RedbStore {
+            db,
+            wal: Mutex::new(log),
+        })
     }
+}
+
+/// Makes every commit so far durable: an empty write transaction with immediate durability.
+fn checkpoint(db: &Database) -> Result<(), StoreError> {
+    let mut tx = db.begin_write().map_err(StoreError::engine)?;
+    tx.set_durability(Durability::Immediate)
+        .map_err(StoreError::engine)?;
+    tx.commit().map_err(StoreError::engine)?;
+    Ok(())
 }
 
 fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
@@ -91,91 +142,28 @@ impl Store for RedbStore {
     }
 
     fn commit(&self, batch: &Batch) -> Result<CommitOutcome, StoreError> {
-        let mut outcome = CommitOutcome::default();
         if batch.is_empty() {
-            return Ok(outcome);
+            return Ok(CommitOutcome::default());
         }
-        let mut tx = self.db.begin_write().map_err(StoreError::engine)?;
-        tx.set_durability(Durability::Immediate)
-            .map_err(StoreError::engine)?;
-        {
-            let mut messages = tx.open_table(MESSAGES).map_err(StoreError::engine)?;
-            for m in &batch.messages {
-                messages
-                    .insert((m.conv.as_str(), m.seq), encode(m)?.as_slice())
-                    .map_err(StoreError::engine)?;
-            }
-            for (conv, below) in &batch.trim_below {
-                messages
-                    .retain_in((conv.as_str(), 0)..(conv.as_str(), *below), |_, _| false)
-                    .map_err(StoreError::engine)?;
-            }
-            let mut convs = tx.open_table(CONVS).map_err(StoreError::engine)?;
-            for c in &batch.convs {
-                convs
-                    .insert(c.id.as_str(), encode(c)?.as_slice())
-                    .map_err(StoreError::engine)?;
-            }
-            for (conv, cutoff) in &batch.trim_before_ms {
-                let mut doomed = Vec::new();
-                let mut first = None;
-                for row in messages
-                    .range((conv.as_str(), 0)..=(conv.as_str(), u64::MAX))
-                    .map_err(StoreError::engine)?
-                {
-                    let (k, v) = row.map_err(StoreError::engine)?;
-                    let m: Message = decode("message", v.value())?;
-                    if m.ts >= *cutoff {
-                        first = Some(m.seq);
-                        break;
-                    }
-                    doomed.push(k.value().1);
-                }
-                if doomed.is_empty() {
-                    continue;
-                }
-                for seq in &doomed {
-                    messages
-                        .remove((conv.as_str(), *seq))
-                        .map_err(StoreError::engine)?;
-                }
-                let raw = convs
-                    .get(conv.as_str())
-                    .map_err(StoreError::engine)?
-                    .map(|g| g.value().to_vec());
-                if let Some(raw) = raw {
-                    let mut rec: ConvRecord = decode("conversation", &raw)?;
-                    let new_first = first.unwrap_or(rec.max_seq + 1).max(rec.first_seq);
-                    rec.first_seq = new_first;
-                    convs
-                        .insert(conv.as_str(), encode(&rec)?.as_slice())
-                        .map_err(StoreError::engine)?;
-                    outcome.first_seqs.push((conv.clone(), new_first));
-                }
-            }
-            let mut cursors = tx.open_table(CURSORS).map_err(StoreError::engine)?;
-            for c in &batch.cursors {
-                cursors
-                    .insert(
-                        (c.conv.as_str(), c.user.as_str(), c.device.as_str()),
-                        (c.delivered, c.read),
-                    )
-                    .map_err(StoreError::engine)?;
-            }
-            let mut dedup = tx.open_table(DEDUP).map_err(StoreError::engine)?;
-            // Expiries first: a key expired and reused within one batch must end up present.
-            for (user, cmid) in &batch.dedup_delete {
-                dedup
-                    .remove((user.as_str(), cmid.as_str()))
-                    .map_err(StoreError::engine)?;
-            }
-            for d in &batch.dedup_put {
-                dedup
-                    .insert((d.user.as_str(), d.cmid.as_str()), encode(d)?.as_slice())
-                    .map_err(StoreError::engine)?;
-            }
+        // A poisoned lock means an earlier commit failed half-way: the server stops on the
+        // first failure, so carry on with the log as it is (its state is on disk).
+        let mut log = self.wal.lock().unwrap_or_else(|p| p.into_inner());
+        let len = log.encode(batch)?;
+        if !log.fits(len) && log.used() > 0 {
+            checkpoint(&self.db)?;
+            log.restart();
         }
-        tx.commit().map_err(StoreError::engine)?;
+        if !log.fits(len) {
+            // Larger than the whole log: commit it to the B-tree directly, synced.
+            let applied = log.next_seqno().checked_sub(1);
+            return apply(&self.db, batch, applied, Durability::Immediate);
+        }
+        let seqno = log.append()?;
+        let outcome = apply(&self.db, batch, Some(seqno), Durability::None)?;
+        if log.used() >= wal::CHECKPOINT_BYTES {
+            checkpoint(&self.db)?;
+            log.restart();
+        }
         Ok(outcome)
     }
 
@@ -218,4 +206,101 @@ impl Store for RedbStore {
         }
         Ok(page)
     }
+}
+
+/// Writes `batch` into the B-tree in one transaction with `durability`, recording `seqno` as the
+/// last log record applied.
+fn apply(
+    db: &Database,
+    batch: &Batch,
+    seqno: Option<u64>,
+    durability: Durability,
+) -> Result<CommitOutcome, StoreError> {
+    let mut outcome = CommitOutcome::default();
+    let mut tx = db.begin_write().map_err(StoreError::engine)?;
+    tx.set_durability(durability).map_err(StoreError::engine)?;
+    {
+        if let Some(seqno) = seqno {
+            let mut meta = tx.open_table(META).map_err(StoreError::engine)?;
+            meta.insert(WAL_APPLIED, seqno)
+                .map_err(StoreError::engine)?;
+        }
+        let mut messages = tx.open_table(MESSAGES).map_err(StoreError::engine)?;
+        for m in &batch.messages {
+            messages
+                .insert((m.conv.as_str(), m.seq), encode(m)?.as_slice())
+                .map_err(StoreError::engine)?;
+        }
+        for (conv, below) in &batch.trim_below {
+            messages
+                .retain_in((conv.as_str(), 0)..(conv.as_str(), *below), |_, _| false)
+                .map_err(StoreError::engine)?;
+        }
+        let mut convs = tx.open_table(CONVS).map_err(StoreError::engine)?;
+        for c in &batch.convs {
+            convs
+                .insert(c.id.as_str(), encode(c)?.as_slice())
+                .map_err(StoreError::engine)?;
+        }
+        for (conv, cutoff) in &batch.trim_before_ms {
+            let mut doomed = Vec::new();
+            let mut first = None;
+            for row in messages
+                .range((conv.as_str(), 0)..=(conv.as_str(), u64::MAX))
+                .map_err(StoreError::engine)?
+            {
+                let (k, v) = row.map_err(StoreError::engine)?;
+                let m: Message = decode("message", v.value())?;
+                if m.ts >= *cutoff {
+                    first = Some(m.seq);
+                    break;
+                }
+                doomed.push(k.value().1);
+            }
+            if doomed.is_empty() {
+                continue;
+            }
+            for seq in &doomed {
+                messages
+                    .remove((conv.as_str(), *seq))
+                    .map_err(StoreError::engine)?;
+            }
+            let raw = convs
+                .get(conv.as_str())
+                .map_err(StoreError::engine)?
+                .map(|g| g.value().to_vec());
+            if let Some(raw) = raw {
+                let mut rec: ConvRecord = decode("conversation", &raw)?;
+                let new_first = first.unwrap_or(rec.max_seq + 1).max(rec.first_seq);
+                rec.first_seq = new_first;
+                convs
+                    .insert(conv.as_str(), encode(&rec)?.as_slice())
+                    .map_err(StoreError::engine)?;
+                outcome.first_seqs.push((conv.clone(), new_first));
+            }
+        }
+        let mut cursors = tx.open_table(CURSORS).map_err(StoreError::engine)?;
+        for c in &batch.cursors {
+            cursors
+                .insert(
+                    (c.conv.as_str(), c.user.as_str(), c.device.as_str()),
+                    (c.delivered, c.read),
+                )
+                .map_err(StoreError::engine)?;
+        }
+        let mut dedup = tx.open_table(DEDUP).map_err(StoreError::engine)?;
+        // Expiries first: a key expired and reused within one batch must end up present.
+        for (user, cmid) in &batch.dedup_delete {
+            dedup
+                .remove((user.as_str(), cmid.as_str()))
+                .map_err(StoreError::engine)?;
+        }
+        for d in &batch.dedup_put {
+            dedup
+                .insert((d.user.as_str(), d.cmid.as_str()), encode(d)?.as_slice())
+                .map_err(StoreError::engine)?;
+        }
+    }
+    tx.commit().map_err(StoreError::engine)?;
+    Ok(outcome)
 }

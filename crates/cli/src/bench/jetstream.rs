@@ -9,7 +9,7 @@
 //!   consumers).
 //! - Every sender and every receiver has a connection of its own. A sender publishes with
 //!   `jetstream::Context::publish` and has at most `window` publishes whose ack it has not had
-//!   yet; accept latency runs from the publish call (in fixed-rate runs: the scheduled send time)
+//!   yet; accept latency runs from the publish call
 //!   to the stream's publish ack.
 //! - Every receiver is a durable pull consumer with explicit acks, filtered to its subject, created
 //!   before anything is sent, and consumed with `Consumer::messages` (pull requests of 200
@@ -299,9 +299,9 @@ impl Publisher {
 
 impl Publish for Publisher {
     /// `None` once publishing failed.
-    async fn send(&mut self, due: Option<u64>) -> Option<u64> {
+    async fn send(&mut self) -> Option<u64> {
         let permit = self.permits.clone().acquire_owned().await.ok()?;
-        let (stamp, body) = self.bodies.stamped(due);
+        let (stamp, body) = self.bodies.stamped();
         match self.js.publish(self.subject.clone(), body.into()).await {
             Ok(ack) => {
                 self.pending.send((stamp, ack, permit)).ok()?;

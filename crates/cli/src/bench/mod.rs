@@ -122,8 +122,9 @@ pub struct PairsArgs {
     /// Body size in bytes (at least 16: the send time stamp).
     #[arg(long, default_value_t = 100)]
     pub body_bytes: usize,
-    /// Fixed total send rate in msgs/s across all senders (latency is then measured from each
-    /// message's scheduled send time, so falling behind shows).
+    /// Fixed total send rate in msgs/s across all senders. Latency counts from each message's
+    /// actual send; how far senders fell behind their schedule (a full window holds them back)
+    /// is reported as `behind_ms_p50`/`behind_ms_p99`.
     #[arg(long)]
     pub rate: Option<f64>,
 }

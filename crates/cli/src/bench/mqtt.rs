@@ -9,7 +9,7 @@
 //!   with, so the broker keeps a subscriber's messages while it is offline.
 //! - A sender has at most `window` publishes unconfirmed: the client's own in-flight limit is set
 //!   to the window, and the bench bounds it again itself. Accept latency runs from the publish
-//!   call (in fixed-rate runs: the scheduled send time) to the broker's confirmation, PUBACK at
+//!   call to the broker's confirmation, PUBACK at
 //!   QoS 1 and PUBCOMP at QoS 2; Mosquitto confirms a connection's publishes in order, so
 //!   confirmations are matched to sends first in, first out. Delivery latency runs from the send
 //!   time stamped in the body to the PUBLISH reaching the subscriber.
@@ -424,9 +424,9 @@ impl Publisher {
 
 impl Publish for Publisher {
     /// `None` once the connection is gone.
-    async fn send(&mut self, due: Option<u64>) -> Option<u64> {
+    async fn send(&mut self) -> Option<u64> {
         self.flow.permits.acquire().await.ok()?.forget();
-        let (stamp, body) = self.bodies.stamped(due);
+        let (stamp, body) = self.bodies.stamped();
         self.stamps.send(stamp).ok()?;
         self.client
             .publish(self.topic.as_str(), self.qos, false, body)

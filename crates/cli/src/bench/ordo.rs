@@ -213,12 +213,14 @@ fn per_fsync(before: &HashMap<String, f64>, after: &HashMap<String, f64>) -> Opt
 /// What one sender measured.
 struct Sent {
     accept: Latency,
+    /// Actual minus scheduled send times (fixed-rate runs).
+    behind: Latency,
     sent: u64,
     accepted: u64,
 }
 
 /// Sends `count` messages to user `to` with at most `window` unanswered; with `interval`, the
-/// k-th is due at `start_us + k * interval` and is stamped with that time.
+/// k-th is due at `start_us + k * interval` (how late it went is recorded in `behind`).
 async fn send_all(
     mut c: WireClient,
     to: String,
@@ -229,6 +231,7 @@ async fn send_all(
     clock: Clock,
 ) -> Result<Sent, BenchError> {
     let mut accept = Latency::default();
+    let mut behind = Latency::default();
     let mut in_flight: HashMap<String, u64> = HashMap::new();
     let (mut next, mut accepted) = (0usize, 0u64);
     let due = |k: usize| pace.map(|(start, every)| start + (k as f64 * every) as u64);
@@ -262,7 +265,10 @@ async fn send_all(
             _ = tokio::time::sleep_until(wake), if can_send => {
                 let now = clock.now_us();
                 while next < count && in_flight.len() < window && due(next).is_none_or(|d| d <= now) {
-                    let stamp = due(next).unwrap_or(now);
+                    if let Some(d) = due(next) {
+                        behind.record_micros(now.saturating_sub(d));
+                    }
+                    let stamp = now;
                     in_flight.insert(format!("m{next}"), stamp);
                     c.feed(&frame(next, stamp)).await.map_err(fail("sending"))?;
                     next += 1;
@@ -274,6 +280,7 @@ async fn send_all(
     c.close().await;
     Ok(Sent {
         accept,
+        behind,
         sent: next as u64,
         accepted,
     })
@@ -432,9 +439,11 @@ pub async fn pairs(common: &Common, a: &PairsArgs, clock: &Clock) -> Result<Outc
         senders.push(tokio::spawn(send_all(c, to, n, w, b, pace, clock)));
     }
     let mut accept = Latency::default();
+    let mut behind = Latency::default();
     for s in senders {
         let s = s.await.map_err(fail("a sender task"))??;
         accept.merge(&s.accept);
+        behind.merge(&s.behind);
         out.sent += s.sent;
         out.accepted += s.accepted;
     }
@@ -453,6 +462,7 @@ pub async fn pairs(common: &Common, a: &PairsArgs, clock: &Clock) -> Result<Outc
     }
     out.extra
         .insert("lost".into(), out.sent.saturating_sub(out.delivered) as f64);
+    super::report::note_behind(&mut out, &behind);
     out.finish((end_us - start_us) as f64 / 1e6, &accept, &delivery);
     Ok(out)
 }

@@ -25,10 +25,9 @@ pub const SETUP_CONCURRENCY: usize = 64;
 
 /// A sender with a window of unconfirmed messages.
 pub trait Publish: Send + 'static {
-    /// Publishes one message once the window has room, stamped with `due` (its scheduled send
-    /// time) or else the time it is handed to the client; returns the stamp, or `None` if the
+    /// Publishes one message once the window has room, stamped with the time it is sent or else the time it is handed to the client; returns the stamp, or `None` if the
     /// sender cannot go on ([`Publish::finish`] then says why).
-    fn send(&mut self, due: Option<u64>) -> impl Future<Output = Option<u64>> + Send;
+    fn send(&mut self) -> impl Future<Output = Option<u64>> + Send;
 
     /// Waits for the confirmations still due and says what was sent and confirmed.
     fn finish(self) -> impl Future<Output = Result<Sent, BenchError>> + Send;
@@ -49,10 +48,10 @@ impl Bodies {
         }
     }
 
-    /// The stamp of a message due at `due` (its scheduled send time) or else sent now, and its
-    /// body.
-    pub fn stamped(&self, due: Option<u64>) -> (u64, String) {
-        let stamp = due.unwrap_or_else(|| self.clock.now_us());
+    /// The stamp of a message sent now (see [`super::report::Outcome`] on how a fixed-rate run
+    /// shows falling behind), and its body.
+    pub fn stamped(&self) -> (u64, String) {
+        let stamp = self.clock.now_us();
         (stamp, self.clock.body_at(stamp, self.bytes))
     }
 }
@@ -100,6 +99,7 @@ where
         })
         .collect();
     let start_us = clock.now_us();
+    let mut behind = Latency::default();
     let per_sender = a.rate.map(|r| r / a.pairs as f64);
     let messages = a.messages;
     let clock = *clock;
@@ -107,27 +107,35 @@ where
         .into_iter()
         .map(|mut p| {
             Task::spawn(async move {
+                let mut behind = Latency::default();
                 for k in 0..messages {
                     let due = per_sender.map(|r| start_us + (k as f64 * 1e6 / r) as u64);
                     if let Some(t) = due {
                         sleep_until(clock.at(t).into()).await;
                     }
-                    if p.send(due).await.is_none() {
+                    let Some(stamp) = p.send().await else {
                         break;
+                    };
+                    if let Some(t) = due {
+                        behind.record_micros(stamp.saturating_sub(t));
                     }
                 }
-                p.finish().await
+                Ok::<_, BenchError>((p.finish().await?, behind))
             })
         })
         .collect();
     let mut sent = Sent::default();
     for s in senders {
-        sent.add(s.join().await??);
+        let (s, b) = s.join().await??;
+        sent.add(s);
+        behind.merge(&b);
     }
     let _ = done.send(true);
     let got = Inbox::join_all(receivers).await?;
     bar.finish();
-    Ok(outcome(system, &sent, sent.sent, &got, start_us, &clock))
+    let mut o = outcome(system, &sent, sent.sent, &got, start_us, &clock);
+    super::report::note_behind(&mut o, &behind);
+    Ok(o)
 }
 
 /// One sender and `a.members` receivers of what it sends (`receivers`, then `publisher`, set up
@@ -159,7 +167,7 @@ pub async fn fanout<S: Subscribe, P: Publish>(
     let start_us = clock.now_us();
     let mut spans = Vec::with_capacity(a.messages);
     for _ in 0..a.messages {
-        let Some(stamp) = publisher.send(None).await else {
+        let Some(stamp) = publisher.send().await else {
             break;
         };
         spans.push(wait_for_all(&mut arrivals, stamp, a.members).await);
@@ -189,7 +197,7 @@ pub async fn catchup<S: Subscribe, P: Publish>(
     offline.await?;
     let mut publisher = publisher.await?;
     for _ in 0..a.messages {
-        if publisher.send(None).await.is_none() {
+        if publisher.send().await.is_none() {
             break;
         }
     }

@@ -77,7 +77,7 @@ pub struct Outcome {
     pub delivered_per_sec: f64,
     /// Send to confirmation.
     pub accept_ms: Option<Summary>,
-    /// Send (for fixed-rate runs: the scheduled send time) to receipt by the receiver.
+    /// Send to receipt by the receiver.
     pub delivery_ms: Option<Summary>,
     /// Scenario-specific numbers (fan-out completion times, memory per connection, ...).
     pub extra: BTreeMap<String, f64>,
@@ -108,6 +108,20 @@ impl Outcome {
         };
         self.accept_ms = accept.summary();
         self.delivery_ms = delivery.summary();
+    }
+}
+
+/// Records in `o.extra` how far a fixed-rate run's senders fell behind their schedule
+/// (`behind_ms_p50`, `behind_ms_p99`: actual send time minus scheduled send time).
+///
+/// In a fixed-rate run a message's latency is measured from the moment it is actually sent,
+/// not from its scheduled time: the bench's own timers wake about a millisecond late, the same
+/// for every system, and that is not the system's latency. A system too slow to confirm within
+/// the window holds its senders back instead, which shows here.
+pub fn note_behind(o: &mut Outcome, behind: &Latency) {
+    if let Some(s) = behind.summary() {
+        o.extra.insert("behind_ms_p50".into(), s.p50);
+        o.extra.insert("behind_ms_p99".into(), s.p99);
     }
 }
 
