@@ -387,20 +387,15 @@ fn commit_thread(
 ) {
     while let Ok(batch) = batches.recv() {
         let started = Instant::now();
-        let result = store.commit(&batch);
+        let (id, empty, messages) = (batch.id, batch.is_empty(), batch.messages.len());
+        let result = store.commit(batch);
         let elapsed = started.elapsed();
-        if !batch.is_empty() {
+        if !empty {
             metrics::counter!(m::COMMITS).increment(1);
-            metrics::histogram!(m::COMMIT_MESSAGES).record(batch.messages.len() as f64);
+            metrics::histogram!(m::COMMIT_MESSAGES).record(messages as f64);
             metrics::histogram!(m::COMMIT_SECONDS).record(elapsed.as_secs_f64());
         }
-        if done
-            .send(Committed {
-                id: batch.id,
-                result,
-            })
-            .is_err()
-        {
+        if done.send(Committed { id, result }).is_err() {
             break;
         }
     }

@@ -25,7 +25,7 @@ impl Store for FailingStore {
         self.inner.load()
     }
 
-    fn commit(&self, batch: &Batch) -> Result<CommitOutcome, StoreError> {
+    fn commit(&self, batch: Batch) -> Result<CommitOutcome, StoreError> {
         if self.fail.load(Ordering::SeqCst) && !batch.is_empty() {
             return Err(StoreError::Engine(
                 std::io::Error::other("injected: disk write failed").into(),

@@ -16,6 +16,10 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "the store stopped applying logged batches ({0}); restart the server: it replays the log"
+    )]
+    Applier(String),
     #[error("storage engine error: {0}")]
     Engine(#[from] redb::Error),
     #[error("stored record is corrupt ({what}): {detail}")]

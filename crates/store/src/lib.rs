@@ -29,7 +29,7 @@ pub trait Store: Send + Sync + 'static {
     fn load(&self) -> Result<Snapshot, StoreError>;
 
     /// Makes the whole batch durable, or nothing of it. Returns only once it is on disk.
-    fn commit(&self, batch: &Batch) -> Result<CommitOutcome, StoreError>;
+    fn commit(&self, batch: Batch) -> Result<CommitOutcome, StoreError>;
 
     /// Reads messages of `conv` with seq in `from..=to`, at most `limit` of them, and stops
     /// after the first message that brings the bodies' total to `max_bytes` or more (so a page

@@ -1,12 +1,17 @@
 //! The embedded default store: a write-ahead log ([`crate::wal`]) in front of a redb B-tree file.
 //!
 //! Group commit happens above (the server hands over one batch per commit). Here a batch is
-//! durable once its log record is synced (one sequential write, one `fdatasync`); it is then
-//! applied to the B-tree in a write transaction that is not synced (`Durability::None`; reads
-//! see it at once), which also records the batch's log seqno in the `meta` table. Every
+//! durable once its log record is synced (one sequential write, one `fdatasync`), and `commit`
+//! returns then. The applier thread then writes it into the B-tree in a transaction that is not
+//! synced (`Durability::None`), which also records the batch's log seqno in the `meta` table;
+//! reads wait until every batch logged before they started is applied, so they never miss a
+//! message that was reported durable. Every
 //! [`wal::CHECKPOINT_BYTES`](crate::wal::CHECKPOINT_BYTES) of log, an empty durable commit makes
 //! the B-tree durable up to there and the log starts over. On open, log records newer than the
 //! B-tree's recorded seqno are applied again, so a crash loses nothing that was synced.
+//!
+//! A batch whose result depends on what is stored (age-based retention reports the new first
+//! seq) is applied before `commit` returns, as is one too large for the log.
 //!
 //! Records are MessagePack-encoded; keys are tuples so that a conversation's messages are
 //! contiguous and ordered by seq.
@@ -18,7 +23,7 @@ use ordo_protocol::Message;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::de::DeserializeOwned;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{mpsc, Arc, Condvar, Mutex};
 
 const MESSAGES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("messages");
 const CONVS: TableDefinition<&str, &[u8]> = TableDefinition::new("convs");
@@ -31,8 +36,46 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const WAL_APPLIED: &str = "wal_applied";
 
 pub struct RedbStore {
-    db: Database,
+    db: Arc<Database>,
     wal: Mutex<Wal>,
+    applied: Arc<Applied>,
+    /// Batches logged and not yet applied go to the applier thread through here.
+    to_applier: Mutex<Option<mpsc::Sender<(u64, Batch)>>>,
+    applier: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// How far the applier got, shared between it, `commit` and readers.
+#[derive(Default)]
+struct Applied {
+    state: Mutex<Progress>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct Progress {
+    /// Seqno of the last batch handed to the applier.
+    queued: Option<u64>,
+    /// Seqno of the last batch applied.
+    applied: Option<u64>,
+    /// Set when applying failed: the B-tree no longer follows the log (reopen to replay it).
+    failed: Option<String>,
+}
+
+impl Applied {
+    /// Waits until everything queued so far is applied.
+    fn wait_caught_up(&self) -> Result<(), StoreError> {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let target = s.queued;
+        loop {
+            if let Some(e) = &s.failed {
+                return Err(StoreError::Applier(e.clone()));
+            }
+            if s.applied >= target {
+                return Ok(());
+            }
+            s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+    }
 }
 
 impl RedbStore {
@@ -82,10 +125,58 @@ impl RedbStore {
         checkpoint(&db)?;
         log.set_next_seqno(applied.map_or(0, |a| a + 1).max(log.next_seqno()));
         log.restart();
+        let db = Arc::new(db);
+        let progress = Arc::new(Applied::default());
+        {
+            let mut s = progress.state.lock().unwrap_or_else(|p| p.into_inner());
+            s.queued = applied;
+            s.applied = applied;
+        }
+        let (tx, rx) = mpsc::channel::<(u64, Batch)>();
+        let (adb, ap) = (db.clone(), progress.clone());
+        let applier = std::thread::Builder::new()
+            .name("ordo-apply".into())
+            .spawn(move || apply_loop(&adb, &ap, rx))
+            .map_err(|e| StoreError::Io {
+                path: path.display().to_string(),
+                source: e,
+            })?;
         Ok(RedbStore {
             db,
             wal: Mutex::new(log),
+            applied: progress,
+            to_applier: Mutex::new(Some(tx)),
+            applier: Mutex::new(Some(applier)),
         })
+    }
+}
+
+/// The applier thread: writes logged batches into the B-tree, in log order.
+fn apply_loop(db: &Database, progress: &Applied, batches: mpsc::Receiver<(u64, Batch)>) {
+    while let Ok((seqno, batch)) = batches.recv() {
+        let result = apply(db, &batch, Some(seqno), Durability::None);
+        let mut s = progress.state.lock().unwrap_or_else(|p| p.into_inner());
+        match result {
+            Ok(_) => s.applied = Some(seqno),
+            Err(e) => {
+                tracing::error!(error = %e, seqno, "cannot apply a logged batch to the B-tree");
+                s.failed = Some(e.to_string());
+            }
+        }
+        drop(s);
+        progress.changed.notify_all();
+    }
+}
+
+impl Drop for RedbStore {
+    fn drop(&mut self) {
+        // Let the applier finish what is queued, so a clean stop leaves the B-tree current.
+        if let Ok(mut tx) = self.to_applier.lock() {
+            tx.take();
+        }
+        if let Some(h) = self.applier.lock().ok().and_then(|mut h| h.take()) {
+            let _ = h.join();
+        }
     }
 }
 
@@ -111,6 +202,7 @@ fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
 
 impl Store for RedbStore {
     fn load(&self) -> Result<Snapshot, StoreError> {
+        self.applied.wait_caught_up()?;
         let tx = self.db.begin_read().map_err(StoreError::engine)?;
         let mut snap = Snapshot::default();
         let convs = tx.open_table(CONVS).map_err(StoreError::engine)?;
@@ -141,26 +233,52 @@ impl Store for RedbStore {
         Ok(snap)
     }
 
-    fn commit(&self, batch: &Batch) -> Result<CommitOutcome, StoreError> {
+    fn commit(&self, batch: Batch) -> Result<CommitOutcome, StoreError> {
         if batch.is_empty() {
             return Ok(CommitOutcome::default());
         }
         // A poisoned lock means an earlier commit failed half-way: the server stops on the
         // first failure, so carry on with the log as it is (its state is on disk).
         let mut log = self.wal.lock().unwrap_or_else(|p| p.into_inner());
-        let len = log.encode(batch)?;
+        let len = log.encode(&batch)?;
         if !log.fits(len) && log.used() > 0 {
+            self.applied.wait_caught_up()?;
             checkpoint(&self.db)?;
             log.restart();
         }
         if !log.fits(len) {
             // Larger than the whole log: commit it to the B-tree directly, synced.
+            self.applied.wait_caught_up()?;
             let applied = log.next_seqno().checked_sub(1);
-            return apply(&self.db, batch, applied, Durability::Immediate);
+            return apply(&self.db, &batch, applied, Durability::Immediate);
         }
         let seqno = log.append()?;
-        let outcome = apply(&self.db, batch, Some(seqno), Durability::None)?;
+        let outcome = if batch.trim_before_ms.is_empty() {
+            self.applied
+                .state
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .queued = Some(seqno);
+            let sent = self
+                .to_applier
+                .lock()
+                .ok()
+                .and_then(|tx| tx.as_ref().map(|tx| tx.send((seqno, batch)).is_ok()));
+            if sent != Some(true) {
+                return Err(StoreError::Applier("the applier thread has stopped".into()));
+            }
+            CommitOutcome::default()
+        } else {
+            // Its outcome comes from what is stored: apply it here, after everything before it.
+            self.applied.wait_caught_up()?;
+            let outcome = apply(&self.db, &batch, Some(seqno), Durability::None)?;
+            let mut s = self.applied.state.lock().unwrap_or_else(|p| p.into_inner());
+            s.queued = Some(seqno);
+            s.applied = Some(seqno);
+            outcome
+        };
         if log.used() >= wal::CHECKPOINT_BYTES {
+            self.applied.wait_caught_up()?;
             checkpoint(&self.db)?;
             log.restart();
         }
@@ -175,6 +293,8 @@ impl Store for RedbStore {
         limit: u32,
         max_bytes: usize,
     ) -> Result<Page, StoreError> {
+        // Everything reported durable before this read was asked for is in the B-tree first.
+        self.applied.wait_caught_up()?;
         let tx = self.db.begin_read().map_err(StoreError::engine)?;
         let convs = tx.open_table(CONVS).map_err(StoreError::engine)?;
         let Some(raw) = convs.get(conv).map_err(StoreError::engine)? else {

@@ -56,7 +56,7 @@ fn commit_survives_reopen() {
             }],
             ..Batch::default()
         };
-        store.commit(&batch).unwrap();
+        store.commit(batch).unwrap();
     }
     let store = RedbStore::open(dir.path()).unwrap();
     let snap = store.load().unwrap();
@@ -91,7 +91,7 @@ fn retention_by_count_and_by_age() {
     let dir = tempfile::tempdir().unwrap();
     let store = RedbStore::open(dir.path()).unwrap();
     store
-        .commit(&Batch {
+        .commit(Batch {
             id: 1,
             messages: (1..=10).map(|s| msg("g", s, 100 * s)).collect(),
             convs: vec![conv("g", 10, 1)],
@@ -100,7 +100,7 @@ fn retention_by_count_and_by_age() {
         .unwrap();
     // Count: keep from seq 4.
     store
-        .commit(&Batch {
+        .commit(Batch {
             id: 2,
             convs: vec![conv("g", 10, 4)],
             trim_below: vec![("g".into(), 4)],
@@ -113,7 +113,7 @@ fn retention_by_count_and_by_age() {
     assert_eq!(page.messages.len(), 7);
     // Age: everything accepted before t=650 goes (seqs 4, 5, 6).
     let out = store
-        .commit(&Batch {
+        .commit(Batch {
             id: 3,
             trim_before_ms: vec![("g".into(), 650)],
             ..Batch::default()
@@ -128,7 +128,7 @@ fn retention_by_count_and_by_age() {
     );
     // Everything too old: first_seq moves past max_seq.
     let out = store
-        .commit(&Batch {
+        .commit(Batch {
             id: 4,
             trim_before_ms: vec![("g".into(), 10_000)],
             ..Batch::default()

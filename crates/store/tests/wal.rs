@@ -64,7 +64,7 @@ fn what_commit_returned_survives_a_crash() {
     let crashed = tempfile::tempdir().unwrap();
     let store = RedbStore::open(dir.path()).unwrap();
     for n in 1..=20 {
-        store.commit(&batch(n, 5, 50)).unwrap();
+        store.commit(batch(n, 5, 50)).unwrap();
     }
     crash_copy(dir.path(), crashed.path());
     drop(store);
@@ -74,7 +74,7 @@ fn what_commit_returned_survives_a_crash() {
     assert_eq!(snap.convs[0].max_seq, 100);
     // And it goes on from there, across another crash.
     for n in 21..=30 {
-        reopened.commit(&batch(n, 5, 50)).unwrap();
+        reopened.commit(batch(n, 5, 50)).unwrap();
     }
     let again = tempfile::tempdir().unwrap();
     crash_copy(crashed.path(), again.path());
@@ -89,7 +89,7 @@ fn a_torn_last_record_is_dropped_and_the_rest_kept() {
     let crashed = tempfile::tempdir().unwrap();
     let store = RedbStore::open(dir.path()).unwrap();
     for n in 1..=3 {
-        store.commit(&batch(n, 4, 20)).unwrap();
+        store.commit(batch(n, 4, 20)).unwrap();
     }
     crash_copy(dir.path(), crashed.path());
     drop(store);
@@ -111,7 +111,7 @@ fn a_torn_last_record_is_dropped_and_the_rest_kept() {
         "{got:?}"
     );
     let next = got.len() as u64 / 4 + 1;
-    store.commit(&batch(next, 4, 20)).unwrap();
+    store.commit(batch(next, 4, 20)).unwrap();
     assert_eq!(seqs(&store).len() as u64, next * 4);
 }
 
@@ -124,7 +124,7 @@ fn the_log_starts_over_after_a_checkpoint_and_stale_records_are_not_replayed() {
     let per = 64u64;
     let batches = 2 * wal::CHECKPOINT_BYTES / (per * 2048) + 10;
     for n in 1..=batches {
-        store.commit(&batch(n, per, 2048)).unwrap();
+        store.commit(batch(n, per, 2048)).unwrap();
     }
     let crashed = tempfile::tempdir().unwrap();
     crash_copy(dir.path(), crashed.path());
@@ -141,7 +141,7 @@ fn the_log_starts_over_after_a_checkpoint_and_stale_records_are_not_replayed() {
 fn a_batch_larger_than_the_log_is_committed_directly() {
     let dir = tempfile::tempdir().unwrap();
     let store = RedbStore::open(dir.path()).unwrap();
-    store.commit(&batch(1, 3, 10)).unwrap();
+    store.commit(batch(1, 3, 10)).unwrap();
     // Messages of 64 KiB, more of them than the whole log holds, as seqs 4.. .
     let big = wal::CAPACITY / (64 << 10) + 100;
     let mut b = batch(1, big, 64 << 10);
@@ -150,7 +150,7 @@ fn a_batch_larger_than_the_log_is_committed_directly() {
     }
     let last = 3 + big;
     b.convs = vec![conv(last)];
-    store.commit(&b).unwrap();
+    store.commit(b).unwrap();
     // Logging goes on after it.
     let mut after = batch(1, 2, 10);
     for m in &mut after.messages {
@@ -158,10 +158,26 @@ fn a_batch_larger_than_the_log_is_committed_directly() {
     }
     let last = last + 2;
     after.convs = vec![conv(last)];
-    store.commit(&after).unwrap();
+    store.commit(after).unwrap();
     let crashed = tempfile::tempdir().unwrap();
     crash_copy(dir.path(), crashed.path());
     drop(store);
     let store = RedbStore::open(crashed.path()).unwrap();
     assert_eq!(seqs(&store), (1..=last).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_read_right_after_commit_sees_the_batch() {
+    // Batches reach the B-tree on a thread of their own after `commit` returns; a read must
+    // still see everything committed before it.
+    let dir = tempfile::tempdir().unwrap();
+    let store = RedbStore::open(dir.path()).unwrap();
+    for n in 1..=200 {
+        store.commit(batch(n, 3, 100)).unwrap();
+        let page = store
+            .read_page("g", 1, u64::MAX, u32::MAX, usize::MAX)
+            .unwrap();
+        assert_eq!(page.messages.len() as u64, n * 3, "after batch {n}");
+    }
+    assert_eq!(store.load().unwrap().convs[0].max_seq, 600);
 }
