@@ -60,7 +60,7 @@ impl WireClient {
         cfg.max_message_size = Some(64 << 20);
         cfg.max_frame_size = Some(64 << 20);
         // The default (128 KiB) is zero-filled before every read: costly with many connections.
-        cfg.read_buffer_size = 16 << 10;
+        cfg.read_buffer_size = 4 << 10;
         let ws = match from {
             None => {
                 tokio_tungstenite::connect_async_with_config(req, Some(cfg), true)

@@ -5,10 +5,11 @@
 //! returns then. The applier thread then writes it into the B-tree in a transaction that is not
 //! synced (`Durability::None`), which also records the batch's log seqno in the `meta` table;
 //! reads wait until every batch logged before they started is applied, so they never miss a
-//! message that was reported durable. Every
-//! [`wal::CHECKPOINT_BYTES`](crate::wal::CHECKPOINT_BYTES) of log, an empty durable commit makes
-//! the B-tree durable up to there and the log starts over. On open, log records newer than the
-//! B-tree's recorded seqno are applied again, so a crash loses nothing that was synced.
+//! message that was reported durable. When the log moves to its other segment (every
+//! [`wal::SWITCH_BYTES`](crate::wal::SWITCH_BYTES)), the applier makes the B-tree durable up to
+//! the end of the segment left (an empty durable commit: a checkpoint), after which that segment
+//! may be written over. On open, log records newer than the B-tree's recorded seqno are applied
+//! again, so a crash loses nothing that was synced.
 //!
 //! A batch whose result depends on what is stored (age-based retention reports the new first
 //! seq) is applied before `commit` returns, as is one too large for the log.
@@ -40,7 +41,7 @@ pub struct RedbStore {
     wal: Mutex<Wal>,
     applied: Arc<Applied>,
     /// Batches logged and not yet applied go to the applier thread through here.
-    to_applier: Mutex<Option<mpsc::Sender<(u64, Batch)>>>,
+    to_applier: Mutex<Option<mpsc::Sender<Job>>>,
     applier: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -51,12 +52,22 @@ struct Applied {
     changed: Condvar,
 }
 
+/// Work for the applier thread, in log order.
+enum Job {
+    /// Write a logged batch into the B-tree.
+    Apply(u64, Batch),
+    /// Make the B-tree durable up to this seqno (everything before it is applied by then).
+    Checkpoint(u64),
+}
+
 #[derive(Default)]
 struct Progress {
     /// Seqno of the last batch handed to the applier.
     queued: Option<u64>,
     /// Seqno of the last batch applied.
     applied: Option<u64>,
+    /// Seqno up to which the B-tree is durable.
+    checkpointed: Option<u64>,
     /// Set when applying failed: the B-tree no longer follows the log (reopen to replay it).
     failed: Option<String>,
 }
@@ -75,6 +86,28 @@ impl Applied {
             }
             s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
         }
+    }
+
+    /// Waits until the B-tree is durable up to `seqno`.
+    fn wait_checkpointed(&self, seqno: u64) -> Result<(), StoreError> {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(e) = &s.failed {
+                return Err(StoreError::Applier(e.clone()));
+            }
+            if s.checkpointed >= Some(seqno) {
+                return Ok(());
+            }
+            s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    fn is_checkpointed(&self, seqno: u64) -> bool {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .checkpointed
+            >= Some(seqno)
     }
 }
 
@@ -111,6 +144,10 @@ impl RedbStore {
             if applied.is_some_and(|a| r.seqno <= a) {
                 continue;
             }
+            // Only the run that follows what the B-tree holds: anything after a hole is stale.
+            if r.seqno != applied.map_or(r.seqno, |a| a + 1) {
+                break;
+            }
             apply(&db, &r.batch, Some(r.seqno), Durability::None)?;
             applied = Some(r.seqno);
             replayed += 1;
@@ -123,16 +160,16 @@ impl RedbStore {
         }
         // Whatever the B-tree holds now becomes durable, so the log can start over.
         checkpoint(&db)?;
-        log.set_next_seqno(applied.map_or(0, |a| a + 1).max(log.next_seqno()));
-        log.restart();
+        log.reset(applied.map_or(0, |a| a + 1));
         let db = Arc::new(db);
         let progress = Arc::new(Applied::default());
         {
             let mut s = progress.state.lock().unwrap_or_else(|p| p.into_inner());
             s.queued = applied;
             s.applied = applied;
+            s.checkpointed = applied;
         }
-        let (tx, rx) = mpsc::channel::<(u64, Batch)>();
+        let (tx, rx) = mpsc::channel::<Job>();
         let (adb, ap) = (db.clone(), progress.clone());
         let applier = std::thread::Builder::new()
             .name("ordo-apply".into())
@@ -151,20 +188,43 @@ impl RedbStore {
     }
 }
 
-/// The applier thread: writes logged batches into the B-tree, in log order.
-fn apply_loop(db: &Database, progress: &Applied, batches: mpsc::Receiver<(u64, Batch)>) {
-    while let Ok((seqno, batch)) = batches.recv() {
-        let result = apply(db, &batch, Some(seqno), Durability::None);
+/// The applier thread: writes logged batches into the B-tree, in log order, and checkpoints.
+fn apply_loop(db: &Database, progress: &Applied, jobs: mpsc::Receiver<Job>) {
+    while let Ok(job) = jobs.recv() {
+        let (seqno, is_checkpoint, result) = match job {
+            Job::Apply(seqno, batch) => (
+                seqno,
+                false,
+                apply(db, &batch, Some(seqno), Durability::None).map(|_| ()),
+            ),
+            Job::Checkpoint(seqno) => (seqno, true, checkpoint(db)),
+        };
         let mut s = progress.state.lock().unwrap_or_else(|p| p.into_inner());
-        match result {
-            Ok(_) => s.applied = Some(seqno),
-            Err(e) => {
-                tracing::error!(error = %e, seqno, "cannot apply a logged batch to the B-tree");
+        match (result, is_checkpoint) {
+            (Ok(()), true) => s.checkpointed = Some(seqno),
+            (Ok(()), false) => s.applied = Some(seqno),
+            (Err(e), _) => {
+                tracing::error!(error = %e, seqno, "cannot apply the write-ahead log to the B-tree");
                 s.failed = Some(e.to_string());
             }
         }
         drop(s);
         progress.changed.notify_all();
+    }
+}
+
+impl RedbStore {
+    fn queue(&self, job: Job) -> Result<(), StoreError> {
+        let sent = self
+            .to_applier
+            .lock()
+            .ok()
+            .and_then(|tx| tx.as_ref().map(|tx| tx.send(job).is_ok()));
+        if sent == Some(true) {
+            Ok(())
+        } else {
+            Err(StoreError::Applier("the applier thread has stopped".into()))
+        }
     }
 }
 
@@ -241,16 +301,28 @@ impl Store for RedbStore {
         // first failure, so carry on with the log as it is (its state is on disk).
         let mut log = self.wal.lock().unwrap_or_else(|p| p.into_inner());
         let len = log.encode(&batch)?;
-        if !log.fits(len) && log.used() > 0 {
-            self.applied.wait_caught_up()?;
-            checkpoint(&self.db)?;
-            log.restart();
-        }
-        if !log.fits(len) {
-            // Larger than the whole log: commit it to the B-tree directly, synced.
+        if !Wal::fits_empty(len) {
+            // Larger than a whole log segment: commit it to the B-tree directly, synced.
             self.applied.wait_caught_up()?;
             let applied = log.next_seqno().checked_sub(1);
             return apply(&self.db, &batch, applied, Durability::Immediate);
+        }
+        let must_switch = !log.fits(len);
+        if must_switch || log.active_used() >= wal::SWITCH_BYTES {
+            // The other segment may be written over once the B-tree is durable up to its end;
+            // wait for that only if this segment is full.
+            let other = log.other_last();
+            let free = other.is_none_or(|l| self.applied.is_checkpointed(l));
+            if must_switch && !free {
+                if let Some(l) = other {
+                    self.applied.wait_checkpointed(l)?;
+                }
+            }
+            if free || must_switch {
+                if let Some(left) = log.switch() {
+                    self.queue(Job::Checkpoint(left))?;
+                }
+            }
         }
         let seqno = log.append()?;
         let outcome = if batch.trim_before_ms.is_empty() {
@@ -259,14 +331,7 @@ impl Store for RedbStore {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .queued = Some(seqno);
-            let sent = self
-                .to_applier
-                .lock()
-                .ok()
-                .and_then(|tx| tx.as_ref().map(|tx| tx.send((seqno, batch)).is_ok()));
-            if sent != Some(true) {
-                return Err(StoreError::Applier("the applier thread has stopped".into()));
-            }
+            self.queue(Job::Apply(seqno, batch))?;
             CommitOutcome::default()
         } else {
             // Its outcome comes from what is stored: apply it here, after everything before it.
@@ -277,11 +342,6 @@ impl Store for RedbStore {
             s.applied = Some(seqno);
             outcome
         };
-        if log.used() >= wal::CHECKPOINT_BYTES {
-            self.applied.wait_caught_up()?;
-            checkpoint(&self.db)?;
-            log.restart();
-        }
         Ok(outcome)
     }
 

@@ -3,22 +3,25 @@
 //! Making a batch durable in the B-tree file costs a commit that writes and syncs many pages
 //! (message leaves, dedup leaves, conversation records, the allocator state, the header). The
 //! log instead takes one sequential write of the encoded batch and one `fdatasync`, which is as
-//! little as the disk allows. The B-tree is then updated without syncing, and made durable now
-//! and then by a checkpoint, after which the log starts over.
+//! little as the disk allows. The B-tree is updated without syncing, and made durable now and
+//! then by a checkpoint, after which that part of the log is no longer needed.
 //!
-//! File layout: `wal.log`, preallocated and zero-filled once to [`CAPACITY`] bytes (so that a
-//! sync flushes data only, never the file's size or extent map), holding records back to back
-//! from offset 0:
+//! The log is two segment files, `wal-0.log` and `wal-1.log`, each preallocated and zero-filled
+//! once to [`SEGMENT_BYTES`] (so that a sync flushes data only, never the file's size or extent
+//! map). Records go into the active segment back to back from offset 0:
 //!
 //! ```text
 //! magic u32 | length u32 | seqno u64 | crc32 u32 (of seqno and payload) | payload (length bytes)
 //! ```
 //!
 //! all little-endian, the payload a MessagePack-encoded [`Batch`]. Seqnos increase by one per
-//! record. After a checkpoint the next record is written at offset 0 again, so the file holds
-//! the current records followed by stale ones from earlier rounds; reading stops at the first
-//! record that is torn (bad magic, length or checksum) or does not follow its predecessor's
-//! seqno, which is exactly where the current records end.
+//! record across both segments. Once the active segment holds [`SWITCH_BYTES`], writing moves to
+//! the other one, from offset 0, as soon as everything in that one is checkpointed; the segment
+//! left behind is checkpointed in the background, so writers never wait for a checkpoint unless
+//! a whole segment fills first. A segment therefore holds its current records followed by stale
+//! ones from an earlier round; reading a segment stops at the first record that is torn (bad
+//! magic, length or checksum) or does not follow its predecessor's seqno, which is exactly where
+//! its current records end.
 
 use crate::StoreError;
 use ordo_core::Batch;
@@ -26,18 +29,26 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-/// Size of the log file. A checkpoint is due well before it fills ([`CHECKPOINT_BYTES`]).
-pub const CAPACITY: u64 = 64 << 20;
-/// Once this much of the log is used, the next commit checkpoints.
-pub const CHECKPOINT_BYTES: u64 = 16 << 20;
+/// Size of each segment file.
+pub const SEGMENT_BYTES: u64 = 32 << 20;
+/// Once the active segment holds this much, writing moves to the other one.
+pub const SWITCH_BYTES: u64 = 8 << 20;
 const MAGIC: u32 = 0x4f52_4457; // "ORDW"
 const HEADER: usize = 4 + 4 + 8 + 4;
 
-pub struct Wal {
+/// One segment file.
+struct Segment {
     file: File,
     path: PathBuf,
-    /// Where the next record goes.
+    /// Where its next record goes.
     offset: u64,
+    /// Seqno of its last record this round (`None`: nothing written since it was (re)started).
+    last: Option<u64>,
+}
+
+pub struct Wal {
+    segs: [Segment; 2],
+    active: usize,
     /// Seqno of the next record.
     next: u64,
     buf: Vec<u8>,
@@ -49,11 +60,8 @@ pub struct Record {
     pub batch: Batch,
 }
 
-impl Wal {
-    /// Opens (or creates) the log in `dir` and reads back its current records, oldest first.
-    /// New records are appended after them.
-    pub fn open(dir: &Path) -> Result<(Wal, Vec<Record>), StoreError> {
-        let path = dir.join("wal.log");
+impl Segment {
+    fn open(path: PathBuf) -> Result<Segment, StoreError> {
         let io = |e: std::io::Error| StoreError::Io {
             path: path.display().to_string(),
             source: e,
@@ -66,13 +74,13 @@ impl Wal {
             .open(&path)
             .map_err(io)?;
         let len = file.metadata().map_err(io)?.len();
-        if len < CAPACITY {
+        if len < SEGMENT_BYTES {
             // Zero-fill for real (not a sparse file or unwritten extents): later syncs then
             // flush data blocks only.
             let zeros = vec![0u8; 1 << 20];
             let mut off = len;
-            while off < CAPACITY {
-                let n = (CAPACITY - off).min(zeros.len() as u64) as usize;
+            while off < SEGMENT_BYTES {
+                let n = (SEGMENT_BYTES - off).min(zeros.len() as u64) as usize;
                 file.write_all_at(&zeros[..n], off).map_err(io)?;
                 off += n as u64;
             }
@@ -82,33 +90,33 @@ impl Wal {
                 File::open(parent).and_then(|d| d.sync_all()).map_err(io)?;
             }
         }
-        let mut wal = Wal {
+        Ok(Segment {
             file,
             path,
             offset: 0,
-            next: 0,
-            buf: Vec::new(),
-        };
-        let records = wal.read_all()?;
-        Ok((wal, records))
+            last: None,
+        })
     }
 
-    fn read_all(&mut self) -> Result<Vec<Record>, StoreError> {
+    /// The segment's current records, oldest first.
+    fn read_all(&self) -> Result<Vec<Record>, StoreError> {
         let mut records: Vec<Record> = Vec::new();
         let mut header = [0u8; HEADER];
+        let mut offset = 0u64;
         loop {
-            if self.offset + HEADER as u64 > CAPACITY {
+            if offset + HEADER as u64 > SEGMENT_BYTES
+                || self.file.read_exact_at(&mut header, offset).is_err()
+            {
                 break;
             }
-            if self.file.read_exact_at(&mut header, self.offset).is_err() {
-                break;
-            }
-            let magic = u32::from_le_bytes(header[0..4].try_into().unwrap_or_default());
-            let len = u32::from_le_bytes(header[4..8].try_into().unwrap_or_default()) as u64;
-            let seqno = u64::from_le_bytes(header[8..16].try_into().unwrap_or_default());
-            let crc = u32::from_le_bytes(header[16..20].try_into().unwrap_or_default());
-            let end = self.offset + HEADER as u64 + len;
-            if magic != MAGIC || end > CAPACITY {
+            let word = |r: std::ops::Range<usize>| {
+                let mut b = [0u8; 8];
+                b[..r.len()].copy_from_slice(&header[r]);
+                u64::from_le_bytes(b)
+            };
+            let (magic, len, seqno, crc) = (word(0..4), word(4..8), word(8..16), word(16..20));
+            let end = offset + HEADER as u64 + len;
+            if magic != u64::from(MAGIC) || end > SEGMENT_BYTES {
                 break;
             }
             if records.last().is_some_and(|r| r.seqno + 1 != seqno) {
@@ -117,7 +125,7 @@ impl Wal {
             let mut payload = vec![0u8; len as usize];
             if self
                 .file
-                .read_exact_at(&mut payload, self.offset + HEADER as u64)
+                .read_exact_at(&mut payload, offset + HEADER as u64)
                 .is_err()
             {
                 break;
@@ -125,7 +133,7 @@ impl Wal {
             let mut h = crc32fast::Hasher::new();
             h.update(&seqno.to_le_bytes());
             h.update(&payload);
-            if h.finalize() != crc {
+            if u64::from(h.finalize()) != crc {
                 break;
             }
             // A record whose checksum holds but does not decode was written by something else:
@@ -133,13 +141,53 @@ impl Wal {
             let batch: Batch =
                 rmp_serde::from_slice(&payload).map_err(|e| StoreError::Corrupt {
                     what: "write-ahead log record",
-                    detail: format!("record {seqno} at offset {}: {e}", self.offset),
+                    detail: format!(
+                        "{} record {seqno} at offset {offset}: {e}",
+                        self.path.display()
+                    ),
                 })?;
             records.push(Record { seqno, batch });
-            self.offset = end;
+            offset = end;
         }
-        self.next = records.last().map_or(0, |r| r.seqno + 1);
         Ok(records)
+    }
+}
+
+impl Wal {
+    /// Opens (or creates) the log in `dir` and reads back the records of both segments, in
+    /// seqno order (possibly with a gap between the two segments' records: the caller keeps
+    /// only the run that follows what the B-tree holds). Call [`reset`](Self::reset) once they
+    /// are durable elsewhere, before appending.
+    pub fn open(dir: &Path) -> Result<(Wal, Vec<Record>), StoreError> {
+        let segs = [
+            Segment::open(dir.join("wal-0.log"))?,
+            Segment::open(dir.join("wal-1.log"))?,
+        ];
+        let mut records = segs[0].read_all()?;
+        records.extend(segs[1].read_all()?);
+        records.sort_by_key(|r| r.seqno);
+        records.dedup_by_key(|r| r.seqno);
+        let next = records.last().map_or(0, |r| r.seqno + 1);
+        Ok((
+            Wal {
+                segs,
+                active: 0,
+                next,
+                buf: Vec::new(),
+            },
+            records,
+        ))
+    }
+
+    /// Starts both segments over, the next record numbered `next`: everything logged so far is
+    /// durable elsewhere.
+    pub fn reset(&mut self, next: u64) {
+        for s in &mut self.segs {
+            s.offset = 0;
+            s.last = None;
+        }
+        self.active = 0;
+        self.next = self.next.max(next);
     }
 
     /// Seqno the next record will get.
@@ -147,17 +195,39 @@ impl Wal {
         self.next
     }
 
-    /// Bytes of the log in use.
-    pub fn used(&self) -> u64 {
-        self.offset
+    /// Bytes of the active segment in use.
+    pub fn active_used(&self) -> u64 {
+        self.segs[self.active].offset
     }
 
-    /// Whether a record of about `len` payload bytes still fits.
+    /// Whether a record of `len` payload bytes fits in the active segment.
     pub fn fits(&self, len: usize) -> bool {
-        self.offset + (HEADER + len) as u64 <= CAPACITY
+        self.segs[self.active].offset + (HEADER + len) as u64 <= SEGMENT_BYTES
     }
 
-    /// Encodes `batch` for [`append`](Self::append).
+    /// Whether a record of `len` payload bytes fits in a segment at all.
+    pub fn fits_empty(len: usize) -> bool {
+        (HEADER + len) as u64 <= SEGMENT_BYTES
+    }
+
+    /// Seqno of the last record in the other segment; it may be written over once the B-tree
+    /// is durable up to there.
+    pub fn other_last(&self) -> Option<u64> {
+        self.segs[1 - self.active].last
+    }
+
+    /// Moves writing to the other segment, from offset 0. Returns the last seqno of the segment
+    /// left, which must be checkpointed before that segment is used again.
+    pub fn switch(&mut self) -> Option<u64> {
+        let left = self.segs[self.active].last;
+        self.active = 1 - self.active;
+        let s = &mut self.segs[self.active];
+        s.offset = 0;
+        s.last = None;
+        left
+    }
+
+    /// Encodes `batch` for [`append`](Self::append); returns its size.
     pub fn encode(&mut self, batch: &Batch) -> Result<usize, StoreError> {
         self.buf.clear();
         self.buf.resize(HEADER, 0);
@@ -166,17 +236,19 @@ impl Wal {
         Ok(self.buf.len() - HEADER)
     }
 
-    /// Writes the batch last given to [`encode`](Self::encode) as the next record and syncs it
-    /// to disk. Returns its seqno once it is durable.
+    /// Writes the batch last given to [`encode`](Self::encode) as the next record of the
+    /// active segment and syncs it to disk. Returns its seqno once it is durable.
     pub fn append(&mut self) -> Result<u64, StoreError> {
         let seqno = self.next;
         let len = self.buf.len() - HEADER;
-        if !self.fits(len) {
+        let seg = &mut self.segs[self.active];
+        if seg.offset + self.buf.len() as u64 > SEGMENT_BYTES {
             return Err(StoreError::Corrupt {
                 what: "write-ahead log",
                 detail: format!(
-                    "a record of {len} bytes does not fit at offset {} of {CAPACITY}",
-                    self.offset
+                    "a record of {len} bytes does not fit at offset {} of {}",
+                    seg.offset,
+                    seg.path.display()
                 ),
             });
         }
@@ -189,23 +261,14 @@ impl Wal {
         self.buf[8..16].copy_from_slice(&seqno.to_le_bytes());
         self.buf[16..20].copy_from_slice(&crc.to_le_bytes());
         let io = |e: std::io::Error| StoreError::Io {
-            path: self.path.display().to_string(),
+            path: seg.path.display().to_string(),
             source: e,
         };
-        self.file.write_all_at(&self.buf, self.offset).map_err(io)?;
-        self.file.sync_data().map_err(io)?;
-        self.offset += self.buf.len() as u64;
+        seg.file.write_all_at(&self.buf, seg.offset).map_err(io)?;
+        seg.file.sync_data().map_err(io)?;
+        seg.offset += self.buf.len() as u64;
+        seg.last = Some(seqno);
         self.next += 1;
         Ok(seqno)
-    }
-
-    /// Starts over at offset 0 once everything up to `next_seqno() - 1` is durable elsewhere.
-    pub fn restart(&mut self) {
-        self.offset = 0;
-    }
-
-    /// Sets the seqno of the next record (at start, to follow what the B-tree already holds).
-    pub fn set_next_seqno(&mut self, next: u64) {
-        self.next = next;
     }
 }

@@ -46,7 +46,7 @@ fn batch(n: u64, per: u64, body_bytes: usize) -> Batch {
 /// Copies the store's files as a crash would leave them.
 fn crash_copy(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
-    for f in ["ordo.redb", "wal.log"] {
+    for f in ["ordo.redb", "wal-0.log", "wal-1.log"] {
         std::fs::copy(from.join(f), to.join(f)).unwrap();
     }
 }
@@ -95,7 +95,7 @@ fn a_torn_last_record_is_dropped_and_the_rest_kept() {
     drop(store);
     // Cut the last record short: zero its last bytes, as a write interrupted by the crash
     // would leave them (the batch was never acknowledged, since its sync had not returned).
-    let log = crashed.path().join("wal.log");
+    let log = crashed.path().join("wal-0.log");
     let mut bytes = std::fs::read(&log).unwrap();
     let end = bytes.iter().rposition(|&b| b != 0).unwrap();
     for b in &mut bytes[end - 10..=end] {
@@ -116,23 +116,33 @@ fn a_torn_last_record_is_dropped_and_the_rest_kept() {
 }
 
 #[test]
-fn the_log_starts_over_after_a_checkpoint_and_stale_records_are_not_replayed() {
+fn the_log_moves_between_its_segments_and_stale_records_are_not_replayed() {
     let dir = tempfile::tempdir().unwrap();
     let store = RedbStore::open(dir.path()).unwrap();
-    // 2 KiB bodies, 64 per batch: about 130 KiB a record, so the log checkpoints and starts
-    // over several times.
+    // 2 KiB bodies, 64 per batch: about 130 KiB a record, so writing moves between the two
+    // segments several times (each time after a checkpoint) and they fill with stale records.
     let per = 64u64;
-    let batches = 2 * wal::CHECKPOINT_BYTES / (per * 2048) + 10;
+    let batches = 5 * wal::SWITCH_BYTES / (per * 2048) + 10;
+    let mut crashes = Vec::new();
     for n in 1..=batches {
         store.commit(batch(n, per, 2048)).unwrap();
+        // Crash at a few points: in the first segment, just after a move, in the second.
+        if [batches / 4, batches / 2 + 1, batches - 1].contains(&n) {
+            let crashed = tempfile::tempdir().unwrap();
+            crash_copy(dir.path(), crashed.path());
+            crashes.push((n, crashed));
+        }
     }
-    let crashed = tempfile::tempdir().unwrap();
-    crash_copy(dir.path(), crashed.path());
     drop(store);
-    let store = RedbStore::open(crashed.path()).unwrap();
-    assert_eq!(seqs(&store), (1..=batches * per).collect::<Vec<_>>());
+    for (n, crashed) in &crashes {
+        let store = RedbStore::open(crashed.path()).unwrap();
+        assert_eq!(
+            seqs(&store),
+            (1..=n * per).collect::<Vec<_>>(),
+            "crash after batch {n}"
+        );
+    }
     // A clean reopen of the original replays nothing twice either.
-    drop(store);
     let store = RedbStore::open(dir.path()).unwrap();
     assert_eq!(seqs(&store), (1..=batches * per).collect::<Vec<_>>());
 }
@@ -143,7 +153,7 @@ fn a_batch_larger_than_the_log_is_committed_directly() {
     let store = RedbStore::open(dir.path()).unwrap();
     store.commit(batch(1, 3, 10)).unwrap();
     // Messages of 64 KiB, more of them than the whole log holds, as seqs 4.. .
-    let big = wal::CAPACITY / (64 << 10) + 100;
+    let big = wal::SEGMENT_BYTES / (64 << 10) + 100;
     let mut b = batch(1, big, 64 << 10);
     for m in &mut b.messages {
         m.seq += 3;

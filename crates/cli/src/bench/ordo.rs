@@ -536,6 +536,12 @@ pub async fn fanout(common: &Common, a: &FanoutArgs, clock: &Clock) -> Result<Ou
             }
         }
         fanout.record_micros(clock.now_us() - sent_us);
+        if std::env::var_os("ORDO_BENCH_TRACE").is_some() {
+            eprintln!(
+                "fanout message {k}: {} ms",
+                (clock.now_us() - sent_us) / 1000
+            );
+        }
     }
     let mut delivery = Latency::default();
     let mut end_us = start_us;
