@@ -25,8 +25,11 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 const MAX_HELD_BACK: usize = 4096;
 
 /// A held-back send not resent for this long is forgotten (the client's longest backoff is a
-/// minute, ±30 %): a message the client gave up on must not block its conversation for good.
-const HELD_BACK_TTL_MS: u64 = 120_000;
+/// minute, ±30 %), provided the client resent the others behind it at least
+/// [`RESENDS_BEFORE_EXPIRY`] times meanwhile: a message the client gave up on must not block
+/// its conversation for good. See [`crate::session::HeldBack`].
+pub(crate) const HELD_BACK_TTL_MS: u64 = 120_000;
+const RESENDS_BEFORE_EXPIRY: u32 = 2;
 
 /// Identifies one connected device; chosen by the caller, unique while connected.
 pub type SessionId = u64;
@@ -41,11 +44,35 @@ pub enum Action {
         session: SessionId,
         frame: ServerFrame,
     },
+    /// Send this same frame to each of these connections (a message pushed to every online
+    /// member device: encode it once).
+    Broadcast {
+        sessions: Vec<SessionId>,
+        frame: ServerFrame,
+    },
     /// An admin request finished (its change is durable, or it failed).
     AdminDone {
         ticket: Ticket,
         reply: Result<AdminReply, CoreError>,
     },
+}
+
+/// The same actions with every [`Action::Broadcast`] written out as one [`Action::Send`] per
+/// connection, in order (for code that looks at frames one connection at a time).
+pub fn per_session(actions: Vec<Action>) -> Vec<Action> {
+    let mut out = Vec::with_capacity(actions.len());
+    for a in actions {
+        match a {
+            Action::Broadcast { sessions, frame } => {
+                out.extend(sessions.into_iter().map(|session| Action::Send {
+                    session,
+                    frame: frame.clone(),
+                }))
+            }
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 /// Admin reply: the group as it now stands.
@@ -438,26 +465,33 @@ impl Core {
         now_ms: u64,
     ) -> Result<(), CoreError> {
         let (rate, burst) = (self.cfg.rate_per_sec, self.cfg.rate_burst);
-        if let Some(queue) = self
+        if let Some(h) = self
             .sessions
             .get_mut(&session)
             .and_then(|s| s.held_back.get_mut(conv_id))
         {
-            while queue
-                .front()
-                .is_some_and(|(c, at)| c != cmid && at.saturating_add(HELD_BACK_TTL_MS) < now_ms)
-            {
-                queue.pop_front();
+            if h.queue.front().is_some_and(|(c, _)| c == cmid) {
+                h.others_resent = 0;
+            } else if h.queue.iter().any(|(c, _)| c == cmid) {
+                h.others_resent = h.others_resent.saturating_add(1);
             }
-            if let Some(entry) = queue.iter_mut().find(|(c, _)| c == cmid) {
+            if h.others_resent >= RESENDS_BEFORE_EXPIRY
+                && h.queue.front().is_some_and(|(c, at)| {
+                    c != cmid && at.saturating_add(HELD_BACK_TTL_MS) < now_ms
+                })
+            {
+                h.queue.pop_front();
+                h.others_resent = 0;
+            }
+            if let Some(entry) = h.queue.iter_mut().find(|(c, _)| c == cmid) {
                 entry.1 = now_ms;
             }
-            if queue.front().is_some_and(|(first, _)| first != cmid) {
-                if !queue.iter().any(|(c, _)| c == cmid) && queue.len() < MAX_HELD_BACK {
-                    queue.push_back((cmid.to_string(), now_ms));
+            if h.queue.front().is_some_and(|(first, _)| first != cmid) {
+                if !h.queue.iter().any(|(c, _)| c == cmid) && h.queue.len() < MAX_HELD_BACK {
+                    h.queue.push_back((cmid.to_string(), now_ms));
                 }
                 return Err(CoreError::HeldBack {
-                    earlier: queue.front().map(|(c, _)| c.clone()).unwrap_or_default(),
+                    earlier: h.queue.front().map(|(c, _)| c.clone()).unwrap_or_default(),
                     retry_after_ms: 1,
                 });
             }
@@ -468,19 +502,22 @@ impl Core {
             .or_insert_with(|| TokenBucket::new(burst, now_ms))
             .take(rate, burst, now_ms);
         if let Some(s) = self.sessions.get_mut(&session) {
-            let queue = s.held_back.entry(conv_id.to_string()).or_default();
             match taken {
                 Ok(()) => {
-                    if queue.front().is_some_and(|(first, _)| first == cmid) {
-                        queue.pop_front();
-                    }
-                    if queue.is_empty() {
-                        s.held_back.remove(conv_id);
+                    if let Some(h) = s.held_back.get_mut(conv_id) {
+                        if h.queue.front().is_some_and(|(first, _)| first == cmid) {
+                            h.queue.pop_front();
+                            h.others_resent = 0;
+                        }
+                        if h.queue.is_empty() {
+                            s.held_back.remove(conv_id);
+                        }
                     }
                 }
                 Err(_) => {
-                    if queue.is_empty() {
-                        queue.push_back((cmid.to_string(), now_ms));
+                    let h = s.held_back.entry(conv_id.to_string()).or_default();
+                    if h.queue.is_empty() {
+                        h.queue.push_back((cmid.to_string(), now_ms));
                     }
                 }
             }
@@ -999,6 +1036,7 @@ impl Core {
         };
         let durable = c.durable_seq;
         let window = self.cfg.push_window;
+        let mut pushed = Vec::new();
         for user in c.durable_members() {
             let Some(sids) = self.by_user.get(user) else {
                 continue;
@@ -1016,10 +1054,7 @@ impl Core {
                 if st.sent_up_to + 1 == m.seq && in_window {
                     st.sent_up_to = m.seq;
                     self.stats.pushed += 1;
-                    out.push(Action::Send {
-                        session: *sid,
-                        frame: ServerFrame::Msg(m.clone()),
-                    });
+                    pushed.push(*sid);
                 } else if !st.notified && st.sent_up_to < m.seq {
                     st.notified = true;
                     self.stats.notified += 1;
@@ -1032,6 +1067,12 @@ impl Core {
                     });
                 }
             }
+        }
+        if !pushed.is_empty() {
+            out.push(Action::Broadcast {
+                sessions: pushed,
+                frame: ServerFrame::Msg(m),
+            });
         }
     }
 

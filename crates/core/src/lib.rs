@@ -24,7 +24,8 @@ pub mod session;
 
 pub use config::CoreConfig;
 pub use engine::{
-    Action, AdminOp, AdminReply, Core, CoreStats, SendRequest, SessionId, SyncPlan, Ticket,
+    per_session, Action, AdminOp, AdminReply, Core, CoreStats, SendRequest, SessionId, SyncPlan,
+    Ticket,
 };
 pub use error::CoreError;
 #[cfg(feature = "fault-injection")]

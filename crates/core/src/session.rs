@@ -17,12 +17,26 @@ pub struct Session {
     pub user: String,
     pub device: String,
     pub convs: HashMap<String, PushState>,
-    /// conversation -> client message ids refused (for rate, or held back behind one that
-    /// was), in the order they arrived. Only the first may be admitted; each admission lets
-    /// the next one go. So resends, in whatever order they come, are numbered in the order the
-    /// connection first sent them. Each entry keeps when it was last refused: one the client
-    /// stopped resending (it gave up, or it was refused for another reason) expires.
-    pub held_back: HashMap<String, VecDeque<(String, u64)>>,
+    /// conversation -> the sends refused there and held back, see [`HeldBack`].
+    pub held_back: HashMap<String, HeldBack>,
+}
+
+/// Client message ids refused in one conversation (for rate, or held back behind one that was),
+/// in the order they arrived. Only the first may be admitted; each admission lets the next one
+/// go. So resends, in whatever order they come, are numbered in the order the connection first
+/// sent them.
+///
+/// The first one is forgotten when the client stopped resending it (it gave up, or it was
+/// refused for another reason) while it keeps resending the others: not resent for
+/// [`HELD_BACK_TTL_MS`](crate::engine) and the others resent at least twice meanwhile. Time
+/// alone is not enough: a clock that jumps forward would let a message sent right after the
+/// first one through ahead of it.
+#[derive(Clone, Debug, Default)]
+pub struct HeldBack {
+    /// (client message id, when it was last refused), in first-send order.
+    pub queue: VecDeque<(String, u64)>,
+    /// Resends of the others seen since the first one was last seen.
+    pub others_resent: u32,
 }
 
 impl Session {

@@ -6,13 +6,13 @@
 //! with 1009; a connection the router dropped as too slow is closed with 1013.
 
 use crate::metrics as m;
-use crate::router::{Command, SessionHandle};
+use crate::router::{to_ws, Command, Outbound, SessionHandle};
 use crate::AppState;
 use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket};
 use futures_util::{SinkExt, StreamExt};
 use ordo_core::SessionId;
 use ordo_protocol::{
-    decode_client, encode, ClientFrame, Encoded, Encoding, ErrorCode, ServerFrame, PROTOCOL_VERSION,
+    decode_client, encode, ClientFrame, Encoding, ErrorCode, ServerFrame, PROTOCOL_VERSION,
 };
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -36,7 +36,7 @@ pub mod close {
 struct Conn {
     state: AppState,
     session: SessionId,
-    tx: mpsc::Sender<Box<ServerFrame>>,
+    tx: mpsc::Sender<Outbound>,
     /// Last encoding the client spoke: true for MessagePack.
     msgpack: Arc<AtomicBool>,
 }
@@ -45,25 +45,24 @@ pub async fn run(socket: WebSocket, state: AppState, user: String, device: Strin
     let session = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
     let _live = state.live.clone();
     let (mut sink, mut stream) = socket.split();
-    // Frames are boxed: the queue allocates its slots in blocks up front, and an idle
-    // connection should not pay for a block of full-size frames.
-    let (tx, mut rx) = mpsc::channel::<Box<ServerFrame>>(state.outbound_queue);
+    let (tx, mut rx) = mpsc::channel::<Outbound>(state.outbound_queue);
     let kick = Arc::new(Notify::new());
     let msgpack = Arc::new(AtomicBool::new(enc == Encoding::MsgPack));
     let (close_tx, mut close_rx) = oneshot::channel::<(u16, String)>();
     let mut close_open = true;
 
     // `welcome` is queued before the router knows the session, so that it is always first.
-    let _ = tx.try_send(Box::new(ServerFrame::Welcome {
+    let _ = tx.try_send(Outbound::Frame(Box::new(ServerFrame::Welcome {
         user: user.clone(),
         device: device.clone(),
         protocol: PROTOCOL_VERSION,
         server_time: crate::router::now_ms(),
         limits: state.limits.clone(),
-    }));
+    })));
     let handle = SessionHandle {
         tx: tx.clone(),
         kick: kick.clone(),
+        msgpack: msgpack.clone(),
     };
     if state
         .router
@@ -108,11 +107,15 @@ pub async fn run(socket: WebSocket, state: AppState, user: String, device: Strin
                     let mut next = Some(frame);
                     let mut queued = 0;
                     let mut failed = false;
-                    while let Some(frame) = next.take() {
-                        if let ServerFrame::Msg(_) = *frame {
-                            metrics::counter!(m::DELIVERED).increment(1);
-                        }
-                        if sink.feed(to_ws(encode(&frame, enc))).await.is_err() {
+                    while let Some(out) = next.take() {
+                        let msg = match out {
+                            Outbound::Msg(msg) => {
+                                metrics::counter!(m::DELIVERED).increment(1);
+                                msg
+                            }
+                            Outbound::Frame(frame) => to_ws(encode(&frame, enc)),
+                        };
+                        if sink.feed(msg).await.is_err() {
                             failed = true;
                             break;
                         }
@@ -178,13 +181,6 @@ fn close_msg(code: u16, reason: &str) -> WsMessage {
         code,
         reason: Utf8Bytes::from(reason.to_string()),
     }))
-}
-
-fn to_ws(e: Encoded) -> WsMessage {
-    match e {
-        Encoded::Text(s) => WsMessage::Text(Utf8Bytes::from(s)),
-        Encoded::Binary(b) => WsMessage::Binary(b.into()),
-    }
 }
 
 /// A read error after which the socket may still take a close frame: a message over the size
@@ -330,7 +326,7 @@ impl Conn {
     /// Queues a frame for this connection. A full queue means the peer is not reading: the
     /// connection is closed rather than waited on, so it can never pin the task or memory.
     fn reply(&self, frame: ServerFrame) -> Result<(), Close> {
-        match self.tx.try_send(Box::new(frame)) {
+        match self.tx.try_send(Outbound::Frame(Box::new(frame))) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(_)) => {
                 metrics::counter!(m::SLOW_CONSUMERS).increment(1);

@@ -12,13 +12,16 @@
 //! reloads from the store, knows again what is durable.
 
 use crate::metrics as m;
+use axum::extract::ws::{Message as WsMessage, Utf8Bytes};
 use ordo_core::{
     Action, AdminOp, AdminReply, Batch, CommitOutcome, Core, CoreConfig, CoreError, CoreStats,
     SendRequest, SessionId, SyncPlan, Ticket,
 };
+use ordo_protocol::{encode, Encoded};
 use ordo_protocol::{ClientFrame, ConvInfo, ServerFrame};
 use ordo_store::{Store, StoreError};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -26,9 +29,20 @@ use tokio::sync::{mpsc, oneshot, Notify};
 /// How a router reaches one connection.
 #[derive(Clone)]
 pub struct SessionHandle {
-    pub tx: mpsc::Sender<Box<ServerFrame>>,
+    pub tx: mpsc::Sender<Outbound>,
     /// Woken when the router drops the connection (too slow, or storage failed).
     pub kick: Arc<Notify>,
+    /// Whether the connection speaks MessagePack (else JSON) now.
+    pub msgpack: Arc<AtomicBool>,
+}
+
+/// What a connection's writer is handed.
+pub enum Outbound {
+    /// A frame to encode in the connection's encoding. Boxed: the queue allocates its slots in
+    /// blocks up front, and an idle connection should not pay for a block of full-size frames.
+    Frame(Box<ServerFrame>),
+    /// A pushed `msg`, already encoded for this connection (shared by every member it goes to).
+    Msg(WsMessage),
 }
 
 pub enum Command {
@@ -349,6 +363,7 @@ impl Router {
         for a in actions {
             match a {
                 Action::Send { session, frame } => self.send_to(session, frame),
+                Action::Broadcast { sessions, frame } => self.broadcast(sessions, &frame),
                 Action::AdminDone { ticket, reply } => {
                     if let Some(tx) = self.admin.remove(&ticket) {
                         let _ = tx.send(reply);
@@ -358,14 +373,44 @@ impl Router {
         }
     }
 
+    /// Encodes `frame` at most once per encoding and queues it for every session.
+    fn broadcast(&mut self, sessions: Vec<SessionId>, frame: &ServerFrame) {
+        let (mut json, mut msgpack) = (None::<WsMessage>, None::<WsMessage>);
+        for session in sessions {
+            let Some(h) = self.sessions.get(&session) else {
+                continue;
+            };
+            let slot = if h.msgpack.load(Ordering::Relaxed) {
+                &mut msgpack
+            } else {
+                &mut json
+            };
+            let msg = slot
+                .get_or_insert_with(|| {
+                    let enc = if h.msgpack.load(Ordering::Relaxed) {
+                        ordo_protocol::Encoding::MsgPack
+                    } else {
+                        ordo_protocol::Encoding::Json
+                    };
+                    to_ws(encode(frame, enc))
+                })
+                .clone();
+            self.queue(session, Outbound::Msg(msg));
+        }
+    }
+
     fn send_to(&mut self, session: SessionId, frame: ServerFrame) {
-        let Some(h) = self.sessions.get(&session) else {
-            return;
-        };
         if let ServerFrame::Rejected { .. } = frame {
             metrics::counter!(m::REJECTED).increment(1);
         }
-        match h.tx.try_send(Box::new(frame)) {
+        self.queue(session, Outbound::Frame(Box::new(frame)));
+    }
+
+    fn queue(&mut self, session: SessionId, out: Outbound) {
+        let Some(h) = self.sessions.get(&session) else {
+            return;
+        };
+        match h.tx.try_send(out) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
                 metrics::counter!(m::SLOW_CONSUMERS).increment(1);
@@ -377,6 +422,14 @@ impl Router {
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {}
         }
+    }
+}
+
+/// A frame as a WebSocket message: text for JSON, binary for MessagePack.
+pub fn to_ws(e: Encoded) -> WsMessage {
+    match e {
+        Encoded::Text(s) => WsMessage::Text(Utf8Bytes::from(s)),
+        Encoded::Binary(b) => WsMessage::Binary(b.into()),
     }
 }
 

@@ -265,7 +265,7 @@ impl Sim {
     }
 
     pub(crate) fn dispatch(&mut self, actions: Vec<Action>) -> Result<(), Violation> {
-        for a in actions {
+        for a in ordo_core::per_session(actions) {
             if let Action::Send { session, frame } = a {
                 if let ServerFrame::Msg(m) = &frame {
                     if self.server.store.messages.get(&(m.conv.clone(), m.seq)) != Some(m) {

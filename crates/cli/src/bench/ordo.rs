@@ -315,6 +315,7 @@ async fn receive(
     expected: u64,
     clock: Clock,
     first_sync: Option<String>,
+    mut ack_at_end: Option<tokio::sync::watch::Receiver<bool>>,
     on_message: impl Fn(u64, u64) + Send,
 ) -> Result<(Received, WireClient), BenchError> {
     let mut last: HashMap<String, u64> = HashMap::new();
@@ -390,6 +391,11 @@ async fn receive(
         }
     }
     if unacked > 0 {
+        // The last acknowledgement waits for the run's end when asked (in a fan-out, 10,000
+        // members acking the last message at once would slow those still receiving it).
+        if let Some(end) = ack_at_end.as_mut() {
+            let _ = end.wait_for(|&e| e).await;
+        }
         c.send(&ack(&last)).await.map_err(fail("acking"))?;
     }
     Ok((
@@ -420,7 +426,7 @@ pub async fn pairs(common: &Common, a: &PairsArgs, clock: &Clock) -> Result<Outc
         let c = sut.dial.connect(&format!("r{tag}-{i}"), "d", None).await?;
         let (expected, clock, bar) = (a.messages as u64, *clock, bar.clone());
         receivers.push(tokio::spawn(async move {
-            receive(c, expected, clock, None, move |_, _| bar.inc(1)).await
+            receive(c, expected, clock, None, None, move |_, _| bar.inc(1)).await
         }));
     }
     let mut clients = Vec::new();
@@ -478,27 +484,36 @@ pub async fn fanout(common: &Common, a: &FanoutArgs, clock: &Clock) -> Result<Ou
     let counts: Arc<Vec<std::sync::atomic::AtomicU64>> =
         Arc::new((0..a.messages).map(|_| Default::default()).collect());
     let done = Arc::new(tokio::sync::Notify::new());
+    let (ended, end) = tokio::sync::watch::channel(false);
     let bar = progress("ordo fanout: connecting", a.members as u64);
     let receivers = connect_many(&sut, &members, None, 256, &bar).await?;
     bar.finish();
     let bar = progress("ordo fanout", (a.members * a.messages) as u64);
     let mut tasks = Vec::new();
     for c in receivers {
-        let (counts, done, bar, n, clock) = (
+        let (counts, done, bar, n, clock, end) = (
             counts.clone(),
             done.clone(),
             bar.clone(),
             a.members as u64,
             *clock,
+            end.clone(),
         );
         tasks.push(tokio::spawn(async move {
-            receive(c, counts.len() as u64, clock, None, move |k, _| {
-                bar.inc(1);
-                let have = counts[k as usize].fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                if have + 1 == n {
-                    done.notify_one();
-                }
-            })
+            receive(
+                c,
+                counts.len() as u64,
+                clock,
+                None,
+                Some(end),
+                move |k, _| {
+                    bar.inc(1);
+                    let have = counts[k as usize].fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    if have + 1 == n {
+                        done.notify_one();
+                    }
+                },
+            )
             .await
         }));
     }
@@ -543,6 +558,7 @@ pub async fn fanout(common: &Common, a: &FanoutArgs, clock: &Clock) -> Result<Ou
             );
         }
     }
+    let _ = ended.send(true);
     let mut delivery = Latency::default();
     let mut end_us = start_us;
     for t in tasks {
@@ -623,9 +639,14 @@ pub async fn catchup(
     let start = Instant::now();
     let c = sut.dial.connect(&receiver, "d", None).await?;
     let b = bar.clone();
-    let (r, c) = receive(c, a.messages as u64, *clock, Some(conv), move |_, _| {
-        b.inc(1)
-    })
+    let (r, c) = receive(
+        c,
+        a.messages as u64,
+        *clock,
+        Some(conv),
+        None,
+        move |_, _| b.inc(1),
+    )
     .await?;
     let took = start.elapsed();
     c.close().await;
