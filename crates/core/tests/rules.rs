@@ -218,6 +218,26 @@ fn frames(actions: &[Action], sid: SessionId) -> Vec<ServerFrame> {
         .collect()
 }
 
+/// "cmid:seq" of every `accepted` a session got, in order.
+fn accepted_order(actions: &[Action], sid: SessionId) -> Vec<String> {
+    accepted(actions, sid)
+        .into_iter()
+        .map(|(cmid, _, seq, _)| format!("{cmid}:{seq}"))
+        .collect()
+}
+
+/// alice (session 1) in group `g` with bob, allowed one send per second and no burst.
+fn one_per_second() -> Sim {
+    let mut s = Sim::new(CoreConfig {
+        rate_per_sec: 1.0,
+        rate_burst: 1.0,
+        ..CoreConfig::default()
+    });
+    s.group("g", &["alice", "bob"], Retention::default());
+    s.core.connect(1, "alice", "a1");
+    s
+}
+
 /// Seqs of the `msg` frames a session got, in order.
 fn msg_seqs(actions: &[Action], sid: SessionId) -> Vec<u64> {
     frames(actions, sid)
@@ -982,13 +1002,7 @@ fn sending_too_fast_is_rate_limited_with_a_retry_hint() {
 /// overtake it when a token comes back; m2 is held back until m1 is resent.
 #[test]
 fn a_rate_limited_send_holds_back_later_sends_so_order_holds() {
-    let mut s = Sim::new(CoreConfig {
-        rate_per_sec: 1.0,
-        rate_burst: 1.0,
-        ..CoreConfig::default()
-    });
-    s.group("g", &["alice", "bob"], Retention::default());
-    s.core.connect(1, "alice", "a1");
+    let mut s = one_per_second();
     s.core.connect(3, "alice", "a2");
     s.now = 0;
     assert!(s.send(1, "g", "m0").is_empty());
@@ -1050,10 +1064,7 @@ fn refused_messages_are_admitted_in_their_first_send_order() {
     s.now = 11_000;
     assert!(s.send(1, "g", "m4").is_empty());
     let (_, out) = s.flush();
-    let order: Vec<String> = accepted(&out, 1)
-        .into_iter()
-        .map(|(cmid, _, seq, _)| format!("{cmid}:{seq}"))
-        .collect();
+    let order: Vec<String> = accepted_order(&out, 1);
     assert_eq!(order, ["m0:1", "m1:2", "m2:3", "m3:4", "m4:5"]);
 }
 
@@ -1062,13 +1073,7 @@ fn refused_messages_are_admitted_in_their_first_send_order() {
 /// goes.
 #[test]
 fn a_held_back_send_that_is_never_resent_expires() {
-    let mut s = Sim::new(CoreConfig {
-        rate_per_sec: 1.0,
-        rate_burst: 1.0,
-        ..CoreConfig::default()
-    });
-    s.group("g", &["alice", "bob"], Retention::default());
-    s.core.connect(1, "alice", "a1");
+    let mut s = one_per_second();
     s.now = 0;
     assert!(s.send(1, "g", "m0").is_empty());
     assert_eq!(rejected(&s.send(1, "g", "m1")).0, ErrorCode::RateLimited);
@@ -1087,10 +1092,7 @@ fn a_held_back_send_that_is_never_resent_expires() {
     s.now = 200_000; // m1 was never resent; m2 was resent twice meanwhile
     assert!(s.send(1, "g", "m2").is_empty(), "m1's hold expired");
     let (_, out) = s.flush();
-    let order: Vec<String> = accepted(&out, 1)
-        .into_iter()
-        .map(|(cmid, _, seq, _)| format!("{cmid}:{seq}"))
-        .collect();
+    let order: Vec<String> = accepted_order(&out, 1);
     assert_eq!(order, ["m0:1", "m2:2"]);
 }
 
@@ -1099,13 +1101,7 @@ fn a_held_back_send_that_is_never_resent_expires() {
 /// arrived after the server's clock jumped four minutes and was numbered first).
 #[test]
 fn a_clock_jump_does_not_let_a_later_send_overtake_a_held_back_one() {
-    let mut s = Sim::new(CoreConfig {
-        rate_per_sec: 1.0,
-        rate_burst: 1.0,
-        ..CoreConfig::default()
-    });
-    s.group("g", &["alice", "bob"], Retention::default());
-    s.core.connect(1, "alice", "a1");
+    let mut s = one_per_second();
     s.now = 0;
     assert!(s.send(1, "g", "m0").is_empty());
     assert_eq!(rejected(&s.send(1, "g", "m1")).0, ErrorCode::RateLimited);
@@ -1119,10 +1115,7 @@ fn a_clock_jump_does_not_let_a_later_send_overtake_a_held_back_one() {
     s.now = 260_000;
     assert!(s.send(1, "g", "m2").is_empty());
     let (_, out) = s.flush();
-    let order: Vec<String> = accepted(&out, 1)
-        .into_iter()
-        .map(|(cmid, _, seq, _)| format!("{cmid}:{seq}"))
-        .collect();
+    let order: Vec<String> = accepted_order(&out, 1);
     assert_eq!(order, ["m0:1", "m1:2", "m2:3"]);
 }
 
