@@ -62,7 +62,6 @@ pub async fn run(socket: WebSocket, state: AppState, user: String, device: Strin
     let handle = SessionHandle {
         tx: tx.clone(),
         kick: kick.clone(),
-        msgpack: msgpack.clone(),
     };
     if state
         .router
@@ -109,9 +108,9 @@ pub async fn run(socket: WebSocket, state: AppState, user: String, device: Strin
                     let mut failed = false;
                     while let Some(out) = next.take() {
                         let msg = match out {
-                            Outbound::Msg(msg) => {
+                            Outbound::Msg(shared) => {
                                 metrics::counter!(m::DELIVERED).increment(1);
-                                msg
+                                shared.message(enc)
                             }
                             Outbound::Frame(frame) => to_ws(encode(&frame, enc)),
                         };

@@ -17,12 +17,10 @@ use ordo_core::{
     Action, AdminOp, AdminReply, Batch, CommitOutcome, Core, CoreConfig, CoreError, CoreStats,
     SendRequest, SessionId, SyncPlan, Ticket,
 };
-use ordo_protocol::{encode, Encoded};
-use ordo_protocol::{ClientFrame, ConvInfo, ServerFrame};
+use ordo_protocol::{encode, ClientFrame, ConvInfo, Encoded, Encoding, ServerFrame};
 use ordo_store::{Store, StoreError};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot, Notify};
 
@@ -32,8 +30,6 @@ pub struct SessionHandle {
     pub tx: mpsc::Sender<Outbound>,
     /// Woken when the router drops the connection (too slow, or storage failed).
     pub kick: Arc<Notify>,
-    /// Whether the connection speaks MessagePack (else JSON) now.
-    pub msgpack: Arc<AtomicBool>,
 }
 
 /// What a connection's writer is handed.
@@ -41,8 +37,35 @@ pub enum Outbound {
     /// A frame to encode in the connection's encoding. Boxed: the queue allocates its slots in
     /// blocks up front, and an idle connection should not pay for a block of full-size frames.
     Frame(Box<ServerFrame>),
-    /// A pushed `msg`, already encoded for this connection (shared by every member it goes to).
-    Msg(WsMessage),
+    /// A pushed `msg`, shared by every member connection it goes to.
+    Msg(Arc<SharedFrame>),
+}
+
+/// A frame going to many connections: encoded at most once per encoding, by the first
+/// connection that needs it (off the router task).
+pub struct SharedFrame {
+    frame: ServerFrame,
+    json: OnceLock<WsMessage>,
+    msgpack: OnceLock<WsMessage>,
+}
+
+impl SharedFrame {
+    pub fn new(frame: ServerFrame) -> Self {
+        SharedFrame {
+            frame,
+            json: OnceLock::new(),
+            msgpack: OnceLock::new(),
+        }
+    }
+
+    /// The frame as a WebSocket message in `enc`.
+    pub fn message(&self, enc: Encoding) -> WsMessage {
+        let slot = match enc {
+            Encoding::Json => &self.json,
+            Encoding::MsgPack => &self.msgpack,
+        };
+        slot.get_or_init(|| to_ws(encode(&self.frame, enc))).clone()
+    }
 }
 
 pub enum Command {
@@ -363,7 +386,7 @@ impl Router {
         for a in actions {
             match a {
                 Action::Send { session, frame } => self.send_to(session, frame),
-                Action::Broadcast { sessions, frame } => self.broadcast(sessions, &frame),
+                Action::Broadcast { sessions, frame } => self.broadcast(sessions, frame),
                 Action::AdminDone { ticket, reply } => {
                     if let Some(tx) = self.admin.remove(&ticket) {
                         let _ = tx.send(reply);
@@ -373,29 +396,11 @@ impl Router {
         }
     }
 
-    /// Encodes `frame` at most once per encoding and queues it for every session.
-    fn broadcast(&mut self, sessions: Vec<SessionId>, frame: &ServerFrame) {
-        let (mut json, mut msgpack) = (None::<WsMessage>, None::<WsMessage>);
+    /// Queues one shared copy of `frame` for every session.
+    fn broadcast(&mut self, sessions: Vec<SessionId>, frame: ServerFrame) {
+        let shared = Arc::new(SharedFrame::new(frame));
         for session in sessions {
-            let Some(h) = self.sessions.get(&session) else {
-                continue;
-            };
-            let slot = if h.msgpack.load(Ordering::Relaxed) {
-                &mut msgpack
-            } else {
-                &mut json
-            };
-            let msg = slot
-                .get_or_insert_with(|| {
-                    let enc = if h.msgpack.load(Ordering::Relaxed) {
-                        ordo_protocol::Encoding::MsgPack
-                    } else {
-                        ordo_protocol::Encoding::Json
-                    };
-                    to_ws(encode(frame, enc))
-                })
-                .clone();
-            self.queue(session, Outbound::Msg(msg));
+            self.queue(session, Outbound::Msg(shared.clone()));
         }
     }
 
