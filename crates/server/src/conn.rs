@@ -6,13 +6,13 @@
 //! with 1009; a connection the router dropped as too slow is closed with 1013.
 
 use crate::metrics as m;
-use crate::router::{to_ws, Command, Outbound, SessionHandle};
+use crate::router::{Command, Outbound, SessionHandle};
 use crate::AppState;
 use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket};
 use futures_util::{SinkExt, StreamExt};
 use ordo_core::SessionId;
 use ordo_protocol::{
-    decode_client, encode, ClientFrame, Encoding, ErrorCode, ServerFrame, PROTOCOL_VERSION,
+    decode_client, ClientFrame, Encoding, ErrorCode, ServerFrame, PROTOCOL_VERSION,
 };
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -52,13 +52,13 @@ pub async fn run(socket: WebSocket, state: AppState, user: String, device: Strin
     let mut close_open = true;
 
     // `welcome` is queued before the router knows the session, so that it is always first.
-    let _ = tx.try_send(Outbound::Frame(Box::new(ServerFrame::Welcome {
+    let _ = tx.try_send(Outbound::new(ServerFrame::Welcome {
         user: user.clone(),
         device: device.clone(),
         protocol: PROTOCOL_VERSION,
         server_time: crate::router::now_ms(),
         limits: state.limits.clone(),
-    })));
+    }));
     let handle = SessionHandle {
         tx: tx.clone(),
         kick: kick.clone(),
@@ -107,14 +107,10 @@ pub async fn run(socket: WebSocket, state: AppState, user: String, device: Strin
                     let mut queued = 0;
                     let mut failed = false;
                     while let Some(out) = next.take() {
-                        let msg = match out {
-                            Outbound::Msg(shared) => {
-                                metrics::counter!(m::DELIVERED).increment(1);
-                                shared.message(enc)
-                            }
-                            Outbound::Frame(frame) => to_ws(encode(&frame, enc)),
-                        };
-                        if sink.feed(msg).await.is_err() {
+                        if out.is_msg() {
+                            metrics::counter!(m::DELIVERED).increment(1);
+                        }
+                        if sink.feed(out.message(enc)).await.is_err() {
                             failed = true;
                             break;
                         }
@@ -325,7 +321,7 @@ impl Conn {
     /// Queues a frame for this connection. A full queue means the peer is not reading: the
     /// connection is closed rather than waited on, so it can never pin the task or memory.
     fn reply(&self, frame: ServerFrame) -> Result<(), Close> {
-        match self.tx.try_send(Outbound::Frame(Box::new(frame))) {
+        match self.tx.try_send(Outbound::new(frame)) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(_)) => {
                 metrics::counter!(m::SLOW_CONSUMERS).increment(1);

@@ -32,25 +32,38 @@ pub struct SessionHandle {
     pub kick: Arc<Notify>,
 }
 
-/// What a connection's writer is handed.
-pub enum Outbound {
-    /// A frame to encode in the connection's encoding. Boxed: the queue allocates its slots in
-    /// blocks up front, and an idle connection should not pay for a block of full-size frames.
-    Frame(Box<ServerFrame>),
-    /// A pushed `msg`, shared by every member connection it goes to.
-    Msg(Arc<SharedFrame>),
+/// What a connection's writer is handed: a frame, possibly shared with other connections (a
+/// pushed `msg` goes to every member device). One pointer: the queue allocates its slots in
+/// blocks up front, and an idle connection should not pay for a block of full-size frames.
+#[derive(Clone)]
+pub struct Outbound(Arc<SharedFrame>);
+
+impl Outbound {
+    pub fn new(frame: ServerFrame) -> Self {
+        Outbound(Arc::new(SharedFrame::new(frame)))
+    }
+
+    /// Whether this is a pushed message (for the delivery counter).
+    pub fn is_msg(&self) -> bool {
+        matches!(self.0.frame, ServerFrame::Msg(_))
+    }
+
+    /// The frame as a WebSocket message in `enc`, encoded once per encoding, by the first
+    /// connection that needs it (off the router task).
+    pub fn message(&self, enc: Encoding) -> WsMessage {
+        self.0.message(enc)
+    }
 }
 
-/// A frame going to many connections: encoded at most once per encoding, by the first
-/// connection that needs it (off the router task).
-pub struct SharedFrame {
+/// A frame and its encodings, made when first needed.
+struct SharedFrame {
     frame: ServerFrame,
     json: OnceLock<WsMessage>,
     msgpack: OnceLock<WsMessage>,
 }
 
 impl SharedFrame {
-    pub fn new(frame: ServerFrame) -> Self {
+    fn new(frame: ServerFrame) -> Self {
         SharedFrame {
             frame,
             json: OnceLock::new(),
@@ -58,8 +71,7 @@ impl SharedFrame {
         }
     }
 
-    /// The frame as a WebSocket message in `enc`.
-    pub fn message(&self, enc: Encoding) -> WsMessage {
+    fn message(&self, enc: Encoding) -> WsMessage {
         let slot = match enc {
             Encoding::Json => &self.json,
             Encoding::MsgPack => &self.msgpack,
@@ -398,9 +410,9 @@ impl Router {
 
     /// Queues one shared copy of `frame` for every session.
     fn broadcast(&mut self, sessions: Vec<SessionId>, frame: ServerFrame) {
-        let shared = Arc::new(SharedFrame::new(frame));
+        let shared = Outbound::new(frame);
         for session in sessions {
-            self.queue(session, Outbound::Msg(shared.clone()));
+            self.queue(session, shared.clone());
         }
     }
 
@@ -408,7 +420,7 @@ impl Router {
         if let ServerFrame::Rejected { .. } = frame {
             metrics::counter!(m::REJECTED).increment(1);
         }
-        self.queue(session, Outbound::Frame(Box::new(frame)));
+        self.queue(session, Outbound::new(frame));
     }
 
     fn queue(&mut self, session: SessionId, out: Outbound) {
@@ -431,7 +443,7 @@ impl Router {
 }
 
 /// A frame as a WebSocket message: text for JSON, binary for MessagePack.
-pub fn to_ws(e: Encoded) -> WsMessage {
+fn to_ws(e: Encoded) -> WsMessage {
     match e {
         Encoded::Text(s) => WsMessage::Text(Utf8Bytes::from(s)),
         Encoded::Binary(b) => WsMessage::Binary(b.into()),

@@ -103,11 +103,37 @@ impl Applied {
     }
 
     fn is_checkpointed(&self, seqno: u64) -> bool {
-        self.state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .checkpointed
-            >= Some(seqno)
+        let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.failed.is_none() && s.checkpointed >= Some(seqno)
+    }
+
+    /// The applier's failure, if it failed.
+    fn check(&self) -> Result<(), StoreError> {
+        match &self.state.lock().unwrap_or_else(|p| p.into_inner()).failed {
+            Some(e) => Err(StoreError::Applier(e.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Records a failure and wakes everyone waiting: nothing is applied after it.
+    fn fail(&self, why: String) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if s.failed.is_none() {
+            s.failed = Some(why);
+        }
+        drop(s);
+        self.changed.notify_all();
+    }
+}
+
+/// Marks the applier failed if its thread ends by panicking, so that no one waits for it.
+struct PanicGuard<'a>(&'a Applied);
+
+impl Drop for PanicGuard<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.fail("the applier thread panicked".into());
+        }
     }
 }
 
@@ -148,7 +174,15 @@ impl RedbStore {
             if r.seqno != applied.map_or(r.seqno, |a| a + 1) {
                 break;
             }
-            apply(&db, &r.batch, Some(r.seqno), Durability::None)?;
+            apply(&db, &r.batch, Some(r.seqno), Durability::None).map_err(|e| {
+                StoreError::Corrupt {
+                    what: "write-ahead log replay",
+                    detail: format!(
+                        "log record {} (a batch that was acknowledged) cannot be applied: {e}; keep a copy of the data directory before trying anything else",
+                        r.seqno
+                    ),
+                }
+            })?;
             applied = Some(r.seqno);
             replayed += 1;
         }
@@ -189,7 +223,10 @@ impl RedbStore {
 }
 
 /// The applier thread: writes logged batches into the B-tree, in log order, and checkpoints.
+/// It stops at the first failure: applying anything after a batch that did not apply would
+/// record the B-tree as further along the log than it is.
 fn apply_loop(db: &Database, progress: &Applied, jobs: mpsc::Receiver<Job>) {
+    let _guard = PanicGuard(progress);
     while let Ok(job) = jobs.recv() {
         let (seqno, is_checkpoint, result) = match job {
             Job::Apply(seqno, batch) => (
@@ -199,14 +236,16 @@ fn apply_loop(db: &Database, progress: &Applied, jobs: mpsc::Receiver<Job>) {
             ),
             Job::Checkpoint(seqno) => (seqno, true, checkpoint(db)),
         };
+        if let Err(e) = result {
+            tracing::error!(error = %e, seqno, "cannot apply the write-ahead log to the B-tree");
+            progress.fail(format!("log record {seqno}: {e}"));
+            return;
+        }
         let mut s = progress.state.lock().unwrap_or_else(|p| p.into_inner());
-        match (result, is_checkpoint) {
-            (Ok(()), true) => s.checkpointed = Some(seqno),
-            (Ok(()), false) => s.applied = Some(seqno),
-            (Err(e), _) => {
-                tracing::error!(error = %e, seqno, "cannot apply the write-ahead log to the B-tree");
-                s.failed = Some(e.to_string());
-            }
+        if is_checkpoint {
+            s.checkpointed = Some(seqno);
+        } else {
+            s.applied = Some(seqno);
         }
         drop(s);
         progress.changed.notify_all();
@@ -223,7 +262,10 @@ impl RedbStore {
         if sent == Some(true) {
             Ok(())
         } else {
-            Err(StoreError::Applier("the applier thread has stopped".into()))
+            let why = "the applier thread has stopped".to_string();
+            // Whoever waits for what was just queued must not wait for ever.
+            self.applied.fail(why.clone());
+            Err(StoreError::Applier(why))
         }
     }
 }
@@ -300,6 +342,8 @@ impl Store for RedbStore {
         // A poisoned lock means an earlier commit failed half-way: the server stops on the
         // first failure, so carry on with the log as it is (its state is on disk).
         let mut log = self.wal.lock().unwrap_or_else(|p| p.into_inner());
+        // After the applier failed, nothing more is acknowledged: the server stops.
+        self.applied.check()?;
         let len = log.encode(&batch)?;
         if !Wal::fits_empty(len) {
             // Larger than a whole log segment: commit it to the B-tree directly, synced.
