@@ -21,6 +21,8 @@ pub struct ChartArgs {
 #[derive(Deserialize)]
 struct Doc {
     scenario: String,
+    #[serde(default)]
+    params: serde_json::Value,
     medians: Vec<Row>,
 }
 
@@ -38,24 +40,34 @@ struct Pct {
     p99: f64,
 }
 
-/// One bar chart: a title, a unit, bars.
+/// One bar chart: a title, a unit, bars (name, value, a note such as how many were lost).
 pub struct Panel {
     pub title: String,
     pub unit: String,
     pub lower_is_better: bool,
-    pub bars: Vec<(String, f64)>,
+    pub bars: Vec<(String, f64, String)>,
 }
 
 fn panel(doc: &Doc) -> Panel {
-    let pick = |f: &dyn Fn(&Row) -> Option<f64>| -> Vec<(String, f64)> {
+    let lost_note = |r: &Row| match r.extra.get("lost") {
+        Some(&l) if l > 0.0 => format!("  (lost {l:.0})"),
+        _ => String::new(),
+    };
+    let pick = |f: &dyn Fn(&Row) -> Option<f64>| -> Vec<(String, f64, String)> {
         doc.medians
             .iter()
-            .filter_map(|r| f(r).map(|v| (r.system.clone(), v)))
+            .filter_map(|r| f(r).map(|v| (r.system.clone(), v, lost_note(r))))
             .collect()
     };
+    let param = |k: &str| doc.params.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0);
     let (title, unit, lower, bars) = match doc.scenario.as_str() {
         "pairs" => (
-            "pairs: delivered messages per second",
+            format!(
+                "pairs ({} x {}, window {}): delivered messages per second",
+                param("pairs"),
+                param("messages"),
+                param("window")
+            ),
             "msgs/s",
             false,
             pick(&|r| Some(r.delivered_per_sec)),
@@ -67,32 +79,48 @@ fn panel(doc: &Doc) -> Panel {
                 .iter()
                 .find_map(|r| r.extra.get("disk_fdatasync_p99_ms"))
             {
-                bars.push(("disk fdatasync".into(), *d));
+                bars.push(("disk fdatasync".into(), *d, String::new()));
             }
-            ("fixed rate: p99 delivery latency", "ms", true, bars)
+            (
+                format!("fixed {} msgs/s: p99 delivery latency", param("rate")),
+                "ms",
+                true,
+                bars,
+            )
         }
         "fanout" => (
-            "fanout: time until every member has a message (max)",
+            format!(
+                "fanout to {} members: time until every member has a message (max)",
+                param("members")
+            ),
             "ms",
             true,
             pick(&|r| r.extra.get("fanout_ms_max").copied()),
         ),
         "catchup" => (
-            "catchup: time to receive the backlog",
+            format!(
+                "catchup of {} messages: time to receive them",
+                param("messages")
+            ),
             "ms",
             true,
             pick(&|r| r.extra.get("catchup_ms").copied()),
         ),
         "connections" => (
-            "connections: server memory per idle connection",
+            "connections: server memory per idle connection".to_string(),
             "bytes",
             true,
             pick(&|r| r.extra.get("server_bytes_per_connection").copied()),
         ),
-        other => (other, "", false, pick(&|r| Some(r.delivered_per_sec))),
+        other => (
+            other.to_string(),
+            "",
+            false,
+            pick(&|r| Some(r.delivered_per_sec)),
+        ),
     };
     Panel {
-        title: title.to_string(),
+        title,
         unit: unit.to_string(),
         lower_is_better: lower,
         bars,
@@ -138,8 +166,8 @@ pub fn svg(panels: &[Panel]) -> String {
             escape(&p.unit)
         );
         let max = p.bars.iter().map(|b| b.1).fold(0.0f64, f64::max).max(1e-9);
-        let span = W - LABEL - 110.0;
-        for (i, (name, v)) in p.bars.iter().enumerate() {
+        let span = W - LABEL - 190.0;
+        for (i, (name, v, note)) in p.bars.iter().enumerate() {
             let top = y + HEAD + i as f64 * (BAR_H + GAP);
             let len = (v / max * span).max(1.0);
             let color = match name.as_str() {
@@ -155,7 +183,7 @@ pub fn svg(panels: &[Panel]) -> String {
                 escape(name),
                 LABEL + len + 6.0,
                 top + 16.0,
-                fmt_value(*v)
+                format!("{}{}", fmt_value(*v), escape(note))
             );
         }
         y += h;
@@ -218,8 +246,8 @@ mod tests {
         assert_eq!(
             p.bars,
             vec![
-                ("ordo".to_string(), 1000.0),
-                ("mqtt-qos1".to_string(), 250.0)
+                ("ordo".to_string(), 1000.0, String::new()),
+                ("mqtt-qos1".to_string(), 250.0, String::new())
             ]
         );
         let out = svg(&[p]);
