@@ -177,13 +177,14 @@ pub fn svg(panels: &[Panel]) -> String {
             };
             let _ = writeln!(
                 s,
-                r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text><rect x="{LABEL}" y="{top:.1}" width="{len:.1}" height="{BAR_H}" fill="{color}"/><text x="{:.1}" y="{:.1}">{}</text>"#,
+                r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text><rect x="{LABEL}" y="{top:.1}" width="{len:.1}" height="{BAR_H}" fill="{color}"/><text x="{:.1}" y="{:.1}">{}{}</text>"#,
                 LABEL - 8.0,
                 top + 16.0,
                 escape(name),
                 LABEL + len + 6.0,
                 top + 16.0,
-                format!("{}{}", fmt_value(*v), escape(note))
+                fmt_value(*v),
+                escape(note)
             );
         }
         y += h;
