@@ -949,6 +949,11 @@ impl Core {
                 rec.first_seq = rec.first_seq.max(first);
                 let old = c.durable_rec.replace(rec);
                 let old_members = old.map(|o| o.members).unwrap_or_default();
+                // Most batches only move a conversation's seq: skip comparing member lists
+                // (of maybe thousands) unless they changed.
+                if c.durable_rec.as_ref().is_some_and(|r| r.members == old_members) {
+                    continue;
+                }
                 let new_members = c.durable_members().cloned().collect::<BTreeSet<_>>();
                 for u in old_members.difference(&new_members) {
                     if let Some(set) = self.member_of.get_mut(u) {

@@ -52,6 +52,9 @@ struct Applied {
     changed: Condvar,
 }
 
+/// Most log records the applier writes in one B-tree transaction.
+const MAX_APPLY_AT_ONCE: usize = 64;
+
 /// Work for the applier thread, in log order.
 enum Job {
     /// Write a logged batch into the B-tree.
@@ -174,7 +177,7 @@ impl RedbStore {
             if r.seqno != applied.map_or(r.seqno, |a| a + 1) {
                 break;
             }
-            apply(&db, &r.batch, Some(r.seqno), Durability::None).map_err(|e| {
+            apply(&db, &[&r.batch], Some(r.seqno), Durability::None).map_err(|e| {
                 StoreError::Corrupt {
                     what: "write-ahead log replay",
                     detail: format!(
@@ -227,13 +230,41 @@ impl RedbStore {
 /// record the B-tree as further along the log than it is.
 fn apply_loop(db: &Database, progress: &Applied, jobs: mpsc::Receiver<Job>) {
     let _guard = PanicGuard(progress);
-    while let Ok(job) = jobs.recv() {
+    let mut next = None;
+    loop {
+        let job = match next.take() {
+            Some(j) => j,
+            None => match jobs.recv() {
+                Ok(j) => j,
+                Err(_) => return,
+            },
+        };
         let (seqno, is_checkpoint, result) = match job {
-            Job::Apply(seqno, batch) => (
-                seqno,
-                false,
-                apply(db, &batch, Some(seqno), Durability::None).map(|_| ()),
-            ),
+            Job::Apply(seqno, batch) => {
+                // Whatever else is already queued goes into the same transaction (up to a
+                // point): one B-tree commit for many log records.
+                let mut batches = vec![batch];
+                let mut last = seqno;
+                while batches.len() < MAX_APPLY_AT_ONCE {
+                    match jobs.try_recv() {
+                        Ok(Job::Apply(s, b)) => {
+                            batches.push(b);
+                            last = s;
+                        }
+                        Ok(other) => {
+                            next = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                let refs: Vec<&Batch> = batches.iter().collect();
+                (
+                    last,
+                    false,
+                    apply(db, &refs, Some(last), Durability::None).map(|_| ()),
+                )
+            }
             Job::Checkpoint(seqno) => (seqno, true, checkpoint(db)),
         };
         if let Err(e) = result {
@@ -349,7 +380,7 @@ impl Store for RedbStore {
             // Larger than a whole log segment: commit it to the B-tree directly, synced.
             self.applied.wait_caught_up()?;
             let applied = log.next_seqno().checked_sub(1);
-            return apply(&self.db, &batch, applied, Durability::Immediate);
+            return apply(&self.db, &[&batch], applied, Durability::Immediate);
         }
         let must_switch = !log.fits(len);
         if must_switch || log.active_used() >= wal::SWITCH_BYTES {
@@ -380,7 +411,7 @@ impl Store for RedbStore {
         } else {
             // Its outcome comes from what is stored: apply it here, after everything before it.
             self.applied.wait_caught_up()?;
-            let outcome = apply(&self.db, &batch, Some(seqno), Durability::None)?;
+            let outcome = apply(&self.db, &[&batch], Some(seqno), Durability::None)?;
             let mut s = self.applied.state.lock().unwrap_or_else(|p| p.into_inner());
             s.queued = Some(seqno);
             s.applied = Some(seqno);
@@ -432,23 +463,23 @@ impl Store for RedbStore {
     }
 }
 
-/// Writes `batch` into the B-tree in one transaction with `durability`, recording `seqno` as the
-/// last log record applied.
+/// Writes `batches`, in order, into the B-tree in one transaction with `durability`, recording
+/// `seqno` as the last log record applied.
 fn apply(
     db: &Database,
-    batch: &Batch,
+    batches: &[&Batch],
     seqno: Option<u64>,
     durability: Durability,
 ) -> Result<CommitOutcome, StoreError> {
     let mut outcome = CommitOutcome::default();
     let mut tx = db.begin_write().map_err(StoreError::engine)?;
     tx.set_durability(durability).map_err(StoreError::engine)?;
-    {
-        if let Some(seqno) = seqno {
-            let mut meta = tx.open_table(META).map_err(StoreError::engine)?;
-            meta.insert(WAL_APPLIED, seqno)
-                .map_err(StoreError::engine)?;
-        }
+    if let Some(seqno) = seqno {
+        let mut meta = tx.open_table(META).map_err(StoreError::engine)?;
+        meta.insert(WAL_APPLIED, seqno)
+            .map_err(StoreError::engine)?;
+    }
+    for batch in batches {
         let mut messages = tx.open_table(MESSAGES).map_err(StoreError::engine)?;
         for m in &batch.messages {
             messages
