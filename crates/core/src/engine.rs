@@ -951,7 +951,10 @@ impl Core {
                 let old_members = old.map(|o| o.members).unwrap_or_default();
                 // Most batches only move a conversation's seq: skip comparing member lists
                 // (of maybe thousands) unless they changed.
-                if c.durable_rec.as_ref().is_some_and(|r| r.members == old_members) {
+                if c.durable_rec
+                    .as_ref()
+                    .is_some_and(|r| r.members == old_members)
+                {
                     continue;
                 }
                 let new_members = c.durable_members().cloned().collect::<BTreeSet<_>>();
