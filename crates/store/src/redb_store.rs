@@ -78,27 +78,23 @@ struct Progress {
 impl Applied {
     /// Waits until everything queued so far is applied.
     fn wait_caught_up(&self) -> Result<(), StoreError> {
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let target = s.queued;
-        loop {
-            if let Some(e) = &s.failed {
-                return Err(StoreError::Applier(e.clone()));
-            }
-            if s.applied >= target {
-                return Ok(());
-            }
-            s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
-        }
+        let target = self.state.lock().unwrap_or_else(|p| p.into_inner()).queued;
+        self.wait_until(|s| s.applied >= target)
     }
 
     /// Waits until the B-tree is durable up to `seqno`.
     fn wait_checkpointed(&self, seqno: u64) -> Result<(), StoreError> {
+        self.wait_until(|s| s.checkpointed >= Some(seqno))
+    }
+
+    /// Waits until `done` holds, or fails with the applier's failure.
+    fn wait_until(&self, done: impl Fn(&Progress) -> bool) -> Result<(), StoreError> {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             if let Some(e) = &s.failed {
                 return Err(StoreError::Applier(e.clone()));
             }
-            if s.checkpointed >= Some(seqno) {
+            if done(&s) {
                 return Ok(());
             }
             s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
