@@ -22,10 +22,10 @@ pub struct Conv {
     pub durable_rec: Option<ConvRecord>,
     /// Highest seq known durable: the highest any client may see.
     pub durable_seq: u64,
-    /// (user, device) -> positions, including acks not yet committed.
-    pub cursors: HashMap<(String, String), Cursor>,
-    /// (user, device) -> positions as committed.
-    pub durable_cursors: HashMap<(String, String), Cursor>,
+    /// Positions, including acks not yet committed.
+    pub cursors: Cursors,
+    /// Positions as committed.
+    pub durable_cursors: Cursors,
     /// user -> (delivered, read) last published in a `receipt` (always durable values).
     pub published: HashMap<String, Cursor>,
 }
@@ -36,8 +36,8 @@ impl Conv {
             durable_seq: if durable { rec.max_seq } else { 0 },
             durable_rec: durable.then(|| rec.clone()),
             rec,
-            cursors: HashMap::new(),
-            durable_cursors: HashMap::new(),
+            cursors: Cursors::default(),
+            durable_cursors: Cursors::default(),
             published: HashMap::new(),
         }
     }
@@ -74,29 +74,16 @@ impl Conv {
     }
 
     pub fn cursor(&self, user: &str, device: &str) -> Cursor {
-        self.cursors
-            .get(&(user.to_string(), device.to_string()))
-            .copied()
-            .unwrap_or_default()
+        self.cursors.get(user, device)
     }
 
     pub fn durable_cursor(&self, user: &str, device: &str) -> Cursor {
-        self.durable_cursors
-            .get(&(user.to_string(), device.to_string()))
-            .copied()
-            .unwrap_or_default()
+        self.durable_cursors.get(user, device)
     }
 
     /// The user's committed position over all their devices: the furthest any of them got.
     pub fn durable_user_position(&self, user: &str) -> Cursor {
-        let mut out = Cursor::default();
-        for ((u, _), c) in &self.durable_cursors {
-            if u == user {
-                out.delivered = out.delivered.max(c.delivered);
-                out.read = out.read.max(c.read);
-            }
-        }
-        out
+        self.durable_cursors.user_position(user)
     }
 
     pub fn cursor_record(&self, user: &str, device: &str) -> CursorRecord {
@@ -108,5 +95,47 @@ impl Conv {
             delivered: c.delivered,
             read: c.read,
         }
+    }
+}
+
+/// Every device's positions in one conversation, by user then device: looked up by borrowed
+/// names (a fan-out reads one per member), and a user's devices found without a scan.
+#[derive(Clone, Debug, Default)]
+pub struct Cursors(HashMap<String, HashMap<String, Cursor>>);
+
+impl Cursors {
+    pub fn get(&self, user: &str, device: &str) -> Cursor {
+        self.0
+            .get(user)
+            .and_then(|d| d.get(device))
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// The device's positions, made (at zero) if it has none yet.
+    pub fn entry(&mut self, user: &str, device: &str) -> &mut Cursor {
+        if !self.0.contains_key(user) {
+            self.0.insert(user.to_string(), HashMap::new());
+        }
+        let devices = self.0.get_mut(user).expect("inserted above");
+        if !devices.contains_key(device) {
+            devices.insert(device.to_string(), Cursor::default());
+        }
+        devices.get_mut(device).expect("inserted above")
+    }
+
+    /// The furthest any of the user's devices got.
+    pub fn user_position(&self, user: &str) -> Cursor {
+        let mut out = Cursor::default();
+        for c in self.0.get(user).into_iter().flat_map(|d| d.values()) {
+            out.delivered = out.delivered.max(c.delivered);
+            out.read = out.read.max(c.read);
+        }
+        out
+    }
+
+    /// Users with at least one device position.
+    pub fn users(&self) -> impl Iterator<Item = &String> {
+        self.0.keys()
     }
 }

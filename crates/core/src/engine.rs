@@ -135,7 +135,10 @@ struct DedupEntry {
 #[derive(Default)]
 struct Pending {
     messages: Vec<StoredMessage>,
+    /// Conversations with new messages.
     convs: BTreeSet<String>,
+    /// Conversations created or changed by an admin request: their whole record is written.
+    records: BTreeSet<String>,
     dedup_put: Vec<DedupRecord>,
     dedup_delete: Vec<(String, String)>,
     cursors: BTreeSet<(String, String, String)>,
@@ -149,6 +152,7 @@ impl Pending {
     fn is_empty(&self) -> bool {
         self.messages.is_empty()
             && self.convs.is_empty()
+            && self.records.is_empty()
             && self.dedup_put.is_empty()
             && self.dedup_delete.is_empty()
             && self.cursors.is_empty()
@@ -165,6 +169,7 @@ struct InFlight {
     messages: Vec<StoredMessage>,
     /// The conversation records exactly as this batch writes them.
     convs: Vec<ConvRecord>,
+    positions: Vec<ConvPosition>,
     cursors: Vec<CursorRecord>,
     waiters: Vec<Waiter>,
     admin: Vec<(Ticket, String)>,
@@ -220,12 +225,12 @@ impl Core {
                     delivered: c.delivered,
                     read: c.read,
                 };
-                conv.cursors.insert((c.user.clone(), c.device.clone()), pos);
-                conv.durable_cursors.insert((c.user, c.device), pos);
+                *conv.cursors.entry(&c.user, &c.device) = pos;
+                *conv.durable_cursors.entry(&c.user, &c.device) = pos;
             }
         }
         for conv in convs.values_mut() {
-            let users: Vec<String> = conv.cursors.keys().map(|(u, _)| u.clone()).collect();
+            let users: Vec<String> = conv.cursors.users().cloned().collect();
             for u in users {
                 let pos = conv.durable_user_position(&u);
                 conv.published.insert(u, pos);
@@ -630,10 +635,7 @@ impl Core {
             return;
         };
         let cap = conv.durable_seq;
-        let cur = conv
-            .cursors
-            .entry((user.to_string(), device.to_string()))
-            .or_default();
+        let cur = conv.cursors.entry(user, device);
         let before = *cur;
         if let Some(d) = delivered {
             cur.delivered = cur.delivered.max(d.min(cap));
@@ -800,7 +802,7 @@ impl Core {
                     created_ms: now_ms,
                 };
                 self.convs.insert(id.clone(), Conv::new(rec, false));
-                self.pending.convs.insert(id.clone());
+                self.pending.records.insert(id.clone());
                 self.pending.admin.push((ticket, id));
             }
             AdminOp::UpdateGroup {
@@ -828,7 +830,7 @@ impl Core {
                         s.convs.remove(&id);
                     }
                 }
-                self.pending.convs.insert(id.clone());
+                self.pending.records.insert(id.clone());
                 self.pending.admin.push((ticket, id));
             }
         }
@@ -892,8 +894,9 @@ impl Core {
         let default = self.cfg.default_retention;
 
         let mut trim_below = Vec::new();
-        let mut convs = Vec::with_capacity(p.convs.len());
-        for cid in &p.convs {
+        let mut convs = Vec::new();
+        let mut positions = Vec::new();
+        for cid in p.convs.union(&p.records) {
             let Some(c) = self.convs.get_mut(cid) else {
                 continue;
             };
@@ -904,7 +907,17 @@ impl Core {
                     trim_below.push((cid.clone(), keep_from));
                 }
             }
-            convs.push(c.rec.clone());
+            // A conversation's first commit, or an admin change, writes the whole record; new
+            // messages only move its seq range (a large group's member list is not rewritten).
+            if p.records.contains(cid) || !c.is_durable() {
+                convs.push(c.rec.clone());
+            } else {
+                positions.push(ConvPosition {
+                    id: cid.clone(),
+                    max_seq: c.rec.max_seq,
+                    first_seq: c.rec.first_seq,
+                });
+            }
         }
         let cursors: Vec<CursorRecord> = p
             .cursors
@@ -917,6 +930,7 @@ impl Core {
             id,
             messages: p.messages.clone(),
             convs: convs.clone(),
+            positions: positions.clone(),
             dedup_put: p.dedup_put,
             dedup_delete: p.dedup_delete,
             cursors: cursors.clone(),
@@ -927,6 +941,7 @@ impl Core {
             id,
             messages: p.messages,
             convs,
+            positions,
             cursors,
             waiters: p.waiters,
             admin: p.admin,
@@ -971,9 +986,18 @@ impl Core {
                 }
             }
         }
+        for pos in f.positions {
+            if let Some(c) = self.convs.get_mut(&pos.id) {
+                c.durable_seq = c.durable_seq.max(pos.max_seq);
+                if let Some(d) = c.durable_rec.as_mut() {
+                    d.max_seq = d.max_seq.max(pos.max_seq);
+                    d.first_seq = d.first_seq.max(pos.first_seq);
+                }
+            }
+        }
         for cur in f.cursors {
             if let Some(c) = self.convs.get_mut(&cur.conv) {
-                let d = c.durable_cursors.entry((cur.user, cur.device)).or_default();
+                let d = c.durable_cursors.entry(&cur.user, &cur.device);
                 d.delivered = d.delivered.max(cur.delivered);
                 d.read = d.read.max(cur.read);
             }
@@ -1054,10 +1078,16 @@ impl Core {
                     continue;
                 };
                 let cursor = c.cursor(user, &s.device);
-                let st = s.convs.entry(m.conv.clone()).or_insert(PushState {
-                    sent_up_to: cursor.delivered,
-                    notified: false,
-                });
+                if !s.convs.contains_key(&m.conv) {
+                    let st = PushState {
+                        sent_up_to: cursor.delivered,
+                        notified: false,
+                    };
+                    s.convs.insert(m.conv.clone(), st);
+                }
+                let Some(st) = s.convs.get_mut(&m.conv) else {
+                    continue;
+                };
                 let in_window = m.seq.saturating_sub(cursor.delivered) <= window;
                 if st.sent_up_to + 1 == m.seq && in_window {
                     st.sent_up_to = m.seq;

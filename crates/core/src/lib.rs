@@ -17,6 +17,7 @@ pub mod engine;
 pub mod error;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
+pub mod memory_store;
 pub mod model;
 pub mod rate;
 pub mod rng;
@@ -30,4 +31,5 @@ pub use engine::{
 pub use error::CoreError;
 #[cfg(feature = "fault-injection")]
 pub use fault::Faults;
+pub use memory_store::{MemoryStore, SeqStoredTwice};
 pub use model::*;

@@ -50,6 +50,17 @@ pub struct ConvRecord {
     pub created_ms: u64,
 }
 
+/// A conversation's seq range, written alone when that is all that changed: the common case of a
+/// batch, which must not rewrite the member list of a large group with every message.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConvPosition {
+    pub id: String,
+    /// Highest seq assigned (and, once committed, durable).
+    pub max_seq: u64,
+    /// Lowest seq still stored.
+    pub first_seq: u64,
+}
+
 /// A message at rest: the protocol's message, which already carries every stored field.
 pub type StoredMessage = Message;
 
@@ -79,8 +90,14 @@ pub struct Batch {
     pub id: u64,
     /// New messages, in seq order within each conversation.
     pub messages: Vec<StoredMessage>,
-    /// Conversations created or changed (seq, membership, retention, first_seq).
+    /// Conversations created, or changed in membership or retention: the whole record (its seq
+    /// range included).
     pub convs: Vec<ConvRecord>,
+    /// Conversations whose seq range alone changed (new messages, count-based trims). Neither
+    /// number ever moves back: a store keeps the larger of what it holds and what it is given. A
+    /// conversation is in at most one of `convs` and `positions`.
+    #[serde(default)]
+    pub positions: Vec<ConvPosition>,
     pub dedup_put: Vec<DedupRecord>,
     /// Expired dedup entries to forget: (user, cmid).
     pub dedup_delete: Vec<(String, String)>,
@@ -96,6 +113,7 @@ impl Batch {
     pub fn is_empty(&self) -> bool {
         self.messages.is_empty()
             && self.convs.is_empty()
+            && self.positions.is_empty()
             && self.dedup_put.is_empty()
             && self.dedup_delete.is_empty()
             && self.cursors.is_empty()

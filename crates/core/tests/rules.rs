@@ -1,12 +1,12 @@
 //! Behaviour tests of the core's delivery rules (contract G1-G9 of ARCHITECTURE.md), through the
-//! public API only. A small in-memory [`Store`] plays the durable store: it applies committed
-//! batches the way any backend must, and rebuilds a [`Snapshot`] for restarts.
+//! public API only. The core's in-memory [`MemoryStore`] plays the durable store: it applies
+//! committed batches the way any backend must, and rebuilds a [`Snapshot`] for restarts.
 
 use ordo_core::{
-    Action, AdminOp, Batch, CommitOutcome, ConvRecord, Core, CoreConfig, CoreError, CursorRecord,
-    DedupRecord, Retention, SendRequest, SessionId, Snapshot, SyncPlan,
+    Action, AdminOp, Batch, CommitOutcome, ConvRecord, Core, CoreConfig, CoreError, MemoryStore,
+    Retention, SendRequest, SessionId, Snapshot, SyncPlan,
 };
-use ordo_protocol::{direct_conv_id, ConvKind, ErrorCode, Message, ServerFrame};
+use ordo_protocol::{direct_conv_id, ConvKind, ErrorCode, ServerFrame};
 use proptest::prelude::*;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -22,96 +22,8 @@ fn cfg() -> CoreConfig {
     }
 }
 
-/// A simulated durable store: what a real backend holds after applying the committed batches.
-#[derive(Clone, Debug, Default)]
-struct Store {
-    convs: BTreeMap<String, ConvRecord>,
-    messages: BTreeMap<(String, u64), Message>,
-    cursors: BTreeMap<(String, String, String), CursorRecord>,
-    dedup: BTreeMap<(String, String), DedupRecord>,
-}
-
-impl Store {
-    /// Applies one batch atomically and reports the first seqs after age-based trims.
-    fn apply(&mut self, b: &Batch) -> CommitOutcome {
-        for c in &b.convs {
-            self.convs.insert(c.id.clone(), c.clone());
-        }
-        for m in &b.messages {
-            let prev = self.messages.insert((m.conv.clone(), m.seq), m.clone());
-            assert!(
-                prev.is_none(),
-                "seq {} of {} stored twice (reused)",
-                m.seq,
-                m.conv
-            );
-        }
-        // Deletes first: a key expired and then reused in the same batch must stay.
-        for k in &b.dedup_delete {
-            self.dedup.remove(k);
-        }
-        for d in &b.dedup_put {
-            self.dedup
-                .insert((d.user.clone(), d.cmid.clone()), d.clone());
-        }
-        for c in &b.cursors {
-            self.cursors.insert(
-                (c.conv.clone(), c.user.clone(), c.device.clone()),
-                c.clone(),
-            );
-        }
-        for (conv, below) in &b.trim_below {
-            self.messages.retain(|(c, s), _| c != conv || *s >= *below);
-        }
-        let mut first_seqs = Vec::new();
-        for (conv, before) in &b.trim_before_ms {
-            self.messages
-                .retain(|(c, _), m| c != conv || m.ts >= *before);
-            let max = self.convs.get(conv).map_or(0, |r| r.max_seq);
-            let first = self.seqs(conv).first().copied().unwrap_or(max + 1);
-            if let Some(r) = self.convs.get_mut(conv) {
-                r.first_seq = r.first_seq.max(first);
-            }
-            first_seqs.push((conv.clone(), first));
-        }
-        CommitOutcome { first_seqs }
-    }
-
-    fn seqs(&self, conv: &str) -> Vec<u64> {
-        self.messages
-            .range((conv.to_string(), 0)..=(conv.to_string(), u64::MAX))
-            .map(|((_, s), _)| *s)
-            .collect()
-    }
-
-    fn max_seq(&self, conv: &str) -> u64 {
-        self.convs.get(conv).map_or(0, |r| r.max_seq)
-    }
-
-    fn message(&self, conv: &str, seq: u64) -> Option<&Message> {
-        self.messages.get(&(conv.to_string(), seq))
-    }
-
-    /// What the server would read for a sync plan.
-    fn read(&self, plan: &SyncPlan) -> Vec<Message> {
-        if plan.from > plan.to {
-            return Vec::new();
-        }
-        self.messages
-            .range((plan.conv.clone(), plan.from)..=(plan.conv.clone(), plan.to))
-            .take(plan.limit as usize)
-            .map(|(_, m)| m.clone())
-            .collect()
-    }
-
-    fn snapshot(&self) -> Snapshot {
-        Snapshot {
-            convs: self.convs.values().cloned().collect(),
-            cursors: self.cursors.values().cloned().collect(),
-            dedup: self.dedup.values().cloned().collect(),
-        }
-    }
-}
+/// The durable store: what a real backend holds after applying the committed batches.
+type Store = MemoryStore;
 
 /// A core plus its store and a clock.
 struct Sim {
@@ -171,8 +83,26 @@ impl Sim {
 
     /// The store makes the batch durable and the core is told.
     fn commit(&mut self, b: &Batch) -> Vec<Action> {
-        let outcome = self.store.apply(b);
+        let outcome = self.store.apply(b).expect("no seq is stored twice");
         self.core.commit_done(b.id, outcome)
+    }
+
+    /// Asks to add `user` to group `id`, without committing.
+    fn add_member(&mut self, ticket: u64, id: &str, user: &str) {
+        let op = AdminOp::UpdateGroup {
+            id: id.into(),
+            add: vec![user.into()],
+            remove: vec![],
+            retention: None,
+        };
+        self.core
+            .admin(ticket, op, self.now)
+            .expect("a valid change");
+    }
+
+    fn commit_pending(&mut self) {
+        let b = self.take();
+        self.commit(&b);
     }
 
     /// Commits everything pending, batch after batch; returns the batches and the actions.
@@ -359,9 +289,12 @@ fn seqs_start_at_one_and_are_gap_free_per_conversation() {
     let b = s.take();
     assert_eq!(batch_seqs(&b, "g1"), (1..=10).collect::<Vec<_>>());
     assert_eq!(batch_seqs(&b, "g2"), (1..=5).collect::<Vec<_>>());
-    let rec = |id: &str| b.convs.iter().find(|c| c.id == id).unwrap().clone();
-    assert_eq!(rec("g1").max_seq, 10);
-    assert_eq!(rec("g2").max_seq, 5);
+    // Both groups were committed before: the batch moves their seq ranges and does not rewrite
+    // their records (member lists).
+    assert!(b.convs.is_empty());
+    let pos = |id: &str| b.positions.iter().find(|p| p.id == id).unwrap().clone();
+    assert_eq!(pos("g1").max_seq, 10);
+    assert_eq!(pos("g2").max_seq, 5);
     assert_eq!(b.dedup_put.len(), 15);
     s.commit(&b);
 
@@ -499,6 +432,50 @@ fn one_batch_in_flight_and_pending_sends_join_the_next() {
         .commit_done(b2.id, CommitOutcome::default())
         .is_empty());
     assert!(s.core.take_batch().is_none());
+}
+
+/// A conversation's record (with its member list) is written when it is created or changed; a
+/// batch of new messages writes only its seq range, and a restart from the store has both.
+#[test]
+fn messages_move_the_seq_range_without_rewriting_the_record() {
+    let mut s = Sim::new(cfg());
+    s.core.connect(1, "alice", "a1");
+    // A direct conversation's first batch creates it: the whole record.
+    s.send_to(1, "bob", "d1");
+    let b = s.take();
+    assert_eq!(b.convs.len(), 1);
+    assert!(b.positions.is_empty());
+    s.commit(&b);
+    s.send_to(1, "bob", "d2");
+    let b = s.take();
+    assert!(b.convs.is_empty());
+    assert_eq!(b.positions.len(), 1);
+    assert_eq!((b.positions[0].max_seq, b.positions[0].first_seq), (2, 1));
+    s.commit(&b);
+
+    s.group("g", &["alice", "bob"], Retention::default());
+    s.send(1, "g", "m1");
+    s.commit_pending();
+    // A membership change in the same batch as a message: the whole record, once.
+    s.add_member(900, "g", "carol");
+    s.send(1, "g", "m2");
+    let b = s.take();
+    assert!(b.positions.is_empty());
+    assert_eq!(b.convs.len(), 1);
+    assert_eq!(b.convs[0].max_seq, 2);
+    assert!(b.convs[0].members.contains("carol"));
+    s.commit(&b);
+    s.send(1, "g", "m3");
+    s.commit_pending();
+
+    s.restart(cfg());
+    let g = s.core.group("g").unwrap();
+    assert_eq!(g.max_seq, 3);
+    assert_eq!(
+        g.members.iter().cloned().collect::<Vec<_>>(),
+        ["alice", "bob", "carol"]
+    );
+    assert_eq!(s.store.max_seq(&direct_conv_id("alice", "bob")), 2);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -876,7 +853,8 @@ fn bodies_over_the_limit_are_too_large() {
     let (batches, _) = s.flush();
     assert_eq!(batches.len(), 1);
     assert_eq!(batches[0].messages.len(), 1);
-    assert_eq!(batches[0].convs.len(), 1);
+    assert!(batches[0].convs.is_empty());
+    assert_eq!(batches[0].positions.len(), 1);
     assert!(!s.store.convs.contains_key(&direct_conv_id("alice", "bob")));
     // The rejected cmid is free for a corrected resend.
     assert!(send(&mut s, Some("g"), None, "big", "short").is_empty());
@@ -980,7 +958,11 @@ fn sending_too_fast_is_rate_limited_with_a_retry_hint() {
     assert!(s.send(2, "g", "b1").is_empty());
     let (batches, out) = s.flush();
     assert_eq!(batches[0].messages.len(), 3);
-    assert_eq!(batches[0].convs.len(), 1);
+    assert!(
+        batches[0].convs.is_empty(),
+        "no direct conversation is created"
+    );
+    assert_eq!(batches[0].positions.len(), 1);
     assert_eq!(accepted(&out, 1).len(), 3);
 
     s.now = 1_000;
@@ -1564,7 +1546,7 @@ fn count_retention_trims_in_the_batch_and_raises_first_seq() {
     }
     let (batches, _) = s.flush();
     assert_eq!(batches[0].trim_below, vec![("g".to_string(), 3)]);
-    assert_eq!(batches[0].convs[0].first_seq, 3);
+    assert_eq!(batches[0].positions[0].first_seq, 3);
     assert_eq!(s.store.seqs("g"), vec![3, 4, 5]);
     let i = info(&s.core, 1, "g");
     assert_eq!((i.first_seq, i.max_seq), (3, 5));
@@ -1656,7 +1638,7 @@ fn age_retention_trims_by_time_and_takes_first_seq_from_the_store() {
     let b = s.take();
     assert_eq!(b.trim_before_ms, vec![("g".to_string(), 14_500)]);
     assert!(b.messages.is_empty() && b.trim_below.is_empty());
-    let outcome = s.store.apply(&b);
+    let outcome = s.store.apply(&b).unwrap();
     assert_eq!(outcome.first_seqs, vec![("g".to_string(), 4)]);
     // Not raised before the trim is durable.
     assert_eq!(info(&s.core, 1, "g").first_seq, 1);
@@ -2088,18 +2070,7 @@ fn an_added_member_reads_only_once_the_addition_is_durable() {
     s.core.connect(2, "carol", "c1");
     s.send(1, "g", "secret");
     s.flush();
-    s.core
-        .admin(
-            3,
-            AdminOp::UpdateGroup {
-                id: "g".into(),
-                add: vec!["carol".into()],
-                remove: vec![],
-                retention: None,
-            },
-            s.now,
-        )
-        .unwrap();
+    s.add_member(3, "g", "carol");
     // Not committed: the admin has no answer yet, and a crash would undo the addition.
     assert_eq!(code(s.core.sync(2, "g", 0, None)), ErrorCode::NotMember);
 }
@@ -2425,7 +2396,7 @@ impl Model {
         let Some(b) = self.in_flight.take() else {
             return;
         };
-        let outcome = self.s.store.apply(&b);
+        let outcome = self.s.store.apply(&b).expect("no seq is stored twice");
         for rec in self.s.store.convs.values() {
             assert_eq!(
                 self.s.store.seqs(&rec.id),

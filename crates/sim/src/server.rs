@@ -11,104 +11,19 @@ use crate::faults::Sabotage;
 use crate::network::short;
 use crate::world::Sim;
 use ordo_core::{
-    Action, Batch, CommitOutcome, ConvRecord, Core, CoreConfig, CursorRecord, DedupRecord,
-    SendRequest, SessionId, Snapshot, SyncPlan,
+    Action, Batch, CommitOutcome, Core, CoreConfig, MemoryStore, SendRequest, SessionId,
 };
-use ordo_protocol::{ClientFrame, Limits, Message, ServerFrame};
-use std::collections::BTreeMap;
+use ordo_protocol::{ClientFrame, Limits, ServerFrame};
 
-/// What a store backend holds after applying the committed batches (as in the core's rules
-/// tests): the truth a restarted core is rebuilt from.
-#[derive(Clone, Debug, Default)]
-pub struct ServerStore {
-    pub convs: BTreeMap<String, ConvRecord>,
-    pub messages: BTreeMap<(String, u64), Message>,
-    pub cursors: BTreeMap<(String, String, String), CursorRecord>,
-    pub dedup: BTreeMap<(String, String), DedupRecord>,
-}
+/// What a store backend holds after applying the committed batches: the truth a restarted core
+/// is rebuilt from.
+pub type ServerStore = MemoryStore;
 
-impl ServerStore {
-    pub fn apply(&mut self, b: &Batch) -> Result<CommitOutcome, Violation> {
-        for c in &b.convs {
-            self.convs.insert(c.id.clone(), c.clone());
-        }
-        for m in &b.messages {
-            if self
-                .messages
-                .insert((m.conv.clone(), m.seq), m.clone())
-                .is_some()
-            {
-                return Err(Violation::new(
-                    Kind::Sequence,
-                    format!("G3: seq {} of {} stored twice", m.seq, m.conv),
-                ));
-            }
-        }
-        for k in &b.dedup_delete {
-            self.dedup.remove(k);
-        }
-        for d in &b.dedup_put {
-            self.dedup
-                .insert((d.user.clone(), d.cmid.clone()), d.clone());
-        }
-        for c in &b.cursors {
-            self.cursors.insert(
-                (c.conv.clone(), c.user.clone(), c.device.clone()),
-                c.clone(),
-            );
-        }
-        for (conv, below) in &b.trim_below {
-            self.messages.retain(|(c, s), _| c != conv || *s >= *below);
-        }
-        let mut first_seqs = Vec::new();
-        for (conv, before) in &b.trim_before_ms {
-            self.messages
-                .retain(|(c, _), m| c != conv || m.ts >= *before);
-            let max = self.convs.get(conv).map_or(0, |r| r.max_seq);
-            let first = self
-                .messages
-                .range((conv.clone(), 0)..=(conv.clone(), u64::MAX))
-                .map(|((_, s), _)| *s)
-                .next()
-                .unwrap_or(max + 1);
-            if let Some(r) = self.convs.get_mut(conv) {
-                r.first_seq = r.first_seq.max(first);
-            }
-            first_seqs.push((conv.clone(), first));
-        }
-        Ok(CommitOutcome { first_seqs })
-    }
-
-    pub fn read(&self, plan: &SyncPlan) -> Vec<Message> {
-        if plan.from > plan.to {
-            return Vec::new();
-        }
-        self.messages
-            .range((plan.conv.clone(), plan.from)..=(plan.conv.clone(), plan.to))
-            .take(plan.limit as usize)
-            .map(|(_, m)| m.clone())
-            .collect()
-    }
-
-    pub fn first_seq(&self, conv: &str) -> u64 {
-        self.convs.get(conv).map_or(1, |r| r.first_seq)
-    }
-
-    /// A user's durable (delivered, read): the furthest any of their devices got.
-    pub fn position(&self, conv: &str, user: &str) -> (u64, u64) {
-        self.cursors
-            .values()
-            .filter(|c| c.conv == conv && c.user == user)
-            .fold((0, 0), |(d, r), c| (d.max(c.delivered), r.max(c.read)))
-    }
-
-    pub fn snapshot(&self) -> Snapshot {
-        Snapshot {
-            convs: self.convs.values().cloned().collect(),
-            cursors: self.cursors.values().cloned().collect(),
-            dedup: self.dedup.values().cloned().collect(),
-        }
-    }
+/// The store applies a batch; a seq stored twice is a G3 violation.
+fn apply(store: &mut ServerStore, b: &Batch) -> Result<CommitOutcome, Violation> {
+    store
+        .apply(b)
+        .map_err(|e| Violation::new(Kind::Sequence, format!("G3: {e}")))
 }
 
 /// The batch being written. Normally it is not applied to the store until its fsync is done
@@ -158,7 +73,7 @@ impl Sim {
         }
         // Sabotaged: written (readable) but not yet fsynced, and answered already.
         let rollback = self.server.store.clone();
-        let outcome = self.server.store.apply(&b)?;
+        let outcome = apply(&mut self.server.store, &b)?;
         tr!(
             self,
             "batch {} ({} messages) answered before its fsync",
@@ -192,7 +107,7 @@ impl Sim {
             tr!(self, "fsync done");
             return self.pump();
         };
-        let outcome = self.server.store.apply(&b)?;
+        let outcome = apply(&mut self.server.store, &b)?;
         tr!(
             self,
             "commit batch {} ({} messages)",

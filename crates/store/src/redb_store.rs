@@ -28,6 +28,11 @@ use std::sync::{mpsc, Arc, Condvar, Mutex};
 
 const MESSAGES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("messages");
 const CONVS: TableDefinition<&str, &[u8]> = TableDefinition::new("convs");
+/// conv -> (max_seq, first_seq). A conversation's seq range moves with every message, its record
+/// (with the member list) only when it is created or changed, so the range is kept apart; where
+/// both have one, the larger numbers hold. A store written before this table existed has ranges
+/// only in the records, which is why reads fall back to them.
+const RANGES: TableDefinition<&str, (u64, u64)> = TableDefinition::new("conv_ranges");
 /// (conv, user, device) -> (delivered, read)
 const CURSORS: TableDefinition<(&str, &str, &str), (u64, u64)> = TableDefinition::new("cursors");
 /// (user, cmid) -> DedupRecord
@@ -152,6 +157,7 @@ impl RedbStore {
         {
             tx.open_table(MESSAGES).map_err(StoreError::engine)?;
             tx.open_table(CONVS).map_err(StoreError::engine)?;
+            tx.open_table(RANGES).map_err(StoreError::engine)?;
             tx.open_table(CURSORS).map_err(StoreError::engine)?;
             tx.open_table(DEDUP).map_err(StoreError::engine)?;
             tx.open_table(META).map_err(StoreError::engine)?;
@@ -335,10 +341,16 @@ impl Store for RedbStore {
         let tx = self.db.begin_read().map_err(StoreError::engine)?;
         let mut snap = Snapshot::default();
         let convs = tx.open_table(CONVS).map_err(StoreError::engine)?;
+        let ranges = tx.open_table(RANGES).map_err(StoreError::engine)?;
         for row in convs.iter().map_err(StoreError::engine)? {
             let (_, v) = row.map_err(StoreError::engine)?;
-            snap.convs
-                .push(decode::<ConvRecord>("conversation", v.value())?);
+            let mut rec = decode::<ConvRecord>("conversation", v.value())?;
+            if let Some(r) = ranges.get(rec.id.as_str()).map_err(StoreError::engine)? {
+                let (max_seq, first_seq) = r.value();
+                rec.max_seq = rec.max_seq.max(max_seq);
+                rec.first_seq = rec.first_seq.max(first_seq);
+            }
+            snap.convs.push(rec);
         }
         let cursors = tx.open_table(CURSORS).map_err(StoreError::engine)?;
         for row in cursors.iter().map_err(StoreError::engine)? {
@@ -428,15 +440,15 @@ impl Store for RedbStore {
         self.applied.wait_caught_up()?;
         let tx = self.db.begin_read().map_err(StoreError::engine)?;
         let convs = tx.open_table(CONVS).map_err(StoreError::engine)?;
-        let Some(raw) = convs.get(conv).map_err(StoreError::engine)? else {
+        let ranges = tx.open_table(RANGES).map_err(StoreError::engine)?;
+        let Some((_, first_seq)) = stored_range(&convs, &ranges, conv)? else {
             return Ok(Page::default());
         };
-        let rec: ConvRecord = decode("conversation", raw.value())?;
         let mut page = Page {
-            first_seq: rec.first_seq,
+            first_seq,
             messages: Vec::new(),
         };
-        let start = from.max(rec.first_seq);
+        let start = from.max(first_seq);
         if start > to || limit == 0 {
             return Ok(page);
         }
@@ -488,10 +500,15 @@ fn apply(
                 .map_err(StoreError::engine)?;
         }
         let mut convs = tx.open_table(CONVS).map_err(StoreError::engine)?;
+        let mut ranges = tx.open_table(RANGES).map_err(StoreError::engine)?;
         for c in &batch.convs {
             convs
                 .insert(c.id.as_str(), encode(c)?.as_slice())
                 .map_err(StoreError::engine)?;
+            raise_range(&mut ranges, &c.id, c.max_seq, c.first_seq)?;
+        }
+        for p in &batch.positions {
+            raise_range(&mut ranges, &p.id, p.max_seq, p.first_seq)?;
         }
         for (conv, cutoff) in &batch.trim_before_ms {
             let mut doomed = Vec::new();
@@ -516,17 +533,9 @@ fn apply(
                     .remove((conv.as_str(), *seq))
                     .map_err(StoreError::engine)?;
             }
-            let raw = convs
-                .get(conv.as_str())
-                .map_err(StoreError::engine)?
-                .map(|g| g.value().to_vec());
-            if let Some(raw) = raw {
-                let mut rec: ConvRecord = decode("conversation", &raw)?;
-                let new_first = first.unwrap_or(rec.max_seq + 1).max(rec.first_seq);
-                rec.first_seq = new_first;
-                convs
-                    .insert(conv.as_str(), encode(&rec)?.as_slice())
-                    .map_err(StoreError::engine)?;
+            if let Some((max_seq, first_seq)) = stored_range(&convs, &ranges, conv)? {
+                let new_first = first.unwrap_or(max_seq + 1).max(first_seq);
+                raise_range(&mut ranges, conv, max_seq, new_first)?;
                 outcome.first_seqs.push((conv.clone(), new_first));
             }
         }
@@ -554,4 +563,40 @@ fn apply(
     }
     tx.commit().map_err(StoreError::engine)?;
     Ok(outcome)
+}
+
+/// A conversation's (max_seq, first_seq) as stored; `None` if there is no such conversation.
+fn stored_range(
+    convs: &impl ReadableTable<&'static str, &'static [u8]>,
+    ranges: &impl ReadableTable<&'static str, (u64, u64)>,
+    conv: &str,
+) -> Result<Option<(u64, u64)>, StoreError> {
+    let Some(raw) = convs.get(conv).map_err(StoreError::engine)? else {
+        return Ok(None);
+    };
+    if let Some(r) = ranges.get(conv).map_err(StoreError::engine)? {
+        return Ok(Some(r.value()));
+    }
+    let rec: ConvRecord = decode("conversation", raw.value())?;
+    Ok(Some((rec.max_seq, rec.first_seq)))
+}
+
+/// Moves a conversation's stored range up to (`max_seq`, `first_seq`); it never moves back.
+fn raise_range(
+    ranges: &mut redb::Table<&'static str, (u64, u64)>,
+    conv: &str,
+    max_seq: u64,
+    first_seq: u64,
+) -> Result<(), StoreError> {
+    let old = ranges
+        .get(conv)
+        .map_err(StoreError::engine)?
+        .map(|g| g.value());
+    let new = old.map_or((max_seq, first_seq), |(m, f)| {
+        (m.max(max_seq), f.max(first_seq))
+    });
+    if old != Some(new) {
+        ranges.insert(conv, new).map_err(StoreError::engine)?;
+    }
+    Ok(())
 }

@@ -1,7 +1,7 @@
 //! The embedded store keeps what it committed across a reopen, applies retention, and serves
 //! pages in seq order.
 
-use ordo_core::{Batch, ConvRecord, CursorRecord, DedupRecord, Retention};
+use ordo_core::{Batch, ConvPosition, ConvRecord, CursorRecord, DedupRecord, Retention};
 use ordo_protocol::{ConvKind, Message};
 use ordo_store::{RedbStore, Store};
 
@@ -140,4 +140,116 @@ fn retention_by_count_and_by_age() {
         .unwrap()
         .messages
         .is_empty());
+}
+
+/// A conversation's seq range moves without its record (a large group's member list is not
+/// rewritten with every message), never moves back, and survives a reopen.
+#[test]
+fn seq_ranges_move_apart_from_the_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let position = |max_seq, first_seq| ConvPosition {
+        id: "g".into(),
+        max_seq,
+        first_seq,
+    };
+    {
+        let store = RedbStore::open(dir.path()).unwrap();
+        store
+            .commit(Batch {
+                id: 1,
+                messages: (1..=2).map(|s| msg("g", s, 10 * s)).collect(),
+                convs: vec![conv("g", 2, 1)],
+                ..Batch::default()
+            })
+            .unwrap();
+        store
+            .commit(Batch {
+                id: 2,
+                messages: (3..=5).map(|s| msg("g", s, 10 * s)).collect(),
+                positions: vec![position(5, 1)],
+                ..Batch::default()
+            })
+            .unwrap();
+        // Lower numbers than stored change nothing.
+        store
+            .commit(Batch {
+                id: 3,
+                positions: vec![position(4, 1)],
+                ..Batch::default()
+            })
+            .unwrap();
+        store
+            .commit(Batch {
+                id: 4,
+                positions: vec![position(5, 3)],
+                trim_below: vec![("g".into(), 3)],
+                ..Batch::default()
+            })
+            .unwrap();
+        let page = store.read_page("g", 1, 5, 10, usize::MAX).unwrap();
+        assert_eq!(page.first_seq, 3);
+        assert_eq!(page.messages.len(), 3);
+        assert_eq!(store.load().unwrap().convs, vec![conv("g", 5, 3)]);
+    }
+    let store = RedbStore::open(dir.path()).unwrap();
+    assert_eq!(store.load().unwrap().convs, vec![conv("g", 5, 3)]);
+    // Age-based retention moves the range too.
+    let out = store
+        .commit(Batch {
+            id: 5,
+            trim_before_ms: vec![("g".into(), 45)],
+            ..Batch::default()
+        })
+        .unwrap();
+    assert_eq!(out.first_seqs, vec![("g".to_string(), 5)]);
+    assert_eq!(store.load().unwrap().convs, vec![conv("g", 5, 5)]);
+}
+
+/// A store written before ranges were kept apart has them only in the records: they are read
+/// from there, and the first range written alone carries on from them.
+#[test]
+fn ranges_fall_back_to_the_record() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = RedbStore::open(dir.path()).unwrap();
+        store
+            .commit(Batch {
+                id: 1,
+                messages: (1..=4).map(|s| msg("g", s, 10 * s)).collect(),
+                convs: vec![conv("g", 4, 2)],
+                ..Batch::default()
+            })
+            .unwrap();
+    }
+    {
+        // What such a store looks like: no range table.
+        let db = redb::Database::create(dir.path().join("ordo.redb")).unwrap();
+        let tx = db.begin_write().unwrap();
+        let ranges: redb::TableDefinition<&str, (u64, u64)> =
+            redb::TableDefinition::new("conv_ranges");
+        assert!(tx.delete_table(ranges).unwrap());
+        tx.commit().unwrap();
+    }
+    let store = RedbStore::open(dir.path()).unwrap();
+    assert_eq!(store.load().unwrap().convs, vec![conv("g", 4, 2)]);
+    assert_eq!(
+        store
+            .read_page("g", 1, 4, 10, usize::MAX)
+            .unwrap()
+            .first_seq,
+        2
+    );
+    store
+        .commit(Batch {
+            id: 2,
+            messages: vec![msg("g", 5, 50)],
+            positions: vec![ConvPosition {
+                id: "g".into(),
+                max_seq: 5,
+                first_seq: 2,
+            }],
+            ..Batch::default()
+        })
+        .unwrap();
+    assert_eq!(store.load().unwrap().convs, vec![conv("g", 5, 2)]);
 }

@@ -1,0 +1,144 @@
+//! The reference store: committed [`Batch`]es applied to plain maps exactly as every backend
+//! must apply them, and the [`Snapshot`] a restarted core is rebuilt from. It keeps nothing on
+//! disk; the rules tests and the simulation use it as the durable truth to check the core
+//! against, so that both agree with each other and with the real backends on what a batch means.
+
+use crate::engine::SyncPlan;
+use crate::model::{Batch, CommitOutcome, ConvRecord, CursorRecord, DedupRecord, Snapshot};
+use ordo_protocol::Message;
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// What the committed batches add up to.
+#[derive(Clone, Debug, Default)]
+pub struct MemoryStore {
+    pub convs: BTreeMap<String, ConvRecord>,
+    pub messages: BTreeMap<(String, u64), Message>,
+    pub cursors: BTreeMap<(String, String, String), CursorRecord>,
+    pub dedup: BTreeMap<(String, String), DedupRecord>,
+}
+
+/// A batch stored a seq its conversation already had: the core reused a seq (G3).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SeqStoredTwice {
+    pub conv: String,
+    pub seq: u64,
+}
+
+impl fmt::Display for SeqStoredTwice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "seq {} of {} stored twice", self.seq, self.conv)
+    }
+}
+
+impl std::error::Error for SeqStoredTwice {}
+
+impl MemoryStore {
+    /// Applies one batch atomically and reports the first seqs after age-based trims. A batch
+    /// that stores a seq twice is refused whole.
+    pub fn apply(&mut self, b: &Batch) -> Result<CommitOutcome, SeqStoredTwice> {
+        if let Some(m) = b
+            .messages
+            .iter()
+            .find(|m| self.messages.contains_key(&(m.conv.clone(), m.seq)))
+        {
+            return Err(SeqStoredTwice {
+                conv: m.conv.clone(),
+                seq: m.seq,
+            });
+        }
+        for c in &b.convs {
+            self.convs.insert(c.id.clone(), c.clone());
+        }
+        for p in &b.positions {
+            if let Some(r) = self.convs.get_mut(&p.id) {
+                r.max_seq = r.max_seq.max(p.max_seq);
+                r.first_seq = r.first_seq.max(p.first_seq);
+            }
+        }
+        for m in &b.messages {
+            self.messages.insert((m.conv.clone(), m.seq), m.clone());
+        }
+        // Deletes first: a key expired and then reused in the same batch must stay.
+        for k in &b.dedup_delete {
+            self.dedup.remove(k);
+        }
+        for d in &b.dedup_put {
+            self.dedup
+                .insert((d.user.clone(), d.cmid.clone()), d.clone());
+        }
+        for c in &b.cursors {
+            self.cursors.insert(
+                (c.conv.clone(), c.user.clone(), c.device.clone()),
+                c.clone(),
+            );
+        }
+        for (conv, below) in &b.trim_below {
+            self.messages.retain(|(c, s), _| c != conv || *s >= *below);
+        }
+        let mut first_seqs = Vec::new();
+        for (conv, before) in &b.trim_before_ms {
+            self.messages
+                .retain(|(c, _), m| c != conv || m.ts >= *before);
+            let first = self
+                .seqs(conv)
+                .first()
+                .copied()
+                .unwrap_or(self.max_seq(conv) + 1);
+            if let Some(r) = self.convs.get_mut(conv) {
+                r.first_seq = r.first_seq.max(first);
+            }
+            first_seqs.push((conv.clone(), first));
+        }
+        Ok(CommitOutcome { first_seqs })
+    }
+
+    /// The stored seqs of `conv`, in order.
+    pub fn seqs(&self, conv: &str) -> Vec<u64> {
+        self.messages
+            .range((conv.to_string(), 0)..=(conv.to_string(), u64::MAX))
+            .map(|((_, s), _)| *s)
+            .collect()
+    }
+
+    pub fn max_seq(&self, conv: &str) -> u64 {
+        self.convs.get(conv).map_or(0, |r| r.max_seq)
+    }
+
+    /// Lowest seq still stored (1 for an unknown conversation).
+    pub fn first_seq(&self, conv: &str) -> u64 {
+        self.convs.get(conv).map_or(1, |r| r.first_seq)
+    }
+
+    pub fn message(&self, conv: &str, seq: u64) -> Option<&Message> {
+        self.messages.get(&(conv.to_string(), seq))
+    }
+
+    /// What a server reads for a sync plan.
+    pub fn read(&self, plan: &SyncPlan) -> Vec<Message> {
+        if plan.from > plan.to {
+            return Vec::new();
+        }
+        self.messages
+            .range((plan.conv.clone(), plan.from)..=(plan.conv.clone(), plan.to))
+            .take(plan.limit as usize)
+            .map(|(_, m)| m.clone())
+            .collect()
+    }
+
+    /// A user's durable (delivered, read): the furthest any of their devices got.
+    pub fn position(&self, conv: &str, user: &str) -> (u64, u64) {
+        self.cursors
+            .values()
+            .filter(|c| c.conv == conv && c.user == user)
+            .fold((0, 0), |(d, r), c| (d.max(c.delivered), r.max(c.read)))
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            convs: self.convs.values().cloned().collect(),
+            cursors: self.cursors.values().cloned().collect(),
+            dedup: self.dedup.values().cloned().collect(),
+        }
+    }
+}
