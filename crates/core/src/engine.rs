@@ -9,6 +9,7 @@
 
 use crate::config::CoreConfig;
 use crate::conv::{Conv, Cursor};
+use crate::dedup::{DedupEntry, DedupIndex};
 use crate::error::CoreError;
 use crate::model::*;
 use crate::rate::TokenBucket;
@@ -124,13 +125,6 @@ struct Waiter {
     ts: u64,
 }
 
-#[derive(Clone, Debug)]
-struct DedupEntry {
-    conv: String,
-    seq: u64,
-    ts: u64,
-}
-
 /// Changes not yet handed out in a batch, plus the answers that wait on them.
 #[derive(Default)]
 struct Pending {
@@ -181,7 +175,7 @@ pub struct Core {
     rng: SplitMix64,
     convs: HashMap<String, Conv>,
     /// (user, cmid) -> what it was accepted as.
-    dedup: HashMap<(String, String), DedupEntry>,
+    dedup: DedupIndex,
     /// Dedup keys in acceptance order, for expiry.
     dedup_order: VecDeque<(u64, String, String)>,
     sessions: HashMap<SessionId, Session>,
@@ -247,18 +241,19 @@ impl Core {
         }
         let mut dedup_records = snapshot.dedup;
         dedup_records.sort_by_key(|d| d.ts);
-        let mut dedup = HashMap::new();
+        let mut dedup = DedupIndex::default();
         let mut dedup_order = VecDeque::new();
         for d in dedup_records {
-            dedup_order.push_back((d.ts, d.user.clone(), d.cmid.clone()));
             dedup.insert(
-                (d.user, d.cmid),
+                &d.user,
+                &d.cmid,
                 DedupEntry {
                     conv: d.conv,
                     seq: d.seq,
                     ts: d.ts,
                 },
             );
+            dedup_order.push_back((d.ts, d.user, d.cmid));
         }
         Core {
             cfg,
@@ -325,12 +320,17 @@ impl Core {
     /// A `send` from a connected device. Returns the frames to answer with at once (a duplicate
     /// of a durable message, or a rejection); a new message is answered at commit.
     pub fn send(&mut self, session: SessionId, req: SendRequest<'_>, now_ms: u64) -> Vec<Action> {
-        let cmid = req.cmid.to_string();
+        let cmid = req.cmid;
         match self.try_send(session, req, now_ms) {
             Ok(actions) => actions,
             Err(e) => vec![Action::Send {
                 session,
-                frame: ServerFrame::rejected(cmid, e.code(), e.to_string(), e.retry_after_ms()),
+                frame: ServerFrame::rejected(
+                    cmid.to_string(),
+                    e.code(),
+                    e.to_string(),
+                    e.retry_after_ms(),
+                ),
             }],
         }
     }
@@ -370,8 +370,7 @@ impl Core {
         };
 
         // A resend inside the dedup window gets the original answer, wherever it is.
-        let key = (user.clone(), cmid.to_string());
-        let known = self.dedup.get(&key);
+        let known = self.dedup.get(&user, cmid);
         // Test-only sabotage: forget every earlier send.
         #[cfg(feature = "fault-injection")]
         let known = known.filter(|_| !self.faults.no_dedup);
@@ -501,11 +500,14 @@ impl Core {
                 });
             }
         }
-        let taken = self
-            .buckets
-            .entry(user.to_string())
-            .or_insert_with(|| TokenBucket::new(burst, now_ms))
-            .take(rate, burst, now_ms);
+        if !self.buckets.contains_key(user) {
+            self.buckets
+                .insert(user.to_string(), TokenBucket::new(burst, now_ms));
+        }
+        let taken = match self.buckets.get_mut(user) {
+            Some(b) => b.take(rate, burst, now_ms),
+            None => Ok(()),
+        };
         if let Some(s) = self.sessions.get_mut(&session) {
             match taken {
                 Ok(()) => {
@@ -557,7 +559,9 @@ impl Core {
             reply_to,
             ts: now_ms,
         });
-        self.pending.convs.insert(conv_id.to_string());
+        if !self.pending.convs.contains(conv_id) {
+            self.pending.convs.insert(conv_id.to_string());
+        }
         // An expiry of the same key still pending must not undo this new entry.
         self.pending
             .dedup_delete
@@ -570,7 +574,8 @@ impl Core {
             ts: now_ms,
         });
         self.dedup.insert(
-            (user.to_string(), cmid.to_string()),
+            user,
+            cmid,
             DedupEntry {
                 conv: conv_id.to_string(),
                 seq,
@@ -849,10 +854,9 @@ impl Core {
             let Some((ts, user, cmid)) = self.dedup_order.pop_front() else {
                 break;
             };
-            let key = (user, cmid);
-            if self.dedup.get(&key).is_some_and(|d| d.ts == ts) {
-                self.dedup.remove(&key);
-                self.pending.dedup_delete.push(key);
+            if self.dedup.get(&user, &cmid).is_some_and(|d| d.ts == ts) {
+                self.dedup.remove(&user, &cmid);
+                self.pending.dedup_delete.push((user, cmid));
             }
         }
     }

@@ -13,6 +13,7 @@
 
 pub mod config;
 pub mod conv;
+pub mod dedup;
 pub mod engine;
 pub mod error;
 #[cfg(feature = "fault-injection")]
