@@ -15,18 +15,27 @@
 //! seq) is applied before `commit` returns, as is one too large for the log.
 //!
 //! Records are MessagePack-encoded; keys are tuples so that a conversation's messages are
-//! contiguous and ordered by seq.
+//! contiguous and ordered by seq. Messages are stored in runs, one row per conversation per
+//! batch (see [`MESSAGE_RUNS`]), because a B-tree costs per row inserted.
 
 use crate::wal::{self, Wal};
 use crate::{Page, Store, StoreError};
 use ordo_core::{Batch, CommitOutcome, ConvRecord, CursorRecord, DedupRecord, Snapshot};
 use ordo_protocol::Message;
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
 use serde::de::DeserializeOwned;
 use std::path::Path;
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 
-const MESSAGES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("messages");
+/// (conv, seq of the run's last message) -> a run: consecutive messages of one conversation
+/// committed in one batch, at most [`RUN_MAX`], in seq order (a MessagePack array). One B-tree
+/// row per run rather than per message: under load a batch carries tens of messages per
+/// conversation, and the row insert, not the bytes, is what a B-tree write costs.
+const MESSAGE_RUNS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("message_runs");
+/// Most messages in one run: a read decodes whole runs, so they stay short.
+const RUN_MAX: usize = 128;
+/// The layout before runs, one row per message, keyed (conv, seq); moved into runs on open.
+const MESSAGES_BY_SEQ: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("messages");
 const CONVS: TableDefinition<&str, &[u8]> = TableDefinition::new("convs");
 /// conv -> (max_seq, first_seq). A conversation's seq range moves with every message, its record
 /// (with the member list) only when it is created or changed, so the range is kept apart; where
@@ -155,13 +164,14 @@ impl RedbStore {
         // Create every table once so that readers never meet a missing one.
         let tx = db.begin_write().map_err(StoreError::engine)?;
         {
-            tx.open_table(MESSAGES).map_err(StoreError::engine)?;
+            tx.open_table(MESSAGE_RUNS).map_err(StoreError::engine)?;
             tx.open_table(CONVS).map_err(StoreError::engine)?;
             tx.open_table(RANGES).map_err(StoreError::engine)?;
             tx.open_table(CURSORS).map_err(StoreError::engine)?;
             tx.open_table(DEDUP).map_err(StoreError::engine)?;
             tx.open_table(META).map_err(StoreError::engine)?;
         }
+        move_messages_into_runs(&tx)?;
         tx.commit().map_err(StoreError::engine)?;
         let mut applied = {
             let tx = db.begin_read().map_err(StoreError::engine)?;
@@ -452,19 +462,27 @@ impl Store for RedbStore {
         if start > to || limit == 0 {
             return Ok(page);
         }
-        let messages = tx.open_table(MESSAGES).map_err(StoreError::engine)?;
+        let runs = tx.open_table(MESSAGE_RUNS).map_err(StoreError::engine)?;
         let mut bytes = 0usize;
-        for row in messages
-            .range((conv, start)..=(conv, to))
+        // The first run that ends at or after `start` holds it (or the next message after it).
+        'runs: for row in runs
+            .range((conv, start)..=(conv, u64::MAX))
             .map_err(StoreError::engine)?
-            .take(limit as usize)
         {
             let (_, v) = row.map_err(StoreError::engine)?;
-            let m: Message = decode("message", v.value())?;
-            bytes += m.body.len();
-            page.messages.push(m);
-            if bytes >= max_bytes {
-                break;
+            let run: Vec<Message> = decode("message run", v.value())?;
+            for m in run {
+                if m.seq < start {
+                    continue;
+                }
+                if m.seq > to {
+                    break 'runs;
+                }
+                bytes += m.body.len();
+                page.messages.push(m);
+                if page.messages.len() >= limit as usize || bytes >= max_bytes {
+                    break 'runs;
+                }
             }
         }
         Ok(page)
@@ -488,15 +506,16 @@ fn apply(
             .map_err(StoreError::engine)?;
     }
     for batch in batches {
-        let mut messages = tx.open_table(MESSAGES).map_err(StoreError::engine)?;
-        for m in &batch.messages {
-            messages
-                .insert((m.conv.as_str(), m.seq), encode(m)?.as_slice())
-                .map_err(StoreError::engine)?;
+        let mut runs = tx.open_table(MESSAGE_RUNS).map_err(StoreError::engine)?;
+        for run in message_runs(&batch.messages) {
+            if let Some(last) = run.last() {
+                runs.insert((last.conv.as_str(), last.seq), encode(&run)?.as_slice())
+                    .map_err(StoreError::engine)?;
+            }
         }
+        // A run that reaches `below` stays whole; reads start at the first seq anyway.
         for (conv, below) in &batch.trim_below {
-            messages
-                .retain_in((conv.as_str(), 0)..(conv.as_str(), *below), |_, _| false)
+            runs.retain_in((conv.as_str(), 0)..(conv.as_str(), *below), |_, _| false)
                 .map_err(StoreError::engine)?;
         }
         let mut convs = tx.open_table(CONVS).map_err(StoreError::engine)?;
@@ -511,32 +530,32 @@ fn apply(
             raise_range(&mut ranges, &p.id, p.max_seq, p.first_seq)?;
         }
         for (conv, cutoff) in &batch.trim_before_ms {
+            // Acceptance times only grow along a conversation: whole runs older than the
+            // cutoff go, and the first newer message is the new first seq.
             let mut doomed = Vec::new();
             let mut first = None;
-            for row in messages
+            for row in runs
                 .range((conv.as_str(), 0)..=(conv.as_str(), u64::MAX))
                 .map_err(StoreError::engine)?
             {
                 let (k, v) = row.map_err(StoreError::engine)?;
-                let m: Message = decode("message", v.value())?;
-                if m.ts >= *cutoff {
+                let run: Vec<Message> = decode("message run", v.value())?;
+                if let Some(m) = run.iter().find(|m| m.ts >= *cutoff) {
                     first = Some(m.seq);
                     break;
                 }
                 doomed.push(k.value().1);
             }
-            if doomed.is_empty() {
-                continue;
-            }
-            for seq in &doomed {
-                messages
-                    .remove((conv.as_str(), *seq))
+            for last in &doomed {
+                runs.remove((conv.as_str(), *last))
                     .map_err(StoreError::engine)?;
             }
             if let Some((max_seq, first_seq)) = stored_range(&convs, &ranges, conv)? {
                 let new_first = first.unwrap_or(max_seq + 1).max(first_seq);
-                raise_range(&mut ranges, conv, max_seq, new_first)?;
-                outcome.first_seqs.push((conv.clone(), new_first));
+                if new_first > first_seq {
+                    raise_range(&mut ranges, conv, max_seq, new_first)?;
+                    outcome.first_seqs.push((conv.clone(), new_first));
+                }
             }
         }
         let mut cursors = tx.open_table(CURSORS).map_err(StoreError::engine)?;
@@ -598,5 +617,59 @@ fn raise_range(
     if old != Some(new) {
         ranges.insert(conv, new).map_err(StoreError::engine)?;
     }
+    Ok(())
+}
+
+/// The batch's messages as runs: per conversation, consecutive seqs, at most [`RUN_MAX`] each.
+fn message_runs(messages: &[Message]) -> Vec<Vec<&Message>> {
+    let mut by_conv: std::collections::BTreeMap<&str, Vec<&Message>> = Default::default();
+    for m in messages {
+        by_conv.entry(m.conv.as_str()).or_default().push(m);
+    }
+    let mut runs = Vec::new();
+    for (_, msgs) in by_conv {
+        let mut run: Vec<&Message> = Vec::new();
+        for m in msgs {
+            let follows = run.last().is_some_and(|p| p.seq + 1 == m.seq);
+            if !run.is_empty() && (!follows || run.len() >= RUN_MAX) {
+                runs.push(std::mem::take(&mut run));
+            }
+            run.push(m);
+        }
+        if !run.is_empty() {
+            runs.push(run);
+        }
+    }
+    runs
+}
+
+/// Moves messages stored one row each (the layout before runs) into runs of one, in the same
+/// transaction as the rest of opening, and drops the old table.
+fn move_messages_into_runs(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
+    let old_exists = tx
+        .list_tables()
+        .map_err(StoreError::engine)?
+        .any(|t| t.name() == MESSAGES_BY_SEQ.name());
+    if !old_exists {
+        return Ok(());
+    }
+    {
+        let old = tx.open_table(MESSAGES_BY_SEQ).map_err(StoreError::engine)?;
+        let mut runs = tx.open_table(MESSAGE_RUNS).map_err(StoreError::engine)?;
+        let mut moved = 0u64;
+        for row in old.iter().map_err(StoreError::engine)? {
+            let (_, v) = row.map_err(StoreError::engine)?;
+            let m: Message = decode("message", v.value())?;
+            runs.insert((m.conv.as_str(), m.seq), encode(&[&m])?.as_slice())
+                .map_err(StoreError::engine)?;
+            moved += 1;
+        }
+        tracing::info!(
+            messages = moved,
+            "moved stored messages into the run layout"
+        );
+    }
+    tx.delete_table(MESSAGES_BY_SEQ)
+        .map_err(StoreError::engine)?;
     Ok(())
 }

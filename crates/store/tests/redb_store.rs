@@ -253,3 +253,140 @@ fn ranges_fall_back_to_the_record() {
         .unwrap();
     assert_eq!(store.load().unwrap().convs, vec![conv("g", 5, 2)]);
 }
+
+fn seqs(page: &ordo_store::Page) -> Vec<u64> {
+    page.messages.iter().map(|m| m.seq).collect()
+}
+
+/// Messages are stored in runs (per batch and conversation); a page starts and ends anywhere
+/// inside a run, and retention that cuts a run in two hides its first part.
+#[test]
+fn pages_start_and_end_inside_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = RedbStore::open(dir.path()).unwrap();
+    // Batches of 1, 10 and 300 messages (the last is stored as runs of at most 128), with a
+    // second conversation interleaved.
+    let mut next = 1;
+    for (id, n) in [(1, 1), (2, 10), (3, 300)] {
+        let mut messages = Vec::new();
+        for s in next..next + n {
+            messages.push(msg("g", s, 10 * s));
+            messages.push(msg("h", s, 10 * s));
+        }
+        next += n;
+        store
+            .commit(Batch {
+                id,
+                messages,
+                convs: vec![conv("g", next - 1, 1), conv("h", next - 1, 1)],
+                ..Batch::default()
+            })
+            .unwrap();
+    }
+    let page = store.read_page("g", 5, 8, 100, usize::MAX).unwrap();
+    assert_eq!(seqs(&page), vec![5, 6, 7, 8]);
+    assert!(page.messages.iter().all(|m| m.conv == "g"));
+    let page = store.read_page("g", 1, 311, 1000, usize::MAX).unwrap();
+    assert_eq!(seqs(&page), (1..=311).collect::<Vec<_>>());
+    let page = store.read_page("g", 100, 311, 50, usize::MAX).unwrap();
+    assert_eq!(seqs(&page), (100..150).collect::<Vec<_>>());
+    // Bodies of one-digit seqs are 6 bytes: the page stops at the message that reaches 20.
+    let page = store.read_page("h", 2, 311, 100, 20).unwrap();
+    assert_eq!(seqs(&page), vec![2, 3, 4, 5]);
+    assert!(store
+        .read_page("g", 312, 400, 10, usize::MAX)
+        .unwrap()
+        .messages
+        .is_empty());
+
+    // Count retention in the middle of the 10-message run: it stays, half hidden.
+    store
+        .commit(Batch {
+            id: 4,
+            convs: vec![conv("g", 311, 6)],
+            trim_below: vec![("g".into(), 6)],
+            ..Batch::default()
+        })
+        .unwrap();
+    let page = store.read_page("g", 1, 8, 100, usize::MAX).unwrap();
+    assert_eq!((page.first_seq, seqs(&page)), (6, vec![6, 7, 8]));
+    // Age retention in the middle of a run: the first seq moves though the run stays.
+    let out = store
+        .commit(Batch {
+            id: 5,
+            trim_before_ms: vec![("g".into(), 10 * 200)],
+            ..Batch::default()
+        })
+        .unwrap();
+    assert_eq!(out.first_seqs, vec![("g".to_string(), 200)]);
+    let page = store.read_page("g", 1, 202, 100, usize::MAX).unwrap();
+    assert_eq!((page.first_seq, seqs(&page)), (200, vec![200, 201, 202]));
+    // Nothing older than the cutoff is left to remove: no change is reported.
+    let out = store
+        .commit(Batch {
+            id: 6,
+            trim_before_ms: vec![("g".into(), 10 * 150)],
+            ..Batch::default()
+        })
+        .unwrap();
+    assert!(out.first_seqs.is_empty());
+    // The other conversation is untouched.
+    let page = store.read_page("h", 1, 3, 100, usize::MAX).unwrap();
+    assert_eq!((page.first_seq, seqs(&page)), (1, vec![1, 2, 3]));
+}
+
+/// A store written when each message was its own row is read the same after opening.
+#[test]
+fn messages_stored_one_per_row_are_moved_into_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = RedbStore::open(dir.path()).unwrap();
+        store
+            .commit(Batch {
+                id: 1,
+                convs: vec![conv("g", 3, 1)],
+                ..Batch::default()
+            })
+            .unwrap();
+    }
+    {
+        // What such a store holds: a `messages` table keyed (conv, seq).
+        let db = redb::Database::create(dir.path().join("ordo.redb")).unwrap();
+        let tx = db.begin_write().unwrap();
+        {
+            let old: redb::TableDefinition<(&str, u64), &[u8]> =
+                redb::TableDefinition::new("messages");
+            let mut t = tx.open_table(old).unwrap();
+            for s in 1..=3 {
+                let v = rmp_serde::to_vec_named(&msg("g", s, 10 * s)).unwrap();
+                t.insert(("g", s), v.as_slice()).unwrap();
+            }
+        }
+        tx.commit().unwrap();
+    }
+    let store = RedbStore::open(dir.path()).unwrap();
+    let page = store.read_page("g", 2, 3, 10, usize::MAX).unwrap();
+    assert_eq!(page.messages, vec![msg("g", 2, 20), msg("g", 3, 30)]);
+    store
+        .commit(Batch {
+            id: 2,
+            messages: vec![msg("g", 4, 40)],
+            positions: vec![ConvPosition {
+                id: "g".into(),
+                max_seq: 4,
+                first_seq: 1,
+            }],
+            ..Batch::default()
+        })
+        .unwrap();
+    let page = store.read_page("g", 1, 4, 10, usize::MAX).unwrap();
+    assert_eq!(seqs(&page), vec![1, 2, 3, 4]);
+    drop(store);
+    // Moved once: the old table is gone.
+    let db = redb::Database::create(dir.path().join("ordo.redb")).unwrap();
+    let tx = redb::ReadableDatabase::begin_read(&db).unwrap();
+    assert!(!tx
+        .list_tables()
+        .unwrap()
+        .any(|t| { redb::TableHandle::name(&t) == "messages" }));
+}
