@@ -134,7 +134,7 @@ struct Pending {
     /// Conversations created or changed by an admin request: their whole record is written.
     records: BTreeSet<String>,
     dedup_put: Vec<DedupRecord>,
-    dedup_delete: Vec<(String, String)>,
+    dedup_forget_before_ms: Option<u64>,
     cursors: BTreeSet<(String, String, String)>,
     trim_before_ms: Vec<(String, u64)>,
     waiters: Vec<Waiter>,
@@ -148,7 +148,7 @@ impl Pending {
             && self.convs.is_empty()
             && self.records.is_empty()
             && self.dedup_put.is_empty()
-            && self.dedup_delete.is_empty()
+            && self.dedup_forget_before_ms.is_none()
             && self.cursors.is_empty()
             && self.trim_before_ms.is_empty()
             && self.waiters.is_empty()
@@ -562,10 +562,6 @@ impl Core {
         if !self.pending.convs.contains(conv_id) {
             self.pending.convs.insert(conv_id.to_string());
         }
-        // An expiry of the same key still pending must not undo this new entry.
-        self.pending
-            .dedup_delete
-            .retain(|(u, c)| u != user || c != cmid);
         self.pending.dedup_put.push(DedupRecord {
             user: user.to_string(),
             cmid: cmid.to_string(),
@@ -844,8 +840,8 @@ impl Core {
 
     // ----- ticks -----
 
-    /// Forgets dedup entries older than the window (they are deleted from the store with the
-    /// next batch).
+    /// Forgets dedup entries older than the window; the next batch tells the store to forget
+    /// what was accepted before the same time.
     pub fn expire_dedup(&mut self, now_ms: u64) {
         while let Some((ts, _, _)) = self.dedup_order.front() {
             if ts.saturating_add(self.cfg.dedup_window_ms) > now_ms {
@@ -856,8 +852,10 @@ impl Core {
             };
             if self.dedup.get(&user, &cmid).is_some_and(|d| d.ts == ts) {
                 self.dedup.remove(&user, &cmid);
-                self.pending.dedup_delete.push((user, cmid));
             }
+            // Everything accepted up to `ts` is past its window (the queue is in time order).
+            let before = self.pending.dedup_forget_before_ms.get_or_insert(0);
+            *before = (*before).max(ts + 1);
         }
     }
 
@@ -936,7 +934,8 @@ impl Core {
             convs: convs.clone(),
             positions: positions.clone(),
             dedup_put: p.dedup_put,
-            dedup_delete: p.dedup_delete,
+            dedup_forget_before_ms: p.dedup_forget_before_ms,
+            dedup_delete: Vec::new(),
             cursors: cursors.clone(),
             trim_below,
             trim_before_ms: p.trim_before_ms,

@@ -63,6 +63,9 @@ impl MemoryStore {
         for k in &b.dedup_delete {
             self.dedup.remove(k);
         }
+        if let Some(before) = b.dedup_forget_before_ms {
+            self.dedup.retain(|_, d| d.ts >= before);
+        }
         for d in &b.dedup_put {
             self.dedup
                 .insert((d.user.clone(), d.cmid.clone()), d.clone());

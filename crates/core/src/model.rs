@@ -99,7 +99,14 @@ pub struct Batch {
     #[serde(default)]
     pub positions: Vec<ConvPosition>,
     pub dedup_put: Vec<DedupRecord>,
-    /// Expired dedup entries to forget: (user, cmid).
+    /// Dedup entries accepted before this time are past their window and may be forgotten. A
+    /// store may keep some of them longer (the core checks the window whenever it uses an
+    /// entry), never an entry accepted at or after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dedup_forget_before_ms: Option<u64>,
+    /// Expired dedup entries to forget, (user, cmid): written by earlier versions, which named
+    /// each expired entry; still read from their log records.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dedup_delete: Vec<(String, String)>,
     pub cursors: Vec<CursorRecord>,
     /// Remove messages of `conv` with seq below the given one (count-based retention).
@@ -115,6 +122,7 @@ impl Batch {
             && self.convs.is_empty()
             && self.positions.is_empty()
             && self.dedup_put.is_empty()
+            && self.dedup_forget_before_ms.is_none()
             && self.dedup_delete.is_empty()
             && self.cursors.is_empty()
             && self.trim_below.is_empty()

@@ -45,10 +45,18 @@ const RANGES: TableDefinition<&str, (u64, u64)> = TableDefinition::new("conv_ran
 /// (conv, user, device) -> (delivered, read)
 const CURSORS: TableDefinition<(&str, &str, &str), (u64, u64)> = TableDefinition::new("cursors");
 /// (user, cmid) -> DedupRecord
-const DEDUP: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("dedup");
+/// (acceptance time of the run's newest entry, run number) -> the dedup entries one batch put,
+/// at most [`RUN_MAX`] (a MessagePack array). Runs, not a row per entry, for the same reason as
+/// messages; a run is forgotten once its newest entry is past the window, and the core checks
+/// the window of every entry it uses, so the older entries a run keeps meanwhile are harmless.
+const DEDUP_RUNS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("dedup_runs");
+/// The layout before runs: (user, cmid) -> entry; moved into runs on open.
+const DEDUP_BY_KEY: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("dedup");
 /// `wal_applied` -> seqno of the last log record applied to the B-tree.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const WAL_APPLIED: &str = "wal_applied";
+/// `next_dedup_run` -> the number the next dedup run gets (keys stay unique within a millisecond).
+const NEXT_DEDUP_RUN: &str = "next_dedup_run";
 
 pub struct RedbStore {
     db: Arc<Database>,
@@ -72,7 +80,7 @@ const MAX_APPLY_AT_ONCE: usize = 64;
 /// Work for the applier thread, in log order.
 enum Job {
     /// Write a logged batch into the B-tree.
-    Apply(u64, Batch),
+    Apply(u64, Box<Batch>),
     /// Make the B-tree durable up to this seqno (everything before it is applied by then).
     Checkpoint(u64),
 }
@@ -168,10 +176,11 @@ impl RedbStore {
             tx.open_table(CONVS).map_err(StoreError::engine)?;
             tx.open_table(RANGES).map_err(StoreError::engine)?;
             tx.open_table(CURSORS).map_err(StoreError::engine)?;
-            tx.open_table(DEDUP).map_err(StoreError::engine)?;
+            tx.open_table(DEDUP_RUNS).map_err(StoreError::engine)?;
             tx.open_table(META).map_err(StoreError::engine)?;
         }
         move_messages_into_runs(&tx)?;
+        move_dedup_into_runs(&tx)?;
         tx.commit().map_err(StoreError::engine)?;
         let mut applied = {
             let tx = db.begin_read().map_err(StoreError::engine)?;
@@ -270,7 +279,7 @@ fn apply_loop(db: &Database, progress: &Applied, jobs: mpsc::Receiver<Job>) {
                         Err(_) => break,
                     }
                 }
-                let refs: Vec<&Batch> = batches.iter().collect();
+                let refs: Vec<&Batch> = batches.iter().map(|b| &**b).collect();
                 (
                     last,
                     false,
@@ -375,11 +384,11 @@ impl Store for RedbStore {
                 read,
             });
         }
-        let dedup = tx.open_table(DEDUP).map_err(StoreError::engine)?;
+        let dedup = tx.open_table(DEDUP_RUNS).map_err(StoreError::engine)?;
         for row in dedup.iter().map_err(StoreError::engine)? {
             let (_, v) = row.map_err(StoreError::engine)?;
             snap.dedup
-                .push(decode::<DedupRecord>("dedup entry", v.value())?);
+                .extend(decode::<Vec<DedupRecord>>("dedup run", v.value())?);
         }
         Ok(snap)
     }
@@ -424,7 +433,7 @@ impl Store for RedbStore {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .queued = Some(seqno);
-            self.queue(Job::Apply(seqno, batch))?;
+            self.queue(Job::Apply(seqno, Box::new(batch)))?;
             CommitOutcome::default()
         } else {
             // Its outcome comes from what is stored: apply it here, after everything before it.
@@ -567,18 +576,16 @@ fn apply(
                 )
                 .map_err(StoreError::engine)?;
         }
-        let mut dedup = tx.open_table(DEDUP).map_err(StoreError::engine)?;
-        // Expiries first: a key expired and reused within one batch must end up present.
-        for (user, cmid) in &batch.dedup_delete {
+        // Forgetting first; what this batch puts is newer than the cutoff anyway. (Log records
+        // of earlier versions name expired entries in `dedup_delete`: those entries are in runs
+        // now and are forgotten with them.)
+        let mut dedup = tx.open_table(DEDUP_RUNS).map_err(StoreError::engine)?;
+        if let Some(before) = batch.dedup_forget_before_ms {
             dedup
-                .remove((user.as_str(), cmid.as_str()))
+                .retain_in((0, 0)..(before, 0), |_, _| false)
                 .map_err(StoreError::engine)?;
         }
-        for d in &batch.dedup_put {
-            dedup
-                .insert((d.user.as_str(), d.cmid.as_str()), encode(d)?.as_slice())
-                .map_err(StoreError::engine)?;
-        }
+        put_dedup_runs(&tx, &mut dedup, &batch.dedup_put)?;
     }
     tx.commit().map_err(StoreError::engine)?;
     Ok(outcome)
@@ -671,5 +678,61 @@ fn move_messages_into_runs(tx: &redb::WriteTransaction) -> Result<(), StoreError
     }
     tx.delete_table(MESSAGES_BY_SEQ)
         .map_err(StoreError::engine)?;
+    Ok(())
+}
+
+/// Stores `entries` as dedup runs of at most [`RUN_MAX`], numbered from the `meta` counter.
+fn put_dedup_runs(
+    tx: &redb::WriteTransaction,
+    dedup: &mut redb::Table<(u64, u64), &[u8]>,
+    entries: &[DedupRecord],
+) -> Result<(), StoreError> {
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let mut meta = tx.open_table(META).map_err(StoreError::engine)?;
+    let mut next = meta
+        .get(NEXT_DEDUP_RUN)
+        .map_err(StoreError::engine)?
+        .map_or(0, |g| g.value());
+    for run in entries.chunks(RUN_MAX) {
+        let newest = run.iter().map(|d| d.ts).max().unwrap_or(0);
+        dedup
+            .insert((newest, next), encode(&run)?.as_slice())
+            .map_err(StoreError::engine)?;
+        next += 1;
+    }
+    meta.insert(NEXT_DEDUP_RUN, next)
+        .map_err(StoreError::engine)?;
+    Ok(())
+}
+
+/// Moves dedup entries stored one row each (the layout before runs) into runs, oldest first, and
+/// drops the old table.
+fn move_dedup_into_runs(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
+    let old_exists = tx
+        .list_tables()
+        .map_err(StoreError::engine)?
+        .any(|t| t.name() == DEDUP_BY_KEY.name());
+    if !old_exists {
+        return Ok(());
+    }
+    let mut entries = Vec::new();
+    {
+        let old = tx.open_table(DEDUP_BY_KEY).map_err(StoreError::engine)?;
+        for row in old.iter().map_err(StoreError::engine)? {
+            let (_, v) = row.map_err(StoreError::engine)?;
+            entries.push(decode::<DedupRecord>("dedup entry", v.value())?);
+        }
+    }
+    entries.sort_by_key(|d| d.ts);
+    let mut dedup = tx.open_table(DEDUP_RUNS).map_err(StoreError::engine)?;
+    put_dedup_runs(tx, &mut dedup, &entries)?;
+    drop(dedup);
+    tx.delete_table(DEDUP_BY_KEY).map_err(StoreError::engine)?;
+    tracing::info!(
+        entries = entries.len(),
+        "moved dedup entries into the run layout"
+    );
     Ok(())
 }

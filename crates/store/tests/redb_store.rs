@@ -390,3 +390,107 @@ fn messages_stored_one_per_row_are_moved_into_runs() {
         .unwrap()
         .any(|t| { redb::TableHandle::name(&t) == "messages" }));
 }
+
+fn dedup(cmid: &str, ts: u64) -> DedupRecord {
+    DedupRecord {
+        user: "a".into(),
+        cmid: cmid.into(),
+        conv: "g".into(),
+        seq: ts,
+        ts,
+    }
+}
+
+fn dedup_cmids(store: &RedbStore) -> Vec<String> {
+    let mut got: Vec<String> = store
+        .load()
+        .unwrap()
+        .dedup
+        .into_iter()
+        .map(|d| d.cmid)
+        .collect();
+    got.sort();
+    got
+}
+
+/// Dedup entries are forgotten by acceptance time: never one accepted at or after the cutoff;
+/// older ones once every entry stored with them is older too.
+#[test]
+fn dedup_entries_are_forgotten_by_time() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = RedbStore::open(dir.path()).unwrap();
+        for (id, entries) in [
+            (1, vec![dedup("a1", 10), dedup("a2", 11)]),
+            (2, vec![dedup("b1", 20), dedup("b2", 30)]),
+            (3, vec![dedup("c1", 40)]),
+        ] {
+            store
+                .commit(Batch {
+                    id,
+                    dedup_put: entries,
+                    ..Batch::default()
+                })
+                .unwrap();
+        }
+        assert_eq!(dedup_cmids(&store), ["a1", "a2", "b1", "b2", "c1"]);
+        // Before 25: batch 1's entries go; b1 (20) stays with b2 (30).
+        store
+            .commit(Batch {
+                id: 4,
+                dedup_forget_before_ms: Some(25),
+                dedup_put: vec![dedup("a1", 50)],
+                ..Batch::default()
+            })
+            .unwrap();
+        assert_eq!(dedup_cmids(&store), ["a1", "b1", "b2", "c1"]);
+    }
+    let store = RedbStore::open(dir.path()).unwrap();
+    let snap = store.load().unwrap();
+    let a1: Vec<u64> = snap
+        .dedup
+        .iter()
+        .filter(|d| d.cmid == "a1")
+        .map(|d| d.ts)
+        .collect();
+    assert_eq!(a1, vec![50], "the renewed entry, not the forgotten one");
+    store
+        .commit(Batch {
+            id: 5,
+            dedup_forget_before_ms: Some(51),
+            ..Batch::default()
+        })
+        .unwrap();
+    assert!(dedup_cmids(&store).is_empty());
+}
+
+/// A store written when each dedup entry was its own row is read the same after opening.
+#[test]
+fn dedup_entries_stored_one_per_row_are_moved_into_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(RedbStore::open(dir.path()).unwrap());
+    {
+        let db = redb::Database::create(dir.path().join("ordo.redb")).unwrap();
+        let tx = db.begin_write().unwrap();
+        {
+            let old: redb::TableDefinition<(&str, &str), &[u8]> =
+                redb::TableDefinition::new("dedup");
+            let mut t = tx.open_table(old).unwrap();
+            for (cmid, ts) in [("x", 5), ("y", 7)] {
+                let v = rmp_serde::to_vec_named(&dedup(cmid, ts)).unwrap();
+                t.insert(("a", cmid), v.as_slice()).unwrap();
+            }
+        }
+        tx.commit().unwrap();
+    }
+    let store = RedbStore::open(dir.path()).unwrap();
+    assert_eq!(dedup_cmids(&store), ["x", "y"]);
+    store
+        .commit(Batch {
+            id: 1,
+            dedup_put: vec![dedup("z", 9)],
+            ..Batch::default()
+        })
+        .unwrap();
+    assert_eq!(dedup_cmids(&store), ["x", "y", "z"]);
+}
