@@ -1,7 +1,9 @@
-//! The reference store: committed [`Batch`]es applied to plain maps exactly as every backend
-//! must apply them, and the [`Snapshot`] a restarted core is rebuilt from. It keeps nothing on
-//! disk; the rules tests and the simulation use it as the durable truth to check the core
-//! against, so that both agree with each other and with the real backends on what a batch means.
+//! The reference store: committed [`Batch`]es applied to plain maps, and the [`Snapshot`] a
+//! restarted core is rebuilt from. It keeps nothing on disk; the rules tests and the simulation
+//! use it as the durable truth to check the core against, so that both agree on what a batch
+//! means. Where the contract leaves a store latitude it takes the strict side: it forgets
+//! expired dedup entries exactly (a backend may keep some longer) and reports a first seq for
+//! every age-based trim (a backend may report only those that moved).
 
 use crate::engine::SyncPlan;
 use crate::model::{Batch, CommitOutcome, ConvRecord, CursorRecord, DedupRecord, Snapshot};

@@ -3,8 +3,8 @@
 //! committed batches the way any backend must, and rebuilds a [`Snapshot`] for restarts.
 
 use ordo_core::{
-    Action, AdminOp, Batch, CommitOutcome, ConvRecord, Core, CoreConfig, CoreError, MemoryStore,
-    Retention, SendRequest, SessionId, Snapshot, SyncPlan,
+    Action, AdminOp, Batch, CommitOutcome, ConvRecord, Core, CoreConfig, CoreError, DedupRecord,
+    MemoryStore, Retention, SendRequest, SessionId, Snapshot, SyncPlan,
 };
 use ordo_protocol::{direct_conv_id, ConvKind, ErrorCode, ServerFrame};
 use proptest::prelude::*;
@@ -154,6 +154,22 @@ fn accepted_order(actions: &[Action], sid: SessionId) -> Vec<String> {
         .into_iter()
         .map(|(cmid, _, seq, _)| format!("{cmid}:{seq}"))
         .collect()
+}
+
+/// Resends are recognised for one second.
+fn short_dedup_window() -> CoreConfig {
+    CoreConfig {
+        dedup_window_ms: 1_000,
+        ..cfg()
+    }
+}
+
+/// alice (session 1), alone in group `g`.
+fn alice_alone_in_g(cfg: CoreConfig) -> Sim {
+    let mut s = Sim::new(cfg);
+    s.group("g", &["alice"], Retention::default());
+    s.core.connect(1, "alice", "a1");
+    s
 }
 
 /// alice (session 1) in group `g` with bob, allowed one send per second and no burst.
@@ -626,12 +642,7 @@ fn duplicate_after_durable_is_answered_at_once_with_the_original_answer() {
 
 #[test]
 fn after_the_dedup_window_a_resend_is_a_new_message() {
-    let mut s = Sim::new(CoreConfig {
-        dedup_window_ms: 1_000,
-        ..cfg()
-    });
-    s.group("g", &["alice"], Retention::default());
-    s.core.connect(1, "alice", "a1");
+    let mut s = alice_alone_in_g(short_dedup_window());
     s.now = 10_000;
     s.send(1, "g", "x");
     s.send(1, "g", "y");
@@ -660,12 +671,7 @@ fn after_the_dedup_window_a_resend_is_a_new_message() {
 
 #[test]
 fn past_the_window_a_resend_is_new_even_before_expiry_runs() {
-    let mut s = Sim::new(CoreConfig {
-        dedup_window_ms: 1_000,
-        ..cfg()
-    });
-    s.group("g", &["alice"], Retention::default());
-    s.core.connect(1, "alice", "a1");
+    let mut s = alice_alone_in_g(short_dedup_window());
     s.now = 5_000;
     s.send(1, "g", "x");
     s.flush();
@@ -687,6 +693,50 @@ fn past_the_window_a_resend_is_new_even_before_expiry_runs() {
             .seq,
         2
     );
+}
+
+/// A store may keep expired dedup entries next to newer ones (the embedded store forgets them
+/// by runs): a core rebuilt from such a snapshot answers a resend from the newest entry of its
+/// key and treats a key whose only entry is expired as new.
+#[test]
+fn a_restart_from_a_snapshot_with_stale_dedup_entries_keeps_the_newest() {
+    let mut s = alice_alone_in_g(short_dedup_window());
+    s.now = 5_000;
+    s.send(1, "g", "x");
+    s.send(1, "g", "y");
+    s.flush();
+    s.now = 6_000;
+    s.send(1, "g", "x");
+    s.flush();
+    let entry = |cmid: &str, seq, ts| DedupRecord {
+        user: "alice".into(),
+        cmid: cmid.into(),
+        conv: "g".into(),
+        seq,
+        ts,
+    };
+    let mut snapshot = s.store.snapshot();
+    // As a store that kept the expired ones would hand them back, oldest last.
+    snapshot.dedup = vec![
+        entry("x", 3, 6_000),
+        entry("y", 2, 5_000),
+        entry("x", 1, 5_000),
+    ];
+    s.core = Core::new(short_dedup_window(), 5, snapshot);
+    s.core.connect(1, "alice", "a1");
+    s.now = 6_500;
+    let out = s.send(1, "g", "x");
+    assert_eq!(accepted(&out, 1)[0].2, 3, "answered from the newest entry");
+    assert!(s.send(1, "g", "y").is_empty(), "y's window is over: new");
+    let (batches, out) = s.flush();
+    assert_eq!(batch_seqs(&batches[0], "g"), vec![4]);
+    assert_eq!(accepted(&out, 1)[0].2, 4);
+    // Expiring the old entries forgets neither the renewed x nor the new y.
+    s.core.expire_dedup(6_999);
+    s.flush();
+    s.now = 6_999;
+    assert_eq!(accepted(&s.send(1, "g", "x"), 1)[0].2, 3);
+    assert_eq!(accepted(&s.send(1, "g", "y"), 1)[0].2, 4);
 }
 
 #[test]
@@ -2023,12 +2073,7 @@ fn an_admin_reply_describes_only_what_its_batch_made_durable() {
 /// inside the new window would be stored a second time (G2).
 #[test]
 fn a_batch_never_forgets_the_dedup_entries_it_puts() {
-    let mut s = Sim::new(CoreConfig {
-        dedup_window_ms: 1_000,
-        ..cfg()
-    });
-    s.group("g", &["alice"], Retention::default());
-    s.core.connect(1, "alice", "a1");
+    let mut s = alice_alone_in_g(short_dedup_window());
     s.send(1, "g", "x");
     s.flush();
     s.now += 1_000;

@@ -164,6 +164,9 @@ impl Router {
         housekeeping: Duration,
     ) -> Result<Self, StoreError> {
         let snapshot = store.load()?;
+        // Acceptance times never go back, even if the clock did across a restart: retention by
+        // age relies on them growing along a conversation.
+        let last_now = snapshot.dedup.iter().map(|d| d.ts).max().unwrap_or(0);
         let core = Core::new(cfg, rand::random(), snapshot);
         let (writer, batches) = std::sync::mpsc::channel::<Batch>();
         let (done_tx, committed) = mpsc::unbounded_channel();
@@ -178,7 +181,7 @@ impl Router {
             next_ticket: 1,
             writer,
             committed,
-            last_now: 0,
+            last_now,
             last_stats: CoreStats::default(),
             housekeeping,
             last_housekeeping: Instant::now(),

@@ -18,7 +18,8 @@ use ordo_core::{Batch, CommitOutcome, Snapshot, StoredMessage};
 /// A page of one conversation's history.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Page {
-    /// Lowest seq still stored, as of the same snapshot the messages were read from.
+    /// Lowest seq still stored (and served), as of the same snapshot the messages were read
+    /// from.
     pub first_seq: u64,
     /// Messages in seq order, none below `first_seq`.
     pub messages: Vec<StoredMessage>,

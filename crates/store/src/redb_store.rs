@@ -32,8 +32,10 @@ use std::sync::{mpsc, Arc, Condvar, Mutex};
 /// row per run rather than per message: under load a batch carries tens of messages per
 /// conversation, and the row insert, not the bytes, is what a B-tree write costs.
 const MESSAGE_RUNS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("message_runs");
-/// Most messages in one run: a read decodes whole runs, so they stay short.
+/// Most messages in one run, and most body bytes (a run ends at the message that reaches it): a
+/// read decodes whole runs, so they stay short.
 const RUN_MAX: usize = 128;
+const RUN_MAX_BYTES: usize = 64 * 1024;
 /// The layout before runs, one row per message, keyed (conv, seq); moved into runs on open.
 const MESSAGES_BY_SEQ: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("messages");
 const CONVS: TableDefinition<&str, &[u8]> = TableDefinition::new("convs");
@@ -44,9 +46,8 @@ const CONVS: TableDefinition<&str, &[u8]> = TableDefinition::new("convs");
 const RANGES: TableDefinition<&str, (u64, u64)> = TableDefinition::new("conv_ranges");
 /// (conv, user, device) -> (delivered, read)
 const CURSORS: TableDefinition<(&str, &str, &str), (u64, u64)> = TableDefinition::new("cursors");
-/// (user, cmid) -> DedupRecord
-/// (acceptance time of the run's newest entry, run number) -> the dedup entries one batch put,
-/// at most [`RUN_MAX`] (a MessagePack array). Runs, not a row per entry, for the same reason as
+/// (acceptance time of the run's newest entry, run number) -> dedup entries one batch put, at
+/// most [`RUN_MAX`] (a MessagePack array). Runs, not a row per entry, for the same reason as
 /// messages; a run is forgotten once its newest entry is past the window, and the core checks
 /// the window of every entry it uses, so the older entries a run keeps meanwhile are harmless.
 const DEDUP_RUNS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("dedup_runs");
@@ -522,10 +523,10 @@ fn apply(
                     .map_err(StoreError::engine)?;
             }
         }
-        // A run that reaches `below` stays whole; reads start at the first seq anyway.
         for (conv, below) in &batch.trim_below {
             runs.retain_in((conv.as_str(), 0)..(conv.as_str(), *below), |_, _| false)
                 .map_err(StoreError::engine)?;
+            drop_run_head(&mut runs, conv, *below)?;
         }
         let mut convs = tx.open_table(CONVS).map_err(StoreError::engine)?;
         let mut ranges = tx.open_table(RANGES).map_err(StoreError::engine)?;
@@ -558,6 +559,9 @@ fn apply(
             for last in &doomed {
                 runs.remove((conv.as_str(), *last))
                     .map_err(StoreError::engine)?;
+            }
+            if let Some(first) = first {
+                drop_run_head(&mut runs, conv, first)?;
             }
             if let Some((max_seq, first_seq)) = stored_range(&convs, &ranges, conv)? {
                 let new_first = first.unwrap_or(max_seq + 1).max(first_seq);
@@ -636,11 +640,14 @@ fn message_runs(messages: &[Message]) -> Vec<Vec<&Message>> {
     let mut runs = Vec::new();
     for (_, msgs) in by_conv {
         let mut run: Vec<&Message> = Vec::new();
+        let mut bytes = 0;
         for m in msgs {
             let follows = run.last().is_some_and(|p| p.seq + 1 == m.seq);
-            if !run.is_empty() && (!follows || run.len() >= RUN_MAX) {
+            if !run.is_empty() && (!follows || run.len() >= RUN_MAX || bytes >= RUN_MAX_BYTES) {
                 runs.push(std::mem::take(&mut run));
+                bytes = 0;
             }
+            bytes += m.body.len();
             run.push(m);
         }
         if !run.is_empty() {
@@ -734,5 +741,37 @@ fn move_dedup_into_runs(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
         entries = entries.len(),
         "moved dedup entries into the run layout"
     );
+    Ok(())
+}
+
+/// Retention removed `conv`'s messages below `first`: the run that holds `first`, if it also
+/// holds older messages, is written again without them (whole older runs are already gone), so
+/// that nothing removed stays on disk.
+fn drop_run_head(
+    runs: &mut redb::Table<(&'static str, u64), &'static [u8]>,
+    conv: &str,
+    first: u64,
+) -> Result<(), StoreError> {
+    let found = runs
+        .range((conv, first)..=(conv, u64::MAX))
+        .map_err(StoreError::engine)?
+        .next()
+        .map(|row| row.map(|(k, v)| (k.value().1, v.value().to_vec())))
+        .transpose()
+        .map_err(StoreError::engine)?;
+    let Some((last, raw)) = found else {
+        return Ok(());
+    };
+    let run: Vec<Message> = decode("message run", &raw)?;
+    if run.first().is_none_or(|m| m.seq >= first) {
+        return Ok(());
+    }
+    let kept: Vec<&Message> = run.iter().filter(|m| m.seq >= first).collect();
+    if kept.is_empty() {
+        runs.remove((conv, last)).map_err(StoreError::engine)?;
+    } else {
+        runs.insert((conv, last), encode(&kept)?.as_slice())
+            .map_err(StoreError::engine)?;
+    }
     Ok(())
 }

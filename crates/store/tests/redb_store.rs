@@ -333,6 +333,19 @@ fn pages_start_and_end_inside_runs() {
     // The other conversation is untouched.
     let page = store.read_page("h", 1, 3, 100, usize::MAX).unwrap();
     assert_eq!((page.first_seq, seqs(&page)), (1, vec![1, 2, 3]));
+    drop(store);
+    // What retention removed is gone from the file, not only hidden.
+    let db = redb::Database::create(dir.path().join("ordo.redb")).unwrap();
+    let tx = redb::ReadableDatabase::begin_read(&db).unwrap();
+    let runs: redb::TableDefinition<(&str, u64), &[u8]> =
+        redb::TableDefinition::new("message_runs");
+    let table = tx.open_table(runs).unwrap();
+    let mut stored = Vec::new();
+    for row in table.range(("g", 0)..=("g", u64::MAX)).unwrap() {
+        let run: Vec<Message> = rmp_serde::from_slice(row.unwrap().1.value()).unwrap();
+        stored.extend(run.iter().map(|m| m.seq));
+    }
+    assert_eq!(stored, (200..=311).collect::<Vec<_>>());
 }
 
 /// A store written when each message was its own row is read the same after opening.
