@@ -41,20 +41,27 @@ impl Encoded {
     }
 }
 
+/// Room for a typical frame, so that encoding one does not grow the buffer step by step.
+const FRAME_CAPACITY: usize = 256;
+
 /// Encodes any frame. Encoding our own frame types cannot fail (no maps with non-string keys,
 /// no unsupported types), so failures are reported as a generic internal error frame instead of
 /// a panic, to keep every server path panic-free.
 pub fn encode<T: Serialize>(frame: &T, encoding: Encoding) -> Encoded {
+    let mut buf = Vec::with_capacity(FRAME_CAPACITY);
     match encoding {
-        Encoding::Json => match serde_json::to_string(frame) {
+        Encoding::Json => match serde_json::to_writer(&mut buf, frame)
+            .map_err(|e| e.to_string())
+            .and_then(|()| String::from_utf8(buf).map_err(|e| e.to_string()))
+        {
             Ok(s) => Encoded::Text(s),
             Err(e) => Encoded::Text(format!(
                 "{{\"type\":\"error\",\"code\":\"internal\",\"message\":\"encoding failed: {}\"}}",
-                e.to_string().replace('"', "'")
+                e.replace('"', "'")
             )),
         },
-        Encoding::MsgPack => match rmp_serde::to_vec_named(frame) {
-            Ok(b) => Encoded::Binary(b),
+        Encoding::MsgPack => match rmp_serde::encode::write_named(&mut buf, frame) {
+            Ok(()) => Encoded::Binary(buf),
             Err(_) => Encoded::Binary(Vec::new()),
         },
     }

@@ -84,8 +84,10 @@ pub fn direct_conv_id(a: &str, b: &str) -> String {
     let digest = h.finalize();
     let mut out = String::with_capacity(DIRECT_PREFIX.len() + 32);
     out.push_str(DIRECT_PREFIX);
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     for b in &digest[..16] {
-        out.push_str(&format!("{b:02x}"));
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 0xf)]));
     }
     out
 }
@@ -110,6 +112,8 @@ mod tests {
         assert!(is_direct(&id));
         assert_eq!(id.len(), 34);
         validate_conv_id(&id).unwrap();
+        // Stored direct conversations are keyed by it: it must never change.
+        assert_eq!(id, "d_884a452152d3bf048cc051df8f708aff");
     }
 
     #[test]
