@@ -395,7 +395,7 @@ impl Core {
                     ts: d.ts,
                 };
                 if durable {
-                    return Ok(vec![accepted_action(&waiter)]);
+                    return Ok(vec![accepted_action(waiter)]);
                 }
                 self.pending.waiters.push(waiter);
                 return Ok(Vec::new());
@@ -1013,7 +1013,7 @@ impl Core {
                 }
             }
         }
-        for w in &f.waiters {
+        for w in f.waiters {
             out.push(accepted_action(w));
         }
         for (ticket, cid) in f.admin {
@@ -1151,12 +1151,12 @@ impl Core {
     }
 }
 
-fn accepted_action(w: &Waiter) -> Action {
+fn accepted_action(w: Waiter) -> Action {
     Action::Send {
         session: w.session,
         frame: ServerFrame::Accepted {
-            cmid: w.cmid.clone(),
-            conv: w.conv.clone(),
+            cmid: w.cmid,
+            conv: w.conv,
             seq: w.seq,
             ts: w.ts,
         },
