@@ -133,7 +133,6 @@ struct Pending {
     convs: BTreeSet<String>,
     /// Conversations created or changed by an admin request: their whole record is written.
     records: BTreeSet<String>,
-    dedup_put: Vec<DedupRecord>,
     dedup_forget_before_ms: Option<u64>,
     cursors: BTreeSet<(String, String, String)>,
     trim_before_ms: Vec<(String, u64)>,
@@ -147,7 +146,6 @@ impl Pending {
         self.messages.is_empty()
             && self.convs.is_empty()
             && self.records.is_empty()
-            && self.dedup_put.is_empty()
             && self.dedup_forget_before_ms.is_none()
             && self.cursors.is_empty()
             && self.trim_before_ms.is_empty()
@@ -562,13 +560,6 @@ impl Core {
         if !self.pending.convs.contains(conv_id) {
             self.pending.convs.insert(conv_id.to_string());
         }
-        self.pending.dedup_put.push(DedupRecord {
-            user: user.to_string(),
-            cmid: cmid.to_string(),
-            conv: conv_id.to_string(),
-            seq,
-            ts: now_ms,
-        });
         self.dedup.insert(
             user,
             cmid,
@@ -933,7 +924,7 @@ impl Core {
             messages: p.messages.clone(),
             convs: convs.clone(),
             positions: positions.clone(),
-            dedup_put: p.dedup_put,
+            dedup_put: Vec::new(),
             dedup_forget_before_ms: p.dedup_forget_before_ms,
             dedup_delete: Vec::new(),
             cursors: cursors.clone(),

@@ -68,9 +68,9 @@ impl MemoryStore {
         if let Some(before) = b.dedup_forget_before_ms {
             self.dedup.retain(|_, d| d.ts >= before);
         }
-        for d in &b.dedup_put {
-            self.dedup
-                .insert((d.user.clone(), d.cmid.clone()), d.clone());
+        let own = b.messages.iter().map(DedupRecord::of);
+        for d in b.dedup_put.iter().cloned().chain(own) {
+            self.dedup.insert((d.user.clone(), d.cmid.clone()), d);
         }
         for c in &b.cursors {
             self.cursors.insert(

@@ -84,6 +84,19 @@ pub struct DedupRecord {
     pub ts: u64,
 }
 
+impl DedupRecord {
+    /// The dedup entry a stored message stands for.
+    pub fn of(m: &StoredMessage) -> Self {
+        DedupRecord {
+            user: m.from.clone(),
+            cmid: m.cmid.clone(),
+            conv: m.conv.clone(),
+            seq: m.seq,
+            ts: m.ts,
+        }
+    }
+}
+
 /// Everything a store must make durable in one atomic, fsynced commit.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Batch {
@@ -98,6 +111,10 @@ pub struct Batch {
     /// conversation is in at most one of `convs` and `positions`.
     #[serde(default)]
     pub positions: Vec<ConvPosition>,
+    /// Dedup entries to keep besides the messages' own: every message in `messages` is also the
+    /// dedup entry (`from`, `cmid`) -> (`conv`, `seq`, `ts`), and a store keeps it as such.
+    /// Earlier versions listed those entries here too; the core no longer fills it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dedup_put: Vec<DedupRecord>,
     /// Dedup entries accepted before this time are past their window and may be forgotten. A
     /// store may keep some of them longer (the core checks the window whenever it uses an

@@ -46,8 +46,8 @@ const CONVS: TableDefinition<&str, &[u8]> = TableDefinition::new("convs");
 const RANGES: TableDefinition<&str, (u64, u64)> = TableDefinition::new("conv_ranges");
 /// (conv, user, device) -> (delivered, read)
 const CURSORS: TableDefinition<(&str, &str, &str), (u64, u64)> = TableDefinition::new("cursors");
-/// (acceptance time of the run's newest entry, run number) -> dedup entries one batch put, at
-/// most [`RUN_MAX`] (a MessagePack array). Runs, not a row per entry, for the same reason as
+/// (acceptance time of the run's newest entry, run number) -> dedup entries from one batch (each
+/// message is one), at most [`RUN_MAX`] (a MessagePack array). Runs, not a row per entry, for the same reason as
 /// messages; a run is forgotten once its newest entry is past the window, and the core checks
 /// the window of every entry it uses, so the older entries a run keeps meanwhile are harmless.
 const DEDUP_RUNS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("dedup_runs");
@@ -589,7 +589,11 @@ fn apply(
                 .retain_in((0, 0)..(before, 0), |_, _| false)
                 .map_err(StoreError::engine)?;
         }
-        put_dedup_runs(&tx, &mut dedup, &batch.dedup_put)?;
+        // Every message is its own dedup entry; `dedup_put` holds any others.
+        let entries: Vec<DedupView> = (batch.dedup_put.iter().map(DedupView::record))
+            .chain(batch.messages.iter().map(DedupView::message))
+            .collect();
+        put_dedup_runs(&tx, &mut dedup, &entries)?;
     }
     tx.commit().map_err(StoreError::engine)?;
     Ok(outcome)
@@ -688,11 +692,43 @@ fn move_messages_into_runs(tx: &redb::WriteTransaction) -> Result<(), StoreError
     Ok(())
 }
 
+/// A dedup entry as stored: [`DedupRecord`]'s fields, borrowed from a message or a record.
+#[derive(serde::Serialize)]
+struct DedupView<'a> {
+    user: &'a str,
+    cmid: &'a str,
+    conv: &'a str,
+    seq: u64,
+    ts: u64,
+}
+
+impl<'a> DedupView<'a> {
+    fn record(d: &'a DedupRecord) -> Self {
+        DedupView {
+            user: &d.user,
+            cmid: &d.cmid,
+            conv: &d.conv,
+            seq: d.seq,
+            ts: d.ts,
+        }
+    }
+
+    fn message(m: &'a Message) -> Self {
+        DedupView {
+            user: &m.from,
+            cmid: &m.cmid,
+            conv: &m.conv,
+            seq: m.seq,
+            ts: m.ts,
+        }
+    }
+}
+
 /// Stores `entries` as dedup runs of at most [`RUN_MAX`], numbered from the `meta` counter.
 fn put_dedup_runs(
     tx: &redb::WriteTransaction,
     dedup: &mut redb::Table<(u64, u64), &[u8]>,
-    entries: &[DedupRecord],
+    entries: &[DedupView],
 ) -> Result<(), StoreError> {
     if entries.is_empty() {
         return Ok(());
@@ -733,8 +769,9 @@ fn move_dedup_into_runs(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
         }
     }
     entries.sort_by_key(|d| d.ts);
+    let views: Vec<DedupView> = entries.iter().map(DedupView::record).collect();
     let mut dedup = tx.open_table(DEDUP_RUNS).map_err(StoreError::engine)?;
-    put_dedup_runs(tx, &mut dedup, &entries)?;
+    put_dedup_runs(tx, &mut dedup, &views)?;
     drop(dedup);
     tx.delete_table(DEDUP_BY_KEY).map_err(StoreError::engine)?;
     tracing::info!(

@@ -40,12 +40,13 @@ fn commit_survives_reopen() {
             id: 1,
             messages: (1..=3).map(|s| msg("g", s, 10 * s)).collect(),
             convs: vec![conv("g", 3, 1)],
+            // An entry besides the messages' own (which every message is).
             dedup_put: vec![DedupRecord {
-                user: "a".into(),
-                cmid: "c1".into(),
-                conv: "g".into(),
-                seq: 1,
-                ts: 10,
+                user: "b".into(),
+                cmid: "elsewhere".into(),
+                conv: "h".into(),
+                seq: 9,
+                ts: 5,
             }],
             cursors: vec![CursorRecord {
                 conv: "g".into(),
@@ -63,7 +64,21 @@ fn commit_survives_reopen() {
     assert_eq!(snap.convs, vec![conv("g", 3, 1)]);
     assert_eq!(snap.cursors.len(), 1);
     assert_eq!(snap.cursors[0].delivered, 2);
-    assert_eq!(snap.dedup.len(), 1);
+    let mut dedup: Vec<(String, String, u64)> = snap
+        .dedup
+        .iter()
+        .map(|d| (d.user.clone(), d.cmid.clone(), d.seq))
+        .collect();
+    dedup.sort();
+    assert_eq!(
+        dedup,
+        [
+            ("a".into(), "c1".into(), 1),
+            ("a".into(), "c2".into(), 2),
+            ("a".into(), "c3".into(), 3),
+            ("b".into(), "elsewhere".into(), 9)
+        ]
+    );
     let page = store.read_page("g", 1, 3, 10, usize::MAX).unwrap();
     assert_eq!(page.first_seq, 1);
     assert_eq!(
