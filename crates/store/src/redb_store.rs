@@ -661,14 +661,18 @@ fn message_runs(messages: &[Message]) -> Vec<Vec<&Message>> {
     runs
 }
 
+/// Whether the store has a table of this name (the layouts before runs had other tables).
+fn has_table(tx: &redb::WriteTransaction, name: &str) -> Result<bool, StoreError> {
+    Ok(tx
+        .list_tables()
+        .map_err(StoreError::engine)?
+        .any(|t| t.name() == name))
+}
+
 /// Moves messages stored one row each (the layout before runs) into runs of one, in the same
 /// transaction as the rest of opening, and drops the old table.
 fn move_messages_into_runs(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
-    let old_exists = tx
-        .list_tables()
-        .map_err(StoreError::engine)?
-        .any(|t| t.name() == MESSAGES_BY_SEQ.name());
-    if !old_exists {
+    if !has_table(tx, MESSAGES_BY_SEQ.name())? {
         return Ok(());
     }
     {
@@ -753,11 +757,7 @@ fn put_dedup_runs(
 /// Moves dedup entries stored one row each (the layout before runs) into runs, oldest first, and
 /// drops the old table.
 fn move_dedup_into_runs(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
-    let old_exists = tx
-        .list_tables()
-        .map_err(StoreError::engine)?
-        .any(|t| t.name() == DEDUP_BY_KEY.name());
-    if !old_exists {
+    if !has_table(tx, DEDUP_BY_KEY.name())? {
         return Ok(());
     }
     let mut entries = Vec::new();
