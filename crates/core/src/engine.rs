@@ -846,7 +846,7 @@ impl Core {
             }
             // Everything accepted up to `ts` is past its window (the queue is in time order).
             let before = self.pending.dedup_forget_before_ms.get_or_insert(0);
-            *before = (*before).max(ts + 1);
+            *before = (*before).max(ts.saturating_add(1));
         }
     }
 
