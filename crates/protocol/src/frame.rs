@@ -1,7 +1,7 @@
 //! Every frame of the protocol, client to server and server to client.
 //!
 //! Both directions are internally tagged enums: a frame is a map whose `type` field names the
-//! variant, e.g. `{"type":"ping"}`. The same model is encoded as JSON (text frames) or as a
+//! variant, e.g. `{"type":"ping"}` (decoded in one pass, see [`crate::tagged`]). The same model is encoded as JSON (text frames) or as a
 //! MessagePack map with the same field names (binary frames). Unknown fields are ignored so that
 //! newer clients can talk to older servers.
 //!
@@ -10,12 +10,13 @@
 
 use crate::error_code::ErrorCode;
 use crate::limits::Limits;
+use crate::tagged::tagged_enum;
 use serde::{Deserialize, Serialize};
 
+tagged_enum! {
 /// A frame a client sends.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum ClientFrame {
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClientFrame (remote "ClientFrame", decoder ClientFrameDecoder) {
     /// Send a message. Exactly one of `conv` (an existing conversation) or `to` (a user: the
     /// direct conversation with them, created on first send) must be set. `cmid` is the client
     /// message id: unique per sending user, reused on every resend of the same message.
@@ -48,6 +49,7 @@ pub enum ClientFrame {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         nonce: Option<u64>,
     },
+}
 }
 
 /// A position in one conversation, as carried by `ack`.
@@ -106,10 +108,10 @@ pub struct MemberPosition {
     pub read: u64,
 }
 
+tagged_enum! {
 /// A frame the server sends.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum ServerFrame {
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ServerFrame (remote "ServerFrame", decoder ServerFrameDecoder) {
     /// First frame on every connection.
     Welcome {
         user: String,
@@ -167,6 +169,7 @@ pub enum ServerFrame {
         nonce: Option<u64>,
         server_time: u64,
     },
+}
 }
 
 impl ServerFrame {

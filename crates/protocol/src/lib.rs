@@ -10,6 +10,7 @@ pub mod error_code;
 pub mod frame;
 pub mod ids;
 pub mod limits;
+pub mod tagged;
 
 pub use codec::{decode_client, decode_server, encode, DecodeError, Encoded, Encoding};
 pub use error_code::ErrorCode;

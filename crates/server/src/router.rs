@@ -138,6 +138,25 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// The router's per-message counters, looked up once (a registry lookup hashes the name).
+struct Counters {
+    accepted: metrics::Counter,
+    dedup_hits: metrics::Counter,
+    notifies: metrics::Counter,
+    rejected: metrics::Counter,
+}
+
+impl Counters {
+    fn new() -> Self {
+        Counters {
+            accepted: metrics::counter!(m::ACCEPTED),
+            dedup_hits: metrics::counter!(m::DEDUP_HITS),
+            notifies: metrics::counter!(m::NOTIFIES),
+            rejected: metrics::counter!(m::REJECTED),
+        }
+    }
+}
+
 pub struct Router {
     core: Core,
     sessions: HashMap<SessionId, SessionHandle>,
@@ -147,6 +166,7 @@ pub struct Router {
     committed: mpsc::UnboundedReceiver<Committed>,
     last_now: u64,
     last_stats: CoreStats,
+    counters: Counters,
     housekeeping: Duration,
     last_housekeeping: Instant,
     shutdown: Vec<oneshot::Sender<()>>,
@@ -183,6 +203,7 @@ impl Router {
             committed,
             last_now,
             last_stats: CoreStats::default(),
+            counters: Counters::new(),
             housekeeping,
             last_housekeeping: Instant::now(),
             shutdown: Vec::new(),
@@ -391,9 +412,14 @@ impl Router {
     fn record_stats(&mut self) {
         let s = self.core.stats();
         let l = self.last_stats;
-        metrics::counter!(m::ACCEPTED).increment(s.accepted.saturating_sub(l.accepted));
-        metrics::counter!(m::DEDUP_HITS).increment(s.dedup_hits.saturating_sub(l.dedup_hits));
-        metrics::counter!(m::NOTIFIES).increment(s.notified.saturating_sub(l.notified));
+        if s == l {
+            return;
+        }
+        let c = &self.counters;
+        c.accepted.increment(s.accepted.saturating_sub(l.accepted));
+        c.dedup_hits
+            .increment(s.dedup_hits.saturating_sub(l.dedup_hits));
+        c.notifies.increment(s.notified.saturating_sub(l.notified));
         self.last_stats = s;
     }
 
@@ -421,7 +447,7 @@ impl Router {
 
     fn send_to(&mut self, session: SessionId, frame: ServerFrame) {
         if let ServerFrame::Rejected { .. } = frame {
-            metrics::counter!(m::REJECTED).increment(1);
+            self.counters.rejected.increment(1);
         }
         self.queue(session, Outbound::new(frame));
     }
