@@ -12,6 +12,7 @@ use ordo_protocol::{
     direct_conv_id, ClientFrame, ConvKind, Encoding, ErrorCode, Message, ServerFrame,
 };
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
@@ -69,7 +70,7 @@ async fn run_device(
             )
         });
         match frame {
-            ServerFrame::Msg(m) => fresh.push(m),
+            ServerFrame::Msg(m) => fresh.push(Arc::unwrap_or_clone(m)),
             ServerFrame::Synced {
                 conv: sc,
                 messages,
@@ -280,7 +281,7 @@ async fn a_duplicate_send_returns_the_same_seq_and_is_stored_once() {
     let mut pushed = Vec::new();
     while pushed.len() < 3 {
         if let ServerFrame::Msg(m) = bob.next().await {
-            pushed.push(m);
+            pushed.push(Arc::unwrap_or_clone(m));
         }
     }
 
@@ -294,7 +295,7 @@ async fn a_duplicate_send_returns_the_same_seq_and_is_stored_once() {
     assert_eq!(bob.send_one(&g, "dup-1", "bob's own").await.seq(), 4);
     while pushed.len() < 4 {
         if let ServerFrame::Msg(m) = bob.next().await {
-            pushed.push(m);
+            pushed.push(Arc::unwrap_or_clone(m));
         }
     }
 
@@ -876,7 +877,7 @@ async fn malformed_and_oversized_frames_get_errors_and_harm_nobody() {
     let mut pushed = Vec::new();
     while pushed.len() < 7 {
         match watcher.next().await {
-            ServerFrame::Msg(m) => pushed.push(m),
+            ServerFrame::Msg(m) => pushed.push(Arc::unwrap_or_clone(m)),
             other => panic!("the watcher got {other:?}"),
         }
     }
@@ -1157,7 +1158,7 @@ async fn json_and_msgpack_clients_share_a_conversation() {
         views.push(msgs);
     }
     assert_eq!(views[0], views[1]);
-    assert_eq!(views[0], [a_view_1, a_view_2]);
+    assert_eq!(views[0], [(*a_view_1).clone(), (*a_view_2).clone()]);
 }
 
 // ----- 10. SIGTERM -----

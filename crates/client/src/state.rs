@@ -13,6 +13,7 @@ use crate::reorder::{Offer, ReorderBuffer};
 use ordo_protocol::{ClientFrame, ConvInfo, ErrorCode, Message, Position, ServerFrame};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct ClientConfig {
@@ -454,7 +455,7 @@ impl ClientState {
                     });
                 }
             }
-            ServerFrame::Msg(m) => self.on_message(m, now),
+            ServerFrame::Msg(m) => self.on_message(Arc::unwrap_or_clone(m), now),
             ServerFrame::Notify { conv, max_seq } => {
                 if max_seq > self.contiguous(&conv) {
                     self.start_sync(&conv);

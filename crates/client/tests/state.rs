@@ -313,7 +313,7 @@ fn m(conv: &str, seq: u64) -> Message {
 }
 
 fn push(conv: &str, seq: u64) -> ServerFrame {
-    ServerFrame::Msg(m(conv, seq))
+    ServerFrame::Msg(m(conv, seq).into())
 }
 
 fn notify(conv: &str, max_seq: u64) -> ServerFrame {

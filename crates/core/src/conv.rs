@@ -6,6 +6,7 @@
 
 use crate::model::{ConvRecord, CursorRecord};
 use std::collections::HashMap;
+use std::sync::Arc;
 
 /// A device's delivered and read positions.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -16,6 +17,8 @@ pub struct Cursor {
 
 #[derive(Clone, Debug)]
 pub struct Conv {
+    /// The conversation's id, shared with what refers to it (dedup entries, waiting senders).
+    pub id: Arc<str>,
     /// The record as it will be after the pending batch commits (`max_seq` = last assigned).
     pub rec: ConvRecord,
     /// The record as last committed; `None` until the conversation's first commit.
@@ -33,6 +36,7 @@ pub struct Conv {
 impl Conv {
     pub fn new(rec: ConvRecord, durable: bool) -> Self {
         Conv {
+            id: Arc::from(rec.id.as_str()),
             durable_seq: if durable { rec.max_seq } else { 0 },
             durable_rec: durable.then(|| rec.clone()),
             rec,

@@ -1,32 +1,36 @@
 //! What each (sender, client message id) pair was accepted as, for answering resends inside the
 //! dedup window with the original `accepted`. Kept by user then client message id, so that the
 //! check every send makes looks up borrowed names without building a key.
+//!
+//! Names are shared (`Arc<str>`): the user with the session, the conversation with its state, the
+//! client message id with the expiry queue, so that remembering a send allocates once.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 #[derive(Clone, Debug)]
 pub struct DedupEntry {
-    pub conv: String,
+    pub conv: Arc<str>,
     pub seq: u64,
     pub ts: u64,
 }
 
 #[derive(Clone, Debug, Default)]
-pub struct DedupIndex(HashMap<String, HashMap<String, DedupEntry>>);
+pub struct DedupIndex(HashMap<Arc<str>, HashMap<Arc<str>, DedupEntry>>);
 
 impl DedupIndex {
     pub fn get(&self, user: &str, cmid: &str) -> Option<&DedupEntry> {
         self.0.get(user).and_then(|m| m.get(cmid))
     }
 
-    pub fn insert(&mut self, user: &str, cmid: &str, entry: DedupEntry) {
-        match self.0.get_mut(user) {
+    pub fn insert(&mut self, user: &Arc<str>, cmid: Arc<str>, entry: DedupEntry) {
+        match self.0.get_mut(&**user) {
             Some(m) => {
-                m.insert(cmid.to_string(), entry);
+                m.insert(cmid, entry);
             }
             None => {
-                let m = HashMap::from([(cmid.to_string(), entry)]);
-                self.0.insert(user.to_string(), m);
+                let m = HashMap::from([(cmid, entry)]);
+                self.0.insert(user.clone(), m);
             }
         }
     }

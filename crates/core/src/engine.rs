@@ -20,6 +20,7 @@ use ordo_protocol::{
     ServerFrame, DIRECT_PREFIX,
 };
 use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
 
 /// Most refused sends remembered per connection and conversation to keep their order; past it,
 /// further ones are refused without being queued (the client resends them in order anyway).
@@ -119,8 +120,8 @@ pub struct SendRequest<'a> {
 #[derive(Clone, Debug)]
 struct Waiter {
     session: SessionId,
-    cmid: String,
-    conv: String,
+    cmid: Arc<str>,
+    conv: Arc<str>,
     seq: u64,
     ts: u64,
 }
@@ -128,7 +129,7 @@ struct Waiter {
 /// Changes not yet handed out in a batch, plus the answers that wait on them.
 #[derive(Default)]
 struct Pending {
-    messages: Vec<StoredMessage>,
+    messages: Vec<Arc<StoredMessage>>,
     /// Conversations with new messages.
     convs: BTreeSet<String>,
     /// Conversations created or changed by an admin request: their whole record is written.
@@ -158,7 +159,7 @@ impl Pending {
 /// A batch handed out and not yet reported back.
 struct InFlight {
     id: u64,
-    messages: Vec<StoredMessage>,
+    messages: Vec<Arc<StoredMessage>>,
     /// The conversation records exactly as this batch writes them.
     convs: Vec<ConvRecord>,
     positions: Vec<ConvPosition>,
@@ -175,7 +176,7 @@ pub struct Core {
     /// (user, cmid) -> what it was accepted as.
     dedup: DedupIndex,
     /// Dedup keys in acceptance order, for expiry.
-    dedup_order: VecDeque<(u64, String, String)>,
+    dedup_order: VecDeque<(u64, Arc<str>, Arc<str>)>,
     sessions: HashMap<SessionId, Session>,
     by_user: HashMap<String, BTreeSet<SessionId>>,
     /// user -> conversations they are a durable member of (for `convs` without a full scan).
@@ -241,17 +242,24 @@ impl Core {
         dedup_records.sort_by_key(|d| d.ts);
         let mut dedup = DedupIndex::default();
         let mut dedup_order = VecDeque::new();
+        let mut users: HashMap<String, Arc<str>> = HashMap::new();
         for d in dedup_records {
-            dedup.insert(
-                &d.user,
-                &d.cmid,
-                DedupEntry {
-                    conv: d.conv,
-                    seq: d.seq,
-                    ts: d.ts,
-                },
-            );
-            dedup_order.push_back((d.ts, d.user, d.cmid));
+            let user = users
+                .entry(d.user)
+                .or_insert_with_key(|u| Arc::from(u.as_str()))
+                .clone();
+            let conv = match convs.get(&d.conv) {
+                Some(c) => c.id.clone(),
+                None => Arc::from(d.conv),
+            };
+            let cmid: Arc<str> = Arc::from(d.cmid);
+            let entry = DedupEntry {
+                conv,
+                seq: d.seq,
+                ts: d.ts,
+            };
+            dedup.insert(&user, cmid.clone(), entry);
+            dedup_order.push_back((d.ts, user, cmid));
         }
         Core {
             cfg,
@@ -290,8 +298,7 @@ impl Core {
     // ----- connections -----
 
     pub fn connect(&mut self, session: SessionId, user: &str, device: &str) {
-        self.sessions
-            .insert(session, Session::new(user.to_string(), device.to_string()));
+        self.sessions.insert(session, Session::new(user, device));
         self.by_user
             .entry(user.to_string())
             .or_default()
@@ -300,10 +307,10 @@ impl Core {
 
     pub fn disconnect(&mut self, session: SessionId) {
         if let Some(s) = self.sessions.remove(&session) {
-            if let Some(set) = self.by_user.get_mut(&s.user) {
+            if let Some(set) = self.by_user.get_mut(&*s.user) {
                 set.remove(&session);
                 if set.is_empty() {
-                    self.by_user.remove(&s.user);
+                    self.by_user.remove(&*s.user);
                 }
             }
         }
@@ -374,7 +381,7 @@ impl Core {
         let known = known.filter(|_| !self.faults.no_dedup);
         if let Some(d) = known {
             if now_ms < d.ts.saturating_add(self.cfg.dedup_window_ms) {
-                if d.conv != conv_id {
+                if *d.conv != *conv_id {
                     return Err(CoreError::Invalid(format!(
                         "client message id {cmid:?} was already used in conversation {:?}; use a new id per message",
                         d.conv
@@ -383,11 +390,11 @@ impl Core {
                 self.stats.dedup_hits += 1;
                 let durable = self
                     .convs
-                    .get(&d.conv)
+                    .get(&*d.conv)
                     .is_some_and(|c| c.durable_seq >= d.seq);
                 let waiter = Waiter {
                     session,
-                    cmid: cmid.to_string(),
+                    cmid: Arc::from(cmid),
                     conv: d.conv.clone(),
                     seq: d.seq,
                     ts: d.ts,
@@ -416,7 +423,7 @@ impl Core {
                 }
                 Some(peer) => {
                     let members: BTreeSet<String> =
-                        [user.clone(), peer.to_string()].into_iter().collect();
+                        [user.to_string(), peer.to_string()].into_iter().collect();
                     let rec = ConvRecord {
                         id: conv_id.clone(),
                         kind: ConvKind::Direct,
@@ -534,7 +541,7 @@ impl Core {
     fn append(
         &mut self,
         session: SessionId,
-        user: &str,
+        user: &Arc<str>,
         device: &str,
         conv_id: &str,
         cmid: &str,
@@ -547,7 +554,8 @@ impl Core {
         };
         conv.rec.max_seq += 1;
         let seq = conv.rec.max_seq;
-        self.pending.messages.push(Message {
+        let conv_key = conv.id.clone();
+        self.pending.messages.push(Arc::new(Message {
             conv: conv_id.to_string(),
             seq,
             from: user.to_string(),
@@ -556,25 +564,26 @@ impl Core {
             body,
             reply_to,
             ts: now_ms,
-        });
+        }));
         if !self.pending.convs.contains(conv_id) {
             self.pending.convs.insert(conv_id.to_string());
         }
+        let cmid: Arc<str> = Arc::from(cmid);
         self.dedup.insert(
             user,
-            cmid,
+            cmid.clone(),
             DedupEntry {
-                conv: conv_id.to_string(),
+                conv: conv_key.clone(),
                 seq,
                 ts: now_ms,
             },
         );
         self.dedup_order
-            .push_back((now_ms, user.to_string(), cmid.to_string()));
+            .push_back((now_ms, user.clone(), cmid.clone()));
         self.pending.waiters.push(Waiter {
             session,
-            cmid: cmid.to_string(),
-            conv: conv_id.to_string(),
+            cmid,
+            conv: conv_key,
             seq,
             ts: now_ms,
         });
@@ -583,7 +592,11 @@ impl Core {
 
     // ----- positions -----
 
-    fn member_conv(&self, session: SessionId, conv: &str) -> Result<(String, String), CoreError> {
+    fn member_conv(
+        &self,
+        session: SessionId,
+        conv: &str,
+    ) -> Result<(Arc<str>, Arc<str>), CoreError> {
         let s = self
             .sessions
             .get(&session)
@@ -718,7 +731,7 @@ impl Core {
         };
         let mut out: Vec<ConvInfo> = self
             .member_of
-            .get(&s.user)
+            .get(&*s.user)
             .into_iter()
             .flatten()
             .filter_map(|id| self.convs.get(id))
@@ -1038,7 +1051,7 @@ impl Core {
             out.push(Action::Send {
                 session: w.session,
                 frame: ServerFrame::rejected(
-                    w.cmid,
+                    w.cmid.to_string(),
                     ErrorCode::Unavailable,
                     format!("the message could not be stored ({reason}); resend it"),
                     Some(1000),
@@ -1056,7 +1069,7 @@ impl Core {
         out
     }
 
-    fn fan_out(&mut self, m: Message, out: &mut Vec<Action>) {
+    fn fan_out(&mut self, m: Arc<Message>, out: &mut Vec<Action>) {
         let Some(c) = self.convs.get(&m.conv) else {
             return;
         };
@@ -1146,8 +1159,8 @@ fn accepted_action(w: Waiter) -> Action {
     Action::Send {
         session: w.session,
         frame: ServerFrame::Accepted {
-            cmid: w.cmid,
-            conv: w.conv,
+            cmid: w.cmid.to_string(),
+            conv: w.conv.to_string(),
             seq: w.seq,
             ts: w.ts,
         },

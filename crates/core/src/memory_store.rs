@@ -59,7 +59,8 @@ impl MemoryStore {
             }
         }
         for m in &b.messages {
-            self.messages.insert((m.conv.clone(), m.seq), m.clone());
+            self.messages
+                .insert((m.conv.clone(), m.seq), Message::clone(m));
         }
         // Deletes first: a key expired and then reused in the same batch must stay.
         for k in &b.dedup_delete {
@@ -68,7 +69,7 @@ impl MemoryStore {
         if let Some(before) = b.dedup_forget_before_ms {
             self.dedup.retain(|_, d| d.ts >= before);
         }
-        let own = b.messages.iter().map(DedupRecord::of);
+        let own = b.messages.iter().map(|m| DedupRecord::of(m));
         for d in b.dedup_put.iter().cloned().chain(own) {
             self.dedup.insert((d.user.clone(), d.cmid.clone()), d);
         }

@@ -8,6 +8,7 @@
 use ordo_protocol::{ConvKind, Message};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 /// How much history a conversation keeps. `None` keeps everything.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -101,8 +102,9 @@ impl DedupRecord {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Batch {
     pub id: u64,
-    /// New messages, in seq order within each conversation.
-    pub messages: Vec<StoredMessage>,
+    /// New messages, in seq order within each conversation. Shared with the core, which pushes
+    /// them to devices once they are durable (and with the `msg` frames it pushes).
+    pub messages: Vec<Arc<StoredMessage>>,
     /// Conversations created, or changed in membership or retention: the whole record (its seq
     /// range included).
     pub convs: Vec<ConvRecord>,

@@ -2,6 +2,7 @@
 //! server has pushed to it and whether a `notify` is outstanding.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PushState {
@@ -14,8 +15,9 @@ pub struct PushState {
 
 #[derive(Clone, Debug)]
 pub struct Session {
-    pub user: String,
-    pub device: String,
+    /// Shared with what the session's sends are remembered under (no copy per send).
+    pub user: Arc<str>,
+    pub device: Arc<str>,
     pub convs: HashMap<String, PushState>,
     /// conversation -> the sends refused there and held back, see [`HeldBack`].
     pub held_back: HashMap<String, HeldBack>,
@@ -40,10 +42,10 @@ pub struct HeldBack {
 }
 
 impl Session {
-    pub fn new(user: String, device: String) -> Self {
+    pub fn new(user: &str, device: &str) -> Self {
         Session {
-            user,
-            device,
+            user: Arc::from(user),
+            device: Arc::from(device),
             convs: HashMap::new(),
             held_back: HashMap::new(),
         }

@@ -1194,7 +1194,7 @@ fn every_online_device_of_every_member_gets_msg_in_seq_order() {
         assert_eq!(msg_seqs(&out, sid), vec![1, 2, 3, 4, 5], "session {sid}");
         for f in frames(&out, sid) {
             if let ServerFrame::Msg(m) = f {
-                assert_eq!(Some(&m), s.store.message("g", m.seq), "as stored");
+                assert_eq!(Some(&*m), s.store.message("g", m.seq), "as stored");
             }
         }
         assert!(notifies(&out, sid).is_empty());
@@ -2335,7 +2335,7 @@ impl Model {
                 ServerFrame::Msg(m) => {
                     assert_eq!(
                         self.s.store.message(&m.conv, m.seq),
-                        Some(&m),
+                        Some(&*m),
                         "a pushed msg is durable and as stored"
                     );
                     assert!(self.is_member(&m.conv, &user));

@@ -136,16 +136,19 @@ mod tests {
         })
         .unwrap();
         assert_eq!(s, r#"{"type":"notify","conv":"team","max_seq":7}"#);
-        let s = serde_json::to_string(&ServerFrame::Msg(Message {
-            conv: "team".into(),
-            seq: 1,
-            from: "alice".into(),
-            device: "phone".into(),
-            cmid: "c1".into(),
-            body: "hi".into(),
-            reply_to: None,
-            ts: 5,
-        }))
+        let s = serde_json::to_string(&ServerFrame::Msg(
+            Message {
+                conv: "team".into(),
+                seq: 1,
+                from: "alice".into(),
+                device: "phone".into(),
+                cmid: "c1".into(),
+                body: "hi".into(),
+                reply_to: None,
+                ts: 5,
+            }
+            .into(),
+        ))
         .unwrap();
         assert_eq!(
             s,
@@ -244,7 +247,7 @@ mod tests {
 
         #[test]
         fn server_frames_roundtrip(m in message(), more in any::<bool>(), epoch in any::<u64>()) {
-            roundtrip_server(&ServerFrame::Msg(m.clone()));
+            roundtrip_server(&ServerFrame::Msg(m.clone().into()));
             roundtrip_server(&ServerFrame::Accepted { cmid: m.cmid.clone(), conv: m.conv.clone(), seq: m.seq, ts: m.ts });
             roundtrip_server(&ServerFrame::Synced {
                 conv: m.conv.clone(), epoch, messages: vec![m.clone(), m.clone()],

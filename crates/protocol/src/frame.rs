@@ -12,6 +12,7 @@ use crate::error_code::ErrorCode;
 use crate::limits::Limits;
 use crate::tagged::tagged_enum;
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 tagged_enum! {
 /// A frame a client sends.
@@ -137,8 +138,10 @@ pub enum ServerFrame (remote "ServerFrame", decoder ServerFrameDecoder) {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         retry_after_ms: Option<u64>,
     },
-    /// A new message pushed to a device that is caught up in this conversation.
-    Msg(Message),
+    /// A new message pushed to a device that is caught up in this conversation. (Shared: the
+    /// server pushes one message to many devices and also stores it; the wire form is the
+    /// message's fields.)
+    Msg(Arc<Message>),
     /// There are messages up to `max_seq` that were not pushed: pull them with `sync`.
     Notify { conv: String, max_seq: u64 },
     /// The answer to `sync`.

@@ -283,16 +283,19 @@ mod tests {
         let last = br#"{"seq":1,"conv":"team","from":"a","device":"d","cmid":"c","body":"b","ts":5,"type":"msg"}"#;
         assert_eq!(
             decode_server(last, Encoding::Json).unwrap(),
-            ServerFrame::Msg(Message {
-                conv: "team".into(),
-                seq: 1,
-                from: "a".into(),
-                device: "d".into(),
-                cmid: "c".into(),
-                body: "b".into(),
-                reply_to: None,
-                ts: 5,
-            })
+            ServerFrame::Msg(
+                Message {
+                    conv: "team".into(),
+                    seq: 1,
+                    from: "a".into(),
+                    device: "d".into(),
+                    cmid: "c".into(),
+                    body: "b".into(),
+                    reply_to: None,
+                    ts: 5,
+                }
+                .into()
+            )
         );
     }
 

@@ -591,7 +591,7 @@ fn apply(
         }
         // Every message is its own dedup entry; `dedup_put` holds any others.
         let entries: Vec<DedupView> = (batch.dedup_put.iter().map(DedupView::record))
-            .chain(batch.messages.iter().map(DedupView::message))
+            .chain(batch.messages.iter().map(|m| DedupView::message(m)))
             .collect();
         put_dedup_runs(&tx, &mut dedup, &entries)?;
     }
@@ -636,7 +636,7 @@ fn raise_range(
 }
 
 /// The batch's messages as runs: per conversation, consecutive seqs, at most [`RUN_MAX`] each.
-fn message_runs(messages: &[Message]) -> Vec<Vec<&Message>> {
+fn message_runs(messages: &[Arc<Message>]) -> Vec<Vec<&Message>> {
     let mut by_conv: std::collections::BTreeMap<&str, Vec<&Message>> = Default::default();
     for m in messages {
         by_conv.entry(m.conv.as_str()).or_default().push(m);

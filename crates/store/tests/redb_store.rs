@@ -38,7 +38,7 @@ fn commit_survives_reopen() {
         let store = RedbStore::open(dir.path()).unwrap();
         let batch = Batch {
             id: 1,
-            messages: (1..=3).map(|s| msg("g", s, 10 * s)).collect(),
+            messages: (1..=3).map(|s| msg("g", s, 10 * s).into()).collect(),
             convs: vec![conv("g", 3, 1)],
             // An entry besides the messages' own (which every message is).
             dedup_put: vec![DedupRecord {
@@ -108,7 +108,7 @@ fn retention_by_count_and_by_age() {
     store
         .commit(Batch {
             id: 1,
-            messages: (1..=10).map(|s| msg("g", s, 100 * s)).collect(),
+            messages: (1..=10).map(|s| msg("g", s, 100 * s).into()).collect(),
             convs: vec![conv("g", 10, 1)],
             ..Batch::default()
         })
@@ -172,7 +172,7 @@ fn seq_ranges_move_apart_from_the_record() {
         store
             .commit(Batch {
                 id: 1,
-                messages: (1..=2).map(|s| msg("g", s, 10 * s)).collect(),
+                messages: (1..=2).map(|s| msg("g", s, 10 * s).into()).collect(),
                 convs: vec![conv("g", 2, 1)],
                 ..Batch::default()
             })
@@ -180,7 +180,7 @@ fn seq_ranges_move_apart_from_the_record() {
         store
             .commit(Batch {
                 id: 2,
-                messages: (3..=5).map(|s| msg("g", s, 10 * s)).collect(),
+                messages: (3..=5).map(|s| msg("g", s, 10 * s).into()).collect(),
                 positions: vec![position(5, 1)],
                 ..Batch::default()
             })
@@ -230,7 +230,7 @@ fn ranges_fall_back_to_the_record() {
         store
             .commit(Batch {
                 id: 1,
-                messages: (1..=4).map(|s| msg("g", s, 10 * s)).collect(),
+                messages: (1..=4).map(|s| msg("g", s, 10 * s).into()).collect(),
                 convs: vec![conv("g", 4, 2)],
                 ..Batch::default()
             })
@@ -257,7 +257,7 @@ fn ranges_fall_back_to_the_record() {
     store
         .commit(Batch {
             id: 2,
-            messages: vec![msg("g", 5, 50)],
+            messages: vec![msg("g", 5, 50).into()],
             positions: vec![ConvPosition {
                 id: "g".into(),
                 max_seq: 5,
@@ -285,8 +285,8 @@ fn pages_start_and_end_inside_runs() {
     for (id, n) in [(1, 1), (2, 10), (3, 300)] {
         let mut messages = Vec::new();
         for s in next..next + n {
-            messages.push(msg("g", s, 10 * s));
-            messages.push(msg("h", s, 10 * s));
+            messages.push(msg("g", s, 10 * s).into());
+            messages.push(msg("h", s, 10 * s).into());
         }
         next += n;
         store
@@ -398,7 +398,7 @@ fn messages_stored_one_per_row_are_moved_into_runs() {
     store
         .commit(Batch {
             id: 2,
-            messages: vec![msg("g", 4, 40)],
+            messages: vec![msg("g", 4, 40).into()],
             positions: vec![ConvPosition {
                 id: "g".into(),
                 max_seq: 4,

@@ -7,6 +7,7 @@ use ordo_core::{Batch, ConvRecord, Retention};
 use ordo_protocol::{ConvKind, Message};
 use ordo_store::{wal, RedbStore, Store};
 use std::path::Path;
+use std::sync::Arc;
 
 fn conv(max_seq: u64) -> ConvRecord {
     ConvRecord {
@@ -27,15 +28,18 @@ fn batch(n: u64, per: u64, body_bytes: usize) -> Batch {
     Batch {
         id: n,
         messages: (first..first + per)
-            .map(|seq| Message {
-                conv: "g".into(),
-                seq,
-                from: "a".into(),
-                device: "d".into(),
-                cmid: format!("c{seq}"),
-                body: format!("{seq:08}{}", "x".repeat(body_bytes)),
-                reply_to: None,
-                ts: seq,
+            .map(|seq| {
+                Message {
+                    conv: "g".into(),
+                    seq,
+                    from: "a".into(),
+                    device: "d".into(),
+                    cmid: format!("c{seq}"),
+                    body: format!("{seq:08}{}", "x".repeat(body_bytes)),
+                    reply_to: None,
+                    ts: seq,
+                }
+                .into()
             })
             .collect(),
         convs: vec![conv(first + per - 1)],
@@ -156,7 +160,7 @@ fn a_batch_larger_than_the_log_is_committed_directly() {
     let big = wal::SEGMENT_BYTES / (64 << 10) + 100;
     let mut b = batch(1, big, 64 << 10);
     for m in &mut b.messages {
-        m.seq += 3;
+        Arc::make_mut(m).seq += 3;
     }
     let last = 3 + big;
     b.convs = vec![conv(last)];
@@ -164,7 +168,7 @@ fn a_batch_larger_than_the_log_is_committed_directly() {
     // Logging goes on after it.
     let mut after = batch(1, 2, 10);
     for m in &mut after.messages {
-        m.seq += last;
+        Arc::make_mut(m).seq += last;
     }
     let last = last + 2;
     after.convs = vec![conv(last)];
