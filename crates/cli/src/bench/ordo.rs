@@ -232,8 +232,9 @@ async fn send_all(
 ) -> Result<Sent, BenchError> {
     let mut accept = Latency::default();
     let mut behind = Latency::default();
-    let mut in_flight: HashMap<String, u64> = HashMap::new();
-    let (mut next, mut accepted) = (0usize, 0u64);
+    // Message k (client message id `m{k}`) carries its send stamp here until it is accepted.
+    let mut stamps: Vec<Option<u64>> = vec![None; count];
+    let (mut next, mut accepted) = (0usize, 0usize);
     let due = |k: usize| pace.map(|(start, every)| start + (k as f64 * every) as u64);
     let frame = |k: usize, stamp: u64| ClientFrame::Send {
         conv: None,
@@ -242,35 +243,48 @@ async fn send_all(
         body: clock.body_at(stamp, body_bytes),
         reply_to: None,
     };
-    while (accepted as usize) < count {
-        let can_send = next < count && in_flight.len() < window;
-        let wake = match due(next) {
-            Some(us) => tokio::time::Instant::from_std(clock.at(us)),
-            None => tokio::time::Instant::now(),
+    let mut idle = Idle::new();
+    while accepted < count {
+        let can_send = next < count && next - accepted < window;
+        // Unpaced, a free window slot is used as soon as no frame is waiting to be read.
+        let wake = due(next).map(|us| tokio::time::Instant::from_std(clock.at(us)));
+        let slot = async move {
+            if let Some(at) = wake {
+                tokio::time::sleep_until(at).await;
+            }
         };
         tokio::select! {
             biased;
-            f = c.recv_timeout(IDLE) => match f.map_err(fail("waiting for accepted"))? {
-                ServerFrame::Accepted { cmid, .. } => {
-                    if let Some(t) = in_flight.remove(&cmid) {
-                        accept.record_micros(clock.now_us().saturating_sub(t));
-                        accepted += 1;
+            f = c.recv() => {
+                idle.seen();
+                match f.map_err(fail("waiting for accepted"))? {
+                    ServerFrame::Accepted { cmid, .. } => {
+                        let k = cmid.strip_prefix('m').and_then(|k| k.parse::<usize>().ok());
+                        if let Some(t) = k.and_then(|k| stamps.get_mut(k)).and_then(Option::take) {
+                            accept.record_micros(clock.now_us().saturating_sub(t));
+                            accepted += 1;
+                        }
                     }
+                    ServerFrame::Rejected { message, .. } | ServerFrame::Error { message, .. } => {
+                        return Err(BenchError(format!("the server refused a send: {message}")));
+                    }
+                    _ => {}
                 }
-                ServerFrame::Rejected { message, .. } | ServerFrame::Error { message, .. } => {
-                    return Err(BenchError(format!("the server refused a send: {message}")));
-                }
-                _ => {}
-            },
-            _ = tokio::time::sleep_until(wake), if can_send => {
+            }
+            _ = idle.expired() => {
+                return Err(BenchError(format!(
+                    "waiting for accepted: nothing came for {} s",
+                    IDLE.as_secs()
+                )));
+            }
+            _ = slot, if can_send => {
                 let now = clock.now_us();
-                while next < count && in_flight.len() < window && due(next).is_none_or(|d| d <= now) {
+                while next < count && next - accepted < window && due(next).is_none_or(|d| d <= now) {
                     if let Some(d) = due(next) {
                         behind.record_micros(now.saturating_sub(d));
                     }
-                    let stamp = now;
-                    in_flight.insert(format!("m{next}"), stamp);
-                    c.feed(&frame(next, stamp)).await.map_err(fail("sending"))?;
+                    stamps[next] = Some(now);
+                    c.feed(&frame(next, now)).await.map_err(fail("sending"))?;
                     next += 1;
                 }
                 c.flush().await.map_err(fail("sending"))?;
@@ -282,8 +296,42 @@ async fn send_all(
         accept,
         behind,
         sent: next as u64,
-        accepted,
+        accepted: accepted as u64,
     })
+}
+
+/// Notices that no frame came for [`IDLE`] with one timer per period rather than one per frame
+/// (a timer per frame would cost CPU the measured server shares): a frame only marks that
+/// something came; when the timer fires after one, it is re-armed.
+struct Idle {
+    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+    seen: bool,
+}
+
+impl Idle {
+    fn new() -> Self {
+        Idle {
+            timer: Box::pin(tokio::time::sleep(IDLE)),
+            seen: false,
+        }
+    }
+
+    fn seen(&mut self) {
+        self.seen = true;
+    }
+
+    /// Resolves once a whole period (between [`IDLE`] and twice that) passed without a frame.
+    async fn expired(&mut self) {
+        loop {
+            self.timer.as_mut().await;
+            if !std::mem::take(&mut self.seen) {
+                return;
+            }
+            self.timer
+                .as_mut()
+                .reset(tokio::time::Instant::now() + IDLE);
+        }
+    }
 }
 
 /// A cumulative ack of every conversation's last contiguous seq.
@@ -329,24 +377,30 @@ async fn receive(
     if let Some(conv) = first_sync {
         c.send(&sync(&conv, 0)).await.map_err(fail("syncing"))?;
     }
+    let mut idle = Idle::new();
     while got < expected {
-        let frame = match c.recv_timeout(IDLE).await {
-            Ok(f) => f,
-            Err(ordo::wire::WireError::Timeout) => break,
-            Err(e) => return Err(fail("receiving")(e)),
+        let frame = tokio::select! {
+            biased;
+            f = c.recv() => f.map_err(fail("receiving"))?,
+            _ = idle.expired() => break,
         };
+        idle.seen();
         let mut take = |m: &Message, last: &mut HashMap<String, u64>| -> bool {
-            let l = last.entry(m.conv.clone()).or_insert(0);
+            let l = match last.get_mut(m.conv.as_str()) {
+                Some(l) => l,
+                None => last.entry(m.conv.clone()).or_insert(0),
+            };
             if m.seq != *l + 1 {
                 return m.seq > *l + 1;
             }
             *l = m.seq;
-            let age = clock.age_us(m.body.as_bytes()).unwrap_or(0);
+            let now = clock.now_us();
+            let age = Clock::stamp_of(m.body.as_bytes()).map_or(0, |t| now.saturating_sub(t));
             delivery.record_micros(age);
             on_message(m.seq - 1, age);
             got += 1;
             unacked += 1;
-            last_us = clock.now_us();
+            last_us = now;
             false
         };
         match frame {
