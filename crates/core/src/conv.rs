@@ -5,7 +5,7 @@
 //! from the durable view, so nothing observed can be taken back by a crash.
 
 use crate::model::{ConvRecord, CursorRecord};
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 use std::sync::Arc;
 
 /// A device's delivered and read positions.

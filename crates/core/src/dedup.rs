@@ -5,7 +5,7 @@
 //! Names are shared (`Arc<str>`): the user with the session, the conversation with its state, the
 //! client message id with the expiry queue, so that remembering a send allocates once.
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 use std::sync::Arc;
 
 #[derive(Clone, Debug)]
@@ -29,7 +29,8 @@ impl DedupIndex {
                 m.insert(cmid, entry);
             }
             None => {
-                let m = HashMap::from([(cmid, entry)]);
+                let mut m = HashMap::new();
+                m.insert(cmid, entry);
                 self.0.insert(user.clone(), m);
             }
         }

@@ -15,16 +15,20 @@ use crate::model::*;
 use crate::rate::TokenBucket;
 use crate::rng::SplitMix64;
 use crate::session::{PushState, Session};
+use foldhash::{HashMap, HashMapExt};
 use ordo_protocol::{
     direct_conv_id, validate_id, ConvInfo, ConvKind, ErrorCode, IdKind, MemberPosition, Message,
     ServerFrame, DIRECT_PREFIX,
 };
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 
 /// Most refused sends remembered per connection and conversation to keep their order; past it,
 /// further ones are refused without being queued (the client resends them in order anyway).
 const MAX_HELD_BACK: usize = 4096;
+
+/// Most direct conversation ids a connection remembers (by peer) before it starts over.
+const MAX_DIRECT_REMEMBERED: usize = 256;
 
 /// A held-back send not resent for this long is forgotten (the client's longest backoff is a
 /// minute, ±30 %), provided the client resent the others behind it at least
@@ -184,6 +188,10 @@ pub struct Core {
     buckets: HashMap<String, TokenBucket>,
     pending: Pending,
     in_flight: Option<InFlight>,
+    /// Emptied lists of the last batch, reused by the next one: growing them again from nothing
+    /// for every batch costs a trail of ever larger allocations.
+    spare_messages: Vec<Arc<StoredMessage>>,
+    spare_waiters: Vec<Waiter>,
     next_batch: u64,
     stats: CoreStats,
     /// Test-only: safeguards switched off by the simulation (all on unless it says so).
@@ -273,6 +281,8 @@ impl Core {
             buckets: HashMap::new(),
             pending: Pending::default(),
             in_flight: None,
+            spare_messages: Vec::new(),
+            spare_waiters: Vec::new(),
             next_batch: 1,
             stats: CoreStats::default(),
             #[cfg(feature = "fault-injection")]
@@ -358,14 +368,16 @@ impl Core {
             None => return Ok(Vec::new()),
         };
         validate_id(IdKind::ClientMessage, cmid)?;
-        let conv_id = match (conv, to) {
+        let direct: Arc<str>;
+        let conv_id: &str = match (conv, to) {
             (Some(c), None) => {
                 validate_id(IdKind::Conversation, c)?;
-                c.to_string()
+                c
             }
             (None, Some(peer)) => {
                 validate_id(IdKind::User, peer)?;
-                direct_conv_id(&user, peer)
+                direct = self.direct_conv(session, &user, peer);
+                &direct
             }
             _ => {
                 return Err(CoreError::Invalid(
@@ -414,7 +426,7 @@ impl Core {
             });
         }
 
-        if !self.convs.contains_key(&conv_id) {
+        if !self.convs.contains_key(conv_id) {
             match to {
                 Some(_) if reply_to.is_some() => {
                     return Err(CoreError::Invalid(
@@ -425,7 +437,7 @@ impl Core {
                     let members: BTreeSet<String> =
                         [user.to_string(), peer.to_string()].into_iter().collect();
                     let rec = ConvRecord {
-                        id: conv_id.clone(),
+                        id: conv_id.to_string(),
                         kind: ConvKind::Direct,
                         epoch: self.rng.next_epoch(),
                         max_seq: 0,
@@ -435,18 +447,19 @@ impl Core {
                         created_ms: now_ms,
                     };
                     // Creation is only recorded together with its first message below.
-                    self.admit(session, &conv_id, cmid, &user, now_ms)?;
-                    self.convs.insert(conv_id.clone(), Conv::new(rec, false));
+                    self.admit(session, conv_id, cmid, &user, now_ms)?;
+                    self.convs
+                        .insert(conv_id.to_string(), Conv::new(rec, false));
                     return Ok(
-                        self.append(session, &user, &device, &conv_id, cmid, body, None, now_ms)
+                        self.append(session, &user, &device, conv_id, cmid, body, None, now_ms)
                     );
                 }
-                None => return Err(CoreError::NoSuchConversation(conv_id)),
+                None => return Err(CoreError::NoSuchConversation(conv_id.to_string())),
             }
         }
-        let c = &self.convs[&conv_id];
+        let c = &self.convs[conv_id];
         if !c.is_member(&user) {
-            return Err(CoreError::NotMember(conv_id));
+            return Err(CoreError::NotMember(conv_id.to_string()));
         }
         if let Some(r) = reply_to {
             if r == 0 || r > c.rec.max_seq {
@@ -456,10 +469,27 @@ impl Core {
                 )));
             }
         }
-        self.admit(session, &conv_id, cmid, &user, now_ms)?;
+        self.admit(session, conv_id, cmid, &user, now_ms)?;
         Ok(self.append(
-            session, &user, &device, &conv_id, cmid, body, reply_to, now_ms,
+            session, &user, &device, conv_id, cmid, body, reply_to, now_ms,
         ))
+    }
+
+    /// The direct conversation of `user` (the session's) with `peer`, remembered per session: a
+    /// client sending to a user names them on every send, and the id is a SHA-256 to compute.
+    fn direct_conv(&mut self, session: SessionId, user: &str, peer: &str) -> Arc<str> {
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return Arc::from(direct_conv_id(user, peer));
+        };
+        if let Some(id) = s.direct.get(peer) {
+            return id.clone();
+        }
+        if s.direct.len() >= MAX_DIRECT_REMEMBERED {
+            s.direct.clear();
+        }
+        let id: Arc<str> = Arc::from(direct_conv_id(user, peer));
+        s.direct.insert(peer.to_string(), id.clone());
+        id
     }
 
     /// The per-user rate limit, applied so that it never reorders one device's messages: once a
@@ -894,7 +924,12 @@ impl Core {
         if self.in_flight.is_some() || self.pending.is_empty() {
             return None;
         }
-        let p = std::mem::take(&mut self.pending);
+        let next = Pending {
+            messages: std::mem::take(&mut self.spare_messages),
+            waiters: std::mem::take(&mut self.spare_waiters),
+            ..Pending::default()
+        };
+        let p = std::mem::replace(&mut self.pending, next);
         let id = self.next_batch;
         self.next_batch += 1;
         let default = self.cfg.default_retention;
@@ -962,7 +997,7 @@ impl Core {
         let Some(f) = self.in_flight.take_if(|f| f.id == id) else {
             return Vec::new();
         };
-        let mut out = Vec::new();
+        let mut out = Vec::with_capacity(f.waiters.len() + f.messages.len() + f.admin.len());
         for rec in f.convs {
             if let Some(c) = self.convs.get_mut(&rec.id) {
                 let first = c.durable_rec.as_ref().map_or(1, |d| d.first_seq);
@@ -1017,9 +1052,9 @@ impl Core {
                 }
             }
         }
-        for w in f.waiters {
-            out.push(accepted_action(w));
-        }
+        let mut waiters = f.waiters;
+        out.extend(waiters.drain(..).map(accepted_action));
+        self.spare_waiters = waiters;
         for (ticket, cid) in f.admin {
             let reply = self
                 .group(&cid)
@@ -1027,9 +1062,11 @@ impl Core {
             out.push(Action::AdminDone { ticket, reply });
         }
         self.stats.accepted += f.messages.len() as u64;
-        for m in f.messages {
+        let mut messages = f.messages;
+        for m in messages.drain(..) {
             self.fan_out(m, &mut out);
         }
+        self.spare_messages = messages;
         for (cid, user) in f.receipts {
             self.publish_receipt(&cid, &user, &mut out);
         }

@@ -1,7 +1,8 @@
 //! One connected device as the core sees it: who it is and, per conversation, how far the
 //! server has pushed to it and whether a `notify` is outstanding.
 
-use std::collections::{HashMap, VecDeque};
+use foldhash::{HashMap, HashMapExt};
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -21,6 +22,8 @@ pub struct Session {
     pub convs: HashMap<String, PushState>,
     /// conversation -> the sends refused there and held back, see [`HeldBack`].
     pub held_back: HashMap<String, HeldBack>,
+    /// peer -> the id of the direct conversation with them, as sends to a user are resolved.
+    pub direct: HashMap<String, Arc<str>>,
 }
 
 /// Client message ids refused in one conversation (for rate, or held back behind one that was),
@@ -48,6 +51,7 @@ impl Session {
             device: Arc::from(device),
             convs: HashMap::new(),
             held_back: HashMap::new(),
+            direct: HashMap::new(),
         }
     }
 }

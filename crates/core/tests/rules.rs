@@ -828,6 +828,30 @@ fn a_send_to_a_user_creates_the_direct_conversation() {
 }
 
 #[test]
+fn sends_to_many_users_each_land_in_their_own_direct_conversation() {
+    // More peers than a connection remembers direct ids for, then the first ones again.
+    let mut s = Sim::new(cfg());
+    s.core.connect(1, "alice", "a1");
+    let peers: Vec<String> = (0..300).map(|i| format!("u{i}")).collect();
+    for (i, p) in peers.iter().enumerate() {
+        s.send_to(1, p, &format!("first-{i}"));
+        s.now += 1;
+    }
+    for (i, p) in peers.iter().enumerate().take(3) {
+        s.send_to(1, p, &format!("again-{i}"));
+    }
+    let (_, out) = s.flush();
+    let got = accepted(&out, 1);
+    assert_eq!(got.len(), 303);
+    for (cmid, conv, seq, _) in got {
+        let (round, i) = cmid.split_once('-').unwrap();
+        let i: usize = i.parse().unwrap();
+        assert_eq!(conv, direct_conv_id("alice", &peers[i]), "{cmid}");
+        assert_eq!(seq, if round == "first" { 1 } else { 2 }, "{cmid}");
+    }
+}
+
+#[test]
 fn non_members_are_rejected_with_not_member() {
     let mut s = Sim::new(cfg());
     s.group("g", &["alice", "bob"], Retention::default());

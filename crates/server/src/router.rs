@@ -13,13 +13,13 @@
 
 use crate::metrics as m;
 use axum::extract::ws::{Message as WsMessage, Utf8Bytes};
+use foldhash::{HashMap, HashMapExt};
 use ordo_core::{
     Action, AdminOp, AdminReply, Batch, CommitOutcome, Core, CoreConfig, CoreError, CoreStats,
     SendRequest, SessionId, SyncPlan, Ticket,
 };
 use ordo_protocol::{encode, ClientFrame, ConvInfo, Encoded, Encoding, ServerFrame};
 use ordo_store::{Store, StoreError};
-use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot, Notify};

@@ -355,6 +355,17 @@ fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
     Ok(rmp_serde::to_vec_named(v)?)
 }
 
+/// Encodes `v` into `buf`, replacing what it held: the runs written per batch reuse one buffer
+/// instead of growing a new one each.
+fn encode_into<'b, T: serde::Serialize>(
+    buf: &'b mut Vec<u8>,
+    v: &T,
+) -> Result<&'b [u8], StoreError> {
+    buf.clear();
+    rmp_serde::encode::write_named(buf, v)?;
+    Ok(buf)
+}
+
 impl Store for RedbStore {
     fn load(&self) -> Result<Snapshot, StoreError> {
         self.applied.wait_caught_up()?;
@@ -515,12 +526,16 @@ fn apply(
         meta.insert(WAL_APPLIED, seqno)
             .map_err(StoreError::engine)?;
     }
+    let mut scratch = Vec::new();
     for batch in batches {
         let mut runs = tx.open_table(MESSAGE_RUNS).map_err(StoreError::engine)?;
         for run in message_runs(&batch.messages) {
             if let Some(last) = run.last() {
-                runs.insert((last.conv.as_str(), last.seq), encode(&run)?.as_slice())
-                    .map_err(StoreError::engine)?;
+                runs.insert(
+                    (last.conv.as_str(), last.seq),
+                    encode_into(&mut scratch, &run)?,
+                )
+                .map_err(StoreError::engine)?;
             }
         }
         for (conv, below) in &batch.trim_below {
@@ -593,7 +608,7 @@ fn apply(
         let entries: Vec<DedupView> = (batch.dedup_put.iter().map(DedupView::record))
             .chain(batch.messages.iter().map(|m| DedupView::message(m)))
             .collect();
-        put_dedup_runs(&tx, &mut dedup, &entries)?;
+        put_dedup_runs(&tx, &mut dedup, &entries, &mut scratch)?;
     }
     tx.commit().map_err(StoreError::engine)?;
     Ok(outcome)
@@ -733,6 +748,7 @@ fn put_dedup_runs(
     tx: &redb::WriteTransaction,
     dedup: &mut redb::Table<(u64, u64), &[u8]>,
     entries: &[DedupView],
+    scratch: &mut Vec<u8>,
 ) -> Result<(), StoreError> {
     if entries.is_empty() {
         return Ok(());
@@ -745,7 +761,7 @@ fn put_dedup_runs(
     for run in entries.chunks(RUN_MAX) {
         let newest = run.iter().map(|d| d.ts).max().unwrap_or(0);
         dedup
-            .insert((newest, next), encode(&run)?.as_slice())
+            .insert((newest, next), encode_into(scratch, &run)?)
             .map_err(StoreError::engine)?;
         next += 1;
     }
@@ -771,7 +787,7 @@ fn move_dedup_into_runs(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
     entries.sort_by_key(|d| d.ts);
     let views: Vec<DedupView> = entries.iter().map(DedupView::record).collect();
     let mut dedup = tx.open_table(DEDUP_RUNS).map_err(StoreError::engine)?;
-    put_dedup_runs(tx, &mut dedup, &views)?;
+    put_dedup_runs(tx, &mut dedup, &views, &mut Vec::new())?;
     drop(dedup);
     tx.delete_table(DEDUP_BY_KEY).map_err(StoreError::engine)?;
     tracing::info!(
