@@ -21,6 +21,7 @@ use ordo_protocol::{
     ServerFrame, DIRECT_PREFIX,
 };
 use std::collections::{BTreeSet, VecDeque};
+use std::mem::take;
 use std::sync::Arc;
 
 /// Most refused sends remembered per connection and conversation to keep their order; past it,
@@ -115,7 +116,7 @@ pub struct SendRequest<'a> {
     pub conv: Option<&'a str>,
     /// A user: the direct conversation with them, created on the first send.
     pub to: Option<&'a str>,
-    pub cmid: &'a str,
+    pub cmid: String,
     pub body: String,
     pub reply_to: Option<u64>,
 }
@@ -335,17 +336,13 @@ impl Core {
     /// A `send` from a connected device. Returns the frames to answer with at once (a duplicate
     /// of a durable message, or a rejection); a new message is answered at commit.
     pub fn send(&mut self, session: SessionId, req: SendRequest<'_>, now_ms: u64) -> Vec<Action> {
-        let cmid = req.cmid;
-        match self.try_send(session, req, now_ms) {
+        let mut req = req;
+        match self.try_send(session, &mut req, now_ms) {
             Ok(actions) => actions,
+            // Only a stored message takes the request's id and body; a refused one still has them.
             Err(e) => vec![Action::Send {
                 session,
-                frame: ServerFrame::rejected(
-                    cmid.to_string(),
-                    e.code(),
-                    e.to_string(),
-                    e.retry_after_ms(),
-                ),
+                frame: ServerFrame::rejected(req.cmid, e.code(), e.to_string(), e.retry_after_ms()),
             }],
         }
     }
@@ -353,16 +350,11 @@ impl Core {
     fn try_send(
         &mut self,
         session: SessionId,
-        req: SendRequest<'_>,
+        req: &mut SendRequest<'_>,
         now_ms: u64,
     ) -> Result<Vec<Action>, CoreError> {
-        let SendRequest {
-            conv,
-            to,
-            cmid,
-            body,
-            reply_to,
-        } = req;
+        let (conv, to, reply_to) = (req.conv, req.to, req.reply_to);
+        let cmid: &str = &req.cmid;
         let (user, device) = match self.sessions.get(&session) {
             Some(s) => (s.user.clone(), s.device.clone()),
             None => return Ok(Vec::new()),
@@ -419,9 +411,9 @@ impl Core {
             }
         }
 
-        if body.len() > self.cfg.limits.max_body_bytes {
+        if req.body.len() > self.cfg.limits.max_body_bytes {
             return Err(CoreError::BodyTooLarge {
-                len: body.len(),
+                len: req.body.len(),
                 max: self.cfg.limits.max_body_bytes,
             });
         }
@@ -450,6 +442,7 @@ impl Core {
                     self.admit(session, conv_id, cmid, &user, now_ms)?;
                     self.convs
                         .insert(conv_id.to_string(), Conv::new(rec, false));
+                    let (cmid, body) = (take(&mut req.cmid), take(&mut req.body));
                     return Ok(
                         self.append(session, &user, &device, conv_id, cmid, body, None, now_ms)
                     );
@@ -470,6 +463,7 @@ impl Core {
             }
         }
         self.admit(session, conv_id, cmid, &user, now_ms)?;
+        let (cmid, body) = (take(&mut req.cmid), take(&mut req.body));
         Ok(self.append(
             session, &user, &device, conv_id, cmid, body, reply_to, now_ms,
         ))
@@ -481,14 +475,15 @@ impl Core {
         let Some(s) = self.sessions.get_mut(&session) else {
             return Arc::from(direct_conv_id(user, peer));
         };
-        if let Some(id) = s.direct.get(peer) {
+        let known = s.direct.get_or_insert_with(Default::default);
+        if let Some(id) = known.get(peer) {
             return id.clone();
         }
-        if s.direct.len() >= MAX_DIRECT_REMEMBERED {
-            s.direct.clear();
+        if known.len() >= MAX_DIRECT_REMEMBERED {
+            known.clear();
         }
         let id: Arc<str> = Arc::from(direct_conv_id(user, peer));
-        s.direct.insert(peer.to_string(), id.clone());
+        known.insert(peer.to_string(), id.clone());
         id
     }
 
@@ -574,7 +569,7 @@ impl Core {
         user: &Arc<str>,
         device: &str,
         conv_id: &str,
-        cmid: &str,
+        cmid: String,
         body: String,
         reply_to: Option<u64>,
         now_ms: u64,
@@ -585,12 +580,13 @@ impl Core {
         conv.rec.max_seq += 1;
         let seq = conv.rec.max_seq;
         let conv_key = conv.id.clone();
+        let shared_cmid: Arc<str> = Arc::from(cmid.as_str());
         self.pending.messages.push(Arc::new(Message {
             conv: conv_id.to_string(),
             seq,
             from: user.to_string(),
             device: device.to_string(),
-            cmid: cmid.to_string(),
+            cmid,
             body,
             reply_to,
             ts: now_ms,
@@ -598,7 +594,7 @@ impl Core {
         if !self.pending.convs.contains(conv_id) {
             self.pending.convs.insert(conv_id.to_string());
         }
-        let cmid: Arc<str> = Arc::from(cmid);
+        let cmid = shared_cmid;
         self.dedup.insert(
             user,
             cmid.clone(),

@@ -22,8 +22,9 @@ pub struct Session {
     pub convs: HashMap<String, PushState>,
     /// conversation -> the sends refused there and held back, see [`HeldBack`].
     pub held_back: HashMap<String, HeldBack>,
-    /// peer -> the id of the direct conversation with them, as sends to a user are resolved.
-    pub direct: HashMap<String, Arc<str>>,
+    /// peer -> the id of the direct conversation with them, as sends to a user are resolved
+    /// (boxed: most connections never send by user, and an idle one should not pay for it).
+    pub direct: Option<Box<HashMap<String, Arc<str>>>>,
 }
 
 /// Client message ids refused in one conversation (for rate, or held back behind one that was),
@@ -51,7 +52,7 @@ impl Session {
             device: Arc::from(device),
             convs: HashMap::new(),
             held_back: HashMap::new(),
-            direct: HashMap::new(),
+            direct: None,
         }
     }
 }

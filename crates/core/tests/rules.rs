@@ -55,7 +55,7 @@ impl Sim {
             SendRequest {
                 conv: Some(conv),
                 to: None,
-                cmid,
+                cmid: cmid.to_string(),
                 body: format!("body of {cmid}"),
                 reply_to: None,
             },
@@ -69,7 +69,7 @@ impl Sim {
             SendRequest {
                 conv: None,
                 to: Some(to),
-                cmid,
+                cmid: cmid.to_string(),
                 body: format!("body of {cmid}"),
                 reply_to: None,
             },
@@ -557,7 +557,7 @@ fn duplicate_while_pending_is_answered_at_commit_with_the_same_seq() {
             SendRequest {
                 conv: Some("g"),
                 to: None,
-                cmid: "x",
+                cmid: "x".into(),
                 body: "other body".into(),
                 reply_to: None
             },
@@ -621,7 +621,7 @@ fn duplicate_after_durable_is_answered_at_once_with_the_original_answer() {
         SendRequest {
             conv: Some("g"),
             to: None,
-            cmid: "x",
+            cmid: "x".into(),
             body: "changed".into(),
             reply_to: None,
         },
@@ -901,7 +901,7 @@ fn bodies_over_the_limit_are_too_large() {
             SendRequest {
                 conv,
                 to,
-                cmid,
+                cmid: cmid.to_string(),
                 body: body.to_string(),
                 reply_to: None,
             },
@@ -958,7 +958,7 @@ fn invalid_ids_and_arguments_are_rejected_as_invalid() {
             SendRequest {
                 conv,
                 to,
-                cmid: &cmid,
+                cmid: cmid.clone(),
                 body: body(),
                 reply_to,
             },
@@ -989,7 +989,7 @@ fn invalid_ids_and_arguments_are_rejected_as_invalid() {
             SendRequest {
                 conv: Some("g"),
                 to: None,
-                cmid: "reply",
+                cmid: "reply".into(),
                 body: body(),
                 reply_to: Some(1)
             },
@@ -2146,7 +2146,7 @@ fn reply_to_is_checked_on_the_first_direct_message_too() {
         SendRequest {
             conv: None,
             to: Some("bob"),
-            cmid: "x",
+            cmid: "x".into(),
             body: "hi".into(),
             reply_to: Some(5),
         },

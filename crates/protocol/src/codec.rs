@@ -41,18 +41,42 @@ impl Encoded {
     }
 }
 
-/// Room for a typical frame, so that encoding one does not grow the buffer step by step.
-const FRAME_CAPACITY: usize = 256;
+/// A scratch buffer kept past this size after encoding a large frame (a big `synced` page) is
+/// given back rather than held by the thread.
+const SCRATCH_KEPT: usize = 64 << 10;
+
+thread_local! {
+    /// Where frames are encoded before they are copied out at their exact size.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 /// Encodes any frame. Encoding our own frame types cannot fail (no maps with non-string keys,
 /// no unsupported types), so failures are reported as a generic internal error frame instead of
 /// a panic, to keep every server path panic-free.
+///
+/// The frame is written into a per-thread scratch buffer and copied out at its exact size: a
+/// buffer without spare capacity becomes a WebSocket message's shared bytes without a further
+/// allocation, and the scratch buffer never grows step by step again after the first frames.
 pub fn encode<T: Serialize>(frame: &T, encoding: Encoding) -> Encoded {
-    let mut buf = Vec::with_capacity(FRAME_CAPACITY);
+    SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
+        Ok(mut buf) => {
+            buf.clear();
+            let out = encode_into(&mut buf, frame, encoding);
+            if buf.capacity() > SCRATCH_KEPT {
+                *buf = Vec::new();
+            }
+            out
+        }
+        // Only if encoding a frame encoded another one on the same thread.
+        Err(_) => encode_into(&mut Vec::new(), frame, encoding),
+    })
+}
+
+fn encode_into<T: Serialize>(buf: &mut Vec<u8>, frame: &T, encoding: Encoding) -> Encoded {
     match encoding {
-        Encoding::Json => match serde_json::to_writer(&mut buf, frame)
+        Encoding::Json => match serde_json::to_writer(&mut *buf, frame)
             .map_err(|e| e.to_string())
-            .and_then(|()| String::from_utf8(buf).map_err(|e| e.to_string()))
+            .and_then(|()| String::from_utf8(buf.to_vec()).map_err(|e| e.to_string()))
         {
             Ok(s) => Encoded::Text(s),
             Err(e) => Encoded::Text(format!(
@@ -60,8 +84,8 @@ pub fn encode<T: Serialize>(frame: &T, encoding: Encoding) -> Encoded {
                 e.replace('"', "'")
             )),
         },
-        Encoding::MsgPack => match rmp_serde::encode::write_named(&mut buf, frame) {
-            Ok(()) => Encoded::Binary(buf),
+        Encoding::MsgPack => match rmp_serde::encode::write_named(&mut *buf, frame) {
+            Ok(()) => Encoded::Binary(buf.to_vec()),
             Err(_) => Encoded::Binary(Vec::new()),
         },
     }
@@ -154,6 +178,38 @@ mod tests {
             s,
             r#"{"type":"msg","conv":"team","seq":1,"from":"alice","device":"phone","cmid":"c1","body":"hi","ts":5}"#
         );
+    }
+
+    #[test]
+    fn frames_are_encoded_at_their_exact_size_large_or_small() {
+        let big = ServerFrame::Msg(
+            Message {
+                conv: "team".into(),
+                seq: 1,
+                from: "alice".into(),
+                device: "phone".into(),
+                cmid: "c1".into(),
+                body: "x".repeat(200 << 10),
+                reply_to: None,
+                ts: 5,
+            }
+            .into(),
+        );
+        let small = ServerFrame::Notify {
+            conv: "team".into(),
+            max_seq: 7,
+        };
+        for f in [&big, &small, &big, &small] {
+            roundtrip_server(f);
+            match encode(f, Encoding::MsgPack) {
+                Encoded::Binary(b) => assert_eq!(b.len(), b.capacity()),
+                other => panic!("{other:?}"),
+            }
+            match encode(f, Encoding::Json) {
+                Encoded::Text(t) => assert_eq!(t.len(), t.capacity()),
+                other => panic!("{other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -352,7 +352,7 @@ impl Router {
                     SendRequest {
                         conv: conv.as_deref(),
                         to: to.as_deref(),
-                        cmid: &cmid,
+                        cmid,
                         body,
                         reply_to,
                     },

@@ -224,7 +224,7 @@ impl Sim {
                     SendRequest {
                         conv: conv.as_deref(),
                         to: to.as_deref(),
-                        cmid: &cmid,
+                        cmid,
                         body,
                         reply_to,
                     },
