@@ -136,6 +136,20 @@ mod tests {
         }
     }
 
+    /// Message 1 of conversation `team`, from alice's phone.
+    fn sample_message(body: &str) -> Message {
+        Message {
+            conv: "team".into(),
+            seq: 1,
+            from: "alice".into(),
+            device: "phone".into(),
+            cmid: "c1".into(),
+            body: body.into(),
+            reply_to: None,
+            ts: 5,
+        }
+    }
+
     #[test]
     fn json_shapes_match_the_spec() {
         let f: ClientFrame = serde_json::from_str(
@@ -160,20 +174,7 @@ mod tests {
         })
         .unwrap();
         assert_eq!(s, r#"{"type":"notify","conv":"team","max_seq":7}"#);
-        let s = serde_json::to_string(&ServerFrame::Msg(
-            Message {
-                conv: "team".into(),
-                seq: 1,
-                from: "alice".into(),
-                device: "phone".into(),
-                cmid: "c1".into(),
-                body: "hi".into(),
-                reply_to: None,
-                ts: 5,
-            }
-            .into(),
-        ))
-        .unwrap();
+        let s = serde_json::to_string(&ServerFrame::Msg(sample_message("hi").into())).unwrap();
         assert_eq!(
             s,
             r#"{"type":"msg","conv":"team","seq":1,"from":"alice","device":"phone","cmid":"c1","body":"hi","ts":5}"#
@@ -182,19 +183,7 @@ mod tests {
 
     #[test]
     fn frames_are_encoded_at_their_exact_size_large_or_small() {
-        let big = ServerFrame::Msg(
-            Message {
-                conv: "team".into(),
-                seq: 1,
-                from: "alice".into(),
-                device: "phone".into(),
-                cmid: "c1".into(),
-                body: "x".repeat(200 << 10),
-                reply_to: None,
-                ts: 5,
-            }
-            .into(),
-        );
+        let big = ServerFrame::Msg(sample_message(&"x".repeat(200 << 10)).into());
         let small = ServerFrame::Notify {
             conv: "team".into(),
             max_seq: 7,
