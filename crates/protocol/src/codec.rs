@@ -3,6 +3,7 @@
 //! client's last frame used; the first frames use the encoding picked at connect time.
 
 use crate::frame::{ClientFrame, ServerFrame};
+use crate::tagged::{deserialize_tagged, type_first, ByVariant};
 use serde::Serialize;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -99,12 +100,24 @@ pub fn decode_server(bytes: &[u8], encoding: Encoding) -> Result<ServerFrame, De
     decode(bytes, encoding)
 }
 
-fn decode<T: serde::de::DeserializeOwned>(
+/// A frame with `type` first is decoded in one pass; any other goes through the derived decoder
+/// (see [`crate::tagged`]).
+fn decode<T: serde::de::DeserializeOwned + ByVariant>(
     bytes: &[u8],
     encoding: Encoding,
 ) -> Result<T, DecodeError> {
+    let fast = type_first(bytes, encoding);
     Ok(match encoding {
+        Encoding::Json if fast => {
+            let mut de = serde_json::Deserializer::from_slice(bytes);
+            let frame = deserialize_tagged(&mut de)?;
+            de.end()?;
+            frame
+        }
         Encoding::Json => serde_json::from_slice(bytes)?,
+        Encoding::MsgPack if fast => {
+            deserialize_tagged(&mut rmp_serde::Deserializer::from_read_ref(bytes))?
+        }
         Encoding::MsgPack => rmp_serde::from_slice(bytes)?,
     })
 }

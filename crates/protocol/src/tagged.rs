@@ -4,36 +4,34 @@
 //! serde's derived decoder for such an enum first copies the whole map into a buffer of generic
 //! values, looks for the tag, then decodes the variant from the buffer: an allocation, a copy and
 //! a second walk per frame, on the path of every message. Every encoder of ours writes `type`
-//! first, so [`deserialize_tagged`] reads the first key and, when it is `type`, decodes the
-//! variant straight from the rest of the map. Any other order is still accepted (the protocol
-//! does not require `type` to come first): the map is then buffered once, as the derived decoder
-//! would, and decoded from the buffer. An array whose first element is the tag (what serde
-//! accepts for a MessagePack struct written as an array) is decoded in one pass too.
+//! first, so when a frame's bytes start with a map whose first key is `type` ([`type_first`]),
+//! [`deserialize_tagged`] reads the tag and decodes the variant straight from the rest of the map.
+//! Any other frame (the tag further in, an escaped key, an array) goes to the derived decoder,
+//! which stays the type's `Deserialize`, so both paths accept and refuse the same frames.
 //!
-//! The variant itself is decoded by serde's derive, in the externally tagged form, through a
-//! remote definition that [`tagged_enum!`] makes from the same enum body, so the fields and their
-//! attributes are written once.
+//! The one-pass path decodes the variant with serde's derive too, in the externally tagged form,
+//! through a remote definition that [`tagged_enum!`] makes from the same enum body, so the fields
+//! and their attributes are written once.
 
-use serde::de::value::{MapAccessDeserializer, SeqAccessDeserializer, StrDeserializer};
+use crate::codec::Encoding;
+use serde::de::value::{MapAccessDeserializer, StrDeserializer};
 use serde::de::{
-    self, DeserializeSeed, Deserializer, EnumAccess, IgnoredAny, MapAccess, SeqAccess,
-    VariantAccess, Visitor,
+    self, DeserializeSeed, Deserializer, EnumAccess, IgnoredAny, MapAccess, VariantAccess, Visitor,
 };
 use serde::Deserialize;
 use std::fmt;
 use std::marker::PhantomData;
 
-/// Defines a frame enum: serialized internally tagged by `type` (snake_case variant names), and
-/// decoded in one pass by [`deserialize_tagged`]. `$remote` is the enum's name as a string
-/// literal, and `$shadow` names the private remote definition serde derives the variants'
-/// decoder from.
+/// Defines a frame enum: internally tagged by `type` (snake_case variant names) both ways, plus
+/// the one-pass decoder of [`deserialize_tagged`]. `$remote` is the enum's name as a string
+/// literal, and `$shadow` names the private remote definition serde derives that decoder from.
 macro_rules! tagged_enum {
     (
         $(#[$meta:meta])*
         $vis:vis enum $name:ident (remote $remote:literal, decoder $shadow:ident) { $($body:tt)* }
     ) => {
         $(#[$meta])*
-        #[derive(serde::Serialize)]
+        #[derive(serde::Serialize, serde::Deserialize)]
         #[serde(tag = "type", rename_all = "snake_case")]
         $vis enum $name { $($body)* }
 
@@ -49,12 +47,6 @@ macro_rules! tagged_enum {
                 $shadow::deserialize(d)
             }
         }
-
-        impl<'de> serde::Deserialize<'de> for $name {
-            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                $crate::tagged::deserialize_tagged(d)
-            }
-        }
     };
 }
 pub(crate) use tagged_enum;
@@ -65,9 +57,38 @@ pub trait ByVariant: Sized {
     fn deserialize_variant<'de, D: Deserializer<'de>>(d: D) -> Result<Self, D::Error>;
 }
 
-/// Decodes an internally tagged enum (see the module doc).
+/// Whether `bytes` are a map whose first key is `type`, spelled plainly: a frame that
+/// [`deserialize_tagged`] can decode in one pass.
+pub fn type_first(bytes: &[u8], encoding: Encoding) -> bool {
+    match encoding {
+        Encoding::Json => {
+            let rest = skip_space(bytes);
+            rest.first() == Some(&b'{') && skip_space(&rest[1..]).starts_with(b"\"type\"")
+        }
+        Encoding::MsgPack => {
+            // fixmap, map 16 or map 32, then the fixstr "type".
+            let key_at = match bytes.first() {
+                Some(0x80..=0x8f) => 1,
+                Some(0xde) => 3,
+                Some(0xdf) => 5,
+                _ => return false,
+            };
+            bytes.get(key_at..key_at + 5) == Some(&b"\xa4type"[..])
+        }
+    }
+}
+
+fn skip_space(b: &[u8]) -> &[u8] {
+    let n = b
+        .iter()
+        .take_while(|c| matches!(c, b' ' | b'\t' | b'\n' | b'\r'))
+        .count();
+    &b[n..]
+}
+
+/// Decodes an internally tagged enum whose first key is `type` (see [`type_first`]).
 pub fn deserialize_tagged<'de, D: Deserializer<'de>, T: ByVariant>(d: D) -> Result<T, D::Error> {
-    d.deserialize_any(TaggedVisitor(PhantomData))
+    d.deserialize_map(TaggedVisitor(PhantomData))
 }
 
 struct TaggedVisitor<T>(PhantomData<T>);
@@ -76,63 +97,19 @@ impl<'de, T: ByVariant> Visitor<'de> for TaggedVisitor<T> {
     type Value = T;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a frame: a map with a `type` entry")
+        f.write_str("a frame: a map with a `type` entry first")
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<T, A::Error> {
-        let Some(first) = map.next_key::<Key<'de>>()? else {
-            return Err(de::Error::missing_field("type"));
-        };
-        if first.as_str() == "type" {
-            let tag = map.next_value::<Key<'de>>()?;
-            return T::deserialize_variant(Tagged {
-                tag,
-                rest: MapAccessDeserializer::new(map),
-            });
+        match map.next_key::<Key<'de>>()? {
+            Some(k) if k.as_str() == "type" => {}
+            _ => return Err(de::Error::missing_field("type")),
         }
-        // The tag is further in: buffer the map, then decode from the buffer.
-        let mut entries = serde_json::Map::new();
-        let value = map.next_value::<serde_json::Value>()?;
-        entries.insert(first.into_string(), value);
-        while let Some((k, v)) = map.next_entry::<String, serde_json::Value>()? {
-            entries.insert(k, v);
-        }
-        let tag = match entries.remove("type") {
-            Some(serde_json::Value::String(s)) => s,
-            Some(other) => {
-                return Err(de::Error::invalid_type(
-                    unexpected(&other),
-                    &"a string naming the frame type",
-                ))
-            }
-            None => return Err(de::Error::missing_field("type")),
-        };
-        T::deserialize_variant(Tagged {
-            tag: Key::Owned(tag),
-            rest: serde_json::Value::Object(entries),
-        })
-        .map_err(de::Error::custom)
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<T, A::Error> {
-        let Some(tag) = seq.next_element::<Key<'de>>()? else {
-            return Err(de::Error::invalid_length(0, &self));
-        };
+        let tag = map.next_value::<Key<'de>>()?;
         T::deserialize_variant(Tagged {
             tag,
-            rest: SeqAccessDeserializer::new(seq),
+            rest: MapAccessDeserializer::new(map),
         })
-    }
-}
-
-fn unexpected(v: &serde_json::Value) -> de::Unexpected<'_> {
-    match v {
-        serde_json::Value::Null => de::Unexpected::Unit,
-        serde_json::Value::Bool(b) => de::Unexpected::Bool(*b),
-        serde_json::Value::Number(_) => de::Unexpected::Other("a number"),
-        serde_json::Value::String(s) => de::Unexpected::Str(s),
-        serde_json::Value::Array(_) => de::Unexpected::Seq,
-        serde_json::Value::Object(_) => de::Unexpected::Map,
     }
 }
 
@@ -146,13 +123,6 @@ impl Key<'_> {
     fn as_str(&self) -> &str {
         match self {
             Key::Borrowed(s) => s,
-            Key::Owned(s) => s,
-        }
-    }
-
-    fn into_string(self) -> String {
-        match self {
-            Key::Borrowed(s) => s.to_string(),
             Key::Owned(s) => s,
         }
     }
@@ -342,16 +312,14 @@ mod tests {
 
     #[test]
     fn bad_tags_are_clear_errors() {
-        let cases: [(&[u8], &str); 6] = [
+        let cases: [(&[u8], &str); 7] = [
             (br#"{}"#, "missing field `type`"),
             (br#"{"cmid":"c1"}"#, "missing field `type`"),
             (br#"{"type":"nope"}"#, "unknown variant `nope`"),
             (br#"{"cmid":"c1","type":"nope"}"#, "unknown variant `nope`"),
             (br#"{"type":5}"#, "expected a string"),
-            (
-                br#"{"cmid":"c1","type":5}"#,
-                "a string naming the frame type",
-            ),
+            (br#"{"cmid":"c1","type":5}"#, "expected variant identifier"),
+            (br#""send""#, "invalid type"),
         ];
         for (bytes, want) in cases {
             let e = decode_client(bytes, Encoding::Json)
@@ -366,13 +334,75 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("missing field `cmid`"), "{e}");
-        let e = decode_client(br#""send""#, Encoding::Json)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("a map with a `type` entry"), "{e}");
         let e = decode_client(&msgpack(&json!([])), Encoding::MsgPack)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("invalid length 0"), "{e}");
+        assert!(e.contains("missing field `type`"), "{e}");
+        assert!(decode_client(br#"{"type":"ping"} x"#, Encoding::Json).is_err());
+    }
+
+    #[test]
+    fn both_paths_refuse_repeated_fields() {
+        for frame in [
+            &br#"{"type":"send","conv":"a","cmid":"x","body":"b","conv":"b"}"#[..],
+            br#"{"conv":"a","type":"send","cmid":"x","body":"b","conv":"b"}"#,
+        ] {
+            let e = decode_client(frame, Encoding::Json)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("duplicate field `conv`"), "{e}");
+        }
+    }
+
+    #[test]
+    fn binary_values_in_unknown_fields_are_ignored_wherever_the_tag_is() {
+        // {"type":"send", ..., "att": <bin 01 02>} with `type` first and last.
+        for type_first in [true, false] {
+            let mut entries = vec![
+                ("conv", Bin::Str("team")),
+                ("cmid", Bin::Str("c1")),
+                ("body", Bin::Str("hi")),
+                ("reply_to", Bin::U(3)),
+                ("att", Bin::Bytes(&[1, 2])),
+            ];
+            if type_first {
+                entries.insert(0, ("type", Bin::Str("send")));
+            } else {
+                entries.push(("type", Bin::Str("send")));
+            }
+            let bytes = raw_map(&entries);
+            assert_eq!(
+                crate::tagged::type_first(&bytes, Encoding::MsgPack),
+                type_first
+            );
+            assert_eq!(decode_client(&bytes, Encoding::MsgPack).unwrap(), send());
+        }
+    }
+
+    /// A MessagePack value, written by hand so that binary values can be put in a frame.
+    enum Bin<'a> {
+        Str(&'a str),
+        U(u8),
+        Bytes(&'a [u8]),
+    }
+
+    fn raw_map(entries: &[(&str, Bin)]) -> Vec<u8> {
+        let mut out = vec![0x80 | entries.len() as u8];
+        let put_str = |out: &mut Vec<u8>, s: &str| {
+            out.push(0xa0 | s.len() as u8);
+            out.extend_from_slice(s.as_bytes());
+        };
+        for (k, v) in entries {
+            put_str(&mut out, k);
+            match v {
+                Bin::Str(s) => put_str(&mut out, s),
+                Bin::U(n) => out.push(*n),
+                Bin::Bytes(b) => {
+                    out.extend_from_slice(&[0xc4, b.len() as u8]);
+                    out.extend_from_slice(b);
+                }
+            }
+        }
+        out
     }
 }
