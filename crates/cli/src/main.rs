@@ -1,7 +1,7 @@
 //! The `ordo` command: `serve` runs the server, `token` mints a client token, `send`, `tail`
-//! and `chat` use the client SDK, `bench` measures a running server.
+//! and `chat` use the client SDK, `check` proves the delivery contract against a real server
+//! under faults. (Benchmarks against other systems are a separate tool, `ordo-bench`.)
 
-mod bench;
 mod check;
 mod messaging;
 mod serve;
@@ -47,8 +47,6 @@ enum Cmd {
     Tail(messaging::TailArgs),
     /// Line-mode chat in one conversation, showing each message's state as it changes.
     Chat(messaging::ChatArgs),
-    /// Benchmarks: Ordo side by side with Mosquitto and NATS JetStream (pairs, fanout, catchup, connections).
-    Bench(bench::BenchArgs),
     /// Chaos run against a real server: kills, cut connections, client crashes; then verify
     /// that every accepted message reached every device exactly once, in order.
     Check(check::CheckArgs),
@@ -109,7 +107,6 @@ fn main() -> ExitCode {
         Cmd::Send(args) => messaging::send(args),
         Cmd::Tail(args) => messaging::tail(args),
         Cmd::Chat(args) => messaging::chat(args),
-        Cmd::Bench(args) => bench::run(args),
         Cmd::Check(args) => check::run(args),
     }
 }

@@ -527,9 +527,9 @@ async fn an_offline_device_catches_up_on_1000_messages_exactly_once() {
 
 // ----- 5. authorization -----
 
-fn http_status(e: ordo::wire::WireError) -> u16 {
+fn http_status(e: ordo_testkit::wire::WireError) -> u16 {
     match e {
-        ordo::wire::WireError::Ws(tokio_tungstenite::tungstenite::Error::Http(r)) => {
+        ordo_testkit::wire::WireError::Ws(tokio_tungstenite::tungstenite::Error::Http(r)) => {
             r.status().as_u16()
         }
         other => panic!("expected an HTTP error at the upgrade, got {other}"),
@@ -638,7 +638,7 @@ async fn non_members_and_bad_credentials_are_rejected() {
         String::new(),
     ];
     for t in &bad {
-        let e = ordo::wire::WireClient::connect(&url, t, Encoding::Json)
+        let e = ordo_testkit::wire::WireClient::connect(&url, t, Encoding::Json)
             .await
             .err()
             .unwrap_or_else(|| panic!("token {t:?} was accepted"));
@@ -719,7 +719,7 @@ async fn non_members_and_bad_credentials_are_rejected() {
     assert_eq!(r.status().as_u16(), 200);
     let v: serde_json::Value = r.json().await.expect("json");
     let t = v["token"].as_str().expect("token");
-    let mut w = ordo::wire::WireClient::connect(&url, t, Encoding::Json)
+    let mut w = ordo_testkit::wire::WireClient::connect(&url, t, Encoding::Json)
         .await
         .expect("minted token works");
     match w.recv_timeout(WAIT).await.expect("welcome") {
@@ -1056,7 +1056,7 @@ async fn raw_frame(c: &mut Client) -> (bool, ServerFrame) {
 
 /// Connects without reading `welcome`, so that its kind can be checked too.
 async fn connect_raw(server: &Server, user: &str, enc: Encoding) -> Client {
-    let wire = ordo::wire::WireClient::connect(&server.ws_url(), &token(user, "d1"), enc)
+    let wire = ordo_testkit::wire::WireClient::connect(&server.ws_url(), &token(user, "d1"), enc)
         .await
         .expect("connect");
     Client {

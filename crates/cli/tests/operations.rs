@@ -49,13 +49,13 @@ async fn settings_come_from_the_config_file_and_flags_win() {
 
 /// `Client::connect` with the `welcome` kept for inspection.
 struct WireClientHelper {
-    client: ordo::wire::WireClient,
+    client: ordo_testkit::wire::WireClient,
     welcome: ServerFrame,
 }
 
 impl WireClientHelper {
     async fn connect(server: &Server, user: &str) -> Self {
-        let mut client = ordo::wire::WireClient::connect(
+        let mut client = ordo_testkit::wire::WireClient::connect(
             &server.ws_url(),
             &token(user, "d1"),
             ordo_protocol::Encoding::Json,

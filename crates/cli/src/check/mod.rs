@@ -1,6 +1,8 @@
 //! `ordo check`: a chaos run against real processes, and the ledger that judges it.
 //!
-//! A real `ordo serve` runs as a child process ([`target`]); SDK clients, each with its own
+//! A real `ordo serve` runs as a child process (the test kit's [`ServerProcess`], this very
+//! binary, started with `ORDO_*` variables cleared so the caller's environment cannot change the
+//! server under test); SDK clients, each with its own
 //! store, talk to it through a fault-injecting proxy ([`proxy`]) in a group and in direct
 //! conversations at a steady rate. The server is SIGKILLed and restarted at random intervals;
 //! clients crash (their driver stops mid-flight) and are reopened on their stores. After the
@@ -10,12 +12,11 @@
 
 mod ledger;
 mod proxy;
-pub(crate) mod target;
 
 use clap::Args;
 use ledger::{Ledger, Report};
 use ordo_client::{Client, ClientOptions, Target};
-use ordo_server::auth::{Claims, TokenKey};
+use ordo_testkit::{Admin, ServerOptions, ServerProcess};
 use proxy::{FaultProxy, Faults};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -23,7 +24,6 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use target::{CheckTarget, LocalServer};
 use tokio::sync::mpsc;
 
 #[derive(Args)]
@@ -112,14 +112,18 @@ async fn check(args: CheckArgs) -> Result<(Report, bool), String> {
     let mut rng = StdRng::seed_from_u64(seed);
     let started = Instant::now();
 
-    let user_rate = args.user_rate;
-    let server = tokio::task::spawn_blocking(move || LocalServer::start(user_rate))
+    let mut opts = ServerOptions::new(
+        std::env::current_exe().map_err(|e| format!("cannot find the ordo binary: {e}"))?,
+    );
+    opts.user_rate = args.user_rate;
+    let server = tokio::task::spawn_blocking(move || ServerProcess::start(opts))
         .await
-        .map_err(|e| e.to_string())??;
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("cannot start `ordo serve`: {e}"))?;
     let port = server.port();
     let secret = server.secret().to_string();
-    let admin = server.admin_key().to_string();
-    let server: Arc<Mutex<Box<dyn CheckTarget>>> = Arc::new(Mutex::new(Box::new(server)));
+    let admin = Admin::new(&server.http_url(), server.admin_key()).map_err(|e| e.to_string())?;
+    let server = Arc::new(Mutex::new(server));
 
     let faults = Faults {
         mean_life: if args.disconnect_every > 0.0 {
@@ -139,7 +143,10 @@ async fn check(args: CheckArgs) -> Result<(Report, bool), String> {
     let clients = args.clients.max(2);
     let users = (clients * 2 / 3).max(2);
     let names: Vec<String> = (0..users).map(|u| format!("u{u}")).collect();
-    create_group(port, &admin, "chk", &names).await?;
+    admin
+        .create_group("chk", &names)
+        .await
+        .map_err(|e| e.to_string())?;
     let devices: Vec<Device> = (0..clients)
         .map(|i| {
             let u = i % users;
@@ -175,18 +182,13 @@ async fn check(args: CheckArgs) -> Result<(Report, bool), String> {
 
     // Device tasks.
     let dir = tempfile::tempdir().map_err(|e| format!("cannot create a temp dir: {e}"))?;
-    let key = TokenKey::new(secret.as_bytes());
     let per_device_rate = (args.rate / clients as f64).max(0.01);
     let client_kills = Arc::new(AtomicU64::new(0));
     let mut ctrls = Vec::new();
     let mut tasks = Vec::new();
     for (i, d) in devices.iter().enumerate() {
-        let token = key
-            .sign(&Claims {
-                user: d.user.clone(),
-                device: d.device.clone(),
-                exp: u64::MAX / 4,
-            })
+        // Valid far beyond any run.
+        let token = ordo_testkit::token(&secret, &d.user, &d.device, 10 * 365 * 86_400)
             .map_err(|e| e.to_string())?;
         let (tx, rx) = mpsc::unbounded_channel();
         ctrls.push(tx);
@@ -243,10 +245,10 @@ async fn check(args: CheckArgs) -> Result<(Report, bool), String> {
                 }
                 let down = Duration::from_millis(r.random_range(50..600));
                 let mut s = server.lock().map_err(|_| "server lock poisoned")?;
-                s.kill()?;
+                s.kill9().map_err(|e| e.to_string())?;
                 kills.fetch_add(1, Ordering::Relaxed);
                 std::thread::sleep(down);
-                s.restart()?;
+                s.restart().map_err(|e| e.to_string())?;
             }
         })
     };
@@ -279,7 +281,7 @@ async fn check(args: CheckArgs) -> Result<(Report, bool), String> {
         tokio::task::spawn_blocking(move || -> Result<(), String> {
             let mut s = server.lock().map_err(|_| "server lock poisoned")?;
             if !s.is_running() {
-                s.restart()?;
+                s.restart().map_err(|e| e.to_string())?;
             }
             Ok(())
         })
@@ -315,23 +317,6 @@ async fn check(args: CheckArgs) -> Result<(Report, bool), String> {
 fn exp_secs(r: &mut StdRng, mean: f64) -> Duration {
     let u: f64 = r.random_range(0.0001..1.0);
     Duration::from_secs_f64(mean * -u.ln())
-}
-
-async fn create_group(port: u16, admin: &str, id: &str, members: &[String]) -> Result<(), String> {
-    let resp = reqwest::Client::new()
-        .post(format!("http://127.0.0.1:{port}/v1/admin/groups"))
-        .bearer_auth(admin)
-        .json(&serde_json::json!({"id": id, "members": members}))
-        .send()
-        .await
-        .map_err(|e| format!("cannot create the group: {e}"))?;
-    if !resp.status().is_success() {
-        return Err(format!(
-            "cannot create the group: {}",
-            resp.text().await.unwrap_or_default()
-        ));
-    }
-    Ok(())
 }
 
 async fn open_client(opts: &ClientOptions) -> Client {

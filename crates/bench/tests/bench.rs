@@ -1,4 +1,4 @@
-//! `ordo bench` end to end, with small counts: every scenario runs against the real server and,
+//! `ordo-bench` end to end, with small counts: every scenario runs against the real server and,
 //! where the scenario has peers, against the local Mosquitto and NATS JetStream, and reports
 //! what each system delivered. This checks the harness (nothing lost, nothing counted twice, the
 //! JSON and the chart), not speed: the numbers belong in docs/benchmarks.md.
@@ -8,8 +8,38 @@
 
 use serde_json::Value;
 use std::net::TcpStream;
+use std::path::PathBuf;
 use std::process::Command;
+use std::sync::OnceLock;
 use std::time::Duration;
+
+/// The `ordo` binary the bench starts: the workspace's, built here if this test binary was
+/// built without it (`cargo test -p ordo-bench`).
+fn ordo() -> &'static PathBuf {
+    static ORDO: OnceLock<PathBuf> = OnceLock::new();
+    ORDO.get_or_init(|| {
+        if let Ok(p) = ordo_testkit::ordo_exe() {
+            return p;
+        }
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--bin", "ordo"])
+            .status()
+            .expect("run cargo build --bin ordo");
+        assert!(status.success(), "cargo build --bin ordo failed");
+        ordo_testkit::ordo_exe().expect("the ordo binary after cargo build")
+    })
+}
+
+/// `ordo-bench` with `args`, starting the workspace's `ordo`.
+fn ordo_bench(args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ordo-bench"));
+    cmd.args(args)
+        .arg("--ordo")
+        .arg(ordo())
+        .env_remove("RUST_LOG");
+    cmd
+}
 
 fn up(addr: &str) -> bool {
     addr.parse()
@@ -35,16 +65,13 @@ fn systems() -> &'static str {
 }
 
 fn bench(args: &[&str]) -> Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_ordo"))
-        .arg("bench")
-        .args(args)
+    let out = ordo_bench(args)
         .args(["--runs", "1", "--json"])
-        .env_remove("RUST_LOG")
         .output()
-        .expect("run ordo bench");
+        .expect("run ordo-bench");
     assert!(
         out.status.success(),
-        "ordo bench {args:?} failed:\n{}",
+        "ordo-bench {args:?} failed:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout)
@@ -95,8 +122,8 @@ fn pairs_deliver_every_message_once_on_every_system_and_chart_draws_them() {
     let input = dir.path().join("pairs.json");
     std::fs::write(&input, doc.to_string()).unwrap();
     let svg = dir.path().join("chart.svg");
-    let status = Command::new(env!("CARGO_BIN_EXE_ordo"))
-        .args(["bench", "chart", "--output"])
+    let status = Command::new(env!("CARGO_BIN_EXE_ordo-bench"))
+        .args(["chart", "--output"])
         .arg(&svg)
         .arg(&input)
         .status()
@@ -214,12 +241,7 @@ fn bad_arguments_are_refused_with_the_reason() {
             "connections scenario",
         ),
     ] {
-        let out = Command::new(env!("CARGO_BIN_EXE_ordo"))
-            .arg("bench")
-            .args(args)
-            .args(["--runs", "1"])
-            .output()
-            .unwrap();
+        let out = ordo_bench(args).args(["--runs", "1"]).output().unwrap();
         assert!(!out.status.success(), "{args:?}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(says), "{args:?}: {err}");

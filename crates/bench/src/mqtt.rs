@@ -1,4 +1,4 @@
-//! Mosquitto (MQTT 3.1.1) as a peer system of `ordo bench`, at QoS 1 (`mqtt-qos1`) and QoS 2
+//! Mosquitto (MQTT 3.1.1) as a peer system of `ordo-bench`, at QoS 1 (`mqtt-qos1`) and QoS 2
 //! (`mqtt-qos2`), running the same workloads as Ordo: pairs, fan-out to the subscribers of one
 //! topic, and catch-up of a subscriber that was offline.
 //!
@@ -30,12 +30,12 @@
 //! session so that the broker drops their sessions. No wait is unbounded: receivers stop once
 //! nothing has arrived for 10 s after the senders finished, and the run reports what arrived.
 
-use super::payload::Clock;
-use super::peer::{
-    self, Bodies, Inbox, Publish, Sent, Subscribe, Task, Until, IDLE, SETUP_CONCURRENCY,
+use crate::payload::Clock;
+use crate::report::{Latency, Outcome};
+use crate::system::{
+    self, Bodies, Inbox, Publish, Sent, Subscribe, System, Task, Until, IDLE, SETUP_CONCURRENCY,
 };
-use super::report::{Latency, Outcome};
-use super::{fail, run_tag, BenchError, CatchupArgs, FanoutArgs, PairsArgs};
+use crate::{fail, run_tag, BenchError};
 use futures_util::StreamExt;
 use rumqttc::{
     AsyncClient, Event, EventLoop, Incoming, MqttOptions, Outgoing, QoS, SubscribeReasonCode,
@@ -49,110 +49,134 @@ use tokio::time::{timeout, Instant};
 /// How long a client gets to send its DISCONNECT.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// P sender/receiver pairs, sender i publishing to the topic receiver i subscribes to.
-pub async fn pairs(
-    addr: &str,
-    qos: u8,
-    a: &PairsArgs,
-    clock: &Clock,
-) -> Result<Outcome, BenchError> {
-    let broker = Broker::new(addr, qos)?;
-    let bodies = Bodies::new(clock, a.body_bytes);
-    let tag = run_tag();
-    let receiver = |i: usize| format!("ordo-bench-{tag}-r{i}");
-    let sender = |i: usize| format!("ordo-bench-{tag}-s{i}");
-    let topic = |i: usize| format!("ordo-bench/{tag}/pair/{i}");
-    let ids = (0..a.pairs)
-        .flat_map(|i| [receiver(i), sender(i)])
-        .collect();
-    let run = peer::pairs(
-        broker.system,
-        broker.subscribers((0..a.pairs).map(|i| (receiver(i), topic(i))), a.body_bytes),
-        |i| Publisher::start(&broker, sender(i), topic(i), a.window, bodies),
-        a,
-        clock,
-    );
-    broker.cleanup(run.await, ids).await
+/// Mosquitto at one QoS, with this run's client ids and topics: pair i is receiver
+/// `ordo-bench-<tag>-r<i>` subscribed to `ordo-bench/<tag>/pair/<i>` and sender
+/// `ordo-bench-<tag>-s<i>` publishing there; a fan-out group is the topic
+/// `ordo-bench/<tag>/group`; catch-up uses `ordo-bench/<tag>/inbox`.
+pub struct Mqtt {
+    broker: Broker,
+    tag: String,
+    /// Every client id this run used, whose sessions are dropped at the end.
+    ids: Vec<String>,
 }
 
-/// One publisher and `members` subscribers of one topic; each message is sent once every
-/// subscriber has the one before (or nothing new arrived for 10 s).
-pub async fn fanout(
-    addr: &str,
-    qos: u8,
-    a: &FanoutArgs,
-    clock: &Clock,
-) -> Result<Outcome, BenchError> {
-    let broker = Broker::new(addr, qos)?;
-    let bodies = Bodies::new(clock, a.body_bytes);
-    let tag = run_tag();
-    let member = |i: usize| format!("ordo-bench-{tag}-m{i}");
-    let sender = format!("ordo-bench-{tag}-s");
-    let topic = format!("ordo-bench/{tag}/group");
-    let mut ids: Vec<String> = (0..a.members).map(member).collect();
-    ids.push(sender.clone());
-    let run = peer::fanout(
-        broker.system,
-        broker.subscribers(
-            (0..a.members).map(|i| (member(i), topic.clone())),
-            a.body_bytes,
-        ),
-        Publisher::start(&broker, sender.clone(), topic.clone(), 1, bodies),
-        a,
-        clock,
-    );
-    broker.cleanup(run.await, ids).await
+impl Mqtt {
+    pub fn new(addr: &str, qos: u8) -> Result<Self, BenchError> {
+        Ok(Mqtt {
+            broker: Broker::new(addr, qos)?,
+            tag: run_tag(),
+            ids: Vec::new(),
+        })
+    }
+
+    fn id(&mut self, who: &str) -> String {
+        let id = format!("ordo-bench-{}-{who}", self.tag);
+        self.ids.push(id.clone());
+        id
+    }
+
+    fn topic(&self, leaf: &str) -> String {
+        format!("ordo-bench/{}/{leaf}", self.tag)
+    }
+
+    /// The catch-up receiver's client id (persistent session) and topic.
+    fn inbox(&self) -> (String, String) {
+        (format!("ordo-bench-{}-r", self.tag), self.topic("inbox"))
+    }
 }
 
-/// One subscriber offline while `messages` are published to its topic; the time from its
-/// reconnect until it has them all (or nothing new arrived for 10 s).
-pub async fn catchup(
-    addr: &str,
-    qos: u8,
-    a: &CatchupArgs,
-    clock: &Clock,
-) -> Result<Outcome, BenchError> {
-    let broker = Broker::new(addr, qos)?;
-    let bodies = Bodies::new(clock, a.body_bytes);
-    let tag = run_tag();
-    let device = format!("ordo-bench-{tag}-r");
-    let sender = format!("ordo-bench-{tag}-s");
-    let topic = format!("ordo-bench/{tag}/inbox");
-    let ids = vec![device.clone(), sender.clone()];
-    let offline = async {
-        let mut subs = broker
-            .subscribers([(device.clone(), topic.clone())], a.body_bytes)
+impl System for Mqtt {
+    type Receiver = Conn;
+    type Sender = Publisher;
+    type Idle = ();
+
+    fn name(&self) -> &'static str {
+        self.broker.system
+    }
+
+    async fn pair_receivers(
+        &mut self,
+        n: usize,
+        body_bytes: usize,
+    ) -> Result<Vec<Conn>, BenchError> {
+        let who: Vec<(String, String)> = (0..n)
+            .map(|i| (self.id(&format!("r{i}")), self.topic(&format!("pair/{i}"))))
+            .collect();
+        self.broker.subscribers(who, body_bytes).await
+    }
+
+    async fn pair_sender(
+        &mut self,
+        i: usize,
+        window: usize,
+        bodies: Bodies,
+    ) -> Result<Publisher, BenchError> {
+        let (id, topic) = (self.id(&format!("s{i}")), self.topic(&format!("pair/{i}")));
+        Publisher::start(&self.broker, id, topic, window, bodies).await
+    }
+
+    async fn group_receivers(
+        &mut self,
+        members: usize,
+        body_bytes: usize,
+    ) -> Result<Vec<Conn>, BenchError> {
+        let topic = self.topic("group");
+        let who: Vec<(String, String)> = (0..members)
+            .map(|i| (self.id(&format!("m{i}")), topic.clone()))
+            .collect();
+        self.broker.subscribers(who, body_bytes).await
+    }
+
+    async fn group_sender(&mut self, bodies: Bodies) -> Result<Publisher, BenchError> {
+        let (id, topic) = (self.id("s"), self.topic("group"));
+        Publisher::start(&self.broker, id, topic, 1, bodies).await
+    }
+
+    /// Subscribes with a persistent session, then disconnects: the broker queues for it.
+    async fn offline_receiver(&mut self, body_bytes: usize) -> Result<(), BenchError> {
+        let (device, topic) = self.inbox();
+        self.ids.push(device.clone());
+        let mut subs = self
+            .broker
+            .subscribers([(device, topic)], body_bytes)
             .await?;
         if let Some(mut offline) = subs.pop() {
             close(&offline.client, &mut offline.events).await;
         }
         Ok(())
-    };
-    let reconnect = async {
+    }
+
+    async fn catchup_sender(
+        &mut self,
+        window: usize,
+        bodies: Bodies,
+    ) -> Result<Publisher, BenchError> {
+        let (id, topic) = (self.id("s"), self.topic("inbox"));
+        Publisher::start(&self.broker, id, topic, window, bodies).await
+    }
+
+    /// Reconnects the persistent session, which must have been kept.
+    async fn reconnect_receiver(&mut self, body_bytes: usize) -> Result<Conn, BenchError> {
+        let (device, _) = self.inbox();
         let (client, events, session_present) =
-            broker.connect(&device, false, 1, a.body_bytes).await?;
+            self.broker.connect(&device, false, 1, body_bytes).await?;
         if !session_present {
             return Err(BenchError(format!(
                 "Mosquitto at {} did not keep the session of {device} while it was offline \
                  (is `persistent_client_expiration` set very short?)",
-                broker.addr
+                self.broker.addr
             )));
         }
         Ok(Conn {
-            id: device.clone(),
+            id: device,
             client,
             events,
         })
-    };
-    let run = peer::catchup(
-        broker.system,
-        offline,
-        Publisher::start(&broker, sender.clone(), topic.clone(), a.window, bodies),
-        reconnect,
-        a,
-        clock,
-    );
-    broker.cleanup(run.await, ids).await
+    }
+
+    async fn close(self, result: Result<Outcome, BenchError>) -> Result<Outcome, BenchError> {
+        self.broker.cleanup(result, self.ids).await
+    }
 }
 
 /// The broker and the QoS of one run.
@@ -233,7 +257,7 @@ impl Broker {
         who: impl IntoIterator<Item = (String, String)>,
         body_bytes: usize,
     ) -> Result<Vec<Conn>, BenchError> {
-        peer::set_up(who, |(id, topic)| self.subscriber(id, topic, body_bytes)).await
+        system::set_up(who, |(id, topic)| self.subscriber(id, topic, body_bytes)).await
     }
 
     async fn subscriber(
@@ -304,7 +328,7 @@ impl Broker {
         let failed = failed.into_inner();
         if failed > 0 && result.is_ok() {
             eprintln!(
-                "ordo bench: could not drop {failed} MQTT session(s) of this run on {}; Mosquitto \
+                "ordo-bench: could not drop {failed} MQTT session(s) of this run on {}; Mosquitto \
                  keeps them until they expire",
                 self.addr
             );
@@ -330,7 +354,7 @@ async fn close(client: &AsyncClient, events: &mut EventLoop) {
 }
 
 /// A connected, subscribed client.
-struct Conn {
+pub struct Conn {
     id: String,
     client: AsyncClient,
     events: EventLoop,
@@ -366,7 +390,7 @@ impl Subscribe for Conn {
 
 /// A sending client with at most `window` publishes unconfirmed. Its event loop runs in a task
 /// of its own, which times each confirmation against the send stamps, first in, first out.
-struct Publisher {
+pub struct Publisher {
     id: String,
     addr: String,
     client: AsyncClient,

@@ -1,12 +1,14 @@
-//! `ordo bench`: the same workloads against Ordo and against the systems users would pick
+//! `ordo-bench`: the same workloads against Ordo and against the systems users would pick
 //! instead (Mosquitto with QoS 1 and QoS 2, NATS JetStream), on one machine, in one run.
 //!
-//! Scenarios (`pairs`, `fanout`, `catchup`, `connections`) are described by their argument
-//! structs below; each system module ([`ordo`], [`mqtt`], [`jetstream`]) implements them with the
-//! same shape. Runs are alternated between systems (Ordo, QoS 1, QoS 2, JetStream, Ordo, ...), and
-//! each system's row is the median of its runs ([`report::median`]). `disk` measures the disk's
-//! own fdatasync latency, the floor under Ordo's delivery latency; `chart` draws an SVG from the
-//! `--json` output.
+//! Each scenario (`pairs`, `fanout`, `catchup`, `connections`) is written once, in
+//! [`scenario`], over the [`system::System`] trait; [`ordo`], [`mqtt`] and [`jetstream`] say how
+//! to set up each part of a scenario on their system. Runs are alternated between systems (Ordo,
+//! QoS 1, QoS 2, JetStream, Ordo, ...), and each system's row is the median of its runs
+//! ([`report::median`]). `disk` measures the disk's own fdatasync latency, the floor under
+//! Ordo's delivery latency; `chart` draws an SVG from the `--json` output.
+//!
+//! Not part of the product: the `ordo` binary links none of the peers' clients.
 
 mod chart;
 mod disk;
@@ -14,20 +16,25 @@ mod jetstream;
 mod mqtt;
 mod ordo;
 mod payload;
-mod peer;
 mod progress;
 mod report;
+mod scenario;
+mod system;
 
-use clap::{Args, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use payload::Clock;
-use progress::Progress;
 use report::Outcome;
 use serde::Serialize;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-#[derive(Args)]
-pub struct BenchArgs {
+#[derive(Parser)]
+#[command(
+    name = "ordo-bench",
+    version,
+    about = "Benchmarks: Ordo side by side with Mosquitto and NATS JetStream"
+)]
+struct BenchArgs {
     #[command(subcommand)]
     scenario: Scenario,
 }
@@ -80,6 +87,10 @@ pub struct Common {
     /// Extra `ordo serve` flags for the server the bench starts (e.g. "--push-window 1024").
     #[arg(long, allow_hyphen_values = true)]
     pub serve_args: Option<String>,
+    /// The `ordo` binary to start [default: `ordo` beside this program, built first if it is
+    /// missing and this runs under `cargo run`].
+    #[arg(long, env = "ORDO_BIN")]
+    pub ordo: Option<PathBuf>,
     /// Mosquitto's address.
     #[arg(long, default_value = "127.0.0.1:1883")]
     pub mqtt: String,
@@ -262,7 +273,8 @@ struct Results<'a, P: Serialize> {
     medians: &'a [Outcome],
 }
 
-pub fn run(args: BenchArgs) -> ExitCode {
+fn main() -> ExitCode {
+    let args = BenchArgs::parse();
     match args.scenario {
         Scenario::Disk(a) => return disk::run(a),
         Scenario::Chart(a) => return chart::run(a),
@@ -271,7 +283,7 @@ pub fn run(args: BenchArgs) -> ExitCode {
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("ordo bench: cannot start the runtime: {e}");
+            eprintln!("ordo-bench: cannot start the runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -294,20 +306,12 @@ pub fn run(args: BenchArgs) -> ExitCode {
                         "--rate must be a positive number of messages per second".into(),
                     ));
                 }
-                let name = if c.args.rate.is_some() { "pairs-fixed-rate" } else { "pairs" };
-                let a = c.args.clone();
-                series(name, &c.args, &c.common, move |sys, common, clock| {
-                    let a = a.clone();
-                    async move {
-                        match sys {
-                            System::Ordo => ordo::pairs(&common, &a, &clock).await,
-                            System::MqttQos1 => mqtt::pairs(&common.mqtt, 1, &a, &clock).await,
-                            System::MqttQos2 => mqtt::pairs(&common.mqtt, 2, &a, &clock).await,
-                            System::Jetstream => jetstream::pairs(&common.nats, &a, &clock).await,
-                        }
-                    }
-                })
-                .await
+                let name = if c.args.rate.is_some() {
+                    "pairs-fixed-rate"
+                } else {
+                    "pairs"
+                };
+                series(name, &c.args, &c.common, Run::Pairs(&c.args)).await
             }
             Scenario::Fanout(c) => {
                 if c.args.members == 0 || c.args.messages == 0 {
@@ -315,57 +319,18 @@ pub fn run(args: BenchArgs) -> ExitCode {
                         "--members and --messages must be at least 1".into(),
                     ));
                 }
-                raise_fd_limit(c.args.members as u64 + 1024)?;
-                let a = c.args.clone();
-                series("fanout", &c.args, &c.common, move |sys, common, clock| {
-                    let a = a.clone();
-                    async move {
-                        match sys {
-                            System::Ordo => ordo::fanout(&common, &a, &clock).await,
-                            System::MqttQos1 => mqtt::fanout(&common.mqtt, 1, &a, &clock).await,
-                            System::MqttQos2 => mqtt::fanout(&common.mqtt, 2, &a, &clock).await,
-                            System::Jetstream => jetstream::fanout(&common.nats, &a, &clock).await,
-                        }
-                    }
-                })
-                .await
+                series("fanout", &c.args, &c.common, Run::Fanout(&c.args)).await
             }
             Scenario::Catchup(c) => {
                 if c.args.messages == 0 || c.args.window == 0 {
-                    return Err(BenchError("--messages and --window must be at least 1".into()));
+                    return Err(BenchError(
+                        "--messages and --window must be at least 1".into(),
+                    ));
                 }
-                let a = c.args.clone();
-                series("catchup", &c.args, &c.common, move |sys, common, clock| {
-                    let a = a.clone();
-                    async move {
-                        match sys {
-                            System::Ordo => ordo::catchup(&common, &a, &clock).await,
-                            System::MqttQos1 => mqtt::catchup(&common.mqtt, 1, &a, &clock).await,
-                            System::MqttQos2 => mqtt::catchup(&common.mqtt, 2, &a, &clock).await,
-                            System::Jetstream => {
-                                jetstream::catchup(&common.nats, &a, &clock).await
-                            }
-                        }
-                    }
-                })
-                .await
+                series("catchup", &c.args, &c.common, Run::Catchup(&c.args)).await
             }
             Scenario::Connections(c) => {
-                raise_fd_limit(c.args.connections as u64 + 512)?;
-                let a = c.args.clone();
-                series("connections", &c.args, &c.common, move |sys, common, _clock| {
-                    let a = a.clone();
-                    async move {
-                        match sys {
-                            System::Ordo => ordo::connections(&common, &a).await,
-                            other => Err(BenchError(format!(
-                                "the connections scenario measures Ordo's server only (not {}); run it with --systems ordo",
-                                other.name()
-                            ))),
-                        }
-                    }
-                })
-                .await
+                series("connections", &c.args, &c.common, Run::Connections(&c.args)).await
             }
             Scenario::Disk(_) | Scenario::Chart(_) => Ok(()),
         }
@@ -373,25 +338,51 @@ pub fn run(args: BenchArgs) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("ordo bench: {e}");
+            eprintln!("ordo-bench: {e}");
             ExitCode::FAILURE
         }
     }
 }
 
-/// Runs `one` for every system, `common.runs` times, alternating systems, then prints the
+/// One scenario with its parameters.
+#[derive(Clone, Copy)]
+enum Run<'a> {
+    Pairs(&'a PairsArgs),
+    Fanout(&'a FanoutArgs),
+    Catchup(&'a CatchupArgs),
+    Connections(&'a ConnectionsArgs),
+}
+
+/// One run of `run` on a fresh set-up of `system`.
+async fn run_once(system: System, common: &Common, run: Run<'_>) -> Result<Outcome, BenchError> {
+    match system {
+        System::Ordo => run_on(ordo::Ordo::start(common).await?, run).await,
+        System::MqttQos1 => run_on(mqtt::Mqtt::new(&common.mqtt, 1)?, run).await,
+        System::MqttQos2 => run_on(mqtt::Mqtt::new(&common.mqtt, 2)?, run).await,
+        System::Jetstream => run_on(jetstream::JetStream::open(&common.nats).await?, run).await,
+    }
+}
+
+/// Runs `run` on `sys` (the same scenario code for every system), then cleans up after it.
+async fn run_on<S: system::System>(mut sys: S, run: Run<'_>) -> Result<Outcome, BenchError> {
+    let clock = Clock::new();
+    let result = match run {
+        Run::Pairs(a) => scenario::pairs(&mut sys, a, &clock).await,
+        Run::Fanout(a) => scenario::fanout(&mut sys, a, &clock).await,
+        Run::Catchup(a) => scenario::catchup(&mut sys, a, &clock).await,
+        Run::Connections(a) => scenario::connections(&mut sys, a).await,
+    };
+    sys.close(result).await
+}
+
+/// Runs `run` for every system, `common.runs` times, alternating systems, then prints the
 /// medians (and with `--json` every run).
-async fn series<P, F, Fut>(
+async fn series<P: Serialize>(
     scenario: &str,
     params: &P,
     common: &Common,
-    one: F,
-) -> Result<(), BenchError>
-where
-    P: Serialize,
-    F: Fn(System, Common, Clock) -> Fut,
-    Fut: std::future::Future<Output = Result<Outcome, BenchError>>,
-{
+    run: Run<'_>,
+) -> Result<(), BenchError> {
     if common.runs == 0 || common.systems.is_empty() {
         return Err(BenchError("--runs and --systems must not be empty".into()));
     }
@@ -406,7 +397,7 @@ where
                     common.runs
                 );
             }
-            let outcome = one(sys, common.clone(), Clock::new())
+            let outcome = run_once(sys, common, run)
                 .await
                 .map_err(|e| BenchError(format!("{scenario} on {}: {e}", sys.name())))?;
             runs.push(outcome);
@@ -444,9 +435,4 @@ where
         print!("{}", report::table(&medians));
     }
     Ok(())
-}
-
-/// A progress bar for one run.
-pub fn progress(label: &str, total: u64) -> Progress {
-    Progress::new(label, total)
 }

@@ -1,4 +1,4 @@
-//! NATS JetStream as a peer system of `ordo bench` (`jetstream`), running the same workloads as
+//! NATS JetStream as a peer system of `ordo-bench` (`jetstream`), running the same workloads as
 //! Ordo: pairs, fan-out to the consumers of one subject, and catch-up of a consumer that was
 //! offline.
 //!
@@ -24,10 +24,10 @@
 //! arrived for 10 s after the senders finished; the run reports what arrived (`lost` is the
 //! deliveries expected minus those received).
 
-use super::payload::Clock;
-use super::peer::{self, Bodies, Inbox, Publish, Sent, Subscribe, Task, Until, IDLE};
-use super::report::{Latency, Outcome};
-use super::{fail, run_tag, BenchError, CatchupArgs, FanoutArgs, PairsArgs};
+use crate::payload::Clock;
+use crate::report::{Latency, Outcome};
+use crate::system::{self, Bodies, Inbox, Publish, Sent, Subscribe, System, Task, Until, IDLE};
+use crate::{fail, run_tag, BenchError};
 use async_nats::jetstream::consumer::{pull, AckPolicy, PullConsumer};
 use async_nats::jetstream::context::{ContextBuilder, PublishAckFuture};
 use async_nats::jetstream::stream::{self, StorageType};
@@ -40,75 +40,94 @@ const SYSTEM: &str = "jetstream";
 /// The first token of every subject the bench uses.
 const PREFIX: &str = "ordo_bench";
 
-/// P sender/receiver pairs, sender i publishing to the subject receiver i consumes.
-pub async fn pairs(url: &str, a: &PairsArgs, clock: &Clock) -> Result<Outcome, BenchError> {
-    let server = Server::open(url).await?;
-    let bodies = Bodies::new(clock, a.body_bytes);
-    let subject = |i: usize| server.subject(&format!("pair.{i}"));
-    let run = peer::pairs(
-        SYSTEM,
-        server.receivers((0..a.pairs).map(|i| (format!("r{i}"), subject(i)))),
-        |i| Publisher::start(&server, format!("s{i}"), subject(i), a.window, bodies),
-        a,
-        clock,
-    );
-    server.cleanup(run.await).await
-}
+/// The catch-up receiver's durable consumer.
+const INBOX_DURABLE: &str = "r";
 
-/// One publisher and `members` durable consumers of one subject; each message is sent once every
-/// consumer has the one before (or nothing new arrived for 10 s).
-pub async fn fanout(url: &str, a: &FanoutArgs, clock: &Clock) -> Result<Outcome, BenchError> {
-    let server = Server::open(url).await?;
-    let bodies = Bodies::new(clock, a.body_bytes);
-    let subject = server.subject("group");
-    let run = peer::fanout(
-        SYSTEM,
-        server.receivers((0..a.members).map(|i| (format!("m{i}"), subject.clone()))),
-        Publisher::start(&server, "s".into(), subject.clone(), 1, bodies),
-        a,
-        clock,
-    );
-    server.cleanup(run.await).await
-}
+impl System for JetStream {
+    type Receiver = Receiver;
+    type Sender = Publisher;
+    type Idle = ();
 
-/// One durable consumer offline while `messages` are published to its subject; the time from
-/// its reconnect (a new connection that binds the consumer and pulls) until it has them all (or
-/// nothing new arrived for 10 s).
-pub async fn catchup(url: &str, a: &CatchupArgs, clock: &Clock) -> Result<Outcome, BenchError> {
-    let server = Server::open(url).await?;
-    let bodies = Bodies::new(clock, a.body_bytes);
-    let subject = server.subject("inbox");
-    let durable = "r";
-    let offline = async {
-        server
-            .admin
-            .create_consumer_on_stream(consumer_config(durable, &subject), &server.stream)
+    fn name(&self) -> &'static str {
+        SYSTEM
+    }
+
+    async fn pair_receivers(
+        &mut self,
+        n: usize,
+        _body_bytes: usize,
+    ) -> Result<Vec<Receiver>, BenchError> {
+        self.receivers((0..n).map(|i| (format!("r{i}"), self.subject(&format!("pair.{i}")))))
+            .await
+    }
+
+    async fn pair_sender(
+        &mut self,
+        i: usize,
+        window: usize,
+        bodies: Bodies,
+    ) -> Result<Publisher, BenchError> {
+        let subject = self.subject(&format!("pair.{i}"));
+        Publisher::start(self, format!("s{i}"), subject, window, bodies).await
+    }
+
+    async fn group_receivers(
+        &mut self,
+        members: usize,
+        _body_bytes: usize,
+    ) -> Result<Vec<Receiver>, BenchError> {
+        let subject = self.subject("group");
+        self.receivers((0..members).map(|i| (format!("m{i}"), subject.clone())))
+            .await
+    }
+
+    async fn group_sender(&mut self, bodies: Bodies) -> Result<Publisher, BenchError> {
+        let subject = self.subject("group");
+        Publisher::start(self, "s".into(), subject, 1, bodies).await
+    }
+
+    /// Creates the durable consumer without consuming: the stream keeps its messages.
+    async fn offline_receiver(&mut self, _body_bytes: usize) -> Result<(), BenchError> {
+        self.admin
+            .create_consumer_on_stream(
+                consumer_config(INBOX_DURABLE, &self.subject("inbox")),
+                &self.stream,
+            )
             .await
             .map_err(fail(&format!(
-                "cannot create the durable consumer {durable}"
+                "cannot create the durable consumer {INBOX_DURABLE}"
             )))?;
         Ok(())
-    };
-    let reconnect = async {
-        let js = server.connect(durable, 1).await?;
+    }
+
+    async fn catchup_sender(
+        &mut self,
+        window: usize,
+        bodies: Bodies,
+    ) -> Result<Publisher, BenchError> {
+        let subject = self.subject("inbox");
+        Publisher::start(self, "s".into(), subject, window, bodies).await
+    }
+
+    /// A new connection that binds the durable consumer and pulls.
+    async fn reconnect_receiver(&mut self, _body_bytes: usize) -> Result<Receiver, BenchError> {
+        let js = self.connect(INBOX_DURABLE, 1).await?;
         let consumer: PullConsumer = js
-            .get_consumer_from_stream(durable, &server.stream)
+            .get_consumer_from_stream(INBOX_DURABLE, &self.stream)
             .await
-            .map_err(fail(&format!("cannot bind the durable consumer {durable}")))?;
+            .map_err(fail(&format!(
+                "cannot bind the durable consumer {INBOX_DURABLE}"
+            )))?;
         Ok(Receiver {
-            id: durable.to_string(),
+            id: INBOX_DURABLE.to_string(),
             consumer,
         })
-    };
-    let run = peer::catchup(
-        SYSTEM,
-        offline,
-        Publisher::start(&server, "s".into(), subject.clone(), a.window, bodies),
-        reconnect,
-        a,
-        clock,
-    );
-    server.cleanup(run.await).await
+    }
+
+    /// Deletes the run's stream (and its consumers), whatever the run's `result`.
+    async fn close(self, result: Result<Outcome, BenchError>) -> Result<Outcome, BenchError> {
+        self.cleanup(result).await
+    }
 }
 
 /// A durable pull consumer of `subject` with explicit acks.
@@ -121,19 +140,21 @@ fn consumer_config(durable: &str, subject: &str) -> pull::Config {
     }
 }
 
-/// The NATS server and this run's stream.
-struct Server {
+/// The NATS server and this run's stream: pair i is the subject `ordo_bench.<tag>.pair.<i>`
+/// (consumer `r<i>`, sender `s<i>`), a fan-out group `ordo_bench.<tag>.group`, catch-up
+/// `ordo_bench.<tag>.inbox`.
+pub struct JetStream {
     url: String,
     tag: String,
     stream: String,
     admin: Context,
 }
 
-impl Server {
+impl JetStream {
     /// Connects and creates the run's stream.
-    async fn open(url: &str) -> Result<Self, BenchError> {
+    pub async fn open(url: &str) -> Result<Self, BenchError> {
         let tag = run_tag();
-        let mut server = Server {
+        let mut server = JetStream {
             url: url.to_string(),
             stream: format!("ORDO_BENCH_{tag}"),
             tag,
@@ -165,7 +186,7 @@ impl Server {
         if let Err(e) = self.admin.delete_stream(&self.stream).await {
             if result.is_ok() {
                 eprintln!(
-                    "ordo bench: could not delete the JetStream stream {} on {}: {e}; delete it \
+                    "ordo-bench: could not delete the JetStream stream {} on {}: {e}; delete it \
                      with `nats stream rm {}`",
                     self.stream, self.url, self.stream
                 );
@@ -189,12 +210,12 @@ impl Server {
     }
 
     /// Creates each (durable name, subject) consumer on a connection of its own,
-    /// [`peer::SETUP_CONCURRENCY`] at a time.
+    /// [`system::SETUP_CONCURRENCY`] at a time.
     async fn receivers(
         &self,
         who: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Vec<Receiver>, BenchError> {
-        peer::set_up(who, |(id, subject)| async move {
+        system::set_up(who, |(id, subject)| async move {
             let js = self.connect(&id, 1).await?;
             let consumer = js
                 .create_consumer_on_stream(consumer_config(&id, &subject), &self.stream)
@@ -219,7 +240,7 @@ async fn connect_client(url: &str, name: &str) -> Result<async_nats::Client, Ben
 }
 
 /// A durable pull consumer, bound on its receiver's connection.
-struct Receiver {
+pub struct Receiver {
     id: String,
     consumer: PullConsumer,
 }
@@ -259,7 +280,7 @@ type Pending = (u64, PublishAckFuture, OwnedSemaphorePermit);
 
 /// A sender with at most `window` publishes awaiting their ack. The acks are awaited in order in
 /// a task of their own, which times each against its send stamp.
-struct Publisher {
+pub struct Publisher {
     id: String,
     js: Context,
     subject: String,
@@ -273,7 +294,7 @@ struct Publisher {
 
 impl Publisher {
     async fn start(
-        server: &Server,
+        server: &JetStream,
         id: String,
         subject: String,
         window: usize,

@@ -1,0 +1,661 @@
+//! Ordo as a system of `ordo-bench`: a fresh `ordo serve` per run (the test kit's
+//! [`ServerProcess`]: a child process on a temporary data directory, no send rate limit,
+//! `ORDO_*` variables cleared), or the server named by `--server`. Clients speak the raw
+//! protocol ([`WireClient`], MessagePack), the way a client in any language would: receivers
+//! take `msg` pushes, `sync` on `notify` or a gap, and acknowledge cumulatively every
+//! [`ACK_EVERY`] messages; a sender keeps its window of unanswered `send`s.
+//!
+//! Durability as measured: every `accepted` is sent only after the message is fsynced, and no
+//! device sees a message before that.
+//!
+//! Pairs are user `s<tag>-i` sending to user `r<tag>-i` (a direct conversation); a fan-out group
+//! has members `m<tag>-0..n`, and its sender is member 0 on a device of its own; catch-up is
+//! user `s<tag>` sending to `r<tag>`, who connects only afterwards.
+
+use crate::report::{Latency, Outcome};
+use crate::system::{
+    Bodies, Inbox, Publish, Receiving, Sent, Subscribe, System, Task, Until, IDLE,
+};
+use crate::{fail, run_tag, BenchError, Common};
+use futures_util::FutureExt;
+use ordo_protocol::{ClientFrame, Encoding, Message, Position, ServerFrame};
+use ordo_testkit::{Admin, ServerOptions, ServerProcess, WireClient};
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
+use std::sync::Arc;
+use tokio::time::timeout;
+
+/// Receivers acknowledge after this many messages (and when they finish).
+const ACK_EVERY: u64 = 32;
+const ENC: Encoding = Encoding::MsgPack;
+/// Devices of a fan-out group connected at once.
+const CONNECT_CONCURRENCY: usize = 256;
+/// Lifetime of the tokens the bench signs (longer than any run).
+const TOKEN_TTL_SECS: u64 = 30 * 86_400;
+
+/// The Ordo server under test, and this run's names.
+pub struct Ordo {
+    server: Option<ServerProcess>,
+    dial: Arc<Dialer>,
+    tag: String,
+    /// `/metrics` when the measured part started.
+    before: HashMap<String, f64>,
+}
+
+/// How to reach the server under test: connect devices, mint tokens. Shared by connect tasks.
+struct Dialer {
+    ws: String,
+    admin: Admin,
+    /// Signs tokens locally when the bench started the server (else the admin API mints them).
+    secret: Option<String>,
+}
+
+impl Ordo {
+    /// Starts `ordo serve` (or names the running `--server`).
+    pub async fn start(common: &Common) -> Result<Ordo, BenchError> {
+        let tag = run_tag();
+        if let Some(url) = &common.server {
+            let ws = url
+                .trim_end_matches('/')
+                .trim_end_matches("/v1/ws")
+                .to_string();
+            if !ws.starts_with("ws://") {
+                return Err(BenchError(format!(
+                    "--server {url:?} must be a WebSocket URL such as ws://127.0.0.1:7400"
+                )));
+            }
+            let key =
+                match (&common.admin_key, &common.data) {
+                    (Some(k), _) => k.clone(),
+                    (None, Some(d)) => std::fs::read_to_string(d.join("admin.key"))
+                        .map(|s| s.trim().to_string())
+                        .map_err(fail(&format!(
+                            "cannot read {}",
+                            d.join("admin.key").display()
+                        )))?,
+                    (None, None) => return Err(BenchError(
+                        "with --server, pass --admin-key or --data (the server's data directory)"
+                            .into(),
+                    )),
+                };
+            let admin = Admin::new(&ws, &key).map_err(fail("--server"))?;
+            return Ok(Ordo {
+                server: None,
+                dial: Arc::new(Dialer {
+                    ws,
+                    admin,
+                    secret: None,
+                }),
+                tag,
+                before: HashMap::new(),
+            });
+        }
+        let exe = match &common.ordo {
+            Some(p) => p.clone(),
+            None => ordo_binary()?,
+        };
+        let mut opts = ServerOptions::new(exe);
+        opts.extra = common
+            .serve_args
+            .as_deref()
+            .unwrap_or("")
+            .split_whitespace()
+            .map(str::to_string)
+            .collect();
+        let server = tokio::task::spawn_blocking(move || ServerProcess::start(opts))
+            .await
+            .map_err(fail("starting the server"))?
+            .map_err(fail("cannot start `ordo serve`"))?;
+        let admin =
+            Admin::new(&server.http_url(), server.admin_key()).map_err(fail("the server"))?;
+        Ok(Ordo {
+            dial: Arc::new(Dialer {
+                ws: server.ws_url(),
+                admin,
+                secret: Some(server.secret().to_string()),
+            }),
+            server: Some(server),
+            tag,
+            before: HashMap::new(),
+        })
+    }
+
+    fn receiver(&self, i: usize) -> String {
+        format!("r{}-{i}", self.tag)
+    }
+
+    fn member(&self, i: usize) -> String {
+        format!("m{}-{i}", self.tag)
+    }
+
+    fn group(&self) -> String {
+        format!("g{}", self.tag)
+    }
+
+    /// Connects one device of each of `users` ([`CONNECT_CONCURRENCY`] at a time).
+    async fn connect_many(&self, users: Vec<String>) -> Result<Vec<WireClient>, BenchError> {
+        let mut out = Vec::with_capacity(users.len());
+        let mut pending = VecDeque::new();
+        for u in users {
+            let d = self.dial.clone();
+            pending.push_back(Task::spawn(async move { d.connect(&u, "d", None).await }));
+            if pending.len() >= CONNECT_CONCURRENCY {
+                if let Some(t) = pending.pop_front() {
+                    out.push(t.join().await??);
+                }
+            }
+        }
+        for t in pending {
+            out.push(t.join().await??);
+        }
+        Ok(out)
+    }
+}
+
+/// The `ordo` binary beside this one; under `cargo run`, built first if it is missing.
+fn ordo_binary() -> Result<std::path::PathBuf, BenchError> {
+    if let Ok(p) = ordo_testkit::ordo_exe() {
+        return Ok(p);
+    }
+    // `cargo run --bin ordo-bench` builds this package only; the server is another one.
+    let cargo = std::env::var_os("CARGO").ok_or_else(|| {
+        BenchError(
+            "cannot find the `ordo` binary beside ordo-bench: build it (`cargo build --release --bin ordo`) or name it with --ordo"
+                .into(),
+        )
+    })?;
+    let me = std::env::current_exe().map_err(fail("cannot find ordo-bench itself"))?;
+    let release = me
+        .parent()
+        .and_then(|d| d.file_name())
+        .is_some_and(|n| n == "release");
+    eprintln!("ordo-bench: building the ordo binary first (cargo build --bin ordo)");
+    let mut cmd = std::process::Command::new(cargo);
+    cmd.args(["build", "--bin", "ordo"]);
+    if release {
+        cmd.arg("--release");
+    }
+    let status = cmd.status().map_err(fail("cannot run cargo build"))?;
+    if !status.success() {
+        return Err(BenchError(format!(
+            "cargo build --bin ordo failed ({status})"
+        )));
+    }
+    ordo_testkit::ordo_exe().map_err(fail("after cargo build"))
+}
+
+impl Dialer {
+    async fn token(&self, user: &str, device: &str) -> Result<String, BenchError> {
+        match &self.secret {
+            Some(secret) => ordo_testkit::token(secret, user, device, TOKEN_TTL_SECS)
+                .map_err(fail("cannot sign a token")),
+            None => self
+                .admin
+                .token(user, device)
+                .await
+                .map_err(fail("cannot get a token from the admin API")),
+        }
+    }
+
+    /// Connects `user`'s device `device` and reads its `welcome`.
+    async fn connect(
+        &self,
+        user: &str,
+        device: &str,
+        from: Option<IpAddr>,
+    ) -> Result<WireClient, BenchError> {
+        let token = self.token(user, device).await?;
+        let mut c = WireClient::connect_from(&self.ws, &token, ENC, from)
+            .await
+            .map_err(fail(&format!("cannot connect to Ordo at {}", self.ws)))?;
+        match c.recv_timeout(IDLE).await {
+            Ok(ServerFrame::Welcome { .. }) => Ok(c),
+            Ok(other) => Err(BenchError(format!("expected welcome, got {other:?}"))),
+            Err(e) => Err(BenchError(format!("no welcome: {e}"))),
+        }
+    }
+}
+
+impl System for Ordo {
+    type Receiver = Receiver;
+    type Sender = Sender;
+    type Idle = WireClient;
+
+    fn name(&self) -> &'static str {
+        "ordo"
+    }
+
+    async fn pair_receivers(
+        &mut self,
+        n: usize,
+        _body_bytes: usize,
+    ) -> Result<Vec<Receiver>, BenchError> {
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n {
+            let c = self.dial.connect(&self.receiver(i), "d", None).await?;
+            out.push(Receiver::new(c, None));
+        }
+        Ok(out)
+    }
+
+    async fn pair_sender(
+        &mut self,
+        i: usize,
+        window: usize,
+        bodies: Bodies,
+    ) -> Result<Sender, BenchError> {
+        let user = format!("s{}-{i}", self.tag);
+        let c = self.dial.connect(&user, "d", None).await?;
+        Ok(Sender::new(
+            c,
+            user,
+            To::User(self.receiver(i)),
+            window,
+            bodies,
+        ))
+    }
+
+    async fn group_receivers(
+        &mut self,
+        members: usize,
+        _body_bytes: usize,
+    ) -> Result<Vec<Receiver>, BenchError> {
+        let names: Vec<String> = (0..members).map(|i| self.member(i)).collect();
+        self.dial
+            .admin
+            .create_group(&self.group(), &names)
+            .await
+            .map_err(fail("cannot create the group"))?;
+        let devices = self.connect_many(names).await?;
+        Ok(devices
+            .into_iter()
+            .map(|c| Receiver::new(c, None))
+            .collect())
+    }
+
+    async fn group_sender(&mut self, bodies: Bodies) -> Result<Sender, BenchError> {
+        let user = self.member(0);
+        let c = self.dial.connect(&user, "sender", None).await?;
+        Ok(Sender::new(c, user, To::Conv(self.group()), 1, bodies))
+    }
+
+    /// Nothing to set up: the server keeps a user's messages whether or not a device of theirs
+    /// was ever connected.
+    async fn offline_receiver(&mut self, _body_bytes: usize) -> Result<(), BenchError> {
+        Ok(())
+    }
+
+    async fn catchup_sender(
+        &mut self,
+        window: usize,
+        bodies: Bodies,
+    ) -> Result<Sender, BenchError> {
+        let user = format!("s{}", self.tag);
+        let c = self.dial.connect(&user, "d", None).await?;
+        let to = format!("r{}", self.tag);
+        Ok(Sender::new(c, user, To::User(to), window, bodies))
+    }
+
+    /// Connects, then asks for the direct conversation from its start.
+    async fn reconnect_receiver(&mut self, _body_bytes: usize) -> Result<Receiver, BenchError> {
+        let (sender, receiver) = (format!("s{}", self.tag), format!("r{}", self.tag));
+        let c = self.dial.connect(&receiver, "d", None).await?;
+        let conv = ordo_protocol::direct_conv_id(&sender, &receiver);
+        Ok(Receiver::new(c, Some(conv)))
+    }
+
+    fn server_pid(&self) -> Option<u32> {
+        self.server.as_ref().and_then(ServerProcess::pid)
+    }
+
+    fn idle_connection(
+        &self,
+        i: usize,
+        from: IpAddr,
+    ) -> impl std::future::Future<Output = Result<WireClient, BenchError>> + Send + 'static {
+        let (d, user) = (self.dial.clone(), format!("c{}-{i}", self.tag));
+        async move { d.connect(&user, "d", Some(from)).await }
+    }
+
+    fn disk_floor(&self) -> Result<Option<(f64, f64)>, BenchError> {
+        match &self.server {
+            Some(s) => {
+                let disk = crate::disk::probe(&s.data_dir(), 1000)?;
+                Ok(Some((disk.p50, disk.p99)))
+            }
+            None => Ok(None),
+        }
+    }
+
+    async fn measuring(&mut self) {
+        self.before = self.dial.admin.metrics().await.unwrap_or_default();
+    }
+
+    /// Adds `messages_per_fsync`: how many messages shared one commit during the run.
+    async fn measured(&mut self, out: &mut Outcome) {
+        let after = self.dial.admin.metrics().await.unwrap_or_default();
+        let d = |k: &str| {
+            after.get(k).copied().unwrap_or(0.0) - self.before.get(k).copied().unwrap_or(0.0)
+        };
+        let commits = d("ordo_commits_total");
+        if commits > 0.0 {
+            out.extra.insert(
+                "messages_per_fsync".into(),
+                d("ordo_commit_batch_messages_sum") / commits,
+            );
+        }
+    }
+
+    /// The server (if the bench started it) stops with the run.
+    async fn close(self, result: Result<Outcome, BenchError>) -> Result<Outcome, BenchError> {
+        if let Some(s) = self.server {
+            let _ = tokio::task::spawn_blocking(move || drop(s)).await;
+        }
+        result
+    }
+}
+
+/// Where a sender's messages go.
+enum To {
+    User(String),
+    Conv(String),
+}
+
+/// A device sending with at most `window` `send`s unanswered. It reads its `accepted` frames
+/// itself, in the same task: while it waits for room in the window, or in [`Publish::idle`].
+/// Frames are written out in one flush per batch: a send that finds room only queues its frame,
+/// which goes out when the sender next has to wait.
+pub struct Sender {
+    c: WireClient,
+    user: String,
+    to: To,
+    window: usize,
+    bodies: Bodies,
+    /// Message k (client message id `m{k}`) carries its send stamp here until it is accepted.
+    stamps: Vec<Option<u64>>,
+    accepted: usize,
+    accept: Latency,
+    /// Frames queued but not yet written out.
+    unflushed: bool,
+    error: Option<String>,
+}
+
+impl Sender {
+    fn new(c: WireClient, user: String, to: To, window: usize, bodies: Bodies) -> Self {
+        Sender {
+            c,
+            user,
+            to,
+            window,
+            bodies,
+            stamps: Vec::new(),
+            accepted: 0,
+            accept: Latency::default(),
+            unflushed: false,
+            error: None,
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        self.stamps.len() - self.accepted
+    }
+
+    async fn flush(&mut self) -> Result<(), String> {
+        if std::mem::take(&mut self.unflushed) {
+            self.c.flush().await.map_err(|e| format!("sending: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// Takes one frame from the server.
+    fn on_frame(&mut self, f: ServerFrame) -> Result<(), String> {
+        match f {
+            ServerFrame::Accepted { cmid, .. } => {
+                let k = cmid.strip_prefix('m').and_then(|k| k.parse::<usize>().ok());
+                if let Some(t) = k
+                    .and_then(|k| self.stamps.get_mut(k))
+                    .and_then(Option::take)
+                {
+                    let now = self.bodies.clock.now_us();
+                    self.accept.record_micros(now.saturating_sub(t));
+                    self.accepted += 1;
+                }
+                Ok(())
+            }
+            ServerFrame::Rejected { message, .. } | ServerFrame::Error { message, .. } => {
+                Err(format!("the server refused a send: {message}"))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Writes out what is queued, waits for the next frame (at most [`IDLE`]), then takes every
+    /// frame that is already here too, so that the room they make is filled in one batch.
+    async fn confirmations(&mut self) -> Result<(), String> {
+        self.flush().await?;
+        let f = match timeout(IDLE, self.c.recv()).await {
+            Err(_) => {
+                return Err(format!(
+                    "waiting for accepted: nothing came for {} s",
+                    IDLE.as_secs()
+                ))
+            }
+            Ok(f) => f.map_err(|e| format!("waiting for accepted: {e}"))?,
+        };
+        self.on_frame(f)?;
+        while let Some(f) = self.c.recv().now_or_never() {
+            self.on_frame(f.map_err(|e| format!("waiting for accepted: {e}"))?)?;
+        }
+        Ok(())
+    }
+
+    fn fail(&mut self, e: String) {
+        if self.error.is_none() {
+            self.error = Some(e);
+        }
+    }
+}
+
+impl Publish for Sender {
+    async fn send(&mut self) -> Option<u64> {
+        while self.error.is_none() && self.in_flight() >= self.window {
+            if let Err(e) = self.confirmations().await {
+                self.fail(e);
+            }
+        }
+        if self.error.is_some() {
+            return None;
+        }
+        let (stamp, body) = self.bodies.stamped();
+        let (conv, to) = match &self.to {
+            To::User(u) => (None, Some(u.clone())),
+            To::Conv(c) => (Some(c.clone()), None),
+        };
+        let frame = ClientFrame::Send {
+            conv,
+            to,
+            cmid: format!("m{}", self.stamps.len()),
+            body,
+            reply_to: None,
+        };
+        if let Err(e) = self.c.feed(&frame).await {
+            self.fail(format!("sending: {e}"));
+            return None;
+        }
+        self.stamps.push(Some(stamp));
+        self.unflushed = true;
+        Some(stamp)
+    }
+
+    async fn idle(&mut self) {
+        if let Err(e) = self.flush().await {
+            return self.fail(e);
+        }
+        while self.error.is_none() {
+            let f = match self.c.recv().await {
+                Ok(f) => self.on_frame(f),
+                Err(e) => Err(format!("waiting for accepted: {e}")),
+            };
+            if let Err(e) = f {
+                self.fail(e);
+            }
+        }
+    }
+
+    async fn finish(mut self) -> Result<Sent, BenchError> {
+        while self.error.is_none() && self.in_flight() > 0 {
+            if let Err(e) = self.confirmations().await {
+                self.fail(e);
+            }
+        }
+        let sent = self.stamps.len() as u64;
+        self.c.close().await;
+        if let Some(e) = self.error {
+            return Err(BenchError(format!("sender {}: {e}", self.user)));
+        }
+        Ok(Sent {
+            sent,
+            accepted: self.accepted as u64,
+            accept: self.accept,
+        })
+    }
+}
+
+/// A connected device that receives: pushes, `sync` pages after a `notify` or a gap.
+pub struct Receiver {
+    c: WireClient,
+    /// A conversation to pull from its start once receiving starts (catch-up).
+    first_sync: Option<String>,
+}
+
+impl Receiver {
+    fn new(c: WireClient, first_sync: Option<String>) -> Self {
+        Receiver { c, first_sync }
+    }
+}
+
+fn sync(conv: &str, after: u64) -> ClientFrame {
+    ClientFrame::Sync {
+        conv: conv.to_string(),
+        after,
+        limit: Some(u32::MAX),
+    }
+}
+
+/// A cumulative ack of every conversation's last contiguous seq.
+fn ack(last: &HashMap<String, u64>) -> ClientFrame {
+    ClientFrame::Ack {
+        acks: last
+            .iter()
+            .map(|(conv, &seq)| Position {
+                conv: conv.clone(),
+                seq,
+            })
+            .collect(),
+    }
+}
+
+/// What a receiving device has: each conversation's last contiguous seq, and how many
+/// messages it has not acknowledged yet.
+#[derive(Default)]
+struct Positions {
+    last: HashMap<String, u64>,
+    unacked: u64,
+}
+
+impl Positions {
+    fn last(&self, conv: &str) -> u64 {
+        self.last.get(conv).copied().unwrap_or(0)
+    }
+
+    /// Counts `m` if it is the next seq of its conversation; says whether it lies past a hole
+    /// (to be fetched with a `sync`).
+    fn take(&mut self, m: &Message, rx: &mut Receiving) -> bool {
+        let l = match self.last.get_mut(m.conv.as_str()) {
+            Some(l) => l,
+            None => self.last.entry(m.conv.clone()).or_insert(0),
+        };
+        if m.seq != *l + 1 {
+            return m.seq > *l + 1;
+        }
+        *l = m.seq;
+        rx.arrived(m.body.as_bytes());
+        self.unacked += 1;
+        false
+    }
+}
+
+impl Subscribe for Receiver {
+    /// Receives until told to stop ([`Until`]), counting each seq once and in order; the last
+    /// acknowledgement waits until the senders are done (in a fan-out, 10,000 members acking
+    /// the last message at once would slow those still receiving it).
+    fn receive(self, until: Until) -> Task<Inbox> {
+        let Receiver { mut c, first_sync } = self;
+        Task::spawn(async move {
+            let mut rx = until.start();
+            let mut at = Positions::default();
+            if let Some(conv) = first_sync {
+                if let Err(e) = c.send(&sync(&conv, 0)).await {
+                    rx.fail(format!("syncing: {e}"));
+                    return rx.inbox;
+                }
+            }
+            while let Some(frame) = rx.next(c.recv()).await {
+                // A conversation to pull from (after a hole, a `notify`, a partial page).
+                let pull = match frame {
+                    Err(e) => Err(format!("receiving: {e}")),
+                    Ok(ServerFrame::Msg(m)) => Ok(at.take(&m, &mut rx).then(|| m.conv.clone())),
+                    Ok(ServerFrame::Notify { conv, max_seq }) => {
+                        Ok((max_seq > at.last(&conv)).then_some(conv))
+                    }
+                    Ok(ServerFrame::Synced {
+                        conv,
+                        messages,
+                        has_more,
+                        ..
+                    }) => {
+                        for m in &messages {
+                            at.take(m, &mut rx);
+                        }
+                        Ok(has_more.then_some(conv))
+                    }
+                    Ok(ServerFrame::Error { message, .. }) => {
+                        Err(format!("the server sent an error: {message}"))
+                    }
+                    Ok(_) => Ok(None),
+                };
+                let sent = match pull {
+                    Err(e) => Err(e),
+                    Ok(Some(conv)) => {
+                        let after = at.last(&conv);
+                        c.send(&sync(&conv, after))
+                            .await
+                            .map_err(|e| format!("syncing: {e}"))
+                    }
+                    Ok(None) => Ok(()),
+                };
+                let acked = match sent {
+                    Ok(()) if at.unacked >= ACK_EVERY => {
+                        at.unacked = 0;
+                        c.send(&ack(&at.last))
+                            .await
+                            .map_err(|e| format!("acking: {e}"))
+                    }
+                    other => other,
+                };
+                if let Err(e) = acked {
+                    rx.fail(e);
+                    return rx.inbox;
+                }
+            }
+            if at.unacked > 0 {
+                rx.senders_done().await;
+                if let Err(e) = c.send(&ack(&at.last)).await {
+                    rx.fail(format!("acking: {e}"));
+                }
+            }
+            c.close().await;
+            rx.inbox
+        })
+    }
+}

@@ -1,0 +1,326 @@
+//! The scenarios, each written once over [`System`]: every system runs the same code, so a
+//! scenario cannot drift between them. A system only sets up its part ([`System`]'s methods);
+//! timing, pacing, counting and the run's [`Outcome`] are all here.
+
+use crate::payload::Clock;
+use crate::progress::Progress;
+use crate::report::{note_behind, Latency, Outcome};
+use crate::system::{Bodies, Inbox, Publish, Sent, Subscribe, System, Task, Until, IDLE};
+use crate::{raise_fd_limit, BenchError, CatchupArgs, ConnectionsArgs, FanoutArgs, PairsArgs};
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+use tokio::time::{sleep_until, timeout};
+
+/// P sender/receiver pairs: the receivers are set up first, then sender i (for receiver i), one
+/// after another; each sender sends `a.messages`, at most `a.window` unconfirmed, or at a fixed
+/// total rate with `a.rate` (latency then counts from each message's actual send; how far
+/// senders fell behind their schedule is reported as `behind_ms_*`).
+pub async fn pairs<S: System>(
+    sys: &mut S,
+    a: &PairsArgs,
+    clock: &Clock,
+) -> Result<Outcome, BenchError> {
+    let name = sys.name();
+    let disk = if a.rate.is_some() {
+        sys.disk_floor()?
+    } else {
+        None
+    };
+    let subs = sys.pair_receivers(a.pairs, a.body_bytes).await?;
+    let mut pubs = Vec::with_capacity(a.pairs);
+    for i in 0..a.pairs {
+        pubs.push(
+            sys.pair_sender(i, a.window, Bodies::new(clock, a.body_bytes))
+                .await?,
+        );
+    }
+    let total = (a.pairs * a.messages) as u64;
+    let bar = Progress::new(&format!("{name} pairs"), total);
+    let (done, done_rx) = watch::channel(false);
+    let receivers: Vec<_> = subs
+        .into_iter()
+        .map(|s| {
+            s.receive(Until::new(
+                a.messages as u64,
+                &done_rx,
+                IDLE,
+                *clock,
+                &bar,
+                None,
+            ))
+        })
+        .collect();
+    sys.measuring().await;
+    let start_us = clock.now_us();
+    let per_sender = a.rate.map(|r| r / a.pairs as f64);
+    let messages = a.messages;
+    let clock = *clock;
+    let senders: Vec<_> = pubs
+        .into_iter()
+        .map(|mut p| {
+            Task::spawn(async move {
+                let mut behind = Latency::default();
+                for k in 0..messages {
+                    let due = per_sender.map(|r| start_us + (k as f64 * 1e6 / r) as u64);
+                    if let Some(t) = due {
+                        let at = clock.at(t);
+                        if at > Instant::now() {
+                            tokio::select! {
+                                _ = sleep_until(at.into()) => {}
+                                _ = p.idle() => {}
+                            }
+                        }
+                    }
+                    let Some(stamp) = p.send().await else {
+                        break;
+                    };
+                    if let Some(t) = due {
+                        behind.record_micros(stamp.saturating_sub(t));
+                    }
+                }
+                Ok::<_, BenchError>((p.finish().await?, behind))
+            })
+        })
+        .collect();
+    let mut sent = Sent::default();
+    let mut behind = Latency::default();
+    for s in senders {
+        let (s, b) = s.join().await??;
+        sent.add(s);
+        behind.merge(&b);
+    }
+    let _ = done.send(true);
+    let got = Inbox::join_all(receivers).await?;
+    bar.finish();
+    let mut o = outcome(name, &sent, sent.sent, &got, start_us, &clock);
+    sys.measured(&mut o).await;
+    if let Some((p50, p99)) = disk {
+        o.extra.insert("disk_fdatasync_p50_ms".into(), p50);
+        o.extra.insert("disk_fdatasync_p99_ms".into(), p99);
+    }
+    note_behind(&mut o, &behind);
+    Ok(o)
+}
+
+/// One sender and `a.members` receivers of what it sends (the receivers, then the sender, set
+/// up in turn: `setup_s`); each message is sent once every receiver has the one before (or
+/// nothing new arrived for [`IDLE`]).
+pub async fn fanout<S: System>(
+    sys: &mut S,
+    a: &FanoutArgs,
+    clock: &Clock,
+) -> Result<Outcome, BenchError> {
+    let name = sys.name();
+    raise_fd_limit(a.members as u64 + 1024)?;
+    let setup = Instant::now();
+    let subs = sys.group_receivers(a.members, a.body_bytes).await?;
+    let mut publisher = sys.group_sender(Bodies::new(clock, a.body_bytes)).await?;
+    let setup_s = setup.elapsed().as_secs_f64();
+    let bar = Progress::new(&format!("{name} fanout"), (a.members * a.messages) as u64);
+    let (done, done_rx) = watch::channel(false);
+    let (arrived, mut arrivals) = mpsc::unbounded_channel();
+    let receivers: Vec<_> = subs
+        .into_iter()
+        .map(|s| {
+            let to = Some(arrived.clone());
+            let want = a.messages as u64;
+            s.receive(Until::new(want, &done_rx, Duration::ZERO, *clock, &bar, to))
+        })
+        .collect();
+    drop(arrived);
+    sys.measuring().await;
+    let start_us = clock.now_us();
+    let trace = std::env::var_os("ORDO_BENCH_TRACE").is_some();
+    let mut spans = Vec::with_capacity(a.messages);
+    for k in 0..a.messages {
+        let Some(stamp) = publisher.send().await else {
+            break;
+        };
+        let all = wait_for_all(&mut arrivals, stamp, a.members);
+        tokio::pin!(all);
+        let span = tokio::select! {
+            span = &mut all => span,
+            _ = publisher.idle() => all.await,
+        };
+        if trace {
+            eprintln!("fanout message {k}: {} ms", span / 1000);
+        }
+        spans.push(span);
+    }
+    let sent = publisher.finish().await?;
+    let _ = done.send(true);
+    let got = Inbox::join_all(receivers).await?;
+    bar.finish();
+    let expected = sent.sent * a.members as u64;
+    let mut o = outcome(name, &sent, expected, &got, start_us, clock);
+    sys.measured(&mut o).await;
+    o.extra.insert("setup_s".into(), setup_s);
+    fanout_extra(&mut o, spans);
+    Ok(o)
+}
+
+/// One receiver set up, then offline; a sender sends `a.messages` to it; the time from its
+/// reconnect until it has them all (or nothing new arrived for [`IDLE`]).
+pub async fn catchup<S: System>(
+    sys: &mut S,
+    a: &CatchupArgs,
+    clock: &Clock,
+) -> Result<Outcome, BenchError> {
+    let name = sys.name();
+    sys.offline_receiver(a.body_bytes).await?;
+    let mut publisher = sys
+        .catchup_sender(a.window, Bodies::new(clock, a.body_bytes))
+        .await?;
+    let filling = Progress::new(&format!("{name} catchup: filling"), a.messages as u64);
+    for _ in 0..a.messages {
+        if publisher.send().await.is_none() {
+            break;
+        }
+        filling.inc(1);
+    }
+    let sent = publisher.finish().await?;
+    filling.finish();
+    let bar = Progress::new(&format!("{name} catchup"), sent.sent);
+    sys.measuring().await;
+    let start_us = clock.now_us();
+    let device = sys.reconnect_receiver(a.body_bytes).await?;
+    let (_done, done_rx) = watch::channel(true);
+    let until = Until::new(sent.sent, &done_rx, IDLE, *clock, &bar, None);
+    let got = Inbox::join_all(vec![device.receive(until)]).await?;
+    bar.finish();
+    let mut o = outcome(name, &sent, sent.sent, &got, start_us, clock);
+    sys.measured(&mut o).await;
+    o.extra.insert("catchup_ms".into(), o.seconds * 1000.0);
+    Ok(o)
+}
+
+/// `a.connections` idle authenticated connections, `a.concurrency` opened at a time over the
+/// source addresses 127.0.0.1 .. 127.0.0.`a.sources`: the server's resident memory before and
+/// after, and the connect rate.
+pub async fn connections<S: System>(
+    sys: &mut S,
+    a: &ConnectionsArgs,
+) -> Result<Outcome, BenchError> {
+    let name = sys.name();
+    raise_fd_limit(a.connections as u64 + 512)?;
+    let pid = sys.server_pid().ok_or_else(|| {
+        BenchError(format!(
+            "the connections scenario reads the server's memory, which {name} does not expose here: run it on ordo, without --server"
+        ))
+    })?;
+    let rss = || rss_bytes(pid).ok_or_else(|| BenchError("cannot read the server's memory".into()));
+    let sources: Vec<std::net::IpAddr> = (1..=a.sources.max(1))
+        .map(|i| std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, i)))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = rss()?;
+    let bar = Progress::new(&format!("{name} connections"), a.connections as u64);
+    let start = Instant::now();
+    let mut held = Vec::with_capacity(a.connections);
+    let mut pending = VecDeque::new();
+    for i in 0..a.connections {
+        pending.push_back(Task::spawn(
+            sys.idle_connection(i, sources[i % sources.len()]),
+        ));
+        if pending.len() >= a.concurrency.max(1) {
+            if let Some(t) = pending.pop_front() {
+                held.push(t.join().await??);
+                bar.inc(1);
+            }
+        }
+    }
+    for t in pending {
+        held.push(t.join().await??);
+        bar.inc(1);
+    }
+    let took = start.elapsed().as_secs_f64();
+    bar.finish();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = rss()?;
+    let mut out = Outcome::new(name);
+    let n = held.len() as f64;
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    out.extra.insert("connections".into(), n);
+    out.extra.insert("connects_per_sec".into(), n / took);
+    out.extra
+        .insert("server_rss_before_mib".into(), mib(before));
+    out.extra.insert("server_rss_after_mib".into(), mib(after));
+    out.extra.insert(
+        "server_bytes_per_connection".into(),
+        after.saturating_sub(before) as f64 / n.max(1.0),
+    );
+    out.finish(took, &Latency::default(), &Latency::default());
+    drop(held);
+    Ok(out)
+}
+
+/// Resident memory of a process, from `/proc/<pid>/status`.
+fn rss_bytes(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Waits until `members` receivers have the message stamped `stamp` (or nothing arrived for
+/// [`IDLE`]); returns the microseconds from its send until the last of them had it.
+async fn wait_for_all(
+    arrivals: &mut mpsc::UnboundedReceiver<(u64, u64)>,
+    stamp: u64,
+    members: usize,
+) -> u64 {
+    let (mut have, mut last) = (0, stamp);
+    while have < members {
+        match timeout(IDLE, arrivals.recv()).await {
+            Ok(Some((s, at))) if s == stamp => {
+                have += 1;
+                last = last.max(at);
+            }
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => break,
+        }
+    }
+    last - stamp
+}
+
+/// `fanout_ms_p50` and `fanout_ms_max`: per message, the time until the last member had it.
+fn fanout_extra(o: &mut Outcome, mut spans_us: Vec<u64>) {
+    spans_us.sort_unstable();
+    if let (Some(mid), Some(max)) = (spans_us.get(spans_us.len() / 2), spans_us.last()) {
+        o.extra.insert("fanout_ms_p50".into(), *mid as f64 / 1000.0);
+        o.extra.insert("fanout_ms_max".into(), *max as f64 / 1000.0);
+    }
+}
+
+/// The run's outcome: `seconds` from `start_us` to the last delivery, `lost` the deliveries
+/// `expected` that did not arrive (and `receive_errors` if receivers carried on after any).
+fn outcome(
+    system: &str,
+    sent: &Sent,
+    expected: u64,
+    got: &Inbox,
+    start_us: u64,
+    clock: &Clock,
+) -> Outcome {
+    let mut o = Outcome::new(system);
+    o.sent = sent.sent;
+    o.accepted = sent.accepted;
+    o.delivered = got.got;
+    o.extra
+        .insert("lost".into(), expected.saturating_sub(got.got) as f64);
+    if got.errors > 0 {
+        o.extra.insert("receive_errors".into(), got.errors as f64);
+    }
+    let end_us = if got.got > 0 {
+        got.last_us
+    } else {
+        clock.now_us()
+    };
+    o.finish(
+        end_us.saturating_sub(start_us) as f64 / 1e6,
+        &sent.accept,
+        &got.latency,
+    );
+    o
+}

@@ -1,0 +1,368 @@
+//! What a system under test is to the scenarios: the [`System`] trait that Ordo
+//! ([`crate::ordo`]), Mosquitto ([`crate::mqtt`]) and NATS JetStream ([`crate::jetstream`])
+//! implement, and what every implementation shares.
+//!
+//! A scenario ([`crate::scenario`]) is written once over [`System`]: a system only says how to
+//! set up its receivers ([`Subscribe`]) and senders ([`Publish`]) for each scenario and how to
+//! clean up after a run; what they sent, had confirmed and received becomes the run's
+//! [`Outcome`] in the scenario. Also here: the runs' time limits ([`IDLE`]), set-up of many
+//! connections at once ([`set_up`]), stamped message bodies ([`Bodies`]), the receive loop's
+//! bookkeeping ([`Receiving`]) and tasks that are aborted when a run fails part way ([`Task`]).
+
+use crate::payload::Clock;
+use crate::progress::Progress;
+use crate::report::{Latency, Outcome};
+use crate::{fail, BenchError};
+use futures_util::{StreamExt, TryStreamExt};
+use std::future::Future;
+use std::net::IpAddr;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::{sleep_until, Instant};
+
+/// How long any wait goes on with nothing new arriving before the run gives up on the rest.
+pub const IDLE: Duration = Duration::from_secs(10);
+/// Connections (with their subscriptions or consumers) set up at once.
+pub const SETUP_CONCURRENCY: usize = 64;
+
+/// A system the scenarios run on, set up for one run (a fresh server, stream or set of client
+/// ids) and cleaned up by [`System::close`]. Each method sets up one part of a scenario; the
+/// scenario calls them in the order their docs give, awaiting each.
+pub trait System {
+    type Receiver: Subscribe;
+    type Sender: Publish;
+    /// An idle connection held open by the `connections` scenario.
+    type Idle: Send + 'static;
+
+    /// The name in reports: `ordo`, `mqtt-qos1`, `mqtt-qos2`, `jetstream`.
+    fn name(&self) -> &'static str;
+
+    /// `pairs`: receivers 0..`n`, each online and ready, before any sender.
+    fn pair_receivers(
+        &mut self,
+        n: usize,
+        body_bytes: usize,
+    ) -> impl Future<Output = Result<Vec<Self::Receiver>, BenchError>>;
+
+    /// `pairs`: the sender to receiver `i`, with at most `window` messages unconfirmed.
+    fn pair_sender(
+        &mut self,
+        i: usize,
+        window: usize,
+        bodies: Bodies,
+    ) -> impl Future<Output = Result<Self::Sender, BenchError>>;
+
+    /// `fanout`: the `members` receivers of one group, each online and ready.
+    fn group_receivers(
+        &mut self,
+        members: usize,
+        body_bytes: usize,
+    ) -> impl Future<Output = Result<Vec<Self::Receiver>, BenchError>>;
+
+    /// `fanout`: the group's one sender (one message unconfirmed at a time).
+    fn group_sender(
+        &mut self,
+        bodies: Bodies,
+    ) -> impl Future<Output = Result<Self::Sender, BenchError>>;
+
+    /// `catchup`: the receiver set up so that it will get what is sent, then offline.
+    fn offline_receiver(
+        &mut self,
+        body_bytes: usize,
+    ) -> impl Future<Output = Result<(), BenchError>>;
+
+    /// `catchup`: the sender to the offline receiver.
+    fn catchup_sender(
+        &mut self,
+        window: usize,
+        bodies: Bodies,
+    ) -> impl Future<Output = Result<Self::Sender, BenchError>>;
+
+    /// `catchup`: the offline receiver back online, ready to take what it missed.
+    fn reconnect_receiver(
+        &mut self,
+        body_bytes: usize,
+    ) -> impl Future<Output = Result<Self::Receiver, BenchError>>;
+
+    /// `connections`: the process whose resident memory the scenario reads, if the system
+    /// knows it.
+    fn server_pid(&self) -> Option<u32> {
+        None
+    }
+
+    /// `connections`: the `i`-th idle authenticated connection, opened from `from`.
+    fn idle_connection(
+        &self,
+        i: usize,
+        from: IpAddr,
+    ) -> impl Future<Output = Result<Self::Idle, BenchError>> + Send + 'static {
+        let _ = (i, from);
+        let name = self.name();
+        async move {
+            Err(BenchError(format!(
+                "the connections scenario is not implemented for {name}"
+            )))
+        }
+    }
+
+    /// The disk's fdatasync latency where the system keeps its data (p50, p99 in ms), measured
+    /// before a fixed-rate run: the floor under a latency that waits for the disk.
+    fn disk_floor(&self) -> Result<Option<(f64, f64)>, BenchError> {
+        Ok(None)
+    }
+
+    /// The measured part of a run starts now (a system may read counters of its own).
+    fn measuring(&mut self) -> impl Future<Output = ()> {
+        async {}
+    }
+
+    /// The measured part is over: a system may add figures of its own to `out`.
+    fn measured(&mut self, out: &mut Outcome) -> impl Future<Output = ()> {
+        let _ = out;
+        async {}
+    }
+
+    /// Cleans up after the run whatever its `result` (and passes the result on).
+    fn close(
+        self,
+        result: Result<Outcome, BenchError>,
+    ) -> impl Future<Output = Result<Outcome, BenchError>>;
+}
+
+/// A sender with a window of unconfirmed messages.
+pub trait Publish: Send + 'static {
+    /// Publishes one message once the window has room, stamped with the time it is sent or else
+    /// the time it is handed to the client; returns the stamp, or `None` if the sender cannot go
+    /// on ([`Publish::finish`] then says why).
+    fn send(&mut self) -> impl Future<Output = Option<u64>> + Send;
+
+    /// Takes the system's confirmations as they come while the scenario waits for something
+    /// else (the next message's due time, the members of a fan-out): resolves only if the
+    /// sender cannot go on. The default never resolves, for senders whose confirmations are
+    /// taken by a task of their own.
+    fn idle(&mut self) -> impl Future<Output = ()> + Send {
+        std::future::pending()
+    }
+
+    /// Waits for the confirmations still due and says what was sent and confirmed.
+    fn finish(self) -> impl Future<Output = Result<Sent, BenchError>> + Send;
+}
+
+/// What a sender's messages are: bodies of `bytes` bytes stamped on the run's `clock`.
+#[derive(Clone, Copy)]
+pub struct Bodies {
+    pub clock: Clock,
+    pub bytes: usize,
+}
+
+impl Bodies {
+    pub fn new(clock: &Clock, bytes: usize) -> Self {
+        Bodies {
+            clock: *clock,
+            bytes,
+        }
+    }
+
+    /// The stamp of a message sent now (see [`super::report::Outcome`] on how a fixed-rate run
+    /// shows falling behind), and its body.
+    pub fn stamped(&self) -> (u64, String) {
+        let stamp = self.clock.now_us();
+        (stamp, self.clock.body_at(stamp, self.bytes))
+    }
+}
+
+/// A receiver set up and ready to receive.
+pub trait Subscribe {
+    /// Receives in a task of its own until [`Receiving::next`] says stop.
+    fn receive(self, until: Until) -> Task<Inbox>;
+}
+
+/// `set(item)` for every item, [`SETUP_CONCURRENCY`] at a time; fails with the first that fails.
+pub async fn set_up<I, T, F>(
+    items: impl IntoIterator<Item = I>,
+    set: impl FnMut(I) -> F,
+) -> Result<Vec<T>, BenchError>
+where
+    F: Future<Output = Result<T, BenchError>>,
+{
+    futures_util::stream::iter(items)
+        .map(set)
+        .buffer_unordered(SETUP_CONCURRENCY)
+        .try_collect()
+        .await
+}
+
+/// What the senders sent and the system confirmed.
+#[derive(Default)]
+pub struct Sent {
+    pub sent: u64,
+    pub accepted: u64,
+    pub accept: Latency,
+}
+
+impl Sent {
+    pub fn add(&mut self, other: Sent) {
+        self.sent += other.sent;
+        self.accepted += other.accepted;
+        self.accept.merge(&other.accept);
+    }
+}
+
+/// What one receiver received.
+#[derive(Default)]
+pub struct Inbox {
+    pub got: u64,
+    pub latency: Latency,
+    /// When the last message arrived (µs on the run clock).
+    pub last_us: u64,
+    /// Errors the receiver carried on after (JetStream: failed pulls and acks).
+    pub errors: u64,
+    /// Why the receiver could not go on, which fails the run.
+    error: Option<String>,
+}
+
+impl Inbox {
+    /// The inbox of a receiver that could not go on, for the reason `error`.
+    pub fn failed(error: String) -> Self {
+        Inbox {
+            error: Some(error),
+            ..Inbox::default()
+        }
+    }
+
+    /// All receivers' messages together; an error if a receiver could not go on.
+    pub async fn join_all(receivers: Vec<Task<Inbox>>) -> Result<Inbox, BenchError> {
+        let mut all = Inbox::default();
+        for r in receivers {
+            let inbox = r.join().await?;
+            if let Some(e) = inbox.error {
+                return Err(BenchError(e));
+            }
+            all.got += inbox.got;
+            all.errors += inbox.errors;
+            all.latency.merge(&inbox.latency);
+            all.last_us = all.last_us.max(inbox.last_us);
+        }
+        Ok(all)
+    }
+}
+
+/// When a receiver stops: once it has `want` messages, or `done` turned true (or was dropped)
+/// and then nothing came for `linger`. Each arrival moves `bar` on, and its (stamp, time) goes
+/// to `arrivals` too.
+pub struct Until {
+    want: u64,
+    done: watch::Receiver<bool>,
+    linger: Duration,
+    clock: Clock,
+    bar: Progress,
+    arrivals: Option<mpsc::UnboundedSender<(u64, u64)>>,
+}
+
+impl Until {
+    pub fn new(
+        want: u64,
+        done: &watch::Receiver<bool>,
+        linger: Duration,
+        clock: Clock,
+        bar: &Progress,
+        arrivals: Option<mpsc::UnboundedSender<(u64, u64)>>,
+    ) -> Self {
+        Until {
+            want,
+            done: done.clone(),
+            linger,
+            clock,
+            bar: bar.clone(),
+            arrivals,
+        }
+    }
+
+    /// Starts receiving (the wait for `linger` counts from here at the earliest).
+    pub fn start(self) -> Receiving {
+        let done_at = (*self.done.borrow()).then(Instant::now);
+        Receiving {
+            done_at,
+            last: Instant::now(),
+            until: self,
+            inbox: Inbox::default(),
+        }
+    }
+}
+
+/// A receiver's loop under way: what arrived so far, and when it is to stop.
+pub struct Receiving {
+    pub inbox: Inbox,
+    until: Until,
+    done_at: Option<Instant>,
+    last: Instant,
+}
+
+impl Receiving {
+    /// What `next` gives, or `None` once the receiver is to stop ([`Until`]).
+    pub async fn next<T>(&mut self, next: impl Future<Output = T>) -> Option<T> {
+        tokio::pin!(next);
+        while self.inbox.got < self.until.want {
+            let give_up = self.done_at.map(|d| d.max(self.last) + self.until.linger);
+            tokio::select! {
+                got = &mut next => return Some(got),
+                _ = self.until.done.changed(), if self.done_at.is_none() => {
+                    self.done_at = Some(Instant::now());
+                }
+                _ = sleep_until(give_up.unwrap_or(self.last)), if give_up.is_some() => break,
+            }
+        }
+        None
+    }
+
+    /// Waits until the senders are done (at once if they are, or if the scenario is gone).
+    pub async fn senders_done(&mut self) {
+        let _ = self.until.done.wait_for(|&d| d).await;
+    }
+
+    /// Counts a message with `body` that arrived just now, timing it against its stamp.
+    pub fn arrived(&mut self, body: &[u8]) {
+        let now = self.until.clock.now_us();
+        if let Some(stamp) = Clock::stamp_of(body) {
+            self.inbox.latency.record_micros(now.saturating_sub(stamp));
+            if let Some(to) = &self.until.arrivals {
+                let _ = to.send((stamp, now));
+            }
+        }
+        self.inbox.got += 1;
+        self.inbox.last_us = now;
+        self.last = Instant::now();
+        self.until.bar.inc(1);
+    }
+
+    /// Stops: the receiver cannot go on, for the reason `error`.
+    pub fn fail(&mut self, error: String) {
+        self.inbox.error = Some(error);
+    }
+}
+
+/// A spawned task, aborted if dropped before it is joined, so that a run which fails part way
+/// leaves nothing running.
+pub struct Task<T>(Option<JoinHandle<T>>);
+
+impl<T: Send + 'static> Task<T> {
+    pub fn spawn(f: impl Future<Output = T> + Send + 'static) -> Self {
+        Task(Some(tokio::spawn(f)))
+    }
+
+    pub async fn join(mut self) -> Result<T, BenchError> {
+        match self.0.take() {
+            Some(handle) => handle.await.map_err(fail("a benchmark task failed")),
+            None => Err(BenchError("a benchmark task was joined twice".into())),
+        }
+    }
+}
+
+impl<T> Drop for Task<T> {
+    fn drop(&mut self) {
+        if let Some(handle) = &self.0 {
+            handle.abort();
+        }
+    }
+}

@@ -1,0 +1,47 @@
+//! Ordo's test kit: what the end-to-end tests, `ordo check` and `ordo-bench` share to run and
+//! drive a real server, so that none of them has a copy of its own that could drift.
+//!
+//! - [`process`]: `ordo serve` as a child process on a free port and a temporary data
+//!   directory, with `ORDO_*` variables cleared; waits for health; SIGKILL, SIGTERM, restart.
+//! - [`admin`]: the admin API (groups, tokens, metrics).
+//! - [`token`]: client tokens signed with a server's secret.
+//! - [`wire`]: a raw protocol client (frames over a WebSocket, nothing else).
+//! - [`device`]: one connected device for tests, with waits that fail loudly.
+//!
+//! It is not part of the product: the `ordo` binary links it only for `ordo check`.
+
+pub mod admin;
+pub mod device;
+pub mod process;
+pub mod token;
+pub mod wire;
+
+pub use admin::Admin;
+pub use process::{ordo_exe, ServerOptions, ServerProcess};
+pub use token::token;
+pub use wire::{WireClient, WireError};
+
+/// What went wrong while running or driving a server, and what to look at.
+#[derive(Debug, thiserror::Error)]
+pub enum HarnessError {
+    #[error("cannot {doing}: {source}")]
+    Io {
+        doing: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Start(String),
+    #[error("the server is not running")]
+    NotRunning,
+    #[error("{0}")]
+    Request(String),
+}
+
+impl HarnessError {
+    fn io(doing: &str, source: std::io::Error) -> Self {
+        HarnessError::Io {
+            doing: doing.to_string(),
+            source,
+        }
+    }
+}
