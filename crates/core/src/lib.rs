@@ -6,7 +6,8 @@
 //! removes. It never reads a clock, touches a disk or a socket: the caller passes the time in,
 //! persists the [`Batch`]es it hands out, reports back when a batch is durable, and carries out
 //! the [`Action`]s it gets. The server drives it with tokio and redb; a simulation can drive it
-//! with a fake network and disk.
+//! with a fake network and disk. Both hand it each decoded client frame through one entry point,
+//! [`Core::on_frame`] (see [`frame`]), so that they run the same rules.
 //!
 //! Durability rule: nothing a batch contains becomes visible to any client (no `accepted`, no
 //! `msg`, no `receipt`, no admin answer) until the caller reports that batch committed.
@@ -22,6 +23,7 @@ pub mod engine;
 pub mod error;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
+pub mod frame;
 pub mod memory_store;
 pub mod model;
 pub mod rate;
@@ -36,5 +38,6 @@ pub use engine::{
 pub use error::CoreError;
 #[cfg(feature = "fault-injection")]
 pub use fault::Faults;
+pub use frame::{may_read, Handled};
 pub use memory_store::{MemoryStore, SeqStoredTwice};
 pub use model::*;

@@ -1,5 +1,6 @@
-//! One WebSocket connection: decode frames, pass them to the router, serve `sync` from the store
-//! and write the router's frames out in the encoding the client last spoke.
+//! One WebSocket connection: decode frames, pass them to the router (whose core holds every
+//! frame's rule), read from the store the pages the router asks for to answer a `sync`, and write
+//! the router's frames out in the encoding the client last spoke.
 //!
 //! A reader loop and a writer task share one bounded queue of outgoing frames. Bad frames get an
 //! `error` frame and the connection stays usable; a frame over the size limit closes the socket
@@ -10,10 +11,8 @@ use crate::router::{Command, Outbound, SessionHandle};
 use crate::AppState;
 use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket};
 use futures_util::{SinkExt, StreamExt};
-use ordo_core::SessionId;
-use ordo_protocol::{
-    decode_client, ClientFrame, Encoding, ErrorCode, ServerFrame, PROTOCOL_VERSION,
-};
+use ordo_core::{may_read, SessionId, SyncPlan};
+use ordo_protocol::{decode_client, Encoding, ErrorCode, ServerFrame, PROTOCOL_VERSION};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -224,59 +223,34 @@ impl Conn {
                 return Ok(());
             }
         };
-        match frame {
-            ClientFrame::Ping { nonce } => {
-                self.reply(ServerFrame::Pong {
-                    nonce,
-                    server_time: crate::router::now_ms(),
-                })?;
-            }
-            ClientFrame::Convs => {
-                let (reply, rx) = oneshot::channel();
-                self.router(Command::Overview {
-                    session: self.session,
-                    reply,
-                })
-                .await?;
-                let conversations = rx.await.map_err(|_| going_away())?;
-                self.reply(ServerFrame::Convs { conversations })?;
-            }
-            ClientFrame::Sync { conv, after, limit } => self.sync(conv, after, limit).await?,
-            ClientFrame::Ack { ref acks } if acks.len() > self.state.limits.max_acks_per_frame => {
-                self.reply(ServerFrame::error(
-                    ErrorCode::Invalid,
-                    format!(
-                        "ack carries {} positions; the limit is {}",
-                        acks.len(),
-                        self.state.limits.max_acks_per_frame
-                    ),
-                ))?;
-            }
-            frame => {
-                self.router(Command::Frame {
-                    session: self.session,
+        let session = self.session;
+        if !may_read(&frame) {
+            return self
+                .router(Command::Frame {
+                    session,
                     frame,
+                    read: None,
                 })
-                .await?
-            }
+                .await;
         }
-        Ok(())
-    }
-
-    async fn sync(&self, conv: String, after: u64, limit: Option<u32>) -> Result<(), Close> {
+        // A frame that may need history: wait for the router's answer, and serve the page
+        // before reading the next frame, so that frames are answered in the order they came.
         let (reply, rx) = oneshot::channel();
-        self.router(Command::SyncStart {
-            session: self.session,
-            conv: conv.clone(),
-            after,
-            limit,
-            reply,
+        self.router(Command::Frame {
+            session,
+            frame,
+            read: Some(reply),
         })
         .await?;
-        let plan = match rx.await.map_err(|_| going_away())? {
-            Ok(p) => p,
-            Err(e) => return self.reply(ServerFrame::error(e.code(), e.to_string())),
-        };
+        match rx.await.map_err(|_| going_away())? {
+            Some(plan) => self.read_page(plan).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Reads the page `plan` names from the store (off the async workers: the read may block on
+    /// the disk) and hands it to the router, which answers the `sync` with it.
+    async fn read_page(&self, plan: SyncPlan) -> Result<(), Close> {
         let store = self.state.store.clone();
         let (c, from, to, lim) = (plan.conv.clone(), plan.from, plan.to, plan.limit);
         let budget = self.state.max_sync_bytes;
@@ -285,7 +259,7 @@ impl Conn {
         let page = match page {
             Ok(Ok(p)) => p,
             Ok(Err(e)) => {
-                tracing::error!(error = %e, conv = %conv, "sync read failed");
+                tracing::error!(error = %e, conv = %plan.conv, "sync read failed");
                 return self.reply(ServerFrame::error(
                     ErrorCode::Unavailable,
                     "history could not be read; retry the sync",
@@ -298,24 +272,12 @@ impl Conn {
                 ))
             }
         };
-        let last = page.messages.last().map(|m| m.seq);
-        let has_more = last.is_some_and(|l| l < plan.to);
-        let up_to = last.unwrap_or(plan.to);
         metrics::counter!(m::DELIVERED).increment(page.messages.len() as u64);
-        self.reply(ServerFrame::Synced {
-            conv: plan.conv,
-            epoch: plan.epoch,
-            messages: page.messages,
-            has_more,
-            // A trim committed after this sync was planned is not reported past the plan's end.
-            first_seq: page.first_seq.min(plan.to.saturating_add(1)),
-            max_seq: plan.to,
-        })?;
-        self.router(Command::SyncServed {
+        self.router(Command::PageRead {
             session: self.session,
-            conv,
-            up_to,
-            has_more,
+            plan,
+            messages: page.messages,
+            first_seq: page.first_seq,
         })
         .await
     }

@@ -1,6 +1,7 @@
 //! The router task: the single owner of the [`Core`], and the bridge to the commit thread.
 //!
-//! Connections send it [`Command`]s over a bounded channel. It feeds them to the core, hands the
+//! Connections send it [`Command`]s over a bounded channel. It feeds them to the core (a client
+//! frame through [`Core::on_frame`], the same entry point the simulation drives), hands the
 //! core's pending changes to the commit thread one batch at a time (while a batch is being
 //! fsynced, new sends pile up into the next one: that is the group commit), and when a batch is
 //! durable it carries out the core's actions: `accepted`, `msg`, `notify`, `receipt`, admin
@@ -16,9 +17,9 @@ use axum::extract::ws::{Message as WsMessage, Utf8Bytes};
 use foldhash::{HashMap, HashMapExt};
 use ordo_core::{
     Action, AdminOp, AdminReply, Batch, CommitOutcome, Core, CoreConfig, CoreError, CoreStats,
-    SendRequest, SessionId, SyncPlan, Ticket,
+    Handled, SessionId, SyncPlan, Ticket,
 };
-use ordo_protocol::{encode, ClientFrame, ConvInfo, Encoded, Encoding, ServerFrame};
+use ordo_protocol::{encode, ClientFrame, Encoded, Encoding, ErrorCode, Message, ServerFrame};
 use ordo_store::{Store, StoreError};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -90,27 +91,20 @@ pub enum Command {
     Disconnect {
         session: SessionId,
     },
-    /// `send`, `ack` or `read`.
+    /// A decoded client frame. `read` is set only for the frames that may need a store read
+    /// ([`ordo_core::may_read`]): it receives the page to read, or `None` once the frame is
+    /// fully answered.
     Frame {
         session: SessionId,
         frame: ClientFrame,
+        read: Option<oneshot::Sender<Option<SyncPlan>>>,
     },
-    SyncStart {
+    /// The page a connection read for a [`SyncPlan`] it was handed: answer the `sync` with it.
+    PageRead {
         session: SessionId,
-        conv: String,
-        after: u64,
-        limit: Option<u32>,
-        reply: oneshot::Sender<Result<SyncPlan, CoreError>>,
-    },
-    SyncServed {
-        session: SessionId,
-        conv: String,
-        up_to: u64,
-        has_more: bool,
-    },
-    Overview {
-        session: SessionId,
-        reply: oneshot::Sender<Vec<ConvInfo>>,
+        plan: SyncPlan,
+        messages: Vec<Message>,
+        first_seq: u64,
     },
     Admin {
         op: AdminOp,
@@ -296,27 +290,19 @@ impl Router {
                 self.sessions.remove(&session);
                 metrics::gauge!(m::CONNECTIONS).set(self.sessions.len() as f64);
             }
-            Command::Frame { session, frame } => self.on_frame(session, frame, now),
-            Command::SyncStart {
+            Command::Frame {
                 session,
-                conv,
-                after,
-                limit,
-                reply,
-            } => {
-                let _ = reply.send(self.core.sync(session, &conv, after, limit));
-            }
-            Command::SyncServed {
+                frame,
+                read,
+            } => self.on_frame(session, frame, read, now),
+            Command::PageRead {
                 session,
-                conv,
-                up_to,
-                has_more,
+                plan,
+                messages,
+                first_seq,
             } => {
-                let actions = self.core.sync_served(session, &conv, up_to, has_more);
+                let actions = self.core.serve_page(session, plan, messages, first_seq);
                 self.dispatch(actions);
-            }
-            Command::Overview { session, reply } => {
-                let _ = reply.send(self.core.overview(session));
             }
             Command::Admin { op, reply } => {
                 let ticket = self.next_ticket;
@@ -337,47 +323,36 @@ impl Router {
         }
     }
 
-    fn on_frame(&mut self, session: SessionId, frame: ClientFrame, now: u64) {
-        let mut errors = Vec::new();
-        match frame {
-            ClientFrame::Send {
-                conv,
-                to,
-                cmid,
-                body,
-                reply_to,
-            } => {
-                let actions = self.core.send(
-                    session,
-                    SendRequest {
-                        conv: conv.as_deref(),
-                        to: to.as_deref(),
-                        cmid,
-                        body,
-                        reply_to,
-                    },
-                    now,
-                );
+    fn on_frame(
+        &mut self,
+        session: SessionId,
+        frame: ClientFrame,
+        read: Option<oneshot::Sender<Option<SyncPlan>>>,
+        now: u64,
+    ) {
+        match (self.core.on_frame(session, frame, now), read) {
+            (Handled::Done(actions), read) => {
                 self.dispatch(actions);
-            }
-            // Every valid position is applied even if another in the same frame is not.
-            ClientFrame::Ack { acks } => {
-                for p in acks {
-                    if let Err(e) = self.core.ack(session, &p.conv, p.seq) {
-                        errors.push(e);
-                    }
+                if let Some(read) = read {
+                    let _ = read.send(None);
                 }
             }
-            ClientFrame::Read { conv, seq } => {
-                if let Err(e) = self.core.read(session, &conv, seq) {
-                    errors.push(e);
-                }
+            // The connection reads the page off this task and sends it back as `PageRead`.
+            (Handled::Read(plan), Some(read)) => {
+                let _ = read.send(Some(plan));
             }
-            // Other frames are answered by the connection itself.
-            _ => {}
-        }
-        for e in errors {
-            self.send_to(session, ServerFrame::error(e.code(), e.to_string()));
+            // A frame the connection did not expect to need a read: nobody would serve it.
+            (Handled::Read(plan), None) => {
+                tracing::error!(
+                    session,
+                    conv = %plan.conv,
+                    "a frame sent without a reply channel needs a store read"
+                );
+                self.send_to(
+                    session,
+                    ServerFrame::error(ErrorCode::Internal, "sync failed; retry"),
+                );
+            }
         }
     }
 

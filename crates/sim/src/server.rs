@@ -1,5 +1,6 @@
-//! The server side: the real [`Core`] driven the way the server's router drives it, a model of
-//! its durable store, group commit with one batch in flight, housekeeping, and crashes.
+//! The server side: the real [`Core`] driven the way the server's router drives it (every client
+//! frame through [`Core::on_frame`], the same entry point the server uses), a model of its
+//! durable store, group commit with one batch in flight, housekeeping, and crashes.
 //!
 //! A crash loses the core and every connection, and keeps exactly what the store had made
 //! durable; the restarted core is rebuilt from the store's snapshot. Under
@@ -10,10 +11,8 @@ use crate::checks::{Kind, Violation};
 use crate::faults::Sabotage;
 use crate::network::short;
 use crate::world::Sim;
-use ordo_core::{
-    Action, Batch, CommitOutcome, Core, CoreConfig, MemoryStore, SendRequest, SessionId,
-};
-use ordo_protocol::{ClientFrame, Limits, ServerFrame};
+use ordo_core::{Action, Batch, CommitOutcome, Core, CoreConfig, Handled, MemoryStore, SessionId};
+use ordo_protocol::{Limits, ServerFrame};
 
 /// What a store backend holds after applying the committed batches: the truth a restarted core
 /// is rebuilt from.
@@ -211,80 +210,17 @@ impl Sim {
         }
         tr!(self, "{} -> {}", self.name(dev), short(&f));
         let now = self.server_now();
-        match f {
-            ClientFrame::Send {
-                conv,
-                to,
-                cmid,
-                body,
-                reply_to,
-            } => {
-                let actions = self.server.core.send(
-                    sid,
-                    SendRequest {
-                        conv: conv.as_deref(),
-                        to: to.as_deref(),
-                        cmid,
-                        body,
-                        reply_to,
-                    },
-                    now,
-                );
-                self.dispatch(actions)?;
+        let actions = match self.server.core.on_frame(sid, f, now) {
+            Handled::Done(actions) => actions,
+            // The store is in memory: the page is read at once, as the server's connection
+            // would before it hands the core its next frame.
+            Handled::Read(plan) => {
+                let page = self.server.store.read(&plan);
+                let first_seq = self.server.store.first_seq(&plan.conv);
+                self.server.core.serve_page(sid, plan, page, first_seq)
             }
-            ClientFrame::Ack { acks } => {
-                for p in acks {
-                    if let Err(e) = self.server.core.ack(sid, &p.conv, p.seq) {
-                        self.send_to_client(sid, ServerFrame::error(e.code(), e.to_string()));
-                    }
-                }
-            }
-            ClientFrame::Read { conv, seq } => {
-                if let Err(e) = self.server.core.read(sid, &conv, seq) {
-                    self.send_to_client(sid, ServerFrame::error(e.code(), e.to_string()));
-                }
-            }
-            ClientFrame::Sync { conv, after, limit } => {
-                match self.server.core.sync(sid, &conv, after, limit) {
-                    Ok(plan) => {
-                        let page = self.server.store.read(&plan);
-                        let last = page.last().map(|m| m.seq);
-                        let has_more = last.is_some_and(|l| l < plan.to);
-                        let up_to = last.unwrap_or(plan.to);
-                        let first_seq = self
-                            .server
-                            .store
-                            .first_seq(&plan.conv)
-                            .min(plan.to.saturating_add(1));
-                        self.send_to_client(
-                            sid,
-                            ServerFrame::Synced {
-                                conv: plan.conv.clone(),
-                                epoch: plan.epoch,
-                                messages: page,
-                                has_more,
-                                first_seq,
-                                max_seq: plan.to,
-                            },
-                        );
-                        let actions = self.server.core.sync_served(sid, &conv, up_to, has_more);
-                        self.dispatch(actions)?;
-                    }
-                    Err(e) => self.send_to_client(sid, ServerFrame::error(e.code(), e.to_string())),
-                }
-            }
-            ClientFrame::Convs => {
-                let conversations = self.server.core.overview(sid);
-                self.send_to_client(sid, ServerFrame::Convs { conversations });
-            }
-            ClientFrame::Ping { nonce } => self.send_to_client(
-                sid,
-                ServerFrame::Pong {
-                    nonce,
-                    server_time: now,
-                },
-            ),
-        }
+        };
+        self.dispatch(actions)?;
         self.pump()
     }
 

@@ -1,0 +1,464 @@
+//! The one entry point for a decoded client frame: every frame's rule lives here, so that the
+//! server and the simulation run the same rules rather than each its own copy of them.
+//!
+//! A driver decodes the bytes (and enforces the frame size limit, which needs the bytes), then
+//! hands the frame to [`Core::on_frame`]. Most frames are answered from memory
+//! ([`Handled::Done`]: carry out the actions). A `sync` needs history from the store
+//! ([`Handled::Read`]): the driver reads the plan's page (off the core's task, if reading can
+//! block) and gives it back to [`Core::serve_page`], which builds the `synced` answer and moves
+//! the connection's push position. Only frames for which [`may_read`] is true can need a read,
+//! so a driver that reads elsewhere (the server reads on the connection's task) waits for an
+//! answer only for those: a `send`, the hot path, never waits.
+//!
+//! The driver must serve a connection's page before it hands the core that connection's next
+//! frame, so that the connection's frames are answered in the order it sent them.
+
+use crate::engine::{Action, Core, SendRequest, SessionId, SyncPlan};
+use crate::error::CoreError;
+use ordo_protocol::{ClientFrame, Message, ServerFrame};
+
+/// What a client frame asks of the driver.
+#[must_use]
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Handled {
+    /// Carry out these actions; the frame is fully handled.
+    Done(Vec<Action>),
+    /// Read this page from the store and hand it to [`Core::serve_page`].
+    Read(SyncPlan),
+}
+
+/// Whether `frame` may be answered with [`Handled::Read`]; for every other frame
+/// [`Core::on_frame`] returns [`Handled::Done`].
+pub fn may_read(frame: &ClientFrame) -> bool {
+    matches!(frame, ClientFrame::Sync { .. })
+}
+
+impl Core {
+    /// Handles one decoded frame from a connected device. `now_ms` is the driver's clock, never
+    /// going back (it stamps accepted messages and answers `ping`).
+    pub fn on_frame(&mut self, session: SessionId, frame: ClientFrame, now_ms: u64) -> Handled {
+        let actions = match frame {
+            ClientFrame::Send {
+                conv,
+                to,
+                cmid,
+                body,
+                reply_to,
+            } => self.send(
+                session,
+                SendRequest {
+                    conv: conv.as_deref(),
+                    to: to.as_deref(),
+                    cmid,
+                    body,
+                    reply_to,
+                },
+                now_ms,
+            ),
+            ClientFrame::Ack { acks } => {
+                let max = self.config().limits.max_acks_per_frame;
+                if acks.len() > max {
+                    let e = CoreError::Invalid(format!(
+                        "ack carries {} positions; the limit is {max}",
+                        acks.len()
+                    ));
+                    return Handled::Done(vec![error(session, &e)]);
+                }
+                // Every valid position is applied even if another in the same frame is not.
+                acks.iter()
+                    .filter_map(|p| self.ack(session, &p.conv, p.seq).err())
+                    .map(|e| error(session, &e))
+                    .collect()
+            }
+            ClientFrame::Read { conv, seq } => match self.read(session, &conv, seq) {
+                Ok(()) => Vec::new(),
+                Err(e) => vec![error(session, &e)],
+            },
+            ClientFrame::Sync { conv, after, limit } => {
+                match self.sync(session, &conv, after, limit) {
+                    Ok(plan) => return Handled::Read(plan),
+                    Err(e) => vec![error(session, &e)],
+                }
+            }
+            ClientFrame::Convs => vec![Action::Send {
+                session,
+                frame: ServerFrame::Convs {
+                    conversations: self.overview(session),
+                },
+            }],
+            ClientFrame::Ping { nonce } => vec![Action::Send {
+                session,
+                frame: ServerFrame::Pong {
+                    nonce,
+                    server_time: now_ms,
+                },
+            }],
+        };
+        Handled::Done(actions)
+    }
+
+    /// Answers a `sync` with the page the store returned for `plan`: `messages` (seqs in
+    /// `plan.from..=plan.to`, in order, possibly cut short by a count or size budget) and
+    /// `first_seq`, the conversation's lowest stored seq as the store reported it. The `synced`
+    /// frame comes first, then whatever the served page makes due (a `notify` if the device is
+    /// still behind).
+    pub fn serve_page(
+        &mut self,
+        session: SessionId,
+        plan: SyncPlan,
+        messages: Vec<Message>,
+        first_seq: u64,
+    ) -> Vec<Action> {
+        let last = messages.last().map(|m| m.seq);
+        let has_more = last.is_some_and(|l| l < plan.to);
+        let up_to = last.unwrap_or(plan.to);
+        let served = self.sync_served(session, &plan.conv, up_to, has_more);
+        let mut out = Vec::with_capacity(1 + served.len());
+        out.push(Action::Send {
+            session,
+            frame: ServerFrame::Synced {
+                conv: plan.conv,
+                epoch: plan.epoch,
+                messages,
+                has_more,
+                // A trim committed after this sync was planned is not reported past the plan's
+                // end.
+                first_seq: first_seq.min(plan.to.saturating_add(1)),
+                max_seq: plan.to,
+            },
+        });
+        out.extend(served);
+        out
+    }
+}
+
+fn error(session: SessionId, e: &CoreError) -> Action {
+    Action::Send {
+        session,
+        frame: ServerFrame::error(e.code(), e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::CoreConfig;
+    use crate::engine::AdminOp;
+    use crate::memory_store::MemoryStore;
+    use crate::model::{Retention, Snapshot};
+    use ordo_protocol::{ErrorCode, Position};
+
+    const ALICE: SessionId = 1;
+    const BOB: SessionId = 2;
+    const EVE: SessionId = 3;
+
+    /// A core with group `g` of alice and bob (committed), each connected once, eve connected
+    /// but not a member, and the store that holds what was committed.
+    fn setup() -> (Core, MemoryStore) {
+        let cfg = CoreConfig {
+            rate_per_sec: 0.0,
+            ..CoreConfig::default()
+        };
+        let mut core = Core::new(cfg, 7, Snapshot::default());
+        let mut store = MemoryStore::default();
+        let op = AdminOp::CreateGroup {
+            id: "g".into(),
+            members: vec!["alice".into(), "bob".into()],
+            retention: Retention::default(),
+        };
+        core.admin(1, op, 1_000).expect("a valid group");
+        commit_all(&mut core, &mut store);
+        core.connect(ALICE, "alice", "phone");
+        core.connect(BOB, "bob", "phone");
+        core.connect(EVE, "eve", "phone");
+        (core, store)
+    }
+
+    fn commit_all(core: &mut Core, store: &mut MemoryStore) -> Vec<Action> {
+        let mut out = Vec::new();
+        while let Some(b) = core.take_batch() {
+            let outcome = store.apply(&b).expect("no seq stored twice");
+            out.extend(core.commit_done(b.id, outcome));
+        }
+        out
+    }
+
+    fn send(core: &mut Core, session: SessionId, cmid: &str) -> Handled {
+        let frame = ClientFrame::Send {
+            conv: Some("g".into()),
+            to: None,
+            cmid: cmid.into(),
+            body: format!("body of {cmid}"),
+            reply_to: None,
+        };
+        core.on_frame(session, frame, 2_000)
+    }
+
+    fn done(h: Handled) -> Vec<Action> {
+        match h {
+            Handled::Done(a) => a,
+            Handled::Read(p) => panic!("expected actions, got a read of {p:?}"),
+        }
+    }
+
+    /// The frames sent to `session`, in order.
+    fn frames_to(actions: &[Action], session: SessionId) -> Vec<ServerFrame> {
+        crate::engine::per_session(actions.to_vec())
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::Send { session: s, frame } if s == session => Some(frame),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn error_code(f: &ServerFrame) -> Option<ErrorCode> {
+        match f {
+            ServerFrame::Error { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn ping_is_answered_with_pong_at_the_drivers_time() {
+        let (mut core, _) = setup();
+        let out = done(core.on_frame(ALICE, ClientFrame::Ping { nonce: Some(9) }, 4_321));
+        assert_eq!(
+            frames_to(&out, ALICE),
+            vec![ServerFrame::Pong {
+                nonce: Some(9),
+                server_time: 4_321
+            }]
+        );
+    }
+
+    #[test]
+    fn send_is_answered_at_commit_and_pushed() {
+        let (mut core, mut store) = setup();
+        assert_eq!(done(send(&mut core, ALICE, "m1")), vec![]);
+        let out = commit_all(&mut core, &mut store);
+        assert!(frames_to(&out, ALICE)
+            .iter()
+            .any(|f| matches!(f, ServerFrame::Accepted { seq: 1, .. })));
+        assert!(frames_to(&out, BOB)
+            .iter()
+            .any(|f| matches!(f, ServerFrame::Msg(m) if m.seq == 1)));
+    }
+
+    #[test]
+    fn convs_lists_only_the_users_conversations() {
+        let (mut core, _) = setup();
+        let out = done(core.on_frame(ALICE, ClientFrame::Convs, 2_000));
+        match frames_to(&out, ALICE).as_slice() {
+            [ServerFrame::Convs { conversations }] => {
+                let ids: Vec<&str> = conversations.iter().map(|c| c.conv.as_str()).collect();
+                assert_eq!(ids, vec!["g"]);
+            }
+            other => panic!("expected one convs frame, got {other:?}"),
+        }
+        let out = done(core.on_frame(EVE, ClientFrame::Convs, 2_000));
+        assert_eq!(
+            frames_to(&out, EVE),
+            vec![ServerFrame::Convs {
+                conversations: vec![]
+            }]
+        );
+    }
+
+    #[test]
+    fn ack_over_the_limit_is_refused_whole() {
+        let (mut core, mut store) = setup();
+        let _ = send(&mut core, ALICE, "m1");
+        commit_all(&mut core, &mut store);
+        let max = core.config().limits.max_acks_per_frame;
+        let acks = vec![
+            Position {
+                conv: "g".into(),
+                seq: 1,
+            };
+            max + 1
+        ];
+        let out = done(core.on_frame(BOB, ClientFrame::Ack { acks }, 2_000));
+        assert_eq!(
+            frames_to(&out, BOB),
+            vec![ServerFrame::error(
+                ErrorCode::Invalid,
+                format!("ack carries {} positions; the limit is {max}", max + 1)
+            )]
+        );
+        // Nothing was applied: no cursor moved, so nothing is pending.
+        assert!(!core.has_pending());
+    }
+
+    #[test]
+    fn valid_acks_apply_even_next_to_a_refused_one() {
+        let (mut core, mut store) = setup();
+        let _ = send(&mut core, ALICE, "m1");
+        commit_all(&mut core, &mut store);
+        let acks = vec![
+            Position {
+                conv: "nope".into(),
+                seq: 1,
+            },
+            Position {
+                conv: "g".into(),
+                seq: 1,
+            },
+        ];
+        let out = done(core.on_frame(BOB, ClientFrame::Ack { acks }, 2_000));
+        let to_bob = frames_to(&out, BOB);
+        assert_eq!(to_bob.len(), 1);
+        assert_eq!(error_code(&to_bob[0]), Some(ErrorCode::NotFound));
+        commit_all(&mut core, &mut store);
+        assert_eq!(store.position("g", "bob"), (1, 0));
+    }
+
+    #[test]
+    fn read_of_a_non_member_is_refused() {
+        let (mut core, _) = setup();
+        let frame = ClientFrame::Read {
+            conv: "g".into(),
+            seq: 1,
+        };
+        let out = done(core.on_frame(EVE, frame, 2_000));
+        let to_eve = frames_to(&out, EVE);
+        assert_eq!(to_eve.len(), 1);
+        assert_eq!(error_code(&to_eve[0]), Some(ErrorCode::NotMember));
+    }
+
+    #[test]
+    fn sync_of_a_non_member_is_refused_without_a_read() {
+        let (mut core, _) = setup();
+        let frame = ClientFrame::Sync {
+            conv: "g".into(),
+            after: 0,
+            limit: None,
+        };
+        assert!(may_read(&frame));
+        let out = done(core.on_frame(EVE, frame, 2_000));
+        let to_eve = frames_to(&out, EVE);
+        assert_eq!(to_eve.len(), 1);
+        assert_eq!(error_code(&to_eve[0]), Some(ErrorCode::NotMember));
+    }
+
+    #[test]
+    fn only_sync_may_read() {
+        assert!(!may_read(&ClientFrame::Convs));
+        assert!(!may_read(&ClientFrame::Ping { nonce: None }));
+        assert!(!may_read(&ClientFrame::Read {
+            conv: "g".into(),
+            seq: 1
+        }));
+        assert!(!may_read(&ClientFrame::Ack { acks: vec![] }));
+    }
+
+    /// Three messages in `g`, then bob syncs with a limit of 2.
+    fn partial_sync() -> (Core, MemoryStore, SyncPlan) {
+        let (mut core, mut store) = setup();
+        for cmid in ["m1", "m2", "m3"] {
+            let _ = send(&mut core, ALICE, cmid);
+        }
+        commit_all(&mut core, &mut store);
+        let frame = ClientFrame::Sync {
+            conv: "g".into(),
+            after: 0,
+            limit: Some(2),
+        };
+        let plan = match core.on_frame(BOB, frame, 3_000) {
+            Handled::Read(plan) => plan,
+            Handled::Done(a) => panic!("expected a read, got {a:?}"),
+        };
+        assert_eq!((plan.from, plan.to, plan.limit), (1, 3, 2));
+        (core, store, plan)
+    }
+
+    #[test]
+    fn a_short_page_has_more() {
+        let (mut core, store, plan) = partial_sync();
+        let page = store.read(&plan);
+        let out = core.serve_page(BOB, plan, page, 1);
+        match frames_to(&out, BOB).as_slice() {
+            [ServerFrame::Synced {
+                conv,
+                messages,
+                has_more,
+                first_seq,
+                max_seq,
+                ..
+            }] => {
+                assert_eq!(conv, "g");
+                assert_eq!(messages.iter().map(|m| m.seq).collect::<Vec<_>>(), [1, 2]);
+                assert!(has_more);
+                assert_eq!((*first_seq, *max_seq), (1, 3));
+            }
+            other => panic!("expected one synced frame, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_full_page_has_no_more_and_clamps_a_later_trim() {
+        let (mut core, store, mut plan) = partial_sync();
+        plan.limit = 10;
+        let page = store.read(&plan);
+        // The store trimmed everything after the plan was made: first_seq is past its end.
+        let out = core.serve_page(BOB, plan, page, 9);
+        match frames_to(&out, BOB).as_slice() {
+            [ServerFrame::Synced {
+                messages,
+                has_more,
+                first_seq,
+                max_seq,
+                ..
+            }] => {
+                assert_eq!(messages.len(), 3);
+                assert!(!has_more);
+                assert_eq!((*first_seq, *max_seq), (4, 3));
+            }
+            other => panic!("expected one synced frame, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_page_behind_newer_messages_is_followed_by_notify() {
+        let (mut core, mut store) = setup();
+        core.disconnect(BOB);
+        for cmid in ["m1", "m2", "m3"] {
+            let _ = send(&mut core, ALICE, cmid);
+        }
+        commit_all(&mut core, &mut store);
+        core.connect(BOB, "bob", "phone");
+        let frame = ClientFrame::Sync {
+            conv: "g".into(),
+            after: 0,
+            limit: None,
+        };
+        let plan = match core.on_frame(BOB, frame, 3_000) {
+            Handled::Read(plan) => plan,
+            Handled::Done(a) => panic!("expected a read, got {a:?}"),
+        };
+        let page = store.read(&plan);
+        // A fourth message becomes durable while the page is read. Bob's connection is not
+        // next to it (its push position is its delivered position, 0), so it gets a notify.
+        let _ = send(&mut core, ALICE, "m4");
+        let committed = commit_all(&mut core, &mut store);
+        let notify = ServerFrame::Notify {
+            conv: "g".into(),
+            max_seq: 4,
+        };
+        assert_eq!(frames_to(&committed, BOB), vec![notify.clone()]);
+        // The page covers up to 3 and has no more: bob would not ask again, so he is told again.
+        let out = core.serve_page(BOB, plan, page, 1);
+        let to_bob = frames_to(&out, BOB);
+        assert_eq!(to_bob.len(), 2, "{to_bob:?}");
+        assert!(matches!(
+            &to_bob[0],
+            ServerFrame::Synced {
+                has_more: false,
+                max_seq: 3,
+                messages,
+                ..
+            } if messages.len() == 3
+        ));
+        assert_eq!(to_bob[1], notify);
+    }
+}
