@@ -9,11 +9,13 @@
 // Each test binary uses its own part of this module.
 #![allow(dead_code, unused_imports)]
 
+use ordo_protocol::{Encoding, ServerFrame};
 pub use ordo_testkit::device::{
     cmids, send_frame, seqs, Device as Client, SendResult, Target, WAIT,
 };
 use ordo_testkit::{ServerOptions, ServerProcess};
 use std::process::ExitStatus;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 /// The secret every test server signs tokens with, so that [`token`] needs no server at hand.
 pub const SECRET: &str = "test-secret";
@@ -99,4 +101,49 @@ pub fn now_secs() -> u64 {
 /// A token for `user` on `device`, signed with the test secret, valid for an hour.
 pub fn token(user: &str, device: &str) -> String {
     ordo_testkit::token(SECRET, user, device, 3600).expect("sign a token")
+}
+
+/// Asserts that `msgs` are exactly seqs `from..=to`, in order.
+pub fn assert_seqs(msgs: &[ordo_protocol::Message], from: u64, to: u64, what: &str) {
+    let want: Vec<u64> = (from..=to).collect();
+    assert_eq!(seqs(msgs), want, "{what}: seqs");
+}
+
+/// The value of an unlabelled metric in Prometheus text format.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .find_map(|v| v.trim().parse().ok())
+}
+
+/// The next Ordo frame as a raw WebSocket message: whether it came as text, and the frame.
+pub async fn raw_frame(c: &mut Client) -> (bool, ServerFrame) {
+    loop {
+        match c.recv_raw().await {
+            Ok(Some(WsMessage::Text(t))) => {
+                let f = ordo_protocol::decode_server(t.as_bytes(), Encoding::Json)
+                    .unwrap_or_else(|e| panic!("{}: bad JSON frame {t}: {e}", c.user));
+                return (true, f);
+            }
+            Ok(Some(WsMessage::Binary(b))) => {
+                let f = ordo_protocol::decode_server(&b, Encoding::MsgPack)
+                    .unwrap_or_else(|e| panic!("{}: bad MessagePack frame: {e}", c.user));
+                return (false, f);
+            }
+            Ok(Some(WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_))) => {}
+            other => panic!("{}: connection ended: {other:?}", c.user),
+        }
+    }
+}
+
+/// Connects without reading `welcome`, so that its kind can be checked too.
+pub async fn connect_raw(server: &Server, user: &str, enc: Encoding) -> Client {
+    let wire = ordo_testkit::wire::WireClient::connect(&server.ws_url(), &token(user, "d1"), enc)
+        .await
+        .expect("connect");
+    Client {
+        wire,
+        user: user.into(),
+        device: "d1".into(),
+    }
 }

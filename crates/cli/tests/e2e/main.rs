@@ -1,0 +1,25 @@
+//! End-to-end tests: the real `ordo` binary, real WebSockets, real kills; one test binary
+//! (one link of the whole stack) with a module per concern.
+//!
+//! Each test starts its own server on a free port and a temporary data directory (see
+//! [`common`], over the test kit). They check the contract (docs/contract.md) from the outside:
+//! order (G3, G4), idempotence (G2), durability across SIGKILL and SIGTERM (G1, G6), catch-up
+//! after a long offline period (G5, G6), receipts (G7), authorization (G8) and bad input (G9);
+//! the SDK and the `ordo` commands against a real server ([`sdk`]); configuration, age retention
+//! and slow readers ([`operations`]); and a short chaos run of `ordo check` ([`check`]).
+
+mod common;
+
+mod authorization;
+mod bad_input;
+mod catchup;
+mod check;
+mod dedup;
+mod encodings;
+mod operations;
+mod order;
+mod receipts;
+mod retention;
+mod sdk;
+mod sigkill;
+mod sigterm;

@@ -1,0 +1,94 @@
+//! SIGKILL mid-stream (G1, G6): nothing accepted is lost and the dedup window survives.
+
+use super::common::*;
+use ordo_protocol::ServerFrame;
+use std::collections::{HashMap, HashSet};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigkill_mid_stream_loses_nothing_accepted_and_dedup_survives() {
+    let mut server = Server::start(&[]).await;
+    let conv = "g-crash";
+    server
+        .create_group(conv, &["alice", "bob"], serde_json::json!({}))
+        .await;
+    let g = Target::conv(conv);
+    let all = cmids("crash", 300);
+    let window = 32;
+    let kill_after = 150;
+
+    let mut alice = Client::connect(&server, "alice", "phone").await;
+    let epoch = alice.convs().await[0].epoch;
+    let mut accepted: HashMap<String, u64> = HashMap::new();
+    let mut sent = 0;
+    let mut killed = false;
+    loop {
+        while !killed && sent < all.len() && sent - accepted.len() < window {
+            alice.send(&send_frame(&g, &all[sent], &all[sent])).await;
+            sent += 1;
+        }
+        match alice.wire.recv_timeout(WAIT).await {
+            Ok(ServerFrame::Accepted { cmid, seq, .. }) => {
+                assert!(accepted.insert(cmid, seq).is_none());
+            }
+            Ok(ServerFrame::Rejected { cmid, code, .. }) => panic!("{cmid} rejected: {code}"),
+            Ok(_) => {}
+            // The server is gone: whatever `accepted` came before is all we know.
+            Err(_) if killed => break,
+            Err(e) => panic!("connection failed before the kill: {e}"),
+        }
+        if !killed && accepted.len() >= kill_after {
+            server.kill9();
+            killed = true;
+        }
+        assert!(
+            accepted.len() < all.len(),
+            "all 300 accepted before the kill"
+        );
+    }
+    eprintln!(
+        "sigkill: {sent} sent, {} accepted when the server died",
+        accepted.len()
+    );
+    assert!(accepted.len() >= kill_after);
+
+    server.restart().await;
+    let mut alice = Client::connect(&server, "alice", "phone").await;
+    // Same history, so the same epoch: clients must not be told to throw their cache away.
+    assert_eq!(
+        alice.convs().await[0].epoch,
+        epoch,
+        "epoch changed across a restart"
+    );
+    let stored = alice.sync_all(conv, 0).await;
+    let max = stored.len() as u64;
+    assert_seqs(&stored, 1, max, "after the crash");
+    assert!(max >= accepted.len() as u64);
+    for (cmid, seq) in &accepted {
+        let m = &stored[(*seq - 1) as usize];
+        assert_eq!(
+            &m.cmid, cmid,
+            "accepted {cmid} as {seq}, stored at {seq}: {}",
+            m.cmid
+        );
+    }
+    // What survived is a prefix of what was sent, in send order (sender FIFO).
+    for (i, m) in stored.iter().enumerate() {
+        assert_eq!(m.cmid, all[i], "seq {}", m.seq);
+    }
+
+    // Resend everything: durable ones are recognised, the rest are appended in order.
+    let seqs = alice.send_all(&g, &all, window).await;
+    for (i, cmid) in all.iter().enumerate() {
+        if let Some(s) = accepted.get(cmid) {
+            assert_eq!(seqs[i], *s, "{cmid}: dedup did not survive the crash");
+        }
+        assert_eq!(seqs[i], i as u64 + 1, "{cmid}");
+    }
+    let last = alice.sync_all(conv, 0).await;
+    assert_seqs(&last, 1, all.len() as u64, "final");
+    let distinct: HashSet<&str> = last.iter().map(|m| m.cmid.as_str()).collect();
+    assert_eq!(distinct.len(), all.len());
+    for (i, m) in last.iter().enumerate() {
+        assert_eq!(m.cmid, all[i]);
+    }
+}
