@@ -94,7 +94,7 @@ pub struct Client {
 
 impl Client {
     /// Opens the local store and starts the driver, which connects in the background.
-    /// Messages stored earlier but never taken by the app come out of [`next_event`] first.
+    /// Messages stored earlier but never taken by the app come out of [`Self::next_event`] first.
     pub async fn open(opts: ClientOptions) -> Result<Client, ClientError> {
         let path = opts.store.clone();
         let store = tokio::task::spawn_blocking(move || LocalStore::open(&path))

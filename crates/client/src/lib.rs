@@ -4,7 +4,9 @@
 //! client message id until the server accepts it, the reorder buffer that hands the app only
 //! contiguous seqs, each once, and the rule that a message is stored before it is acknowledged.
 //! These rules are written here without I/O ([`state`]), so that a simulation can drive them; a
-//! local store ([`store`]) and a tokio driver ([`driver`]) put them to work.
+//! local store ([`store`]) and a tokio driver ([`driver`]) put them to work. An in-memory
+//! reference store ([`memory_store`]) stands in for the local store in the tests and in the
+//! simulation.
 //!
 //! ```no_run
 //! use ordo_client::{Client, ClientOptions, Event, Status, Target};
@@ -48,6 +50,7 @@ pub mod backoff;
 pub mod driver;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
+pub mod memory_store;
 pub mod outbox;
 pub mod reorder;
 pub mod state;
@@ -57,6 +60,7 @@ pub use backoff::RetryPolicy;
 pub use driver::{token_identity, Client, ClientError, ClientOptions};
 #[cfg(feature = "fault-injection")]
 pub use fault::Faults;
+pub use memory_store::MemoryStore;
 pub use ordo_protocol::{direct_conv_id, Message};
 pub use outbox::{Outbox, Pending, Target};
 pub use reorder::{Offer, ReorderBuffer};

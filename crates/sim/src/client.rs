@@ -1,6 +1,7 @@
-//! The client side: for each device, the real [`ClientState`], a model of its local store
-//! ([`LocalDb`]), the driver that carries out its effects in order and reconnects with backoff,
-//! and the app that sends, reads and watches what it is handed.
+//! The client side: for each device, the real [`ClientState`], its local store (the client
+//! crate's in-memory [`MemoryStore`], as [`LocalDb`]), the driver that carries out its effects
+//! in order and reconnects with backoff, and the app that sends, reads and watches what it is
+//! handed.
 //!
 //! A client crash loses the state machine and every effect not yet carried out; the restarted
 //! one is built from the local store, on a fresh seed and a clock that starts again from zero
@@ -11,197 +12,22 @@ use crate::checks::{Kind, Violation};
 use crate::faults::Sabotage;
 use crate::network::{short, short_s, Conn};
 use crate::world::{Receipts, Sim, GROUPS, USERS};
-use ordo_client::{
-    ClientSnapshot, ClientState, ConvSnapshot, Effect, Event, Pending, RetryPolicy, SentSnapshot,
-    Status, StoreOp, Target,
-};
+use ordo_client::memory_store::Refused;
+use ordo_client::{ClientState, Effect, Event, MemoryStore, RetryPolicy, Status, StoreOp, Target};
 use ordo_core::SessionId;
-use ordo_protocol::{direct_conv_id, validate_id, IdKind, Message, ServerFrame};
+use ordo_protocol::{direct_conv_id, validate_id, IdKind, ServerFrame};
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-#[derive(Clone, Debug, Default)]
-pub struct ConvRow {
-    pub epoch: Option<u64>,
-    pub contiguous: u64,
-    pub read: u64,
-}
+/// A device's local store: the client crate's reference store ([`MemoryStore`]), which survives
+/// a crash of its client and refuses writes that break the store's rules (a rule check) or
+/// record a message twice (G2).
+pub type LocalDb = MemoryStore;
 
-/// What a client's `Persist` effects wrote: the in-memory twin of the SDK's local store. It
-/// survives a crash of its client. It refuses writes that break the rules (a stored run that
-/// skips or repeats a seq), and keeps some bookkeeping for the checks (every seq a cmid was
-/// recorded with, what left the outbox).
-#[derive(Clone, Debug, Default)]
-pub struct LocalDb {
-    pub outbox: Vec<Pending>,
-    pub messages: BTreeMap<(String, u64), Message>,
-    pub convs: BTreeMap<String, ConvRow>,
-    pub sent: BTreeMap<(String, u64), SentSnapshot>,
-    /// cmid -> (conv, seq) from every `PutSent`.
-    pub accepted: HashMap<String, (String, u64)>,
-    /// cmids that left the outbox.
-    pub removed: HashSet<String>,
-    /// (sender, cmid) -> (conv, seq) of every stored message.
-    pub by_cmid: HashMap<(String, String), (String, u64)>,
-}
-
-impl LocalDb {
-    pub fn contiguous(&self, conv: &str) -> u64 {
-        self.convs.get(conv).map_or(0, |r| r.contiguous)
-    }
-
-    pub fn read(&self, conv: &str) -> u64 {
-        self.convs.get(conv).map_or(0, |r| r.read)
-    }
-
-    /// Applies `ops`. With `rules`, a write that breaks the store's own rules is refused;
-    /// without, it is applied as a buggy client would apply it. A message stored twice under
-    /// two seqs is refused either way: the app would show it twice (G2).
-    pub fn apply(&mut self, ops: &[StoreOp], rules: bool) -> Result<(), Violation> {
-        let rule = |detail: String| {
-            if rules {
-                Err(Violation::new(Kind::StoreRule, detail))
-            } else {
-                Ok(())
-            }
-        };
-        for op in ops {
-            match op {
-                StoreOp::PutPending(p) => {
-                    if self.removed.contains(&p.cmid) {
-                        rule(format!("{} went back into the outbox", p.cmid))?;
-                    }
-                    match self.outbox.iter_mut().find(|q| q.cmid == p.cmid) {
-                        Some(q) => *q = p.clone(),
-                        None => self.outbox.push(p.clone()),
-                    }
-                }
-                StoreOp::RemovePending(cmid) => {
-                    self.outbox.retain(|p| &p.cmid != cmid);
-                    self.removed.insert(cmid.clone());
-                }
-                StoreOp::PutMessages {
-                    conv,
-                    messages,
-                    contiguous,
-                } => {
-                    let row = self.convs.entry(conv.clone()).or_default();
-                    let Some(last) = messages.last() else {
-                        rule(format!("an empty PutMessages for {conv}"))?;
-                        continue;
-                    };
-                    for (i, m) in messages.iter().enumerate() {
-                        let want = row.contiguous + 1 + i as u64;
-                        if m.conv != *conv || m.seq != want {
-                            rule(format!(
-                                "PutMessages stores {}/{} where {conv}/{want} is next (G5)",
-                                m.conv, m.seq
-                            ))?;
-                        }
-                    }
-                    if *contiguous != last.seq {
-                        rule(format!(
-                            "PutMessages of {conv} up to {} says contiguous {contiguous}",
-                            last.seq
-                        ))?;
-                    }
-                    row.contiguous = last.seq;
-                    for m in messages {
-                        let at = (conv.clone(), m.seq);
-                        let key = (m.from.clone(), m.cmid.clone());
-                        if let Some(prev) = self.by_cmid.get(&key) {
-                            if *prev != at {
-                                return Err(Violation::new(
-                                    Kind::Duplicated,
-                                    format!(
-                                        "G2: {}'s {} stored as {prev:?} and again as {at:?}",
-                                        m.from, m.cmid
-                                    ),
-                                ));
-                            }
-                        }
-                        self.by_cmid.insert(key, at.clone());
-                        self.messages.insert(at, m.clone());
-                    }
-                }
-                StoreOp::SetConv {
-                    conv,
-                    epoch,
-                    contiguous,
-                    reset,
-                } => {
-                    let row = self.convs.entry(conv.clone()).or_default();
-                    row.epoch = *epoch;
-                    if *reset {
-                        self.messages.retain(|(c, _), _| c != conv);
-                        self.by_cmid.retain(|_, (c, _)| c != conv);
-                        row.contiguous = *contiguous;
-                        row.read = 0;
-                    } else {
-                        row.contiguous = row.contiguous.max(*contiguous);
-                    }
-                }
-                StoreOp::SetRead { conv, seq } => {
-                    let row = self.convs.entry(conv.clone()).or_default();
-                    if *seq > row.contiguous {
-                        let stored = row.contiguous;
-                        rule(format!(
-                            "read position {conv}/{seq} beyond what is stored ({stored})"
-                        ))?;
-                    }
-                    let row = self.convs.entry(conv.clone()).or_default();
-                    row.read = row.read.max(*seq);
-                }
-                StoreOp::PutSent {
-                    conv,
-                    seq,
-                    cmid,
-                    status,
-                } => {
-                    let at = (conv.clone(), *seq);
-                    if let Some(prev) = self.accepted.get(cmid) {
-                        if *prev != at {
-                            return Err(Violation::new(
-                                Kind::Duplicated,
-                                format!("G2: {cmid} accepted as {prev:?} and as {at:?}"),
-                            ));
-                        }
-                    }
-                    self.accepted.insert(cmid.clone(), at.clone());
-                    self.sent.insert(
-                        at,
-                        SentSnapshot {
-                            conv: conv.clone(),
-                            seq: *seq,
-                            cmid: cmid.clone(),
-                            status: status.clone(),
-                        },
-                    );
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// What a restarted client is built from.
-    pub fn snapshot(&self) -> ClientSnapshot {
-        ClientSnapshot {
-            outbox: self.outbox.clone(),
-            convs: self
-                .convs
-                .iter()
-                .map(|(c, r)| ConvSnapshot {
-                    conv: c.clone(),
-                    epoch: r.epoch,
-                    contiguous: r.contiguous,
-                    read: r.read,
-                })
-                .collect(),
-            sent: self
-                .sent
-                .values()
-                .filter(|s| s.status != Status::Read)
-                .cloned()
-                .collect(),
+impl From<Refused> for Violation {
+    fn from(r: Refused) -> Violation {
+        match r {
+            Refused::Rule(detail) => Violation::new(Kind::StoreRule, detail),
+            Refused::Duplicate(detail) => Violation::new(Kind::Duplicated, detail),
         }
     }
 }
@@ -547,11 +373,13 @@ impl Sim {
         let name = self.name(d);
         match e {
             Effect::Persist(ops) => {
-                let rules = self.opts.rule_checks;
-                self.devs[d]
-                    .db
-                    .apply(&ops, rules)
-                    .map_err(|v| v.at(&name))?;
+                let db = &mut self.devs[d].db;
+                let stored = if self.opts.rule_checks {
+                    db.apply(&ops)
+                } else {
+                    db.apply_ignoring_rules(&ops)
+                };
+                stored.map_err(|r| Violation::from(r).at(&name))?;
                 for op in ops {
                     match op {
                         StoreOp::PutPending(p) => {
@@ -629,7 +457,7 @@ impl Sim {
                 }
                 *seen = m.seq;
                 self.stats.handed += 1;
-                if self.devs[d].db.messages.get(&(m.conv.clone(), m.seq)) != Some(&m) {
+                if self.devs[d].db.message(&m.conv, m.seq) != Some(&m) {
                     self.rule(
                         Kind::StoreRule,
                         format!(

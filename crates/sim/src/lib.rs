@@ -1,7 +1,7 @@
 //! A deterministic simulation of Ordo: the real server core ([`ordo_core::Core`]) and the real
 //! client state machines ([`ordo_client::ClientState`]) talking over a simulated network, with a
 //! simulated disk on each side and simulated clocks, under faults. It checks the delivery
-//! contract of `ARCHITECTURE.md` (G1-G7) while it runs and once everything has settled.
+//! contract of docs/contract.md (G1-G7) while it runs and once everything has settled.
 //!
 //! One run ([`Sim`]) is fully determined by its seed: six devices of four users, two groups and
 //! the direct conversations between them; the apps send and read at random; a fault profile,

@@ -1,0 +1,121 @@
+//! Admin and membership: admin requests are validated, membership changes apply, and both take
+//! effect (and are answered) only once their batch is durable.
+
+use crate::support::*;
+use ordo_core::{Action, AdminOp, CoreError, Retention};
+use ordo_protocol::{direct_conv_id, ErrorCode};
+use std::collections::BTreeSet;
+
+#[test]
+fn admin_validates_and_membership_changes_apply() {
+    let mut s = alice_and_bob_in_g(cfg());
+    s.core.connect(3, "carol", "c1");
+    let create = |id: &str, members: &[&str]| AdminOp::CreateGroup {
+        id: id.into(),
+        members: members.iter().map(|m| m.to_string()).collect(),
+        retention: Retention::default(),
+    };
+    let now = s.now;
+    assert_eq!(
+        code(s.core.admin(1, create("g", &["alice"]), now)),
+        ErrorCode::Invalid,
+        "already exists"
+    );
+    assert!(matches!(
+        s.core.admin(1, create("g", &["alice"]), now),
+        Err(CoreError::AlreadyExists(_))
+    ));
+    assert_eq!(
+        code(s.core.admin(1, create("d_abc", &["alice"]), now)),
+        ErrorCode::Invalid
+    );
+    assert_eq!(
+        code(s.core.admin(1, create("bad id", &["alice"]), now)),
+        ErrorCode::Invalid
+    );
+    assert_eq!(
+        code(s.core.admin(1, create("ok", &["bad user"]), now)),
+        ErrorCode::Invalid
+    );
+    let update = |id: &str, add: &[&str], remove: &[&str]| AdminOp::UpdateGroup {
+        id: id.into(),
+        add: add.iter().map(|m| m.to_string()).collect(),
+        remove: remove.iter().map(|m| m.to_string()).collect(),
+        retention: None,
+    };
+    assert_eq!(
+        code(s.core.admin(1, update("nope", &["carol"], &[]), now)),
+        ErrorCode::NotFound
+    );
+    let direct = direct_conv_id("alice", "bob");
+    s.send_to(1, "bob", "d");
+    s.flush();
+    assert_eq!(
+        code(s.core.admin(1, update(&direct, &["carol"], &[]), now)),
+        ErrorCode::NotFound,
+        "direct conversations have fixed members"
+    );
+    assert!(s.core.take_batch().is_none(), "failed admin stores nothing");
+
+    s.core
+        .admin(7, update("g", &["carol"], &["bob"]), now)
+        .unwrap();
+    let (batches, out) = s.flush();
+    assert_eq!(
+        batches[0].convs[0].members,
+        BTreeSet::from(["alice".to_string(), "carol".to_string()])
+    );
+    assert!(matches!(
+        &out[..],
+        [Action::AdminDone {
+            ticket: 7,
+            reply: Ok(_)
+        }]
+    ));
+    assert_eq!(rejected(&s.send(2, "g", "b")).0, ErrorCode::NotMember);
+    assert_eq!(code(s.core.sync(2, "g", 0, None)), ErrorCode::NotMember);
+    assert!(s.send(3, "g", "c").is_empty());
+    let (_, out) = s.flush();
+    assert_eq!(msg_seqs(&out, 1), vec![1]);
+    assert_eq!(msg_seqs(&out, 3), vec![1]);
+    assert!(frames(&out, 2).is_empty(), "a removed member gets nothing");
+    assert_eq!(s.core.group("g").unwrap().max_seq, 1);
+}
+
+// Regressions: each test below once failed on a real defect of the core.
+
+/// The admin reply of a batch is built from the live record, so it includes later changes that
+/// are still pending.
+#[test]
+fn an_admin_reply_describes_only_what_its_batch_made_durable() {
+    let mut s = Sim::new(cfg());
+    s.create_group(1, "g", &["alice"], Retention::default());
+    let b1 = s.take();
+    s.add_member(2, "g", "mallory");
+    let out = s.commit(&b1);
+    match &out[..] {
+        [Action::AdminDone {
+            ticket: 1,
+            reply: Ok(rec),
+        }] => assert_eq!(
+            rec.members,
+            BTreeSet::from(["alice".to_string()]),
+            "mallory's addition is not durable"
+        ),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Membership changes take effect in memory when the admin request arrives, before the batch
+/// holding them is durable: a user being added can read the history at once, and if the store
+/// then fails (or the server crashes) the addition never happened, yet the history was served.
+#[test]
+fn an_added_member_reads_only_once_the_addition_is_durable() {
+    let mut s = alice_alone_in_g(cfg());
+    s.core.connect(2, "carol", "c1");
+    s.send(1, "g", "secret");
+    s.flush();
+    s.add_member(3, "g", "carol");
+    // Not committed: the admin has no answer yet, and a crash would undo the addition.
+    assert_eq!(code(s.core.sync(2, "g", 0, None)), ErrorCode::NotMember);
+}

@@ -1,0 +1,44 @@
+//! G8: authorization. A non-member may neither write, read, acknowledge nor see a
+//! conversation; an unknown conversation is not found, and naming a direct id does not create
+//! it.
+
+use crate::support::*;
+use ordo_core::Retention;
+use ordo_protocol::{direct_conv_id, ErrorCode};
+
+#[test]
+fn non_members_are_rejected_with_not_member() {
+    let mut s = Sim::new(cfg());
+    s.group("g", &["alice", "bob"], Retention::default());
+    s.core.connect(1, "alice", "a1");
+    s.core.connect(3, "carol", "c1");
+    s.send(1, "g", "m1");
+    s.flush();
+
+    let (c, retryable, _) = rejected(&s.send(3, "g", "x"));
+    assert_eq!((c, retryable), (ErrorCode::NotMember, false));
+    assert_eq!(code(s.core.sync(3, "g", 0, None)), ErrorCode::NotMember);
+    assert_eq!(code(s.core.ack(3, "g", 1)), ErrorCode::NotMember);
+    assert_eq!(code(s.core.read(3, "g", 1)), ErrorCode::NotMember);
+    assert!(s.core.overview(3).is_empty());
+    assert!(s.core.take_batch().is_none(), "nothing stored");
+    assert_eq!(s.store.seqs("g"), vec![1]);
+    assert!(s.store.cursors.is_empty());
+}
+
+#[test]
+fn unknown_conversations_are_not_found() {
+    let mut s = Sim::new(cfg());
+    s.core.connect(1, "alice", "a1");
+    assert_eq!(rejected(&s.send(1, "nope", "x")).0, ErrorCode::NotFound);
+    // A direct id is created only by `to`, never by naming it.
+    let d = direct_conv_id("alice", "bob");
+    assert_eq!(rejected(&s.send(1, &d, "y")).0, ErrorCode::NotFound);
+    assert_eq!(code(s.core.sync(1, "nope", 0, None)), ErrorCode::NotFound);
+    assert_eq!(code(s.core.ack(1, "nope", 1)), ErrorCode::NotFound);
+    assert_eq!(code(s.core.read(1, "nope", 1)), ErrorCode::NotFound);
+    assert!(s.core.take_batch().is_none());
+    // The rejected cmid was not remembered: it can be used for a real message.
+    s.group("g", &["alice"], Retention::default());
+    assert!(s.send(1, "g", "x").is_empty());
+}

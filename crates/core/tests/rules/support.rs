@@ -1,0 +1,292 @@
+//! The harness of the rules tests: a core with its durable store and a clock ([`Sim`]), the
+//! starting points most tests share (who is in group `g` on which session, under which
+//! configuration), and views of the actions the core returns (the frames a session got, the
+//! seqs pushed, the answers, the receipts, the single rejection).
+
+use ordo_core::{
+    Action, AdminOp, Batch, Core, CoreConfig, CoreError, MemoryStore, Retention, SendRequest,
+    SessionId, Snapshot,
+};
+use ordo_protocol::{ErrorCode, ServerFrame};
+use std::ops::RangeInclusive;
+
+/// The default configuration with the rate limit off, so that tests send freely.
+pub fn cfg() -> CoreConfig {
+    CoreConfig {
+        rate_per_sec: 0.0,
+        ..CoreConfig::default()
+    }
+}
+
+/// The durable store: what a real backend holds after applying the committed batches.
+pub type Store = MemoryStore;
+
+/// A core plus its store and a clock.
+pub struct Sim {
+    pub core: Core,
+    pub store: Store,
+    pub now: u64,
+    next_ticket: u64,
+}
+
+impl Sim {
+    pub fn new(cfg: CoreConfig) -> Self {
+        Sim {
+            core: Core::new(cfg, 7, Snapshot::default()),
+            store: Store::default(),
+            now: 1_000,
+            next_ticket: 1,
+        }
+    }
+
+    /// A crash and restart: whatever is pending or in flight is lost, the core is rebuilt from
+    /// the store. Sessions must connect again.
+    pub fn restart(&mut self, cfg: CoreConfig) {
+        self.core = Core::new(cfg, 99, self.store.snapshot());
+    }
+
+    pub fn send(&mut self, sid: SessionId, conv: &str, cmid: &str) -> Vec<Action> {
+        self.core.send(
+            sid,
+            SendRequest {
+                conv: Some(conv),
+                to: None,
+                cmid: cmid.to_string(),
+                body: format!("body of {cmid}"),
+                reply_to: None,
+            },
+            self.now,
+        )
+    }
+
+    pub fn send_to(&mut self, sid: SessionId, to: &str, cmid: &str) -> Vec<Action> {
+        self.core.send(
+            sid,
+            SendRequest {
+                conv: None,
+                to: Some(to),
+                cmid: cmid.to_string(),
+                body: format!("body of {cmid}"),
+                reply_to: None,
+            },
+            self.now,
+        )
+    }
+
+    /// Sends `m<i>` for every `i` of `numbers`, without committing.
+    pub fn send_many(&mut self, sid: SessionId, conv: &str, numbers: RangeInclusive<u64>) {
+        for i in numbers {
+            self.send(sid, conv, &format!("m{i}"));
+        }
+    }
+
+    pub fn take(&mut self) -> Batch {
+        self.core.take_batch().expect("a batch is pending")
+    }
+
+    /// The store makes the batch durable and the core is told.
+    pub fn commit(&mut self, b: &Batch) -> Vec<Action> {
+        let outcome = self.store.apply(b).expect("no seq is stored twice");
+        self.core.commit_done(b.id, outcome)
+    }
+
+    /// Asks to add `user` to group `id`, without committing.
+    pub fn add_member(&mut self, ticket: u64, id: &str, user: &str) {
+        let op = AdminOp::UpdateGroup {
+            id: id.into(),
+            add: vec![user.into()],
+            remove: vec![],
+            retention: None,
+        };
+        self.core
+            .admin(ticket, op, self.now)
+            .expect("a valid change");
+    }
+
+    pub fn commit_pending(&mut self) {
+        let b = self.take();
+        self.commit(&b);
+    }
+
+    /// Commits everything pending, batch after batch; returns the batches and the actions.
+    pub fn flush(&mut self) -> (Vec<Batch>, Vec<Action>) {
+        let mut batches = Vec::new();
+        let mut out = Vec::new();
+        while let Some(b) = self.core.take_batch() {
+            out.extend(self.commit(&b));
+            batches.push(b);
+        }
+        (batches, out)
+    }
+
+    /// Asks to create group `id`, without committing.
+    pub fn create_group(&mut self, ticket: u64, id: &str, members: &[&str], retention: Retention) {
+        let op = AdminOp::CreateGroup {
+            id: id.to_string(),
+            members: members.iter().map(|m| m.to_string()).collect(),
+            retention,
+        };
+        self.core.admin(ticket, op, self.now).expect("valid group");
+    }
+
+    /// Creates group `id` and commits it.
+    pub fn group(&mut self, id: &str, members: &[&str], retention: Retention) {
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        self.create_group(ticket, id, members, retention);
+        let (_, out) = self.flush();
+        assert!(out
+            .iter()
+            .any(|a| matches!(a, Action::AdminDone { ticket: t, reply: Ok(_) } if *t == ticket)));
+    }
+}
+
+/// alice (session 1), alone in group `g`.
+pub fn alice_alone_in_g(cfg: CoreConfig) -> Sim {
+    let mut s = Sim::new(cfg);
+    s.group("g", &["alice"], Retention::default());
+    s.core.connect(1, "alice", "a1");
+    s
+}
+
+/// alice (session 1) and bob (session 2) in group `g`.
+pub fn alice_and_bob_in_g(cfg: CoreConfig) -> Sim {
+    let mut s = Sim::new(cfg);
+    s.group("g", &["alice", "bob"], Retention::default());
+    s.core.connect(1, "alice", "a1");
+    s.core.connect(2, "bob", "b1");
+    s
+}
+
+/// alice (session 1) in group `g` with bob, allowed one send per second and `burst` at once.
+pub fn one_per_second(burst: f64) -> Sim {
+    let mut s = Sim::new(CoreConfig {
+        rate_per_sec: 1.0,
+        rate_burst: burst,
+        ..CoreConfig::default()
+    });
+    s.group("g", &["alice", "bob"], Retention::default());
+    s.core.connect(1, "alice", "a1");
+    s
+}
+
+/// Count retention: only the newest `n` messages are kept.
+pub fn keep_last(n: u64) -> Retention {
+    Retention {
+        max_count: Some(n),
+        max_age_ms: None,
+    }
+}
+
+pub fn frames(actions: &[Action], sid: SessionId) -> Vec<ServerFrame> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Send { session, frame } if *session == sid => Some(frame.clone()),
+            Action::Broadcast { sessions, frame } if sessions.contains(&sid) => Some(frame.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Seqs of the `msg` frames a session got, in order.
+pub fn msg_seqs(actions: &[Action], sid: SessionId) -> Vec<u64> {
+    frames(actions, sid)
+        .into_iter()
+        .filter_map(|f| match f {
+            ServerFrame::Msg(m) => Some(m.seq),
+            _ => None,
+        })
+        .collect()
+}
+
+pub fn notifies(actions: &[Action], sid: SessionId) -> Vec<u64> {
+    frames(actions, sid)
+        .into_iter()
+        .filter_map(|f| match f {
+            ServerFrame::Notify { max_seq, .. } => Some(max_seq),
+            _ => None,
+        })
+        .collect()
+}
+
+/// (cmid, conv, seq, ts) of every `accepted` a session got.
+pub fn accepted(actions: &[Action], sid: SessionId) -> Vec<(String, String, u64, u64)> {
+    frames(actions, sid)
+        .into_iter()
+        .filter_map(|f| match f {
+            ServerFrame::Accepted {
+                cmid,
+                conv,
+                seq,
+                ts,
+            } => Some((cmid, conv, seq, ts)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// (user, delivered, read) of every `receipt` a session got.
+pub fn receipts(actions: &[Action], sid: SessionId) -> Vec<(String, u64, u64)> {
+    frames(actions, sid)
+        .into_iter()
+        .filter_map(|f| match f {
+            ServerFrame::Receipt {
+                user,
+                delivered,
+                read,
+                ..
+            } => Some((user, delivered, read)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The single `rejected` among the actions: (code, retryable, retry_after_ms).
+pub fn rejected(actions: &[Action]) -> (ErrorCode, bool, Option<u64>) {
+    let r: Vec<_> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Send {
+                frame:
+                    ServerFrame::Rejected {
+                        code,
+                        retryable,
+                        retry_after_ms,
+                        ..
+                    },
+                ..
+            } => Some((*code, *retryable, *retry_after_ms)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        r.len(),
+        1,
+        "expected exactly one rejection, got {actions:?}"
+    );
+    assert_eq!(actions.len(), 1, "a rejection comes alone: {actions:?}");
+    r[0]
+}
+
+pub fn code(r: Result<impl std::fmt::Debug, CoreError>) -> ErrorCode {
+    match r {
+        Ok(v) => panic!("expected an error, got {v:?}"),
+        Err(e) => e.code(),
+    }
+}
+
+pub fn batch_seqs(b: &Batch, conv: &str) -> Vec<u64> {
+    b.messages
+        .iter()
+        .filter(|m| m.conv == conv)
+        .map(|m| m.seq)
+        .collect()
+}
+
+pub fn info(core: &Core, sid: SessionId, conv: &str) -> ordo_protocol::ConvInfo {
+    core.overview(sid)
+        .into_iter()
+        .find(|c| c.conv == conv)
+        .unwrap_or_else(|| panic!("{conv} not in the overview of session {sid}"))
+}
