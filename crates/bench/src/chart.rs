@@ -1,4 +1,4 @@
-//! `ordo bench chart`: turns the `--json` outputs of benchmark runs into one SVG, a panel of
+//! `ordo-bench chart`: turns the `--json` outputs of benchmark runs into one SVG, a panel of
 //! horizontal bars per scenario (one bar per system, the median of its runs), so
 //! `docs/benchmarks.md` can show what the tables say.
 
@@ -10,7 +10,7 @@ use std::process::ExitCode;
 
 #[derive(Args)]
 pub struct ChartArgs {
-    /// `ordo bench ... --json` outputs, one scenario per file, drawn in this order.
+    /// `ordo-bench ... --json` outputs, one scenario per file, drawn in this order.
     #[arg(required = true)]
     inputs: Vec<PathBuf>,
     /// Where to write the SVG.
@@ -213,7 +213,7 @@ pub fn run(a: ChartArgs) -> ExitCode {
             Ok(d) => d,
             Err(e) => {
                 eprintln!(
-                    "ordo bench chart: cannot read {} (expected the output of `ordo bench <scenario> --json`): {e}",
+                    "ordo-bench chart: cannot read {} (expected the output of `ordo-bench <scenario> --json`): {e}",
                     path.display()
                 );
                 return ExitCode::FAILURE;
@@ -222,7 +222,7 @@ pub fn run(a: ChartArgs) -> ExitCode {
         panels.push(panel(&doc));
     }
     if let Err(e) = std::fs::write(&a.output, svg(&panels)) {
-        eprintln!("ordo bench chart: cannot write {}: {e}", a.output.display());
+        eprintln!("ordo-bench chart: cannot write {}: {e}", a.output.display());
         return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS

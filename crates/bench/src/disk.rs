@@ -75,7 +75,7 @@ pub fn run(a: DiskArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("ordo bench disk: {e}");
+            eprintln!("ordo-bench disk: {e}");
             ExitCode::FAILURE
         }
     }

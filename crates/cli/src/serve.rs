@@ -18,10 +18,10 @@ pub struct ServeArgs {
     /// Data directory [default: ./ordo-data].
     #[arg(long, env = "ORDO_DATA")]
     data: Option<PathBuf>,
-    /// Token-signing secret [default: generated into <data>/secret].
+    /// Token-signing secret (default: generated into `<data>/secret`).
     #[arg(long, env = "ORDO_SECRET", hide_env_values = true)]
     secret: Option<String>,
-    /// Admin API key [default: generated into <data>/admin.key].
+    /// Admin API key (default: generated into `<data>/admin.key`).
     #[arg(long, env = "ORDO_ADMIN_KEY", hide_env_values = true)]
     admin_key: Option<String>,
     /// Largest WebSocket message in bytes [default: 65536].

@@ -15,7 +15,7 @@ pub enum ErrorCode {
     Invalid,
     /// The message body is larger than the server's `max_body_bytes`.
     TooLarge,
-    /// The user is not a member of the conversation (or the conversation does not exist).
+    /// The user is not a member of the conversation.
     NotMember,
     /// The conversation does not exist.
     NotFound,

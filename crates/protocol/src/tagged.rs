@@ -10,8 +10,8 @@
 //! which stays the type's `Deserialize`, so both paths accept and refuse the same frames.
 //!
 //! The one-pass path decodes the variant with serde's derive too, in the externally tagged form,
-//! through a remote definition that [`tagged_enum!`] makes from the same enum body, so the fields
-//! and their attributes are written once.
+//! through a remote definition that the crate's `tagged_enum!` macro makes from the same enum
+//! body, so the fields and their attributes are written once.
 
 use crate::codec::Encoding;
 use serde::de::value::{MapAccessDeserializer, StrDeserializer};

@@ -1,5 +1,6 @@
 //! Server settings: defaults, the optional TOML file, and how command-line flags and environment
-//! variables override it (the `ordo` command does the parsing and calls [`Config::apply`]).
+//! variables override it (the `ordo` command does the parsing: it sets the fields it was given
+//! over [`Config::from_file`] or the defaults, then calls [`Config::validate`]).
 
 use ordo_core::{CoreConfig, Retention};
 use ordo_protocol::Limits;

@@ -4,7 +4,7 @@
 //! - [`process`]: `ordo serve` as a child process on a free port and a temporary data
 //!   directory, with `ORDO_*` variables cleared; waits for health; SIGKILL, SIGTERM, restart.
 //! - [`admin`]: the admin API (groups, tokens, metrics).
-//! - [`token`]: client tokens signed with a server's secret.
+//! - [`mod@token`]: client tokens signed with a server's secret.
 //! - [`wire`]: a raw protocol client (frames over a WebSocket, nothing else).
 //! - [`device`]: one connected device for tests, with waits that fail loudly.
 //!

@@ -1,5 +1,5 @@
 //! `ordo check` in CI: a short chaos run with at least five server kills must find nothing
-//! lost, duplicated or out of order.
+//! lost, duplicated or out of order, whatever `ORDO_*` variables the caller has exported.
 
 use std::process::Command;
 
@@ -26,6 +26,10 @@ fn a_short_chaos_run_finds_no_violation() {
             "--json",
         ])
         .env_remove("RUST_LOG")
+        // Settings meant for some other server: had the server under test inherited them, it
+        // would drop all but the last 3 messages of a conversation and refuse every body.
+        .env("ORDO_RETENTION_MAX_COUNT", "3")
+        .env("ORDO_MAX_BODY_BYTES", "1")
         .output()
         .expect("run ordo check");
     let stdout = String::from_utf8_lossy(&out.stdout);
