@@ -355,6 +355,12 @@ enum Run<'a> {
 
 /// One run of `run` on a fresh set-up of `system`.
 async fn run_once(system: System, common: &Common, run: Run<'_>) -> Result<Outcome, BenchError> {
+    if matches!(run, Run::Connections(_)) && system != System::Ordo {
+        return Err(BenchError(format!(
+            "the connections scenario measures Ordo's server only (not {}); run it with --systems ordo",
+            system.name()
+        )));
+    }
     match system {
         System::Ordo => run_on(ordo::Ordo::start(common).await?, run).await,
         System::MqttQos1 => run_on(mqtt::Mqtt::new(&common.mqtt, 1)?, run).await,
@@ -385,6 +391,12 @@ async fn series<P: Serialize>(
 ) -> Result<(), BenchError> {
     if common.runs == 0 || common.systems.is_empty() {
         return Err(BenchError("--runs and --systems must not be empty".into()));
+    }
+    // Before any server is started: a child keeps the limit it was started with.
+    match run {
+        Run::Fanout(a) => raise_fd_limit(a.members as u64 + 1024)?,
+        Run::Connections(a) => raise_fd_limit(a.connections as u64 + 512)?,
+        Run::Pairs(_) | Run::Catchup(_) => {}
     }
     let mut runs: Vec<Outcome> = Vec::new();
     for round in 0..common.runs {

@@ -152,36 +152,42 @@ impl Ordo {
     }
 }
 
-/// The `ordo` binary beside this one; under `cargo run`, built first if it is missing.
+/// The `ordo` binary beside this one. Under `cargo run` it is built first (a no-op when it is
+/// up to date: `cargo run --bin ordo-bench` builds this package only, and the server is another
+/// one, so without this a stale server would be measured); otherwise a server binary older than
+/// this one is warned about.
 fn ordo_binary() -> Result<std::path::PathBuf, BenchError> {
-    if let Ok(p) = ordo_testkit::ordo_exe() {
-        return Ok(p);
-    }
-    // `cargo run --bin ordo-bench` builds this package only; the server is another one.
-    let cargo = std::env::var_os("CARGO").ok_or_else(|| {
-        BenchError(
-            "cannot find the `ordo` binary beside ordo-bench: build it (`cargo build --release --bin ordo`) or name it with --ordo"
-                .into(),
-        )
-    })?;
     let me = std::env::current_exe().map_err(fail("cannot find ordo-bench itself"))?;
-    let release = me
-        .parent()
-        .and_then(|d| d.file_name())
-        .is_some_and(|n| n == "release");
-    eprintln!("ordo-bench: building the ordo binary first (cargo build --bin ordo)");
-    let mut cmd = std::process::Command::new(cargo);
-    cmd.args(["build", "--bin", "ordo"]);
-    if release {
-        cmd.arg("--release");
+    if let Some(cargo) = std::env::var_os("CARGO") {
+        let release = me
+            .parent()
+            .and_then(|d| d.file_name())
+            .is_some_and(|n| n == "release");
+        let mut cmd = std::process::Command::new(cargo);
+        cmd.args(["build", "--quiet", "--bin", "ordo"]);
+        if release {
+            cmd.arg("--release");
+        }
+        let status = cmd
+            .status()
+            .map_err(fail("cannot run cargo build --bin ordo"))?;
+        if !status.success() {
+            return Err(BenchError(format!(
+                "cargo build --bin ordo failed ({status})"
+            )));
+        }
     }
-    let status = cmd.status().map_err(fail("cannot run cargo build"))?;
-    if !status.success() {
-        return Err(BenchError(format!(
-            "cargo build --bin ordo failed ({status})"
-        )));
+    let ordo = ordo_testkit::ordo_exe().map_err(fail("the server to measure"))?;
+    let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    if let (Some(server), Some(bench)) = (modified(&ordo), modified(&me)) {
+        if server < bench {
+            eprintln!(
+                "ordo-bench: {} is older than ordo-bench; rebuild it (cargo build --release --bin ordo) if the server changed",
+                ordo.display()
+            );
+        }
     }
-    ordo_testkit::ordo_exe().map_err(fail("after cargo build"))
+    Ok(ordo)
 }
 
 impl Dialer {
@@ -205,8 +211,15 @@ impl Dialer {
         from: Option<IpAddr>,
     ) -> Result<WireClient, BenchError> {
         let token = self.token(user, device).await?;
-        let mut c = WireClient::connect_from(&self.ws, &token, ENC, from)
+        let mut c = timeout(IDLE, WireClient::connect_from(&self.ws, &token, ENC, from))
             .await
+            .map_err(|_| {
+                BenchError(format!(
+                    "cannot connect to Ordo at {}: no answer within {} s",
+                    self.ws,
+                    IDLE.as_secs()
+                ))
+            })?
             .map_err(fail(&format!("cannot connect to Ordo at {}", self.ws)))?;
         match c.recv_timeout(IDLE).await {
             Ok(ServerFrame::Welcome { .. }) => Ok(c),
@@ -401,8 +414,9 @@ impl Sender {
     }
 
     async fn flush(&mut self) -> Result<(), String> {
-        if std::mem::take(&mut self.unflushed) {
+        if self.unflushed {
             self.c.flush().await.map_err(|e| format!("sending: {e}"))?;
+            self.unflushed = false;
         }
         Ok(())
     }

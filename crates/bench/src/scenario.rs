@@ -5,12 +5,13 @@
 use crate::payload::Clock;
 use crate::progress::Progress;
 use crate::report::{note_behind, Latency, Outcome};
-use crate::system::{Bodies, Inbox, Publish, Sent, Subscribe, System, Task, Until, IDLE};
-use crate::{raise_fd_limit, BenchError, CatchupArgs, ConnectionsArgs, FanoutArgs, PairsArgs};
+use crate::system::{Bodies, Inbox, Publish, Sent, Subscribe, System, Tally, Task, Until, IDLE};
+use crate::{BenchError, CatchupArgs, ConnectionsArgs, FanoutArgs, PairsArgs};
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, watch};
-use tokio::time::{sleep_until, timeout};
+use tokio::sync::watch;
+use tokio::time::sleep_until;
 
 /// P sender/receiver pairs: the receivers are set up first, then sender i (for receiver i), one
 /// after another; each sender sends `a.messages`, at most `a.window` unconfirmed, or at a fixed
@@ -112,32 +113,38 @@ pub async fn fanout<S: System>(
     clock: &Clock,
 ) -> Result<Outcome, BenchError> {
     let name = sys.name();
-    raise_fd_limit(a.members as u64 + 1024)?;
     let setup = Instant::now();
     let subs = sys.group_receivers(a.members, a.body_bytes).await?;
     let mut publisher = sys.group_sender(Bodies::new(clock, a.body_bytes)).await?;
     let setup_s = setup.elapsed().as_secs_f64();
     let bar = Progress::new(&format!("{name} fanout"), (a.members * a.messages) as u64);
     let (done, done_rx) = watch::channel(false);
-    let (arrived, mut arrivals) = mpsc::unbounded_channel();
+    let tally = Arc::new(Tally::default());
+    let members = a.members as u64;
     let receivers: Vec<_> = subs
         .into_iter()
         .map(|s| {
-            let to = Some(arrived.clone());
+            let tally = Some((tally.clone(), members));
             let want = a.messages as u64;
-            s.receive(Until::new(want, &done_rx, Duration::ZERO, *clock, &bar, to))
+            s.receive(Until::new(
+                want,
+                &done_rx,
+                Duration::ZERO,
+                *clock,
+                &bar,
+                tally,
+            ))
         })
         .collect();
-    drop(arrived);
-    sys.measuring().await;
     let start_us = clock.now_us();
     let trace = std::env::var_os("ORDO_BENCH_TRACE").is_some();
     let mut spans = Vec::with_capacity(a.messages);
     for k in 0..a.messages {
+        tally.expect(clock.now_us());
         let Some(stamp) = publisher.send().await else {
             break;
         };
-        let all = wait_for_all(&mut arrivals, stamp, a.members);
+        let all = tally.wait_for(stamp, members);
         tokio::pin!(all);
         let span = tokio::select! {
             span = &mut all => span,
@@ -154,7 +161,6 @@ pub async fn fanout<S: System>(
     bar.finish();
     let expected = sent.sent * a.members as u64;
     let mut o = outcome(name, &sent, expected, &got, start_us, clock);
-    sys.measured(&mut o).await;
     o.extra.insert("setup_s".into(), setup_s);
     fanout_extra(&mut o, spans);
     Ok(o)
@@ -182,7 +188,6 @@ pub async fn catchup<S: System>(
     let sent = publisher.finish().await?;
     filling.finish();
     let bar = Progress::new(&format!("{name} catchup"), sent.sent);
-    sys.measuring().await;
     let start_us = clock.now_us();
     let device = sys.reconnect_receiver(a.body_bytes).await?;
     let (_done, done_rx) = watch::channel(true);
@@ -190,7 +195,6 @@ pub async fn catchup<S: System>(
     let got = Inbox::join_all(vec![device.receive(until)]).await?;
     bar.finish();
     let mut o = outcome(name, &sent, sent.sent, &got, start_us, clock);
-    sys.measured(&mut o).await;
     o.extra.insert("catchup_ms".into(), o.seconds * 1000.0);
     Ok(o)
 }
@@ -203,11 +207,10 @@ pub async fn connections<S: System>(
     a: &ConnectionsArgs,
 ) -> Result<Outcome, BenchError> {
     let name = sys.name();
-    raise_fd_limit(a.connections as u64 + 512)?;
     let pid = sys.server_pid().ok_or_else(|| {
-        BenchError(format!(
-            "the connections scenario reads the server's memory, which {name} does not expose here: run it on ordo, without --server"
-        ))
+        BenchError(
+            "the connections scenario reads the server's memory, so it needs a server the bench starts itself (without --server)".into(),
+        )
     })?;
     let rss = || rss_bytes(pid).ok_or_else(|| BenchError("cannot read the server's memory".into()));
     let sources: Vec<std::net::IpAddr> = (1..=a.sources.max(1))
@@ -261,27 +264,6 @@ fn rss_bytes(pid: u32) -> Option<u64> {
     let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
-}
-
-/// Waits until `members` receivers have the message stamped `stamp` (or nothing arrived for
-/// [`IDLE`]); returns the microseconds from its send until the last of them had it.
-async fn wait_for_all(
-    arrivals: &mut mpsc::UnboundedReceiver<(u64, u64)>,
-    stamp: u64,
-    members: usize,
-) -> u64 {
-    let (mut have, mut last) = (0, stamp);
-    while have < members {
-        match timeout(IDLE, arrivals.recv()).await {
-            Ok(Some((s, at))) if s == stamp => {
-                have += 1;
-                last = last.max(at);
-            }
-            Ok(Some(_)) => {}
-            Ok(None) | Err(_) => break,
-        }
-    }
-    last - stamp
 }
 
 /// `fanout_ms_p50` and `fanout_ms_max`: per message, the time until the last member had it.

@@ -16,8 +16,10 @@ use crate::{fail, BenchError};
 use futures_util::{StreamExt, TryStreamExt};
 use std::future::Future;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, Instant};
 
@@ -112,12 +114,12 @@ pub trait System {
         Ok(None)
     }
 
-    /// The measured part of a run starts now (a system may read counters of its own).
+    /// `pairs`: the measured part of the run starts now (a system may read counters of its own).
     fn measuring(&mut self) -> impl Future<Output = ()> {
         async {}
     }
 
-    /// The measured part is over: a system may add figures of its own to `out`.
+    /// `pairs`: the measured part is over; a system may add figures of its own to `out`.
     fn measured(&mut self, out: &mut Outcome) -> impl Future<Output = ()> {
         let _ = out;
         async {}
@@ -248,16 +250,68 @@ impl Inbox {
     }
 }
 
+/// How many receivers have the message a fan-out is waiting for, and when the last of them got
+/// it: atomics every receiver updates on arrival (10,000 receivers each telling a channel of
+/// each arrival would cost CPU the measured system shares).
+#[derive(Default)]
+pub struct Tally {
+    /// Stamps from here on are the awaited message's: it is stamped after this was set, every
+    /// earlier message before.
+    floor: AtomicU64,
+    count: AtomicU64,
+    /// When the last receiver counted got it (µs on the run's clock).
+    last_us: AtomicU64,
+    all: Notify,
+}
+
+impl Tally {
+    /// Starts waiting for the next message, to be stamped at `floor_us` or later.
+    pub fn expect(&self, floor_us: u64) {
+        self.count.store(0, Ordering::SeqCst);
+        self.last_us.store(0, Ordering::SeqCst);
+        self.floor.store(floor_us, Ordering::SeqCst);
+    }
+
+    fn arrived(&self, stamp: u64, at_us: u64, members: u64) {
+        if stamp < self.floor.load(Ordering::SeqCst) {
+            return;
+        }
+        self.last_us.fetch_max(at_us, Ordering::SeqCst);
+        if self.count.fetch_add(1, Ordering::SeqCst) + 1 >= members {
+            self.all.notify_one();
+        }
+    }
+
+    /// Waits until `members` receivers have the awaited message (stamped `stamp`), or nothing
+    /// new arrived for [`IDLE`]; returns the microseconds from its stamp until the last of
+    /// them had it.
+    pub async fn wait_for(&self, stamp: u64, members: u64) -> u64 {
+        let mut seen = 0;
+        loop {
+            let all = self.all.notified();
+            let have = self.count.load(Ordering::SeqCst);
+            if have >= members {
+                break;
+            }
+            if tokio::time::timeout(IDLE, all).await.is_err() && have == seen {
+                break;
+            }
+            seen = have;
+        }
+        self.last_us.load(Ordering::SeqCst).max(stamp) - stamp
+    }
+}
+
 /// When a receiver stops: once it has `want` messages, or `done` turned true (or was dropped)
-/// and then nothing came for `linger`. Each arrival moves `bar` on, and its (stamp, time) goes
-/// to `arrivals` too.
+/// and then nothing came for `linger`. Each arrival moves `bar` on, and is counted in `tally`
+/// too (a fan-out's receivers, `members` of them).
 pub struct Until {
     want: u64,
     done: watch::Receiver<bool>,
     linger: Duration,
     clock: Clock,
     bar: Progress,
-    arrivals: Option<mpsc::UnboundedSender<(u64, u64)>>,
+    tally: Option<(Arc<Tally>, u64)>,
 }
 
 impl Until {
@@ -267,7 +321,7 @@ impl Until {
         linger: Duration,
         clock: Clock,
         bar: &Progress,
-        arrivals: Option<mpsc::UnboundedSender<(u64, u64)>>,
+        tally: Option<(Arc<Tally>, u64)>,
     ) -> Self {
         Until {
             want,
@@ -275,7 +329,7 @@ impl Until {
             linger,
             clock,
             bar: bar.clone(),
-            arrivals,
+            tally,
         }
     }
 
@@ -326,8 +380,8 @@ impl Receiving {
         let now = self.until.clock.now_us();
         if let Some(stamp) = Clock::stamp_of(body) {
             self.inbox.latency.record_micros(now.saturating_sub(stamp));
-            if let Some(to) = &self.until.arrivals {
-                let _ = to.send((stamp, now));
+            if let Some((tally, members)) = &self.until.tally {
+                tally.arrived(stamp, now, *members);
             }
         }
         self.inbox.got += 1;

@@ -11,7 +11,8 @@
 //! answer only for those: a `send`, the hot path, never waits.
 //!
 //! The driver must serve a connection's page before it hands the core that connection's next
-//! frame, so that the connection's frames are answered in the order it sent them.
+//! frame, so that the core handles a connection's frames in the order it sent them and the
+//! answers it gives at once come out in that order (an `accepted` waits for its batch's commit).
 
 use crate::engine::{Action, Core, SendRequest, SessionId, SyncPlan};
 use crate::error::CoreError;

@@ -249,6 +249,7 @@ async fn check(args: CheckArgs) -> Result<(Report, bool), String> {
                 kills.fetch_add(1, Ordering::Relaxed);
                 std::thread::sleep(down);
                 s.restart().map_err(|e| e.to_string())?;
+                same_port(&s, port)?;
             }
         })
     };
@@ -282,6 +283,7 @@ async fn check(args: CheckArgs) -> Result<(Report, bool), String> {
             let mut s = server.lock().map_err(|_| "server lock poisoned")?;
             if !s.is_running() {
                 s.restart().map_err(|e| e.to_string())?;
+                same_port(&s, port)?;
             }
             Ok(())
         })
@@ -312,6 +314,20 @@ async fn check(args: CheckArgs) -> Result<(Report, bool), String> {
     report.client_kills = client_kills.load(Ordering::Relaxed);
     report.disconnects = proxy.disconnects.load(Ordering::Relaxed);
     Ok((report, args.json))
+}
+
+/// The proxy and the clients know the server by its first port: a restart that had to move
+/// (someone else took the port while it was down) ends the run rather than leave every client
+/// dialling a dead port.
+fn same_port(s: &ServerProcess, port: u16) -> Result<(), String> {
+    if s.port() == port {
+        Ok(())
+    } else {
+        Err(format!(
+            "port {port} was taken while the server was down; it came back on {} instead, which the proxy does not know: run the check again",
+            s.port()
+        ))
+    }
 }
 
 fn exp_secs(r: &mut StdRng, mean: f64) -> Duration {

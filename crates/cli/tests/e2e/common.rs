@@ -10,10 +10,12 @@
 #![allow(dead_code, unused_imports)]
 
 use ordo_protocol::{Encoding, ServerFrame};
+use ordo_testkit::admin::Reply;
 pub use ordo_testkit::device::{
     cmids, send_frame, seqs, Device as Client, SendResult, Target, WAIT,
 };
-use ordo_testkit::{ServerOptions, ServerProcess};
+use ordo_testkit::{Admin, ServerOptions, ServerProcess};
+use std::collections::HashMap;
 use std::process::ExitStatus;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
@@ -66,15 +68,33 @@ impl Server {
 
     // ----- admin API -----
 
-    pub async fn admin_post(&self, path: &str, body: serde_json::Value) -> reqwest::Response {
-        reqwest::Client::new()
-            .post(format!("{}{path}", self.http_url()))
-            .bearer_auth(self.admin_key())
-            .json(&body)
-            .timeout(WAIT)
-            .send()
+    /// The test kit's client of this server's admin API.
+    pub fn admin(&self) -> Admin {
+        Admin::new(&self.http_url(), self.admin_key()).expect("admin client")
+    }
+
+    /// `POST path` with a JSON body and the admin key.
+    pub async fn admin_post(&self, path: &str, body: serde_json::Value) -> Reply {
+        self.admin()
+            .post(path, &body)
             .await
-            .expect("admin request")
+            .unwrap_or_else(|e| panic!("POST {path}: {e}"))
+    }
+
+    /// `GET path` with the admin key.
+    pub async fn admin_get(&self, path: &str) -> Reply {
+        self.admin()
+            .get(path)
+            .await
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+    }
+
+    /// The server's counters and gauges, by name.
+    pub async fn metrics(&self) -> HashMap<String, f64> {
+        self.admin()
+            .metrics()
+            .await
+            .unwrap_or_else(|e| panic!("GET /metrics: {e}"))
     }
 
     /// Creates a group; panics unless the server answers 201.
@@ -85,9 +105,7 @@ impl Server {
                 serde_json::json!({"id": id, "members": members, "retention": retention}),
             )
             .await;
-        let status = r.status();
-        let text = r.text().await.unwrap_or_default();
-        assert_eq!(status.as_u16(), 201, "create group {id}: {text}");
+        assert_eq!(r.status, 201, "create group {id}: {}", r.body);
     }
 }
 
@@ -107,13 +125,6 @@ pub fn token(user: &str, device: &str) -> String {
 pub fn assert_seqs(msgs: &[ordo_protocol::Message], from: u64, to: u64, what: &str) {
     let want: Vec<u64> = (from..=to).collect();
     assert_eq!(seqs(msgs), want, "{what}: seqs");
-}
-
-/// The value of an unlabelled metric in Prometheus text format.
-pub fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .filter_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .find_map(|v| v.trim().parse().ok())
 }
 
 /// The next Ordo frame as a raw WebSocket message: whether it came as text, and the frame.

@@ -101,16 +101,7 @@ async fn a_duplicate_send_returns_the_same_seq_and_is_stored_once() {
     assert_eq!(overview[0].max_seq, 4);
 
     // The server counted three resends answered from the dedup table and four new messages.
-    let text = reqwest::get(format!("{}/metrics", server.http_url()))
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("metrics text");
-    assert_eq!(metric(&text, "ordo_dedup_hits_total"), Some(3.0), "{text}");
-    assert_eq!(
-        metric(&text, "ordo_messages_accepted_total"),
-        Some(4.0),
-        "{text}"
-    );
+    let m = server.metrics().await;
+    assert_eq!(m.get("ordo_dedup_hits_total"), Some(&3.0), "{m:?}");
+    assert_eq!(m.get("ordo_messages_accepted_total"), Some(&4.0), "{m:?}");
 }

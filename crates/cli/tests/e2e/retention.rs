@@ -35,13 +35,8 @@ async fn retention_by_count_moves_the_first_available_seq() {
     assert_eq!(info.len(), 1);
     assert_eq!((info[0].first_seq, info[0].max_seq), (6, 10));
 
-    let r = reqwest::Client::new()
-        .get(format!("{}/v1/admin/groups/{conv}", server.http_url()))
-        .bearer_auth(server.admin_key())
-        .send()
-        .await
-        .expect("request");
-    let group: serde_json::Value = r.json().await.expect("json");
+    let r = server.admin_get(&format!("/v1/admin/groups/{conv}")).await;
+    let group: serde_json::Value = serde_json::from_str(&r.body).expect("json");
     assert_eq!(
         (group["first_seq"].as_u64(), group["max_seq"].as_u64()),
         (Some(6), Some(10))
