@@ -1,5 +1,6 @@
 //! The client side: for each device, the real [`ClientState`], its local store (the client
-//! crate's in-memory [`MemoryStore`], as [`LocalDb`]), the driver that carries out its effects
+//! crate's in-memory [`MemoryStore`], which survives a crash of its client and refuses writes
+//! that break the store's rules or record a message twice), the driver that carries out its effects
 //! in order and reconnects with backoff, and the app that sends, reads and watches what it is
 //! handed.
 //!
@@ -17,11 +18,6 @@ use ordo_client::{ClientState, Effect, Event, MemoryStore, RetryPolicy, Status, 
 use ordo_core::SessionId;
 use ordo_protocol::{direct_conv_id, validate_id, IdKind, ServerFrame};
 use std::collections::{BTreeMap, HashMap, HashSet};
-
-/// A device's local store: the client crate's reference store ([`MemoryStore`]), which survives
-/// a crash of its client and refuses writes that break the store's rules (a rule check) or
-/// record a message twice (G2).
-pub type LocalDb = MemoryStore;
 
 impl From<Refused> for Violation {
     fn from(r: Refused) -> Violation {
@@ -48,7 +44,7 @@ pub struct Dev {
     pub device: &'static str,
     /// `None` while crashed.
     pub st: Option<ClientState>,
-    pub db: LocalDb,
+    pub db: MemoryStore,
     /// The connection this client believes it has.
     pub conn: Option<SessionId>,
     pub connect_at: Option<u64>,

@@ -7,12 +7,12 @@
 //! every process start (as the SDK's driver, which counts from its start) and may jump forward.
 
 use crate::checks::{fail, Kind, Violation};
-use crate::client::{Dev, LocalDb};
+use crate::client::Dev;
 use crate::faults::{FaultPlan, Sabotage};
 use crate::network::Conn;
 use crate::rng::Rng;
 use crate::server::{Server, ServerStore};
-use ordo_client::{ClientConfig, ClientSnapshot, RetryPolicy};
+use ordo_client::{ClientConfig, ClientSnapshot, MemoryStore, RetryPolicy};
 use ordo_core::{AdminOp, Core, CoreConfig, Retention, SessionId, Snapshot};
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -223,7 +223,7 @@ impl Sim {
                     user,
                     device,
                     st: Some(st),
-                    db: LocalDb::default(),
+                    db: MemoryStore::default(),
                     conn: None,
                     connect_at: Some(rng.range((0, 300))),
                     attempt: 0,
