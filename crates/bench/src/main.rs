@@ -51,6 +51,9 @@ enum Scenario {
     Catchup(CatchupCmd),
     /// N idle authenticated connections held open: server memory per connection, connect rate.
     Connections(ConnectionsCmd),
+    /// A long run into one server (pairs at full speed): its memory every second, deliveries
+    /// per window, then its restart time after a SIGKILL.
+    Soak(SoakCmd),
     /// The disk's own fdatasync latency (append 4 KiB, fdatasync), in the given directory.
     Disk(disk::DiskArgs),
     /// Draw an SVG chart from the `--json` outputs of earlier runs.
@@ -209,6 +212,35 @@ struct ConnectionsCmd {
     common: Common,
 }
 
+#[derive(Args, Clone, Serialize)]
+pub struct SoakArgs {
+    /// Sender/receiver pairs.
+    #[arg(long, default_value_t = 10)]
+    pub pairs: usize,
+    /// Messages to send in all (senders carry on past it until --min-secs have passed).
+    #[arg(long, default_value_t = 10_000_000)]
+    pub messages: u64,
+    /// Shortest run, in seconds.
+    #[arg(long, default_value_t = 60)]
+    pub min_secs: u64,
+    /// Most unconfirmed messages per sender.
+    #[arg(long, default_value_t = 64)]
+    pub window: usize,
+    #[arg(long, default_value_t = 100)]
+    pub body_bytes: usize,
+    /// Seconds per throughput window.
+    #[arg(long, default_value_t = 10)]
+    pub window_secs: u64,
+}
+
+#[derive(Args)]
+struct SoakCmd {
+    #[command(flatten)]
+    args: SoakArgs,
+    #[command(flatten)]
+    common: Common,
+}
+
 /// What went wrong in a benchmark, and what to do about it.
 #[derive(Debug)]
 pub struct BenchError(pub String);
@@ -332,6 +364,20 @@ fn main() -> ExitCode {
             Scenario::Connections(c) => {
                 series("connections", &c.args, &c.common, Run::Connections(&c.args)).await
             }
+            Scenario::Soak(c) => {
+                if c.args.pairs == 0 || c.args.window == 0 || c.args.messages == 0 {
+                    return Err(BenchError(
+                        "--pairs, --window and --messages must be at least 1".into(),
+                    ));
+                }
+                if c.args.body_bytes < payload::STAMP_LEN {
+                    return Err(BenchError(format!(
+                        "--body-bytes must be at least {} (the send time stamp)",
+                        payload::STAMP_LEN
+                    )));
+                }
+                series("soak", &c.args, &c.common, Run::Soak(&c.args)).await
+            }
             Scenario::Disk(_) | Scenario::Chart(_) => Ok(()),
         }
     });
@@ -351,13 +397,19 @@ enum Run<'a> {
     Fanout(&'a FanoutArgs),
     Catchup(&'a CatchupArgs),
     Connections(&'a ConnectionsArgs),
+    Soak(&'a SoakArgs),
 }
 
 /// One run of `run` on a fresh set-up of `system`.
 async fn run_once(system: System, common: &Common, run: Run<'_>) -> Result<Outcome, BenchError> {
-    if matches!(run, Run::Connections(_)) && system != System::Ordo {
+    let only_ordo = match run {
+        Run::Connections(_) => Some("connections"),
+        Run::Soak(_) => Some("soak"),
+        _ => None,
+    };
+    if let (Some(scenario), true) = (only_ordo, system != System::Ordo) {
         return Err(BenchError(format!(
-            "the connections scenario measures Ordo's server only (not {}); run it with --systems ordo",
+            "the {scenario} scenario measures Ordo's server only (not {}); run it with --systems ordo",
             system.name()
         )));
     }
@@ -377,6 +429,7 @@ async fn run_on<S: system::System>(mut sys: S, run: Run<'_>) -> Result<Outcome, 
         Run::Fanout(a) => scenario::fanout(&mut sys, a, &clock).await,
         Run::Catchup(a) => scenario::catchup(&mut sys, a, &clock).await,
         Run::Connections(a) => scenario::connections(&mut sys, a).await,
+        Run::Soak(a) => scenario::soak(&mut sys, a, &clock).await,
     };
     sys.close(result).await
 }
@@ -396,7 +449,7 @@ async fn series<P: Serialize>(
     match run {
         Run::Fanout(a) => raise_fd_limit(a.members as u64 + 1024)?,
         Run::Connections(a) => raise_fd_limit(a.connections as u64 + 512)?,
-        Run::Pairs(_) | Run::Catchup(_) => {}
+        Run::Pairs(_) | Run::Catchup(_) | Run::Soak(_) => {}
     }
     let mut runs: Vec<Outcome> = Vec::new();
     for round in 0..common.runs {

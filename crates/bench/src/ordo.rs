@@ -23,6 +23,7 @@ use ordo_testkit::{Admin, ServerOptions, ServerProcess, WireClient};
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tokio::time::timeout;
 
 /// Receivers acknowledge after this many messages (and when they finish).
@@ -330,6 +331,39 @@ impl System for Ordo {
         async move { d.connect(&user, "d", Some(from)).await }
     }
 
+    async fn kill_and_restart(&mut self) -> Result<Duration, BenchError> {
+        let mut server = self.server.take().ok_or_else(|| {
+            BenchError("the bench can only restart a server it started (not --server)".into())
+        })?;
+        let (server, took) = tokio::task::spawn_blocking(move || {
+            server.kill9()?;
+            let start = Instant::now();
+            server.restart()?;
+            Ok::<_, ordo_testkit::HarnessError>((server, start.elapsed()))
+        })
+        .await
+        .map_err(fail("restarting the server"))?
+        .map_err(fail("cannot restart `ordo serve`"))?;
+        self.server = Some(server);
+        Ok(took)
+    }
+
+    fn data_bytes(&self) -> Option<u64> {
+        fn size(p: &std::path::Path) -> u64 {
+            let Ok(meta) = std::fs::symlink_metadata(p) else {
+                return 0;
+            };
+            if !meta.is_dir() {
+                // Blocks in use, not the length: the log's segments are preallocated.
+                return std::os::unix::fs::MetadataExt::blocks(&meta) * 512;
+            }
+            std::fs::read_dir(p)
+                .map(|d| d.flatten().map(|e| size(&e.path())).sum())
+                .unwrap_or(0)
+        }
+        self.server.as_ref().map(|s| size(&s.data_dir()))
+    }
+
     fn disk_floor(&self) -> Result<Option<(f64, f64)>, BenchError> {
         match &self.server {
             Some(s) => {
@@ -384,8 +418,11 @@ pub struct Sender {
     to: To,
     window: usize,
     bodies: Bodies,
-    /// Message k (client message id `m{k}`) carries its send stamp here until it is accepted.
-    stamps: Vec<Option<u64>>,
+    /// Send stamps of messages `first..`, client message ids `m{first}`, ...: `None` once
+    /// accepted. Accepted ones are dropped from the front, so this holds about a window.
+    stamps: VecDeque<Option<u64>>,
+    /// Client message id number of `stamps[0]`.
+    first: usize,
     accepted: usize,
     accept: Latency,
     /// Frames queued but not yet written out.
@@ -401,7 +438,8 @@ impl Sender {
             to,
             window,
             bodies,
-            stamps: Vec::new(),
+            stamps: VecDeque::new(),
+            first: 0,
             accepted: 0,
             accept: Latency::default(),
             unflushed: false,
@@ -409,8 +447,13 @@ impl Sender {
         }
     }
 
+    /// Messages sent so far.
+    fn sent(&self) -> usize {
+        self.first + self.stamps.len()
+    }
+
     fn in_flight(&self) -> usize {
-        self.stamps.len() - self.accepted
+        self.sent() - self.accepted
     }
 
     async fn flush(&mut self) -> Result<(), String> {
@@ -427,12 +470,17 @@ impl Sender {
             ServerFrame::Accepted { cmid, .. } => {
                 let k = cmid.strip_prefix('m').and_then(|k| k.parse::<usize>().ok());
                 if let Some(t) = k
-                    .and_then(|k| self.stamps.get_mut(k))
+                    .and_then(|k| k.checked_sub(self.first))
+                    .and_then(|i| self.stamps.get_mut(i))
                     .and_then(Option::take)
                 {
                     let now = self.bodies.clock.now_us();
                     self.accept.record_micros(now.saturating_sub(t));
                     self.accepted += 1;
+                }
+                while self.stamps.front().is_some_and(Option::is_none) {
+                    self.stamps.pop_front();
+                    self.first += 1;
                 }
                 Ok(())
             }
@@ -488,7 +536,7 @@ impl Publish for Sender {
         let frame = ClientFrame::Send {
             conv,
             to,
-            cmid: format!("m{}", self.stamps.len()),
+            cmid: format!("m{}", self.sent()),
             body,
             reply_to: None,
         };
@@ -496,7 +544,7 @@ impl Publish for Sender {
             self.fail(format!("sending: {e}"));
             return None;
         }
-        self.stamps.push(Some(stamp));
+        self.stamps.push_back(Some(stamp));
         self.unflushed = true;
         Some(stamp)
     }
@@ -522,7 +570,7 @@ impl Publish for Sender {
                 self.fail(e);
             }
         }
-        let sent = self.stamps.len() as u64;
+        let sent = self.sent() as u64;
         self.c.close().await;
         if let Some(e) = self.error {
             return Err(BenchError(format!("sender {}: {e}", self.user)));

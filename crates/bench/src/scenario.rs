@@ -6,8 +6,9 @@ use crate::payload::Clock;
 use crate::progress::Progress;
 use crate::report::{note_behind, Latency, Outcome};
 use crate::system::{Bodies, Inbox, Publish, Sent, Subscribe, System, Tally, Task, Until, IDLE};
-use crate::{BenchError, CatchupArgs, ConnectionsArgs, FanoutArgs, PairsArgs};
+use crate::{BenchError, CatchupArgs, ConnectionsArgs, FanoutArgs, PairsArgs, SoakArgs};
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -305,4 +306,175 @@ fn outcome(
         &got.latency,
     );
     o
+}
+
+/// A long run into one server: `a.pairs` pairs, each sender with at most `a.window` messages
+/// unconfirmed, until `a.messages` are sent in all and at least `a.min_secs` have passed. Every
+/// second it samples the server's resident memory and the deliveries so far; it reports the
+/// peak and final memory, the deliveries per second of each `a.window_secs` window, the data
+/// directory's size, and then, after a SIGKILL, how long the restarted server takes to answer
+/// `/healthz` and to accept a send, and its memory after the restart.
+pub async fn soak<S: System>(
+    sys: &mut S,
+    a: &SoakArgs,
+    clock: &Clock,
+) -> Result<Outcome, BenchError> {
+    let name = sys.name();
+    let pid = sys.server_pid().ok_or_else(|| {
+        BenchError(
+            "the soak scenario reads the server's memory and restarts it, so it needs a server the bench starts itself (without --server)".into(),
+        )
+    })?;
+    let subs = sys.pair_receivers(a.pairs, a.body_bytes).await?;
+    let mut pubs = Vec::with_capacity(a.pairs);
+    for i in 0..a.pairs {
+        pubs.push(
+            sys.pair_sender(i, a.window, Bodies::new(clock, a.body_bytes))
+                .await?,
+        );
+    }
+    let bar = Progress::new(&format!("{name} soak"), a.messages);
+    let (done, done_rx) = watch::channel(false);
+    let delivered = Arc::new(AtomicU64::new(0));
+    let receivers: Vec<_> = subs
+        .into_iter()
+        .map(|s| {
+            s.receive(
+                Until::new(u64::MAX, &done_rx, Duration::ZERO, *clock, &bar, None)
+                    .counting(&delivered),
+            )
+        })
+        .collect();
+    let rss_before = rss_bytes(pid).unwrap_or(0);
+    let started = Instant::now();
+    let start_us = clock.now_us();
+    let (stop, stop_rx) = watch::channel(false);
+    let sampler = Task::spawn(sample(pid, delivered.clone(), stop_rx));
+    let share = a.messages.div_ceil(a.pairs as u64);
+    let min = Duration::from_secs(a.min_secs);
+    let senders: Vec<_> = pubs
+        .into_iter()
+        .map(|mut p| {
+            Task::spawn(async move {
+                let mut k = 0u64;
+                while k < share || started.elapsed() < min {
+                    if p.send().await.is_none() {
+                        break;
+                    }
+                    k += 1;
+                }
+                p.finish().await
+            })
+        })
+        .collect();
+    let mut sent = Sent::default();
+    for s in senders {
+        sent.add(s.join().await??);
+    }
+    // Everything sent is delivered (or nothing more came for a while): the receivers may stop.
+    let mut last = (delivered.load(Ordering::Relaxed), Instant::now());
+    while last.0 < sent.sent && last.1.elapsed() < IDLE {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let now = delivered.load(Ordering::Relaxed);
+        if now != last.0 {
+            last = (now, Instant::now());
+        }
+    }
+    let _ = done.send(true);
+    let got = Inbox::join_all(receivers).await?;
+    let _ = stop.send(true);
+    let samples = sampler.join().await?;
+    bar.finish();
+    let mut o = outcome(name, &sent, sent.sent, &got, start_us, clock);
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    let peak = samples.iter().map(|s| s.rss).max().unwrap_or(0);
+    let fin = samples.last().map_or(0, |s| s.rss);
+    o.extra.insert("rss_before_mib".into(), mib(rss_before));
+    o.extra.insert("rss_peak_mib".into(), mib(peak));
+    o.extra.insert("rss_final_mib".into(), mib(fin));
+    if let Some(b) = sys.data_bytes() {
+        o.extra.insert("data_mib".into(), mib(b));
+    }
+    let windows = windows(&samples, a.window_secs.max(1));
+    for (i, w) in windows.iter().enumerate() {
+        o.extra.insert(format!("window_{i:03}_msgs_per_sec"), *w);
+    }
+    if let (Some(lo), Some(hi)) = (
+        windows.iter().copied().reduce(f64::min),
+        windows.iter().copied().reduce(f64::max),
+    ) {
+        o.extra.insert("window_min_msgs_per_sec".into(), lo);
+        o.extra.insert("window_max_msgs_per_sec".into(), hi);
+    }
+    // The restart: SIGKILL, then time to health and to the first accepted send.
+    let healthy = sys.kill_and_restart().await?;
+    let after = Instant::now();
+    let rss_restarted = sys.server_pid().and_then(rss_bytes).unwrap_or(0);
+    let mut probe = sys
+        .pair_sender(a.pairs, 1, Bodies::new(clock, a.body_bytes))
+        .await?;
+    let accepted = match probe.send().await {
+        Some(_) => probe.finish().await?.accepted,
+        None => 0,
+    };
+    if accepted != 1 {
+        return Err(BenchError(
+            "the restarted server did not accept a send".into(),
+        ));
+    }
+    let first_accept = healthy + after.elapsed();
+    o.extra
+        .insert("restart_healthz_ms".into(), healthy.as_secs_f64() * 1000.0);
+    o.extra.insert(
+        "restart_first_accept_ms".into(),
+        first_accept.as_secs_f64() * 1000.0,
+    );
+    o.extra
+        .insert("rss_after_restart_mib".into(), mib(rss_restarted));
+    Ok(o)
+}
+
+/// One reading of a soak: seconds since the start, the server's resident memory, deliveries.
+struct Sample {
+    secs: f64,
+    rss: u64,
+    delivered: u64,
+}
+
+/// Reads the server's memory and the delivery count every second until `stop`.
+async fn sample(
+    pid: u32,
+    delivered: Arc<AtomicU64>,
+    mut stop: watch::Receiver<bool>,
+) -> Vec<Sample> {
+    let start = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut out = Vec::new();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|&s| s) => break,
+        }
+        out.push(Sample {
+            secs: start.elapsed().as_secs_f64(),
+            rss: rss_bytes(pid).unwrap_or(0),
+            delivered: delivered.load(Ordering::Relaxed),
+        });
+    }
+    out
+}
+
+/// Deliveries per second in each whole `every`-second window of the samples (a last, partial
+/// window is left out: it holds the run's drain).
+fn windows(samples: &[Sample], every: u64) -> Vec<f64> {
+    let mut out = Vec::new();
+    let (mut from_secs, mut from_count) = (0.0, 0);
+    for s in samples {
+        if s.secs - from_secs >= every as f64 - 0.5 {
+            out.push((s.delivered - from_count) as f64 / (s.secs - from_secs));
+            (from_secs, from_count) = (s.secs, s.delivered);
+        }
+    }
+    out
 }

@@ -93,6 +93,22 @@ pub trait System {
         None
     }
 
+    /// `soak`: kills the server the hard way (SIGKILL) and starts it again on the same data;
+    /// says how long until it answered `/healthz`, counted from the restart.
+    fn kill_and_restart(&mut self) -> impl Future<Output = Result<Duration, BenchError>> {
+        let name = self.name();
+        async move {
+            Err(BenchError(format!(
+                "{name} cannot be killed and restarted by the bench"
+            )))
+        }
+    }
+
+    /// `soak`: bytes the system's data directory holds on disk, if the system knows it.
+    fn data_bytes(&self) -> Option<u64> {
+        None
+    }
+
     /// `connections`: the `i`-th idle authenticated connection, opened from `from`.
     fn idle_connection(
         &self,
@@ -312,6 +328,8 @@ pub struct Until {
     clock: Clock,
     bar: Progress,
     tally: Option<(Arc<Tally>, u64)>,
+    /// Every arrival of every receiver, counted as it comes (a soak samples it).
+    counter: Option<Arc<AtomicU64>>,
 }
 
 impl Until {
@@ -330,7 +348,14 @@ impl Until {
             clock,
             bar: bar.clone(),
             tally,
+            counter: None,
         }
+    }
+
+    /// Also counts every arrival in `counter`.
+    pub fn counting(mut self, counter: &Arc<AtomicU64>) -> Self {
+        self.counter = Some(counter.clone());
+        self
     }
 
     /// Starts receiving (the wait for `linger` counts from here at the earliest).
@@ -383,6 +408,9 @@ impl Receiving {
             if let Some((tally, members)) = &self.until.tally {
                 tally.arrived(stamp, now, *members);
             }
+        }
+        if let Some(c) = &self.until.counter {
+            c.fetch_add(1, Ordering::Relaxed);
         }
         self.inbox.got += 1;
         self.inbox.last_us = now;

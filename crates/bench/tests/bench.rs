@@ -231,6 +231,47 @@ fn connections_are_held_and_measured() {
 }
 
 #[test]
+fn soak_reports_memory_throughput_windows_and_the_restart() {
+    let doc = bench(&[
+        "soak",
+        "--systems",
+        "ordo",
+        "--pairs",
+        "2",
+        "--messages",
+        "2000",
+        "--min-secs",
+        "2",
+        "--window-secs",
+        "1",
+    ]);
+    assert_eq!(doc["scenario"], "soak");
+    let r = row(&doc, "ordo");
+    assert!(r["sent"].as_u64().unwrap() >= 2000, "{r:#}");
+    assert_eq!(r["delivered"], r["sent"], "{r:#}");
+    assert_eq!(r["extra"]["lost"], 0.0, "{r:#}");
+    for key in [
+        "rss_peak_mib",
+        "rss_final_mib",
+        "rss_after_restart_mib",
+        "data_mib",
+        "restart_healthz_ms",
+        "restart_first_accept_ms",
+        "window_000_msgs_per_sec",
+        "window_min_msgs_per_sec",
+    ] {
+        assert!(
+            r["extra"][key].as_f64().unwrap_or(0.0) > 0.0,
+            "{key}: {r:#}"
+        );
+    }
+    assert!(
+        r["extra"]["restart_first_accept_ms"].as_f64() >= r["extra"]["restart_healthz_ms"].as_f64(),
+        "{r:#}"
+    );
+}
+
+#[test]
 fn bad_arguments_are_refused_with_the_reason() {
     for (args, says) in [
         (&["pairs", "--pairs", "0"][..], "--pairs"),
@@ -240,6 +281,7 @@ fn bad_arguments_are_refused_with_the_reason() {
             &["connections", "--systems", "jetstream"][..],
             "connections scenario",
         ),
+        (&["soak", "--systems", "mqtt-qos1"][..], "soak scenario"),
     ] {
         let out = ordo_bench(args).args(["--runs", "1"]).output().unwrap();
         assert!(!out.status.success(), "{args:?}");
