@@ -4,6 +4,10 @@
 //! means. Where the contract leaves a store latitude it takes the strict side: it forgets
 //! expired dedup entries exactly (a backend may keep some longer) and reports a first seq for
 //! every age-based trim (a backend may report only those that moved).
+//!
+//! `ordo_store::MemStore` puts it behind a lock as a `Store`, which runs the store conformance
+//! suite like every backend, so that the reference and the real backends are checked against
+//! one another.
 
 use crate::engine::SyncPlan;
 use crate::model::{Batch, CommitOutcome, ConvRecord, CursorRecord, DedupRecord, Snapshot};
@@ -17,7 +21,9 @@ pub struct MemoryStore {
     pub convs: BTreeMap<String, ConvRecord>,
     pub messages: BTreeMap<(String, u64), Message>,
     pub cursors: BTreeMap<(String, String, String), CursorRecord>,
-    pub dedup: BTreeMap<(String, String), DedupRecord>,
+    /// Dedup entries by (user, cmid, conv): a client message id is its user's own, and one
+    /// reused in another conversation (past the window) is an entry of its own there.
+    pub dedup: BTreeMap<(String, String, String), DedupRecord>,
 }
 
 /// A batch stored a seq its conversation already had: the core reused a seq (G3).
@@ -63,15 +69,16 @@ impl MemoryStore {
                 .insert((m.conv.clone(), m.seq), Message::clone(m));
         }
         // Deletes first: a key expired and then reused in the same batch must stay.
-        for k in &b.dedup_delete {
-            self.dedup.remove(k);
+        for (user, cmid) in &b.dedup_delete {
+            self.dedup.retain(|(u, c, _), _| u != user || c != cmid);
         }
         if let Some(before) = b.dedup_forget_before_ms {
             self.dedup.retain(|_, d| d.ts >= before);
         }
         let own = b.messages.iter().map(|m| DedupRecord::of(m));
         for d in b.dedup_put.iter().cloned().chain(own) {
-            self.dedup.insert((d.user.clone(), d.cmid.clone()), d);
+            self.dedup
+                .insert((d.user.clone(), d.cmid.clone(), d.conv.clone()), d);
         }
         for c in &b.cursors {
             self.cursors.insert(

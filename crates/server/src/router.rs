@@ -187,7 +187,7 @@ impl Router {
         std::thread::Builder::new()
             .name("ordo-commit".into())
             .spawn(move || commit_thread(store, batches, done_tx))
-            .map_err(|e| StoreError::Engine(e.into()))?;
+            .map_err(|e| StoreError::Unavailable(format!("cannot start the commit thread: {e}")))?;
         Ok(Router {
             core,
             sessions: HashMap::new(),
@@ -265,9 +265,7 @@ impl Router {
                 tracing::error!("commit thread stopped; failing pending sends");
                 let actions = self.core.abort_all("commit thread stopped");
                 self.dispatch(actions);
-                self.fatal = Some(StoreError::Engine(
-                    std::io::Error::other("the commit thread stopped").into(),
-                ));
+                self.fatal = Some(StoreError::Unavailable("the commit thread stopped".into()));
             }
         }
     }

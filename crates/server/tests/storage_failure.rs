@@ -6,7 +6,8 @@ use futures_util::{SinkExt, StreamExt};
 use ordo_core::{Batch, CommitOutcome, Snapshot};
 use ordo_server::auth::{Claims, TokenKey};
 use ordo_server::{start_with_store, Config, ServerError};
-use ordo_store::{Page, RedbStore, Store, StoreError};
+use ordo_store::{Page, Store, StoreError};
+use ordo_store_redb::RedbStore;
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -27,9 +28,10 @@ impl Store for FailingStore {
 
     fn commit(&self, batch: Batch) -> Result<CommitOutcome, StoreError> {
         if self.fail.load(Ordering::SeqCst) && !batch.is_empty() {
-            return Err(StoreError::Engine(
-                std::io::Error::other("injected: disk write failed").into(),
-            ));
+            return Err(StoreError::Io {
+                path: "ordo.redb".into(),
+                source: std::io::Error::other("injected: disk write failed"),
+            });
         }
         self.inner.commit(batch)
     }

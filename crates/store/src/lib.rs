@@ -1,17 +1,32 @@
-//! Storage for Ordo: the [`Store`] trait the server commits batches through, and
-//! [`RedbStore`], the embedded default that needs no external service.
+//! The storage seam of Ordo: the [`Store`] trait the server commits batches through, the
+//! [`Page`] of history it reads back, and [`StoreError`], errors in terms no backend owns. No
+//! storage engine lives here.
 //!
 //! A store has three jobs: make a [`Batch`] durable atomically (messages, their seqs and dedup
-//! keys in one fsynced commit, so `accepted` is never sent for something a crash can take back),
-//! rebuild the core's [`Snapshot`] at start, and serve pages of history to `sync`. The trait is
-//! shaped so that a PostgreSQL backend can implement the same three calls.
+//! keys in one commit, so `accepted` is never sent for something a crash can take back),
+//! rebuild the core's [`Snapshot`] at start, and serve pages of history to `sync`.
+//!
+//! # Backends
+//!
+//! A backend is a crate of its own that depends on this one and implements [`Store`]:
+//! `ordo-store-redb` (`crates/store-redb`) is the embedded default, a write-ahead log in front
+//! of a redb B-tree file; a PostgreSQL backend is to be the next. Each converts its engine's
+//! errors into [`StoreError`] and runs the [`conformance`] suite in its tests (with
+//! [`conformance_tests!`]), which holds every backend to the same meaning of a batch. What the
+//! suite cannot check from outside (crash recovery of the backend's own files, for one) the
+//! backend tests itself.
+//!
+//! [`MemStore`] is the in-memory reference backend: `ordo_core::MemoryStore`, the store the
+//! rules tests and the simulation check the core against, behind a lock. It keeps nothing
+//! durable; it is for tests, and it runs the conformance suite too, so that the reference and
+//! the real backends are checked against one another.
 
+pub mod conformance;
 mod error;
-mod redb_store;
-pub mod wal;
+mod memory;
 
-pub use error::StoreError;
-pub use redb_store::RedbStore;
+pub use error::{BoxError, StoreError};
+pub use memory::MemStore;
 
 use ordo_core::{Batch, CommitOutcome, Snapshot, StoredMessage};
 
@@ -25,11 +40,14 @@ pub struct Page {
     pub messages: Vec<StoredMessage>,
 }
 
+/// What the server needs of a store. Every backend implements it; see the crate's docs and
+/// "A new store backend" in docs/architecture.md for what each call must keep.
 pub trait Store: Send + Sync + 'static {
     /// Reads everything the core needs to start.
     fn load(&self) -> Result<Snapshot, StoreError>;
 
-    /// Makes the whole batch durable, or nothing of it. Returns only once it is on disk.
+    /// Makes the whole batch durable, or nothing of it. Returns only once it is durable. Called
+    /// by one thread, one batch at a time, in order; an error stops the server.
     fn commit(&self, batch: Batch) -> Result<CommitOutcome, StoreError>;
 
     /// Reads messages of `conv` with seq in `from..=to`, at most `limit` of them, and stops

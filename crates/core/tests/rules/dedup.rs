@@ -157,7 +157,7 @@ fn past_the_window_a_resend_is_new_even_before_expiry_runs() {
     assert_eq!(
         s.store
             .dedup
-            .get(&("alice".into(), "x".into()))
+            .get(&("alice".into(), "x".into(), "g".into()))
             .unwrap()
             .seq,
         2

@@ -303,7 +303,8 @@ impl Model {
                         .s
                         .store
                         .dedup
-                        .contains_key(&(m.from.clone(), m.cmid.clone())),
+                        .keys()
+                        .any(|(user, cmid, _)| *user == m.from && *cmid == m.cmid),
                     "a duplicate was stored again: {m:?}"
                 );
             }
@@ -392,7 +393,7 @@ impl Model {
             .store
             .dedup
             .iter()
-            .map(|(k, d)| (k.clone(), d.conv.clone()))
+            .map(|((user, cmid, _), d)| ((user.clone(), cmid.clone()), d.conv.clone()))
             .collect();
         self.connect_all();
     }
@@ -453,10 +454,11 @@ impl Model {
         }
         for (k, v) in &stored {
             assert_eq!(v.len(), 1, "{k:?} stored as {v:?}");
-            assert_eq!(
-                self.s.store.dedup.get(k).map(|d| (d.conv.clone(), d.seq)),
-                Some(v[0].clone())
-            );
+            let entries: Vec<(String, u64)> = (self.s.store.dedup.values())
+                .filter(|d| (&d.user, &d.cmid) == (&k.0, &k.1))
+                .map(|d| (d.conv.clone(), d.seq))
+                .collect();
+            assert_eq!(entries, v.clone());
         }
         for (k, v) in &self.accepted {
             assert_eq!(stored.get(k), Some(&vec![v.clone()]), "{k:?}");

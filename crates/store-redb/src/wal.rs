@@ -23,8 +23,9 @@
 //! magic, length or checksum) or does not follow its predecessor's seqno, which is exactly where
 //! its current records end.
 
-use crate::StoreError;
+use crate::error::encoding;
 use ordo_core::Batch;
+use ordo_store::StoreError;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -232,7 +233,7 @@ impl Wal {
         self.buf.clear();
         self.buf.resize(HEADER, 0);
         // Named fields: some are left out when empty, which a positional encoding cannot do.
-        rmp_serde::encode::write_named(&mut self.buf, batch)?;
+        rmp_serde::encode::write_named(&mut self.buf, batch).map_err(encoding)?;
         Ok(self.buf.len() - HEADER)
     }
 

@@ -18,10 +18,11 @@
 //! contiguous and ordered by seq. Messages are stored in runs, one row per conversation per
 //! batch (see [`MESSAGE_RUNS`]), because a B-tree costs per row inserted.
 
+use crate::error::{applier_stopped, encoding, engine};
 use crate::wal::{self, Wal};
-use crate::{Page, Store, StoreError};
 use ordo_core::{Batch, CommitOutcome, ConvRecord, CursorRecord, DedupRecord, Snapshot};
 use ordo_protocol::Message;
+use ordo_store::{Page, Store, StoreError};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
 use serde::de::DeserializeOwned;
 use std::path::Path;
@@ -115,7 +116,7 @@ impl Applied {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             if let Some(e) = &s.failed {
-                return Err(StoreError::Applier(e.clone()));
+                return Err(applier_stopped(e));
             }
             if done(&s) {
                 return Ok(());
@@ -132,7 +133,7 @@ impl Applied {
     /// The applier's failure, if it failed.
     fn check(&self) -> Result<(), StoreError> {
         match &self.state.lock().unwrap_or_else(|p| p.into_inner()).failed {
-            Some(e) => Err(StoreError::Applier(e.clone())),
+            Some(e) => Err(applier_stopped(e)),
             None => Ok(()),
         }
     }
@@ -166,27 +167,27 @@ impl RedbStore {
         let path = dir.join("ordo.redb");
         let open_err = |source: redb::Error| StoreError::Open {
             path: path.display().to_string(),
-            source,
+            source: source.into(),
         };
         std::fs::create_dir_all(dir).map_err(|e| open_err(e.into()))?;
         let db = Database::create(&path).map_err(|e| open_err(e.into()))?;
         // Create every table once so that readers never meet a missing one.
-        let tx = db.begin_write().map_err(StoreError::engine)?;
+        let tx = db.begin_write().map_err(engine)?;
         {
-            tx.open_table(MESSAGE_RUNS).map_err(StoreError::engine)?;
-            tx.open_table(CONVS).map_err(StoreError::engine)?;
-            tx.open_table(RANGES).map_err(StoreError::engine)?;
-            tx.open_table(CURSORS).map_err(StoreError::engine)?;
-            tx.open_table(DEDUP_RUNS).map_err(StoreError::engine)?;
-            tx.open_table(META).map_err(StoreError::engine)?;
+            tx.open_table(MESSAGE_RUNS).map_err(engine)?;
+            tx.open_table(CONVS).map_err(engine)?;
+            tx.open_table(RANGES).map_err(engine)?;
+            tx.open_table(CURSORS).map_err(engine)?;
+            tx.open_table(DEDUP_RUNS).map_err(engine)?;
+            tx.open_table(META).map_err(engine)?;
         }
         move_messages_into_runs(&tx)?;
         move_dedup_into_runs(&tx)?;
-        tx.commit().map_err(StoreError::engine)?;
+        tx.commit().map_err(engine)?;
         let mut applied = {
-            let tx = db.begin_read().map_err(StoreError::engine)?;
-            let meta = tx.open_table(META).map_err(StoreError::engine)?;
-            let v = meta.get(WAL_APPLIED).map_err(StoreError::engine)?;
+            let tx = db.begin_read().map_err(engine)?;
+            let meta = tx.open_table(META).map_err(engine)?;
+            let v = meta.get(WAL_APPLIED).map_err(engine)?;
             v.map(|g| g.value())
         };
         let (mut log, records) = Wal::open(dir)?;
@@ -318,7 +319,7 @@ impl RedbStore {
             let why = "the applier thread has stopped".to_string();
             // Whoever waits for what was just queued must not wait for ever.
             self.applied.fail(why.clone());
-            Err(StoreError::Applier(why))
+            Err(applier_stopped(&why))
         }
     }
 }
@@ -337,10 +338,9 @@ impl Drop for RedbStore {
 
 /// Makes every commit so far durable: an empty write transaction with immediate durability.
 fn checkpoint(db: &Database) -> Result<(), StoreError> {
-    let mut tx = db.begin_write().map_err(StoreError::engine)?;
-    tx.set_durability(Durability::Immediate)
-        .map_err(StoreError::engine)?;
-    tx.commit().map_err(StoreError::engine)?;
+    let mut tx = db.begin_write().map_err(engine)?;
+    tx.set_durability(Durability::Immediate).map_err(engine)?;
+    tx.commit().map_err(engine)?;
     Ok(())
 }
 
@@ -352,7 +352,7 @@ fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, St
 }
 
 fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
-    Ok(rmp_serde::to_vec_named(v)?)
+    rmp_serde::to_vec_named(v).map_err(encoding)
 }
 
 /// Encodes `v` into `buf`, replacing what it held: the runs written per batch reuse one buffer
@@ -362,30 +362,30 @@ fn encode_into<'b, T: serde::Serialize>(
     v: &T,
 ) -> Result<&'b [u8], StoreError> {
     buf.clear();
-    rmp_serde::encode::write_named(buf, v)?;
+    rmp_serde::encode::write_named(buf, v).map_err(encoding)?;
     Ok(buf)
 }
 
 impl Store for RedbStore {
     fn load(&self) -> Result<Snapshot, StoreError> {
         self.applied.wait_caught_up()?;
-        let tx = self.db.begin_read().map_err(StoreError::engine)?;
+        let tx = self.db.begin_read().map_err(engine)?;
         let mut snap = Snapshot::default();
-        let convs = tx.open_table(CONVS).map_err(StoreError::engine)?;
-        let ranges = tx.open_table(RANGES).map_err(StoreError::engine)?;
-        for row in convs.iter().map_err(StoreError::engine)? {
-            let (_, v) = row.map_err(StoreError::engine)?;
+        let convs = tx.open_table(CONVS).map_err(engine)?;
+        let ranges = tx.open_table(RANGES).map_err(engine)?;
+        for row in convs.iter().map_err(engine)? {
+            let (_, v) = row.map_err(engine)?;
             let mut rec = decode::<ConvRecord>("conversation", v.value())?;
-            if let Some(r) = ranges.get(rec.id.as_str()).map_err(StoreError::engine)? {
+            if let Some(r) = ranges.get(rec.id.as_str()).map_err(engine)? {
                 let (max_seq, first_seq) = r.value();
                 rec.max_seq = rec.max_seq.max(max_seq);
                 rec.first_seq = rec.first_seq.max(first_seq);
             }
             snap.convs.push(rec);
         }
-        let cursors = tx.open_table(CURSORS).map_err(StoreError::engine)?;
-        for row in cursors.iter().map_err(StoreError::engine)? {
-            let (k, v) = row.map_err(StoreError::engine)?;
+        let cursors = tx.open_table(CURSORS).map_err(engine)?;
+        for row in cursors.iter().map_err(engine)? {
+            let (k, v) = row.map_err(engine)?;
             let (conv, user, device) = k.value();
             let (delivered, read) = v.value();
             snap.cursors.push(CursorRecord {
@@ -396,9 +396,9 @@ impl Store for RedbStore {
                 read,
             });
         }
-        let dedup = tx.open_table(DEDUP_RUNS).map_err(StoreError::engine)?;
-        for row in dedup.iter().map_err(StoreError::engine)? {
-            let (_, v) = row.map_err(StoreError::engine)?;
+        let dedup = tx.open_table(DEDUP_RUNS).map_err(engine)?;
+        for row in dedup.iter().map_err(engine)? {
+            let (_, v) = row.map_err(engine)?;
             snap.dedup
                 .extend(decode::<Vec<DedupRecord>>("dedup run", v.value())?);
         }
@@ -469,9 +469,9 @@ impl Store for RedbStore {
     ) -> Result<Page, StoreError> {
         // Everything reported durable before this read was asked for is in the B-tree first.
         self.applied.wait_caught_up()?;
-        let tx = self.db.begin_read().map_err(StoreError::engine)?;
-        let convs = tx.open_table(CONVS).map_err(StoreError::engine)?;
-        let ranges = tx.open_table(RANGES).map_err(StoreError::engine)?;
+        let tx = self.db.begin_read().map_err(engine)?;
+        let convs = tx.open_table(CONVS).map_err(engine)?;
+        let ranges = tx.open_table(RANGES).map_err(engine)?;
         let Some((_, first_seq)) = stored_range(&convs, &ranges, conv)? else {
             return Ok(Page::default());
         };
@@ -483,14 +483,14 @@ impl Store for RedbStore {
         if start > to || limit == 0 {
             return Ok(page);
         }
-        let runs = tx.open_table(MESSAGE_RUNS).map_err(StoreError::engine)?;
+        let runs = tx.open_table(MESSAGE_RUNS).map_err(engine)?;
         let mut bytes = 0usize;
         // The first run that ends at or after `start` holds it (or the next message after it).
         'runs: for row in runs
             .range((conv, start)..=(conv, u64::MAX))
-            .map_err(StoreError::engine)?
+            .map_err(engine)?
         {
-            let (_, v) = row.map_err(StoreError::engine)?;
+            let (_, v) = row.map_err(engine)?;
             let run: Vec<Message> = decode("message run", v.value())?;
             for m in run {
                 if m.seq < start {
@@ -519,36 +519,35 @@ fn apply(
     durability: Durability,
 ) -> Result<CommitOutcome, StoreError> {
     let mut outcome = CommitOutcome::default();
-    let mut tx = db.begin_write().map_err(StoreError::engine)?;
-    tx.set_durability(durability).map_err(StoreError::engine)?;
+    let mut tx = db.begin_write().map_err(engine)?;
+    tx.set_durability(durability).map_err(engine)?;
     if let Some(seqno) = seqno {
-        let mut meta = tx.open_table(META).map_err(StoreError::engine)?;
-        meta.insert(WAL_APPLIED, seqno)
-            .map_err(StoreError::engine)?;
+        let mut meta = tx.open_table(META).map_err(engine)?;
+        meta.insert(WAL_APPLIED, seqno).map_err(engine)?;
     }
     let mut scratch = Vec::new();
     for batch in batches {
-        let mut runs = tx.open_table(MESSAGE_RUNS).map_err(StoreError::engine)?;
+        let mut runs = tx.open_table(MESSAGE_RUNS).map_err(engine)?;
         for run in message_runs(&batch.messages) {
             if let Some(last) = run.last() {
                 runs.insert(
                     (last.conv.as_str(), last.seq),
                     encode_into(&mut scratch, &run)?,
                 )
-                .map_err(StoreError::engine)?;
+                .map_err(engine)?;
             }
         }
         for (conv, below) in &batch.trim_below {
             runs.retain_in((conv.as_str(), 0)..(conv.as_str(), *below), |_, _| false)
-                .map_err(StoreError::engine)?;
+                .map_err(engine)?;
             drop_run_head(&mut runs, conv, *below)?;
         }
-        let mut convs = tx.open_table(CONVS).map_err(StoreError::engine)?;
-        let mut ranges = tx.open_table(RANGES).map_err(StoreError::engine)?;
+        let mut convs = tx.open_table(CONVS).map_err(engine)?;
+        let mut ranges = tx.open_table(RANGES).map_err(engine)?;
         for c in &batch.convs {
             convs
                 .insert(c.id.as_str(), encode(c)?.as_slice())
-                .map_err(StoreError::engine)?;
+                .map_err(engine)?;
             raise_range(&mut ranges, &c.id, c.max_seq, c.first_seq)?;
         }
         for p in &batch.positions {
@@ -561,9 +560,9 @@ fn apply(
             let mut first = None;
             for row in runs
                 .range((conv.as_str(), 0)..=(conv.as_str(), u64::MAX))
-                .map_err(StoreError::engine)?
+                .map_err(engine)?
             {
-                let (k, v) = row.map_err(StoreError::engine)?;
+                let (k, v) = row.map_err(engine)?;
                 let run: Vec<Message> = decode("message run", v.value())?;
                 if let Some(m) = run.iter().find(|m| m.ts >= *cutoff) {
                     first = Some(m.seq);
@@ -572,8 +571,7 @@ fn apply(
                 doomed.push(k.value().1);
             }
             for last in &doomed {
-                runs.remove((conv.as_str(), *last))
-                    .map_err(StoreError::engine)?;
+                runs.remove((conv.as_str(), *last)).map_err(engine)?;
             }
             if let Some(first) = first {
                 drop_run_head(&mut runs, conv, first)?;
@@ -586,23 +584,23 @@ fn apply(
                 }
             }
         }
-        let mut cursors = tx.open_table(CURSORS).map_err(StoreError::engine)?;
+        let mut cursors = tx.open_table(CURSORS).map_err(engine)?;
         for c in &batch.cursors {
             cursors
                 .insert(
                     (c.conv.as_str(), c.user.as_str(), c.device.as_str()),
                     (c.delivered, c.read),
                 )
-                .map_err(StoreError::engine)?;
+                .map_err(engine)?;
         }
         // Forgetting first; what this batch puts is newer than the cutoff anyway. (Log records
         // of earlier versions name expired entries in `dedup_delete`: those entries are in runs
         // now and are forgotten with them.)
-        let mut dedup = tx.open_table(DEDUP_RUNS).map_err(StoreError::engine)?;
+        let mut dedup = tx.open_table(DEDUP_RUNS).map_err(engine)?;
         if let Some(before) = batch.dedup_forget_before_ms {
             dedup
                 .retain_in((0, 0)..(before, 0), |_, _| false)
-                .map_err(StoreError::engine)?;
+                .map_err(engine)?;
         }
         // Every message is its own dedup entry; `dedup_put` holds any others.
         let entries: Vec<DedupView> = (batch.dedup_put.iter().map(DedupView::record))
@@ -610,7 +608,7 @@ fn apply(
             .collect();
         put_dedup_runs(&tx, &mut dedup, &entries, &mut scratch)?;
     }
-    tx.commit().map_err(StoreError::engine)?;
+    tx.commit().map_err(engine)?;
     Ok(outcome)
 }
 
@@ -620,10 +618,10 @@ fn stored_range(
     ranges: &impl ReadableTable<&'static str, (u64, u64)>,
     conv: &str,
 ) -> Result<Option<(u64, u64)>, StoreError> {
-    let Some(raw) = convs.get(conv).map_err(StoreError::engine)? else {
+    let Some(raw) = convs.get(conv).map_err(engine)? else {
         return Ok(None);
     };
-    if let Some(r) = ranges.get(conv).map_err(StoreError::engine)? {
+    if let Some(r) = ranges.get(conv).map_err(engine)? {
         return Ok(Some(r.value()));
     }
     let rec: ConvRecord = decode("conversation", raw.value())?;
@@ -637,15 +635,12 @@ fn raise_range(
     max_seq: u64,
     first_seq: u64,
 ) -> Result<(), StoreError> {
-    let old = ranges
-        .get(conv)
-        .map_err(StoreError::engine)?
-        .map(|g| g.value());
+    let old = ranges.get(conv).map_err(engine)?.map(|g| g.value());
     let new = old.map_or((max_seq, first_seq), |(m, f)| {
         (m.max(max_seq), f.max(first_seq))
     });
     if old != Some(new) {
-        ranges.insert(conv, new).map_err(StoreError::engine)?;
+        ranges.insert(conv, new).map_err(engine)?;
     }
     Ok(())
 }
@@ -678,10 +673,7 @@ fn message_runs(messages: &[Arc<Message>]) -> Vec<Vec<&Message>> {
 
 /// Whether the store has a table of this name (the layouts before runs had other tables).
 fn has_table(tx: &redb::WriteTransaction, name: &str) -> Result<bool, StoreError> {
-    Ok(tx
-        .list_tables()
-        .map_err(StoreError::engine)?
-        .any(|t| t.name() == name))
+    Ok(tx.list_tables().map_err(engine)?.any(|t| t.name() == name))
 }
 
 /// Moves messages stored one row each (the layout before runs) into runs of one, in the same
@@ -691,14 +683,14 @@ fn move_messages_into_runs(tx: &redb::WriteTransaction) -> Result<(), StoreError
         return Ok(());
     }
     {
-        let old = tx.open_table(MESSAGES_BY_SEQ).map_err(StoreError::engine)?;
-        let mut runs = tx.open_table(MESSAGE_RUNS).map_err(StoreError::engine)?;
+        let old = tx.open_table(MESSAGES_BY_SEQ).map_err(engine)?;
+        let mut runs = tx.open_table(MESSAGE_RUNS).map_err(engine)?;
         let mut moved = 0u64;
-        for row in old.iter().map_err(StoreError::engine)? {
-            let (_, v) = row.map_err(StoreError::engine)?;
+        for row in old.iter().map_err(engine)? {
+            let (_, v) = row.map_err(engine)?;
             let m: Message = decode("message", v.value())?;
             runs.insert((m.conv.as_str(), m.seq), encode(&[&m])?.as_slice())
-                .map_err(StoreError::engine)?;
+                .map_err(engine)?;
             moved += 1;
         }
         tracing::info!(
@@ -706,8 +698,7 @@ fn move_messages_into_runs(tx: &redb::WriteTransaction) -> Result<(), StoreError
             "moved stored messages into the run layout"
         );
     }
-    tx.delete_table(MESSAGES_BY_SEQ)
-        .map_err(StoreError::engine)?;
+    tx.delete_table(MESSAGES_BY_SEQ).map_err(engine)?;
     Ok(())
 }
 
@@ -753,20 +744,19 @@ fn put_dedup_runs(
     if entries.is_empty() {
         return Ok(());
     }
-    let mut meta = tx.open_table(META).map_err(StoreError::engine)?;
+    let mut meta = tx.open_table(META).map_err(engine)?;
     let mut next = meta
         .get(NEXT_DEDUP_RUN)
-        .map_err(StoreError::engine)?
+        .map_err(engine)?
         .map_or(0, |g| g.value());
     for run in entries.chunks(RUN_MAX) {
         let newest = run.iter().map(|d| d.ts).max().unwrap_or(0);
         dedup
             .insert((newest, next), encode_into(scratch, &run)?)
-            .map_err(StoreError::engine)?;
+            .map_err(engine)?;
         next += 1;
     }
-    meta.insert(NEXT_DEDUP_RUN, next)
-        .map_err(StoreError::engine)?;
+    meta.insert(NEXT_DEDUP_RUN, next).map_err(engine)?;
     Ok(())
 }
 
@@ -778,18 +768,18 @@ fn move_dedup_into_runs(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
     }
     let mut entries = Vec::new();
     {
-        let old = tx.open_table(DEDUP_BY_KEY).map_err(StoreError::engine)?;
-        for row in old.iter().map_err(StoreError::engine)? {
-            let (_, v) = row.map_err(StoreError::engine)?;
+        let old = tx.open_table(DEDUP_BY_KEY).map_err(engine)?;
+        for row in old.iter().map_err(engine)? {
+            let (_, v) = row.map_err(engine)?;
             entries.push(decode::<DedupRecord>("dedup entry", v.value())?);
         }
     }
     entries.sort_by_key(|d| d.ts);
     let views: Vec<DedupView> = entries.iter().map(DedupView::record).collect();
-    let mut dedup = tx.open_table(DEDUP_RUNS).map_err(StoreError::engine)?;
+    let mut dedup = tx.open_table(DEDUP_RUNS).map_err(engine)?;
     put_dedup_runs(tx, &mut dedup, &views, &mut Vec::new())?;
     drop(dedup);
-    tx.delete_table(DEDUP_BY_KEY).map_err(StoreError::engine)?;
+    tx.delete_table(DEDUP_BY_KEY).map_err(engine)?;
     tracing::info!(
         entries = entries.len(),
         "moved dedup entries into the run layout"
@@ -807,11 +797,11 @@ fn drop_run_head(
 ) -> Result<(), StoreError> {
     let found = runs
         .range((conv, first)..=(conv, u64::MAX))
-        .map_err(StoreError::engine)?
+        .map_err(engine)?
         .next()
         .map(|row| row.map(|(k, v)| (k.value().1, v.value().to_vec())))
         .transpose()
-        .map_err(StoreError::engine)?;
+        .map_err(engine)?;
     let Some((last, raw)) = found else {
         return Ok(());
     };
@@ -821,10 +811,10 @@ fn drop_run_head(
     }
     let kept: Vec<&Message> = run.iter().filter(|m| m.seq >= first).collect();
     if kept.is_empty() {
-        runs.remove((conv, last)).map_err(StoreError::engine)?;
+        runs.remove((conv, last)).map_err(engine)?;
     } else {
         runs.insert((conv, last), encode(&kept)?.as_slice())
-            .map_err(StoreError::engine)?;
+            .map_err(engine)?;
     }
     Ok(())
 }

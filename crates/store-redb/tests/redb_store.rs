@@ -1,0 +1,232 @@
+//! What only the embedded store has: the layouts of earlier versions are read and moved on
+//! open, and retention removes from the file what it hides. What every backend must do is in the
+//! conformance suite (test `conformance`).
+
+use ordo_core::{Batch, DedupRecord};
+use ordo_protocol::Message;
+use ordo_store::conformance::{conv, messages, msg, position};
+use ordo_store::Store;
+use ordo_store_redb::RedbStore;
+use std::path::Path;
+
+/// A store written before ranges were kept apart has them only in the records: they are read
+/// from there, and the first range written alone carries on from them.
+#[test]
+fn ranges_fall_back_to_the_record() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = RedbStore::open(dir.path()).unwrap();
+        store
+            .commit(Batch {
+                id: 1,
+                messages: messages("g", 1..=4, 10),
+                convs: vec![conv("g", 4, 2)],
+                ..Batch::default()
+            })
+            .unwrap();
+    }
+    {
+        // What such a store looks like: no range table.
+        let db = redb::Database::create(dir.path().join("ordo.redb")).unwrap();
+        let tx = db.begin_write().unwrap();
+        let ranges: redb::TableDefinition<&str, (u64, u64)> =
+            redb::TableDefinition::new("conv_ranges");
+        assert!(tx.delete_table(ranges).unwrap());
+        tx.commit().unwrap();
+    }
+    let store = RedbStore::open(dir.path()).unwrap();
+    assert_eq!(store.load().unwrap().convs, vec![conv("g", 4, 2)]);
+    assert_eq!(
+        store
+            .read_page("g", 1, 4, 10, usize::MAX)
+            .unwrap()
+            .first_seq,
+        2
+    );
+    store
+        .commit(Batch {
+            id: 2,
+            messages: vec![msg("g", 5, 50).into()],
+            positions: vec![position("g", 5, 2)],
+            ..Batch::default()
+        })
+        .unwrap();
+    assert_eq!(store.load().unwrap().convs, vec![conv("g", 5, 2)]);
+}
+
+/// A store written when each message was its own row is read the same after opening.
+#[test]
+fn messages_stored_one_per_row_are_moved_into_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = RedbStore::open(dir.path()).unwrap();
+        store
+            .commit(Batch {
+                id: 1,
+                convs: vec![conv("g", 3, 1)],
+                ..Batch::default()
+            })
+            .unwrap();
+    }
+    {
+        // What such a store holds: a `messages` table keyed (conv, seq).
+        let db = redb::Database::create(dir.path().join("ordo.redb")).unwrap();
+        let tx = db.begin_write().unwrap();
+        {
+            let old: redb::TableDefinition<(&str, u64), &[u8]> =
+                redb::TableDefinition::new("messages");
+            let mut t = tx.open_table(old).unwrap();
+            for s in 1..=3 {
+                let v = rmp_serde::to_vec_named(&msg("g", s, 10 * s)).unwrap();
+                t.insert(("g", s), v.as_slice()).unwrap();
+            }
+        }
+        tx.commit().unwrap();
+    }
+    let store = RedbStore::open(dir.path()).unwrap();
+    let page = store.read_page("g", 2, 3, 10, usize::MAX).unwrap();
+    assert_eq!(page.messages, vec![msg("g", 2, 20), msg("g", 3, 30)]);
+    store
+        .commit(Batch {
+            id: 2,
+            messages: vec![msg("g", 4, 40).into()],
+            positions: vec![position("g", 4, 1)],
+            ..Batch::default()
+        })
+        .unwrap();
+    let page = store.read_page("g", 1, 4, 10, usize::MAX).unwrap();
+    let seqs: Vec<u64> = page.messages.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, vec![1, 2, 3, 4]);
+    drop(store);
+    // Moved once: the old table is gone.
+    let db = redb::Database::create(dir.path().join("ordo.redb")).unwrap();
+    let tx = redb::ReadableDatabase::begin_read(&db).unwrap();
+    assert!(!tx
+        .list_tables()
+        .unwrap()
+        .any(|t| { redb::TableHandle::name(&t) == "messages" }));
+}
+
+fn dedup(cmid: &str, ts: u64) -> DedupRecord {
+    DedupRecord {
+        user: "a".into(),
+        cmid: cmid.into(),
+        conv: "g".into(),
+        seq: ts,
+        ts,
+    }
+}
+
+fn dedup_cmids(store: &RedbStore) -> Vec<String> {
+    let mut got: Vec<String> = store
+        .load()
+        .unwrap()
+        .dedup
+        .into_iter()
+        .map(|d| d.cmid)
+        .collect();
+    got.sort();
+    got
+}
+
+/// A store written when each dedup entry was its own row is read the same after opening.
+#[test]
+fn dedup_entries_stored_one_per_row_are_moved_into_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(RedbStore::open(dir.path()).unwrap());
+    {
+        let db = redb::Database::create(dir.path().join("ordo.redb")).unwrap();
+        let tx = db.begin_write().unwrap();
+        {
+            let old: redb::TableDefinition<(&str, &str), &[u8]> =
+                redb::TableDefinition::new("dedup");
+            let mut t = tx.open_table(old).unwrap();
+            for (cmid, ts) in [("x", 5), ("y", 7)] {
+                let v = rmp_serde::to_vec_named(&dedup(cmid, ts)).unwrap();
+                t.insert(("a", cmid), v.as_slice()).unwrap();
+            }
+        }
+        tx.commit().unwrap();
+    }
+    let store = RedbStore::open(dir.path()).unwrap();
+    assert_eq!(dedup_cmids(&store), ["x", "y"]);
+    store
+        .commit(Batch {
+            id: 1,
+            dedup_put: vec![dedup("z", 9)],
+            ..Batch::default()
+        })
+        .unwrap();
+    assert_eq!(dedup_cmids(&store), ["x", "y", "z"]);
+}
+
+/// The seqs of `conv` in the file's message runs, hidden or not.
+fn seqs_in_the_file(dir: &Path, conv: &str) -> Vec<u64> {
+    let db = redb::Database::create(dir.join("ordo.redb")).unwrap();
+    let tx = redb::ReadableDatabase::begin_read(&db).unwrap();
+    let runs: redb::TableDefinition<(&str, u64), &[u8]> =
+        redb::TableDefinition::new("message_runs");
+    let table = tx.open_table(runs).unwrap();
+    let mut stored = Vec::new();
+    for row in table.range((conv, 0)..=(conv, u64::MAX)).unwrap() {
+        let run: Vec<Message> = rmp_serde::from_slice(row.unwrap().1.value()).unwrap();
+        stored.extend(run.iter().map(|m| m.seq));
+    }
+    stored
+}
+
+/// Messages are stored in runs (per batch and conversation, at most 128 each): retention that
+/// cuts through a run writes it again without the messages it removes, so that nothing removed
+/// stays in the file. An age-based trim that removes nothing reports no first seq.
+#[test]
+fn retention_removes_from_the_file_what_it_hides() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = RedbStore::open(dir.path()).unwrap();
+    for (id, seqs) in [(1, 1..=10), (2, 11..=310)] {
+        let last = *seqs.end();
+        store
+            .commit(Batch {
+                id,
+                messages: messages("g", seqs, 10),
+                convs: vec![conv("g", last, 1)],
+                ..Batch::default()
+            })
+            .unwrap();
+    }
+    // By count, in the middle of the first run; by age, in the middle of a later one.
+    store
+        .commit(Batch {
+            id: 3,
+            convs: vec![conv("g", 310, 6)],
+            trim_below: vec![("g".into(), 6)],
+            ..Batch::default()
+        })
+        .unwrap();
+    drop(store);
+    assert_eq!(
+        seqs_in_the_file(dir.path(), "g"),
+        (6..=310).collect::<Vec<_>>()
+    );
+    let store = RedbStore::open(dir.path()).unwrap();
+    let out = store
+        .commit(Batch {
+            id: 4,
+            trim_before_ms: vec![("g".into(), 10 * 200)],
+            ..Batch::default()
+        })
+        .unwrap();
+    assert_eq!(out.first_seqs, vec![("g".to_string(), 200)]);
+    let out = store
+        .commit(Batch {
+            id: 5,
+            trim_before_ms: vec![("g".into(), 10 * 150)],
+            ..Batch::default()
+        })
+        .unwrap();
+    assert!(out.first_seqs.is_empty(), "{:?}", out.first_seqs);
+    drop(store);
+    assert_eq!(
+        seqs_in_the_file(dir.path(), "g"),
+        (200..=310).collect::<Vec<_>>()
+    );
+}

@@ -1,0 +1,650 @@
+//! The conformance suite every [`Store`] backend runs: what a batch means, checked from the
+//! outside through `load`, `commit` and `read_page`, so that every backend, and the in-memory
+//! reference the core is tested against ([`MemStore`](crate::MemStore)), agree.
+//!
+//! A backend implements [`Backend`] for a small test type (a temporary directory or database
+//! and the store opened on it) and calls [`conformance_tests!`](crate::conformance_tests) in a
+//! test file, which writes one `#[test]` per property:
+//!
+//! ```text
+//! struct Redb { dir: tempfile::TempDir, store: Option<RedbStore> }
+//!
+//! impl ordo_store::conformance::Backend for Redb {
+//!     const REFUSES_A_SEQ_STORED_TWICE: bool = false;
+//!     fn open() -> Self { /* a new, empty store */ }
+//!     fn store(&self) -> &dyn Store { self.store.as_ref().unwrap() }
+//!     fn reopen(&mut self) { /* drop the store, open it again on the same data */ }
+//! }
+//!
+//! ordo_store::conformance_tests!(Redb);
+//! ```
+//!
+//! Each property is also a public function, generic over the backend. The properties check
+//! what a backend must keep whatever its engine; what depends on the engine (recovering its
+//! own files after a crash, a torn log record, the layout of older versions) a backend tests
+//! itself. Where the contract leaves a backend latitude (keeping an expired dedup entry longer,
+//! reporting a first seq for a trim that moved nothing), the suite accepts either choice.
+//!
+//! The records are built by [`conv`], [`msg`], [`messages`], [`position`] and [`cursor`], which
+//! a backend's own tests may use too.
+
+use crate::{Page, Store, StoreError};
+use ordo_core::{Batch, ConvPosition, ConvRecord, CursorRecord, DedupRecord, Retention};
+use ordo_protocol::{ConvKind, Message};
+use std::ops::RangeInclusive;
+use std::sync::Arc;
+
+/// A backend under test: a store on data of its own, which can be closed and opened again.
+pub trait Backend: Sized {
+    /// Whether a batch that stores a seq its conversation already holds is refused whole, with
+    /// [`StoreError::Conflict`] or [`StoreError::Corrupt`]. A backend that cannot look without
+    /// slowing every commit may trust its one writer (the core, whose numbering the simulation
+    /// checks) and say `false`: the property is then not checked.
+    const REFUSES_A_SEQ_STORED_TWICE: bool;
+
+    /// Opens a new, empty store.
+    fn open() -> Self;
+
+    /// The store opened last.
+    fn store(&self) -> &dyn Store;
+
+    /// Closes the store and opens it again on the same data, as a restart of the server does:
+    /// everything a `commit` returned for must be there.
+    fn reopen(&mut self);
+}
+
+/// Writes one `#[test]` per property of the suite for the [`Backend`] given, each named as its
+/// property (a function of [`conformance`](crate::conformance)).
+#[macro_export]
+macro_rules! conformance_tests {
+    ($backend:ty) => {
+        $crate::conformance_tests!(@each $backend;
+            a_committed_batch_is_read_back,
+            pages_start_and_end_anywhere,
+            a_read_right_after_commit_sees_the_batch,
+            retention_by_count_and_by_age,
+            seq_ranges_move_apart_from_the_record,
+            conversations_and_cursors_round_trip,
+            dedup_entries_survive_a_reopen_and_are_forgotten_by_time,
+            a_client_message_id_is_one_entry_per_user_and_conversation,
+            a_seq_stored_twice_is_refused_whole,
+        );
+    };
+    (@each $backend:ty; $($property:ident),+ $(,)?) => {
+        $(
+            #[test]
+            fn $property() {
+                $crate::conformance::$property::<$backend>();
+            }
+        )+
+    };
+}
+
+/// A group conversation `id` of members `a` and `b`, its seqs in `first_seq..=max_seq`.
+pub fn conv(id: &str, max_seq: u64, first_seq: u64) -> ConvRecord {
+    ConvRecord {
+        id: id.into(),
+        kind: ConvKind::Group,
+        epoch: 7,
+        max_seq,
+        first_seq,
+        members: ["a".to_string(), "b".to_string()].into_iter().collect(),
+        retention: Retention::default(),
+        created_ms: 1,
+    }
+}
+
+/// Message `seq` of `conv`, sent by `a` at `ts` with client message id `c<seq>` and the body
+/// `body <seq>`.
+pub fn msg(conv: &str, seq: u64, ts: u64) -> Message {
+    Message {
+        conv: conv.into(),
+        seq,
+        from: "a".into(),
+        device: "d1".into(),
+        cmid: format!("c{seq}"),
+        body: format!("body {seq}"),
+        reply_to: None,
+        ts,
+    }
+}
+
+/// Messages `seqs` of `conv` as [`msg`] makes them, message `s` sent at `ts_step * s`.
+pub fn messages(conv: &str, seqs: RangeInclusive<u64>, ts_step: u64) -> Vec<Arc<Message>> {
+    seqs.map(|s| Arc::new(msg(conv, s, ts_step * s))).collect()
+}
+
+/// `conv`'s seq range alone: `first_seq..=max_seq`.
+pub fn position(conv: &str, max_seq: u64, first_seq: u64) -> ConvPosition {
+    ConvPosition {
+        id: conv.into(),
+        max_seq,
+        first_seq,
+    }
+}
+
+/// Batch `id`: creates `conv` ([`conv`]) with messages `1..=n` ([`messages`]).
+fn created(id: u64, conv_id: &str, n: u64, ts_step: u64) -> Batch {
+    Batch {
+        id,
+        messages: messages(conv_id, 1..=n, ts_step),
+        convs: vec![conv(conv_id, n, 1)],
+        ..Batch::default()
+    }
+}
+
+/// Batch `id`: messages `seqs` of `conv` ([`messages`]), its range moved to end there.
+fn appended(id: u64, conv: &str, seqs: RangeInclusive<u64>, ts_step: u64) -> Batch {
+    Batch {
+        id,
+        positions: vec![position(conv, *seqs.end(), 1)],
+        messages: messages(conv, seqs, ts_step),
+        ..Batch::default()
+    }
+}
+
+/// Batch `id`: `conv`'s messages below `below` go (count-based retention), its record ([`conv`],
+/// up to `max_seq`) saying so.
+fn trimmed_below(id: u64, conv_id: &str, max_seq: u64, below: u64) -> Batch {
+    Batch {
+        id,
+        convs: vec![conv(conv_id, max_seq, below)],
+        trim_below: vec![(conv_id.into(), below)],
+        ..Batch::default()
+    }
+}
+
+/// Batch `id`: `conv`'s messages accepted before `before_ms` go (age-based retention).
+fn trimmed_by_age(id: u64, conv: &str, before_ms: u64) -> Batch {
+    Batch {
+        id,
+        trim_before_ms: vec![(conv.into(), before_ms)],
+        ..Batch::default()
+    }
+}
+
+/// The positions of `user`'s `device` in `conv`.
+pub fn cursor(conv: &str, user: &str, device: &str, delivered: u64, read: u64) -> CursorRecord {
+    CursorRecord {
+        conv: conv.into(),
+        user: user.into(),
+        device: device.into(),
+        delivered,
+        read,
+    }
+}
+
+fn seqs(page: &Page) -> Vec<u64> {
+    page.messages.iter().map(|m| m.seq).collect()
+}
+
+fn page(store: &dyn Store, conv: &str, from: u64, to: u64, limit: u32, max_bytes: usize) -> Page {
+    store
+        .read_page(conv, from, to, limit, max_bytes)
+        .unwrap_or_else(|e| panic!("read_page({conv}, {from}, {to}, {limit}, {max_bytes}): {e}"))
+}
+
+fn commit(store: &dyn Store, batch: Batch) -> Vec<(String, u64)> {
+    let id = batch.id;
+    store
+        .commit(batch)
+        .unwrap_or_else(|e| panic!("commit of batch {id}: {e}"))
+        .first_seqs
+}
+
+/// Runs `check` on the store, then again after a reopen: what it checks is durable.
+fn now_and_after_reopen<B: Backend>(backend: &mut B, check: impl Fn(&dyn Store)) {
+    check(backend.store());
+    backend.reopen();
+    check(backend.store());
+}
+
+/// The dedup entries `load` returns, as (user, cmid, conv, seq, ts), sorted.
+fn dedup_entries(store: &dyn Store) -> Vec<(String, String, String, u64, u64)> {
+    let mut got: Vec<_> = store
+        .load()
+        .expect("load")
+        .dedup
+        .into_iter()
+        .map(|d| (d.user, d.cmid, d.conv, d.seq, d.ts))
+        .collect();
+    got.sort();
+    got
+}
+
+/// A committed batch is read back, across a reopen: its conversation record, its messages whole
+/// and in seq order, `first_seq` with them. A page holds seqs in `from..=to`, at most `limit`,
+/// and stops after the message that brings the bodies to `max_bytes`, so it holds at least one
+/// message when there is one.
+pub fn a_committed_batch_is_read_back<B: Backend>() {
+    let mut b = B::open();
+    let reported = commit(b.store(), created(1, "g", 3, 10));
+    assert!(reported.is_empty(), "no age-based trim: {reported:?}");
+    now_and_after_reopen(&mut b, |s| {
+        assert_eq!(s.load().unwrap().convs, vec![conv("g", 3, 1)]);
+        let all = vec![msg("g", 1, 10), msg("g", 2, 20), msg("g", 3, 30)];
+        let p = page(s, "g", 1, 3, 10, usize::MAX);
+        assert_eq!((p.first_seq, &p.messages), (1, &all));
+        let p = page(s, "g", 0, u64::MAX, u32::MAX, usize::MAX);
+        assert_eq!(p.messages, all);
+        assert_eq!(
+            page(s, "g", 2, 3, 1, usize::MAX).messages,
+            vec![all[1].clone()]
+        );
+        assert_eq!(seqs(&page(s, "g", 2, 2, 10, usize::MAX)), vec![2]);
+        // The byte budget ends a page after the message that reaches it ("body 1" is 6 bytes).
+        for (max_bytes, n) in [(13, 3), (12, 2), (7, 2), (6, 1), (1, 1), (0, 1)] {
+            let p = page(s, "g", 1, 3, 10, max_bytes);
+            assert_eq!(
+                seqs(&p),
+                (1..=n).collect::<Vec<_>>(),
+                "max_bytes {max_bytes}"
+            );
+        }
+        for (from, to, limit) in [(3, 2, 10), (4, 10, 10), (1, 3, 0)] {
+            let p = page(s, "g", from, to, limit, usize::MAX);
+            assert!(p.messages.is_empty(), "{from}..={to}, limit {limit}");
+        }
+        assert!(page(s, "nope", 1, 3, 10, usize::MAX).messages.is_empty());
+    });
+}
+
+/// Pages start and end anywhere: inside what one batch stored, across batches of 1, 10 and 300
+/// messages, with another conversation's messages in the same batches. Retention that cuts
+/// through what one batch stored hides the part below the new first seq.
+pub fn pages_start_and_end_anywhere<B: Backend>() {
+    let mut b = B::open();
+    let mut next = 1;
+    for (id, n) in [(1, 1), (2, 10), (3, 300)] {
+        let (g, h) = (
+            messages("g", next..=next + n - 1, 10),
+            messages("h", next..=next + n - 1, 10),
+        );
+        next += n;
+        commit(
+            b.store(),
+            Batch {
+                id,
+                messages: g.into_iter().zip(h).flat_map(|(g, h)| [g, h]).collect(),
+                convs: vec![conv("g", next - 1, 1), conv("h", next - 1, 1)],
+                ..Batch::default()
+            },
+        );
+    }
+    let s = b.store();
+    let p = page(s, "g", 5, 8, 100, usize::MAX);
+    assert_eq!(seqs(&p), vec![5, 6, 7, 8]);
+    assert!(p.messages.iter().all(|m| m.conv == "g"));
+    assert_eq!(
+        seqs(&page(s, "g", 1, 311, 1000, usize::MAX)),
+        (1..=311).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        seqs(&page(s, "g", 100, 311, 50, usize::MAX)),
+        (100..150).collect::<Vec<_>>()
+    );
+    // Bodies of one-digit seqs are 6 bytes: the page stops at the message that reaches 20.
+    assert_eq!(seqs(&page(s, "h", 2, 311, 100, 20)), vec![2, 3, 4, 5]);
+    assert!(page(s, "g", 312, 400, 10, usize::MAX).messages.is_empty());
+
+    // Count retention in the middle of the 10-message batch.
+    commit(s, trimmed_below(4, "g", 311, 6));
+    let p = page(s, "g", 1, 8, 100, usize::MAX);
+    assert_eq!((p.first_seq, seqs(&p)), (6, vec![6, 7, 8]));
+    // Age retention in the middle of the 300-message batch.
+    let reported = commit(s, trimmed_by_age(5, "g", 10 * 200));
+    assert_eq!(reported, vec![("g".to_string(), 200)]);
+    // Nothing older than the cutoff is left: the first seq stays (reporting it is allowed).
+    let reported = commit(s, trimmed_by_age(6, "g", 10 * 150));
+    assert!(
+        reported.iter().all(|r| *r == ("g".to_string(), 200)),
+        "{reported:?}"
+    );
+    now_and_after_reopen(&mut b, |s| {
+        let p = page(s, "g", 1, 202, 100, usize::MAX);
+        assert_eq!((p.first_seq, seqs(&p)), (200, vec![200, 201, 202]));
+        // The other conversation is untouched.
+        let p = page(s, "h", 1, 3, 100, usize::MAX);
+        assert_eq!((p.first_seq, seqs(&p)), (1, vec![1, 2, 3]));
+    });
+}
+
+/// A read sees every batch whose `commit` returned, however soon after it is asked for.
+pub fn a_read_right_after_commit_sees_the_batch<B: Backend>() {
+    let b = B::open();
+    let s = b.store();
+    commit(s, created(1, "g", 3, 1));
+    for n in 2..=200u64 {
+        commit(s, appended(n, "g", (n - 1) * 3 + 1..=n * 3, 1));
+        let p = page(s, "g", 1, u64::MAX, u32::MAX, usize::MAX);
+        assert_eq!(p.messages.len() as u64, n * 3, "after batch {n}");
+    }
+    assert_eq!(s.load().unwrap().convs, vec![conv("g", 600, 1)]);
+}
+
+/// Retention removes below a seq (by count) and before a time (by age); both move `first_seq`,
+/// an age-based trim reports the new first seq, and a conversation whose every message is too
+/// old has its first seq past its max seq.
+pub fn retention_by_count_and_by_age<B: Backend>() {
+    let mut b = B::open();
+    let s = b.store();
+    commit(s, created(1, "g", 10, 100));
+    // Count: keep from seq 4.
+    commit(s, trimmed_below(2, "g", 10, 4));
+    let p = page(s, "g", 1, 10, 100, usize::MAX);
+    assert_eq!((p.first_seq, seqs(&p)), (4, (4..=10).collect::<Vec<_>>()));
+    // Age: everything accepted before t=650 goes (seqs 4, 5, 6).
+    let reported = commit(s, trimmed_by_age(3, "g", 650));
+    assert_eq!(reported, vec![("g".to_string(), 7)]);
+    now_and_after_reopen(&mut b, |s| {
+        let p = page(s, "g", 1, 10, 100, usize::MAX);
+        assert_eq!((p.first_seq, seqs(&p)), (7, vec![7, 8, 9, 10]));
+        assert_eq!(s.load().unwrap().convs, vec![conv("g", 10, 7)]);
+    });
+    // Everything too old: first_seq moves past max_seq.
+    let reported = commit(b.store(), trimmed_by_age(4, "g", 10_000));
+    assert_eq!(reported, vec![("g".to_string(), 11)]);
+    now_and_after_reopen(&mut b, |s| {
+        let p = page(s, "g", 1, 10, 100, usize::MAX);
+        assert_eq!((p.first_seq, seqs(&p)), (11, Vec::<u64>::new()));
+        assert_eq!(s.load().unwrap().convs, vec![conv("g", 10, 11)]);
+    });
+}
+
+/// A conversation's seq range moves without its record (`positions`: a large group's member
+/// list is not rewritten with every message), never moves back, and survives a reopen; `load`
+/// returns the record with its current range, and a page nothing below its first seq.
+pub fn seq_ranges_move_apart_from_the_record<B: Backend>() {
+    let mut b = B::open();
+    let s = b.store();
+    commit(s, created(1, "g", 2, 10));
+    commit(s, appended(2, "g", 3..=5, 10));
+    let moved = |id, max_seq, first_seq| Batch {
+        id,
+        positions: vec![position("g", max_seq, first_seq)],
+        ..Batch::default()
+    };
+    // Lower numbers than stored change nothing.
+    commit(s, moved(3, 4, 1));
+    // A page holds nothing below the first seq, even where only the range says so.
+    commit(s, moved(4, 5, 2));
+    let p = page(s, "g", 1, 5, 10, usize::MAX);
+    assert_eq!((p.first_seq, seqs(&p)), (2, vec![2, 3, 4, 5]));
+    commit(
+        s,
+        Batch {
+            trim_below: vec![("g".into(), 3)],
+            ..moved(5, 5, 3)
+        },
+    );
+    now_and_after_reopen(&mut b, |s| {
+        let p = page(s, "g", 1, 5, 10, usize::MAX);
+        assert_eq!((p.first_seq, seqs(&p)), (3, vec![3, 4, 5]));
+        assert_eq!(s.load().unwrap().convs, vec![conv("g", 5, 3)]);
+    });
+    // Age-based retention moves the range too.
+    let reported = commit(b.store(), trimmed_by_age(6, "g", 45));
+    assert_eq!(reported, vec![("g".to_string(), 5)]);
+    now_and_after_reopen(&mut b, |s| {
+        assert_eq!(s.load().unwrap().convs, vec![conv("g", 5, 5)]);
+    });
+}
+
+/// Conversation records (kind, epoch, members, retention, creation time) and device cursors
+/// come back from `load` as committed, across a reopen; a record committed again replaces the
+/// one before (a member removed, retention changed), and so does a device's cursor.
+pub fn conversations_and_cursors_round_trip<B: Backend>() {
+    let mut b = B::open();
+    let group = ConvRecord {
+        members: ["a", "b", "c"].iter().map(|u| u.to_string()).collect(),
+        retention: Retention {
+            max_age_ms: Some(86_400_000),
+            max_count: Some(50),
+        },
+        epoch: 3,
+        created_ms: 1_000,
+        ..conv("g", 0, 1)
+    };
+    let direct = ConvRecord {
+        kind: ConvKind::Direct,
+        retention: Retention {
+            max_age_ms: None,
+            max_count: Some(10),
+        },
+        ..conv("d:a:b", 0, 1)
+    };
+    commit(
+        b.store(),
+        Batch {
+            id: 1,
+            convs: vec![group.clone(), direct.clone()],
+            cursors: vec![
+                cursor("g", "b", "phone", 0, 0),
+                cursor("g", "b", "laptop", 0, 0),
+                cursor("d:a:b", "a", "d1", 0, 0),
+            ],
+            ..Batch::default()
+        },
+    );
+    let changed = ConvRecord {
+        members: ["a", "c"].iter().map(|u| u.to_string()).collect(),
+        retention: Retention {
+            max_age_ms: None,
+            max_count: Some(5),
+        },
+        ..group.clone()
+    };
+    commit(
+        b.store(),
+        Batch {
+            id: 2,
+            convs: vec![changed.clone()],
+            cursors: vec![
+                cursor("g", "b", "phone", 2, 1),
+                cursor("g", "c", "tab", 1, 1),
+            ],
+            ..Batch::default()
+        },
+    );
+    now_and_after_reopen(&mut b, |s| {
+        let snap = s.load().unwrap();
+        let mut convs = snap.convs;
+        convs.sort_by(|x, y| x.id.cmp(&y.id));
+        assert_eq!(convs, vec![direct.clone(), changed.clone()]);
+        let mut cursors = snap.cursors;
+        cursors.sort_by(|x, y| (&x.conv, &x.user, &x.device).cmp(&(&y.conv, &y.user, &y.device)));
+        assert_eq!(
+            cursors,
+            vec![
+                cursor("d:a:b", "a", "d1", 0, 0),
+                cursor("g", "b", "laptop", 0, 0),
+                cursor("g", "b", "phone", 2, 1),
+                cursor("g", "c", "tab", 1, 1),
+            ]
+        );
+    });
+}
+
+/// Every message is its own dedup entry (sender, cmid) -> (conv, seq, ts), and `dedup_put`
+/// adds others; they come back from `load` across a reopen. `dedup_forget_before_ms` forgets
+/// by acceptance time: never an entry accepted at or after the cutoff (nor one the same batch
+/// puts); an entry before it may be kept a while with a newer one of its own batch, but a batch
+/// whose every entry is older is forgotten whole.
+pub fn dedup_entries_survive_a_reopen_and_are_forgotten_by_time<B: Backend>() {
+    let mut b = B::open();
+    let put = |cmid: &str, ts: u64| DedupRecord {
+        user: "b".into(),
+        cmid: cmid.into(),
+        conv: "h".into(),
+        seq: ts,
+        ts,
+    };
+    let entry = |user: &str, cmid: &str, conv: &str, seq: u64, ts: u64| {
+        (
+            user.to_string(),
+            cmid.to_string(),
+            conv.to_string(),
+            seq,
+            ts,
+        )
+    };
+    // Messages 1 and 2 at 10 and 20, entries put at 20 and 30, message 3 at 30.
+    commit(b.store(), created(1, "g", 2, 10));
+    commit(
+        b.store(),
+        Batch {
+            id: 2,
+            dedup_put: vec![put("b1", 20), put("b2", 30)],
+            ..Batch::default()
+        },
+    );
+    commit(b.store(), appended(3, "g", 3..=3, 10));
+    now_and_after_reopen(&mut b, |s| {
+        assert_eq!(
+            dedup_entries(s),
+            vec![
+                entry("a", "c1", "g", 1, 10),
+                entry("a", "c2", "g", 2, 20),
+                entry("a", "c3", "g", 3, 30),
+                entry("b", "b1", "h", 20, 20),
+                entry("b", "b2", "h", 30, 30),
+            ]
+        );
+    });
+    // Before 25: batch 1's entries go, b1 (20) may stay with b2 (30). A resend of cmid c1
+    // accepted again past its window is put by the same batch and stays.
+    let mut again = appended(4, "g", 4..=4, 10);
+    Arc::make_mut(&mut again.messages[0]).cmid = "c1".into();
+    again.dedup_forget_before_ms = Some(25);
+    commit(b.store(), again);
+    now_and_after_reopen(&mut b, |s| {
+        let mut got = dedup_entries(s);
+        got.retain(|e| *e != entry("b", "b1", "h", 20, 20));
+        assert_eq!(
+            got,
+            vec![
+                entry("a", "c1", "g", 4, 40),
+                entry("a", "c3", "g", 3, 30),
+                entry("b", "b2", "h", 30, 30),
+            ],
+            "the renewed entry, not the forgotten one"
+        );
+    });
+    commit(
+        b.store(),
+        Batch {
+            id: 5,
+            dedup_forget_before_ms: Some(41),
+            ..Batch::default()
+        },
+    );
+    now_and_after_reopen(&mut b, |s| {
+        assert!(dedup_entries(s).is_empty());
+    });
+}
+
+/// A client message id belongs to its sender and its conversation: the same id used by one user
+/// in two conversations (reused past the window) is two entries, and so is the same id used by
+/// two users; neither replaces the other.
+pub fn a_client_message_id_is_one_entry_per_user_and_conversation<B: Backend>() {
+    let mut b = B::open();
+    let sent = |conv: &str, seq: u64, from: &str, ts: u64| {
+        let mut m = msg(conv, seq, ts);
+        m.from = from.into();
+        m.cmid = "x".into();
+        Arc::new(m)
+    };
+    commit(
+        b.store(),
+        Batch {
+            id: 1,
+            messages: vec![sent("g", 1, "a", 10), sent("g", 2, "b", 11)],
+            convs: vec![conv("g", 2, 1)],
+            ..Batch::default()
+        },
+    );
+    commit(
+        b.store(),
+        Batch {
+            id: 2,
+            messages: vec![sent("h", 1, "a", 20)],
+            convs: vec![conv("h", 1, 1)],
+            ..Batch::default()
+        },
+    );
+    now_and_after_reopen(&mut b, |s| {
+        let x = |user: &str, conv: &str, seq, ts| {
+            (user.to_string(), "x".to_string(), conv.to_string(), seq, ts)
+        };
+        assert_eq!(
+            dedup_entries(s),
+            vec![x("a", "g", 1, 10), x("a", "h", 1, 20), x("b", "g", 2, 11)]
+        );
+        assert_eq!(page(s, "g", 1, 2, 10, usize::MAX).messages.len(), 2);
+        assert_eq!(page(s, "h", 1, 1, 10, usize::MAX).messages.len(), 1);
+    });
+}
+
+/// A batch that stores a seq its conversation already holds is refused with a `Conflict` or
+/// `Corrupt` error, not a panic, and leaves no trace: none of its messages, records, cursors,
+/// dedup entries or trims is applied (a batch is all or nothing). Checked only for backends that
+/// refuse ([`Backend::REFUSES_A_SEQ_STORED_TWICE`]).
+pub fn a_seq_stored_twice_is_refused_whole<B: Backend>() {
+    if !B::REFUSES_A_SEQ_STORED_TWICE {
+        return;
+    }
+    let mut b = B::open();
+    commit(
+        b.store(),
+        Batch {
+            cursors: vec![cursor("g", "b", "phone", 1, 1)],
+            ..created(1, "g", 3, 10)
+        },
+    );
+    let mut twice = msg("g", 2, 50);
+    twice.cmid = "again".into();
+    let refused = b.store().commit(Batch {
+        id: 2,
+        messages: vec![msg("g", 4, 40).into(), twice.into(), msg("h", 1, 40).into()],
+        convs: vec![conv("g", 4, 2), conv("h", 1, 1)],
+        cursors: vec![cursor("g", "b", "phone", 3, 3)],
+        dedup_put: vec![DedupRecord {
+            user: "b".into(),
+            cmid: "elsewhere".into(),
+            conv: "g".into(),
+            seq: 9,
+            ts: 40,
+        }],
+        trim_below: vec![("g".into(), 2)],
+        dedup_forget_before_ms: Some(100),
+        ..Batch::default()
+    });
+    assert!(
+        matches!(
+            refused,
+            Err(StoreError::Conflict { .. } | StoreError::Corrupt { .. })
+        ),
+        "a seq stored twice: {refused:?}"
+    );
+    now_and_after_reopen(&mut b, |s| {
+        let snap = s.load().unwrap();
+        assert_eq!(snap.convs, vec![conv("g", 3, 1)]);
+        assert_eq!(snap.cursors, vec![cursor("g", "b", "phone", 1, 1)]);
+        assert_eq!(
+            dedup_entries(s)
+                .into_iter()
+                .map(|e| e.1)
+                .collect::<Vec<_>>(),
+            ["c1", "c2", "c3"]
+        );
+        let p = page(s, "g", 1, 10, 10, usize::MAX);
+        assert_eq!(
+            p,
+            Page {
+                first_seq: 1,
+                messages: vec![msg("g", 1, 10), msg("g", 2, 20), msg("g", 3, 30)],
+            }
+        );
+        assert!(page(s, "h", 1, 10, 10, usize::MAX).messages.is_empty());
+    });
+}
