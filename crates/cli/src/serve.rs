@@ -57,6 +57,9 @@ pub struct ServeArgs {
     /// How often retention and dedup expiry run, in seconds [default: 60].
     #[arg(long, env = "ORDO_HOUSEKEEPING_SECS")]
     housekeeping_secs: Option<u64>,
+    /// The embedded store's page cache in MiB [default: 64].
+    #[arg(long, env = "ORDO_STORE_CACHE_MIB")]
+    store_cache_mib: Option<usize>,
     /// `text` or `json` [default: text].
     #[arg(long, env = "ORDO_LOG_FORMAT")]
     log_format: Option<String>,
@@ -83,6 +86,7 @@ impl ServeArgs {
             rate_per_sec,
             rate_burst,
             housekeeping_secs,
+            store_cache_mib,
             log_format
         );
         if self.secret.is_some() {

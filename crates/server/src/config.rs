@@ -42,6 +42,9 @@ pub struct Config {
     pub retention_max_count: Option<u64>,
     /// How often age-based retention and dedup expiry run.
     pub housekeeping_secs: u64,
+    /// The embedded store's page cache (redb's), in MiB: pages of history and indexes kept in
+    /// memory.
+    pub store_cache_mib: usize,
     /// `text` or `json` logs.
     pub log_format: String,
 }
@@ -69,6 +72,7 @@ impl Default for Config {
             retention_max_age_secs: None,
             retention_max_count: None,
             housekeeping_secs: 60,
+            store_cache_mib: ordo_store_redb::DEFAULT_CACHE_BYTES >> 20,
             log_format: "text".into(),
         }
     }
@@ -129,6 +133,9 @@ impl Config {
         if self.housekeeping_secs == 0 {
             return bad("housekeeping_secs must be at least 1");
         }
+        if self.store_cache_mib == 0 {
+            return bad("store_cache_mib must be at least 1");
+        }
         if self.log_format != "text" && self.log_format != "json" {
             return bad("log_format is `text` or `json`");
         }
@@ -159,5 +166,25 @@ impl Config {
             // A default above the cap is served as the cap, like any request.
             default_sync_limit: self.default_sync_limit.min(self.max_sync_limit),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_defaults_are_valid_and_the_store_cache_is_a_setting() {
+        let c = Config::default();
+        assert!(c.validate().is_ok());
+        assert_eq!(c.store_cache_mib, 64);
+        let c: Config = toml::from_str("store_cache_mib = 16").expect("parse");
+        assert_eq!(c.store_cache_mib, 16);
+        let zero = Config {
+            store_cache_mib: 0,
+            ..Config::default()
+        };
+        let e = zero.validate().expect_err("a store cache of 0 is refused");
+        assert!(e.to_string().contains("store_cache_mib"), "{e}");
     }
 }

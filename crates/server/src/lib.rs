@@ -130,8 +130,9 @@ const LISTEN_BACKLOG: u32 = 4096;
 pub async fn start(cfg: Config) -> Result<RunningServer, ServerError> {
     cfg.validate()?;
     let data = cfg.data.clone();
+    let cache = cfg.store_cache_mib.saturating_mul(1 << 20);
     let store: Arc<dyn Store> = Arc::new(
-        tokio::task::spawn_blocking(move || RedbStore::open(&data))
+        tokio::task::spawn_blocking(move || RedbStore::open_with_cache(&data, cache))
             .await
             .map_err(|e| ServerError::Io(std::io::Error::other(e.to_string())))??,
     );

@@ -11,4 +11,4 @@ mod error;
 mod redb_store;
 pub mod wal;
 
-pub use redb_store::RedbStore;
+pub use redb_store::{RedbStore, DEFAULT_CACHE_BYTES};

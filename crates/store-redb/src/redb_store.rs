@@ -60,6 +60,11 @@ const WAL_APPLIED: &str = "wal_applied";
 /// `next_dedup_run` -> the number the next dedup run gets (keys stay unique within a millisecond).
 const NEXT_DEDUP_RUN: &str = "next_dedup_run";
 
+/// redb's page cache unless configured otherwise: 64 MiB. redb's own default (1 GiB) is most of
+/// a small machine; the log in front of the B-tree makes writes independent of the cache, and
+/// reads of recent history hit the operating system's page cache anyway.
+pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
+
 pub struct RedbStore {
     db: Arc<Database>,
     wal: Mutex<Wal>,
@@ -161,16 +166,26 @@ impl Drop for PanicGuard<'_> {
 }
 
 impl RedbStore {
-    /// Opens (or creates) the store file `ordo.redb` inside `dir`, creating `dir` if needed.
-    /// After a crash redb repairs the file on open before returning.
+    /// Opens (or creates) the store file `ordo.redb` inside `dir`, creating `dir` if needed,
+    /// with a page cache of [`DEFAULT_CACHE_BYTES`]. After a crash redb repairs the file on open
+    /// before returning.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        Self::open_with_cache(dir, DEFAULT_CACHE_BYTES)
+    }
+
+    /// Like [`open`](Self::open), with redb's page cache (pages read or written, kept in memory)
+    /// at most `cache_bytes`: the store's part of the server's resident memory.
+    pub fn open_with_cache(dir: &Path, cache_bytes: usize) -> Result<Self, StoreError> {
         let path = dir.join("ordo.redb");
         let open_err = |source: redb::Error| StoreError::Open {
             path: path.display().to_string(),
             source: source.into(),
         };
         std::fs::create_dir_all(dir).map_err(|e| open_err(e.into()))?;
-        let db = Database::create(&path).map_err(|e| open_err(e.into()))?;
+        let db = Database::builder()
+            .set_cache_size(cache_bytes)
+            .create(&path)
+            .map_err(|e| open_err(e.into()))?;
         // Create every table once so that readers never meet a missing one.
         let tx = db.begin_write().map_err(engine)?;
         {
