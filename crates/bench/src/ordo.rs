@@ -155,8 +155,8 @@ impl Ordo {
 
 /// The `ordo` binary beside this one. Under `cargo run` it is built first (a no-op when it is
 /// up to date: `cargo run --bin ordo-bench` builds this package only, and the server is another
-/// one, so without this a stale server would be measured); otherwise a server binary older than
-/// this one is warned about.
+/// one, so without this a stale server would be measured). Run directly, the bench measures
+/// whatever `ordo` was built last; `cargo build --release` builds both.
 fn ordo_binary() -> Result<std::path::PathBuf, BenchError> {
     let me = std::env::current_exe().map_err(fail("cannot find ordo-bench itself"))?;
     if let Some(cargo) = std::env::var_os("CARGO") {
@@ -178,17 +178,7 @@ fn ordo_binary() -> Result<std::path::PathBuf, BenchError> {
             )));
         }
     }
-    let ordo = ordo_testkit::ordo_exe().map_err(fail("the server to measure"))?;
-    let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    if let (Some(server), Some(bench)) = (modified(&ordo), modified(&me)) {
-        if server < bench {
-            eprintln!(
-                "ordo-bench: {} is older than ordo-bench; rebuild it (cargo build --release --bin ordo) if the server changed",
-                ordo.display()
-            );
-        }
-    }
-    Ok(ordo)
+    ordo_testkit::ordo_exe().map_err(fail("the server to measure"))
 }
 
 impl Dialer {
