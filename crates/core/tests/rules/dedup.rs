@@ -254,3 +254,52 @@ fn a_batch_never_forgets_the_dedup_entries_it_puts() {
     s.commit(&b);
     assert_eq!(s.store.dedup.len(), 1, "the renewed entry is stored");
 }
+
+/// The whole window, exactly: a message accepted 23 hours earlier is still recognised after
+/// thousands of other sends, hourly housekeeping and three restarts from the store, and its
+/// resend gets the original answer and stores nothing; two hours later, past the 24 h window,
+/// the same id is a new message.
+#[test]
+fn a_resend_23_hours_later_after_thousands_of_sends_and_restarts_gets_the_original_seq() {
+    let mut s = Sim::new(cfg());
+    s.group("g", &["alice", "bob"], Retention::default());
+    let connect = |s: &mut Sim| {
+        s.core.connect(1, "alice", "a1");
+        s.core.connect(2, "bob", "b1");
+    };
+    connect(&mut s);
+    s.send(1, "g", "first");
+    let (_, out) = s.flush();
+    let original = accepted(&out, 1);
+    assert_eq!(original.len(), 1);
+    let mut stored = 1;
+    for hour in 1..=23u64 {
+        s.now += 3_600_000;
+        for i in 0..120 {
+            s.send(1, "g", &format!("a-{hour}-{i}"));
+            s.send(2, "g", &format!("b-{hour}-{i}"));
+            stored += 2;
+        }
+        s.core.expire_dedup(s.now);
+        s.core.retention_tick(s.now);
+        s.flush();
+        if hour % 8 == 0 {
+            s.restart(cfg());
+            connect(&mut s);
+        }
+    }
+    assert_eq!(s.store.seqs("g").len(), stored);
+
+    let out = s.send(1, "g", "first");
+    assert_eq!(accepted(&out, 1), original, "the original seq and time");
+    assert!(s.core.take_batch().is_none(), "nothing new to store");
+    assert_eq!(s.store.seqs("g").len(), stored);
+
+    s.now += 2 * 3_600_000;
+    s.core.expire_dedup(s.now);
+    s.send(1, "g", "first");
+    let (_, out) = s.flush();
+    let again = accepted(&out, 1);
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].2, stored as u64 + 1, "past the window: a new message");
+}
