@@ -301,5 +301,9 @@ fn a_resend_23_hours_later_after_thousands_of_sends_and_restarts_gets_the_origin
     let (_, out) = s.flush();
     let again = accepted(&out, 1);
     assert_eq!(again.len(), 1);
-    assert_eq!(again[0].2, stored as u64 + 1, "past the window: a new message");
+    assert_eq!(
+        again[0].2,
+        stored as u64 + 1,
+        "past the window: a new message"
+    );
 }
