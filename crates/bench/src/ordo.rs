@@ -334,24 +334,22 @@ impl System for Ordo {
         .await
         .map_err(fail("restarting the server"))?
         .map_err(fail("cannot restart `ordo serve`"))?;
+        // It may have had to come back on another port.
+        self.dial = Arc::new(Dialer {
+            ws: server.ws_url(),
+            admin: Admin::new(&server.http_url(), server.admin_key())
+                .map_err(fail("the server"))?,
+            secret: Some(server.secret().to_string()),
+        });
         self.server = Some(server);
         Ok(took)
     }
 
+    /// The store file (`ordo.redb`); the write-ahead log's two segments are a fixed size
+    /// whatever is stored, so they are left out.
     fn data_bytes(&self) -> Option<u64> {
-        fn size(p: &std::path::Path) -> u64 {
-            let Ok(meta) = std::fs::symlink_metadata(p) else {
-                return 0;
-            };
-            if !meta.is_dir() {
-                // Blocks in use, not the length: the log's segments are preallocated.
-                return std::os::unix::fs::MetadataExt::blocks(&meta) * 512;
-            }
-            std::fs::read_dir(p)
-                .map(|d| d.flatten().map(|e| size(&e.path())).sum())
-                .unwrap_or(0)
-        }
-        self.server.as_ref().map(|s| size(&s.data_dir()))
+        let file = self.server.as_ref()?.data_dir().join("ordo.redb");
+        std::fs::metadata(file).ok().map(|m| m.len())
     }
 
     fn disk_floor(&self) -> Result<Option<(f64, f64)>, BenchError> {

@@ -265,10 +265,6 @@ fn soak_reports_memory_throughput_windows_and_the_restart() {
             "{key}: {r:#}"
         );
     }
-    assert!(
-        r["extra"]["restart_first_accept_ms"].as_f64() >= r["extra"]["restart_healthz_ms"].as_f64(),
-        "{r:#}"
-    );
 }
 
 #[test]

@@ -3,11 +3,25 @@
 
 use ordo_store::StoreError;
 
-/// An error of the redb B-tree.
+/// The store file, named in errors (inside the data directory the server logs at start).
+pub(crate) const FILE: &str = "ordo.redb";
+
+/// An error of the redb B-tree: damage redb found in the file is `Corrupt` and a failed read or
+/// write is `Io`, both naming the file; anything else is an engine error.
 pub(crate) fn engine<E: Into<redb::Error>>(e: E) -> StoreError {
-    StoreError::Engine {
-        context: "redb".into(),
-        source: Box::new(e.into()),
+    match e.into() {
+        redb::Error::Corrupted(detail) => StoreError::Corrupt {
+            what: "the store file ordo.redb (a B-tree page)",
+            detail,
+        },
+        redb::Error::Io(source) => StoreError::Io {
+            path: FILE.into(),
+            source,
+        },
+        other => StoreError::Engine {
+            context: "redb".into(),
+            source: Box::new(other),
+        },
     }
 }
 

@@ -185,7 +185,24 @@ impl RedbStore {
         let db = Database::builder()
             .set_cache_size(cache_bytes)
             .create(&path)
-            .map_err(|e| open_err(e.into()))?;
+            .map_err(|e| match e.into() {
+                // Damage is not a permissions problem: say it is damage (redb reports a file
+                // that is not a database at all as invalid data).
+                redb::Error::Corrupted(d) => StoreError::Corrupt {
+                    what: "the store file",
+                    detail: format!("{}: {d}", path.display()),
+                },
+                redb::Error::Io(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                    StoreError::Corrupt {
+                        what: "the store file",
+                        detail: format!(
+                            "{}: {e}; keep a copy of the data directory before trying anything else",
+                            path.display()
+                        ),
+                    }
+                }
+                other => open_err(other),
+            })?;
         // Create every table once so that readers never meet a missing one.
         let tx = db.begin_write().map_err(engine)?;
         {
@@ -215,14 +232,23 @@ impl RedbStore {
             if r.seqno != applied.map_or(r.seqno, |a| a + 1) {
                 break;
             }
-            apply(&db, &[&r.batch], Some(r.seqno), Durability::None).map_err(|e| {
-                StoreError::Corrupt {
+            apply(&db, &[&r.batch], Some(r.seqno), Durability::None).map_err(|e| match e {
+                // Damage met while replaying: say which acknowledged batch it stops.
+                StoreError::Corrupt { detail, .. } => StoreError::Corrupt {
                     what: "write-ahead log replay",
                     detail: format!(
-                        "log record {} (a batch that was acknowledged) cannot be applied: {e}; keep a copy of the data directory before trying anything else",
+                        "log record {} (a batch that was acknowledged) cannot be applied: {detail}; keep a copy of the data directory before trying anything else",
                         r.seqno
                     ),
-                }
+                },
+                // A failed write or a full disk is not damage: fix it and start again.
+                other => StoreError::Engine {
+                    context: format!(
+                        "replaying log record {} (a batch that was acknowledged); fix the cause and start the server again",
+                        r.seqno
+                    ),
+                    source: Box::new(other),
+                },
             })?;
             applied = Some(r.seqno);
             replayed += 1;
@@ -359,10 +385,16 @@ fn checkpoint(db: &Database) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
+/// Decodes the record of kind `what` stored under `key`; a record that does not decode is
+/// damage, named by table row: "ordo.redb, <what> at <key>: <why>".
+fn decode<T: DeserializeOwned>(
+    what: &'static str,
+    key: impl std::fmt::Display,
+    bytes: &[u8],
+) -> Result<T, StoreError> {
     rmp_serde::from_slice(bytes).map_err(|e| StoreError::Corrupt {
         what,
-        detail: e.to_string(),
+        detail: format!("{}, {what} at {key}: {e}", crate::error::FILE),
     })
 }
 
@@ -389,8 +421,8 @@ impl Store for RedbStore {
         let convs = tx.open_table(CONVS).map_err(engine)?;
         let ranges = tx.open_table(RANGES).map_err(engine)?;
         for row in convs.iter().map_err(engine)? {
-            let (_, v) = row.map_err(engine)?;
-            let mut rec = decode::<ConvRecord>("conversation", v.value())?;
+            let (k, v) = row.map_err(engine)?;
+            let mut rec = decode::<ConvRecord>("conversation", k.value(), v.value())?;
             if let Some(r) = ranges.get(rec.id.as_str()).map_err(engine)? {
                 let (max_seq, first_seq) = r.value();
                 rec.max_seq = rec.max_seq.max(max_seq);
@@ -413,9 +445,11 @@ impl Store for RedbStore {
         }
         let dedup = tx.open_table(DEDUP_RUNS).map_err(engine)?;
         for row in dedup.iter().map_err(engine)? {
-            let (_, v) = row.map_err(engine)?;
+            let (k, v) = row.map_err(engine)?;
+            let (time, run) = k.value();
+            let at = format!("(time {time}, run {run})");
             snap.dedup
-                .extend(decode::<Vec<DedupRecord>>("dedup run", v.value())?);
+                .extend(decode::<Vec<DedupRecord>>("dedup run", at, v.value())?);
         }
         Ok(snap)
     }
@@ -505,8 +539,9 @@ impl Store for RedbStore {
             .range((conv, start)..=(conv, u64::MAX))
             .map_err(engine)?
         {
-            let (_, v) = row.map_err(engine)?;
-            let run: Vec<Message> = decode("message run", v.value())?;
+            let (k, v) = row.map_err(engine)?;
+            let (c, last) = k.value();
+            let run: Vec<Message> = decode("message run", format!("({c}, {last})"), v.value())?;
             for m in run {
                 if m.seq < start {
                     continue;
@@ -578,7 +613,8 @@ fn apply(
                 .map_err(engine)?
             {
                 let (k, v) = row.map_err(engine)?;
-                let run: Vec<Message> = decode("message run", v.value())?;
+                let at = format!("({conv}, {})", k.value().1);
+                let run: Vec<Message> = decode("message run", at, v.value())?;
                 if let Some(m) = run.iter().find(|m| m.ts >= *cutoff) {
                     first = Some(m.seq);
                     break;
@@ -639,7 +675,7 @@ fn stored_range(
     if let Some(r) = ranges.get(conv).map_err(engine)? {
         return Ok(Some(r.value()));
     }
-    let rec: ConvRecord = decode("conversation", raw.value())?;
+    let rec: ConvRecord = decode("conversation", conv, raw.value())?;
     Ok(Some((rec.max_seq, rec.first_seq)))
 }
 
@@ -702,8 +738,9 @@ fn move_messages_into_runs(tx: &redb::WriteTransaction) -> Result<(), StoreError
         let mut runs = tx.open_table(MESSAGE_RUNS).map_err(engine)?;
         let mut moved = 0u64;
         for row in old.iter().map_err(engine)? {
-            let (_, v) = row.map_err(engine)?;
-            let m: Message = decode("message", v.value())?;
+            let (k, v) = row.map_err(engine)?;
+            let (c, seq) = k.value();
+            let m: Message = decode("message", format!("({c}, {seq})"), v.value())?;
             runs.insert((m.conv.as_str(), m.seq), encode(&[&m])?.as_slice())
                 .map_err(engine)?;
             moved += 1;
@@ -785,8 +822,10 @@ fn move_dedup_into_runs(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
     {
         let old = tx.open_table(DEDUP_BY_KEY).map_err(engine)?;
         for row in old.iter().map_err(engine)? {
-            let (_, v) = row.map_err(engine)?;
-            entries.push(decode::<DedupRecord>("dedup entry", v.value())?);
+            let (k, v) = row.map_err(engine)?;
+            let (user, cmid) = k.value();
+            let at = format!("({user}, {cmid})");
+            entries.push(decode::<DedupRecord>("dedup entry", at, v.value())?);
         }
     }
     entries.sort_by_key(|d| d.ts);
@@ -820,7 +859,7 @@ fn drop_run_head(
     let Some((last, raw)) = found else {
         return Ok(());
     };
-    let run: Vec<Message> = decode("message run", &raw)?;
+    let run: Vec<Message> = decode("message run", format!("({conv}, {last})"), &raw)?;
     if run.first().is_none_or(|m| m.seq >= first) {
         return Ok(());
     }

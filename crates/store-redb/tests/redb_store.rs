@@ -230,3 +230,30 @@ fn retention_removes_from_the_file_what_it_hides() {
         (200..=310).collect::<Vec<_>>()
     );
 }
+
+/// A store file that is not a store (damaged, or something else) is refused as damage naming
+/// the file, not as a permissions problem, and nothing is changed on disk.
+#[test]
+fn a_damaged_store_file_is_refused_as_damage() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(RedbStore::open(dir.path()).unwrap());
+    let file = dir.path().join("ordo.redb");
+    let len = std::fs::metadata(&file).unwrap().len() as usize;
+    let garbage: Vec<u8> = (0..len).map(|i| (i * 7 + 13) as u8).collect();
+    std::fs::write(&file, &garbage).unwrap();
+    let err = match RedbStore::open(dir.path()) {
+        Ok(_) => panic!("a damaged file was opened"),
+        Err(e) => e,
+    };
+    let text = err.to_string();
+    assert!(text.contains("ordo.redb"), "{text}");
+    assert!(
+        !text.contains("writable"),
+        "damage is not a permissions problem: {text}"
+    );
+    assert_eq!(
+        std::fs::read(&file).unwrap(),
+        garbage,
+        "the file is left as it was"
+    );
+}

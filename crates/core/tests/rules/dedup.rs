@@ -283,7 +283,7 @@ fn a_resend_23_hours_later_after_thousands_of_sends_and_restarts_gets_the_origin
         s.core.expire_dedup(s.now);
         s.core.retention_tick(s.now);
         s.flush();
-        if hour % 8 == 0 {
+        if hour % 6 == 0 {
             s.restart(cfg());
             connect(&mut s);
         }
