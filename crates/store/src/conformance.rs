@@ -201,7 +201,14 @@ fn now_and_after_reopen<B: Backend>(backend: &mut B, check: impl Fn(&dyn Store))
 }
 
 /// The dedup entries `load` returns, as (user, cmid, conv, seq, ts), sorted.
-fn dedup_entries(store: &dyn Store) -> Vec<(String, String, String, u64, u64)> {
+/// A dedup entry as [`dedup_entries`] lists it: (user, cmid, conversation, seq, time).
+fn entry(user: &str, cmid: &str, conv: &str, seq: u64, ts: u64) -> DedupEntryView {
+    (user.into(), cmid.into(), conv.into(), seq, ts)
+}
+
+type DedupEntryView = (String, String, String, u64, u64);
+
+fn dedup_entries(store: &dyn Store) -> Vec<DedupEntryView> {
     let mut got: Vec<_> = store
         .load()
         .expect("load")
@@ -235,16 +242,13 @@ pub fn a_committed_batch_is_read_back<B: Backend>() {
     assert!(reported.is_empty(), "no age-based trim: {reported:?}");
     now_and_after_reopen(&mut b, |s| {
         assert_eq!(s.load().unwrap().convs, vec![conv("g", 3, 1)]);
-        let e = |user: &str, cmid: &str, conv: &str, seq: u64, ts: u64| {
-            (user.into(), cmid.into(), conv.into(), seq, ts)
-        };
         assert_eq!(
             dedup_entries(s),
             vec![
-                e("a", "c1", "g", 1, 10),
-                e("a", "c2", "g", 2, 20),
-                e("a", "c3", "g", 3, 30),
-                e("b", "elsewhere", "h", 9, 5),
+                entry("a", "c1", "g", 1, 10),
+                entry("a", "c2", "g", 2, 20),
+                entry("a", "c3", "g", 3, 30),
+                entry("b", "elsewhere", "h", 9, 5),
             ]
         );
         let all = vec![msg("g", 1, 10), msg("g", 2, 20), msg("g", 3, 30)];
@@ -503,15 +507,6 @@ pub fn dedup_entries_survive_a_reopen_and_are_forgotten_by_time<B: Backend>() {
         conv: "h".into(),
         seq: ts,
         ts,
-    };
-    let entry = |user: &str, cmid: &str, conv: &str, seq: u64, ts: u64| {
-        (
-            user.to_string(),
-            cmid.to_string(),
-            conv.to_string(),
-            seq,
-            ts,
-        )
     };
     // Messages 1 and 2 at 10 and 20, entries put at 20 and 30, message 3 at 30.
     commit(b.store(), created(1, "g", 2, 10));
