@@ -29,14 +29,7 @@ pub async fn pairs<S: System>(
     } else {
         None
     };
-    let subs = sys.pair_receivers(a.pairs, a.body_bytes).await?;
-    let mut pubs = Vec::with_capacity(a.pairs);
-    for i in 0..a.pairs {
-        pubs.push(
-            sys.pair_sender(i, a.window, Bodies::new(clock, a.body_bytes))
-                .await?,
-        );
-    }
+    let (subs, pubs) = set_up_pairs(sys, a.pairs, a.window, a.body_bytes, clock).await?;
     let total = (a.pairs * a.messages) as u64;
     let bar = Progress::new(&format!("{name} pairs"), total);
     let (done, done_rx) = watch::channel(false);
@@ -208,11 +201,7 @@ pub async fn connections<S: System>(
     a: &ConnectionsArgs,
 ) -> Result<Outcome, BenchError> {
     let name = sys.name();
-    let pid = sys.server_pid().ok_or_else(|| {
-        BenchError(
-            "the connections scenario reads the server's memory, so it needs a server the bench starts itself (without --server)".into(),
-        )
-    })?;
+    let pid = server_pid(sys, "connections")?;
     let rss = || rss_bytes(pid).ok_or_else(|| BenchError("cannot read the server's memory".into()));
     let sources: Vec<std::net::IpAddr> = (1..=a.sources.max(1))
         .map(|i| std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, i)))
@@ -257,6 +246,35 @@ pub async fn connections<S: System>(
     out.finish(took, &Latency::default(), &Latency::default());
     drop(held);
     Ok(out)
+}
+
+/// The receivers of `pairs` pairs, then their senders, each with at most `window` messages
+/// unconfirmed.
+async fn set_up_pairs<S: System>(
+    sys: &mut S,
+    pairs: usize,
+    window: usize,
+    body_bytes: usize,
+    clock: &Clock,
+) -> Result<(Vec<S::Receiver>, Vec<S::Sender>), BenchError> {
+    let subs = sys.pair_receivers(pairs, body_bytes).await?;
+    let mut pubs = Vec::with_capacity(pairs);
+    for i in 0..pairs {
+        pubs.push(
+            sys.pair_sender(i, window, Bodies::new(clock, body_bytes))
+                .await?,
+        );
+    }
+    Ok((subs, pubs))
+}
+
+/// The server process whose memory `scenario` reads: only a server the bench started has one.
+fn server_pid<S: System>(sys: &S, scenario: &str) -> Result<u32, BenchError> {
+    sys.server_pid().ok_or_else(|| {
+        BenchError(format!(
+            "the {scenario} scenario reads the server's memory, so it needs a server the bench starts itself (without --server)"
+        ))
+    })
 }
 
 /// Resident memory of a process, from `/proc/<pid>/status`.
@@ -320,19 +338,8 @@ pub async fn soak<S: System>(
     clock: &Clock,
 ) -> Result<Outcome, BenchError> {
     let name = sys.name();
-    let pid = sys.server_pid().ok_or_else(|| {
-        BenchError(
-            "the soak scenario reads the server's memory and restarts it, so it needs a server the bench starts itself (without --server)".into(),
-        )
-    })?;
-    let subs = sys.pair_receivers(a.pairs, a.body_bytes).await?;
-    let mut pubs = Vec::with_capacity(a.pairs);
-    for i in 0..a.pairs {
-        pubs.push(
-            sys.pair_sender(i, a.window, Bodies::new(clock, a.body_bytes))
-                .await?,
-        );
-    }
+    let pid = server_pid(sys, "soak")?;
+    let (subs, pubs) = set_up_pairs(sys, a.pairs, a.window, a.body_bytes, clock).await?;
     let bar = Progress::new(&format!("{name} soak"), a.messages);
     let (done, done_rx) = watch::channel(false);
     let delivered = Arc::new(AtomicU64::new(0));
