@@ -22,7 +22,7 @@ use crate::error::{applier_stopped, encoding, engine};
 use crate::wal::{self, Wal};
 use ordo_core::{Batch, CommitOutcome, ConvRecord, CursorRecord, DedupRecord, Snapshot};
 use ordo_protocol::Message;
-use ordo_store::{Page, Store, StoreError};
+use ordo_store::{Page, PageFill, Store, StoreError};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
 use serde::de::DeserializeOwned;
 use std::path::Path;
@@ -524,16 +524,11 @@ impl Store for RedbStore {
         let Some((_, first_seq)) = stored_range(&convs, &ranges, conv)? else {
             return Ok(Page::default());
         };
-        let mut page = Page {
-            first_seq,
-            messages: Vec::new(),
+        let (mut fill, start) = match PageFill::start(first_seq, from, to, limit, max_bytes) {
+            Ok(f) => f,
+            Err(empty) => return Ok(empty),
         };
-        let start = from.max(first_seq);
-        if start > to || limit == 0 {
-            return Ok(page);
-        }
         let runs = tx.open_table(MESSAGE_RUNS).map_err(engine)?;
-        let mut bytes = 0usize;
         // The first run that ends at or after `start` holds it (or the next message after it).
         'runs: for row in runs
             .range((conv, start)..=(conv, u64::MAX))
@@ -546,17 +541,12 @@ impl Store for RedbStore {
                 if m.seq < start {
                     continue;
                 }
-                if m.seq > to {
-                    break 'runs;
-                }
-                bytes += m.body.len();
-                page.messages.push(m);
-                if page.messages.len() >= limit as usize || bytes >= max_bytes {
+                if m.seq > to || fill.push(m) {
                     break 'runs;
                 }
             }
         }
-        Ok(page)
+        Ok(fill.finish())
     }
 }
 

@@ -40,6 +40,58 @@ pub struct Page {
     pub messages: Vec<StoredMessage>,
 }
 
+/// A page being filled: the one home of `read_page`'s budget (at most `limit` messages, and
+/// nothing after the message that brings the bodies to `max_bytes`), so that every backend
+/// cuts pages alike. A backend starts one with [`PageFill::start`], pushes messages of the
+/// range in seq order until [`PageFill::push`] says the page is full, and takes the
+/// [`Page`].
+pub struct PageFill {
+    page: Page,
+    limit: usize,
+    max_bytes: usize,
+    bytes: usize,
+}
+
+impl PageFill {
+    /// A page of seqs `from..=to` of a conversation whose lowest stored seq is `first_seq`, and
+    /// the seq to start reading at; `Err` holds the finished (empty) page when the range has
+    /// nothing to read.
+    pub fn start(
+        first_seq: u64,
+        from: u64,
+        to: u64,
+        limit: u32,
+        max_bytes: usize,
+    ) -> Result<(PageFill, u64), Page> {
+        let page = Page {
+            first_seq,
+            messages: Vec::new(),
+        };
+        let start = from.max(first_seq);
+        if start > to || limit == 0 {
+            return Err(page);
+        }
+        let fill = PageFill {
+            page,
+            limit: limit as usize,
+            max_bytes,
+            bytes: 0,
+        };
+        Ok((fill, start))
+    }
+
+    /// Adds the next message of the range; true once the page is full.
+    pub fn push(&mut self, m: StoredMessage) -> bool {
+        self.bytes += m.body.len();
+        self.page.messages.push(m);
+        self.page.messages.len() >= self.limit || self.bytes >= self.max_bytes
+    }
+
+    pub fn finish(self) -> Page {
+        self.page
+    }
+}
+
 /// What the server needs of a store. Every backend implements it; see the crate's docs and
 /// "A new store backend" in docs/architecture.md for what each call must keep.
 pub trait Store: Send + Sync + 'static {

@@ -1,6 +1,6 @@
 //! The in-memory reference backend: [`ordo_core::MemoryStore`] as a [`Store`].
 
-use crate::{Page, Store, StoreError};
+use crate::{Page, PageFill, Store, StoreError};
 use ordo_core::{Batch, CommitOutcome, MemoryStore, Snapshot};
 use std::sync::{Mutex, MutexGuard};
 
@@ -56,26 +56,18 @@ impl Store for MemStore {
         let Some(rec) = store.convs.get(conv) else {
             return Ok(Page::default());
         };
-        let mut page = Page {
-            first_seq: rec.first_seq,
-            messages: Vec::new(),
+        let (mut fill, start) = match PageFill::start(rec.first_seq, from, to, limit, max_bytes) {
+            Ok(f) => f,
+            Err(empty) => return Ok(empty),
         };
-        let start = from.max(rec.first_seq);
-        if start > to || limit == 0 {
-            return Ok(page);
-        }
-        let mut bytes = 0usize;
-        for m in store
+        for (_, m) in store
             .messages
             .range((conv.to_string(), start)..=(conv.to_string(), to))
-            .map(|(_, m)| m)
         {
-            bytes += m.body.len();
-            page.messages.push(m.clone());
-            if page.messages.len() >= limit as usize || bytes >= max_bytes {
+            if fill.push(m.clone()) {
                 break;
             }
         }
-        Ok(page)
+        Ok(fill.finish())
     }
 }
