@@ -42,6 +42,13 @@ pub struct ServeArgs {
     /// How long resends are recognised, in seconds [default: 86400].
     #[arg(long, env = "ORDO_DEDUP_WINDOW_SECS")]
     dedup_window_secs: Option<u64>,
+    /// Dedup entries kept in memory (the most recent; older ones are looked up in the store)
+    /// [default: 100000].
+    #[arg(long, env = "ORDO_DEDUP_CACHE_ENTRIES")]
+    dedup_cache_entries: Option<usize>,
+    /// The filter of client message ids seen inside the dedup window, in MiB [default: 32].
+    #[arg(long, env = "ORDO_DEDUP_FILTER_MIB")]
+    dedup_filter_mib: Option<usize>,
     /// Sends per second per user, 0 for no limit [default: 1000].
     #[arg(long, env = "ORDO_RATE_PER_SEC")]
     rate_per_sec: Option<f64>,
@@ -83,6 +90,8 @@ impl ServeArgs {
             push_window,
             receipt_max_members,
             dedup_window_secs,
+            dedup_cache_entries,
+            dedup_filter_mib,
             rate_per_sec,
             rate_burst,
             housekeeping_secs,

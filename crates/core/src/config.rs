@@ -14,6 +14,12 @@ pub struct CoreConfig {
     pub receipt_max_members: usize,
     /// How long a (sender, client message id) pair is remembered, in milliseconds.
     pub dedup_window_ms: u64,
+    /// Most dedup entries kept in memory (the most recent; the store holds them all). Entries
+    /// of batches not yet committed are kept beyond it.
+    pub dedup_cache_entries: usize,
+    /// Bytes of the filter that tells a new client message id from one that may have been
+    /// seen inside the window, without asking the store.
+    pub dedup_filter_bytes: usize,
     /// Sustained sends per second per user; 0 disables the limit.
     pub rate_per_sec: f64,
     /// Sends a user may burst above the sustained rate.
@@ -31,6 +37,8 @@ impl Default for CoreConfig {
             push_window: 256,
             receipt_max_members: 1000,
             dedup_window_ms: 24 * 60 * 60 * 1000,
+            dedup_cache_entries: 100_000,
+            dedup_filter_bytes: 32 << 20,
             rate_per_sec: 1000.0,
             rate_burst: 2000.0,
             default_retention: Retention::default(),

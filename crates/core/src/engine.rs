@@ -9,24 +9,31 @@
 
 use crate::config::CoreConfig;
 use crate::conv::{Conv, Cursor};
-use crate::dedup::{DedupEntry, DedupIndex};
+use crate::dedup::{DedupCache, DedupFilter};
 use crate::error::CoreError;
 use crate::model::*;
 use crate::rate::TokenBucket;
 use crate::rng::SplitMix64;
-use crate::session::{PushState, Session};
+use crate::session::{LookupState, Parked, PushState, Session};
 use foldhash::{HashMap, HashMapExt};
 use ordo_protocol::{
     direct_conv_id, validate_id, ConvInfo, ConvKind, ErrorCode, IdKind, MemberPosition, Message,
     ServerFrame, DIRECT_PREFIX,
 };
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::BTreeSet;
 use std::mem::take;
 use std::sync::Arc;
 
 /// Most refused sends remembered per connection and conversation to keep their order; past it,
 /// further ones are refused without being queued (the client resends them in order anyway).
 const MAX_HELD_BACK: usize = 4096;
+
+/// Most sends one connection may have waiting for a dedup lookup (and behind one), and most
+/// bytes of them; past either, a send is refused as unavailable, to be resent shortly.
+const MAX_PARKED: usize = 1024;
+const MAX_PARKED_BYTES: usize = 1 << 20;
+/// How long a client is asked to wait before resending a send refused for that.
+const PARKED_RETRY_MS: u64 = 100;
 
 /// Most direct conversation ids a connection remembers (by peer) before it starts over.
 const MAX_DIRECT_REMEMBERED: usize = 256;
@@ -62,6 +69,11 @@ pub enum Action {
         ticket: Ticket,
         reply: Result<AdminReply, CoreError>,
     },
+    /// Ask the store what (`user`, `cmid`) was accepted as, and hand the answer to
+    /// [`Core::looked_up`] with this `id`. The send that needs it waits, and so do the later
+    /// sends of its connection; other frames do not. Lookups may be answered in any order,
+    /// from a store state that includes every batch committed before the lookup was asked.
+    Lookup { id: u64, user: String, cmid: String },
 }
 
 /// The same actions with every [`Action::Broadcast`] written out as one [`Action::Send`] per
@@ -178,10 +190,20 @@ pub struct Core {
     cfg: CoreConfig,
     rng: SplitMix64,
     convs: HashMap<String, Conv>,
-    /// (user, cmid) -> what it was accepted as.
-    dedup: DedupIndex,
-    /// Dedup keys in acceptance order, for expiry.
-    dedup_order: VecDeque<(u64, Arc<str>, Arc<str>)>,
+    /// The most recent (user, cmid) -> what it was accepted as; the store holds the rest.
+    dedup: DedupCache,
+    /// Every dedup key of the window, roughly: which keys are certainly new.
+    filter: DedupFilter,
+    /// Lookups asked and not answered yet, by id: whose send waits for each.
+    lookups: HashMap<u64, SessionId>,
+    next_lookup: u64,
+    /// The last batch committed.
+    committed_batch: u64,
+    /// No dedup entry the store holds (and has not been told to forget) was accepted before
+    /// this; `None` if it holds none.
+    dedup_stored_since: Option<u64>,
+    /// The newest acceptance time given out (or stored, at start).
+    newest_ts: u64,
     sessions: HashMap<SessionId, Session>,
     by_user: HashMap<String, BTreeSet<SessionId>>,
     /// user -> conversations they are a durable member of (for `convs` without a full scan).
@@ -211,11 +233,18 @@ pub struct CoreStats {
     pub pushed: u64,
     /// `notify` frames sent.
     pub notified: u64,
+    /// Dedup keys looked up in the store (the cache did not hold them and the filter could
+    /// not rule them out).
+    pub dedup_lookups: u64,
 }
 
 impl Core {
     /// Rebuilds the rules' state from what the store holds. `seed` feeds the generator of
-    /// epochs: random in production, fixed in a simulation.
+    /// epochs and the dedup filter's hash: random in production, fixed in a simulation. The
+    /// dedup filter starts empty: the caller adds the keys the store holds with
+    /// [`dedup_filter_add`](Self::dedup_filter_add) and then calls
+    /// [`dedup_filter_complete`](Self::dedup_filter_complete); meanwhile every send the cache
+    /// cannot answer is looked up.
     pub fn new(cfg: CoreConfig, seed: u64, snapshot: Snapshot) -> Self {
         let mut convs = HashMap::new();
         for rec in snapshot.convs {
@@ -247,35 +276,19 @@ impl Core {
                     .insert(c.rec.id.clone());
             }
         }
-        let mut dedup_records = snapshot.dedup;
-        dedup_records.sort_by_key(|d| d.ts);
-        let mut dedup = DedupIndex::default();
-        let mut dedup_order = VecDeque::new();
-        let mut users: HashMap<String, Arc<str>> = HashMap::new();
-        for d in dedup_records {
-            let user = users
-                .entry(d.user)
-                .or_insert_with_key(|u| Arc::from(u.as_str()))
-                .clone();
-            let conv = match convs.get(&d.conv) {
-                Some(c) => c.id.clone(),
-                None => Arc::from(d.conv),
-            };
-            let cmid: Arc<str> = Arc::from(d.cmid);
-            let entry = DedupEntry {
-                conv,
-                seq: d.seq,
-                ts: d.ts,
-            };
-            dedup.insert(&user, cmid.clone(), entry);
-            dedup_order.push_back((d.ts, user, cmid));
-        }
+        let filter = DedupFilter::new(cfg.dedup_filter_bytes, cfg.dedup_window_ms, seed);
         Core {
             cfg,
             rng: SplitMix64::new(seed),
             convs,
-            dedup,
-            dedup_order,
+            dedup: DedupCache::default(),
+            filter,
+            lookups: HashMap::new(),
+            next_lookup: 1,
+            committed_batch: 0,
+            // A store with entries may hold them from any time.
+            dedup_stored_since: (snapshot.last_ts > 0).then_some(0),
+            newest_ts: snapshot.last_ts,
             sessions: HashMap::new(),
             by_user: HashMap::new(),
             member_of,
@@ -334,11 +347,29 @@ impl Core {
     // ----- sending -----
 
     /// A `send` from a connected device. Returns the frames to answer with at once (a duplicate
-    /// of a durable message, or a rejection); a new message is answered at commit.
+    /// of a durable message, or a rejection); a new message is answered at commit. A send whose
+    /// client message id must be looked up in the store returns [`Action::Lookup`] and waits,
+    /// and the connection's later sends wait behind it, in order.
     pub fn send(&mut self, session: SessionId, req: SendRequest<'_>, now_ms: u64) -> Vec<Action> {
-        let mut req = req;
-        match self.try_send(session, &mut req, now_ms) {
-            Ok(actions) => actions,
+        match self.sessions.get(&session) {
+            None => Vec::new(),
+            Some(s) if !s.parked.is_empty() => self.park_behind(session, req, now_ms),
+            Some(_) => self.send_now(session, req, None, now_ms),
+        }
+    }
+
+    /// Handles a send whose turn it is, with what the store answered for its key if it was
+    /// looked up.
+    fn send_now(
+        &mut self,
+        session: SessionId,
+        mut req: SendRequest<'_>,
+        looked_up: Option<(Option<DedupRecord>, u64)>,
+        now_ms: u64,
+    ) -> Vec<Action> {
+        match self.try_send(session, &mut req, looked_up, now_ms) {
+            Ok(Some(actions)) => actions,
+            Ok(None) => self.park_first(session, req),
             // Only a stored message takes the request's id and body; a refused one still has them.
             Err(e) => vec![Action::Send {
                 session,
@@ -347,17 +378,19 @@ impl Core {
         }
     }
 
+    /// Tries a send; `Ok(None)` if its key must be looked up first (nothing has changed then).
     fn try_send(
         &mut self,
         session: SessionId,
         req: &mut SendRequest<'_>,
+        looked_up: Option<(Option<DedupRecord>, u64)>,
         now_ms: u64,
-    ) -> Result<Vec<Action>, CoreError> {
+    ) -> Result<Option<Vec<Action>>, CoreError> {
         let (conv, to, reply_to) = (req.conv, req.to, req.reply_to);
         let cmid: &str = &req.cmid;
         let (user, device) = match self.sessions.get(&session) {
             Some(s) => (s.user.clone(), s.device.clone()),
-            None => return Ok(Vec::new()),
+            None => return Ok(Some(Vec::new())),
         };
         validate_id(IdKind::ClientMessage, cmid)?;
         let direct: Arc<str>;
@@ -379,36 +412,59 @@ impl Core {
         };
 
         // A resend inside the dedup window gets the original answer, wherever it is.
-        let known = self.dedup.get(&user, cmid);
+        let window = self.cfg.dedup_window_ms;
+        let known = self
+            .dedup
+            .get(&user, cmid)
+            .filter(|d| now_ms < d.ts.saturating_add(window));
         // Test-only sabotage: forget every earlier send.
         #[cfg(feature = "fault-injection")]
-        let known = known.filter(|_| !self.faults.no_dedup);
+        let (known, looked_up) = match self.faults.no_dedup {
+            true => (None, Some((None, self.dedup.mark()))),
+            false => (known, looked_up),
+        };
         if let Some(d) = known {
-            if now_ms < d.ts.saturating_add(self.cfg.dedup_window_ms) {
-                if *d.conv != *conv_id {
-                    return Err(CoreError::Invalid(format!(
-                        "client message id {cmid:?} was already used in conversation {:?}; use a new id per message",
-                        d.conv
-                    )));
+            if *d.conv != *conv_id {
+                return Err(reused(cmid, &d.conv));
+            }
+            self.stats.dedup_hits += 1;
+            let durable = self
+                .convs
+                .get(&*d.conv)
+                .is_some_and(|c| c.durable_seq >= d.seq);
+            let waiter = Waiter {
+                session,
+                cmid: Arc::from(cmid),
+                conv: d.conv.clone(),
+                seq: d.seq,
+                ts: d.ts,
+            };
+            if durable {
+                return Ok(Some(vec![accepted_action(waiter)]));
+            }
+            self.pending.waiters.push(waiter);
+            return Ok(Some(Vec::new()));
+        }
+        match looked_up {
+            // The store's answer: an entry it holds is durable.
+            Some((Some(d), _)) if now_ms < d.ts.saturating_add(window) => {
+                if d.conv != conv_id {
+                    return Err(reused(cmid, &d.conv));
                 }
                 self.stats.dedup_hits += 1;
-                let durable = self
-                    .convs
-                    .get(&*d.conv)
-                    .is_some_and(|c| c.durable_seq >= d.seq);
-                let waiter = Waiter {
+                return Ok(Some(vec![accepted_action(Waiter {
                     session,
                     cmid: Arc::from(cmid),
-                    conv: d.conv.clone(),
+                    conv: Arc::from(d.conv),
                     seq: d.seq,
                     ts: d.ts,
-                };
-                if durable {
-                    return Ok(vec![accepted_action(waiter)]);
-                }
-                self.pending.waiters.push(waiter);
-                return Ok(Vec::new());
+                })]));
             }
+            // The cache forgot an entry the store may not have had when it answered: ask again.
+            Some((_, mark)) if self.dedup.lost_since(mark) => return Ok(None),
+            Some(_) => {}
+            None if self.filter.surely_new(&user, cmid, now_ms) => {}
+            None => return Ok(None),
         }
 
         if req.body.len() > self.cfg.limits.max_body_bytes {
@@ -443,9 +499,9 @@ impl Core {
                     self.convs
                         .insert(conv_id.to_string(), Conv::new(rec, false));
                     let (cmid, body) = (take(&mut req.cmid), take(&mut req.body));
-                    return Ok(
-                        self.append(session, &user, &device, conv_id, cmid, body, None, now_ms)
-                    );
+                    return Ok(Some(self.append(
+                        session, &user, &device, conv_id, cmid, body, None, now_ms,
+                    )));
                 }
                 None => return Err(CoreError::NoSuchConversation(conv_id.to_string())),
             }
@@ -464,9 +520,166 @@ impl Core {
         }
         self.admit(session, conv_id, cmid, &user, now_ms)?;
         let (cmid, body) = (take(&mut req.cmid), take(&mut req.body));
-        Ok(self.append(
+        Ok(Some(self.append(
             session, &user, &device, conv_id, cmid, body, reply_to, now_ms,
-        ))
+        )))
+    }
+
+    /// Parks a send whose key must be looked up, first in its connection's line (it is the
+    /// one whose turn it was), and asks for the lookup.
+    fn park_first(&mut self, session: SessionId, req: SendRequest<'_>) -> Vec<Action> {
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return Vec::new();
+        };
+        let id = self.next_lookup;
+        self.next_lookup += 1;
+        let parked = Parked::new(
+            &req,
+            LookupState::Asked {
+                id,
+                mark: self.dedup.mark(),
+            },
+        );
+        let lookup = Action::Lookup {
+            id,
+            user: s.user.to_string(),
+            cmid: parked.cmid.clone(),
+        };
+        s.parked_bytes += parked.bytes();
+        s.parked.push_front(parked);
+        self.lookups.insert(id, session);
+        self.stats.dedup_lookups += 1;
+        vec![lookup]
+    }
+
+    /// Parks a send behind the connection's sends that wait for a lookup, asking for its own
+    /// lookup at once if it will need one, so that lookups overlap.
+    fn park_behind(
+        &mut self,
+        session: SessionId,
+        req: SendRequest<'_>,
+        now_ms: u64,
+    ) -> Vec<Action> {
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return Vec::new();
+        };
+        let bytes = Parked::size_of(&req);
+        if s.parked.len() >= MAX_PARKED || s.parked_bytes + bytes > MAX_PARKED_BYTES {
+            let e = CoreError::Busy {
+                what: format!(
+                    "{} earlier sends of this connection are waiting for the store",
+                    s.parked.len()
+                ),
+                retry_after_ms: PARKED_RETRY_MS,
+            };
+            return vec![Action::Send {
+                session,
+                frame: ServerFrame::rejected(req.cmid, e.code(), e.to_string(), e.retry_after_ms()),
+            }];
+        }
+        let user = s.user.clone();
+        let cmid = req.cmid.as_str();
+        let needs_lookup = validate_id(IdKind::ClientMessage, cmid).is_ok()
+            && self.dedup.get(&user, cmid).is_none()
+            && !self.filter.surely_new(&user, cmid, now_ms);
+        let mut out = Vec::new();
+        let state = if needs_lookup {
+            let id = self.next_lookup;
+            self.next_lookup += 1;
+            self.lookups.insert(id, session);
+            self.stats.dedup_lookups += 1;
+            out.push(Action::Lookup {
+                id,
+                user: user.to_string(),
+                cmid: cmid.to_string(),
+            });
+            LookupState::Asked {
+                id,
+                mark: self.dedup.mark(),
+            }
+        } else {
+            LookupState::NotAsked
+        };
+        if let Some(s) = self.sessions.get_mut(&session) {
+            s.parked_bytes += bytes;
+            s.parked.push_back(Parked::new(&req, state));
+        }
+        out
+    }
+
+    /// The store's answer to [`Action::Lookup`] `id`: `found` is what the key was accepted
+    /// as, if the store holds it. Sends that waited for it (and behind it) go on now; returns
+    /// what they answer, and maybe further lookups.
+    pub fn looked_up(&mut self, id: u64, found: Option<DedupRecord>, now_ms: u64) -> Vec<Action> {
+        let Some(session) = self.lookups.remove(&id) else {
+            return Vec::new();
+        };
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return Vec::new();
+        };
+        let Some(p) = s
+            .parked
+            .iter_mut()
+            .find(|p| matches!(p.lookup, LookupState::Asked { id: i, .. } if i == id))
+        else {
+            return Vec::new();
+        };
+        if let LookupState::Asked { mark, .. } = p.lookup {
+            p.lookup = LookupState::Answered { found, mark };
+        }
+        let mut out = Vec::new();
+        // The sends at the front whose turn has come: answered, or waiting only behind.
+        while let Some(p) = self
+            .sessions
+            .get_mut(&session)
+            .and_then(|s| match s.parked.front() {
+                Some(p) if !matches!(p.lookup, LookupState::Asked { .. }) => s.parked.pop_front(),
+                _ => None,
+            })
+        {
+            let Some(s) = self.sessions.get_mut(&session) else {
+                break;
+            };
+            s.parked_bytes = s.parked_bytes.saturating_sub(p.bytes());
+            let looked_up = match p.lookup {
+                LookupState::Answered { found, mark } => Some((found, mark)),
+                _ => None,
+            };
+            let req = SendRequest {
+                conv: p.conv.as_deref(),
+                to: p.to.as_deref(),
+                cmid: p.cmid,
+                body: p.body,
+                reply_to: p.reply_to,
+            };
+            out.extend(self.send_now(session, req, looked_up, now_ms));
+        }
+        out
+    }
+
+    /// Adds dedup entries the store holds to the filter (a restarted core's filter starts
+    /// empty); see [`dedup_filter_complete`](Self::dedup_filter_complete).
+    pub fn dedup_filter_add(&mut self, entries: &[DedupRecord]) {
+        for d in entries {
+            self.filter.insert(&d.user, &d.cmid, d.ts);
+        }
+    }
+
+    /// Every dedup entry the store held at start has been added to the filter: from now on a
+    /// key the filter does not hold is new without asking the store.
+    pub fn dedup_filter_complete(&mut self) {
+        self.filter.set_complete();
+    }
+
+    /// Whether the dedup filter holds every key of the window (see
+    /// [`dedup_filter_complete`](Self::dedup_filter_complete)).
+    pub fn dedup_filter_is_complete(&self) -> bool {
+        self.filter.is_complete()
+    }
+
+    /// Dedup entries the core holds in memory (the store holds all of them).
+    pub fn dedup_cached(&self) -> usize {
+        self.dedup.len()
     }
 
     /// The direct conversation of `user` (the session's) with `peer`, remembered per session: a
@@ -595,17 +808,17 @@ impl Core {
             self.pending.convs.insert(conv_id.to_string());
         }
         let cmid = shared_cmid;
+        self.filter.insert(user, &cmid, now_ms);
         self.dedup.insert(
             user,
             cmid.clone(),
-            DedupEntry {
-                conv: conv_key.clone(),
-                seq,
-                ts: now_ms,
-            },
+            conv_key.clone(),
+            seq,
+            now_ms,
+            self.next_batch,
         );
-        self.dedup_order
-            .push_back((now_ms, user.clone(), cmid.clone()));
+        self.newest_ts = self.newest_ts.max(now_ms);
+        self.dedup_stored_since.get_or_insert(now_ms);
         self.pending.waiters.push(Waiter {
             session,
             cmid,
@@ -871,21 +1084,19 @@ impl Core {
     // ----- ticks -----
 
     /// Forgets dedup entries older than the window; the next batch tells the store to forget
-    /// what was accepted before the same time.
+    /// what was accepted before the same time, if it may hold any.
     pub fn expire_dedup(&mut self, now_ms: u64) {
-        while let Some((ts, _, _)) = self.dedup_order.front() {
-            if ts.saturating_add(self.cfg.dedup_window_ms) > now_ms {
-                break;
-            }
-            let Some((ts, user, cmid)) = self.dedup_order.pop_front() else {
-                break;
-            };
-            if self.dedup.get(&user, &cmid).is_some_and(|d| d.ts == ts) {
-                self.dedup.remove(&user, &cmid);
-            }
-            // Everything accepted up to `ts` is past its window (the queue is in time order).
+        let window = self.cfg.dedup_window_ms;
+        self.dedup.expire(now_ms, window);
+        // Entries accepted at or before `now - window` are past it.
+        let Some(cutoff) = (now_ms + 1).checked_sub(window).filter(|c| *c > 0) else {
+            return;
+        };
+        if self.dedup_stored_since.is_some_and(|since| cutoff > since) {
+            // Once forgotten, nothing is left if nothing newer was accepted.
+            self.dedup_stored_since = (self.newest_ts >= cutoff).then_some(cutoff);
             let before = self.pending.dedup_forget_before_ms.get_or_insert(0);
-            *before = (*before).max(ts.saturating_add(1));
+            *before = (*before).max(cutoff);
         }
     }
 
@@ -1066,11 +1277,13 @@ impl Core {
         for (cid, user) in f.receipts {
             self.publish_receipt(&cid, &user, &mut out);
         }
+        self.committed_batch = id;
+        self.dedup.shrink(self.cfg.dedup_cache_entries, id);
         out
     }
 
-    /// Storage failed: nothing pending or in flight will become durable. Every waiting sender
-    /// and admin request is told to retry. The caller then rebuilds the core from the store,
+    /// Storage failed: nothing pending or in flight will become durable, and no lookup will be
+    /// answered. Every waiting sender and admin request is told to retry. The caller then rebuilds the core from the store,
     /// which is the truth, and drops the connections.
     pub fn abort_all(&mut self, reason: &str) -> Vec<Action> {
         let mut out = Vec::new();
@@ -1090,6 +1303,22 @@ impl Core {
                     Some(1000),
                 ),
             });
+        }
+        // Sends waiting for a lookup will not get one.
+        self.lookups.clear();
+        for (sid, s) in self.sessions.iter_mut() {
+            s.parked_bytes = 0;
+            for p in s.parked.drain(..) {
+                out.push(Action::Send {
+                    session: *sid,
+                    frame: ServerFrame::rejected(
+                        p.cmid,
+                        ErrorCode::Unavailable,
+                        format!("the message could not be checked against the store ({reason}); resend it"),
+                        Some(1000),
+                    ),
+                });
+            }
         }
         for (ticket, _) in admin {
             out.push(Action::AdminDone {
@@ -1198,6 +1427,13 @@ fn accepted_action(w: Waiter) -> Action {
             ts: w.ts,
         },
     }
+}
+
+/// A client message id used in another conversation inside its window.
+fn reused(cmid: &str, conv: &str) -> CoreError {
+    CoreError::Invalid(format!(
+        "client message id {cmid:?} was already used in conversation {conv:?}; use a new id per message"
+    ))
 }
 
 fn validate_members(users: &[String]) -> Result<BTreeSet<String>, CoreError> {

@@ -25,6 +25,8 @@ pub enum CoreError {
     },
     #[error("{0}")]
     Unavailable(String),
+    #[error("the server is busy: {what}; retry in {retry_after_ms} ms")]
+    Busy { what: String, retry_after_ms: u64 },
 }
 
 impl CoreError {
@@ -37,14 +39,16 @@ impl CoreError {
             CoreError::NoSuchConversation(_) => ErrorCode::NotFound,
             CoreError::NotMember(_) => ErrorCode::NotMember,
             CoreError::RateLimited(_) | CoreError::HeldBack { .. } => ErrorCode::RateLimited,
-            CoreError::Unavailable(_) => ErrorCode::Unavailable,
+            CoreError::Unavailable(_) | CoreError::Busy { .. } => ErrorCode::Unavailable,
         }
     }
 
     pub fn retry_after_ms(&self) -> Option<u64> {
         match self {
             CoreError::RateLimited(ms) => Some(*ms),
-            CoreError::HeldBack { retry_after_ms, .. } => Some(*retry_after_ms),
+            CoreError::HeldBack { retry_after_ms, .. } | CoreError::Busy { retry_after_ms, .. } => {
+                Some(*retry_after_ms)
+            }
             _ => None,
         }
     }

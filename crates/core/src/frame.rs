@@ -161,6 +161,7 @@ mod tests {
             ..CoreConfig::default()
         };
         let mut core = Core::new(cfg, 7, Snapshot::default());
+        core.dedup_filter_complete();
         let mut store = MemoryStore::default();
         let op = AdminOp::CreateGroup {
             id: "g".into(),

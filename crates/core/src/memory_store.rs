@@ -21,9 +21,9 @@ pub struct MemoryStore {
     pub convs: BTreeMap<String, ConvRecord>,
     pub messages: BTreeMap<(String, u64), Message>,
     pub cursors: BTreeMap<(String, String, String), CursorRecord>,
-    /// Dedup entries by (user, cmid, conv): a client message id is its user's own, and one
-    /// reused in another conversation (past the window) is an entry of its own there.
-    pub dedup: BTreeMap<(String, String, String), DedupRecord>,
+    /// Dedup entries by (user, cmid): a client message id is its user's own; one reused past
+    /// its window (in any conversation) replaces the entry it had.
+    pub dedup: BTreeMap<(String, String), DedupRecord>,
 }
 
 /// A batch stored a seq its conversation already had: the core reused a seq (G3).
@@ -69,16 +69,15 @@ impl MemoryStore {
                 .insert((m.conv.clone(), m.seq), Message::clone(m));
         }
         // Deletes first: a key expired and then reused in the same batch must stay.
-        for (user, cmid) in &b.dedup_delete {
-            self.dedup.retain(|(u, c, _), _| u != user || c != cmid);
+        for key in &b.dedup_delete {
+            self.dedup.remove(key);
         }
         if let Some(before) = b.dedup_forget_before_ms {
             self.dedup.retain(|_, d| d.ts >= before);
         }
         let own = b.messages.iter().map(|m| DedupRecord::of(m));
         for d in b.dedup_put.iter().cloned().chain(own) {
-            self.dedup
-                .insert((d.user.clone(), d.cmid.clone(), d.conv.clone()), d);
+            self.dedup.insert((d.user.clone(), d.cmid.clone()), d);
         }
         for c in &b.cursors {
             self.cursors.insert(
@@ -151,7 +150,29 @@ impl MemoryStore {
         Snapshot {
             convs: self.convs.values().cloned().collect(),
             cursors: self.cursors.values().cloned().collect(),
-            dedup: self.dedup.values().cloned().collect(),
+            last_ts: self.dedup.values().map(|d| d.ts).max().unwrap_or(0),
         }
+    }
+
+    /// What (`user`, `cmid`) was last accepted as, if the store still holds it.
+    pub fn dedup_lookup(&self, user: &str, cmid: &str) -> Option<DedupRecord> {
+        self.dedup
+            .get(&(user.to_string(), cmid.to_string()))
+            .cloned()
+    }
+
+    /// Up to `max` dedup entries in acceptance order (then by user and cmid), starting after
+    /// `after` (the last entry of the previous page, or the start): how a restarted core
+    /// rebuilds its filter.
+    pub fn dedup_scan(&self, after: Option<&DedupRecord>, max: usize) -> Vec<DedupRecord> {
+        let key = |d: &DedupRecord| (d.ts, d.user.clone(), d.cmid.clone());
+        let from = after.map(key);
+        let mut all: Vec<&DedupRecord> = self
+            .dedup
+            .values()
+            .filter(|d| from.as_ref().is_none_or(|f| key(d) > *f))
+            .collect();
+        all.sort_by_key(|d| key(d));
+        all.into_iter().take(max).cloned().collect()
     }
 }

@@ -156,10 +156,14 @@ pub struct CommitOutcome {
     pub first_seqs: Vec<(String, u64)>,
 }
 
-/// The durable state the core is rebuilt from at start.
+/// The durable state the core is rebuilt from at start. Dedup entries are not part of it: the
+/// core asks the store for them one key at a time ([`crate::Action::Lookup`]) and rebuilds its
+/// filter of them in the background ([`crate::Core::dedup_filter_add`]).
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
     pub convs: Vec<ConvRecord>,
     pub cursors: Vec<CursorRecord>,
-    pub dedup: Vec<DedupRecord>,
+    /// The newest acceptance time the store holds (0 if none): a restarted server's clock
+    /// starts no earlier, so that acceptance times never go back.
+    pub last_ts: u64,
 }

@@ -25,6 +25,61 @@ pub struct Session {
     /// peer -> the id of the direct conversation with them, as sends to a user are resolved
     /// (boxed: most connections never send by user, and an idle one should not pay for it).
     pub direct: Option<Box<HashMap<String, Arc<str>>>>,
+    /// Sends waiting for a dedup lookup, and the sends behind them, in the order they came.
+    pub parked: VecDeque<Parked>,
+    /// Bytes of bodies and ids in `parked`.
+    pub parked_bytes: usize,
+}
+
+/// A send that waits: for the store to say whether its client message id was accepted before,
+/// or behind a send of its connection that does, so that one connection's sends are sequenced
+/// in the order it sent them.
+#[derive(Clone, Debug)]
+pub struct Parked {
+    pub conv: Option<String>,
+    pub to: Option<String>,
+    pub cmid: String,
+    pub body: String,
+    pub reply_to: Option<u64>,
+    pub lookup: LookupState,
+}
+
+#[derive(Clone, Debug)]
+pub enum LookupState {
+    /// No lookup asked: it waits only behind others (it may still need one when its turn comes).
+    NotAsked,
+    /// Lookup `id` asked when the dedup cache stood at `mark`.
+    Asked { id: u64, mark: u64 },
+    /// The store answered.
+    Answered {
+        found: Option<crate::model::DedupRecord>,
+        mark: u64,
+    },
+}
+
+impl Parked {
+    pub fn new(req: &crate::engine::SendRequest<'_>, lookup: LookupState) -> Self {
+        Parked {
+            conv: req.conv.map(str::to_string),
+            to: req.to.map(str::to_string),
+            cmid: req.cmid.clone(),
+            body: req.body.clone(),
+            reply_to: req.reply_to,
+            lookup,
+        }
+    }
+
+    /// What a send counts against its connection's budget of waiting bytes.
+    pub fn size_of(req: &crate::engine::SendRequest<'_>) -> usize {
+        req.body.len() + req.cmid.len() + req.conv.map_or(0, str::len) + req.to.map_or(0, str::len)
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.body.len()
+            + self.cmid.len()
+            + self.conv.as_ref().map_or(0, String::len)
+            + self.to.as_ref().map_or(0, String::len)
+    }
 }
 
 /// Client message ids refused in one conversation (for rate, or held back behind one that was),
@@ -53,6 +108,8 @@ impl Session {
             convs: HashMap::new(),
             held_back: HashMap::new(),
             direct: None,
+            parked: VecDeque::new(),
+            parked_bytes: 0,
         }
     }
 }

@@ -34,6 +34,13 @@ pub struct Config {
     /// Frames queued for one connection before it is dropped as too slow.
     pub outbound_queue: usize,
     pub dedup_window_secs: u64,
+    /// Dedup entries kept in memory, the most recent (the store holds every one of the
+    /// window; an older resend is looked up there).
+    pub dedup_cache_entries: usize,
+    /// The dedup filter, in MiB: tells a new client message id from one that may have been
+    /// seen, without a store lookup. About 10 bits per message of the window keeps lookups of
+    /// new ids near 2 %.
+    pub dedup_filter_mib: usize,
     /// Sends per second per user (0: unlimited) and the burst allowed above it.
     pub rate_per_sec: f64,
     pub rate_burst: f64,
@@ -67,6 +74,8 @@ impl Default for Config {
             receipt_max_members: core.receipt_max_members,
             outbound_queue: 1024,
             dedup_window_secs: core.dedup_window_ms / 1000,
+            dedup_cache_entries: core.dedup_cache_entries,
+            dedup_filter_mib: core.dedup_filter_bytes >> 20,
             rate_per_sec: core.rate_per_sec,
             rate_burst: core.rate_burst,
             retention_max_age_secs: None,
@@ -136,6 +145,9 @@ impl Config {
         if self.store_cache_mib == 0 {
             return bad("store_cache_mib must be at least 1");
         }
+        if self.dedup_filter_mib == 0 || self.dedup_filter_mib > 1 << 16 {
+            return bad("dedup_filter_mib must be between 1 and 65536");
+        }
         if self.log_format != "text" && self.log_format != "json" {
             return bad("log_format is `text` or `json`");
         }
@@ -157,6 +169,8 @@ impl Config {
             push_window: self.push_window,
             receipt_max_members: self.receipt_max_members,
             dedup_window_ms: self.dedup_window_secs.saturating_mul(1000),
+            dedup_cache_entries: self.dedup_cache_entries,
+            dedup_filter_bytes: self.dedup_filter_mib << 20,
             rate_per_sec: self.rate_per_sec,
             rate_burst: self.rate_burst,
             default_retention: Retention {
@@ -186,5 +200,23 @@ mod tests {
         };
         let e = zero.validate().expect_err("a store cache of 0 is refused");
         assert!(e.to_string().contains("store_cache_mib"), "{e}");
+    }
+
+    #[test]
+    fn the_dedup_caches_are_settings() {
+        let c: Config =
+            toml::from_str("dedup_cache_entries = 10\ndedup_filter_mib = 2").expect("parse");
+        assert!(c.validate().is_ok());
+        let core = c.core();
+        assert_eq!(
+            (core.dedup_cache_entries, core.dedup_filter_bytes),
+            (10, 2 << 20)
+        );
+        let none = Config {
+            dedup_filter_mib: 0,
+            ..Config::default()
+        };
+        let e = none.validate().expect_err("a filter of 0 is refused");
+        assert!(e.to_string().contains("dedup_filter_mib"), "{e}");
     }
 }

@@ -7,6 +7,11 @@ pub const CONNECTIONS: &str = "ordo_connections";
 pub const ACCEPTED: &str = "ordo_messages_accepted_total";
 pub const DELIVERED: &str = "ordo_messages_delivered_total";
 pub const DEDUP_HITS: &str = "ordo_dedup_hits_total";
+/// Sends whose client message id was looked up in the store (the dedup cache did not hold it
+/// and the dedup filter could not rule it out).
+pub const DEDUP_LOOKUPS: &str = "ordo_dedup_lookups_total";
+/// Dedup entries held in memory.
+pub const DEDUP_CACHED: &str = "ordo_dedup_cached_entries";
 pub const NOTIFIES: &str = "ordo_notifies_total";
 pub const REJECTED: &str = "ordo_sends_rejected_total";
 pub const FRAME_ERRORS: &str = "ordo_frame_errors_total";

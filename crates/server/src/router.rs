@@ -8,6 +8,10 @@
 //! replies. It never waits on a connection: a connection whose queue is full is dropped as too
 //! slow and will resume from its cursor when it reconnects.
 //!
+//! Dedup keys the core cannot answer from memory ([`Action::Lookup`]) go to the lookup thread,
+//! which asks the store for many at once and sends the answers back; at start it also lists
+//! the dedup keys the store holds, page by page between lookups, for the core's filter.
+//!
 //! A failed commit is fatal (fail-stop): every waiting sender is told to retry, and the server
 //! stops with an error. After an I/O error the disk's state is unknown; only a restart, which
 //! reloads from the store, knows again what is durable.
@@ -17,7 +21,7 @@ use axum::extract::ws::{Message as WsMessage, Utf8Bytes};
 use foldhash::{HashMap, HashMapExt};
 use ordo_core::{
     Action, AdminOp, AdminReply, Batch, CommitOutcome, Core, CoreConfig, CoreError, CoreStats,
-    Handled, SessionId, SyncPlan, Ticket,
+    DedupRecord, Handled, SessionId, SyncPlan, Ticket,
 };
 use ordo_protocol::{encode, ClientFrame, Encoded, Encoding, ErrorCode, Message, ServerFrame};
 use ordo_store::{Store, StoreError};
@@ -125,6 +129,24 @@ struct Committed {
     result: Result<CommitOutcome, StoreError>,
 }
 
+/// A dedup lookup the core asked for: (lookup id, user, client message id).
+type Lookup = (u64, String, String);
+
+/// What the lookup thread sends back.
+enum Looked {
+    /// Answers to lookups, by id.
+    Found(Vec<(u64, Option<DedupRecord>)>),
+    /// A page of the dedup keys the store holds, for the filter; `done` on the last.
+    Scanned {
+        entries: Vec<DedupRecord>,
+        done: bool,
+    },
+    Failed(StoreError),
+}
+
+/// Dedup entries the lookup thread reads per page while it rebuilds the filter.
+const SCAN_PAGE: usize = 16_384;
+
 pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -136,6 +158,7 @@ pub fn now_ms() -> u64 {
 struct Counters {
     accepted: metrics::Counter,
     dedup_hits: metrics::Counter,
+    dedup_lookups: metrics::Counter,
     notifies: metrics::Counter,
     rejected: metrics::Counter,
 }
@@ -145,6 +168,7 @@ impl Counters {
         Counters {
             accepted: metrics::counter!(m::ACCEPTED),
             dedup_hits: metrics::counter!(m::DEDUP_HITS),
+            dedup_lookups: metrics::counter!(m::DEDUP_LOOKUPS),
             notifies: metrics::counter!(m::NOTIFIES),
             rejected: metrics::counter!(m::REJECTED),
         }
@@ -158,6 +182,12 @@ pub struct Router {
     next_ticket: Ticket,
     writer: std::sync::mpsc::Sender<Batch>,
     committed: mpsc::UnboundedReceiver<Committed>,
+    /// Lookups asked by the core since the last hand-over to the lookup thread.
+    lookups: Vec<Lookup>,
+    lookup_tx: std::sync::mpsc::Sender<Vec<Lookup>>,
+    looked: mpsc::UnboundedReceiver<Looked>,
+    /// When the filter's rebuild started, and how many keys it has read.
+    scan: Option<(Instant, usize)>,
     last_now: u64,
     last_stats: CoreStats,
     counters: Counters,
@@ -180,14 +210,21 @@ impl Router {
         let snapshot = store.load()?;
         // Acceptance times never go back, even if the clock did across a restart: retention by
         // age relies on them growing along a conversation.
-        let last_now = snapshot.dedup.iter().map(|d| d.ts).max().unwrap_or(0);
+        let last_now = snapshot.last_ts;
         let core = Core::new(cfg, rand::random(), snapshot);
         let (writer, batches) = std::sync::mpsc::channel::<Batch>();
         let (done_tx, committed) = mpsc::unbounded_channel();
+        let writer_store = store.clone();
         std::thread::Builder::new()
             .name("ordo-commit".into())
-            .spawn(move || commit_thread(store, batches, done_tx))
+            .spawn(move || commit_thread(writer_store, batches, done_tx))
             .map_err(|e| StoreError::Unavailable(format!("cannot start the commit thread: {e}")))?;
+        let (lookup_tx, lookup_rx) = std::sync::mpsc::channel::<Vec<Lookup>>();
+        let (looked_tx, looked) = mpsc::unbounded_channel();
+        std::thread::Builder::new()
+            .name("ordo-lookup".into())
+            .spawn(move || lookup_thread(store, lookup_rx, looked_tx))
+            .map_err(|e| StoreError::Unavailable(format!("cannot start the lookup thread: {e}")))?;
         Ok(Router {
             core,
             sessions: HashMap::new(),
@@ -195,6 +232,10 @@ impl Router {
             next_ticket: 1,
             writer,
             committed,
+            lookups: Vec::new(),
+            lookup_tx,
+            looked,
+            scan: Some((Instant::now(), 0)),
             last_now,
             last_stats: CoreStats::default(),
             counters: Counters::new(),
@@ -221,6 +262,7 @@ impl Router {
             tokio::select! {
                 biased;
                 Some(c) = self.committed.recv() => self.on_committed(c),
+                Some(l) = self.looked.recv() => self.on_looked(l),
                 _ = tick.tick() => self.on_tick(),
                 cmd = rx.recv(), if open => match cmd {
                     Some(cmd) => {
@@ -243,6 +285,7 @@ impl Router {
                 return Err(e);
             }
             self.record_stats();
+            self.ask_lookups();
             self.start_commit();
             if (!open || !self.shutdown.is_empty())
                 && !self.core.has_pending()
@@ -354,6 +397,58 @@ impl Router {
         }
     }
 
+    /// Hands the lookups the core asked for to the lookup thread, all at once.
+    fn ask_lookups(&mut self) {
+        if self.lookups.is_empty() || self.fatal.is_some() {
+            return;
+        }
+        let asked = std::mem::take(&mut self.lookups);
+        if self.lookup_tx.send(asked).is_err() {
+            self.fail(StoreError::Unavailable("the lookup thread stopped".into()));
+        }
+    }
+
+    fn on_looked(&mut self, l: Looked) {
+        match l {
+            Looked::Found(answers) => {
+                let now = self.now();
+                for (id, found) in answers {
+                    let actions = self.core.looked_up(id, found, now);
+                    self.dispatch(actions);
+                }
+            }
+            Looked::Scanned { entries, done } => {
+                self.core.dedup_filter_add(&entries);
+                if let Some((_, n)) = self.scan.as_mut() {
+                    *n += entries.len();
+                }
+                if done {
+                    self.core.dedup_filter_complete();
+                    if let Some((started, n)) = self.scan.take() {
+                        tracing::info!(
+                            keys = n,
+                            ms = started.elapsed().as_millis() as u64,
+                            "dedup filter rebuilt from the store"
+                        );
+                    }
+                }
+            }
+            Looked::Failed(e) => {
+                tracing::error!(error = %e, "dedup lookup failed; stopping the server (restart it to reload from the store)");
+                self.fail(e);
+            }
+        }
+    }
+
+    /// Storage failed: every waiting sender is told to retry, and the server stops.
+    fn fail(&mut self, e: StoreError) {
+        let actions = self.core.abort_all(&e.to_string());
+        self.dispatch(actions);
+        if self.fatal.is_none() {
+            self.fatal = Some(e);
+        }
+    }
+
     fn on_committed(&mut self, c: Committed) {
         if let Some(t) = self.in_flight_since.take() {
             metrics::histogram!(m::BATCH_SECONDS).record(t.elapsed().as_secs_f64());
@@ -366,14 +461,13 @@ impl Router {
             Err(e) => {
                 metrics::counter!(m::COMMIT_FAILURES).increment(1);
                 tracing::error!(error = %e, "commit failed; stopping the server (restart it to reload from the store)");
-                let actions = self.core.abort_all(&e.to_string());
-                self.dispatch(actions);
-                self.fatal = Some(e);
+                self.fail(e);
             }
         }
     }
 
     fn on_tick(&mut self) {
+        metrics::gauge!(m::DEDUP_CACHED).set(self.core.dedup_cached() as f64);
         let now = self.now();
         if self.last_housekeeping.elapsed() >= self.housekeeping {
             self.last_housekeeping = Instant::now();
@@ -392,6 +486,8 @@ impl Router {
         c.accepted.increment(s.accepted.saturating_sub(l.accepted));
         c.dedup_hits
             .increment(s.dedup_hits.saturating_sub(l.dedup_hits));
+        c.dedup_lookups
+            .increment(s.dedup_lookups.saturating_sub(l.dedup_lookups));
         c.notifies.increment(s.notified.saturating_sub(l.notified));
         self.last_stats = s;
     }
@@ -406,6 +502,7 @@ impl Router {
                         let _ = tx.send(reply);
                     }
                 }
+                Action::Lookup { id, user, cmid } => self.lookups.push((id, user, cmid)),
             }
         }
     }
@@ -469,6 +566,69 @@ fn commit_thread(
         }
         if done.send(Committed { id, result }).is_err() {
             break;
+        }
+    }
+}
+
+/// The lookup thread: answers the core's dedup lookups, many per store call, and meanwhile
+/// (lookups first: a send waits on each) lists the dedup keys the store holds for the core's
+/// filter. Stops at the first store error, after reporting it.
+fn lookup_thread(
+    store: Arc<dyn Store>,
+    asked: std::sync::mpsc::Receiver<Vec<Lookup>>,
+    out: mpsc::UnboundedSender<Looked>,
+) {
+    use std::sync::mpsc::TryRecvError;
+    let mut scan_from = None;
+    let mut scanning = true;
+    loop {
+        let mut batch: Vec<Lookup> = Vec::new();
+        if !scanning {
+            match asked.recv() {
+                Ok(b) => batch = b,
+                Err(_) => return,
+            }
+        }
+        loop {
+            match asked.try_recv() {
+                Ok(b) => batch.extend(b),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    if batch.is_empty() {
+                        return;
+                    }
+                    break;
+                }
+            }
+        }
+        let sent = if !batch.is_empty() {
+            let (ids, keys): (Vec<u64>, Vec<(String, String)>) =
+                batch.into_iter().map(|(id, u, c)| (id, (u, c))).unzip();
+            match store.dedup_lookup(&keys) {
+                Ok(found) => out.send(Looked::Found(ids.into_iter().zip(found).collect())),
+                Err(e) => {
+                    let _ = out.send(Looked::Failed(e));
+                    return;
+                }
+            }
+        } else {
+            match store.dedup_scan(scan_from.take(), SCAN_PAGE) {
+                Ok(page) => {
+                    scanning = page.next.is_some();
+                    scan_from = page.next;
+                    out.send(Looked::Scanned {
+                        entries: page.entries,
+                        done: !scanning,
+                    })
+                }
+                Err(e) => {
+                    let _ = out.send(Looked::Failed(e));
+                    return;
+                }
+            }
+        };
+        if sent.is_err() {
+            return;
         }
     }
 }

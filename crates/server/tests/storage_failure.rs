@@ -3,10 +3,10 @@
 //! written is visible, and numbering continues without a hole.
 
 use futures_util::{SinkExt, StreamExt};
-use ordo_core::{Batch, CommitOutcome, Snapshot};
+use ordo_core::{Batch, CommitOutcome, DedupRecord, Snapshot};
 use ordo_server::auth::{Claims, TokenKey};
 use ordo_server::{start_with_store, Config, ServerError};
-use ordo_store::{Page, Store, StoreError};
+use ordo_store::{DedupScan, Page, ScanFrom, Store, StoreError};
 use ordo_store_redb::RedbStore;
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -45,6 +45,17 @@ impl Store for FailingStore {
         max_bytes: usize,
     ) -> Result<Page, StoreError> {
         self.inner.read_page(conv, from, to, limit, max_bytes)
+    }
+
+    fn dedup_lookup(
+        &self,
+        keys: &[(String, String)],
+    ) -> Result<Vec<Option<DedupRecord>>, StoreError> {
+        self.inner.dedup_lookup(keys)
+    }
+
+    fn dedup_scan(&self, from: Option<ScanFrom>, max: usize) -> Result<DedupScan, StoreError> {
+        self.inner.dedup_scan(from, max)
     }
 }
 

@@ -2,6 +2,10 @@
 //! frame through [`Core::on_frame`], the same entry point the server uses), a model of its
 //! durable store, group commit with one batch in flight, housekeeping, and crashes.
 //!
+//! Dedup lookups are answered by the store as it stood when they were asked, after a random
+//! delay and in any order; a restarted core's dedup filter is rebuilt page by page from the
+//! store meanwhile.
+//!
 //! A crash loses the core and every connection, and keeps exactly what the store had made
 //! durable; the restarted core is rebuilt from the store's snapshot. Under
 //! [`Sabotage::FsyncBeforeAccept`] the answers for a batch go out when the batch is taken,
@@ -11,7 +15,9 @@ use crate::checks::{Kind, Violation};
 use crate::faults::Sabotage;
 use crate::network::short;
 use crate::world::Sim;
-use ordo_core::{Action, Batch, CommitOutcome, Core, CoreConfig, Handled, MemoryStore, SessionId};
+use ordo_core::{
+    Action, Batch, CommitOutcome, Core, CoreConfig, DedupRecord, Handled, MemoryStore, SessionId,
+};
 use ordo_protocol::{Limits, ServerFrame};
 
 /// What a store backend holds after applying the committed batches: the truth a restarted core
@@ -45,6 +51,22 @@ pub struct Server {
     /// The server's clock minus the simulation's (it jumps; see [`crate::faults`]).
     pub clock_offset: i64,
     pub housekeeping_at: u64,
+    /// Dedup lookups asked and not answered, with the store's answer as of when they were
+    /// asked, in the order they will be answered.
+    pub lookups: Vec<Lookup>,
+    /// The filter's rebuild after a restart: when the next page comes, and after which entry.
+    pub scan: Option<Scan>,
+}
+
+pub struct Lookup {
+    pub at: u64,
+    pub id: u64,
+    pub found: Option<DedupRecord>,
+}
+
+pub struct Scan {
+    pub at: u64,
+    pub after: Option<DedupRecord>,
 }
 
 impl Sim {
@@ -138,6 +160,8 @@ impl Sim {
         self.stats.server_crashes += 1;
         tr!(self, "SERVER CRASH");
         self.server.up = false;
+        self.server.lookups.clear();
+        self.server.scan = None;
         if let Some(rollback) = self.server.in_flight.take().and_then(|f| f.rollback) {
             tr!(self, "the unsynced batch is lost");
             self.server.store = rollback;
@@ -162,6 +186,10 @@ impl Sim {
         core.set_faults(self.opts.sabotage.core_faults());
         self.server.core = core;
         self.server.up = true;
+        self.server.scan = Some(Scan {
+            at: self.now + self.rng.range((0, 400)),
+            after: None,
+        });
         tr!(self, "server up (incarnation {})", self.server.incarnation);
     }
 
@@ -178,8 +206,57 @@ impl Sim {
         self.forget_dead(sid);
     }
 
+    /// The store answers the next lookup (as it stood when it was asked).
+    pub(crate) fn answer_lookup(&mut self) -> Result<(), Violation> {
+        if self.server.lookups.is_empty() {
+            return Ok(());
+        }
+        let l = self.server.lookups.remove(0);
+        tr!(
+            self,
+            "lookup {} answered: {:?}",
+            l.id,
+            l.found.as_ref().map(|d| (&d.conv, d.seq))
+        );
+        let now = self.server_now();
+        let actions = self.server.core.looked_up(l.id, l.found, now);
+        self.dispatch(actions)?;
+        self.pump()
+    }
+
+    /// The store lists a few more dedup keys for the restarted core's filter.
+    pub(crate) fn scan_step(&mut self) {
+        let Some(scan) = self.server.scan.take() else {
+            return;
+        };
+        let n = self.rng.range((1, 8)) as usize;
+        let page = self.server.store.dedup_scan(scan.after.as_ref(), n);
+        self.server.core.dedup_filter_add(&page);
+        if page.len() < n {
+            tr!(self, "dedup filter complete");
+            self.server.core.dedup_filter_complete();
+            return;
+        }
+        self.server.scan = Some(Scan {
+            at: self.now + self.rng.range((1, 200)),
+            after: page.last().cloned(),
+        });
+    }
+
     pub(crate) fn dispatch(&mut self, actions: Vec<Action>) -> Result<(), Violation> {
         for a in ordo_core::per_session(actions) {
+            if let Action::Lookup { id, user, cmid } = &a {
+                self.stats.lookups += 1;
+                let found = self.server.store.dedup_lookup(user, cmid);
+                let at = self.now + self.rng.range((1, 60));
+                // Answers overtake one another: each goes in at a random place.
+                let i = self.rng.range((0, self.server.lookups.len() as u64)) as usize;
+                self.server.lookups.insert(
+                    i.min(self.server.lookups.len()),
+                    Lookup { at, id: *id, found },
+                );
+                continue;
+            }
             if let Action::Send { session, frame } = a {
                 if let ServerFrame::Msg(m) = &frame {
                     if self.server.store.messages.get(&(m.conv.clone(), m.seq)) != Some(m) {

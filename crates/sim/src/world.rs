@@ -95,6 +95,8 @@ pub struct Stats {
     pub reordered: u64,
     pub idle_ticks: u64,
     pub rejected_retryable: u64,
+    /// Dedup keys the core looked up in the store.
+    pub lookups: u64,
     pub steps: u64,
 }
 
@@ -115,6 +117,7 @@ impl std::ops::AddAssign for Stats {
         self.reordered += o.reordered;
         self.idle_ticks += o.idle_ticks;
         self.rejected_retryable += o.rejected_retryable;
+        self.lookups += o.lookups;
         self.steps += o.steps;
     }
 }
@@ -126,6 +129,10 @@ pub(crate) enum Item {
     /// The batch in flight reaches the disk (fsync done).
     Commit,
     Housekeeping,
+    /// The store answers the oldest dedup lookup.
+    Lookup,
+    /// The store lists the next page of its dedup keys for a restarted core's filter.
+    Scan,
     ToServer(SessionId),
     ToClient(SessionId),
     ClientDetect(SessionId),
@@ -187,10 +194,15 @@ impl Sim {
             },
             rate_per_sec: if rate { 20.0 } else { 0.0 },
             rate_burst: 4.0,
+            // Tiny dedup caches, so that eviction, lookups and their races happen on every seed.
+            dedup_cache_entries: rng.range((0, 6)) as usize,
+            dedup_filter_bytes: [8, 64, 1024][rng.range((0, 2)) as usize],
             ..CoreConfig::default()
         };
         let mut core = Core::new(cfg.clone(), seed, Snapshot::default());
         core.set_faults(opts.sabotage.core_faults());
+        // A new store holds no dedup key: the filter is complete from the start.
+        core.dedup_filter_complete();
         let mut store = ServerStore::default();
         for (i, (id, members)) in GROUPS.iter().enumerate() {
             core.admin(
@@ -265,6 +277,8 @@ impl Sim {
                 in_flight: None,
                 clock_offset: 0,
                 housekeeping_at,
+                lookups: Vec::new(),
+                scan: None,
             },
             devs,
             conns: BTreeMap::new(),
@@ -379,6 +393,12 @@ impl Sim {
         if self.faults_on && self.server.up {
             offer(self.server.housekeeping_at, Item::Housekeeping);
         }
+        if let Some(l) = self.server.lookups.first() {
+            offer(l.at, Item::Lookup);
+        }
+        if let Some(scan) = &self.server.scan {
+            offer(scan.at, Item::Scan);
+        }
         for (sid, c) in &self.conns {
             let held = self.devs[c.dev].cut_off_until;
             if c.alive || c.drain_c2s {
@@ -433,6 +453,11 @@ impl Sim {
             }
             Item::Commit => self.commit(),
             Item::Housekeeping => self.housekeeping(),
+            Item::Lookup => self.answer_lookup(),
+            Item::Scan => {
+                self.scan_step();
+                Ok(())
+            }
             Item::ToServer(sid) => self.deliver_to_server(sid),
             Item::ToClient(sid) => self.deliver_to_client(sid),
             Item::ClientDetect(sid) => self.client_detect(sid),

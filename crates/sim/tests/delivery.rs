@@ -26,6 +26,7 @@ fn every_accepted_message_reaches_every_member_device_once_and_in_order() {
             ("reordered frames", s.reordered),
             ("retryable rejections", s.rejected_retryable),
             ("failed sends", s.failed),
+            ("dedup lookups in the store", s.lookups),
         ];
         for (what, n) in seen {
             assert!(n > 0, "no {what} in {DELIVERY_SEEDS} seeds: {s:?}");

@@ -22,7 +22,7 @@ use crate::error::{applier_stopped, encoding, engine};
 use crate::wal::{self, Wal};
 use ordo_core::{Batch, CommitOutcome, ConvRecord, CursorRecord, DedupRecord, Snapshot};
 use ordo_protocol::Message;
-use ordo_store::{Page, PageFill, Store, StoreError};
+use ordo_store::{DedupScan, Page, PageFill, ScanFrom, Store, StoreError};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
 use serde::de::DeserializeOwned;
 use std::path::Path;
@@ -52,6 +52,12 @@ const CURSORS: TableDefinition<(&str, &str, &str), (u64, u64)> = TableDefinition
 /// messages; a run is forgotten once its newest entry is past the window, and the core checks
 /// the window of every entry it uses, so the older entries a run keeps meanwhile are harmless.
 const DEDUP_RUNS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("dedup_runs");
+/// (user, cmid) -> (conv, seq, acceptance time): the newest entry of each key, for looking a
+/// resend up. Written with the runs; an entry goes when the run it came from is forgotten,
+/// unless a newer entry of its key replaced it meanwhile. Stores written before this table
+/// existed get it built from their runs on open.
+const DEDUP_KEYS: TableDefinition<(&str, &str), (&str, u64, u64)> =
+    TableDefinition::new("dedup_keys");
 /// The layout before runs: (user, cmid) -> entry; moved into runs on open.
 const DEDUP_BY_KEY: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("dedup");
 /// `wal_applied` -> seqno of the last log record applied to the B-tree.
@@ -205,7 +211,9 @@ impl RedbStore {
             })?;
         // Create every table once so that readers never meet a missing one.
         let tx = db.begin_write().map_err(engine)?;
+        let keys_indexed = has_table(&tx, DEDUP_KEYS.name())?;
         {
+            tx.open_table(DEDUP_KEYS).map_err(engine)?;
             tx.open_table(MESSAGE_RUNS).map_err(engine)?;
             tx.open_table(CONVS).map_err(engine)?;
             tx.open_table(RANGES).map_err(engine)?;
@@ -215,6 +223,9 @@ impl RedbStore {
         }
         move_messages_into_runs(&tx)?;
         move_dedup_into_runs(&tx)?;
+        if !keys_indexed {
+            index_dedup_runs(&tx)?;
+        }
         tx.commit().map_err(engine)?;
         let mut applied = {
             let tx = db.begin_read().map_err(engine)?;
@@ -443,13 +454,10 @@ impl Store for RedbStore {
                 read,
             });
         }
+        // Runs are keyed by their newest entry's time first: the last holds the newest.
         let dedup = tx.open_table(DEDUP_RUNS).map_err(engine)?;
-        for row in dedup.iter().map_err(engine)? {
-            let (k, v) = row.map_err(engine)?;
-            let (time, run) = k.value();
-            let at = format!("(time {time}, run {run})");
-            snap.dedup
-                .extend(decode::<Vec<DedupRecord>>("dedup run", at, v.value())?);
+        if let Some((k, _)) = dedup.last().map_err(engine)? {
+            snap.last_ts = k.value().0;
         }
         Ok(snap)
     }
@@ -548,6 +556,83 @@ impl Store for RedbStore {
         }
         Ok(fill.finish())
     }
+
+    fn dedup_lookup(
+        &self,
+        keys: &[(String, String)],
+    ) -> Result<Vec<Option<DedupRecord>>, StoreError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Every batch whose commit returned is in the B-tree first.
+        self.applied.wait_caught_up()?;
+        let tx = self.db.begin_read().map_err(engine)?;
+        let table = tx.open_table(DEDUP_KEYS).map_err(engine)?;
+        keys.iter()
+            .map(|(user, cmid)| {
+                let found = table.get((user.as_str(), cmid.as_str())).map_err(engine)?;
+                Ok(found.map(|v| {
+                    let (conv, seq, ts) = v.value();
+                    DedupRecord {
+                        user: user.clone(),
+                        cmid: cmid.clone(),
+                        conv: conv.to_string(),
+                        seq,
+                        ts,
+                    }
+                }))
+            })
+            .collect()
+    }
+
+    fn dedup_scan(&self, from: Option<ScanFrom>, max: usize) -> Result<DedupScan, StoreError> {
+        let after = match from {
+            None => None,
+            Some(ScanFrom(raw)) => {
+                let at: [u8; 16] = raw.as_slice().try_into().map_err(|_| StoreError::Engine {
+                    context: "dedup scan".into(),
+                    source: format!(
+                        "a scan position of {} bytes that this store did not make",
+                        raw.len()
+                    )
+                    .into(),
+                })?;
+                let (time, run) = at.split_at(8);
+                Some((
+                    u64::from_be_bytes(time.try_into().unwrap_or_default()),
+                    u64::from_be_bytes(run.try_into().unwrap_or_default()),
+                ))
+            }
+        };
+        self.applied.wait_caught_up()?;
+        let tx = self.db.begin_read().map_err(engine)?;
+        let runs = tx.open_table(DEDUP_RUNS).map_err(engine)?;
+        let range = match after {
+            None => runs.range::<(u64, u64)>(..),
+            Some(a) => runs.range((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded)),
+        }
+        .map_err(engine)?;
+        let mut scan = DedupScan::default();
+        let mut last = None;
+        for row in range {
+            if scan.entries.len() >= max.max(1) {
+                // More remain: go on after the last run listed.
+                scan.next = last.map(|(time, run): (u64, u64)| {
+                    let mut at = time.to_be_bytes().to_vec();
+                    at.extend_from_slice(&run.to_be_bytes());
+                    ScanFrom(at)
+                });
+                break;
+            }
+            let (k, v) = row.map_err(engine)?;
+            let (time, run) = k.value();
+            let at = format!("(time {time}, run {run})");
+            scan.entries
+                .extend(decode::<Vec<DedupRecord>>("dedup run", at, v.value())?);
+            last = Some((time, run));
+        }
+        Ok(scan)
+    }
 }
 
 /// Writes `batches`, in order, into the B-tree in one transaction with `durability`, recording
@@ -638,16 +723,19 @@ fn apply(
         // of earlier versions name expired entries in `dedup_delete`: those entries are in runs
         // now and are forgotten with them.)
         let mut dedup = tx.open_table(DEDUP_RUNS).map_err(engine)?;
+        let mut keys = tx.open_table(DEDUP_KEYS).map_err(engine)?;
         if let Some(before) = batch.dedup_forget_before_ms {
-            dedup
-                .retain_in((0, 0)..(before, 0), |_, _| false)
-                .map_err(engine)?;
+            forget_dedup_runs(&mut dedup, &mut keys, before)?;
         }
         // Every message is its own dedup entry; `dedup_put` holds any others.
         let entries: Vec<DedupView> = (batch.dedup_put.iter().map(DedupView::record))
             .chain(batch.messages.iter().map(|m| DedupView::message(m)))
             .collect();
         put_dedup_runs(&tx, &mut dedup, &entries, &mut scratch)?;
+        for d in &entries {
+            keys.insert((d.user, d.cmid), (d.conv, d.seq, d.ts))
+                .map_err(engine)?;
+        }
     }
     tx.commit().map_err(engine)?;
     Ok(outcome)
@@ -802,8 +890,64 @@ fn put_dedup_runs(
     Ok(())
 }
 
-/// Moves dedup entries stored one row each (the layout before runs) into runs, oldest first, and
-/// drops the old table.
+/// Forgets the dedup runs whose newest entry was accepted before `before`, and the key of each
+/// of their entries unless a newer entry of that key replaced it.
+fn forget_dedup_runs(
+    dedup: &mut redb::Table<(u64, u64), &[u8]>,
+    keys: &mut redb::Table<(&str, &str), (&str, u64, u64)>,
+    before: u64,
+) -> Result<(), StoreError> {
+    let mut doomed = Vec::new();
+    for row in dedup.range((0, 0)..(before, 0)).map_err(engine)? {
+        let (k, v) = row.map_err(engine)?;
+        let (time, run) = k.value();
+        let at = format!("(time {time}, run {run})");
+        doomed.push(decode::<Vec<DedupRecord>>("dedup run", at, v.value())?);
+    }
+    for d in doomed.iter().flatten() {
+        let key = (d.user.as_str(), d.cmid.as_str());
+        let same = keys
+            .get(key)
+            .map_err(engine)?
+            .is_some_and(|v| v.value() == (d.conv.as_str(), d.seq, d.ts));
+        if same {
+            keys.remove(key).map_err(engine)?;
+        }
+    }
+    dedup
+        .retain_in((0, 0)..(before, 0), |_, _| false)
+        .map_err(engine)?;
+    Ok(())
+}
+
+/// Builds the key table from the runs, oldest first (a newer entry of a key replaces an older
+/// one): a store written before the key table existed.
+fn index_dedup_runs(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
+    let runs = tx.open_table(DEDUP_RUNS).map_err(engine)?;
+    let mut keys = tx.open_table(DEDUP_KEYS).map_err(engine)?;
+    let mut entries = Vec::new();
+    for row in runs.iter().map_err(engine)? {
+        let (k, v) = row.map_err(engine)?;
+        let (time, run) = k.value();
+        let at = format!("(time {time}, run {run})");
+        entries.extend(decode::<Vec<DedupRecord>>("dedup run", at, v.value())?);
+    }
+    entries.sort_by_key(|d| d.ts);
+    for d in &entries {
+        keys.insert(
+            (d.user.as_str(), d.cmid.as_str()),
+            (d.conv.as_str(), d.seq, d.ts),
+        )
+        .map_err(engine)?;
+    }
+    if !entries.is_empty() {
+        tracing::info!(entries = entries.len(), "indexed dedup entries by key");
+    }
+    Ok(())
+}
+
+/// Moves dedup entries stored one row each (the layout before runs) into runs, oldest first,
+/// indexes them by key, and drops the old table.
 fn move_dedup_into_runs(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
     if !has_table(tx, DEDUP_BY_KEY.name())? {
         return Ok(());
@@ -823,6 +967,12 @@ fn move_dedup_into_runs(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
     let mut dedup = tx.open_table(DEDUP_RUNS).map_err(engine)?;
     put_dedup_runs(tx, &mut dedup, &views, &mut Vec::new())?;
     drop(dedup);
+    let mut keys = tx.open_table(DEDUP_KEYS).map_err(engine)?;
+    for d in &views {
+        keys.insert((d.user, d.cmid), (d.conv, d.seq, d.ts))
+            .map_err(engine)?;
+    }
+    drop(keys);
     tx.delete_table(DEDUP_BY_KEY).map_err(engine)?;
     tracing::info!(
         entries = entries.len(),

@@ -117,15 +117,22 @@ fn dedup(cmid: &str, ts: u64) -> DedupRecord {
     }
 }
 
+/// The cmids of user `a` a full scan lists, sorted; each is also found by a lookup.
 fn dedup_cmids(store: &RedbStore) -> Vec<String> {
     let mut got: Vec<String> = store
-        .load()
+        .dedup_scan(None, usize::MAX)
         .unwrap()
-        .dedup
+        .entries
         .into_iter()
         .map(|d| d.cmid)
         .collect();
     got.sort();
+    let keys: Vec<(String, String)> = got.iter().map(|c| ("a".into(), c.clone())).collect();
+    let found = store.dedup_lookup(&keys).unwrap();
+    assert!(
+        found.iter().all(Option::is_some),
+        "every key is found: {found:?}"
+    );
     got
 }
 
@@ -158,6 +165,36 @@ fn dedup_entries_stored_one_per_row_are_moved_into_runs() {
         })
         .unwrap();
     assert_eq!(dedup_cmids(&store), ["x", "y", "z"]);
+}
+
+/// A store written before dedup entries were indexed by key (runs only) gets its key table
+/// built on open: a resend accepted then is still found by a lookup.
+#[test]
+fn dedup_runs_without_a_key_table_are_indexed_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = RedbStore::open(dir.path()).unwrap();
+    store
+        .commit(Batch {
+            id: 1,
+            dedup_put: vec![dedup("x", 5), dedup("y", 7)],
+            ..Batch::default()
+        })
+        .unwrap();
+    drop(store);
+    {
+        let db = redb::Database::create(dir.path().join("ordo.redb")).unwrap();
+        let tx = db.begin_write().unwrap();
+        let keys: redb::TableDefinition<(&str, &str), (&str, u64, u64)> =
+            redb::TableDefinition::new("dedup_keys");
+        assert!(tx.delete_table(keys).unwrap(), "the key table was there");
+        tx.commit().unwrap();
+    }
+    let store = RedbStore::open(dir.path()).unwrap();
+    let found = store
+        .dedup_lookup(&[("a".into(), "y".into()), ("a".into(), "w".into())])
+        .unwrap();
+    assert_eq!(found, vec![Some(dedup("y", 7)), None]);
+    assert_eq!(dedup_cmids(&store), ["x", "y"]);
 }
 
 /// The seqs of `conv` in the file's message runs, hidden or not.

@@ -1,5 +1,5 @@
 //! The conformance suite every [`Store`] backend runs: what a batch means, checked from the
-//! outside through `load`, `commit` and `read_page`, so that every backend, and the in-memory
+//! outside through `load`, `commit`, `read_page`, `dedup_lookup` and `dedup_scan`, so that every backend, and the in-memory
 //! reference the core is tested against ([`MemStore`](crate::MemStore)), agree.
 //!
 //! A backend implements [`Backend`] for a small test type (a temporary directory or database
@@ -32,6 +32,7 @@
 use crate::{Page, Store, StoreError};
 use ordo_core::{Batch, ConvPosition, ConvRecord, CursorRecord, DedupRecord, Retention};
 use ordo_protocol::{ConvKind, Message};
+use std::collections::BTreeMap;
 use std::ops::RangeInclusive;
 use std::sync::Arc;
 
@@ -67,7 +68,8 @@ macro_rules! conformance_tests {
             seq_ranges_move_apart_from_the_record,
             conversations_and_cursors_round_trip,
             dedup_entries_survive_a_reopen_and_are_forgotten_by_time,
-            a_client_message_id_is_one_entry_per_user_and_conversation,
+            a_client_message_id_is_one_entry_per_user,
+            a_dedup_lookup_sees_every_commit_at_once,
             a_seq_stored_twice_is_refused_whole,
         );
     };
@@ -200,7 +202,6 @@ fn now_and_after_reopen<B: Backend>(backend: &mut B, check: impl Fn(&dyn Store))
     check(backend.store());
 }
 
-/// The dedup entries `load` returns, as (user, cmid, conv, seq, ts), sorted.
 /// A dedup entry as [`dedup_entries`] lists it: (user, cmid, conversation, seq, time).
 fn entry(user: &str, cmid: &str, conv: &str, seq: u64, ts: u64) -> DedupEntryView {
     (user.into(), cmid.into(), conv.into(), seq, ts)
@@ -208,16 +209,37 @@ fn entry(user: &str, cmid: &str, conv: &str, seq: u64, ts: u64) -> DedupEntryVie
 
 type DedupEntryView = (String, String, String, u64, u64);
 
+/// The dedup entries the store holds, as (user, cmid, conv, seq, ts), sorted: what a full
+/// `dedup_scan` lists (read two at a time, so that every scan resumes), the newest per key (a
+/// scan may still list an entry a newer one of its key replaced). Each must be what
+/// `dedup_lookup` answers for its key.
 fn dedup_entries(store: &dyn Store) -> Vec<DedupEntryView> {
-    let mut got: Vec<_> = store
-        .load()
-        .expect("load")
-        .dedup
-        .into_iter()
+    let mut newest: BTreeMap<(String, String), DedupRecord> = BTreeMap::new();
+    let mut from = None;
+    for _ in 0..10_000 {
+        let page = store.dedup_scan(from, 2).expect("dedup scan");
+        for d in page.entries {
+            let key = (d.user.clone(), d.cmid.clone());
+            if newest.get(&key).is_none_or(|n| n.ts <= d.ts) {
+                newest.insert(key, d);
+            }
+        }
+        from = page.next;
+        if from.is_none() {
+            break;
+        }
+    }
+    assert!(from.is_none(), "a dedup scan that does not end");
+    let keys: Vec<(String, String)> = newest.keys().cloned().collect();
+    let found = store.dedup_lookup(&keys).expect("dedup lookup");
+    assert_eq!(found.len(), keys.len(), "one answer per key looked up");
+    for (key, got) in keys.iter().zip(found) {
+        assert_eq!(got.as_ref(), newest.get(key), "lookup of {key:?}");
+    }
+    newest
+        .into_values()
         .map(|d| (d.user, d.cmid, d.conv, d.seq, d.ts))
-        .collect();
-    got.sort();
-    got
+        .collect()
 }
 
 /// A committed batch is read back, across a reopen: its conversation record, its messages whole
@@ -563,10 +585,10 @@ pub fn dedup_entries_survive_a_reopen_and_are_forgotten_by_time<B: Backend>() {
     });
 }
 
-/// A client message id belongs to its sender and its conversation: the same id used by one user
-/// in two conversations (reused past the window) is two entries, and so is the same id used by
-/// two users; neither replaces the other.
-pub fn a_client_message_id_is_one_entry_per_user_and_conversation<B: Backend>() {
+/// A client message id belongs to its sender: the same id used by two users is two entries;
+/// one user's id used again (past its window, in another conversation) replaces that user's
+/// entry, and a lookup answers the newer one.
+pub fn a_client_message_id_is_one_entry_per_user<B: Backend>() {
     let mut b = B::open();
     let sent = |conv: &str, seq: u64, from: &str, ts: u64| {
         let mut m = msg(conv, seq, ts);
@@ -598,11 +620,57 @@ pub fn a_client_message_id_is_one_entry_per_user_and_conversation<B: Backend>() 
         };
         assert_eq!(
             dedup_entries(s),
-            vec![x("a", "g", 1, 10), x("a", "h", 1, 20), x("b", "g", 2, 11)]
+            vec![x("a", "h", 1, 20), x("b", "g", 2, 11)]
         );
         assert_eq!(page(s, "g", 1, 2, 10, usize::MAX).messages.len(), 2);
         assert_eq!(page(s, "h", 1, 1, 10, usize::MAX).messages.len(), 1);
     });
+    // Forgetting the first batch's time leaves the newer entry of the reused id alone.
+    commit(
+        b.store(),
+        Batch {
+            id: 3,
+            dedup_forget_before_ms: Some(12),
+            ..Batch::default()
+        },
+    );
+    now_and_after_reopen(&mut b, |s| {
+        let got = s
+            .dedup_lookup(&[("a".into(), "x".into()), ("b".into(), "x".into())])
+            .expect("dedup lookup");
+        assert_eq!(
+            got[0].as_ref().map(|d| (d.conv.as_str(), d.ts)),
+            Some(("h", 20))
+        );
+        assert_eq!(got[1], None, "b's entry was accepted before the cutoff");
+    });
+}
+
+/// A lookup right after a commit returned sees the batch's entries (no reopen, no waiting), in
+/// the order of the keys asked, a key asked twice answered twice, and an unknown key as none.
+/// Many entries in many batches are all found, and a scan lists each.
+pub fn a_dedup_lookup_sees_every_commit_at_once<B: Backend>() {
+    let b = B::open();
+    let s = b.store();
+    commit(s, created(1, "g", 1, 10));
+    for id in 2..=60u64 {
+        let n = (id - 1) * 5;
+        commit(s, appended(id, "g", n - 3..=n + 1, 1));
+        let keys: Vec<(String, String)> = [n + 1, 1, n + 1, 10_000, n - 3]
+            .iter()
+            .map(|seq| ("a".to_string(), format!("c{seq}")))
+            .collect();
+        let got = s.dedup_lookup(&keys).expect("dedup lookup");
+        let seqs: Vec<Option<u64>> = got.iter().map(|d| d.as_ref().map(|d| d.seq)).collect();
+        assert_eq!(
+            seqs,
+            [Some(n + 1), Some(1), Some(n + 1), None, Some(n - 3)],
+            "after batch {id}"
+        );
+        assert!(got.iter().flatten().all(|d| d.conv == "g" && d.user == "a"));
+    }
+    assert_eq!(dedup_entries(s).len(), 296);
+    assert_eq!(s.dedup_lookup(&[]).expect("an empty lookup"), vec![]);
 }
 
 /// A batch that stores a seq its conversation already holds is refused with a `Conflict` error

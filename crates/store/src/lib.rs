@@ -2,9 +2,11 @@
 //! [`Page`] of history it reads back, and [`StoreError`], errors in terms no backend owns. No
 //! storage engine lives here.
 //!
-//! A store has three jobs: make a [`Batch`] durable atomically (messages, their seqs and dedup
+//! A store has four jobs: make a [`Batch`] durable atomically (messages, their seqs and dedup
 //! keys in one commit, so `accepted` is never sent for something a crash can take back),
-//! rebuild the core's [`Snapshot`] at start, and serve pages of history to `sync`.
+//! rebuild the core's [`Snapshot`] at start, serve pages of history to `sync`, and answer
+//! what a (user, client message id) was accepted as: the core keeps only recent dedup keys in
+//! memory and asks the store about the rest ([`Store::dedup_lookup`], [`Store::dedup_scan`]).
 //!
 //! # Backends
 //!
@@ -28,7 +30,7 @@ mod memory;
 pub use error::{BoxError, StoreError};
 pub use memory::MemStore;
 
-use ordo_core::{Batch, CommitOutcome, Snapshot, StoredMessage};
+use ordo_core::{Batch, CommitOutcome, DedupRecord, Snapshot, StoredMessage};
 
 /// A page of one conversation's history.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -92,6 +94,18 @@ impl PageFill {
     }
 }
 
+/// Where a [`Store::dedup_scan`] goes on: opaque to everyone but the backend that made it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScanFrom(pub Vec<u8>);
+
+/// One page of a [`Store::dedup_scan`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DedupScan {
+    pub entries: Vec<DedupRecord>,
+    /// Where the next page starts; `None` once every entry has been listed.
+    pub next: Option<ScanFrom>,
+}
+
 /// What the server needs of a store. Every backend implements it; see the crate's docs and
 /// "A new store backend" in docs/architecture.md for what each call must keep.
 pub trait Store: Send + Sync + 'static {
@@ -113,4 +127,20 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
         max_bytes: usize,
     ) -> Result<Page, StoreError>;
+
+    /// What each (user, client message id) of `keys` was last accepted as, in the same order;
+    /// `None` for a key the store does not hold. Sees every batch whose `commit` returned
+    /// before this call. A backend may still return an entry past the dedup window that it
+    /// has not forgotten yet (the core checks the window), never one older than a newer entry
+    /// of the same key.
+    fn dedup_lookup(
+        &self,
+        keys: &[(String, String)],
+    ) -> Result<Vec<Option<DedupRecord>>, StoreError>;
+
+    /// Lists the stored dedup entries, about `max` at a time, oldest first, from `from` (the
+    /// start when `None`). Together the pages hold every entry committed before the scan
+    /// started that the store has not forgotten (and maybe entries a newer one of the same key
+    /// replaced). A restarted core rebuilds its filter of dedup keys from this.
+    fn dedup_scan(&self, from: Option<ScanFrom>, max: usize) -> Result<DedupScan, StoreError>;
 }

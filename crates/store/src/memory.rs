@@ -1,7 +1,7 @@
 //! The in-memory reference backend: [`ordo_core::MemoryStore`] as a [`Store`].
 
-use crate::{Page, PageFill, Store, StoreError};
-use ordo_core::{Batch, CommitOutcome, MemoryStore, Snapshot};
+use crate::{DedupScan, Page, PageFill, ScanFrom, Store, StoreError};
+use ordo_core::{Batch, CommitOutcome, DedupRecord, MemoryStore, Snapshot};
 use std::sync::{Mutex, MutexGuard};
 
 /// The in-memory reference backend: [`MemoryStore`], the store the core's rules tests and the
@@ -70,4 +70,55 @@ impl Store for MemStore {
         }
         Ok(fill.finish())
     }
+
+    fn dedup_lookup(
+        &self,
+        keys: &[(String, String)],
+    ) -> Result<Vec<Option<DedupRecord>>, StoreError> {
+        let store = self.lock();
+        Ok(keys
+            .iter()
+            .map(|(user, cmid)| store.dedup_lookup(user, cmid))
+            .collect())
+    }
+
+    fn dedup_scan(&self, from: Option<ScanFrom>, max: usize) -> Result<DedupScan, StoreError> {
+        let after = from.map(|f| decode_position(&f.0)).transpose()?;
+        let entries = self.lock().dedup_scan(after.as_ref(), max.max(1));
+        let next = match entries.last() {
+            Some(last) if entries.len() >= max.max(1) => Some(ScanFrom(encode_position(last))),
+            _ => None,
+        };
+        Ok(DedupScan { entries, next })
+    }
+}
+
+/// A scan position: the last entry listed, as (time, user, cmid); ids never hold a NUL.
+fn encode_position(d: &DedupRecord) -> Vec<u8> {
+    let mut out = d.ts.to_be_bytes().to_vec();
+    out.extend_from_slice(d.user.as_bytes());
+    out.push(0);
+    out.extend_from_slice(d.cmid.as_bytes());
+    out
+}
+
+fn decode_position(raw: &[u8]) -> Result<DedupRecord, StoreError> {
+    let bad = || StoreError::Engine {
+        context: "dedup scan".into(),
+        source: format!(
+            "a scan position of {} bytes that this store did not make",
+            raw.len()
+        )
+        .into(),
+    };
+    let (ts, rest) = raw.split_first_chunk::<8>().ok_or_else(bad)?;
+    let text = std::str::from_utf8(rest).map_err(|_| bad())?;
+    let (user, cmid) = text.split_once('\0').ok_or_else(bad)?;
+    Ok(DedupRecord {
+        user: user.into(),
+        cmid: cmid.into(),
+        conv: String::new(),
+        seq: 0,
+        ts: u64::from_be_bytes(*ts),
+    })
 }

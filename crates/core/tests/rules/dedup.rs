@@ -3,8 +3,8 @@
 //! message; a cmid is not reused across conversations.
 
 use crate::support::*;
-use ordo_core::{Core, CoreConfig, DedupRecord, Retention, SendRequest};
-use ordo_protocol::{direct_conv_id, ErrorCode};
+use ordo_core::{Action, CoreConfig, Retention, SendRequest};
+use ordo_protocol::{direct_conv_id, ErrorCode, ServerFrame};
 
 /// Resends are recognised for one second.
 fn short_dedup_window() -> CoreConfig {
@@ -157,18 +157,18 @@ fn past_the_window_a_resend_is_new_even_before_expiry_runs() {
     assert_eq!(
         s.store
             .dedup
-            .get(&("alice".into(), "x".into(), "g".into()))
+            .get(&("alice".into(), "x".into()))
             .unwrap()
             .seq,
         2
     );
 }
 
-/// A store may keep expired dedup entries next to newer ones (the embedded store forgets them
-/// by runs): a core rebuilt from such a snapshot answers a resend from the newest entry of its
-/// key and treats a key whose only entry is expired as new.
+/// A restarted core holds no dedup entry in memory: a resend is answered from the store's
+/// entry (the newest of its key), a key whose entry is past the window is new, and while the
+/// filter is not rebuilt every key the cache does not hold is looked up.
 #[test]
-fn a_restart_from_a_snapshot_with_stale_dedup_entries_keeps_the_newest() {
+fn after_a_restart_resends_are_answered_from_the_store() {
     let mut s = alice_alone_in_g(short_dedup_window());
     s.now = 5_000;
     s.send(1, "g", "x");
@@ -177,21 +177,7 @@ fn a_restart_from_a_snapshot_with_stale_dedup_entries_keeps_the_newest() {
     s.now = 6_000;
     s.send(1, "g", "x");
     s.flush();
-    let entry = |cmid: &str, seq, ts| DedupRecord {
-        user: "alice".into(),
-        cmid: cmid.into(),
-        conv: "g".into(),
-        seq,
-        ts,
-    };
-    let mut snapshot = s.store.snapshot();
-    // As a store that kept the expired ones would hand them back, oldest last.
-    snapshot.dedup = vec![
-        entry("x", 3, 6_000),
-        entry("y", 2, 5_000),
-        entry("x", 1, 5_000),
-    ];
-    s.core = Core::new(short_dedup_window(), 5, snapshot);
+    s.restart_cold(short_dedup_window());
     s.core.connect(1, "alice", "a1");
     s.now = 6_500;
     let out = s.send(1, "g", "x");
@@ -200,6 +186,7 @@ fn a_restart_from_a_snapshot_with_stale_dedup_entries_keeps_the_newest() {
     let (batches, out) = s.flush();
     assert_eq!(batch_seqs(&batches[0], "g"), vec![4]);
     assert_eq!(accepted(&out, 1)[0].2, 4);
+    assert_eq!(s.core.stats().dedup_lookups, 2, "both keys were looked up");
     // Expiring the old entries forgets neither the renewed x nor the new y.
     s.core.expire_dedup(6_999);
     s.flush();
@@ -256,12 +243,17 @@ fn a_batch_never_forgets_the_dedup_entries_it_puts() {
 }
 
 /// The whole window, exactly: a message accepted 23 hours earlier is still recognised after
-/// thousands of other sends, hourly housekeeping and three restarts from the store, and its
-/// resend gets the original answer and stores nothing; two hours later, past the 24 h window,
-/// the same id is a new message.
+/// thousands of other sends (and thousands of evictions from a dedup cache of 16 entries),
+/// hourly housekeeping and three restarts from the store, and its resend gets the original
+/// answer and stores nothing; two hours later, past the 24 h window, the same id is a new
+/// message.
 #[test]
 fn a_resend_23_hours_later_after_thousands_of_sends_and_restarts_gets_the_original_seq() {
-    let mut s = Sim::new(cfg());
+    let small = || CoreConfig {
+        dedup_cache_entries: 16,
+        ..cfg()
+    };
+    let mut s = Sim::new(small());
     s.group("g", &["alice", "bob"], Retention::default());
     let connect = |s: &mut Sim| {
         s.core.connect(1, "alice", "a1");
@@ -279,19 +271,32 @@ fn a_resend_23_hours_later_after_thousands_of_sends_and_restarts_gets_the_origin
             s.send(1, "g", &format!("a-{hour}-{i}"));
             s.send(2, "g", &format!("b-{hour}-{i}"));
             stored += 2;
+            if i % 10 == 0 {
+                s.flush();
+            }
         }
         s.core.expire_dedup(s.now);
         s.core.retention_tick(s.now);
         s.flush();
+        assert!(
+            s.core.dedup_cached() <= 16,
+            "the cache stays within its size"
+        );
         if hour % 6 == 0 {
-            s.restart(cfg());
+            s.restart(small());
             connect(&mut s);
         }
     }
     assert_eq!(s.store.seqs("g").len(), stored);
 
+    let lookups = s.core.stats().dedup_lookups;
     let out = s.send(1, "g", "first");
     assert_eq!(accepted(&out, 1), original, "the original seq and time");
+    assert_eq!(
+        s.core.stats().dedup_lookups,
+        lookups + 1,
+        "answered by the store"
+    );
     assert!(s.core.take_batch().is_none(), "nothing new to store");
     assert_eq!(s.store.seqs("g").len(), stored);
 
@@ -306,4 +311,114 @@ fn a_resend_23_hours_later_after_thousands_of_sends_and_restarts_gets_the_origin
         stored as u64 + 1,
         "past the window: a new message"
     );
+}
+
+/// A send whose key must be looked up waits, and so do the later sends of its connection (in
+/// order) though they need no lookup; another connection's sends and other frames do not wait.
+#[test]
+fn sends_behind_a_lookup_wait_in_order() {
+    let mut s = alice_and_bob_in_g(cfg());
+    s.send(1, "g", "old");
+    s.flush();
+    s.restart_cold(cfg());
+    s.core.connect(1, "alice", "a1");
+    s.core.connect(2, "bob", "b1");
+    // Cold: every key is looked up; the answers are held back here.
+    let first = s.core.send(1, req("g", "old"), s.now);
+    let Some(Action::Lookup { id: first_id, .. }) = first.first().cloned() else {
+        panic!("a lookup: {first:?}")
+    };
+    let mut asked = vec![];
+    for cmid in ["n1", "n2"] {
+        asked.extend(s.core.send(1, req("g", cmid), s.now));
+    }
+    assert_eq!(asked.len(), 2, "each parked send asks at once: {asked:?}");
+    let bob = s.core.send(2, req("g", "b"), s.now);
+    assert!(matches!(bob[..], [Action::Lookup { .. }]));
+    let bob = s.answer_lookups(bob);
+    assert!(bob.is_empty(), "bob's new send is pending: {bob:?}");
+    // n1 and n2's answers come first: they still wait behind "old".
+    assert!(s.answer_lookups(asked).is_empty());
+    let (batches, _) = s.flush();
+    assert_eq!(
+        batches[0]
+            .messages
+            .iter()
+            .map(|m| m.cmid.as_str())
+            .collect::<Vec<_>>(),
+        ["b"]
+    );
+    let found = s.store.dedup_lookup("alice", "old");
+    let out = s.core.looked_up(first_id, found, s.now);
+    assert_eq!(
+        accepted(&out, 1).iter().map(|a| a.2).collect::<Vec<_>>(),
+        [1]
+    );
+    let (batches, out) = s.flush();
+    assert_eq!(batch_seqs(&batches[0], "g"), vec![3, 4]);
+    let names: Vec<String> = accepted(&out, 1).into_iter().map(|a| a.0).collect();
+    assert_eq!(names, ["n1", "n2"], "in the order they were sent");
+}
+
+/// A lookup answered "not held" may be older than an entry the cache accepted and forgot
+/// meanwhile (another device of the same user sent the same id): the key is looked up again,
+/// and the resend gets the original answer rather than a second seq.
+#[test]
+fn a_lookup_older_than_a_forgotten_entry_is_asked_again() {
+    let tiny = CoreConfig {
+        dedup_cache_entries: 0,
+        ..cfg()
+    };
+    let mut s = alice_alone_in_g(tiny.clone());
+    s.restart_cold(tiny);
+    s.core.connect(1, "alice", "a1");
+    s.core.connect(3, "alice", "a2");
+    let asked = s.core.send(1, req("g", "x"), s.now);
+    let Some(Action::Lookup { id, user, cmid }) = asked.first().cloned() else {
+        panic!("a lookup: {asked:?}")
+    };
+    // The store's answer as of now: not held.
+    let stale = s.store.dedup_lookup(&user, &cmid);
+    assert!(stale.is_none());
+    // Meanwhile the other device sends the same id; it is accepted, committed, forgotten.
+    s.send(3, "g", "x");
+    let (_, out) = s.flush();
+    assert_eq!(accepted(&out, 3)[0].2, 1);
+    assert_eq!(s.core.dedup_cached(), 0);
+    let again = s.core.looked_up(id, stale, s.now);
+    assert!(
+        matches!(again[..], [Action::Lookup { .. }]),
+        "asked again: {again:?}"
+    );
+    let out = s.answer_lookups(again);
+    assert_eq!(accepted(&out, 1)[0].2, 1, "the original seq");
+    assert!(s.core.take_batch().is_none(), "nothing stored twice");
+}
+
+/// A connection may have only so many sends waiting for lookups: past that, a send is refused
+/// as unavailable with a retry time, and nothing else is lost.
+#[test]
+fn a_connection_cannot_park_without_bound() {
+    let mut s = alice_alone_in_g(cfg());
+    s.restart_cold(cfg());
+    s.core.connect(1, "alice", "a1");
+    let mut refused = 0;
+    for i in 0..1100 {
+        for a in s.core.send(1, req("g", &format!("m{i}")), s.now) {
+            if let Action::Send {
+                frame:
+                    ServerFrame::Rejected {
+                        code,
+                        retry_after_ms,
+                        ..
+                    },
+                ..
+            } = a
+            {
+                assert_eq!((code, retry_after_ms), (ErrorCode::Unavailable, Some(100)));
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!(refused, 1100 - 1024);
 }

@@ -304,7 +304,7 @@ impl Model {
                         .store
                         .dedup
                         .keys()
-                        .any(|(user, cmid, _)| *user == m.from && *cmid == m.cmid),
+                        .any(|(user, cmid)| *user == m.from && *cmid == m.cmid),
                     "a duplicate was stored again: {m:?}"
                 );
             }
@@ -393,7 +393,7 @@ impl Model {
             .store
             .dedup
             .iter()
-            .map(|((user, cmid, _), d)| ((user.clone(), cmid.clone()), d.conv.clone()))
+            .map(|(key, d)| (key.clone(), d.conv.clone()))
             .collect();
         self.connect_all();
     }

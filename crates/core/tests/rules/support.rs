@@ -31,8 +31,11 @@ pub struct Sim {
 
 impl Sim {
     pub fn new(cfg: CoreConfig) -> Self {
+        let mut core = Core::new(cfg, 7, Snapshot::default());
+        // A new store holds no dedup key.
+        core.dedup_filter_complete();
         Sim {
-            core: Core::new(cfg, 7, Snapshot::default()),
+            core,
             store: Store::default(),
             now: 1_000,
             next_ticket: 1,
@@ -40,27 +43,57 @@ impl Sim {
     }
 
     /// A crash and restart: whatever is pending or in flight is lost, the core is rebuilt from
-    /// the store. Sessions must connect again.
+    /// the store (its dedup filter too, as the server does in the background). Sessions must
+    /// connect again.
     pub fn restart(&mut self, cfg: CoreConfig) {
+        self.restart_cold(cfg);
+        let mut after = None;
+        loop {
+            let page = self.store.dedup_scan(after.as_ref(), 3);
+            self.core.dedup_filter_add(&page);
+            match page.last() {
+                Some(last) if page.len() == 3 => after = Some(last.clone()),
+                _ => break,
+            }
+        }
+        self.core.dedup_filter_complete();
+    }
+
+    /// A restart whose dedup filter is not rebuilt: every key the cache does not hold is
+    /// looked up.
+    pub fn restart_cold(&mut self, cfg: CoreConfig) {
         self.core = Core::new(cfg, 99, self.store.snapshot());
     }
 
+    /// Answers every dedup lookup among `actions` from the store at once (and those the answers
+    /// lead to); returns the other actions.
+    pub fn answer_lookups(&mut self, actions: Vec<Action>) -> Vec<Action> {
+        let mut out = Vec::new();
+        let mut queue = actions;
+        while !queue.is_empty() {
+            let mut next = Vec::new();
+            for a in queue {
+                match a {
+                    Action::Lookup { id, user, cmid } => {
+                        let found = self.store.dedup_lookup(&user, &cmid);
+                        next.extend(self.core.looked_up(id, found, self.now));
+                    }
+                    other => out.push(other),
+                }
+            }
+            queue = next;
+        }
+        out
+    }
+
+    /// Sends `cmid` into `conv`, answering any dedup lookup it needs at once.
     pub fn send(&mut self, sid: SessionId, conv: &str, cmid: &str) -> Vec<Action> {
-        self.core.send(
-            sid,
-            SendRequest {
-                conv: Some(conv),
-                to: None,
-                cmid: cmid.to_string(),
-                body: format!("body of {cmid}"),
-                reply_to: None,
-            },
-            self.now,
-        )
+        let actions = self.core.send(sid, req(conv, cmid), self.now);
+        self.answer_lookups(actions)
     }
 
     pub fn send_to(&mut self, sid: SessionId, to: &str, cmid: &str) -> Vec<Action> {
-        self.core.send(
+        let actions = self.core.send(
             sid,
             SendRequest {
                 conv: None,
@@ -70,7 +103,8 @@ impl Sim {
                 reply_to: None,
             },
             self.now,
-        )
+        );
+        self.answer_lookups(actions)
     }
 
     /// Sends `m<i>` for every `i` of `numbers`, without committing.
@@ -138,6 +172,17 @@ impl Sim {
         assert!(out
             .iter()
             .any(|a| matches!(a, Action::AdminDone { ticket: t, reply: Ok(_) } if *t == ticket)));
+    }
+}
+
+/// A send of `cmid` into `conv` with the body `body of <cmid>`.
+pub fn req<'a>(conv: &'a str, cmid: &str) -> SendRequest<'a> {
+    SendRequest {
+        conv: Some(conv),
+        to: None,
+        cmid: cmid.to_string(),
+        body: format!("body of {cmid}"),
+        reply_to: None,
     }
 }
 
