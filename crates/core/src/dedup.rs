@@ -157,6 +157,10 @@ const SLICES: u64 = 4;
 /// slice probed).
 const BITS_PER_KEY: u32 = 4;
 
+/// A dedup key as the filter hashes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FilterKey(u64);
+
 /// A Bloom filter of the dedup keys of the window in a fixed number of bytes, cut into time
 /// slices; see the module docs.
 #[derive(Debug)]
@@ -193,8 +197,14 @@ impl DedupFilter {
         }
     }
 
-    fn probe(&self, user: &str, cmid: &str) -> (usize, u64) {
-        let h = self.hasher.hash_one((user, cmid));
+    /// The key's hash, computed once per send for both [`surely_new`](Self::surely_new_key)
+    /// and [`insert`](Self::insert_key).
+    pub fn key(&self, user: &str, cmid: &str) -> FilterKey {
+        FilterKey(self.hasher.hash_one((user, cmid)))
+    }
+
+    fn probe(&self, key: FilterKey) -> (usize, u64) {
+        let h = key.0;
         let word = ((h as u128 * self.words_per_slice as u128) >> 64) as usize;
         let mut bits = 0u64;
         for i in 0..BITS_PER_KEY {
@@ -205,7 +215,11 @@ impl DedupFilter {
 
     /// Adds a key accepted at `ts` (a key already past the window may be skipped).
     pub fn insert(&mut self, user: &str, cmid: &str, ts: u64) {
-        let (word, bits) = self.probe(user, cmid);
+        self.insert_key(self.key(user, cmid), ts);
+    }
+
+    pub fn insert_key(&mut self, key: FilterKey, ts: u64) {
+        let (word, bits) = self.probe(key);
         let index = ts / self.slice_ms;
         let words = self.words_per_slice;
         let slot = &mut self.slices[(index % (SLICES + 1)) as usize];
@@ -224,7 +238,11 @@ impl DedupFilter {
     /// Whether the key may have been accepted inside the window before `now_ms`. `false` is
     /// certain only once the filter is complete.
     pub fn may_hold(&self, user: &str, cmid: &str, now_ms: u64) -> bool {
-        let (word, bits) = self.probe(user, cmid);
+        self.may_hold_key(self.key(user, cmid), now_ms)
+    }
+
+    pub fn may_hold_key(&self, key: FilterKey, now_ms: u64) -> bool {
+        let (word, bits) = self.probe(key);
         self.slices.iter().any(|s| {
             !s.words.is_empty()
                 && (s.index + 1)
@@ -237,7 +255,11 @@ impl DedupFilter {
 
     /// Whether the key is certainly new: the filter is complete and does not hold it.
     pub fn surely_new(&self, user: &str, cmid: &str, now_ms: u64) -> bool {
-        self.complete && !self.may_hold(user, cmid, now_ms)
+        self.surely_new_key(self.key(user, cmid), now_ms)
+    }
+
+    pub fn surely_new_key(&self, key: FilterKey, now_ms: u64) -> bool {
+        self.complete && !self.may_hold_key(key, now_ms)
     }
 
     pub fn set_complete(&mut self) {

@@ -9,7 +9,7 @@
 
 use crate::config::CoreConfig;
 use crate::conv::{Conv, Cursor};
-use crate::dedup::{DedupCache, DedupFilter};
+use crate::dedup::{DedupCache, DedupFilter, FilterKey};
 use crate::error::CoreError;
 use crate::model::*;
 use crate::rate::TokenBucket;
@@ -413,6 +413,7 @@ impl Core {
 
         // A resend inside the dedup window gets the original answer, wherever it is.
         let window = self.cfg.dedup_window_ms;
+        let fkey = self.filter.key(&user, cmid);
         let known = self
             .dedup
             .get(&user, cmid)
@@ -463,7 +464,7 @@ impl Core {
             // The cache forgot an entry the store may not have had when it answered: ask again.
             Some((_, mark)) if self.dedup.lost_since(mark) => return Ok(None),
             Some(_) => {}
-            None if self.filter.surely_new(&user, cmid, now_ms) => {}
+            None if self.filter.surely_new_key(fkey, now_ms) => {}
             None => return Ok(None),
         }
 
@@ -500,7 +501,7 @@ impl Core {
                         .insert(conv_id.to_string(), Conv::new(rec, false));
                     let (cmid, body) = (take(&mut req.cmid), take(&mut req.body));
                     return Ok(Some(self.append(
-                        session, &user, &device, conv_id, cmid, body, None, now_ms,
+                        session, &user, &device, conv_id, cmid, body, None, now_ms, fkey,
                     )));
                 }
                 None => return Err(CoreError::NoSuchConversation(conv_id.to_string())),
@@ -521,7 +522,7 @@ impl Core {
         self.admit(session, conv_id, cmid, &user, now_ms)?;
         let (cmid, body) = (take(&mut req.cmid), take(&mut req.body));
         Ok(Some(self.append(
-            session, &user, &device, conv_id, cmid, body, reply_to, now_ms,
+            session, &user, &device, conv_id, cmid, body, reply_to, now_ms, fkey,
         )))
     }
 
@@ -786,6 +787,7 @@ impl Core {
         body: String,
         reply_to: Option<u64>,
         now_ms: u64,
+        fkey: FilterKey,
     ) -> Vec<Action> {
         let Some(conv) = self.convs.get_mut(conv_id) else {
             return Vec::new();
@@ -808,7 +810,7 @@ impl Core {
             self.pending.convs.insert(conv_id.to_string());
         }
         let cmid = shared_cmid;
-        self.filter.insert(user, &cmid, now_ms);
+        self.filter.insert_key(fkey, now_ms);
         self.dedup.insert(
             user,
             cmid.clone(),

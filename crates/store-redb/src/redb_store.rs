@@ -210,7 +210,8 @@ impl RedbStore {
                 other => open_err(other),
             })?;
         // Create every table once so that readers never meet a missing one.
-        let tx = db.begin_write().map_err(engine)?;
+        let mut tx = db.begin_write().map_err(engine)?;
+        tx.set_quick_repair(true);
         let keys_indexed = has_table(&tx, DEDUP_KEYS.name())?;
         {
             tx.open_table(DEDUP_KEYS).map_err(engine)?;
@@ -389,9 +390,14 @@ impl Drop for RedbStore {
 }
 
 /// Makes every commit so far durable: an empty write transaction with immediate durability.
+///
+/// Every durable commit saves redb's allocator state (quick repair): after a crash, redb opens
+/// from the last durable commit without walking the whole file to rebuild it, so that a restart
+/// takes about as long with ten million stored messages as with none.
 fn checkpoint(db: &Database) -> Result<(), StoreError> {
     let mut tx = db.begin_write().map_err(engine)?;
     tx.set_durability(Durability::Immediate).map_err(engine)?;
+    tx.set_quick_repair(true);
     tx.commit().map_err(engine)?;
     Ok(())
 }
@@ -646,6 +652,8 @@ fn apply(
     let mut outcome = CommitOutcome::default();
     let mut tx = db.begin_write().map_err(engine)?;
     tx.set_durability(durability).map_err(engine)?;
+    // A durable commit saves the allocator state, as a checkpoint does.
+    tx.set_quick_repair(!matches!(durability, Durability::None));
     if let Some(seqno) = seqno {
         let mut meta = tx.open_table(META).map_err(engine)?;
         meta.insert(WAL_APPLIED, seqno).map_err(engine)?;
@@ -732,7 +740,11 @@ fn apply(
             .chain(batch.messages.iter().map(|m| DedupView::message(m)))
             .collect();
         put_dedup_runs(&tx, &mut dedup, &entries, &mut scratch)?;
-        for d in &entries {
+        // In key order, so that neighbouring inserts share B-tree pages (for a key given twice,
+        // the later entry is inserted last and stays).
+        let mut by_key: Vec<&DedupView> = entries.iter().collect();
+        by_key.sort_by(|a, b| (a.user, a.cmid).cmp(&(b.user, b.cmid)));
+        for d in by_key {
             keys.insert((d.user, d.cmid), (d.conv, d.seq, d.ts))
                 .map_err(engine)?;
         }
