@@ -89,6 +89,9 @@ struct Applied {
 
 /// Most log records the applier writes in one B-tree transaction.
 const MAX_APPLY_AT_ONCE: usize = 64;
+/// Most log records replayed at open in one B-tree transaction: a restart after a crash replays
+/// up to two segments of the log, which can be tens of thousands of small records.
+const REPLAY_AT_ONCE: usize = 1024;
 
 /// Work for the applier thread, in log order.
 enum Job {
@@ -235,35 +238,47 @@ impl RedbStore {
             v.map(|g| g.value())
         };
         let (mut log, records) = Wal::open(dir)?;
-        let mut replayed = 0usize;
-        for r in records {
+        // Only the run that follows what the B-tree holds: anything after a hole is stale.
+        let mut due = Vec::new();
+        for r in &records {
             if applied.is_some_and(|a| r.seqno <= a) {
                 continue;
             }
-            // Only the run that follows what the B-tree holds: anything after a hole is stale.
             if r.seqno != applied.map_or(r.seqno, |a| a + 1) {
                 break;
             }
-            apply(&db, &[&r.batch], Some(r.seqno), Durability::None).map_err(|e| match e {
-                // Damage met while replaying: say which acknowledged batch it stops.
-                StoreError::Corrupt { detail, .. } => StoreError::Corrupt {
-                    what: "write-ahead log replay",
-                    detail: format!(
-                        "log record {} (a batch that was acknowledged) cannot be applied: {detail}; keep a copy of the data directory before trying anything else",
-                        r.seqno
-                    ),
-                },
-                // A failed write or a full disk is not damage: fix it and start again.
-                other => StoreError::Engine {
-                    context: format!(
-                        "replaying log record {} (a batch that was acknowledged); fix the cause and start the server again",
-                        r.seqno
-                    ),
-                    source: Box::new(other),
-                },
-            })?;
             applied = Some(r.seqno);
-            replayed += 1;
+            due.push(r);
+        }
+        let replayed = due.len();
+        // Many records per transaction, as the applier does; a chunk that fails is applied again
+        // record by record (nothing of it was committed), to name the record that fails.
+        for chunk in due.chunks(REPLAY_AT_ONCE) {
+            let batches: Vec<&Batch> = chunk.iter().map(|r| &r.batch).collect();
+            let last = chunk.last().map(|r| r.seqno);
+            if apply(&db, &batches, last, Durability::None).is_ok() {
+                continue;
+            }
+            for r in chunk {
+                apply(&db, &[&r.batch], Some(r.seqno), Durability::None).map_err(|e| match e {
+                    // Damage met while replaying: say which acknowledged batch it stops.
+                    StoreError::Corrupt { detail, .. } => StoreError::Corrupt {
+                        what: "write-ahead log replay",
+                        detail: format!(
+                            "log record {} (a batch that was acknowledged) cannot be applied: {detail}; keep a copy of the data directory before trying anything else",
+                            r.seqno
+                        ),
+                    },
+                    // A failed write or a full disk is not damage: fix it and start again.
+                    other => StoreError::Engine {
+                        context: format!(
+                            "replaying log record {} (a batch that was acknowledged); fix the cause and start the server again",
+                            r.seqno
+                        ),
+                        source: Box::new(other),
+                    },
+                })?;
+            }
         }
         if replayed > 0 {
             tracing::info!(
@@ -659,8 +674,14 @@ fn apply(
         meta.insert(WAL_APPLIED, seqno).map_err(engine)?;
     }
     let mut scratch = Vec::new();
+    // Each table opened once for all the batches (a replay applies a thousand at a time).
+    let mut runs = tx.open_table(MESSAGE_RUNS).map_err(engine)?;
+    let mut convs = tx.open_table(CONVS).map_err(engine)?;
+    let mut ranges = tx.open_table(RANGES).map_err(engine)?;
+    let mut cursors = tx.open_table(CURSORS).map_err(engine)?;
+    let mut dedup = tx.open_table(DEDUP_RUNS).map_err(engine)?;
+    let mut keys = tx.open_table(DEDUP_KEYS).map_err(engine)?;
     for batch in batches {
-        let mut runs = tx.open_table(MESSAGE_RUNS).map_err(engine)?;
         for run in message_runs(&batch.messages) {
             if let Some(last) = run.last() {
                 runs.insert(
@@ -675,8 +696,6 @@ fn apply(
                 .map_err(engine)?;
             drop_run_head(&mut runs, conv, *below)?;
         }
-        let mut convs = tx.open_table(CONVS).map_err(engine)?;
-        let mut ranges = tx.open_table(RANGES).map_err(engine)?;
         for c in &batch.convs {
             convs
                 .insert(c.id.as_str(), encode(c)?.as_slice())
@@ -718,7 +737,6 @@ fn apply(
                 }
             }
         }
-        let mut cursors = tx.open_table(CURSORS).map_err(engine)?;
         for c in &batch.cursors {
             cursors
                 .insert(
@@ -730,8 +748,6 @@ fn apply(
         // Forgetting first; what this batch puts is newer than the cutoff anyway. (Log records
         // of earlier versions name expired entries in `dedup_delete`: those entries are in runs
         // now and are forgotten with them.)
-        let mut dedup = tx.open_table(DEDUP_RUNS).map_err(engine)?;
-        let mut keys = tx.open_table(DEDUP_KEYS).map_err(engine)?;
         if let Some(before) = batch.dedup_forget_before_ms {
             forget_dedup_runs(&mut dedup, &mut keys, before)?;
         }
@@ -749,6 +765,7 @@ fn apply(
                 .map_err(engine)?;
         }
     }
+    drop((runs, convs, ranges, cursors, dedup, keys));
     tx.commit().map_err(engine)?;
     Ok(outcome)
 }
