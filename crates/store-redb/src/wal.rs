@@ -33,7 +33,7 @@ use std::path::{Path, PathBuf};
 /// Size of each segment file.
 pub const SEGMENT_BYTES: u64 = 32 << 20;
 /// Once the active segment holds this much, writing moves to the other one.
-pub const SWITCH_BYTES: u64 = 24 << 20;
+pub const SWITCH_BYTES: u64 = 8 << 20;
 const MAGIC: u32 = 0x4f52_4457; // "ORDW"
 const HEADER: usize = 4 + 4 + 8 + 4;
 
