@@ -231,6 +231,10 @@ pub struct SoakArgs {
     /// Seconds per throughput window.
     #[arg(long, default_value_t = 10)]
     pub window_secs: u64,
+    /// Groups of two members to create before the run: conversations the server holds, and
+    /// loads again when it restarts.
+    #[arg(long, default_value_t = 0)]
+    pub groups: usize,
 }
 
 #[derive(Args)]

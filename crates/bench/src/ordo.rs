@@ -321,6 +321,32 @@ impl System for Ordo {
         async move { d.connect(&user, "d", Some(from)).await }
     }
 
+    async fn create_groups(&self, n: usize) -> Result<(), BenchError> {
+        // A few requests at a time: each creation is a commit of its own, and the server
+        // groups concurrent ones.
+        const AT_ONCE: usize = 32;
+        let workers: Vec<_> = (0..AT_ONCE)
+            .map(|w| {
+                let d = self.dial.clone();
+                let tag = self.tag.clone();
+                Task::spawn(async move {
+                    for i in (w..n).step_by(AT_ONCE) {
+                        let members = [format!("gm{tag}-{i}"), format!("gm{tag}-{}", i / 2 + 1)];
+                        d.admin
+                            .create_group(&format!("sg{tag}-{i}"), &members)
+                            .await
+                            .map_err(fail("creating a group"))?;
+                    }
+                    Ok::<_, BenchError>(())
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join().await??;
+        }
+        Ok(())
+    }
+
     async fn kill_and_restart(&mut self) -> Result<Duration, BenchError> {
         let mut server = self.server.take().ok_or_else(|| {
             BenchError("the bench can only restart a server it started (not --server)".into())

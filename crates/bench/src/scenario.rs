@@ -331,7 +331,8 @@ fn outcome(
 /// second it samples the server's resident memory and the deliveries so far; it reports the
 /// peak and final memory, the deliveries per second of each `a.window_secs` window, the store's
 /// size on disk, and then, after a SIGKILL, how long the restarted server takes to answer
-/// `/healthz` and to accept a send, and its memory after the restart.
+/// `/healthz` and to accept a send, and its memory after the restart. With `a.groups`, that many
+/// groups are created first, for the restart to load.
 pub async fn soak<S: System>(
     sys: &mut S,
     a: &SoakArgs,
@@ -339,6 +340,9 @@ pub async fn soak<S: System>(
 ) -> Result<Outcome, BenchError> {
     let name = sys.name();
     let pid = server_pid(sys, "soak")?;
+    if a.groups > 0 {
+        sys.create_groups(a.groups).await?;
+    }
     let (subs, pubs) = set_up_pairs(sys, a.pairs, a.window, a.body_bytes, clock).await?;
     let bar = Progress::new(&format!("{name} soak"), a.messages);
     let (done, done_rx) = watch::channel(false);
@@ -397,6 +401,7 @@ pub async fn soak<S: System>(
     let peak = samples.iter().map(|s| s.rss).max().unwrap_or(0);
     let fin = samples.last().map_or(0, |s| s.rss);
     o.extra.insert("rss_before_mib".into(), mib(rss_before));
+    o.extra.insert("groups".into(), a.groups as f64);
     o.extra.insert("rss_peak_mib".into(), mib(peak));
     o.extra.insert("rss_final_mib".into(), mib(fin));
     if let Some(b) = sys.data_bytes() {

@@ -93,6 +93,17 @@ pub trait System {
         None
     }
 
+    /// `soak --groups`: creates `n` groups of two members each (conversations the server must
+    /// hold and load again after its restart).
+    fn create_groups(&self, n: usize) -> impl Future<Output = Result<(), BenchError>> {
+        let name = self.name();
+        async move {
+            Err(BenchError(format!(
+                "{name} cannot create {n} groups for the bench"
+            )))
+        }
+    }
+
     /// `soak`: kills the server the hard way (SIGKILL) and starts it again on the same data;
     /// says how long until it answered `/healthz`, counted from the restart.
     fn kill_and_restart(&mut self) -> impl Future<Output = Result<Duration, BenchError>> {

@@ -244,12 +244,15 @@ fn soak_reports_memory_throughput_windows_and_the_restart() {
         "2",
         "--window-secs",
         "1",
+        "--groups",
+        "50",
     ]);
     assert_eq!(doc["scenario"], "soak");
     let r = row(&doc, "ordo");
     assert!(r["sent"].as_u64().unwrap() >= 2000, "{r:#}");
     assert_eq!(r["delivered"], r["sent"], "{r:#}");
     assert_eq!(r["extra"]["lost"], 0.0, "{r:#}");
+    assert_eq!(r["extra"]["groups"], 50.0, "{r:#}");
     for key in [
         "rss_peak_mib",
         "rss_final_mib",
