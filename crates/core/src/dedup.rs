@@ -190,7 +190,8 @@ impl DedupFilter {
         DedupFilter {
             hasher: FixedState::with_seed(seed),
             window_ms,
-            slice_ms: (window_ms / SLICES).max(1),
+            // Rounded up: the slices must cover the whole window.
+            slice_ms: window_ms.div_ceil(SLICES).max(1),
             words_per_slice: words,
             slices: (0..=SLICES).map(|_| Slice::default()).collect(),
             complete: false,

@@ -565,7 +565,8 @@ impl Core {
             return Vec::new();
         };
         let bytes = Parked::size_of(&req);
-        if s.parked.len() >= MAX_PARKED || s.parked_bytes + bytes > MAX_PARKED_BYTES {
+        let full = s.parked.len() >= MAX_PARKED || s.parked_bytes + bytes > MAX_PARKED_BYTES;
+        if full || !s.busy_refused.is_empty() {
             let e = CoreError::Busy {
                 what: format!(
                     "{} earlier sends of this connection are waiting for the store",
@@ -573,6 +574,7 @@ impl Core {
                 ),
                 retry_after_ms: PARKED_RETRY_MS,
             };
+            self.refuse_busy(session, &req);
             return vec![Action::Send {
                 session,
                 frame: ServerFrame::rejected(req.cmid, e.code(), e.to_string(), e.retry_after_ms()),
@@ -606,6 +608,53 @@ impl Core {
             s.parked.push_back(Parked::new(&req, state));
         }
         out
+    }
+
+    /// Remembers a send refused because the connection had too many waiting (and every later
+    /// one until they are through). Once the waiting sends are sequenced, the refused ones are
+    /// held back like sends refused for rate ([`HeldBack`](crate::session::HeldBack)), so that
+    /// a later send cannot be sequenced before a refused one's resend.
+    fn refuse_busy(&mut self, session: SessionId, req: &SendRequest<'_>) {
+        let Some(user) = self.sessions.get(&session).map(|s| s.user.clone()) else {
+            return;
+        };
+        let conv: Arc<str> = match (req.conv, req.to) {
+            (Some(c), None) if validate_id(IdKind::Conversation, c).is_ok() => Arc::from(c),
+            (None, Some(peer)) if validate_id(IdKind::User, peer).is_ok() => {
+                self.direct_conv(session, &user, peer)
+            }
+            _ => return,
+        };
+        if validate_id(IdKind::ClientMessage, &req.cmid).is_err() {
+            return;
+        }
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        let known = s
+            .busy_refused
+            .iter()
+            .any(|(c, m)| **c == *conv && *m == req.cmid);
+        if !known && s.busy_refused.len() < MAX_HELD_BACK {
+            s.busy_refused.push((conv.to_string(), req.cmid.clone()));
+        }
+    }
+
+    /// The connection's waiting sends are all through: the sends refused meanwhile are held back
+    /// from now on, in the order they were refused.
+    fn release_busy(&mut self, session: SessionId, now_ms: u64) {
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        if !s.parked.is_empty() || s.busy_refused.is_empty() {
+            return;
+        }
+        for (conv, cmid) in std::mem::take(&mut s.busy_refused) {
+            let h = s.held_back.entry(conv).or_default();
+            if !h.queue.iter().any(|(c, _)| *c == cmid) && h.queue.len() < MAX_HELD_BACK {
+                h.queue.push_back((cmid, now_ms));
+            }
+        }
     }
 
     /// The store's answer to [`Action::Lookup`] `id`: `found` is what the key was accepted
@@ -655,6 +704,7 @@ impl Core {
             };
             out.extend(self.send_now(session, req, looked_up, now_ms));
         }
+        self.release_busy(session, now_ms);
         out
     }
 
@@ -1310,6 +1360,7 @@ impl Core {
         self.lookups.clear();
         for (sid, s) in self.sessions.iter_mut() {
             s.parked_bytes = 0;
+            s.busy_refused.clear();
             for p in s.parked.drain(..) {
                 out.push(Action::Send {
                     session: *sid,

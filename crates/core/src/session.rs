@@ -29,6 +29,9 @@ pub struct Session {
     pub parked: VecDeque<Parked>,
     /// Bytes of bodies and ids in `parked`.
     pub parked_bytes: usize,
+    /// (conversation, client message id) of sends refused while `parked` was full, in order;
+    /// held back once `parked` is empty.
+    pub busy_refused: Vec<(String, String)>,
 }
 
 /// A send that waits: for the store to say whether its client message id was accepted before,
@@ -110,6 +113,7 @@ impl Session {
             direct: None,
             parked: VecDeque::new(),
             parked_bytes: 0,
+            busy_refused: Vec::new(),
         }
     }
 }

@@ -38,8 +38,8 @@ pub struct Config {
     /// window; an older resend is looked up there).
     pub dedup_cache_entries: usize,
     /// The dedup filter, in MiB: tells a new client message id from one that may have been
-    /// seen, without a store lookup. About 10 bits per message of the window keeps lookups of
-    /// new ids near 2 %.
+    /// seen, without a store lookup. About 3.5 bytes per message of the window keeps lookups of
+    /// new ids near 1 % (every time slice of the filter is probed).
     pub dedup_filter_mib: usize,
     /// Sends per second per user (0: unlimited) and the burst allowed above it.
     pub rate_per_sec: f64,

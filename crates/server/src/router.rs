@@ -144,8 +144,9 @@ enum Looked {
     Failed(StoreError),
 }
 
-/// Dedup entries the lookup thread reads per page while it rebuilds the filter.
-const SCAN_PAGE: usize = 16_384;
+/// Dedup entries the lookup thread reads per page while it rebuilds the filter (between rounds
+/// of lookups, which wait for it).
+const SCAN_PAGE: usize = 4_096;
 
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -601,16 +602,24 @@ fn lookup_thread(
                 }
             }
         }
-        let sent = if !batch.is_empty() {
+        if !batch.is_empty() {
             let (ids, keys): (Vec<u64>, Vec<(String, String)>) =
                 batch.into_iter().map(|(id, u, c)| (id, (u, c))).unzip();
-            match store.dedup_lookup(&keys) {
+            let sent = match store.dedup_lookup(&keys) {
                 Ok(found) => out.send(Looked::Found(ids.into_iter().zip(found).collect())),
                 Err(e) => {
                     let _ = out.send(Looked::Failed(e));
                     return;
                 }
+            };
+            if sent.is_err() {
+                return;
             }
+        }
+        // A page of the scan after every round of lookups, so that lookups (every send while the
+        // filter is incomplete) cannot starve the rebuild that ends them.
+        let sent = if !scanning {
+            Ok(())
         } else {
             match store.dedup_scan(scan_from.take(), SCAN_PAGE) {
                 Ok(page) => {

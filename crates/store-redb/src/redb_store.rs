@@ -65,6 +65,10 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const WAL_APPLIED: &str = "wal_applied";
 /// `next_dedup_run` -> the number the next dedup run gets (keys stay unique within a millisecond).
 const NEXT_DEDUP_RUN: &str = "next_dedup_run";
+/// `dedup_keys_through` -> every dedup run numbered below this has its entries in `dedup_keys`.
+/// Equal to `next_dedup_run` unless a build that kept no key table wrote runs meanwhile (a
+/// downgrade and an upgrade again): the runs from here on are indexed on open.
+const DEDUP_KEYS_THROUGH: &str = "dedup_keys_through";
 
 /// redb's page cache unless configured otherwise: 64 MiB. redb's own default (1 GiB) is most of
 /// a small machine; the log in front of the B-tree makes writes independent of the cache, and
@@ -227,9 +231,7 @@ impl RedbStore {
         }
         move_messages_into_runs(&tx)?;
         move_dedup_into_runs(&tx)?;
-        if !keys_indexed {
-            index_dedup_runs(&tx)?;
-        }
+        index_dedup_runs(&tx, keys_indexed)?;
         tx.commit().map_err(engine)?;
         let mut applied = {
             let tx = db.begin_read().map_err(engine)?;
@@ -916,61 +918,92 @@ fn put_dedup_runs(
         next += 1;
     }
     meta.insert(NEXT_DEDUP_RUN, next).map_err(engine)?;
+    // Its caller indexes these entries by key in the same transaction.
+    meta.insert(DEDUP_KEYS_THROUGH, next).map_err(engine)?;
     Ok(())
 }
 
 /// Forgets the dedup runs whose newest entry was accepted before `before`, and the key of each
-/// of their entries unless a newer entry of that key replaced it.
+/// of their entries unless a newer entry of that key replaced it. Run by run, oldest first, so
+/// that memory holds one run (at most [`RUN_MAX`] entries) at a time however many are due.
 fn forget_dedup_runs(
     dedup: &mut redb::Table<(u64, u64), &[u8]>,
     keys: &mut redb::Table<(&str, &str), (&str, u64, u64)>,
     before: u64,
 ) -> Result<(), StoreError> {
-    let mut doomed = Vec::new();
-    for row in dedup.range((0, 0)..(before, 0)).map_err(engine)? {
-        let (k, v) = row.map_err(engine)?;
-        let (time, run) = k.value();
-        let at = format!("(time {time}, run {run})");
-        doomed.push(decode::<Vec<DedupRecord>>("dedup run", at, v.value())?);
-    }
-    for d in doomed.iter().flatten() {
-        let key = (d.user.as_str(), d.cmid.as_str());
-        let same = keys
-            .get(key)
+    loop {
+        let oldest = dedup
+            .first()
             .map_err(engine)?
-            .is_some_and(|v| v.value() == (d.conv.as_str(), d.seq, d.ts));
-        if same {
-            keys.remove(key).map_err(engine)?;
+            .map(|(k, v)| (k.value(), v.value().to_vec()));
+        let Some(((time, run), raw)) = oldest else {
+            return Ok(());
+        };
+        if time >= before {
+            return Ok(());
         }
+        let at = format!("(time {time}, run {run})");
+        for d in decode::<Vec<DedupRecord>>("dedup run", at, &raw)? {
+            let key = (d.user.as_str(), d.cmid.as_str());
+            let same = keys
+                .get(key)
+                .map_err(engine)?
+                .is_some_and(|v| v.value() == (d.conv.as_str(), d.seq, d.ts));
+            if same {
+                keys.remove(key).map_err(engine)?;
+            }
+        }
+        dedup.remove((time, run)).map_err(engine)?;
     }
-    dedup
-        .retain_in((0, 0)..(before, 0), |_, _| false)
-        .map_err(engine)?;
-    Ok(())
 }
 
-/// Builds the key table from the runs, oldest first (a newer entry of a key replaces an older
-/// one): a store written before the key table existed.
-fn index_dedup_runs(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
+/// Builds the key table's entries for the runs that lack them, oldest first (a newer entry of a
+/// key replaces an older one, never the other way): every run if the store had no key table
+/// (`indexed` false), else the runs from `dedup_keys_through` on, written by a build that kept
+/// none. Then records that every run is indexed.
+fn index_dedup_runs(tx: &redb::WriteTransaction, indexed: bool) -> Result<(), StoreError> {
+    let mut meta = tx.open_table(META).map_err(engine)?;
+    let next = meta.get(NEXT_DEDUP_RUN).map_err(engine)?.map(|g| g.value());
+    let through = meta
+        .get(DEDUP_KEYS_THROUGH)
+        .map_err(engine)?
+        .map(|g| g.value());
+    let from = match (indexed, through) {
+        (false, _) => 0,
+        (true, Some(t)) if Some(t) == next => return Ok(()),
+        (true, Some(t)) => t,
+        // A key table from before the marker: index every run again (harmless).
+        (true, None) => 0,
+    };
     let runs = tx.open_table(DEDUP_RUNS).map_err(engine)?;
     let mut keys = tx.open_table(DEDUP_KEYS).map_err(engine)?;
     let mut entries = Vec::new();
     for row in runs.iter().map_err(engine)? {
         let (k, v) = row.map_err(engine)?;
         let (time, run) = k.value();
+        if run < from {
+            continue;
+        }
         let at = format!("(time {time}, run {run})");
         entries.extend(decode::<Vec<DedupRecord>>("dedup run", at, v.value())?);
     }
     entries.sort_by_key(|d| d.ts);
     for d in &entries {
-        keys.insert(
-            (d.user.as_str(), d.cmid.as_str()),
-            (d.conv.as_str(), d.seq, d.ts),
-        )
-        .map_err(engine)?;
+        let key = (d.user.as_str(), d.cmid.as_str());
+        let newer = keys
+            .get(key)
+            .map_err(engine)?
+            .is_some_and(|v| v.value().2 > d.ts);
+        if !newer {
+            keys.insert(key, (d.conv.as_str(), d.seq, d.ts))
+                .map_err(engine)?;
+        }
     }
     if !entries.is_empty() {
         tracing::info!(entries = entries.len(), "indexed dedup entries by key");
+    }
+    if let Some(next) = next {
+        meta.insert(DEDUP_KEYS_THROUGH, next).map_err(engine)?;
     }
     Ok(())
 }

@@ -197,6 +197,49 @@ fn dedup_runs_without_a_key_table_are_indexed_on_open() {
     assert_eq!(dedup_cmids(&store), ["x", "y"]);
 }
 
+/// Runs written by a build that kept no key table (a downgrade, then this build again) are
+/// indexed on open: a resend of a message accepted meanwhile is still found by a lookup.
+#[test]
+fn dedup_runs_written_without_their_keys_are_indexed_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = RedbStore::open(dir.path()).unwrap();
+    store
+        .commit(Batch {
+            id: 1,
+            dedup_put: vec![dedup("x", 5)],
+            ..Batch::default()
+        })
+        .unwrap();
+    drop(store);
+    {
+        // What an older build writes: a run and the run counter, no key.
+        let db = redb::Database::create(dir.path().join("ordo.redb")).unwrap();
+        let tx = db.begin_write().unwrap();
+        {
+            let meta: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("meta");
+            let runs: redb::TableDefinition<(u64, u64), &[u8]> =
+                redb::TableDefinition::new("dedup_runs");
+            let mut meta = tx.open_table(meta).unwrap();
+            let next = redb::ReadableTable::get(&meta, "next_dedup_run")
+                .unwrap()
+                .unwrap()
+                .value();
+            let run = rmp_serde::to_vec_named(&vec![dedup("y", 9)]).unwrap();
+            tx.open_table(runs)
+                .unwrap()
+                .insert((9, next), run.as_slice())
+                .unwrap();
+            meta.insert("next_dedup_run", next + 1).unwrap();
+        }
+        tx.commit().unwrap();
+    }
+    let store = RedbStore::open(dir.path()).unwrap();
+    let found = store
+        .dedup_lookup(&[("a".into(), "x".into()), ("a".into(), "y".into())])
+        .unwrap();
+    assert_eq!(found, vec![Some(dedup("x", 5)), Some(dedup("y", 9))]);
+}
+
 /// The seqs of `conv` in the file's message runs, hidden or not.
 fn seqs_in_the_file(dir: &Path, conv: &str) -> Vec<u64> {
     let db = redb::Database::create(dir.join("ordo.redb")).unwrap();

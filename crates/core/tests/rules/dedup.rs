@@ -396,29 +396,51 @@ fn a_lookup_older_than_a_forgotten_entry_is_asked_again() {
 }
 
 /// A connection may have only so many sends waiting for lookups: past that, a send is refused
-/// as unavailable with a retry time, and nothing else is lost.
+/// as unavailable with a retry time, and nothing else is lost. The refused send is held back
+/// like one refused for rate: the connection's later new sends into the conversation are refused
+/// until it is resent, so it cannot land behind them.
 #[test]
 fn a_connection_cannot_park_without_bound() {
     let mut s = alice_alone_in_g(cfg());
     s.restart_cold(cfg());
     s.core.connect(1, "alice", "a1");
     let mut refused = 0;
+    let mut asked = Vec::new();
     for i in 0..1100 {
         for a in s.core.send(1, req("g", &format!("m{i}")), s.now) {
-            if let Action::Send {
-                frame:
-                    ServerFrame::Rejected {
-                        code,
-                        retry_after_ms,
-                        ..
-                    },
-                ..
-            } = a
-            {
-                assert_eq!((code, retry_after_ms), (ErrorCode::Unavailable, Some(100)));
-                refused += 1;
+            match a {
+                Action::Send {
+                    frame:
+                        ServerFrame::Rejected {
+                            code,
+                            retry_after_ms,
+                            ..
+                        },
+                    ..
+                } => {
+                    assert_eq!((code, retry_after_ms), (ErrorCode::Unavailable, Some(100)));
+                    refused += 1;
+                }
+                other => asked.push(other),
             }
         }
     }
     assert_eq!(refused, 1100 - 1024);
+    s.answer_lookups(asked);
+    let (batches, _) = s.flush();
+    assert_eq!(
+        batches.iter().map(|b| b.messages.len()).sum::<usize>(),
+        1024
+    );
+    // A new send after the refused ones waits for them.
+    assert_eq!(rejected(&s.send(1, "g", "later")).0, ErrorCode::RateLimited);
+    for i in 1024..1100 {
+        assert!(s.send(1, "g", &format!("m{i}")).is_empty(), "m{i} resent");
+    }
+    assert!(s.send(1, "g", "later").is_empty());
+    let (_, out) = s.flush();
+    let seqs: Vec<(String, u64)> = accepted(&out, 1).into_iter().map(|a| (a.0, a.2)).collect();
+    assert_eq!(seqs.len(), 77);
+    assert_eq!(seqs.last(), Some(&("later".to_string(), 1101)), "{seqs:?}");
+    assert!(seqs.windows(2).all(|w| w[0].1 < w[1].1));
 }
