@@ -20,6 +20,10 @@ pub struct CoreConfig {
     /// Bytes of the filter that tells a new client message id from one that may have been
     /// seen inside the window, without asking the store.
     pub dedup_filter_bytes: usize,
+    /// Bytes of sends that all connections together may have waiting for dedup lookups; past
+    /// it a send that would wait is refused as unavailable (each connection also has its own
+    /// bound, 1,024 sends and 1 MiB).
+    pub max_parked_bytes: usize,
     /// Sustained sends per second per user; 0 disables the limit.
     pub rate_per_sec: f64,
     /// Sends a user may burst above the sustained rate.
@@ -39,6 +43,7 @@ impl Default for CoreConfig {
             dedup_window_ms: 24 * 60 * 60 * 1000,
             dedup_cache_entries: 100_000,
             dedup_filter_bytes: 32 << 20,
+            max_parked_bytes: 64 << 20,
             rate_per_sec: 1000.0,
             rate_burst: 2000.0,
             default_retention: Retention::default(),

@@ -196,6 +196,8 @@ pub struct Core {
     filter: DedupFilter,
     /// Lookups asked and not answered yet, by id: whose send waits for each.
     lookups: HashMap<u64, SessionId>,
+    /// Bytes of sends parked on every connection together.
+    parked_total: usize,
     next_lookup: u64,
     /// The last batch committed.
     committed_batch: u64,
@@ -284,6 +286,7 @@ impl Core {
             dedup: DedupCache::default(),
             filter,
             lookups: HashMap::new(),
+            parked_total: 0,
             next_lookup: 1,
             committed_batch: 0,
             // A store with entries may hold them from any time.
@@ -331,6 +334,7 @@ impl Core {
 
     pub fn disconnect(&mut self, session: SessionId) {
         if let Some(s) = self.sessions.remove(&session) {
+            self.parked_total = self.parked_total.saturating_sub(s.parked_bytes);
             if let Some(set) = self.by_user.get_mut(&*s.user) {
                 set.remove(&session);
                 if set.is_empty() {
@@ -369,7 +373,7 @@ impl Core {
     ) -> Vec<Action> {
         match self.try_send(session, &mut req, looked_up, now_ms) {
             Ok(Some(actions)) => actions,
-            Ok(None) => self.park_first(session, req),
+            Ok(None) => self.park_first(session, req, now_ms),
             // Only a stored message takes the request's id and body; a refused one still has them.
             Err(e) => vec![Action::Send {
                 session,
@@ -528,10 +532,18 @@ impl Core {
 
     /// Parks a send whose key must be looked up, first in its connection's line (it is the
     /// one whose turn it was), and asks for the lookup.
-    fn park_first(&mut self, session: SessionId, req: SendRequest<'_>) -> Vec<Action> {
+    fn park_first(&mut self, session: SessionId, req: SendRequest<'_>, now_ms: u64) -> Vec<Action> {
         let Some(s) = self.sessions.get_mut(&session) else {
             return Vec::new();
         };
+        // With nothing parked behind it, a send past the server-wide budget can be refused
+        // (and held back) without changing the order of any other.
+        let bytes = Parked::size_of(&req);
+        if s.parked.is_empty() && self.parked_total + bytes > self.cfg.max_parked_bytes {
+            self.refuse_busy(session, &req);
+            self.release_busy(session, now_ms);
+            return vec![busy(session, req.cmid, "sends of all connections")];
+        }
         let id = self.next_lookup;
         self.next_lookup += 1;
         let parked = Parked::new(
@@ -547,6 +559,7 @@ impl Core {
             cmid: parked.cmid.clone(),
         };
         s.parked_bytes += parked.bytes();
+        self.parked_total += parked.bytes();
         s.parked.push_front(parked);
         self.lookups.insert(id, session);
         self.stats.dedup_lookups += 1;
@@ -565,20 +578,12 @@ impl Core {
             return Vec::new();
         };
         let bytes = Parked::size_of(&req);
-        let full = s.parked.len() >= MAX_PARKED || s.parked_bytes + bytes > MAX_PARKED_BYTES;
+        let full = s.parked.len() >= MAX_PARKED
+            || s.parked_bytes + bytes > MAX_PARKED_BYTES
+            || self.parked_total + bytes > self.cfg.max_parked_bytes;
         if full || !s.busy_refused.is_empty() {
-            let e = CoreError::Busy {
-                what: format!(
-                    "{} earlier sends of this connection are waiting for the store",
-                    s.parked.len()
-                ),
-                retry_after_ms: PARKED_RETRY_MS,
-            };
             self.refuse_busy(session, &req);
-            return vec![Action::Send {
-                session,
-                frame: ServerFrame::rejected(req.cmid, e.code(), e.to_string(), e.retry_after_ms()),
-            }];
+            return vec![busy(session, req.cmid, "earlier sends of this connection")];
         }
         let user = s.user.clone();
         let cmid = req.cmid.as_str();
@@ -606,6 +611,7 @@ impl Core {
         if let Some(s) = self.sessions.get_mut(&session) {
             s.parked_bytes += bytes;
             s.parked.push_back(Parked::new(&req, state));
+            self.parked_total += bytes;
         }
         out
     }
@@ -691,6 +697,7 @@ impl Core {
                 break;
             };
             s.parked_bytes = s.parked_bytes.saturating_sub(p.bytes());
+            self.parked_total = self.parked_total.saturating_sub(p.bytes());
             let looked_up = match p.lookup {
                 LookupState::Answered { found, mark } => Some((found, mark)),
                 _ => None,
@@ -1358,6 +1365,7 @@ impl Core {
         }
         // Sends waiting for a lookup will not get one.
         self.lookups.clear();
+        self.parked_total = 0;
         for (sid, s) in self.sessions.iter_mut() {
             s.parked_bytes = 0;
             s.busy_refused.clear();
@@ -1479,6 +1487,18 @@ fn accepted_action(w: Waiter) -> Action {
             seq: w.seq,
             ts: w.ts,
         },
+    }
+}
+
+/// A send refused because too many sends wait for dedup lookups (`whose`).
+fn busy(session: SessionId, cmid: String, whose: &str) -> Action {
+    let e = CoreError::Busy {
+        what: format!("too many {whose} are waiting for the store"),
+        retry_after_ms: PARKED_RETRY_MS,
+    };
+    Action::Send {
+        session,
+        frame: ServerFrame::rejected(cmid, e.code(), e.to_string(), e.retry_after_ms()),
     }
 }
 

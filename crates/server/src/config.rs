@@ -171,6 +171,7 @@ impl Config {
             dedup_window_ms: self.dedup_window_secs.saturating_mul(1000),
             dedup_cache_entries: self.dedup_cache_entries,
             dedup_filter_bytes: self.dedup_filter_mib << 20,
+            max_parked_bytes: CoreConfig::default().max_parked_bytes,
             rate_per_sec: self.rate_per_sec,
             rate_burst: self.rate_burst,
             default_retention: Retention {

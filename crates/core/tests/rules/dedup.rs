@@ -444,3 +444,43 @@ fn a_connection_cannot_park_without_bound() {
     assert_eq!(seqs.last(), Some(&("later".to_string(), 1101)), "{seqs:?}");
     assert!(seqs.windows(2).all(|w| w[0].1 < w[1].1));
 }
+
+/// Across connections too, the sends waiting for lookups are bounded (`max_parked_bytes`): past
+/// it a send that would wait is refused as unavailable and held back, and the others go on.
+#[test]
+fn all_connections_together_cannot_park_without_bound() {
+    let tight = CoreConfig {
+        max_parked_bytes: 50,
+        ..cfg()
+    };
+    let mut s = alice_and_bob_in_g(tight.clone());
+    s.restart_cold(tight);
+    s.core.connect(1, "alice", "a1");
+    s.core.connect(2, "bob", "b1");
+    // Each send counts 13 bytes (id, body, conversation): alice parks 3.
+    let mut asked = Vec::new();
+    for i in 0..3 {
+        asked.extend(s.core.send(1, req("g", &format!("a{i}")), s.now));
+    }
+    assert_eq!(asked.len(), 3, "{asked:?}");
+    // Bob's first send would wait too and finds the budget spent.
+    let (code, retryable, after) = rejected(&s.core.send(2, req("g", "b0"), s.now));
+    assert_eq!(
+        (code, retryable, after),
+        (ErrorCode::Unavailable, true, Some(100))
+    );
+    // Once the budget is free again, his next send is held back behind the refused one.
+    s.answer_lookups(asked);
+    assert_eq!(rejected(&s.send(2, "g", "b1")).0, ErrorCode::RateLimited);
+    assert!(s.send(2, "g", "b0").is_empty());
+    assert!(s.send(2, "g", "b1").is_empty());
+    let (_, out) = s.flush();
+    let seqs = |sid| {
+        accepted(&out, sid)
+            .into_iter()
+            .map(|a| (a.0, a.2))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(seqs(1).len(), 3);
+    assert_eq!(seqs(2), [("b0".to_string(), 4), ("b1".to_string(), 5)]);
+}
