@@ -199,8 +199,6 @@ pub struct Core {
     /// Bytes of sends parked on every connection together.
     parked_total: usize,
     next_lookup: u64,
-    /// The last batch committed.
-    committed_batch: u64,
     /// No dedup entry the store holds (and has not been told to forget) was accepted before
     /// this; `None` if it holds none.
     dedup_stored_since: Option<u64>,
@@ -288,7 +286,6 @@ impl Core {
             lookups: HashMap::new(),
             parked_total: 0,
             next_lookup: 1,
-            committed_batch: 0,
             // A store with entries may hold them from any time.
             dedup_stored_since: (snapshot.last_ts > 0).then_some(0),
             newest_ts: snapshot.last_ts,
@@ -1336,7 +1333,6 @@ impl Core {
         for (cid, user) in f.receipts {
             self.publish_receipt(&cid, &user, &mut out);
         }
-        self.committed_batch = id;
         self.dedup.shrink(self.cfg.dedup_cache_entries, id);
         out
     }
