@@ -266,10 +266,6 @@ impl DedupFilter {
     pub fn set_complete(&mut self) {
         self.complete = true;
     }
-
-    pub fn is_complete(&self) -> bool {
-        self.complete
-    }
 }
 
 #[cfg(test)]

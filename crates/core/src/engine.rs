@@ -726,12 +726,6 @@ impl Core {
         self.filter.set_complete();
     }
 
-    /// Whether the dedup filter holds every key of the window (see
-    /// [`dedup_filter_complete`](Self::dedup_filter_complete)).
-    pub fn dedup_filter_is_complete(&self) -> bool {
-        self.filter.is_complete()
-    }
-
     /// Dedup entries the core holds in memory (the store holds all of them).
     pub fn dedup_cached(&self) -> usize {
         self.dedup.len()
