@@ -49,6 +49,10 @@ pub struct ServeArgs {
     /// The filter of client message ids seen inside the dedup window, in MiB [default: 32].
     #[arg(long, env = "ORDO_DEDUP_FILTER_MIB")]
     dedup_filter_mib: Option<usize>,
+    /// Conversations held in memory (the most recently used; others are loaded from the store
+    /// when used) [default: 50000].
+    #[arg(long, env = "ORDO_CONV_CACHE_ENTRIES")]
+    conv_cache_entries: Option<usize>,
     /// Sends per second per user, 0 for no limit [default: 1000].
     #[arg(long, env = "ORDO_RATE_PER_SEC")]
     rate_per_sec: Option<f64>,
@@ -92,6 +96,7 @@ impl ServeArgs {
             dedup_window_secs,
             dedup_cache_entries,
             dedup_filter_mib,
+            conv_cache_entries,
             rate_per_sec,
             rate_burst,
             housekeeping_secs,

@@ -24,6 +24,14 @@ pub struct CoreConfig {
     /// it a send that would wait is refused as unavailable (each connection also has its own
     /// bound, 1,024 sends and 1 MiB).
     pub max_parked_bytes: usize,
+    /// Conversations held in memory (the most recently used; the store holds them all).
+    /// Conversations with unfinished work are held beyond it.
+    pub conv_cache_entries: usize,
+    /// Conversations that one step of age-based retention covers; a step runs every second
+    /// while a pass is under way, and a pass starts every [`retention_pass_ms`](Self::retention_pass_ms).
+    pub retention_sweep_convs: u32,
+    /// How often a pass of age-based retention over every stored conversation starts.
+    pub retention_pass_ms: u64,
     /// Sustained sends per second per user; 0 disables the limit.
     pub rate_per_sec: f64,
     /// Sends a user may burst above the sustained rate.
@@ -44,6 +52,9 @@ impl Default for CoreConfig {
             dedup_cache_entries: 100_000,
             dedup_filter_bytes: 32 << 20,
             max_parked_bytes: 64 << 20,
+            conv_cache_entries: 50_000,
+            retention_sweep_convs: 2_000,
+            retention_pass_ms: 60_000,
             rate_per_sec: 1000.0,
             rate_burst: 2000.0,
             default_retention: Retention::default(),

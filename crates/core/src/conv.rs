@@ -31,6 +31,8 @@ pub struct Conv {
     pub durable_cursors: Cursors,
     /// user -> (delivered, read) last published in a `receipt` (always durable values).
     pub published: HashMap<String, Cursor>,
+    /// When it was last used (a stamp of the core's), for eviction.
+    pub used: u64,
 }
 
 impl Conv {
@@ -43,6 +45,7 @@ impl Conv {
             cursors: Cursors::default(),
             durable_cursors: Cursors::default(),
             published: HashMap::new(),
+            used: 0,
         }
     }
 

@@ -11,14 +11,14 @@ use crate::config::CoreConfig;
 use crate::conv::{Conv, Cursor};
 use crate::dedup::{DedupCache, DedupFilter, FilterKey};
 use crate::error::CoreError;
+use crate::loading::{Loads, Waiting};
 use crate::model::*;
 use crate::rate::TokenBucket;
 use crate::rng::SplitMix64;
-use crate::session::{LookupState, Parked, PushState, Session};
+use crate::session::{LookedUp, LookupState, Parked, PushState, Session};
 use foldhash::{HashMap, HashMapExt};
 use ordo_protocol::{
-    direct_conv_id, validate_id, ConvInfo, ConvKind, ErrorCode, IdKind, MemberPosition, Message,
-    ServerFrame, DIRECT_PREFIX,
+    direct_conv_id, validate_id, ConvKind, ErrorCode, IdKind, Message, ServerFrame, DIRECT_PREFIX,
 };
 use std::collections::BTreeSet;
 use std::mem::take;
@@ -74,6 +74,21 @@ pub enum Action {
     /// sends of its connection; other frames do not. Lookups may be answered in any order,
     /// from a store state that includes every batch committed before the lookup was asked.
     Lookup { id: u64, user: String, cmid: String },
+    /// Load conversation `conv` from the store and hand it to [`Core::loaded`] (`None` if the
+    /// store does not hold it). The frames that need it wait; asked once per conversation
+    /// until answered. Answers may come in any order, from a store state that includes every
+    /// batch committed before the load was asked.
+    Load { conv: String },
+    /// List every conversation `user` is a member of, as stored, and hand the list to
+    /// [`Core::member_convs_loaded`] with this `id` (for a `convs` overview).
+    LoadMember { id: u64, user: String },
+    /// A frame for which [`Core::on_frame`] returned [`Handled::Waits`](crate::Handled::Waits)
+    /// is handled now: for a `sync`, read `plan`'s page and hand it to [`Core::serve_page`];
+    /// `None` when it was answered without one. Only for frames [`crate::may_read`] names.
+    Reply {
+        session: SessionId,
+        plan: Option<SyncPlan>,
+    },
 }
 
 /// The same actions with every [`Action::Broadcast`] written out as one [`Action::Send`] per
@@ -110,6 +125,8 @@ pub enum AdminOp {
         remove: Vec<String>,
         retention: Option<Retention>,
     },
+    /// The group as committed.
+    Get { id: String },
 }
 
 /// What a `sync` should read from the store: seqs `from..=to`, at most `limit`.
@@ -145,7 +162,7 @@ struct Waiter {
 
 /// Changes not yet handed out in a batch, plus the answers that wait on them.
 #[derive(Default)]
-struct Pending {
+pub(crate) struct Pending {
     messages: Vec<Arc<StoredMessage>>,
     /// Conversations with new messages.
     convs: BTreeSet<String>,
@@ -153,7 +170,7 @@ struct Pending {
     records: BTreeSet<String>,
     dedup_forget_before_ms: Option<u64>,
     cursors: BTreeSet<(String, String, String)>,
-    trim_before_ms: Vec<(String, u64)>,
+    age_sweep: Option<AgeSweep>,
     waiters: Vec<Waiter>,
     admin: Vec<(Ticket, String)>,
     receipts: BTreeSet<(String, String)>,
@@ -166,15 +183,26 @@ impl Pending {
             && self.records.is_empty()
             && self.dedup_forget_before_ms.is_none()
             && self.cursors.is_empty()
-            && self.trim_before_ms.is_empty()
+            && self.age_sweep.is_none()
             && self.waiters.is_empty()
             && self.admin.is_empty()
             && self.receipts.is_empty()
     }
 }
 
+/// A pass of age-based retention over the stored conversations.
+#[derive(Default)]
+struct Sweep {
+    /// When the current (or last) pass started.
+    pass_started_ms: Option<u64>,
+    /// The last conversation the pass covered, while it is under way.
+    after: Option<String>,
+    /// A step is in a batch not yet committed.
+    stepping: bool,
+}
+
 /// A batch handed out and not yet reported back.
-struct InFlight {
+pub(crate) struct InFlight {
     id: u64,
     messages: Vec<Arc<StoredMessage>>,
     /// The conversation records exactly as this batch writes them.
@@ -189,7 +217,10 @@ struct InFlight {
 pub struct Core {
     cfg: CoreConfig,
     rng: SplitMix64,
-    convs: HashMap<String, Conv>,
+    /// The conversations in use (hot); the store holds them all. See [`crate::loading`].
+    pub(crate) convs: HashMap<String, Conv>,
+    /// Conversations being loaded and what waits for them; evictions; overviews being listed.
+    pub(crate) loads: Loads,
     /// The most recent (user, cmid) -> what it was accepted as; the store holds the rest.
     dedup: DedupCache,
     /// Every dedup key of the window, roughly: which keys are certainly new.
@@ -204,19 +235,19 @@ pub struct Core {
     dedup_stored_since: Option<u64>,
     /// The newest acceptance time given out (or stored, at start).
     newest_ts: u64,
-    sessions: HashMap<SessionId, Session>,
+    pub(crate) sessions: HashMap<SessionId, Session>,
     by_user: HashMap<String, BTreeSet<SessionId>>,
-    /// user -> conversations they are a durable member of (for `convs` without a full scan).
-    member_of: HashMap<String, BTreeSet<String>>,
     buckets: HashMap<String, TokenBucket>,
-    pending: Pending,
-    in_flight: Option<InFlight>,
+    pub(crate) pending: Pending,
+    pub(crate) in_flight: Option<InFlight>,
     /// Emptied lists of the last batch, reused by the next one: growing them again from nothing
     /// for every batch costs a trail of ever larger allocations.
     spare_messages: Vec<Arc<StoredMessage>>,
     spare_waiters: Vec<Waiter>,
     next_batch: u64,
-    stats: CoreStats,
+    /// Where age-based retention stands.
+    sweep: Sweep,
+    pub(crate) stats: CoreStats,
     /// Test-only: safeguards switched off by the simulation (all on unless it says so).
     #[cfg(feature = "fault-injection")]
     faults: crate::fault::Faults,
@@ -236,51 +267,34 @@ pub struct CoreStats {
     /// Dedup keys looked up in the store (the cache did not hold them and the filter could
     /// not rule them out).
     pub dedup_lookups: u64,
+    /// Conversations (and users' lists of them) loaded from the store.
+    pub conv_loads: u64,
+}
+
+/// Why a send cannot be handled yet.
+enum Wait {
+    /// Its key must be looked up in the store.
+    Lookup,
+    /// Its conversation must be loaded; what the store answered for its key, if it was looked
+    /// up, goes with it.
+    Load(String, Option<LookedUp>),
 }
 
 impl Core {
-    /// Rebuilds the rules' state from what the store holds. `seed` feeds the generator of
+    /// Starts the rules over what the store holds: no conversation is loaded until it is used
+    /// ([`Action::Load`]). `seed` feeds the generator of
     /// epochs and the dedup filter's hash: random in production, fixed in a simulation. The
     /// dedup filter starts empty: the caller adds the keys the store holds with
     /// [`dedup_filter_add`](Self::dedup_filter_add) and then calls
     /// [`dedup_filter_complete`](Self::dedup_filter_complete); meanwhile every send the cache
     /// cannot answer is looked up.
     pub fn new(cfg: CoreConfig, seed: u64, snapshot: Snapshot) -> Self {
-        let mut convs = HashMap::new();
-        for rec in snapshot.convs {
-            convs.insert(rec.id.clone(), Conv::new(rec, true));
-        }
-        for c in snapshot.cursors {
-            if let Some(conv) = convs.get_mut(&c.conv) {
-                let pos = Cursor {
-                    delivered: c.delivered,
-                    read: c.read,
-                };
-                *conv.cursors.entry(&c.user, &c.device) = pos;
-                *conv.durable_cursors.entry(&c.user, &c.device) = pos;
-            }
-        }
-        for conv in convs.values_mut() {
-            let users: Vec<String> = conv.cursors.users().cloned().collect();
-            for u in users {
-                let pos = conv.durable_user_position(&u);
-                conv.published.insert(u, pos);
-            }
-        }
-        let mut member_of: HashMap<String, BTreeSet<String>> = HashMap::new();
-        for c in convs.values() {
-            for u in &c.rec.members {
-                member_of
-                    .entry(u.clone())
-                    .or_default()
-                    .insert(c.rec.id.clone());
-            }
-        }
         let filter = DedupFilter::new(cfg.dedup_filter_bytes, cfg.dedup_window_ms, seed);
         Core {
             cfg,
             rng: SplitMix64::new(seed),
-            convs,
+            convs: HashMap::new(),
+            loads: Loads::default(),
             dedup: DedupCache::default(),
             filter,
             lookups: HashMap::new(),
@@ -291,13 +305,13 @@ impl Core {
             newest_ts: snapshot.last_ts,
             sessions: HashMap::new(),
             by_user: HashMap::new(),
-            member_of,
             buckets: HashMap::new(),
             pending: Pending::default(),
             in_flight: None,
             spare_messages: Vec::new(),
             spare_waiters: Vec::new(),
             next_batch: 1,
+            sweep: Sweep::default(),
             stats: CoreStats::default(),
             #[cfg(feature = "fault-injection")]
             faults: crate::fault::Faults::default(),
@@ -330,6 +344,7 @@ impl Core {
     }
 
     pub fn disconnect(&mut self, session: SessionId) {
+        self.forget_waiting(session);
         if let Some(s) = self.sessions.remove(&session) {
             self.parked_total = self.parked_total.saturating_sub(s.parked_bytes);
             if let Some(set) = self.by_user.get_mut(&*s.user) {
@@ -365,12 +380,15 @@ impl Core {
         &mut self,
         session: SessionId,
         mut req: SendRequest<'_>,
-        looked_up: Option<(Option<DedupRecord>, u64)>,
+        looked_up: Option<LookedUp>,
         now_ms: u64,
     ) -> Vec<Action> {
         match self.try_send(session, &mut req, looked_up, now_ms) {
-            Ok(Some(actions)) => actions,
-            Ok(None) => self.park_first(session, req, now_ms),
+            Ok(Ok(actions)) => actions,
+            Ok(Err(Wait::Lookup)) => self.park_first(session, req, None, now_ms),
+            Ok(Err(Wait::Load(conv, answer))) => {
+                self.park_first(session, req, Some((conv, answer)), now_ms)
+            }
             // Only a stored message takes the request's id and body; a refused one still has them.
             Err(e) => vec![Action::Send {
                 session,
@@ -379,19 +397,20 @@ impl Core {
         }
     }
 
-    /// Tries a send; `Ok(None)` if its key must be looked up first (nothing has changed then).
+    /// Tries a send; `Ok(Err(_))` if it must wait for the store first (nothing has changed
+    /// then).
     fn try_send(
         &mut self,
         session: SessionId,
         req: &mut SendRequest<'_>,
-        looked_up: Option<(Option<DedupRecord>, u64)>,
+        looked_up: Option<LookedUp>,
         now_ms: u64,
-    ) -> Result<Option<Vec<Action>>, CoreError> {
+    ) -> Result<Result<Vec<Action>, Wait>, CoreError> {
         let (conv, to, reply_to) = (req.conv, req.to, req.reply_to);
         let cmid: &str = &req.cmid;
         let (user, device) = match self.sessions.get(&session) {
             Some(s) => (s.user.clone(), s.device.clone()),
-            None => return Ok(Some(Vec::new())),
+            None => return Ok(Ok(Vec::new())),
         };
         validate_id(IdKind::ClientMessage, cmid)?;
         let direct: Arc<str>;
@@ -412,6 +431,14 @@ impl Core {
             }
         };
 
+        // A resend carries the same body: one too large was never accepted.
+        if req.body.len() > self.cfg.limits.max_body_bytes {
+            return Err(CoreError::BodyTooLarge {
+                len: req.body.len(),
+                max: self.cfg.limits.max_body_bytes,
+            });
+        }
+
         // A resend inside the dedup window gets the original answer, wherever it is.
         let window = self.cfg.dedup_window_ms;
         let fkey = self.filter.key(&user, cmid);
@@ -430,10 +457,11 @@ impl Core {
                 return Err(reused(cmid, &d.conv));
             }
             self.stats.dedup_hits += 1;
+            // A conversation the core does not hold has nothing uncommitted.
             let durable = self
                 .convs
                 .get(&*d.conv)
-                .is_some_and(|c| c.durable_seq >= d.seq);
+                .is_none_or(|c| c.durable_seq >= d.seq);
             let waiter = Waiter {
                 session,
                 cmid: Arc::from(cmid),
@@ -442,10 +470,10 @@ impl Core {
                 ts: d.ts,
             };
             if durable {
-                return Ok(Some(vec![accepted_action(waiter)]));
+                return Ok(Ok(vec![accepted_action(waiter)]));
             }
             self.pending.waiters.push(waiter);
-            return Ok(Some(Vec::new()));
+            return Ok(Ok(Vec::new()));
         }
         match looked_up {
             // The store's answer: an entry it holds is durable.
@@ -454,7 +482,7 @@ impl Core {
                     return Err(reused(cmid, &d.conv));
                 }
                 self.stats.dedup_hits += 1;
-                return Ok(Some(vec![accepted_action(Waiter {
+                return Ok(Ok(vec![accepted_action(Waiter {
                     session,
                     cmid: Arc::from(cmid),
                     conv: Arc::from(d.conv),
@@ -463,18 +491,18 @@ impl Core {
                 })]));
             }
             // The cache forgot an entry the store may not have had when it answered: ask again.
-            Some((_, mark)) if self.dedup.lost_since(mark) => return Ok(None),
+            Some((_, mark)) if self.dedup.lost_since(mark) => return Ok(Err(Wait::Lookup)),
             Some(_) => {}
             None if self.filter.surely_new_key(fkey, now_ms) => {}
-            None => return Ok(None),
+            None => return Ok(Err(Wait::Lookup)),
         }
 
-        if req.body.len() > self.cfg.limits.max_body_bytes {
-            return Err(CoreError::BodyTooLarge {
-                len: req.body.len(),
-                max: self.cfg.limits.max_body_bytes,
-            });
+        // A new message: its conversation is needed (the store's answer for its key, if it
+        // was looked up, waits with it).
+        if self.is_cold(conv_id) {
+            return Ok(Err(Wait::Load(conv_id.to_string(), looked_up)));
         }
+        self.touch(conv_id);
 
         if !self.convs.contains_key(conv_id) {
             match to {
@@ -501,9 +529,11 @@ impl Core {
                     self.convs
                         .insert(conv_id.to_string(), Conv::new(rec, false));
                     let (cmid, body) = (take(&mut req.cmid), take(&mut req.body));
-                    return Ok(Some(self.append(
+                    let actions = self.append(
                         session, &user, &device, conv_id, cmid, body, None, now_ms, fkey,
-                    )));
+                    );
+                    self.touch(conv_id);
+                    return Ok(Ok(actions));
                 }
                 None => return Err(CoreError::NoSuchConversation(conv_id.to_string())),
             }
@@ -522,14 +552,21 @@ impl Core {
         }
         self.admit(session, conv_id, cmid, &user, now_ms)?;
         let (cmid, body) = (take(&mut req.cmid), take(&mut req.body));
-        Ok(Some(self.append(
+        Ok(Ok(self.append(
             session, &user, &device, conv_id, cmid, body, reply_to, now_ms, fkey,
         )))
     }
 
-    /// Parks a send whose key must be looked up, first in its connection's line (it is the
-    /// one whose turn it was), and asks for the lookup.
-    fn park_first(&mut self, session: SessionId, req: SendRequest<'_>, now_ms: u64) -> Vec<Action> {
+    /// Parks a send whose key must be looked up (or, with `load`, whose conversation must be
+    /// loaded), first in its connection's line (it is the one whose turn it was), and asks for
+    /// the lookup or the load.
+    fn park_first(
+        &mut self,
+        session: SessionId,
+        req: SendRequest<'_>,
+        load: Option<(String, Option<LookedUp>)>,
+        now_ms: u64,
+    ) -> Vec<Action> {
         let Some(s) = self.sessions.get_mut(&session) else {
             return Vec::new();
         };
@@ -540,6 +577,13 @@ impl Core {
             self.refuse_busy(session, &req);
             self.release_busy(session, now_ms);
             return vec![busy(session, req.cmid, "sends of all connections")];
+        }
+        if let Some((conv, answer)) = load {
+            let parked = Parked::new(&req, LookupState::Load(conv.clone(), answer));
+            s.parked_bytes += parked.bytes();
+            self.parked_total += parked.bytes();
+            s.parked.push_front(parked);
+            return self.wait_for(&conv, Waiting::Send(session));
         }
         let id = self.next_lookup;
         self.next_lookup += 1;
@@ -680,13 +724,22 @@ impl Core {
         if let LookupState::Asked { mark, .. } = p.lookup {
             p.lookup = LookupState::Answered { found, mark };
         }
+        self.drain_parked(session, now_ms)
+    }
+
+    /// Handles the connection's parked sends whose turn has come: from the front, those
+    /// answered or waiting only behind others.
+    pub(crate) fn drain_parked(&mut self, session: SessionId, now_ms: u64) -> Vec<Action> {
         let mut out = Vec::new();
-        // The sends at the front whose turn has come: answered, or waiting only behind.
         while let Some(p) = self
             .sessions
             .get_mut(&session)
             .and_then(|s| match s.parked.front() {
-                Some(p) if !matches!(p.lookup, LookupState::Asked { .. }) => s.parked.pop_front(),
+                Some(p)
+                    if !matches!(p.lookup, LookupState::Asked { .. } | LookupState::Load(..)) =>
+                {
+                    s.parked.pop_front()
+                }
                 _ => None,
             })
         {
@@ -925,6 +978,7 @@ impl Core {
         delivered: Option<u64>,
         read: Option<u64>,
     ) {
+        self.touch(conv_id);
         let Some(conv) = self.convs.get_mut(conv_id) else {
             return;
         };
@@ -964,6 +1018,9 @@ impl Core {
             None => self.cfg.default_sync_limit,
         };
         self.move_cursor(&user, &device, conv, Some(after), None);
+        if let Some(s) = self.sessions.get_mut(&session) {
+            s.reading = Some(conv.to_string());
+        }
         let c = &self.convs[conv];
         Ok(SyncPlan {
             conv: conv.to_string(),
@@ -984,6 +1041,10 @@ impl Core {
         up_to: u64,
         has_more: bool,
     ) -> Vec<Action> {
+        if let Some(s) = self.sessions.get_mut(&session) {
+            s.reading = None;
+        }
+        // Held while the page was read (see `Session::reading`).
         let Some(c) = self.convs.get(conv) else {
             return Vec::new();
         };
@@ -1013,46 +1074,6 @@ impl Core {
         Vec::new()
     }
 
-    /// The overview of every conversation the session's user belongs to.
-    pub fn overview(&self, session: SessionId) -> Vec<ConvInfo> {
-        let Some(s) = self.sessions.get(&session) else {
-            return Vec::new();
-        };
-        let mut out: Vec<ConvInfo> = self
-            .member_of
-            .get(&*s.user)
-            .into_iter()
-            .flatten()
-            .filter_map(|id| self.convs.get(id))
-            .filter(|c| c.is_durable_member(&s.user))
-            .map(|c| {
-                let mine = c.durable_cursor(&s.user, &s.device);
-                ConvInfo {
-                    conv: c.rec.id.clone(),
-                    kind: c.rec.kind,
-                    epoch: c.rec.epoch,
-                    max_seq: c.durable_seq,
-                    first_seq: c.durable_first_seq(),
-                    delivered: mine.delivered,
-                    read: mine.read,
-                    members: c
-                        .durable_members()
-                        .map(|u| {
-                            let p = c.published.get(u).copied().unwrap_or_default();
-                            MemberPosition {
-                                user: u.clone(),
-                                delivered: p.delivered,
-                                read: p.read,
-                            }
-                        })
-                        .collect(),
-                }
-            })
-            .collect();
-        out.sort_by(|a, b| a.conv.cmp(&b.conv));
-        out
-    }
-
     // ----- admin -----
 
     /// A group as committed.
@@ -1067,9 +1088,49 @@ impl Core {
         Some(rec)
     }
 
-    /// Starts an admin change; it is answered with [`Action::AdminDone`] once durable.
-    pub fn admin(&mut self, ticket: Ticket, op: AdminOp, now_ms: u64) -> Result<(), CoreError> {
+    /// Starts an admin request; it is answered with [`Action::AdminDone`] (a change once it is
+    /// durable). Returns what to do meanwhile: loading the group, or the answer itself. A
+    /// request refused at once is the `Err`.
+    pub fn admin(
+        &mut self,
+        ticket: Ticket,
+        op: AdminOp,
+        now_ms: u64,
+    ) -> Result<Vec<Action>, CoreError> {
+        let id = match &op {
+            AdminOp::CreateGroup { id, .. }
+            | AdminOp::UpdateGroup { id, .. }
+            | AdminOp::Get { id } => id,
+        };
+        validate_id(IdKind::Conversation, id)?;
+        // What can be refused without the group is refused before it is loaded.
+        match &op {
+            AdminOp::CreateGroup { id, members, .. } => {
+                if id.starts_with(DIRECT_PREFIX) {
+                    return Err(CoreError::Invalid(format!(
+                        "group ids may not start with {DIRECT_PREFIX:?}: that prefix is for direct conversations"
+                    )));
+                }
+                validate_members(members)?;
+            }
+            AdminOp::UpdateGroup { add, remove, .. } => {
+                validate_members(add)?;
+                validate_members(remove)?;
+            }
+            AdminOp::Get { .. } => {}
+        }
+        if self.is_cold(id) {
+            let id = id.clone();
+            return Ok(self.wait_for(&id, Waiting::Admin { ticket, op, now_ms }));
+        }
+        self.touch(id);
         match op {
+            AdminOp::Get { id } => {
+                let reply = self
+                    .group(&id)
+                    .ok_or_else(|| CoreError::NoSuchConversation(id.clone()));
+                return Ok(vec![Action::AdminDone { ticket, reply }]);
+            }
             AdminOp::CreateGroup {
                 id,
                 members,
@@ -1128,7 +1189,7 @@ impl Core {
                 self.pending.admin.push((ticket, id));
             }
         }
-        Ok(())
+        Ok(Vec::new())
     }
 
     // ----- ticks -----
@@ -1150,19 +1211,30 @@ impl Core {
         }
     }
 
-    /// Asks the store to drop messages older than each conversation's max age.
+    /// Age-based retention: the store drops messages older than each conversation's max age,
+    /// a step of [`retention_sweep_convs`](CoreConfig::retention_sweep_convs) conversations per
+    /// batch (the core does not hold them all), a step per call while a pass is under way, a
+    /// pass every [`retention_pass_ms`](CoreConfig::retention_pass_ms).
     pub fn retention_tick(&mut self, now_ms: u64) {
-        let default = self.cfg.default_retention;
-        for c in self.convs.values() {
-            if !c.is_durable() || c.rec.first_seq > c.durable_seq {
-                continue;
-            }
-            if let Some(age) = c.rec.retention.or(default).max_age_ms {
-                self.pending
-                    .trim_before_ms
-                    .push((c.rec.id.clone(), now_ms.saturating_sub(age)));
-            }
+        if self.sweep.stepping || self.pending.age_sweep.is_some() {
+            return;
         }
+        if self.sweep.after.is_none() {
+            if self
+                .sweep
+                .pass_started_ms
+                .is_some_and(|t| now_ms < t.saturating_add(self.cfg.retention_pass_ms))
+            {
+                return;
+            }
+            self.sweep.pass_started_ms = Some(now_ms);
+        }
+        self.pending.age_sweep = Some(AgeSweep {
+            now_ms,
+            default_max_age_ms: self.cfg.default_retention.max_age_ms,
+            after: self.sweep.after.clone(),
+            max_convs: self.cfg.retention_sweep_convs,
+        });
     }
 
     // ----- group commit -----
@@ -1234,8 +1306,10 @@ impl Core {
             dedup_delete: Vec::new(),
             cursors: cursors.clone(),
             trim_below,
-            trim_before_ms: p.trim_before_ms,
+            trim_before_ms: Vec::new(),
+            age_sweep: p.age_sweep.clone(),
         };
+        self.sweep.stepping = p.age_sweep.is_some();
         self.in_flight = Some(InFlight {
             id,
             messages: p.messages,
@@ -1254,6 +1328,9 @@ impl Core {
         let Some(f) = self.in_flight.take_if(|f| f.id == id) else {
             return Vec::new();
         };
+        if std::mem::take(&mut self.sweep.stepping) {
+            self.sweep.after = outcome.swept_to.clone();
+        }
         let mut out = Vec::with_capacity(f.waiters.len() + f.messages.len() + f.admin.len());
         for rec in f.convs {
             if let Some(c) = self.convs.get_mut(&rec.id) {
@@ -1261,28 +1338,7 @@ impl Core {
                 c.durable_seq = c.durable_seq.max(rec.max_seq);
                 let mut rec = rec;
                 rec.first_seq = rec.first_seq.max(first);
-                let old = c.durable_rec.replace(rec);
-                let old_members = old.map(|o| o.members).unwrap_or_default();
-                // Most batches only move a conversation's seq: skip comparing member lists
-                // (of maybe thousands) unless they changed.
-                if c.durable_rec
-                    .as_ref()
-                    .is_some_and(|r| r.members == old_members)
-                {
-                    continue;
-                }
-                let new_members = c.durable_members().cloned().collect::<BTreeSet<_>>();
-                for u in old_members.difference(&new_members) {
-                    if let Some(set) = self.member_of.get_mut(u) {
-                        set.remove(&c.rec.id);
-                    }
-                }
-                for u in new_members.difference(&old_members) {
-                    self.member_of
-                        .entry(u.clone())
-                        .or_default()
-                        .insert(c.rec.id.clone());
-                }
+                c.durable_rec = Some(rec);
             }
         }
         for pos in f.positions {
@@ -1328,6 +1384,31 @@ impl Core {
             self.publish_receipt(&cid, &user, &mut out);
         }
         self.dedup.shrink(self.cfg.dedup_cache_entries, id);
+        self.evict();
+        out
+    }
+
+    /// Conversations that pending or in-flight work touches: they stay in memory until it is
+    /// done (a conversation the core does not hold must have nothing uncommitted).
+    pub(crate) fn pinned_convs(&self) -> std::collections::HashSet<&str> {
+        let p = &self.pending;
+        let mut out: std::collections::HashSet<&str> = std::collections::HashSet::new();
+        out.extend(p.convs.iter().map(String::as_str));
+        out.extend(p.records.iter().map(String::as_str));
+        out.extend(p.cursors.iter().map(|(c, _, _)| c.as_str()));
+        out.extend(p.receipts.iter().map(|(c, _)| c.as_str()));
+        out.extend(p.waiters.iter().map(|w| &*w.conv));
+        out.extend(p.admin.iter().map(|(_, c)| c.as_str()));
+        if let Some(f) = &self.in_flight {
+            out.extend(f.convs.iter().map(|c| c.id.as_str()));
+            out.extend(f.positions.iter().map(|c| c.id.as_str()));
+            out.extend(f.cursors.iter().map(|c| c.conv.as_str()));
+            out.extend(f.receipts.iter().map(|(c, _)| c.as_str()));
+            out.extend(f.waiters.iter().map(|w| &*w.conv));
+            out.extend(f.admin.iter().map(|(_, c)| c.as_str()));
+            out.extend(f.messages.iter().map(|m| m.conv.as_str()));
+        }
+        out.extend(self.sessions.values().filter_map(|s| s.reading.as_deref()));
         out
     }
 

@@ -16,7 +16,7 @@
 
 use crate::engine::{Action, Core, SendRequest, SessionId, SyncPlan};
 use crate::error::CoreError;
-use ordo_protocol::{ClientFrame, Message, ServerFrame};
+use ordo_protocol::{validate_id, ClientFrame, IdKind, Message, ServerFrame};
 
 /// What a client frame asks of the driver.
 #[must_use]
@@ -26,6 +26,10 @@ pub enum Handled {
     Done(Vec<Action>),
     /// Read this page from the store and hand it to [`Core::serve_page`].
     Read(SyncPlan),
+    /// Carry out these actions (a load); the frame waits for a conversation to be loaded. For
+    /// a frame [`may_read`] names, keep its reply until [`Action::Reply`] comes for the
+    /// connection.
+    Waits(Vec<Action>),
 }
 
 /// Whether `frame` may be answered with [`Handled::Read`]; for every other frame
@@ -38,6 +42,16 @@ impl Core {
     /// Handles one decoded frame from a connected device. `now_ms` is the driver's clock, never
     /// going back (it stamps accepted messages and answers `ping`).
     pub fn on_frame(&mut self, session: SessionId, frame: ClientFrame, now_ms: u64) -> Handled {
+        // A frame about one conversation the core does not hold waits for it to be loaded.
+        if let ClientFrame::Sync { conv, .. } | ClientFrame::Read { conv, .. } = &frame {
+            if validate_id(IdKind::Conversation, conv).is_ok()
+                && self.sessions.contains_key(&session)
+                && self.is_cold(conv)
+            {
+                let conv = conv.clone();
+                return self.park_frame(session, &conv, frame, now_ms);
+            }
+        }
         let actions = match frame {
             ClientFrame::Send {
                 conv,
@@ -65,11 +79,19 @@ impl Core {
                     ));
                     return Handled::Done(vec![error(session, &e)]);
                 }
-                // Every valid position is applied even if another in the same frame is not.
-                acks.iter()
-                    .filter_map(|p| self.ack(session, &p.conv, p.seq).err())
-                    .map(|e| error(session, &e))
-                    .collect()
+                // Every valid position is applied even if another in the same frame is not; those
+                // of conversations to be loaded first wait.
+                let mut out = Vec::new();
+                let acks = match self.sessions.contains_key(&session) {
+                    true => self.park_cold_acks(session, acks, now_ms, &mut out),
+                    false => acks,
+                };
+                out.extend(
+                    acks.iter()
+                        .filter_map(|p| self.ack(session, &p.conv, p.seq).err())
+                        .map(|e| error(session, &e)),
+                );
+                out
             }
             ClientFrame::Read { conv, seq } => match self.read(session, &conv, seq) {
                 Ok(()) => Vec::new(),
@@ -81,12 +103,7 @@ impl Core {
                     Err(e) => vec![error(session, &e)],
                 }
             }
-            ClientFrame::Convs => vec![Action::Send {
-                session,
-                frame: ServerFrame::Convs {
-                    conversations: self.overview(session),
-                },
-            }],
+            ClientFrame::Convs => self.ask_overview(session),
             ClientFrame::Ping { nonce } => vec![Action::Send {
                 session,
                 frame: ServerFrame::Pong {
@@ -168,12 +185,36 @@ mod tests {
             members: vec!["alice".into(), "bob".into()],
             retention: Retention::default(),
         };
-        core.admin(1, op, 1_000).expect("a valid group");
+        // The core asks whether the group exists: the new store holds nothing.
+        for a in core.admin(1, op, 1_000).expect("a valid group") {
+            if let Action::Load { conv } = a {
+                let _ = core.loaded(&conv, store.load_conv(&conv), 1_000);
+            }
+        }
         commit_all(&mut core, &mut store);
         core.connect(ALICE, "alice", "phone");
         core.connect(BOB, "bob", "phone");
         core.connect(EVE, "eve", "phone");
         (core, store)
+    }
+
+    /// Answers the loads among `actions` from `store` at once; returns the other actions.
+    fn answer(core: &mut Core, store: &MemoryStore, actions: Vec<Action>) -> Vec<Action> {
+        let mut out = Vec::new();
+        for a in actions {
+            match a {
+                Action::Load { conv } => {
+                    let more = core.loaded(&conv, store.load_conv(&conv), 2_000);
+                    out.extend(answer(core, store, more));
+                }
+                Action::LoadMember { id, user } => {
+                    let more = core.member_convs_loaded(id, store.member_convs(&user));
+                    out.extend(answer(core, store, more));
+                }
+                other => out.push(other),
+            }
+        }
+        out
     }
 
     fn commit_all(core: &mut Core, store: &mut MemoryStore) -> Vec<Action> {
@@ -200,6 +241,7 @@ mod tests {
         match h {
             Handled::Done(a) => a,
             Handled::Read(p) => panic!("expected actions, got a read of {p:?}"),
+            Handled::Waits(a) => panic!("expected actions, got a wait for {a:?}"),
         }
     }
 
@@ -249,8 +291,9 @@ mod tests {
 
     #[test]
     fn convs_lists_only_the_users_conversations() {
-        let (mut core, _) = setup();
-        let out = done(core.on_frame(ALICE, ClientFrame::Convs, 2_000));
+        let (mut core, store) = setup();
+        let asked = done(core.on_frame(ALICE, ClientFrame::Convs, 2_000));
+        let out = answer(&mut core, &store, asked);
         match frames_to(&out, ALICE).as_slice() {
             [ServerFrame::Convs { conversations }] => {
                 let ids: Vec<&str> = conversations.iter().map(|c| c.conv.as_str()).collect();
@@ -258,7 +301,8 @@ mod tests {
             }
             other => panic!("expected one convs frame, got {other:?}"),
         }
-        let out = done(core.on_frame(EVE, ClientFrame::Convs, 2_000));
+        let asked = done(core.on_frame(EVE, ClientFrame::Convs, 2_000));
+        let out = answer(&mut core, &store, asked);
         assert_eq!(
             frames_to(&out, EVE),
             vec![ServerFrame::Convs {
@@ -307,7 +351,11 @@ mod tests {
                 seq: 1,
             },
         ];
-        let out = done(core.on_frame(BOB, ClientFrame::Ack { acks }, 2_000));
+        // "nope" is not held: its position waits for the store, which holds no such thing.
+        let out = match core.on_frame(BOB, ClientFrame::Ack { acks }, 2_000) {
+            Handled::Done(a) => answer(&mut core, &store, a),
+            other => panic!("an ack is handled at once, got {other:?}"),
+        };
         let to_bob = frames_to(&out, BOB);
         assert_eq!(to_bob.len(), 1);
         assert_eq!(error_code(&to_bob[0]), Some(ErrorCode::NotFound));
@@ -368,7 +416,7 @@ mod tests {
         };
         let plan = match core.on_frame(BOB, frame, 3_000) {
             Handled::Read(plan) => plan,
-            Handled::Done(a) => panic!("expected a read, got {a:?}"),
+            Handled::Done(a) | Handled::Waits(a) => panic!("expected a read, got {a:?}"),
         };
         assert_eq!((plan.from, plan.to, plan.limit), (1, 3, 2));
         (core, store, plan)
@@ -436,7 +484,7 @@ mod tests {
         };
         let plan = match core.on_frame(BOB, frame, 3_000) {
             Handled::Read(plan) => plan,
-            Handled::Done(a) => panic!("expected a read, got {a:?}"),
+            Handled::Done(a) | Handled::Waits(a) => panic!("expected a read, got {a:?}"),
         };
         let page = store.read(&plan);
         // A fourth message becomes durable while the page is read. Bob's connection is not

@@ -24,6 +24,7 @@ pub mod error;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
 pub mod frame;
+pub mod loading;
 pub mod memory_store;
 pub mod model;
 pub mod rate;

@@ -10,7 +10,9 @@
 //! one another.
 
 use crate::engine::SyncPlan;
-use crate::model::{Batch, CommitOutcome, ConvRecord, CursorRecord, DedupRecord, Snapshot};
+use crate::model::{
+    Batch, CommitOutcome, ConvRecord, ConvState, CursorRecord, DedupRecord, Snapshot,
+};
 use ordo_protocol::Message;
 use std::collections::BTreeMap;
 use std::fmt;
@@ -102,7 +104,65 @@ impl MemoryStore {
             }
             first_seqs.push((conv.clone(), first));
         }
-        Ok(CommitOutcome { first_seqs })
+        let mut swept_to = None;
+        if let Some(sweep) = &b.age_sweep {
+            let ids: Vec<String> = self
+                .convs
+                .keys()
+                .filter(|id| sweep.after.as_ref().is_none_or(|a| *id > a))
+                .take(sweep.max_convs.max(1) as usize)
+                .cloned()
+                .collect();
+            if ids.len() >= sweep.max_convs.max(1) as usize {
+                swept_to = ids.last().cloned();
+            }
+            for id in ids {
+                let rec = &self.convs[&id];
+                let Some(age) = rec.retention.max_age_ms.or(sweep.default_max_age_ms) else {
+                    continue;
+                };
+                let before = sweep.now_ms.saturating_sub(age);
+                let old_first = rec.first_seq;
+                self.messages.retain(|(c, _), m| *c != id || m.ts >= before);
+                let first = self
+                    .seqs(&id)
+                    .first()
+                    .copied()
+                    .unwrap_or(self.max_seq(&id) + 1)
+                    .max(old_first);
+                if first != old_first {
+                    if let Some(r) = self.convs.get_mut(&id) {
+                        r.first_seq = first;
+                    }
+                    first_seqs.push((id, first));
+                }
+            }
+        }
+        Ok(CommitOutcome {
+            first_seqs,
+            swept_to,
+        })
+    }
+
+    /// One conversation as stored: what a core loads when it is first used.
+    pub fn load_conv(&self, conv: &str) -> Option<ConvState> {
+        let rec = self.convs.get(conv)?.clone();
+        let cursors = self
+            .cursors
+            .range((conv.to_string(), String::new(), String::new())..)
+            .take_while(|((c, _, _), _)| c == conv)
+            .map(|(_, r)| r.clone())
+            .collect();
+        Some(ConvState { rec, cursors })
+    }
+
+    /// Every conversation `user` is a member of, in id order.
+    pub fn member_convs(&self, user: &str) -> Vec<ConvState> {
+        self.convs
+            .values()
+            .filter(|r| r.members.contains(user))
+            .filter_map(|r| self.load_conv(&r.id))
+            .collect()
     }
 
     /// The stored seqs of `conv`, in order.
@@ -148,8 +208,6 @@ impl MemoryStore {
 
     pub fn snapshot(&self) -> Snapshot {
         Snapshot {
-            convs: self.convs.values().cloned().collect(),
-            cursors: self.cursors.values().cloned().collect(),
             last_ts: self.dedup.values().map(|d| d.ts).max().unwrap_or(0),
         }
     }

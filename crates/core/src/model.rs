@@ -130,9 +130,29 @@ pub struct Batch {
     pub cursors: Vec<CursorRecord>,
     /// Remove messages of `conv` with seq below the given one (count-based retention).
     pub trim_below: Vec<(String, u64)>,
-    /// Remove messages of `conv` accepted before the given time (age-based retention). The store
-    /// reports the resulting first seq in [`CommitOutcome::first_seqs`].
+    /// Remove messages of `conv` accepted before the given time (age-based retention): written
+    /// by earlier versions, which trimmed every conversation by name; still read from their
+    /// log records. The store reports the resulting first seq in [`CommitOutcome::first_seqs`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub trim_before_ms: Vec<(String, u64)>,
+    /// Age-based retention over the stored conversations, a slice of them at a time: the core
+    /// holds only the conversations in use, the store holds them all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub age_sweep: Option<AgeSweep>,
+}
+
+/// One step of age-based retention: for each stored conversation with id after `after` (from
+/// the first when `None`), in id order, at most `max_convs` of them, remove the messages
+/// accepted before `now_ms` minus its max age (its own retention's, else
+/// `default_max_age_ms`; none: it keeps everything). The store reports each conversation whose
+/// first seq moved in [`CommitOutcome::first_seqs`], and where the next step starts in
+/// [`CommitOutcome::swept_to`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgeSweep {
+    pub now_ms: u64,
+    pub default_max_age_ms: Option<u64>,
+    pub after: Option<String>,
+    pub max_convs: u32,
 }
 
 impl Batch {
@@ -146,23 +166,36 @@ impl Batch {
             && self.cursors.is_empty()
             && self.trim_below.is_empty()
             && self.trim_before_ms.is_empty()
+            && self.age_sweep.is_none()
     }
 }
 
 /// What a store reports after committing a batch.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CommitOutcome {
-    /// For every age-based trim: the conversation's first seq after it.
+    /// For every age-based trim: the conversation's first seq after it. (An [`AgeSweep`] lists
+    /// only the conversations whose first seq moved.)
     pub first_seqs: Vec<(String, u64)>,
+    /// After an [`AgeSweep`]: the last conversation it covered, if more may follow (the next
+    /// step starts after it); `None` once it reached the end.
+    pub swept_to: Option<String>,
 }
 
-/// The durable state the core is rebuilt from at start. Dedup entries are not part of it: the
-/// core asks the store for them one key at a time ([`crate::Action::Lookup`]) and rebuilds its
-/// filter of them in the background ([`crate::Core::dedup_filter_add`]).
+/// One conversation as stored: what the core loads when the conversation is first used
+/// ([`crate::Action::Load`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConvState {
+    pub rec: ConvRecord,
+    /// Every device position stored for it.
+    pub cursors: Vec<CursorRecord>,
+}
+
+/// What the core needs of the store at start: little, so that a start does not depend on how
+/// much is stored. Conversations are loaded when first used ([`crate::Action::Load`]); dedup
+/// entries are asked for one key at a time ([`crate::Action::Lookup`]) and the filter of them
+/// is rebuilt in the background ([`crate::Core::dedup_filter_add`]).
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
-    pub convs: Vec<ConvRecord>,
-    pub cursors: Vec<CursorRecord>,
     /// The newest acceptance time the store holds (0 if none): a restarted server's clock
     /// starts no earlier, so that acceptance times never go back.
     pub last_ts: u64,

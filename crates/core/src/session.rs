@@ -32,10 +32,13 @@ pub struct Session {
     /// (conversation, client message id) of sends refused while `parked` was full, in order;
     /// held back once `parked` is empty.
     pub busy_refused: Vec<(String, String)>,
+    /// The conversation of a `sync` whose page is being read (a connection has one at a time):
+    /// held in memory until the page is served, which moves the push position.
+    pub reading: Option<String>,
 }
 
-/// A send that waits: for the store to say whether its client message id was accepted before,
-/// or behind a send of its connection that does, so that one connection's sends are sequenced
+/// A send that waits: for the store to say whether its client message id was accepted before
+/// or to load its conversation, or behind a send of its connection that does, so that one connection's sends are sequenced
 /// in the order it sent them.
 #[derive(Clone, Debug)]
 pub struct Parked {
@@ -47,12 +50,19 @@ pub struct Parked {
     pub lookup: LookupState,
 }
 
+/// What the store answered for a dedup key (the entry, if it holds one), and the dedup cache's
+/// mark when the lookup was asked.
+pub type LookedUp = (Option<crate::model::DedupRecord>, u64);
+
 #[derive(Clone, Debug)]
 pub enum LookupState {
     /// No lookup asked: it waits only behind others (it may still need one when its turn comes).
     NotAsked,
     /// Lookup `id` asked when the dedup cache stood at `mark`.
     Asked { id: u64, mark: u64 },
+    /// It waits for its conversation to be loaded, with the store's answer for its key if it
+    /// was looked up: (what was found, the dedup cache's mark when it was asked).
+    Load(String, Option<LookedUp>),
     /// The store answered.
     Answered {
         found: Option<crate::model::DedupRecord>,
@@ -114,6 +124,7 @@ impl Session {
             parked: VecDeque::new(),
             parked_bytes: 0,
             busy_refused: Vec::new(),
+            reading: None,
         }
     }
 }

@@ -41,6 +41,9 @@ pub struct Config {
     /// seen, without a store lookup. About 3.5 bytes per message of the window keeps lookups of
     /// new ids near 1 % (every time slice of the filter is probed).
     pub dedup_filter_mib: usize,
+    /// Conversations held in memory, the most recently used (the store holds them all; one
+    /// not held is loaded when it is next used). About 2 KB each for a direct conversation.
+    pub conv_cache_entries: usize,
     /// Sends per second per user (0: unlimited) and the burst allowed above it.
     pub rate_per_sec: f64,
     pub rate_burst: f64,
@@ -76,6 +79,7 @@ impl Default for Config {
             dedup_window_secs: core.dedup_window_ms / 1000,
             dedup_cache_entries: core.dedup_cache_entries,
             dedup_filter_mib: core.dedup_filter_bytes >> 20,
+            conv_cache_entries: core.conv_cache_entries,
             rate_per_sec: core.rate_per_sec,
             rate_burst: core.rate_burst,
             retention_max_age_secs: None,
@@ -172,6 +176,9 @@ impl Config {
             dedup_cache_entries: self.dedup_cache_entries,
             dedup_filter_bytes: self.dedup_filter_mib << 20,
             max_parked_bytes: CoreConfig::default().max_parked_bytes,
+            conv_cache_entries: self.conv_cache_entries,
+            retention_sweep_convs: CoreConfig::default().retention_sweep_convs,
+            retention_pass_ms: self.housekeeping_secs.saturating_mul(1000),
             rate_per_sec: self.rate_per_sec,
             rate_burst: self.rate_burst,
             default_retention: Retention {

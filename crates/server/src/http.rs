@@ -247,8 +247,8 @@ async fn get_group(State(state): State<AppState>, _: Admin, Path(id): Path<Strin
     let (reply, rx) = oneshot::channel();
     if state
         .router
-        .send(Command::GetGroup {
-            id: id.clone(),
+        .send(Command::Admin {
+            op: AdminOp::Get { id: id.clone() },
             reply,
         })
         .await
@@ -261,7 +261,7 @@ async fn get_group(State(state): State<AppState>, _: Admin, Path(id): Path<Strin
         );
     }
     match rx.await {
-        Ok(Some(g)) => Json(g).into_response(),
+        Ok(Ok(g)) => Json(g).into_response(),
         _ => error(
             StatusCode::NOT_FOUND,
             "not_found",

@@ -12,6 +12,10 @@ pub const DEDUP_HITS: &str = "ordo_dedup_hits_total";
 pub const DEDUP_LOOKUPS: &str = "ordo_dedup_lookups_total";
 /// Dedup entries held in memory.
 pub const DEDUP_CACHED: &str = "ordo_dedup_cached_entries";
+/// Conversations (and users' lists of conversations) loaded from the store.
+pub const CONV_LOADS: &str = "ordo_conv_loads_total";
+/// Conversations held in memory.
+pub const CONVS_HELD: &str = "ordo_convs_held";
 pub const NOTIFIES: &str = "ordo_notifies_total";
 pub const REJECTED: &str = "ordo_sends_rejected_total";
 pub const FRAME_ERRORS: &str = "ordo_frame_errors_total";

@@ -20,8 +20,8 @@ use crate::metrics as m;
 use axum::extract::ws::{Message as WsMessage, Utf8Bytes};
 use foldhash::{HashMap, HashMapExt};
 use ordo_core::{
-    Action, AdminOp, AdminReply, Batch, CommitOutcome, Core, CoreConfig, CoreError, CoreStats,
-    DedupRecord, Handled, SessionId, SyncPlan, Ticket,
+    Action, AdminOp, AdminReply, Batch, CommitOutcome, ConvState, Core, CoreConfig, CoreError,
+    CoreStats, DedupRecord, Handled, SessionId, SyncPlan, Ticket,
 };
 use ordo_protocol::{encode, ClientFrame, Encoded, Encoding, ErrorCode, Message, ServerFrame};
 use ordo_store::{Store, StoreError};
@@ -114,10 +114,6 @@ pub enum Command {
         op: AdminOp,
         reply: oneshot::Sender<Result<AdminReply, CoreError>>,
     },
-    GetGroup {
-        id: String,
-        reply: oneshot::Sender<Option<AdminReply>>,
-    },
     /// Finish what is pending, then stop.
     Shutdown {
         done: oneshot::Sender<()>,
@@ -129,13 +125,24 @@ struct Committed {
     result: Result<CommitOutcome, StoreError>,
 }
 
-/// A dedup lookup the core asked for: (lookup id, user, client message id).
-type Lookup = (u64, String, String);
+/// A read the core asked for, done by the lookup thread.
+enum Lookup {
+    /// A dedup key: (lookup id, user, client message id).
+    Key(u64, String, String),
+    /// A conversation.
+    Conv(String),
+    /// A user's conversations, for an overview: (id, user).
+    Member(u64, String),
+}
 
 /// What the lookup thread sends back.
 enum Looked {
     /// Answers to lookups, by id.
     Found(Vec<(u64, Option<DedupRecord>)>),
+    /// Conversations loaded.
+    Loaded(Vec<(String, Option<ConvState>)>),
+    /// A user's conversations: (id, them).
+    Members(u64, Vec<ConvState>),
     /// A page of the dedup keys the store holds, for the filter; `done` on the last.
     Scanned {
         entries: Vec<DedupRecord>,
@@ -162,6 +169,7 @@ struct Counters {
     dedup_lookups: metrics::Counter,
     notifies: metrics::Counter,
     rejected: metrics::Counter,
+    conv_loads: metrics::Counter,
 }
 
 impl Counters {
@@ -172,6 +180,7 @@ impl Counters {
             dedup_lookups: metrics::counter!(m::DEDUP_LOOKUPS),
             notifies: metrics::counter!(m::NOTIFIES),
             rejected: metrics::counter!(m::REJECTED),
+            conv_loads: metrics::counter!(m::CONV_LOADS),
         }
     }
 }
@@ -180,6 +189,9 @@ pub struct Router {
     core: Core,
     sessions: HashMap<SessionId, SessionHandle>,
     admin: HashMap<Ticket, oneshot::Sender<Result<AdminReply, CoreError>>>,
+    /// The reply channels of frames waiting for a conversation to load, by connection (a
+    /// connection sends no further frame until its waiting one is answered).
+    replies: HashMap<SessionId, oneshot::Sender<Option<SyncPlan>>>,
     next_ticket: Ticket,
     writer: std::sync::mpsc::Sender<Batch>,
     committed: mpsc::UnboundedReceiver<Committed>,
@@ -230,6 +242,7 @@ impl Router {
             core,
             sessions: HashMap::new(),
             admin: HashMap::new(),
+            replies: HashMap::new(),
             next_ticket: 1,
             writer,
             committed,
@@ -329,6 +342,7 @@ impl Router {
             }
             Command::Disconnect { session } => {
                 self.core.disconnect(session);
+                self.replies.remove(&session);
                 self.sessions.remove(&session);
                 metrics::gauge!(m::CONNECTIONS).set(self.sessions.len() as f64);
             }
@@ -350,16 +364,14 @@ impl Router {
                 let ticket = self.next_ticket;
                 self.next_ticket += 1;
                 match self.core.admin(ticket, op, now) {
-                    Ok(()) => {
+                    Ok(actions) => {
                         self.admin.insert(ticket, reply);
+                        self.dispatch(actions);
                     }
                     Err(e) => {
                         let _ = reply.send(Err(e));
                     }
                 }
-            }
-            Command::GetGroup { id, reply } => {
-                let _ = reply.send(self.core.group(&id));
             }
             Command::Shutdown { done } => self.shutdown.push(done),
         }
@@ -378,6 +390,14 @@ impl Router {
                 if let Some(read) = read {
                     let _ = read.send(None);
                 }
+            }
+            // The frame waits for a conversation to load: its reply goes out with the core's
+            // `Action::Reply`.
+            (Handled::Waits(actions), read) => {
+                if let Some(read) = read {
+                    self.replies.insert(session, read);
+                }
+                self.dispatch(actions);
             }
             // The connection reads the page off this task and sends it back as `PageRead`.
             (Handled::Read(plan), Some(read)) => {
@@ -417,6 +437,17 @@ impl Router {
                     let actions = self.core.looked_up(id, found, now);
                     self.dispatch(actions);
                 }
+            }
+            Looked::Loaded(convs) => {
+                let now = self.now();
+                for (id, state) in convs {
+                    let actions = self.core.loaded(&id, state, now);
+                    self.dispatch(actions);
+                }
+            }
+            Looked::Members(id, states) => {
+                let actions = self.core.member_convs_loaded(id, states);
+                self.dispatch(actions);
             }
             Looked::Scanned { entries, done } => {
                 self.core.dedup_filter_add(&entries);
@@ -469,12 +500,15 @@ impl Router {
 
     fn on_tick(&mut self) {
         metrics::gauge!(m::DEDUP_CACHED).set(self.core.dedup_cached() as f64);
+        metrics::gauge!(m::CONVS_HELD).set(self.core.convs_held() as f64);
         let now = self.now();
         if self.last_housekeeping.elapsed() >= self.housekeeping {
             self.last_housekeeping = Instant::now();
             self.core.expire_dedup(now);
-            self.core.retention_tick(now);
         }
+        // The core starts a pass of retention every housekeeping interval, and steps through
+        // it one slice of conversations per call.
+        self.core.retention_tick(now);
     }
 
     fn record_stats(&mut self) {
@@ -490,6 +524,8 @@ impl Router {
         c.dedup_lookups
             .increment(s.dedup_lookups.saturating_sub(l.dedup_lookups));
         c.notifies.increment(s.notified.saturating_sub(l.notified));
+        c.conv_loads
+            .increment(s.conv_loads.saturating_sub(l.conv_loads));
         self.last_stats = s;
     }
 
@@ -503,7 +539,14 @@ impl Router {
                         let _ = tx.send(reply);
                     }
                 }
-                Action::Lookup { id, user, cmid } => self.lookups.push((id, user, cmid)),
+                Action::Lookup { id, user, cmid } => self.lookups.push(Lookup::Key(id, user, cmid)),
+                Action::Load { conv } => self.lookups.push(Lookup::Conv(conv)),
+                Action::LoadMember { id, user } => self.lookups.push(Lookup::Member(id, user)),
+                Action::Reply { session, plan } => {
+                    if let Some(reply) = self.replies.remove(&session) {
+                        let _ = reply.send(plan);
+                    }
+                }
             }
         }
     }
@@ -571,7 +614,47 @@ fn commit_thread(
     }
 }
 
-/// The lookup thread: answers the core's dedup lookups, many per store call, and meanwhile
+/// Answers one round of the core's reads: the dedup keys in one store call, the conversations
+/// in another, each user's list in one each. `Err` once the store failed (reported) or the
+/// router is gone.
+fn answer(
+    store: &dyn Store,
+    batch: Vec<Lookup>,
+    out: &mpsc::UnboundedSender<Looked>,
+) -> Result<(), ()> {
+    let (mut ids, mut keys, mut convs, mut members) = (vec![], vec![], vec![], vec![]);
+    for l in batch {
+        match l {
+            Lookup::Key(id, user, cmid) => {
+                ids.push(id);
+                keys.push((user, cmid));
+            }
+            Lookup::Conv(c) => convs.push(c),
+            Lookup::Member(id, user) => members.push((id, user)),
+        }
+    }
+    let failed = |e: StoreError| {
+        let _ = out.send(Looked::Failed(e));
+    };
+    if !convs.is_empty() {
+        let loaded = store.load_convs(&convs).map_err(failed)?;
+        out.send(Looked::Loaded(convs.into_iter().zip(loaded).collect()))
+            .map_err(|_| ())?;
+    }
+    if !keys.is_empty() {
+        let found = store.dedup_lookup(&keys).map_err(failed)?;
+        out.send(Looked::Found(ids.into_iter().zip(found).collect()))
+            .map_err(|_| ())?;
+    }
+    for (id, user) in members {
+        let states = store.member_convs(&user).map_err(failed)?;
+        out.send(Looked::Members(id, states)).map_err(|_| ())?;
+    }
+    Ok(())
+}
+
+/// The lookup thread: answers the core's dedup lookups and conversation loads, many per store
+/// call, and meanwhile
 /// (lookups first: a send waits on each) lists the dedup keys the store holds for the core's
 /// filter. Stops at the first store error, after reporting it.
 fn lookup_thread(
@@ -602,19 +685,8 @@ fn lookup_thread(
                 }
             }
         }
-        if !batch.is_empty() {
-            let (ids, keys): (Vec<u64>, Vec<(String, String)>) =
-                batch.into_iter().map(|(id, u, c)| (id, (u, c))).unzip();
-            let sent = match store.dedup_lookup(&keys) {
-                Ok(found) => out.send(Looked::Found(ids.into_iter().zip(found).collect())),
-                Err(e) => {
-                    let _ = out.send(Looked::Failed(e));
-                    return;
-                }
-            };
-            if sent.is_err() {
-                return;
-            }
+        if !batch.is_empty() && answer(&*store, batch, &out).is_err() {
+            return;
         }
         // A page of the scan after every round of lookups, so that lookups (every send while the
         // filter is incomplete) cannot starve the rebuild that ends them.

@@ -3,7 +3,7 @@
 //! written is visible, and numbering continues without a hole.
 
 use futures_util::{SinkExt, StreamExt};
-use ordo_core::{Batch, CommitOutcome, DedupRecord, Snapshot};
+use ordo_core::{Batch, CommitOutcome, ConvState, DedupRecord, Snapshot};
 use ordo_server::auth::{Claims, TokenKey};
 use ordo_server::{start_with_store, Config, ServerError};
 use ordo_store::{DedupScan, Page, ScanFrom, Store, StoreError};
@@ -24,6 +24,14 @@ struct FailingStore {
 impl Store for FailingStore {
     fn load(&self) -> Result<Snapshot, StoreError> {
         self.inner.load()
+    }
+
+    fn load_convs(&self, ids: &[String]) -> Result<Vec<Option<ConvState>>, StoreError> {
+        self.inner.load_convs(ids)
+    }
+
+    fn member_convs(&self, user: &str) -> Result<Vec<ConvState>, StoreError> {
+        self.inner.member_convs(user)
     }
 
     fn commit(&self, batch: Batch) -> Result<CommitOutcome, StoreError> {

@@ -2,9 +2,10 @@
 //! frame through [`Core::on_frame`], the same entry point the server uses), a model of its
 //! durable store, group commit with one batch in flight, housekeeping, and crashes.
 //!
-//! Dedup lookups are answered by the store as it stood when they were asked, after a random
-//! delay and in any order; a restarted core's dedup filter is rebuilt page by page from the
-//! store meanwhile.
+//! Dedup lookups, conversation loads and users' lists of conversations are answered by the
+//! store as it stood when they were asked, after a random delay and in any order; a restarted
+//! core's dedup filter is rebuilt page by page from the store meanwhile. The core holds only a
+//! handful of conversations, so loads and evictions happen on every seed.
 //!
 //! A crash loses the core and every connection, and keeps exactly what the store had made
 //! durable; the restarted core is rebuilt from the store's snapshot. Under
@@ -16,7 +17,8 @@ use crate::faults::Sabotage;
 use crate::network::short;
 use crate::world::Sim;
 use ordo_core::{
-    Action, Batch, CommitOutcome, Core, CoreConfig, DedupRecord, Handled, MemoryStore, SessionId,
+    Action, Batch, CommitOutcome, ConvState, Core, CoreConfig, DedupRecord, Handled, MemoryStore,
+    SessionId,
 };
 use ordo_protocol::{Limits, ServerFrame};
 
@@ -51,8 +53,8 @@ pub struct Server {
     /// The server's clock minus the simulation's (it jumps; see [`crate::faults`]).
     pub clock_offset: i64,
     pub housekeeping_at: u64,
-    /// Dedup lookups asked and not answered, with the store's answer as of when they were
-    /// asked, in the order they will be answered.
+    /// Dedup lookups, conversation loads and users' lists asked and not answered, with the
+    /// store's answer as of when they were asked, in the order they will be answered.
     pub lookups: Vec<Lookup>,
     /// The filter's rebuild after a restart: when the next page comes, and after which entry.
     pub scan: Option<Scan>,
@@ -60,8 +62,14 @@ pub struct Server {
 
 pub struct Lookup {
     pub at: u64,
-    pub id: u64,
-    pub found: Option<DedupRecord>,
+    pub answer: Answer,
+}
+
+/// What the store answers a read with, as it stood when the read was asked.
+pub enum Answer {
+    Key(u64, Option<DedupRecord>),
+    Conv(String, Option<ConvState>),
+    Member(u64, Vec<ConvState>),
 }
 
 pub struct Scan {
@@ -212,14 +220,29 @@ impl Sim {
             return Ok(());
         }
         let l = self.server.lookups.remove(0);
-        tr!(
-            self,
-            "lookup {} answered: {:?}",
-            l.id,
-            l.found.as_ref().map(|d| (&d.conv, d.seq))
-        );
         let now = self.server_now();
-        let actions = self.server.core.looked_up(l.id, l.found, now);
+        let actions = match l.answer {
+            Answer::Key(id, found) => {
+                tr!(
+                    self,
+                    "lookup {id} answered: {:?}",
+                    found.as_ref().map(|d| (&d.conv, d.seq))
+                );
+                self.server.core.looked_up(id, found, now)
+            }
+            Answer::Conv(conv, state) => {
+                tr!(self, "load of {conv} answered (held: {})", state.is_some());
+                self.server.core.loaded(&conv, state, now)
+            }
+            Answer::Member(id, states) => {
+                tr!(
+                    self,
+                    "overview {id} listed ({} conversations)",
+                    states.len()
+                );
+                self.server.core.member_convs_loaded(id, states)
+            }
+        };
         self.dispatch(actions)?;
         self.pump()
     }
@@ -245,16 +268,43 @@ impl Sim {
 
     pub(crate) fn dispatch(&mut self, actions: Vec<Action>) -> Result<(), Violation> {
         for a in ordo_core::per_session(actions) {
-            if let Action::Lookup { id, user, cmid } = &a {
-                self.stats.lookups += 1;
-                let found = self.server.store.dedup_lookup(user, cmid);
+            let answer = match &a {
+                Action::Lookup { id, user, cmid } => {
+                    self.stats.lookups += 1;
+                    Some(Answer::Key(*id, self.server.store.dedup_lookup(user, cmid)))
+                }
+                Action::Load { conv } => {
+                    self.stats.loads += 1;
+                    Some(Answer::Conv(
+                        conv.clone(),
+                        self.server.store.load_conv(conv),
+                    ))
+                }
+                Action::LoadMember { id, user } => {
+                    self.stats.loads += 1;
+                    Some(Answer::Member(*id, self.server.store.member_convs(user)))
+                }
+                _ => None,
+            };
+            if let Some(answer) = answer {
                 let at = self.now + self.rng.range((1, 60));
                 // Answers overtake one another: each goes in at a random place.
                 let i = self.rng.range((0, self.server.lookups.len() as u64)) as usize;
-                self.server.lookups.insert(
-                    i.min(self.server.lookups.len()),
-                    Lookup { at, id: *id, found },
-                );
+                self.server
+                    .lookups
+                    .insert(i.min(self.server.lookups.len()), Lookup { at, answer });
+                continue;
+            }
+            if let Action::Reply {
+                session,
+                plan: Some(plan),
+            } = a
+            {
+                // A sync that waited for its conversation: its page is read now.
+                let page = self.server.store.read(&plan);
+                let first_seq = self.server.store.first_seq(&plan.conv);
+                let actions = self.server.core.serve_page(session, plan, page, first_seq);
+                self.dispatch(actions)?;
                 continue;
             }
             if let Action::Send { session, frame } = a {
@@ -296,6 +346,8 @@ impl Sim {
                 let first_seq = self.server.store.first_seq(&plan.conv);
                 self.server.core.serve_page(sid, plan, page, first_seq)
             }
+            // The frame waits for a conversation to load (its answer comes with the load's).
+            Handled::Waits(actions) => actions,
         };
         self.dispatch(actions)?;
         self.pump()

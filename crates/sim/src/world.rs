@@ -13,7 +13,7 @@ use crate::network::Conn;
 use crate::rng::Rng;
 use crate::server::{Server, ServerStore};
 use ordo_client::{ClientConfig, ClientSnapshot, MemoryStore, RetryPolicy};
-use ordo_core::{AdminOp, Core, CoreConfig, Retention, SessionId, Snapshot};
+use ordo_core::{Action, AdminOp, Core, CoreConfig, Retention, SessionId, Snapshot};
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 /// Simulated time during which the apps send and faults strike.
@@ -97,6 +97,8 @@ pub struct Stats {
     pub rejected_retryable: u64,
     /// Dedup keys the core looked up in the store.
     pub lookups: u64,
+    /// Conversations (and users' lists of them) loaded from the store.
+    pub loads: u64,
     pub steps: u64,
 }
 
@@ -118,6 +120,7 @@ impl std::ops::AddAssign for Stats {
         self.idle_ticks += o.idle_ticks;
         self.rejected_retryable += o.rejected_retryable;
         self.lookups += o.lookups;
+        self.loads += o.loads;
         self.steps += o.steps;
     }
 }
@@ -197,6 +200,10 @@ impl Sim {
             // Tiny dedup caches, so that eviction, lookups and their races happen on every seed.
             dedup_cache_entries: rng.range((0, 6)) as usize,
             dedup_filter_bytes: [8, 64, 1024][rng.range((0, 2)) as usize],
+            // A handful of conversations held, so that loads, evictions and their races happen
+            // on every seed too.
+            conv_cache_entries: rng.range((0, 4)) as usize,
+            retention_pass_ms: 2_000,
             ..CoreConfig::default()
         };
         let mut core = Core::new(cfg.clone(), seed, Snapshot::default());
@@ -205,16 +212,23 @@ impl Sim {
         core.dedup_filter_complete();
         let mut store = ServerStore::default();
         for (i, (id, members)) in GROUPS.iter().enumerate() {
-            core.admin(
-                i as u64,
-                AdminOp::CreateGroup {
-                    id: id.to_string(),
-                    members: members.iter().map(|m| m.to_string()).collect(),
-                    retention: Retention::default(),
-                },
-                0,
-            )
-            .expect("a valid group");
+            let asked = core
+                .admin(
+                    i as u64,
+                    AdminOp::CreateGroup {
+                        id: id.to_string(),
+                        members: members.iter().map(|m| m.to_string()).collect(),
+                        retention: Retention::default(),
+                    },
+                    0,
+                )
+                .expect("a valid group");
+            // The core asks whether the group exists: the new store holds nothing.
+            for a in asked {
+                if let Action::Load { conv } = a {
+                    let _ = core.loaded(&conv, None, 0);
+                }
+            }
         }
         while let Some(b) = core.take_batch() {
             let outcome = store.apply(&b).expect("setup commits");

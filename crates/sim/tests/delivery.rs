@@ -27,6 +27,7 @@ fn every_accepted_message_reaches_every_member_device_once_and_in_order() {
             ("retryable rejections", s.rejected_retryable),
             ("failed sends", s.failed),
             ("dedup lookups in the store", s.lookups),
+            ("conversation loads from the store", s.loads),
         ];
         for (what, n) in seen {
             assert!(n > 0, "no {what} in {DELIVERY_SEEDS} seeds: {s:?}");

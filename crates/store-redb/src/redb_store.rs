@@ -20,11 +20,15 @@
 
 use crate::error::{applier_stopped, encoding, engine};
 use crate::wal::{self, Wal};
-use ordo_core::{Batch, CommitOutcome, ConvRecord, CursorRecord, DedupRecord, Snapshot};
+use ordo_core::{Batch, CommitOutcome, ConvRecord, ConvState, CursorRecord, DedupRecord, Snapshot};
 use ordo_protocol::Message;
 use ordo_store::{DedupScan, Page, PageFill, ScanFrom, Store, StoreError};
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+    TableHandle,
+};
 use serde::de::DeserializeOwned;
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 
@@ -45,6 +49,13 @@ const CONVS: TableDefinition<&str, &[u8]> = TableDefinition::new("convs");
 /// both have one, the larger numbers hold. A store written before this table existed has ranges
 /// only in the records, which is why reads fall back to them.
 const RANGES: TableDefinition<&str, (u64, u64)> = TableDefinition::new("conv_ranges");
+/// (user, conv) -> (): who is a member of what, for a user's overview without reading every
+/// conversation. Written with the conversation records. A store written before this table
+/// existed gets it built on open, and so does one whose count of records does not match
+/// [`MEMBERS_OF_CONVS`] (a build without the table added conversations meanwhile).
+const MEMBERS: TableDefinition<(&str, &str), ()> = TableDefinition::new("members");
+/// `members_of_convs` -> how many conversation records [`MEMBERS`] indexes.
+const MEMBERS_OF_CONVS: &str = "members_of_convs";
 /// (conv, user, device) -> (delivered, read)
 const CURSORS: TableDefinition<(&str, &str, &str), (u64, u64)> = TableDefinition::new("cursors");
 /// (acceptance time of the run's newest entry, run number) -> dedup entries from one batch (each
@@ -222,6 +233,7 @@ impl RedbStore {
         let keys_indexed = has_table(&tx, DEDUP_KEYS.name())?;
         {
             tx.open_table(DEDUP_KEYS).map_err(engine)?;
+            tx.open_table(MEMBERS).map_err(engine)?;
             tx.open_table(MESSAGE_RUNS).map_err(engine)?;
             tx.open_table(CONVS).map_err(engine)?;
             tx.open_table(RANGES).map_err(engine)?;
@@ -232,6 +244,7 @@ impl RedbStore {
         move_messages_into_runs(&tx)?;
         move_dedup_into_runs(&tx)?;
         index_dedup_runs(&tx, keys_indexed)?;
+        index_members(&tx)?;
         tx.commit().map_err(engine)?;
         let mut applied = {
             let tx = db.begin_read().map_err(engine)?;
@@ -452,37 +465,49 @@ impl Store for RedbStore {
         self.applied.wait_caught_up()?;
         let tx = self.db.begin_read().map_err(engine)?;
         let mut snap = Snapshot::default();
-        let convs = tx.open_table(CONVS).map_err(engine)?;
-        let ranges = tx.open_table(RANGES).map_err(engine)?;
-        for row in convs.iter().map_err(engine)? {
-            let (k, v) = row.map_err(engine)?;
-            let mut rec = decode::<ConvRecord>("conversation", k.value(), v.value())?;
-            if let Some(r) = ranges.get(rec.id.as_str()).map_err(engine)? {
-                let (max_seq, first_seq) = r.value();
-                rec.max_seq = rec.max_seq.max(max_seq);
-                rec.first_seq = rec.first_seq.max(first_seq);
-            }
-            snap.convs.push(rec);
-        }
-        let cursors = tx.open_table(CURSORS).map_err(engine)?;
-        for row in cursors.iter().map_err(engine)? {
-            let (k, v) = row.map_err(engine)?;
-            let (conv, user, device) = k.value();
-            let (delivered, read) = v.value();
-            snap.cursors.push(CursorRecord {
-                conv: conv.to_string(),
-                user: user.to_string(),
-                device: device.to_string(),
-                delivered,
-                read,
-            });
-        }
         // Runs are keyed by their newest entry's time first: the last holds the newest.
         let dedup = tx.open_table(DEDUP_RUNS).map_err(engine)?;
         if let Some((k, _)) = dedup.last().map_err(engine)? {
             snap.last_ts = k.value().0;
         }
         Ok(snap)
+    }
+
+    fn load_convs(&self, ids: &[String]) -> Result<Vec<Option<ConvState>>, StoreError> {
+        // Everything reported durable before this call is in the B-tree first.
+        self.applied.wait_caught_up()?;
+        let tx = self.db.begin_read().map_err(engine)?;
+        let convs = tx.open_table(CONVS).map_err(engine)?;
+        let ranges = tx.open_table(RANGES).map_err(engine)?;
+        let cursors = tx.open_table(CURSORS).map_err(engine)?;
+        ids.iter()
+            .map(|id| load_conv(&convs, &ranges, &cursors, id))
+            .collect()
+    }
+
+    fn member_convs(&self, user: &str) -> Result<Vec<ConvState>, StoreError> {
+        self.applied.wait_caught_up()?;
+        let tx = self.db.begin_read().map_err(engine)?;
+        let convs = tx.open_table(CONVS).map_err(engine)?;
+        let ranges = tx.open_table(RANGES).map_err(engine)?;
+        let cursors = tx.open_table(CURSORS).map_err(engine)?;
+        let members = tx.open_table(MEMBERS).map_err(engine)?;
+        let mut out = Vec::new();
+        for row in members.range((user, "")..).map_err(engine)? {
+            let (k, _) = row.map_err(engine)?;
+            let (u, conv) = k.value();
+            if u != user {
+                break;
+            }
+            // The record is the truth (the index may name a group the user has left only if
+            // an older build changed it; see `MEMBERS`).
+            if let Some(state) = load_conv(&convs, &ranges, &cursors, conv)? {
+                if state.rec.members.contains(user) {
+                    out.push(state);
+                }
+            }
+        }
+        Ok(out)
     }
 
     fn commit(&self, batch: Batch) -> Result<CommitOutcome, StoreError> {
@@ -519,7 +544,7 @@ impl Store for RedbStore {
             }
         }
         let seqno = log.append()?;
-        let outcome = if batch.trim_before_ms.is_empty() {
+        let outcome = if batch.trim_before_ms.is_empty() && batch.age_sweep.is_none() {
             self.applied
                 .state
                 .lock()
@@ -671,8 +696,8 @@ fn apply(
     tx.set_durability(durability).map_err(engine)?;
     // A durable commit saves the allocator state, as a checkpoint does.
     tx.set_quick_repair(!matches!(durability, Durability::None));
+    let mut meta = tx.open_table(META).map_err(engine)?;
     if let Some(seqno) = seqno {
-        let mut meta = tx.open_table(META).map_err(engine)?;
         meta.insert(WAL_APPLIED, seqno).map_err(engine)?;
     }
     let mut scratch = Vec::new();
@@ -683,6 +708,7 @@ fn apply(
     let mut cursors = tx.open_table(CURSORS).map_err(engine)?;
     let mut dedup = tx.open_table(DEDUP_RUNS).map_err(engine)?;
     let mut keys = tx.open_table(DEDUP_KEYS).map_err(engine)?;
+    let mut members = tx.open_table(MEMBERS).map_err(engine)?;
     for batch in batches {
         for run in message_runs(&batch.messages) {
             if let Some(last) = run.last() {
@@ -699,43 +725,45 @@ fn apply(
             drop_run_head(&mut runs, conv, *below)?;
         }
         for c in &batch.convs {
-            convs
+            let old = convs
                 .insert(c.id.as_str(), encode(c)?.as_slice())
-                .map_err(engine)?;
+                .map_err(engine)?
+                .map(|g| decode::<ConvRecord>("conversation", &c.id, g.value()))
+                .transpose()?;
+            index_record(&mut members, &mut meta, old.as_ref(), c)?;
             raise_range(&mut ranges, &c.id, c.max_seq, c.first_seq)?;
         }
         for p in &batch.positions {
             raise_range(&mut ranges, &p.id, p.max_seq, p.first_seq)?;
         }
         for (conv, cutoff) in &batch.trim_before_ms {
-            // Acceptance times only grow along a conversation: whole runs older than the
-            // cutoff go, and the first newer message is the new first seq.
-            let mut doomed = Vec::new();
-            let mut first = None;
-            for row in runs
-                .range((conv.as_str(), 0)..=(conv.as_str(), u64::MAX))
-                .map_err(engine)?
-            {
+            if let Some(first) = trim_before(&mut runs, &convs, &mut ranges, conv, *cutoff)? {
+                outcome.first_seqs.push((conv.clone(), first));
+            }
+        }
+        if let Some(sweep) = &batch.age_sweep {
+            let max = sweep.max_convs.max(1) as usize;
+            let mut due = Vec::new();
+            let from = sweep.after.as_deref().unwrap_or("");
+            for row in convs.range(from..).map_err(engine)? {
                 let (k, v) = row.map_err(engine)?;
-                let at = format!("({conv}, {})", k.value().1);
-                let run: Vec<Message> = decode("message run", at, v.value())?;
-                if let Some(m) = run.iter().find(|m| m.ts >= *cutoff) {
-                    first = Some(m.seq);
+                if sweep.after.as_deref() == Some(k.value()) {
+                    continue;
+                }
+                if due.len() >= max {
                     break;
                 }
-                doomed.push(k.value().1);
+                let rec: ConvRecord = decode("conversation", k.value(), v.value())?;
+                due.push((rec.id, rec.retention.max_age_ms));
             }
-            for last in &doomed {
-                runs.remove((conv.as_str(), *last)).map_err(engine)?;
-            }
-            if let Some(first) = first {
-                drop_run_head(&mut runs, conv, first)?;
-            }
-            if let Some((max_seq, first_seq)) = stored_range(&convs, &ranges, conv)? {
-                let new_first = first.unwrap_or(max_seq + 1).max(first_seq);
-                if new_first > first_seq {
-                    raise_range(&mut ranges, conv, max_seq, new_first)?;
-                    outcome.first_seqs.push((conv.clone(), new_first));
+            outcome.swept_to = (due.len() >= max).then(|| due[due.len() - 1].0.clone());
+            for (conv, own) in due {
+                let Some(age) = own.or(sweep.default_max_age_ms) else {
+                    continue;
+                };
+                let cutoff = sweep.now_ms.saturating_sub(age);
+                if let Some(first) = trim_before(&mut runs, &convs, &mut ranges, &conv, cutoff)? {
+                    outcome.first_seqs.push((conv, first));
                 }
             }
         }
@@ -757,7 +785,7 @@ fn apply(
         let entries: Vec<DedupView> = (batch.dedup_put.iter().map(DedupView::record))
             .chain(batch.messages.iter().map(|m| DedupView::message(m)))
             .collect();
-        put_dedup_runs(&tx, &mut dedup, &entries, &mut scratch)?;
+        put_dedup_runs(&mut meta, &mut dedup, &entries, &mut scratch)?;
         // In key order, so that neighbouring inserts share B-tree pages (for a key given twice,
         // the later entry is inserted last and stays).
         let mut by_key: Vec<&DedupView> = entries.iter().collect();
@@ -767,9 +795,146 @@ fn apply(
                 .map_err(engine)?;
         }
     }
-    drop((runs, convs, ranges, cursors, dedup, keys));
+    drop((runs, convs, ranges, cursors, dedup, keys, members, meta));
     tx.commit().map_err(engine)?;
     Ok(outcome)
+}
+
+/// Removes `conv`'s messages accepted before `cutoff`; its new first seq if that moved.
+fn trim_before(
+    runs: &mut redb::Table<(&'static str, u64), &'static [u8]>,
+    convs: &impl ReadableTable<&'static str, &'static [u8]>,
+    ranges: &mut redb::Table<&'static str, (u64, u64)>,
+    conv: &str,
+    cutoff: u64,
+) -> Result<Option<u64>, StoreError> {
+    // Acceptance times only grow along a conversation: whole runs older than the cutoff go,
+    // and the first newer message is the new first seq.
+    let mut doomed = Vec::new();
+    let mut first = None;
+    for row in runs.range((conv, 0)..=(conv, u64::MAX)).map_err(engine)? {
+        let (k, v) = row.map_err(engine)?;
+        let at = format!("({conv}, {})", k.value().1);
+        let run: Vec<Message> = decode("message run", at, v.value())?;
+        if let Some(m) = run.iter().find(|m| m.ts >= cutoff) {
+            first = Some(m.seq);
+            break;
+        }
+        doomed.push(k.value().1);
+    }
+    for last in &doomed {
+        runs.remove((conv, *last)).map_err(engine)?;
+    }
+    if let Some(first) = first {
+        drop_run_head(runs, conv, first)?;
+    }
+    let Some((max_seq, first_seq)) = stored_range(convs, ranges, conv)? else {
+        return Ok(None);
+    };
+    let new_first = first.unwrap_or(max_seq + 1).max(first_seq);
+    if new_first <= first_seq {
+        return Ok(None);
+    }
+    raise_range(ranges, conv, max_seq, new_first)?;
+    Ok(Some(new_first))
+}
+
+/// One conversation's record (with its stored range) and device positions.
+fn load_conv(
+    convs: &impl ReadableTable<&'static str, &'static [u8]>,
+    ranges: &impl ReadableTable<&'static str, (u64, u64)>,
+    cursors: &impl ReadableTable<(&'static str, &'static str, &'static str), (u64, u64)>,
+    id: &str,
+) -> Result<Option<ConvState>, StoreError> {
+    let Some(raw) = convs.get(id).map_err(engine)? else {
+        return Ok(None);
+    };
+    let mut rec: ConvRecord = decode("conversation", id, raw.value())?;
+    if let Some(r) = ranges.get(id).map_err(engine)? {
+        let (max_seq, first_seq) = r.value();
+        rec.max_seq = rec.max_seq.max(max_seq);
+        rec.first_seq = rec.first_seq.max(first_seq);
+    }
+    let mut out = Vec::new();
+    for row in cursors.range((id, "", "")..).map_err(engine)? {
+        let (k, v) = row.map_err(engine)?;
+        let (conv, user, device) = k.value();
+        if conv != id {
+            break;
+        }
+        let (delivered, read) = v.value();
+        out.push(CursorRecord {
+            conv: conv.to_string(),
+            user: user.to_string(),
+            device: device.to_string(),
+            delivered,
+            read,
+        });
+    }
+    Ok(Some(ConvState { rec, cursors: out }))
+}
+
+/// Keeps [`MEMBERS`] in step with a conversation record written over `old`.
+fn index_record(
+    members: &mut redb::Table<(&'static str, &'static str), ()>,
+    meta: &mut redb::Table<&'static str, u64>,
+    old: Option<&ConvRecord>,
+    new: &ConvRecord,
+) -> Result<(), StoreError> {
+    let none = BTreeSet::new();
+    let before = old.map_or(&none, |o| &o.members);
+    for u in before.difference(&new.members) {
+        members
+            .remove((u.as_str(), new.id.as_str()))
+            .map_err(engine)?;
+    }
+    for u in new.members.difference(before) {
+        members
+            .insert((u.as_str(), new.id.as_str()), ())
+            .map_err(engine)?;
+    }
+    if old.is_none() {
+        let n = meta
+            .get(MEMBERS_OF_CONVS)
+            .map_err(engine)?
+            .map_or(0, |g| g.value());
+        meta.insert(MEMBERS_OF_CONVS, n + 1).map_err(engine)?;
+    }
+    Ok(())
+}
+
+/// Builds [`MEMBERS`] from the conversation records if it does not index every one of them
+/// (a store from before the table, or conversations added by a build without it).
+fn index_members(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
+    let convs = tx.open_table(CONVS).map_err(engine)?;
+    let mut meta = tx.open_table(META).map_err(engine)?;
+    let count = convs.len().map_err(engine)?;
+    let indexed = meta
+        .get(MEMBERS_OF_CONVS)
+        .map_err(engine)?
+        .map(|g| g.value());
+    if indexed == Some(count) {
+        return Ok(());
+    }
+    let mut members = tx.open_table(MEMBERS).map_err(engine)?;
+    members.retain(|_, _| false).map_err(engine)?;
+    for row in convs.iter().map_err(engine)? {
+        let (k, v) = row.map_err(engine)?;
+        let rec: ConvRecord = decode("conversation", k.value(), v.value())?;
+        for u in &rec.members {
+            members
+                .insert((u.as_str(), rec.id.as_str()), ())
+                .map_err(engine)?;
+        }
+    }
+    meta.insert(MEMBERS_OF_CONVS, count).map_err(engine)?;
+    if count > 0 {
+        tracing::info!(
+            conversations = count,
+            "indexed conversation members by user"
+        );
+    }
+    Ok(())
 }
 
 /// A conversation's (max_seq, first_seq) as stored; `None` if there is no such conversation.
@@ -897,7 +1062,7 @@ impl<'a> DedupView<'a> {
 
 /// Stores `entries` as dedup runs of at most [`RUN_MAX`], numbered from the `meta` counter.
 fn put_dedup_runs(
-    tx: &redb::WriteTransaction,
+    meta: &mut redb::Table<&'static str, u64>,
     dedup: &mut redb::Table<(u64, u64), &[u8]>,
     entries: &[DedupView],
     scratch: &mut Vec<u8>,
@@ -905,7 +1070,6 @@ fn put_dedup_runs(
     if entries.is_empty() {
         return Ok(());
     }
-    let mut meta = tx.open_table(META).map_err(engine)?;
     let mut next = meta
         .get(NEXT_DEDUP_RUN)
         .map_err(engine)?
@@ -1027,8 +1191,9 @@ fn move_dedup_into_runs(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
     entries.sort_by_key(|d| d.ts);
     let views: Vec<DedupView> = entries.iter().map(DedupView::record).collect();
     let mut dedup = tx.open_table(DEDUP_RUNS).map_err(engine)?;
-    put_dedup_runs(tx, &mut dedup, &views, &mut Vec::new())?;
-    drop(dedup);
+    let mut meta = tx.open_table(META).map_err(engine)?;
+    put_dedup_runs(&mut meta, &mut dedup, &views, &mut Vec::new())?;
+    drop((dedup, meta));
     let mut keys = tx.open_table(DEDUP_KEYS).map_err(engine)?;
     for d in &views {
         keys.insert((d.user, d.cmid), (d.conv, d.seq, d.ts))

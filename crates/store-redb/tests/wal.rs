@@ -75,8 +75,8 @@ fn what_commit_returned_survives_a_crash() {
     drop(store);
     let reopened = RedbStore::open(crashed.path()).unwrap();
     assert_eq!(seqs(&reopened), (1..=100).collect::<Vec<_>>());
-    let snap = reopened.load().unwrap();
-    assert_eq!(snap.convs[0].max_seq, 100);
+    let loaded = reopened.load_convs(&["g".to_string()]).unwrap();
+    assert_eq!(loaded[0].as_ref().map(|c| c.rec.max_seq), Some(100));
     // And it goes on from there, across another crash.
     for n in 21..=30 {
         reopened.commit(batch(n, 5, 50)).unwrap();

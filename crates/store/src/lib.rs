@@ -3,10 +3,12 @@
 //! storage engine lives here.
 //!
 //! A store has four jobs: make a [`Batch`] durable atomically (messages, their seqs and dedup
-//! keys in one commit, so `accepted` is never sent for something a crash can take back),
-//! rebuild the core's [`Snapshot`] at start, serve pages of history to `sync`, and answer
+//! keys in one commit, so `accepted` is never sent for something a crash can take back), load
+//! conversations when the core first needs them ([`Store::load_convs`], and a user's all at
+//! once for an overview, [`Store::member_convs`]), serve pages of history to `sync`, and answer
 //! what a (user, client message id) was accepted as: the core keeps only recent dedup keys in
 //! memory and asks the store about the rest ([`Store::dedup_lookup`], [`Store::dedup_scan`]).
+//! Nothing the store is asked at start ([`Store::load`]) grows with what it holds.
 //!
 //! # Backends
 //!
@@ -30,7 +32,7 @@ mod memory;
 pub use error::{BoxError, StoreError};
 pub use memory::MemStore;
 
-use ordo_core::{Batch, CommitOutcome, DedupRecord, Snapshot, StoredMessage};
+use ordo_core::{Batch, CommitOutcome, ConvState, DedupRecord, Snapshot, StoredMessage};
 
 /// A page of one conversation's history.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -109,8 +111,18 @@ pub struct DedupScan {
 /// What the server needs of a store. Every backend implements it; see the crate's docs and
 /// "A new store backend" in docs/architecture.md for what each call must keep.
 pub trait Store: Send + Sync + 'static {
-    /// Reads everything the core needs to start.
+    /// Reads what the core needs to start: little, whatever is stored.
     fn load(&self) -> Result<Snapshot, StoreError>;
+
+    /// Each conversation of `ids` as stored (record and device positions), in the same order;
+    /// `None` for one the store does not hold. Sees every batch whose `commit` returned before
+    /// this call.
+    fn load_convs(&self, ids: &[String]) -> Result<Vec<Option<ConvState>>, StoreError>;
+
+    /// Every conversation `user` is a member of, as stored, in id order. Sees every batch whose
+    /// `commit` returned before this call. A backend answers it from an index by user, not by
+    /// reading every conversation.
+    fn member_convs(&self, user: &str) -> Result<Vec<ConvState>, StoreError>;
 
     /// Makes the whole batch durable, or nothing of it. Returns only once it is durable. Called
     /// by one thread, one batch at a time, in order; an error stops the server.

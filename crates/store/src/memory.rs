@@ -1,7 +1,7 @@
 //! The in-memory reference backend: [`ordo_core::MemoryStore`] as a [`Store`].
 
 use crate::{DedupScan, Page, PageFill, ScanFrom, Store, StoreError};
-use ordo_core::{Batch, CommitOutcome, DedupRecord, MemoryStore, Snapshot};
+use ordo_core::{Batch, CommitOutcome, ConvState, DedupRecord, MemoryStore, Snapshot};
 use std::sync::{Mutex, MutexGuard};
 
 /// The in-memory reference backend: [`MemoryStore`], the store the core's rules tests and the
@@ -35,6 +35,15 @@ impl MemStore {
 impl Store for MemStore {
     fn load(&self) -> Result<Snapshot, StoreError> {
         Ok(self.lock().snapshot())
+    }
+
+    fn load_convs(&self, ids: &[String]) -> Result<Vec<Option<ConvState>>, StoreError> {
+        let store = self.lock();
+        Ok(ids.iter().map(|id| store.load_conv(id)).collect())
+    }
+
+    fn member_convs(&self, user: &str) -> Result<Vec<ConvState>, StoreError> {
+        Ok(self.lock().member_convs(user))
     }
 
     fn commit(&self, batch: Batch) -> Result<CommitOutcome, StoreError> {

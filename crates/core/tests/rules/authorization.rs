@@ -20,7 +20,7 @@ fn non_members_are_rejected_with_not_member() {
     assert_eq!(code(s.core.sync(3, "g", 0, None)), ErrorCode::NotMember);
     assert_eq!(code(s.core.ack(3, "g", 1)), ErrorCode::NotMember);
     assert_eq!(code(s.core.read(3, "g", 1)), ErrorCode::NotMember);
-    assert!(s.core.overview(3).is_empty());
+    assert!(s.overview(3).is_empty());
     assert!(s.core.take_batch().is_none(), "nothing stored");
     assert_eq!(s.store.seqs("g"), vec![1]);
     assert!(s.store.cursors.is_empty());

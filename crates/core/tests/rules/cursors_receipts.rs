@@ -25,12 +25,12 @@ fn acks_are_cumulative_clamped_to_durable_and_never_go_back() {
     s.commit(&b);
     let (batches, _) = s.flush();
     assert_eq!(cursor_in(&batches[0], "bob", "b1"), Some((3, 0)), "clamped");
-    assert_eq!(info(&s.core, 2, "g").delivered, 3);
+    assert_eq!(info(&mut s, 2, "g").delivered, 3);
 
     s.core.ack(2, "g", 1).unwrap();
     s.core.sync(2, "g", 0, None).unwrap();
     assert!(s.core.take_batch().is_none(), "going back changes nothing");
-    assert_eq!(info(&s.core, 2, "g").delivered, 3);
+    assert_eq!(info(&mut s, 2, "g").delivered, 3);
 
     s.core.ack(2, "g", 4).unwrap();
     let (batches, _) = s.flush();
@@ -83,7 +83,7 @@ fn receipts_go_to_members_at_commit_with_the_user_max_over_devices() {
     let (batches, out) = s.flush();
     assert!(batches.is_empty() && out.is_empty(), "read never goes back");
 
-    let i = info(&s.core, 1, "g");
+    let i = info(&mut s, 1, "g");
     let bob = i.members.iter().find(|m| m.user == "bob").unwrap();
     assert_eq!((bob.delivered, bob.read), (5, 4));
     let alice = i.members.iter().find(|m| m.user == "alice").unwrap();
@@ -104,7 +104,7 @@ fn read_implies_delivered_and_is_clamped_to_durable() {
     let (batches, out) = s.flush();
     assert_eq!(cursor_in(&batches[0], "bob", "b1"), Some((3, 3)));
     assert_eq!(receipts(&out, 1), vec![("bob".to_string(), 3, 3)]);
-    let i = info(&s.core, 2, "g");
+    let i = info(&mut s, 2, "g");
     assert_eq!((i.delivered, i.read), (3, 3));
 }
 
@@ -179,6 +179,7 @@ fn receipts_never_go_back_across_a_crash() {
     s.restart(cfg());
     s.core.connect(11, "alice", "a1");
     s.core.connect(12, "bob", "b1");
+    s.warm("g");
     s.core.ack(12, "g", 2).unwrap();
     seen.extend(receipts(&s.flush().1, 11));
     let delivered: Vec<u64> = seen.iter().map(|r| r.1).collect();

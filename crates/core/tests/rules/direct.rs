@@ -15,7 +15,7 @@ fn a_send_to_a_user_creates_the_direct_conversation() {
     assert!(s.send_to(1, "bob", "hello").is_empty());
     // Not durable yet: nobody may read it.
     assert_eq!(code(s.core.sync(2, &id, 0, None)), ErrorCode::NotFound);
-    assert!(s.core.overview(2).is_empty());
+    assert!(s.overview(2).is_empty());
 
     let b = s.take();
     assert_eq!(b.convs.len(), 1);
@@ -56,13 +56,13 @@ fn a_send_to_a_user_creates_the_direct_conversation() {
             .collect::<Vec<_>>(),
         vec![(id.clone(), 2), (id.clone(), 3)]
     );
-    let i = info(&s.core, 2, &id);
+    let i = info(&mut s, 2, &id);
     assert_eq!((i.kind, i.max_seq, i.first_seq), (ConvKind::Direct, 3, 1));
 
     // A third user can neither write nor read it.
     assert_eq!(rejected(&s.send(3, &id, "intrude")).0, ErrorCode::NotMember);
     assert_eq!(code(s.core.sync(3, &id, 0, None)), ErrorCode::NotMember);
-    assert!(s.core.overview(3).is_empty());
+    assert!(s.overview(3).is_empty());
     assert!(s.core.take_batch().is_none());
 }
 

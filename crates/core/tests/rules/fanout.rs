@@ -168,12 +168,7 @@ fn groups_larger_than_receipt_max_members_get_pushes_but_no_receipts() {
         .collect();
     assert_eq!(receipts, vec!["small".to_string()]);
     // The big group's positions are still in the overview.
-    let big = s
-        .core
-        .overview(1)
-        .into_iter()
-        .find(|c| c.conv == "big")
-        .unwrap();
+    let big = s.overview(1).into_iter().find(|c| c.conv == "big").unwrap();
     let bob = big.members.iter().find(|m| m.user == "bob").unwrap();
     assert_eq!(bob.delivered, 3);
 }
@@ -186,7 +181,7 @@ fn sync_plans_and_sync_served_notify_a_device_left_behind() {
     s.send_many(1, "g", 1..=5);
     s.flush();
     s.core.connect(2, "bob", "b1");
-    let epoch = info(&s.core, 2, "g").epoch;
+    let epoch = info(&mut s, 2, "g").epoch;
 
     let plan = s.core.sync(2, "g", 0, Some(2)).unwrap();
     assert_eq!(

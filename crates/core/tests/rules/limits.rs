@@ -13,7 +13,7 @@ fn bodies_over_the_limit_are_too_large() {
     s.group("g", &["alice", "bob"], Retention::default());
     s.core.connect(1, "alice", "a1");
     let send = |s: &mut Sim, conv: Option<&str>, to: Option<&str>, cmid: &str, body: &str| {
-        s.core.send(
+        let actions = s.core.send(
             1,
             SendRequest {
                 conv,
@@ -23,7 +23,8 @@ fn bodies_over_the_limit_are_too_large() {
                 reply_to: None,
             },
             s.now,
-        )
+        );
+        s.answer_lookups(actions)
     };
     assert!(send(&mut s, Some("g"), None, "ok", "0123456789").is_empty());
     let (c, retryable, _) = rejected(&send(&mut s, Some("g"), None, "big", "0123456789a"));
@@ -166,7 +167,7 @@ fn sending_too_fast_is_rate_limited_with_a_retry_hint() {
 fn reply_to_is_checked_on_the_first_direct_message_too() {
     let mut s = Sim::new(cfg());
     s.core.connect(1, "alice", "a1");
-    let out = s.core.send(
+    let asked = s.core.send(
         1,
         SendRequest {
             conv: None,
@@ -177,6 +178,8 @@ fn reply_to_is_checked_on_the_first_direct_message_too() {
         },
         s.now,
     );
+    // The store is asked whether the conversation exists first.
+    let out = s.answer_lookups(asked);
     assert_eq!(rejected(&out).0, ErrorCode::Invalid);
     assert!(s.core.take_batch().is_none(), "no conversation created");
 }

@@ -334,6 +334,7 @@ impl Model {
         let conv = conv_of(user, &target(t));
         let sid = self.devs[di].sid;
         let after = self.devs[di].last(&conv);
+        self.s.warm(&conv);
         let res = self.s.core.sync(sid, &conv, after, Some(limit));
         if !self.s.store.convs.contains_key(&conv) {
             assert_eq!(code(res), ErrorCode::NotFound);
@@ -368,6 +369,7 @@ impl Model {
         let sid = self.devs[di].sid;
         let last = self.devs[di].last(&conv);
         let seq = if back { last / 2 } else { last };
+        self.s.warm(&conv);
         let res = if read {
             self.s.core.read(sid, &conv, seq)
         } else {

@@ -21,7 +21,7 @@ fn a_restarted_core_keeps_seq_numbering_cursors_and_dedup() {
         .collect();
     s.core.read(2, "g", 2).unwrap();
     s.flush();
-    let epoch = info(&s.core, 1, "g").epoch;
+    let epoch = info(&mut s, 1, "g").epoch;
     // A batch that never becomes durable, and a pending send: both lost in the crash.
     s.send(1, "g", "lost");
     let _lost = s.take();
@@ -53,7 +53,7 @@ fn a_restarted_core_keeps_seq_numbering_cursors_and_dedup() {
     assert_eq!(accepted(&out, 11)[0].2, 3);
     assert_eq!(accepted(&out, 12)[0].2, 2);
     assert_eq!(s.store.seqs("g"), vec![1, 2, 3]);
-    let i = info(&s.core, 12, "g");
+    let i = info(&mut s, 12, "g");
     assert_eq!(i.epoch, epoch, "same history, same epoch");
     assert_eq!((i.delivered, i.read), (2, 2), "cursors survive");
     let bob = i.members.iter().find(|m| m.user == "bob").unwrap();

@@ -20,14 +20,14 @@ fn count_retention_trims_in_the_batch_and_raises_first_seq() {
     assert_eq!(batches[0].trim_below, vec![("g".to_string(), 3)]);
     assert_eq!(batches[0].positions[0].first_seq, 3);
     assert_eq!(s.store.seqs("g"), vec![3, 4, 5]);
-    let i = info(&s.core, 1, "g");
+    let i = info(&mut s, 1, "g");
     assert_eq!((i.first_seq, i.max_seq), (3, 5));
 
     s.send(1, "g", "m6");
     let (batches, _) = s.flush();
     assert_eq!(batches[0].trim_below, vec![("g".to_string(), 4)]);
     assert_eq!(s.store.seqs("g"), vec![4, 5, 6]);
-    assert_eq!(info(&s.core, 1, "g").first_seq, 4);
+    assert_eq!(info(&mut s, 1, "g").first_seq, 4);
 }
 
 #[test]
@@ -44,7 +44,7 @@ fn default_count_retention_applies_to_direct_conversations() {
     let (batches, _) = s.flush();
     assert_eq!(batches[0].trim_below, vec![(id.clone(), 3)]);
     assert_eq!(s.store.seqs(&id), vec![3, 4]);
-    assert_eq!(info(&s.core, 1, &id).first_seq, 3);
+    assert_eq!(info(&mut s, 1, &id).first_seq, 3);
 }
 
 #[test]
@@ -96,27 +96,37 @@ fn age_retention_trims_by_time_and_takes_first_seq_from_the_store() {
     s.send(1, "g", "new5");
     s.flush();
 
+    // The store sweeps every conversation it holds (the core need not hold them).
     s.core.retention_tick(15_500);
     let b = s.take();
-    assert_eq!(b.trim_before_ms, vec![("g".to_string(), 14_500)]);
+    let sweep = b.age_sweep.clone().expect("a step of age retention");
+    assert_eq!((sweep.now_ms, sweep.after), (15_500, None));
     assert!(b.messages.is_empty() && b.trim_below.is_empty());
     let outcome = s.store.apply(&b).unwrap();
     assert_eq!(outcome.first_seqs, vec![("g".to_string(), 4)]);
+    assert_eq!(outcome.swept_to, None, "two conversations: one step");
     // Not raised before the trim is durable.
-    assert_eq!(info(&s.core, 1, "g").first_seq, 1);
+    assert_eq!(info(&mut s, 1, "g").first_seq, 1);
     s.core.commit_done(b.id, outcome);
-    let i = info(&s.core, 1, "g");
+    let i = info(&mut s, 1, "g");
     assert_eq!((i.first_seq, i.max_seq), (4, 5));
     assert_eq!(s.store.seqs("g"), vec![4, 5]);
 
-    // Everything old: first_seq is max_seq + 1, and later ticks have nothing to do for it.
+    // Within a pass (a minute by default) no further step is taken.
+    s.core.retention_tick(16_000);
+    assert!(s.core.take_batch().is_none());
+
+    // Everything old: first_seq is max_seq + 1, and later passes have nothing to do for it.
     s.core.retention_tick(100_000);
     s.flush();
-    let i = info(&s.core, 1, "g");
+    let i = info(&mut s, 1, "g");
     assert_eq!((i.first_seq, i.max_seq), (6, 5));
     assert!(s.store.seqs("g").is_empty());
     s.core.retention_tick(200_000);
-    assert!(s.core.take_batch().is_none());
+    let b = s.take();
+    let outcome = s.store.apply(&b).unwrap();
+    assert!(outcome.first_seqs.is_empty());
+    s.core.commit_done(b.id, outcome);
     assert_eq!(s.store.seqs("keep"), vec![1]);
 
     // Numbering goes on after a full trim.
@@ -124,7 +134,7 @@ fn age_retention_trims_by_time_and_takes_first_seq_from_the_store() {
     s.send(1, "g", "after");
     let (_, out) = s.flush();
     assert_eq!(accepted(&out, 1)[0].2, 6);
-    let i = info(&s.core, 1, "g");
+    let i = info(&mut s, 1, "g");
     assert_eq!((i.first_seq, i.max_seq), (6, 6));
 }
 
@@ -140,10 +150,10 @@ fn overview_first_seq_moves_only_when_the_trim_is_durable() {
     s.core.connect(1, "alice", "a1");
     s.send_many(1, "g", 1..=3);
     s.flush();
-    assert_eq!(info(&s.core, 1, "g").first_seq, 2);
+    assert_eq!(info(&mut s, 1, "g").first_seq, 2);
     s.send(1, "g", "m4");
     let _b = s.take(); // trims below 3, not durable yet
-    let i = info(&s.core, 1, "g");
+    let i = info(&mut s, 1, "g");
     assert_eq!(s.store.seqs("g"), vec![2, 3], "seq 2 is still stored");
     assert_eq!(
         (i.first_seq, i.max_seq),

@@ -43,7 +43,7 @@ fn seqs_start_at_one_and_are_gap_free_per_conversation() {
     s.commit(&b);
     assert_eq!(s.store.seqs("g1"), (1..=11).collect::<Vec<_>>());
     assert_eq!(s.store.seqs("g2"), (1..=6).collect::<Vec<_>>());
-    assert_eq!(info(&s.core, 1, "g1").max_seq, 11);
+    assert_eq!(info(&mut s, 1, "g1").max_seq, 11);
     assert_eq!(s.core.stats().accepted, 17);
 }
 
@@ -52,12 +52,12 @@ fn nothing_is_visible_before_its_batch_commits() {
     let mut s = alice_and_bob_in_g(cfg());
 
     assert!(s.send(1, "g", "m1").is_empty(), "no answer before commit");
-    assert_eq!(info(&s.core, 2, "g").max_seq, 0);
+    assert_eq!(info(&mut s, 2, "g").max_seq, 0);
     assert_eq!(s.core.sync(2, "g", 0, None).unwrap().to, 0);
     let b1 = s.take();
     assert!(s.send(1, "g", "m2").is_empty());
     // In flight is not durable either.
-    assert_eq!(info(&s.core, 2, "g").max_seq, 0);
+    assert_eq!(info(&mut s, 2, "g").max_seq, 0);
     assert_eq!(s.core.sync(2, "g", 0, None).unwrap().to, 0);
     assert_eq!(s.core.stats().accepted, 0);
     assert_eq!(s.core.stats().pushed, 0);
@@ -67,7 +67,7 @@ fn nothing_is_visible_before_its_batch_commits() {
     assert_eq!(accepted(&out, 1)[0].2, 1);
     assert_eq!(msg_seqs(&out, 1), vec![1]);
     assert_eq!(msg_seqs(&out, 2), vec![1]);
-    assert_eq!(info(&s.core, 2, "g").max_seq, 1);
+    assert_eq!(info(&mut s, 2, "g").max_seq, 1);
     assert_eq!(s.core.sync(2, "g", 0, None).unwrap().to, 1);
 
     let (_, out) = s.flush();
@@ -81,7 +81,7 @@ fn a_new_group_is_invisible_and_unanswered_until_durable() {
     s.core.connect(1, "alice", "a1");
     s.create_group(42, "g", &["alice"], Retention::default());
     assert!(s.core.group("g").is_none());
-    assert!(s.core.overview(1).is_empty());
+    assert!(s.overview(1).is_empty());
     assert_eq!(code(s.core.sync(1, "g", 0, None)), ErrorCode::NotFound);
     let b = s.take();
     assert_eq!(b.convs.len(), 1);
@@ -99,7 +99,7 @@ fn a_new_group_is_invisible_and_unanswered_until_durable() {
         }
         other => panic!("unexpected {other:?}"),
     }
-    assert_eq!(s.core.overview(1).len(), 1);
+    assert_eq!(s.overview(1).len(), 1);
 }
 
 #[test]
@@ -193,6 +193,7 @@ fn messages_move_the_seq_range_without_rewriting_the_record() {
     s.commit_pending();
 
     s.restart(cfg());
+    s.warm("g");
     let g = s.core.group("g").unwrap();
     assert_eq!(g.max_seq, 3);
     assert_eq!(

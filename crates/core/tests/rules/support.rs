@@ -4,8 +4,8 @@
 //! seqs pushed, the answers, the receipts, the single rejection).
 
 use ordo_core::{
-    Action, AdminOp, Batch, Core, CoreConfig, CoreError, MemoryStore, Retention, SendRequest,
-    SessionId, Snapshot,
+    Action, AdminOp, Batch, Core, CoreConfig, CoreError, Handled, MemoryStore, Retention,
+    SendRequest, SessionId, Snapshot,
 };
 use ordo_protocol::{ErrorCode, ServerFrame};
 use std::ops::RangeInclusive;
@@ -59,14 +59,22 @@ impl Sim {
         self.core.dedup_filter_complete();
     }
 
+    /// Has the core hold `conv` as stored (for tests that call the core's per-conversation
+    /// calls directly rather than through frames).
+    pub fn warm(&mut self, conv: &str) {
+        if let Some(state) = self.store.load_conv(conv) {
+            self.core.warm(state);
+        }
+    }
+
     /// A restart whose dedup filter is not rebuilt: every key the cache does not hold is
     /// looked up.
     pub fn restart_cold(&mut self, cfg: CoreConfig) {
         self.core = Core::new(cfg, 99, self.store.snapshot());
     }
 
-    /// Answers every dedup lookup among `actions` from the store at once (and those the answers
-    /// lead to); returns the other actions.
+    /// Answers every dedup lookup and conversation load among `actions` from the store at once
+    /// (and those the answers lead to); returns the other actions.
     pub fn answer_lookups(&mut self, actions: Vec<Action>) -> Vec<Action> {
         let mut out = Vec::new();
         let mut queue = actions;
@@ -78,12 +86,65 @@ impl Sim {
                         let found = self.store.dedup_lookup(&user, &cmid);
                         next.extend(self.core.looked_up(id, found, self.now));
                     }
+                    Action::Load { conv } => {
+                        let state = self.store.load_conv(&conv);
+                        next.extend(self.core.loaded(&conv, state, self.now));
+                    }
+                    Action::LoadMember { id, user } => {
+                        let states = self.store.member_convs(&user);
+                        next.extend(self.core.member_convs_loaded(id, states));
+                    }
                     other => out.push(other),
                 }
             }
             queue = next;
         }
         out
+    }
+
+    /// Hands `frame` from `sid` to the core as a driver would, answering what it needs from
+    /// the store at once; returns the actions (a `sync` is answered with its page).
+    pub fn frame(&mut self, sid: SessionId, frame: ordo_protocol::ClientFrame) -> Vec<Action> {
+        let actions = match self.core.on_frame(sid, frame, self.now) {
+            Handled::Done(a) | Handled::Waits(a) => a,
+            Handled::Read(plan) => vec![Action::Reply {
+                session: sid,
+                plan: Some(plan),
+            }],
+        };
+        let mut out = Vec::new();
+        for a in self.answer_lookups(actions) {
+            match a {
+                Action::Reply {
+                    session,
+                    plan: Some(plan),
+                } => {
+                    let page = self.store.read(&plan);
+                    let first = self.store.first_seq(&plan.conv);
+                    out.extend(self.core.serve_page(session, plan, page, first));
+                }
+                Action::Reply { plan: None, .. } => {}
+                other => out.push(other),
+            }
+        }
+        out
+    }
+
+    /// The overview session `sid` gets for a `convs` frame.
+    pub fn overview(&mut self, sid: SessionId) -> Vec<ordo_protocol::ConvInfo> {
+        let out = self.frame(sid, ordo_protocol::ClientFrame::Convs);
+        let overviews: Vec<_> = out
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::Send {
+                    session,
+                    frame: ServerFrame::Convs { conversations },
+                } if session == sid => Some(conversations),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(overviews.len(), 1, "one overview for session {sid}");
+        overviews.into_iter().next().unwrap_or_default()
     }
 
     /// Sends `cmid` into `conv`, answering any dedup lookup it needs at once.
@@ -132,9 +193,11 @@ impl Sim {
             remove: vec![],
             retention: None,
         };
-        self.core
+        let actions = self
+            .core
             .admin(ticket, op, self.now)
             .expect("a valid change");
+        self.answer_lookups(actions);
     }
 
     pub fn commit_pending(&mut self) {
@@ -160,7 +223,8 @@ impl Sim {
             members: members.iter().map(|m| m.to_string()).collect(),
             retention,
         };
-        self.core.admin(ticket, op, self.now).expect("valid group");
+        let actions = self.core.admin(ticket, op, self.now).expect("valid group");
+        self.answer_lookups(actions);
     }
 
     /// Creates group `id` and commits it.
@@ -329,8 +393,8 @@ pub fn batch_seqs(b: &Batch, conv: &str) -> Vec<u64> {
         .collect()
 }
 
-pub fn info(core: &Core, sid: SessionId, conv: &str) -> ordo_protocol::ConvInfo {
-    core.overview(sid)
+pub fn info(s: &mut Sim, sid: SessionId, conv: &str) -> ordo_protocol::ConvInfo {
+    s.overview(sid)
         .into_iter()
         .find(|c| c.conv == conv)
         .unwrap_or_else(|| panic!("{conv} not in the overview of session {sid}"))

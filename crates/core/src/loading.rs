@@ -1,0 +1,441 @@
+//! Conversations on demand: the core holds only the conversations in use (*hot*), at most
+//! [`CoreConfig::conv_cache_entries`](crate::CoreConfig) of them beyond those pinned by
+//! unfinished work; the store holds them all.
+//!
+//! A frame, send or admin request that needs a conversation the core does not hold waits for
+//! it: the core asks once ([`Action::Load`]) and whatever needs it queues behind the load, in
+//! arrival order. [`Core::loaded`] makes it hot and handles what waited. A connection's sends
+//! wait in its line of parked sends (as they do for a dedup lookup), so one connection's sends
+//! are still sequenced in the order it sent them; a `sync`, `ack` or `read` waits in the
+//! conversation's line (a driver holds a waiting `sync`'s reply until [`Action::Reply`]).
+//!
+//! A conversation is *cold* when the core does not hold it; a cold conversation cannot change
+//! (every change goes through the core, and a conversation is evicted only once nothing
+//! pending or in flight touches it), so a load asked while it was cold is current whenever it
+//! is answered. An overview (`convs`) lists the user's conversations from the store
+//! ([`Action::LoadMember`]); conversations that were evicted while the list was being read may
+//! be older in it than what the core had, so then the list is asked for again.
+//!
+//! Eviction is least-recently-used, in bulk: once more than the cache's worth are hot, the
+//! oldest tenth goes (one pass over the stamps, so the cost per eviction stays constant).
+
+use crate::conv::Conv;
+use crate::engine::{Action, AdminOp, Core, SessionId, Ticket};
+use crate::frame::{may_read, Handled};
+use crate::model::ConvState;
+use crate::session::LookupState;
+use foldhash::HashMap;
+use ordo_protocol::{ClientFrame, ConvInfo, ErrorCode, MemberPosition, Position, ServerFrame};
+use std::collections::VecDeque;
+
+/// Most frames (`sync`, `ack`, `read`) one connection may have waiting for conversations to
+/// load; past it, a frame is answered with an `unavailable` error, to be repeated.
+const MAX_WAITING_FRAMES: usize = 64;
+/// Most overviews one connection may have being listed at once.
+const MAX_OVERVIEWS: usize = 2;
+/// How many recent evictions are remembered (to tell whether an overview's list is current).
+const RECENT_EVICTIONS: usize = 4096;
+
+/// Something that waits for a conversation to be loaded.
+#[derive(Clone, Debug)]
+pub(crate) enum Waiting {
+    /// A frame of this connection, handled again once the conversation is loaded.
+    Frame {
+        session: SessionId,
+        frame: ClientFrame,
+        now_ms: u64,
+    },
+    /// The first of the connection's parked sends.
+    Send(SessionId),
+    /// An admin request.
+    Admin {
+        ticket: Ticket,
+        op: AdminOp,
+        now_ms: u64,
+    },
+}
+
+/// What the core knows of loading: see the module docs.
+#[derive(Default)]
+pub(crate) struct Loads {
+    /// Conversations asked for and not answered yet, and what waits for each, in order.
+    waiting: HashMap<String, Vec<Waiting>>,
+    /// Frames waiting per connection.
+    frames_of: HashMap<SessionId, usize>,
+    /// Overviews being listed: id -> (connection, evictions so far when asked).
+    overviews: HashMap<u64, (SessionId, u64)>,
+    next_overview: u64,
+    /// Conversations evicted so far, and the most recent of them with their number.
+    evictions: u64,
+    recent: VecDeque<(u64, String)>,
+    /// The use stamp given last.
+    clock: u64,
+    /// While what waited for a load the store answered with nothing is handled: that
+    /// conversation, which does not exist (rather than waiting to be loaded again).
+    absent: Option<String>,
+}
+
+impl Conv {
+    /// A conversation as the store holds it: its durable view is the whole of it.
+    pub fn from_state(state: ConvState) -> Conv {
+        let mut conv = Conv::new(state.rec, true);
+        for c in state.cursors {
+            let pos = crate::conv::Cursor {
+                delivered: c.delivered,
+                read: c.read,
+            };
+            *conv.cursors.entry(&c.user, &c.device) = pos;
+            *conv.durable_cursors.entry(&c.user, &c.device) = pos;
+        }
+        let users: Vec<String> = conv.cursors.users().cloned().collect();
+        for u in users {
+            let pos = conv.durable_user_position(&u);
+            conv.published.insert(u, pos);
+        }
+        conv
+    }
+
+    /// The overview entry of this conversation for `user`'s `device`, from its durable view.
+    pub fn info(&self, user: &str, device: &str) -> ConvInfo {
+        let mine = self.durable_cursor(user, device);
+        ConvInfo {
+            conv: self.rec.id.clone(),
+            kind: self.rec.kind,
+            epoch: self.rec.epoch,
+            max_seq: self.durable_seq,
+            first_seq: self.durable_first_seq(),
+            delivered: mine.delivered,
+            read: mine.read,
+            members: self
+                .durable_members()
+                .map(|u| {
+                    let p = self.published.get(u).copied().unwrap_or_default();
+                    MemberPosition {
+                        user: u.clone(),
+                        delivered: p.delivered,
+                        read: p.read,
+                    }
+                })
+                .collect(),
+        }
+    }
+}
+
+impl Core {
+    /// Whether `conv` must be loaded before it can be used: the core does not hold it and the
+    /// store has not just said it holds none.
+    pub(crate) fn is_cold(&self, conv: &str) -> bool {
+        !self.convs.contains_key(conv) && self.loads.absent.as_deref() != Some(conv)
+    }
+
+    /// Marks `conv` as just used (for eviction).
+    pub(crate) fn touch(&mut self, conv: &str) {
+        if let Some(c) = self.convs.get_mut(conv) {
+            self.loads.clock += 1;
+            c.used = self.loads.clock;
+        }
+    }
+
+    /// Queues `w` behind the load of `conv`, asking for the load if nobody has yet.
+    pub(crate) fn wait_for(&mut self, conv: &str, w: Waiting) -> Vec<Action> {
+        if let Some(list) = self.loads.waiting.get_mut(conv) {
+            list.push(w);
+            return Vec::new();
+        }
+        self.loads.waiting.insert(conv.to_string(), vec![w]);
+        self.stats.conv_loads += 1;
+        vec![Action::Load {
+            conv: conv.to_string(),
+        }]
+    }
+
+    /// A frame that needs cold conversation `conv`: it waits for the load, unless the
+    /// connection has too many waiting already.
+    pub(crate) fn park_frame(
+        &mut self,
+        session: SessionId,
+        conv: &str,
+        frame: ClientFrame,
+        now_ms: u64,
+    ) -> Handled {
+        let n = self.loads.frames_of.entry(session).or_insert(0);
+        if *n >= MAX_WAITING_FRAMES {
+            return Handled::Done(vec![Action::Send {
+                session,
+                frame: ServerFrame::error(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "{MAX_WAITING_FRAMES} requests of this connection already wait for conversations to load; repeat this one shortly"
+                    ),
+                ),
+            }]);
+        }
+        *n += 1;
+        let actions = self.wait_for(
+            conv,
+            Waiting::Frame {
+                session,
+                frame,
+                now_ms,
+            },
+        );
+        Handled::Waits(actions)
+    }
+
+    /// The `ack` positions whose conversations are cold wait (one frame per conversation); the
+    /// others are returned to be applied now.
+    pub(crate) fn park_cold_acks(
+        &mut self,
+        session: SessionId,
+        acks: Vec<Position>,
+        now_ms: u64,
+        out: &mut Vec<Action>,
+    ) -> Vec<Position> {
+        let mut hot = Vec::with_capacity(acks.len());
+        for p in acks {
+            let valid = ordo_protocol::validate_id(ordo_protocol::IdKind::Conversation, &p.conv);
+            if valid.is_err() || !self.is_cold(&p.conv) {
+                hot.push(p);
+                continue;
+            }
+            let conv = p.conv.clone();
+            let frame = ClientFrame::Ack { acks: vec![p] };
+            match self.park_frame(session, &conv, frame, now_ms) {
+                Handled::Done(a) | Handled::Waits(a) => out.extend(a),
+                Handled::Read(_) => {}
+            }
+        }
+        hot
+    }
+
+    /// The store's answer to [`Action::Load`] of `conv`: the conversation as stored, or `None`
+    /// if it holds none. Everything that waited for it is handled now, in order; returns what
+    /// that answers.
+    pub fn loaded(&mut self, conv: &str, state: Option<ConvState>, now_ms: u64) -> Vec<Action> {
+        let Some(waiting) = self.loads.waiting.remove(conv) else {
+            return Vec::new();
+        };
+        match state {
+            Some(state) if !self.convs.contains_key(conv) => {
+                self.convs.insert(conv.to_string(), Conv::from_state(state));
+            }
+            Some(_) => {}
+            None => self.loads.absent = Some(conv.to_string()),
+        }
+        self.touch(conv);
+        let mut out = Vec::new();
+        for w in waiting {
+            match w {
+                Waiting::Frame {
+                    session,
+                    frame,
+                    now_ms,
+                } => {
+                    if let Some(n) = self.loads.frames_of.get_mut(&session) {
+                        *n = n.saturating_sub(1);
+                    }
+                    let reply = may_read(&frame);
+                    match self.on_frame(session, frame, now_ms) {
+                        Handled::Done(a) => {
+                            out.extend(a);
+                            if reply {
+                                out.push(Action::Reply {
+                                    session,
+                                    plan: None,
+                                });
+                            }
+                        }
+                        Handled::Read(plan) => out.push(Action::Reply {
+                            session,
+                            plan: Some(plan),
+                        }),
+                        // Cannot happen while `conv` is held or known absent; if it did, the
+                        // frame waits again and is answered then.
+                        Handled::Waits(a) => out.extend(a),
+                    }
+                }
+                Waiting::Send(session) => {
+                    let Some(s) = self.sessions.get_mut(&session) else {
+                        continue;
+                    };
+                    let Some(front) = s.parked.front_mut() else {
+                        continue;
+                    };
+                    let LookupState::Load(c, answer) = &mut front.lookup else {
+                        continue;
+                    };
+                    if c != conv {
+                        continue;
+                    }
+                    front.lookup = match answer.take() {
+                        Some((found, mark)) => LookupState::Answered { found, mark },
+                        None => LookupState::NotAsked,
+                    };
+                    out.extend(self.drain_parked(session, now_ms));
+                }
+                Waiting::Admin { ticket, op, now_ms } => match self.admin(ticket, op, now_ms) {
+                    Ok(a) => out.extend(a),
+                    Err(e) => out.push(Action::AdminDone {
+                        ticket,
+                        reply: Err(e),
+                    }),
+                },
+            }
+        }
+        self.loads.absent = None;
+        self.evict();
+        out
+    }
+
+    /// A `convs` frame: asks the store for the user's conversations.
+    pub(crate) fn ask_overview(&mut self, session: SessionId) -> Vec<Action> {
+        let Some(s) = self.sessions.get(&session) else {
+            return Vec::new();
+        };
+        let asked = self
+            .loads
+            .overviews
+            .values()
+            .filter(|(sid, _)| *sid == session)
+            .count();
+        if asked >= MAX_OVERVIEWS {
+            return vec![Action::Send {
+                session,
+                frame: ServerFrame::error(
+                    ErrorCode::Unavailable,
+                    "an overview for this connection is already being prepared; wait for it",
+                ),
+            }];
+        }
+        let user = s.user.to_string();
+        self.loads.next_overview += 1;
+        let id = self.loads.next_overview;
+        self.loads
+            .overviews
+            .insert(id, (session, self.loads.evictions));
+        self.stats.conv_loads += 1;
+        vec![Action::LoadMember { id, user }]
+    }
+
+    /// The store's answer to [`Action::LoadMember`] `id`: the user's conversations as stored.
+    /// Answers the `convs` frame that asked (or asks again, if a conversation in the list was
+    /// evicted while it was read, so the list may be older than what the core had).
+    pub fn member_convs_loaded(&mut self, id: u64, states: Vec<ConvState>) -> Vec<Action> {
+        let Some((session, mark)) = self.loads.overviews.remove(&id) else {
+            return Vec::new();
+        };
+        let Some(s) = self.sessions.get(&session) else {
+            return Vec::new();
+        };
+        let (user, device) = (s.user.clone(), s.device.clone());
+        if self.evicted_since(mark, &states) {
+            return self.ask_overview(session);
+        }
+        let mut conversations = Vec::with_capacity(states.len());
+        for state in states {
+            let id = state.rec.id.clone();
+            // What the core holds is newer than (or the same as) what the store held.
+            let info = match self.convs.get(&id) {
+                Some(c) => c.info(&user, &device),
+                None => {
+                    let c = Conv::from_state(state);
+                    let info = c.info(&user, &device);
+                    // Keep it: the device is likely to sync it next. (One being loaded is left
+                    // to its load, which answers what waits for it.)
+                    if !self.loads.waiting.contains_key(&id) {
+                        self.convs.insert(id.clone(), c);
+                        self.touch(&id);
+                    }
+                    info
+                }
+            };
+            if info.members.iter().any(|m| *m.user == *user) {
+                conversations.push(info);
+            }
+        }
+        conversations.sort_by(|a, b| a.conv.cmp(&b.conv));
+        self.evict();
+        vec![Action::Send {
+            session,
+            frame: ServerFrame::Convs { conversations },
+        }]
+    }
+
+    /// Whether any of `states` was evicted after `mark` (or too many were to tell).
+    fn evicted_since(&self, mark: u64, states: &[ConvState]) -> bool {
+        if self.loads.evictions == mark {
+            return false;
+        }
+        let oldest = self.loads.recent.front().map_or(u64::MAX, |(n, _)| *n);
+        if oldest > mark + 1 {
+            return true;
+        }
+        self.loads
+            .recent
+            .iter()
+            .filter(|(n, _)| *n > mark)
+            .any(|(_, id)| !self.convs.contains_key(id) && states.iter().any(|s| s.rec.id == *id))
+    }
+
+    /// A connection is gone: forget its waiting frames and overviews.
+    pub(crate) fn forget_waiting(&mut self, session: SessionId) {
+        if self.loads.frames_of.remove(&session).is_some() {
+            for list in self.loads.waiting.values_mut() {
+                list.retain(|w| !matches!(w, Waiting::Frame { session: s, .. } if *s == session));
+            }
+        }
+        self.loads.overviews.retain(|_, (s, _)| *s != session);
+    }
+
+    /// Holds `state`, read from the store while the core did not hold that conversation (no
+    /// effect if it does): for a driver that knows which conversations are about to be used,
+    /// and for tests that call [`Core::ack`], [`Core::read`] or [`Core::sync`] directly (those
+    /// act on conversations the core holds; frames load what they need).
+    pub fn warm(&mut self, state: ConvState) {
+        let id = state.rec.id.clone();
+        if self.convs.contains_key(&id) || self.loads.waiting.contains_key(&id) {
+            return;
+        }
+        self.convs.insert(id.clone(), Conv::from_state(state));
+        self.touch(&id);
+    }
+
+    /// Conversations the core holds.
+    pub fn convs_held(&self) -> usize {
+        self.convs.len()
+    }
+
+    /// Evicts the least recently used conversations once more than the cache's worth are held,
+    /// down to nine tenths of it; conversations that pending or in-flight work touches stay.
+    pub fn evict(&mut self) {
+        let cap = self.config().conv_cache_entries;
+        if self.convs.len() <= cap {
+            return;
+        }
+        let pinned = self.pinned_convs();
+        let target = cap - cap / 10;
+        let mut stamps: Vec<(u64, &String)> = self
+            .convs
+            .iter()
+            .filter(|(id, _)| !pinned.contains(id.as_str()))
+            .map(|(id, c)| (c.used, id))
+            .collect();
+        let excess = self.convs.len().saturating_sub(target).min(stamps.len());
+        if excess == 0 {
+            return;
+        }
+        stamps.select_nth_unstable_by_key(excess - 1, |(used, _)| *used);
+        let doomed: Vec<String> = stamps[..excess]
+            .iter()
+            .map(|(_, id)| (*id).clone())
+            .collect();
+        for id in doomed {
+            self.convs.remove(&id);
+            self.loads.evictions += 1;
+            self.loads.recent.push_back((self.loads.evictions, id));
+            if self.loads.recent.len() > RECENT_EVICTIONS {
+                self.loads.recent.pop_front();
+            }
+        }
+    }
+}
