@@ -29,6 +29,9 @@ pub struct Conn {
     /// When each end notices the connection is gone.
     pub client_detect: Option<u64>,
     pub server_detect: Option<u64>,
+    /// The server is reading a page for this connection's `sync`: it takes the connection's
+    /// next frame only once the page is served, as the server's connection task does.
+    pub reading: bool,
 }
 
 impl Conn {
@@ -44,6 +47,7 @@ impl Conn {
             s2c_last: now,
             client_detect: None,
             server_detect: None,
+            reading: false,
         }
     }
 

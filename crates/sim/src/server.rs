@@ -17,8 +17,8 @@ use crate::faults::Sabotage;
 use crate::network::short;
 use crate::world::Sim;
 use ordo_core::{
-    Action, Batch, CommitOutcome, ConvState, Core, CoreConfig, DedupRecord, Handled, MemoryStore,
-    SessionId,
+    may_read, Action, Batch, CommitOutcome, ConvState, Core, CoreConfig, DedupRecord, Handled,
+    MemoryStore, SessionId, SyncPlan,
 };
 use ordo_protocol::{Limits, ServerFrame};
 
@@ -58,6 +58,15 @@ pub struct Server {
     pub lookups: Vec<Lookup>,
     /// The filter's rebuild after a restart: when the next page comes, and after which entry.
     pub scan: Option<Scan>,
+    /// Pages being read for `sync`s: served later (batches may commit meanwhile), read from
+    /// the store as it stands then, as the server's connection reads off the core's task.
+    pub pages: Vec<PageRead>,
+}
+
+pub struct PageRead {
+    pub at: u64,
+    pub session: SessionId,
+    pub plan: SyncPlan,
 }
 
 pub struct Lookup {
@@ -170,6 +179,7 @@ impl Sim {
         self.server.up = false;
         self.server.lookups.clear();
         self.server.scan = None;
+        self.server.pages.clear();
         if let Some(rollback) = self.server.in_flight.take().and_then(|f| f.rollback) {
             tr!(self, "the unsynced batch is lost");
             self.server.store = rollback;
@@ -247,6 +257,46 @@ impl Sim {
         self.pump()
     }
 
+    /// Starts reading the page of `plan` for `sid`: served after a random delay, during which
+    /// batches may commit; the connection's next frame waits until then.
+    fn read_page(&mut self, sid: SessionId, plan: SyncPlan) {
+        if let Some(c) = self.conns.get_mut(&sid) {
+            c.reading = true;
+        }
+        let at = self.now + self.rng.range((0, 40));
+        self.server.pages.push(PageRead {
+            at,
+            session: sid,
+            plan,
+        });
+    }
+
+    /// The earliest page being read is served, from the store as it stands now.
+    pub(crate) fn serve_page(&mut self) -> Result<(), Violation> {
+        let Some(i) = (0..self.server.pages.len()).min_by_key(|&i| self.server.pages[i].at) else {
+            return Ok(());
+        };
+        let p = self.server.pages.remove(i);
+        if let Some(c) = self.conns.get_mut(&p.session) {
+            c.reading = false;
+        }
+        let page = self.server.store.read(&p.plan);
+        let first_seq = self.server.store.first_seq(&p.plan.conv);
+        tr!(
+            self,
+            "page of {} read ({} messages, plan up to {})",
+            p.plan.conv,
+            page.len(),
+            p.plan.to
+        );
+        let actions = self
+            .server
+            .core
+            .serve_page(p.session, p.plan, page, first_seq);
+        self.dispatch(actions)?;
+        self.pump()
+    }
+
     /// The store lists a few more dedup keys for the restarted core's filter.
     pub(crate) fn scan_step(&mut self) {
         let Some(scan) = self.server.scan.take() else {
@@ -295,16 +345,17 @@ impl Sim {
                     .insert(i.min(self.server.lookups.len()), Lookup { at, answer });
                 continue;
             }
-            if let Action::Reply {
-                session,
-                plan: Some(plan),
-            } = a
-            {
-                // A sync that waited for its conversation: its page is read now.
-                let page = self.server.store.read(&plan);
-                let first_seq = self.server.store.first_seq(&plan.conv);
-                let actions = self.server.core.serve_page(session, plan, page, first_seq);
-                self.dispatch(actions)?;
+            if let Action::Reply { session, plan } = a {
+                match plan {
+                    // A sync that waited for its conversation: its page is read now.
+                    Some(plan) => self.read_page(session, plan),
+                    // Answered without a page: the connection's next frame may come.
+                    None => {
+                        if let Some(c) = self.conns.get_mut(&session) {
+                            c.reading = false;
+                        }
+                    }
+                }
                 continue;
             }
             if let Action::Send { session, frame } = a {
@@ -337,17 +388,25 @@ impl Sim {
         }
         tr!(self, "{} -> {}", self.name(dev), short(&f));
         let now = self.server_now();
+        let waits_for_answer = may_read(&f);
         let actions = match self.server.core.on_frame(sid, f, now) {
             Handled::Done(actions) => actions,
-            // The store is in memory: the page is read at once, as the server's connection
-            // would before it hands the core its next frame.
+            // The page is read off the core's task: the connection's next frame waits for it.
             Handled::Read(plan) => {
-                let page = self.server.store.read(&plan);
-                let first_seq = self.server.store.first_seq(&plan.conv);
-                self.server.core.serve_page(sid, plan, page, first_seq)
+                self.read_page(sid, plan);
+                Vec::new()
             }
-            // The frame waits for a conversation to load (its answer comes with the load's).
-            Handled::Waits(actions) => actions,
+            // The frame waits for a conversation to load (its answer comes with the load's). A
+            // `sync` holds the connection's next frame back until it is answered, as a `sync`
+            // being read does.
+            Handled::Waits(actions) => {
+                if waits_for_answer {
+                    if let Some(c) = self.conns.get_mut(&sid) {
+                        c.reading = true;
+                    }
+                }
+                actions
+            }
         };
         self.dispatch(actions)?;
         self.pump()

@@ -136,6 +136,8 @@ pub(crate) enum Item {
     Lookup,
     /// The store lists the next page of its dedup keys for a restarted core's filter.
     Scan,
+    /// A page read for a `sync` is served.
+    Page,
     ToServer(SessionId),
     ToClient(SessionId),
     ClientDetect(SessionId),
@@ -293,6 +295,7 @@ impl Sim {
                 housekeeping_at,
                 lookups: Vec::new(),
                 scan: None,
+                pages: Vec::new(),
             },
             devs,
             conns: BTreeMap::new(),
@@ -413,9 +416,12 @@ impl Sim {
         if let Some(scan) = &self.server.scan {
             offer(scan.at, Item::Scan);
         }
+        if let Some(p) = self.server.pages.iter().min_by_key(|p| p.at) {
+            offer(p.at, Item::Page);
+        }
         for (sid, c) in &self.conns {
             let held = self.devs[c.dev].cut_off_until;
-            if c.alive || c.drain_c2s {
+            if (c.alive || c.drain_c2s) && !c.reading {
                 if let Some(i) = c.next_c2s(held) {
                     offer(c.c2s[i].0.max(held), Item::ToServer(*sid));
                 }
@@ -472,6 +478,7 @@ impl Sim {
                 self.scan_step();
                 Ok(())
             }
+            Item::Page => self.serve_page(),
             Item::ToServer(sid) => self.deliver_to_server(sid),
             Item::ToClient(sid) => self.deliver_to_client(sid),
             Item::ClientDetect(sid) => self.client_detect(sid),
