@@ -231,6 +231,7 @@ impl RedbStore {
         let mut tx = db.begin_write().map_err(engine)?;
         tx.set_quick_repair(true);
         let keys_indexed = has_table(&tx, DEDUP_KEYS.name())?;
+        let members_indexed = has_table(&tx, MEMBERS.name())?;
         {
             tx.open_table(DEDUP_KEYS).map_err(engine)?;
             tx.open_table(MEMBERS).map_err(engine)?;
@@ -244,7 +245,7 @@ impl RedbStore {
         move_messages_into_runs(&tx)?;
         move_dedup_into_runs(&tx)?;
         index_dedup_runs(&tx, keys_indexed)?;
-        index_members(&tx)?;
+        index_members(&tx, members_indexed)?;
         tx.commit().map_err(engine)?;
         let mut applied = {
             let tx = db.begin_read().map_err(engine)?;
@@ -903,9 +904,10 @@ fn index_record(
     Ok(())
 }
 
-/// Builds [`MEMBERS`] from the conversation records if it does not index every one of them
-/// (a store from before the table, or conversations added by a build without it).
-fn index_members(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
+/// Builds [`MEMBERS`] from the conversation records if it was missing (`had_table` false: a
+/// store from before the table) or does not index every record (conversations added by a build
+/// without it).
+fn index_members(tx: &redb::WriteTransaction, had_table: bool) -> Result<(), StoreError> {
     let convs = tx.open_table(CONVS).map_err(engine)?;
     let mut meta = tx.open_table(META).map_err(engine)?;
     let count = convs.len().map_err(engine)?;
@@ -913,7 +915,7 @@ fn index_members(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
         .get(MEMBERS_OF_CONVS)
         .map_err(engine)?
         .map(|g| g.value());
-    if indexed == Some(count) {
+    if had_table && indexed == Some(count) {
         return Ok(());
     }
     let mut members = tx.open_table(MEMBERS).map_err(engine)?;

@@ -240,6 +240,70 @@ fn dedup_runs_written_without_their_keys_are_indexed_on_open() {
     assert_eq!(found, vec![Some(dedup("x", 5)), Some(dedup("y", 9))]);
 }
 
+/// The ids of the conversations `member_convs` lists for `user`.
+fn member_ids(store: &RedbStore, user: &str) -> Vec<String> {
+    let listed = store.member_convs(user).unwrap();
+    listed.into_iter().map(|c| c.rec.id).collect()
+}
+
+/// A store written before members were indexed by user gets the index built on open.
+#[test]
+fn conversations_without_a_member_index_are_indexed_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = RedbStore::open(dir.path()).unwrap();
+    store
+        .commit(Batch {
+            id: 1,
+            convs: vec![conv("g", 0, 1), conv("h", 0, 1)],
+            ..Batch::default()
+        })
+        .unwrap();
+    drop(store);
+    {
+        let db = redb::Database::create(dir.path().join("ordo.redb")).unwrap();
+        let tx = db.begin_write().unwrap();
+        let members: redb::TableDefinition<(&str, &str), ()> =
+            redb::TableDefinition::new("members");
+        assert!(tx.delete_table(members).unwrap(), "the index was there");
+        tx.commit().unwrap();
+    }
+    let store = RedbStore::open(dir.path()).unwrap();
+    assert_eq!(member_ids(&store, "a"), ["g", "h"]);
+    assert_eq!(member_ids(&store, "b"), ["g", "h"]);
+}
+
+/// A conversation a build without the index added (a downgrade, then this build again) is
+/// indexed on open: its members see it in their overview.
+#[test]
+fn conversations_added_without_the_index_are_indexed_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = RedbStore::open(dir.path()).unwrap();
+    store
+        .commit(Batch {
+            id: 1,
+            convs: vec![conv("g", 0, 1)],
+            ..Batch::default()
+        })
+        .unwrap();
+    drop(store);
+    {
+        // What an older build writes: the record alone.
+        let db = redb::Database::create(dir.path().join("ordo.redb")).unwrap();
+        let tx = db.begin_write().unwrap();
+        {
+            let convs: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("convs");
+            let rec = rmp_serde::to_vec_named(&conv("h", 0, 1)).unwrap();
+            tx.open_table(convs)
+                .unwrap()
+                .insert("h", rec.as_slice())
+                .unwrap();
+        }
+        tx.commit().unwrap();
+    }
+    let store = RedbStore::open(dir.path()).unwrap();
+    assert_eq!(member_ids(&store, "a"), ["g", "h"]);
+}
+
 /// The seqs of `conv` in the file's message runs, hidden or not.
 fn seqs_in_the_file(dir: &Path, conv: &str) -> Vec<u64> {
     let db = redb::Database::create(dir.join("ordo.redb")).unwrap();

@@ -30,7 +30,7 @@
 //! a backend's own tests may use too.
 
 use crate::{Page, Store, StoreError};
-use ordo_core::{Batch, ConvPosition, ConvRecord, CursorRecord, DedupRecord, Retention};
+use ordo_core::{AgeSweep, Batch, ConvPosition, ConvRecord, CursorRecord, DedupRecord, Retention};
 use ordo_protocol::{ConvKind, Message};
 use std::collections::BTreeMap;
 use std::ops::RangeInclusive;
@@ -71,6 +71,8 @@ macro_rules! conformance_tests {
             a_client_message_id_is_one_entry_per_user,
             a_dedup_lookup_sees_every_commit_at_once,
             a_seq_stored_twice_is_refused_whole,
+            conversations_load_one_at_a_time_and_by_member,
+            age_retention_sweeps_every_conversation_in_slices,
         );
     };
     (@each $backend:ty; $($property:ident),+ $(,)?) => {
@@ -83,7 +85,6 @@ macro_rules! conformance_tests {
     };
 }
 
-/// A group conversation `id` of members `a` and `b`, its seqs in `first_seq..=max_seq`.
 /// The records of those of `ids` the store holds, in the order asked.
 pub fn records(s: &dyn Store, ids: &[&str]) -> Vec<ConvRecord> {
     let ids: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
@@ -103,6 +104,7 @@ pub fn stored_cursors(s: &dyn Store, ids: &[&str]) -> Vec<CursorRecord> {
         .collect()
 }
 
+/// A group conversation `id` of members `a` and `b`, its seqs in `first_seq..=max_seq`.
 pub fn conv(id: &str, max_seq: u64, first_seq: u64) -> ConvRecord {
     ConvRecord {
         id: id.into(),
@@ -750,5 +752,136 @@ pub fn a_seq_stored_twice_is_refused_whole<B: Backend>() {
             }
         );
         assert!(page(s, "h", 1, 10, 10, usize::MAX).messages.is_empty());
+    });
+}
+
+/// `load_convs` answers each id asked (`None` for one not stored) with its record and device
+/// positions; `member_convs` lists exactly the conversations a user is a member of, in id
+/// order, following membership changes, across a reopen.
+pub fn conversations_load_one_at_a_time_and_by_member<B: Backend>() {
+    let mut b = B::open();
+    let s = b.store();
+    let with = |id: &str, members: &[&str]| ConvRecord {
+        members: members.iter().map(|m| m.to_string()).collect(),
+        ..conv(id, 0, 1)
+    };
+    commit(
+        s,
+        Batch {
+            id: 1,
+            convs: vec![
+                with("g", &["a", "b"]),
+                with("h", &["a", "c"]),
+                with("d:a:b", &["a", "b"]),
+            ],
+            cursors: vec![
+                cursor("g", "b", "phone", 0, 0),
+                cursor("h", "c", "tab", 0, 0),
+            ],
+            ..Batch::default()
+        },
+    );
+    // b leaves g; c joins it.
+    commit(
+        s,
+        Batch {
+            id: 2,
+            convs: vec![with("g", &["a", "c"])],
+            ..Batch::default()
+        },
+    );
+    now_and_after_reopen(&mut b, |s| {
+        let ids = |user: &str| -> Vec<String> {
+            let listed = s.member_convs(user).expect("member_convs");
+            listed.into_iter().map(|c| c.rec.id).collect()
+        };
+        assert_eq!(ids("a"), ["d:a:b", "g", "h"]);
+        assert_eq!(ids("b"), ["d:a:b"]);
+        assert_eq!(ids("c"), ["g", "h"]);
+        assert!(ids("nobody").is_empty());
+        let h = s
+            .member_convs("c")
+            .expect("member_convs")
+            .into_iter()
+            .find(|c| c.rec.id == "h")
+            .expect("h listed");
+        assert_eq!(h.cursors, vec![cursor("h", "c", "tab", 0, 0)]);
+        let loaded = s
+            .load_convs(&["missing".to_string(), "g".to_string()])
+            .expect("load_convs");
+        assert_eq!(loaded.len(), 2);
+        assert!(loaded[0].is_none());
+        let g = loaded[1].as_ref().expect("g is stored");
+        assert_eq!(g.rec, with("g", &["a", "c"]));
+        assert_eq!(g.cursors, vec![cursor("g", "b", "phone", 0, 0)]);
+    });
+}
+
+/// An age sweep covers the stored conversations in id order, `max_convs` at a time, each by
+/// its own max age or else the default, reports the first seqs that moved and where the next
+/// step starts, and ends with `swept_to` `None`.
+pub fn age_retention_sweeps_every_conversation_in_slices<B: Backend>() {
+    let mut b = B::open();
+    let s = b.store();
+    let aged = ConvRecord {
+        retention: Retention {
+            max_age_ms: Some(500),
+            max_count: None,
+        },
+        ..conv("g1", 10, 1)
+    };
+    // Messages at t = 100, 200, ... 1000 in each.
+    commit(
+        s,
+        Batch {
+            id: 1,
+            messages: [
+                messages("g1", 1..=10, 100),
+                messages("g2", 1..=10, 100),
+                messages("g3", 1..=10, 100),
+            ]
+            .concat(),
+            convs: vec![aged, conv("g2", 10, 1), conv("g3", 10, 1)],
+            ..Batch::default()
+        },
+    );
+    let sweep = |id: u64, after: Option<&str>, default: Option<u64>| Batch {
+        id,
+        age_sweep: Some(AgeSweep {
+            now_ms: 1_000,
+            default_max_age_ms: default,
+            after: after.map(str::to_string),
+            max_convs: 2,
+        }),
+        ..Batch::default()
+    };
+    let step = |s: &dyn Store, batch: Batch| s.commit(batch).expect("sweep commits");
+    // g1 keeps what is younger than 500 ms at t = 1000 (seqs 5..=10); g2 has no max age.
+    let first = step(s, sweep(2, None, None));
+    assert_eq!(first.first_seqs, vec![("g1".to_string(), 5)]);
+    assert_eq!(first.swept_to.as_deref(), Some("g2"));
+    let last = step(s, sweep(3, Some("g2"), None));
+    assert!(last.first_seqs.is_empty(), "{:?}", last.first_seqs);
+    assert_eq!(last.swept_to, None);
+    // A default max age applies to the conversations without one of their own.
+    let with_default = step(s, sweep(4, Some("g1"), Some(250)));
+    assert_eq!(
+        with_default.first_seqs,
+        vec![("g2".to_string(), 8), ("g3".to_string(), 8)]
+    );
+    now_and_after_reopen(&mut b, |s| {
+        assert_eq!(
+            records(s, &["g1", "g2", "g3"])
+                .iter()
+                .map(|r| (r.id.clone(), r.first_seq))
+                .collect::<Vec<_>>(),
+            [
+                ("g1".to_string(), 5),
+                ("g2".to_string(), 8),
+                ("g3".to_string(), 8)
+            ]
+        );
+        let p = page(s, "g2", 1, 10, 100, usize::MAX);
+        assert_eq!((p.first_seq, seqs(&p)), (8, vec![8, 9, 10]));
     });
 }

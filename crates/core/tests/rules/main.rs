@@ -12,6 +12,7 @@
 //! - `direct`: direct conversations, created by a send to a user;
 //! - `authorization`: G8, non-members and unknown conversations;
 //! - `limits`: G9, bad input and limits: body size, ids and arguments, the rate limit;
+//! - `loading`: conversations loaded on demand and evicted, invisible to clients;
 //! - `fanout`: `msg` pushes, `notify`, the push window, large groups, sync plans;
 //! - `cursors_receipts`: delivered and read cursors, and G7 receipts;
 //! - `retention`: count and age retention, and `first_seq`;
@@ -30,6 +31,7 @@ mod dedup;
 mod direct;
 mod fanout;
 mod limits;
+mod loading;
 mod property;
 mod recovery;
 mod retention;

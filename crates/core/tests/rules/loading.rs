@@ -1,0 +1,201 @@
+//! Conversations on demand: the core holds only those in use, loads the others from the store
+//! when a frame, send or admin request needs them, and evicts the least recently used; nothing a
+//! client sees depends on whether a conversation was held.
+
+use crate::support::*;
+use ordo_core::{Action, CoreConfig, Handled, Retention};
+use ordo_protocol::{ClientFrame, ServerFrame};
+
+/// The default configuration with `n` conversations held at most.
+fn holding(n: usize) -> CoreConfig {
+    CoreConfig {
+        conv_cache_entries: n,
+        ..cfg()
+    }
+}
+
+/// The loads among `actions`.
+fn loads(actions: &[Action]) -> Vec<String> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Load { conv } => Some(conv.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn an_evicted_conversation_is_loaded_again_with_its_numbering_and_positions() {
+    let mut s = Sim::new(holding(1));
+    s.group("g1", &["alice", "bob"], Retention::default());
+    s.group("g2", &["alice", "bob"], Retention::default());
+    s.core.connect(1, "alice", "a1");
+    s.core.connect(2, "bob", "b1");
+    s.send_many(1, "g1", 1..=3);
+    s.flush();
+    s.frame(
+        2,
+        ClientFrame::Ack {
+            acks: vec![ordo_protocol::Position {
+                conv: "g1".into(),
+                seq: 2,
+            }],
+        },
+    );
+    s.flush();
+    // Using g2 pushes g1 out.
+    s.send(1, "g2", "x1");
+    s.flush();
+    assert_eq!(s.core.convs_held(), 1);
+    let asked = s.core.send(1, req("g1", "m4"), s.now);
+    assert_eq!(loads(&asked), ["g1"], "g1 is loaded again");
+    s.answer_lookups(asked);
+    let (batches, _) = s.flush();
+    assert_eq!(batch_seqs(&batches[0], "g1"), [4]);
+    let i = info(&mut s, 2, "g1");
+    assert_eq!((i.max_seq, i.delivered), (4, 2));
+}
+
+#[test]
+fn sends_into_a_conversation_being_loaded_wait_and_keep_their_order() {
+    let mut s = alice_and_bob_in_g(cfg());
+    s.send(1, "g", "m1");
+    s.flush();
+    s.restart(cfg());
+    s.core.connect(1, "alice", "a1");
+    let first = s.core.send(1, req("g", "m2"), s.now);
+    assert_eq!(loads(&first), ["g"]);
+    // The second waits behind the first, and the load is asked once.
+    let second = s.core.send(1, req("g", "m3"), s.now);
+    assert!(loads(&second).is_empty(), "{second:?}");
+    assert!(
+        !s.core.has_pending(),
+        "nothing is sequenced before the load"
+    );
+    s.answer_lookups(first);
+    let (batches, out) = s.flush();
+    assert_eq!(batch_seqs(&batches[0], "g"), [2, 3]);
+    let acc: Vec<u64> = accepted(&out, 1).iter().map(|a| a.2).collect();
+    assert_eq!(acc, [2, 3]);
+}
+
+#[test]
+fn a_sync_of_a_conversation_not_held_waits_for_it_and_is_answered() {
+    let mut s = alice_and_bob_in_g(cfg());
+    s.send_many(1, "g", 1..=3);
+    s.flush();
+    s.restart(cfg());
+    s.core.connect(2, "bob", "b1");
+    let frame = ClientFrame::Sync {
+        conv: "g".into(),
+        after: 1,
+        limit: None,
+    };
+    let Handled::Waits(asked) = s.core.on_frame(2, frame, s.now) else {
+        panic!("the sync waits for g");
+    };
+    assert_eq!(loads(&asked), ["g"]);
+    let answered = s.answer_lookups(asked);
+    let plan = answered
+        .iter()
+        .find_map(|a| match a {
+            Action::Reply {
+                session: 2,
+                plan: Some(p),
+            } => Some(p.clone()),
+            _ => None,
+        })
+        .expect("the sync's plan comes with the load");
+    assert_eq!((plan.from, plan.to), (2, 3));
+}
+
+#[test]
+fn a_sync_of_an_unknown_conversation_is_answered_not_found_after_the_load() {
+    let mut s = alice_and_bob_in_g(cfg());
+    let frame = ClientFrame::Sync {
+        conv: "nowhere".into(),
+        after: 0,
+        limit: None,
+    };
+    let out = s.frame(1, frame);
+    assert!(
+        matches!(
+            &frames(&out, 1)[..],
+            [ServerFrame::Error {
+                code: ordo_protocol::ErrorCode::NotFound,
+                ..
+            }]
+        ),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn the_overview_of_a_user_comes_from_the_store() {
+    let mut s = Sim::new(holding(0));
+    s.group("g1", &["alice", "bob"], Retention::default());
+    s.group("g2", &["bob", "carol"], Retention::default());
+    s.core.connect(1, "alice", "a1");
+    s.send(1, "g1", "m1");
+    s.flush();
+    assert_eq!(s.core.convs_held(), 0, "nothing held beyond the cache");
+    s.core.connect(2, "bob", "b1");
+    let ids: Vec<String> = s.overview(2).into_iter().map(|c| c.conv).collect();
+    assert_eq!(ids, ["g1", "g2"]);
+    assert_eq!(info(&mut s, 2, "g1").max_seq, 1);
+}
+
+#[test]
+fn conversations_with_unfinished_work_are_not_evicted() {
+    let mut s = Sim::new(holding(0));
+    s.group("g", &["alice", "bob"], Retention::default());
+    s.core.connect(1, "alice", "a1");
+    s.send(1, "g", "m1");
+    let b = s.take();
+    s.send(1, "g", "m2");
+    s.core.evict();
+    assert_eq!(s.core.convs_held(), 1, "pending and in flight: held");
+    s.commit(&b);
+    assert_eq!(s.core.convs_held(), 1, "m2 still pending");
+    s.flush();
+    assert_eq!(s.core.convs_held(), 0);
+    assert_eq!(s.store.seqs("g"), [1, 2]);
+}
+
+#[test]
+fn an_overview_listed_while_a_conversation_was_evicted_is_listed_again() {
+    let mut s = Sim::new(holding(0));
+    s.group("g", &["alice", "bob"], Retention::default());
+    s.core.connect(1, "alice", "a1");
+    s.core.connect(2, "bob", "b1");
+    let asked = match s.core.on_frame(2, ClientFrame::Convs, s.now) {
+        Handled::Done(a) => a,
+        other => panic!("an overview is asked at once: {other:?}"),
+    };
+    let (id, user) = match &asked[..] {
+        [Action::LoadMember { id, user }] => (*id, user.clone()),
+        other => panic!("expected one list asked, got {other:?}"),
+    };
+    // The store's list as it stands now...
+    let stale = s.store.member_convs(&user);
+    // ...then g moves on and is evicted before the list comes back.
+    s.send(1, "g", "m1");
+    s.flush();
+    assert_eq!(s.core.convs_held(), 0);
+    let again = s.core.member_convs_loaded(id, stale);
+    assert!(
+        matches!(&again[..], [Action::LoadMember { .. }]),
+        "the list is asked again rather than answered from before m1: {again:?}"
+    );
+    let out = s.answer_lookups(again);
+    let infos: Vec<_> = frames(&out, 2)
+        .into_iter()
+        .filter_map(|f| match f {
+            ServerFrame::Convs { conversations } => Some(conversations),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(infos.len(), 1);
+    assert_eq!(infos[0][0].max_seq, 1);
+}
