@@ -56,14 +56,17 @@ async fn run_device(
                 conv: sc,
                 messages,
                 has_more,
+                max_seq,
                 ..
             } => {
                 assert_eq!(sc, conv);
                 assert!(syncing, "{name}: a synced nobody asked for");
                 syncing = false;
                 fresh.extend(messages);
+                // The page stopped short of the sync's end (`max_seq`): pull again after it.
+                // (No `notify` follows a page with more to come.)
                 if has_more {
-                    notified_max = notified_max.max(last + 1);
+                    notified_max = notified_max.max(max_seq);
                 }
             }
             ServerFrame::Notify { conv: nc, max_seq } => {
@@ -123,6 +126,29 @@ async fn run_device(
             syncs,
         },
     )
+}
+
+/// A device far behind pulls page after page: a page with more to come is followed by no
+/// `notify`, the device asks again after it. (The device below reads nothing until all 100
+/// messages are in, so its first sync is planned up to 100 and answered 50 at a time.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_device_far_behind_pulls_every_page() {
+    let server = Server::start(&["--push-window", "16"]).await;
+    let conv = "g-behind";
+    server
+        .create_group(conv, &["alice", "bob"], serde_json::json!({}))
+        .await;
+    let laptop = Client::connect(&server, "alice", "laptop").await;
+    let mut bob = Client::connect(&server, "bob", "phone").await;
+    let seqs = bob
+        .send_all(&Target::Conv(conv.into()), &cmids("bob", 100), 10)
+        .await;
+    assert_eq!(seqs, (1..=100).collect::<Vec<_>>());
+    let (laptop, log) = run_device(laptop, conv.to_string(), Vec::new(), 100, 10).await;
+    assert_seqs(&log.delivered, 1, 100, &log.name);
+    assert!(log.syncs >= 2, "more than one page pulled: {}", log.syncs);
+    laptop.close().await;
+    bob.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
