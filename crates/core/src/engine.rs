@@ -82,6 +82,10 @@ pub enum Action {
     /// List every conversation `user` is a member of, as stored, and hand the list to
     /// [`Core::member_convs_loaded`] with this `id` (for a `convs` overview).
     LoadMember { id: u64, user: String },
+    /// Ask the store which conversations of this slice hold messages past their max age, and
+    /// hand the answer to [`Core::expired`]. One at a time; may be answered from any store state
+    /// after it was asked.
+    Sweep(AgeSweep),
     /// A frame for which [`Core::on_frame`] returned [`Handled::Waits`](crate::Handled::Waits)
     /// is handled now: for a `sync`, read `plan`'s page and hand it to [`Core::serve_page`];
     /// `None` when it was answered without one. Only for frames [`crate::may_read`] names.
@@ -170,7 +174,7 @@ pub(crate) struct Pending {
     records: BTreeSet<String>,
     dedup_forget_before_ms: Option<u64>,
     cursors: BTreeSet<(String, String, String)>,
-    age_sweep: Option<AgeSweep>,
+    trim_before_ms: Vec<(String, u64)>,
     waiters: Vec<Waiter>,
     admin: Vec<(Ticket, String)>,
     receipts: BTreeSet<(String, String)>,
@@ -183,7 +187,7 @@ impl Pending {
             && self.records.is_empty()
             && self.dedup_forget_before_ms.is_none()
             && self.cursors.is_empty()
-            && self.age_sweep.is_none()
+            && self.trim_before_ms.is_empty()
             && self.waiters.is_empty()
             && self.admin.is_empty()
             && self.receipts.is_empty()
@@ -197,8 +201,8 @@ struct Sweep {
     pass_started_ms: Option<u64>,
     /// The last conversation the pass covered, while it is under way.
     after: Option<String>,
-    /// A step is in a batch not yet committed.
-    stepping: bool,
+    /// A step was asked of the store and not answered yet.
+    asked: bool,
 }
 
 /// A batch handed out and not yet reported back.
@@ -1211,13 +1215,16 @@ impl Core {
         }
     }
 
-    /// Age-based retention: the store drops messages older than each conversation's max age,
-    /// a step of [`retention_sweep_convs`](CoreConfig::retention_sweep_convs) conversations per
-    /// batch (the core does not hold them all), a step per call while a pass is under way, a
-    /// pass every [`retention_pass_ms`](CoreConfig::retention_pass_ms).
-    pub fn retention_tick(&mut self, now_ms: u64) {
-        if self.sweep.stepping || self.pending.age_sweep.is_some() {
-            return;
+    /// Age-based retention: asks the store which conversations hold messages older than their
+    /// max age ([`Action::Sweep`]), a slice of
+    /// [`retention_sweep_convs`](CoreConfig::retention_sweep_convs) at a time (the core does not
+    /// hold them all), a slice per call while a pass is under way, a pass every
+    /// [`retention_pass_ms`](CoreConfig::retention_pass_ms). The answer goes to
+    /// [`expired`](Self::expired).
+    #[must_use]
+    pub fn retention_tick(&mut self, now_ms: u64) -> Vec<Action> {
+        if self.sweep.asked {
+            return Vec::new();
         }
         if self.sweep.after.is_none() {
             if self
@@ -1225,16 +1232,31 @@ impl Core {
                 .pass_started_ms
                 .is_some_and(|t| now_ms < t.saturating_add(self.cfg.retention_pass_ms))
             {
-                return;
+                return Vec::new();
             }
             self.sweep.pass_started_ms = Some(now_ms);
         }
-        self.pending.age_sweep = Some(AgeSweep {
+        self.sweep.asked = true;
+        vec![Action::Sweep(AgeSweep {
             now_ms,
             default_max_age_ms: self.cfg.default_retention.max_age_ms,
             after: self.sweep.after.clone(),
             max_convs: self.cfg.retention_sweep_convs,
-        });
+        })]
+    }
+
+    /// The store's answer to [`Action::Sweep`]: the conversations it names are trimmed in the
+    /// next batch (their first seqs move once it is durable).
+    pub fn expired(&mut self, expired: Expired) {
+        self.sweep.asked = false;
+        self.sweep.after = expired.swept_to;
+        for (conv, cutoff) in expired.trims {
+            if let Some(t) = self.pending.trim_before_ms.iter_mut().find(|t| t.0 == conv) {
+                t.1 = t.1.max(cutoff);
+            } else {
+                self.pending.trim_before_ms.push((conv, cutoff));
+            }
+        }
     }
 
     // ----- group commit -----
@@ -1306,10 +1328,8 @@ impl Core {
             dedup_delete: Vec::new(),
             cursors: cursors.clone(),
             trim_below,
-            trim_before_ms: Vec::new(),
-            age_sweep: p.age_sweep.clone(),
+            trim_before_ms: p.trim_before_ms,
         };
-        self.sweep.stepping = p.age_sweep.is_some();
         self.in_flight = Some(InFlight {
             id,
             messages: p.messages,
@@ -1328,9 +1348,6 @@ impl Core {
         let Some(f) = self.in_flight.take_if(|f| f.id == id) else {
             return Vec::new();
         };
-        if std::mem::take(&mut self.sweep.stepping) {
-            self.sweep.after = outcome.swept_to.clone();
-        }
         let mut out = Vec::with_capacity(f.waiters.len() + f.messages.len() + f.admin.len());
         for rec in f.convs {
             if let Some(c) = self.convs.get_mut(&rec.id) {
@@ -1363,6 +1380,9 @@ impl Core {
                 if let Some(d) = c.durable_rec.as_mut() {
                     d.first_seq = d.first_seq.max(first);
                 }
+            } else {
+                // Trimmed while not held: a load already under way may have read it before.
+                self.trimmed_cold(&cid, first);
             }
         }
         let mut waiters = f.waiters;

@@ -9,12 +9,14 @@
 //! are still sequenced in the order it sent them; a `sync`, `ack` or `read` waits in the
 //! conversation's line (a driver holds a waiting `sync`'s reply until [`Action::Reply`]).
 //!
-//! A conversation is *cold* when the core does not hold it; a cold conversation cannot change
+//! A conversation is *cold* when the core does not hold it; a cold conversation does not change
 //! (every change goes through the core, and a conversation is evicted only once nothing
 //! pending or in flight touches it), so a load asked while it was cold is current whenever it
-//! is answered. An overview (`convs`) lists the user's conversations from the store
-//! ([`Action::LoadMember`]); conversations that were evicted while the list was being read may
-//! be older in it than what the core had, so then the list is asked for again.
+//! is answered. The one exception is age retention, which trims conversations the core does
+//! not hold: a load under way when such a trim commits gets the new first seq with its answer. An overview (`convs`) lists the user's conversations from the store
+//! ([`Action::LoadMember`]); conversations that were evicted (or trimmed by age retention while
+//! not held) while the list was being read may be older in it than what the core had, so then
+//! the list is asked for again.
 //!
 //! Eviction is least-recently-used, in bulk: once more than the cache's worth are hot, the
 //! oldest tenth goes (one pass over the stamps, so the cost per eviction stays constant).
@@ -73,6 +75,9 @@ pub(crate) struct Loads {
     /// While what waited for a load the store answered with nothing is handled: that
     /// conversation, which does not exist (rather than waiting to be loaded again).
     absent: Option<String>,
+    /// Conversations being loaded that age retention trimmed meanwhile: the first seq their load
+    /// may not show yet.
+    raised: HashMap<String, u64>,
 }
 
 impl Conv {
@@ -377,6 +382,26 @@ impl Core {
             .any(|(_, id)| !self.convs.contains_key(id) && states.iter().any(|s| s.rec.id == *id))
     }
 
+    /// Age retention trimmed `conv`, which the core does not hold, up to `first`: a load of it
+    /// under way gets the new first seq, and an overview listed before is listed again (as
+    /// after an eviction: a conversation not held changed).
+    pub(crate) fn trimmed_cold(&mut self, conv: &str, first: u64) {
+        if self.loads.waiting.contains_key(conv) {
+            let r = self.loads.raised.entry(conv.to_string()).or_insert(0);
+            *r = (*r).max(first);
+        }
+        self.note_gone(conv.to_string());
+    }
+
+    /// Remembers that `conv`, not held, may differ from what a list read earlier holds.
+    fn note_gone(&mut self, conv: String) {
+        self.loads.evictions += 1;
+        self.loads.recent.push_back((self.loads.evictions, conv));
+        if self.loads.recent.len() > RECENT_EVICTIONS {
+            self.loads.recent.pop_front();
+        }
+    }
+
     /// A connection is gone: forget its waiting frames and overviews.
     pub(crate) fn forget_waiting(&mut self, session: SessionId) {
         if self.loads.frames_of.remove(&session).is_some() {
@@ -431,11 +456,7 @@ impl Core {
             .collect();
         for id in doomed {
             self.convs.remove(&id);
-            self.loads.evictions += 1;
-            self.loads.recent.push_back((self.loads.evictions, id));
-            if self.loads.recent.len() > RECENT_EVICTIONS {
-                self.loads.recent.pop_front();
-            }
+            self.note_gone(id);
         }
     }
 }

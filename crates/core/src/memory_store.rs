@@ -11,7 +11,8 @@
 
 use crate::engine::SyncPlan;
 use crate::model::{
-    Batch, CommitOutcome, ConvRecord, ConvState, CursorRecord, DedupRecord, Snapshot,
+    AgeSweep, Batch, CommitOutcome, ConvRecord, ConvState, CursorRecord, DedupRecord, Expired,
+    Snapshot,
 };
 use ordo_protocol::Message;
 use std::collections::BTreeMap;
@@ -104,44 +105,33 @@ impl MemoryStore {
             }
             first_seqs.push((conv.clone(), first));
         }
-        let mut swept_to = None;
-        if let Some(sweep) = &b.age_sweep {
-            let ids: Vec<String> = self
-                .convs
-                .keys()
-                .filter(|id| sweep.after.as_ref().is_none_or(|a| *id > a))
-                .take(sweep.max_convs.max(1) as usize)
-                .cloned()
-                .collect();
-            if ids.len() >= sweep.max_convs.max(1) as usize {
-                swept_to = ids.last().cloned();
-            }
-            for id in ids {
-                let rec = &self.convs[&id];
-                let Some(age) = rec.retention.max_age_ms.or(sweep.default_max_age_ms) else {
-                    continue;
-                };
-                let before = sweep.now_ms.saturating_sub(age);
-                let old_first = rec.first_seq;
-                self.messages.retain(|(c, _), m| *c != id || m.ts >= before);
-                let first = self
-                    .seqs(&id)
-                    .first()
-                    .copied()
-                    .unwrap_or(self.max_seq(&id) + 1)
-                    .max(old_first);
-                if first != old_first {
-                    if let Some(r) = self.convs.get_mut(&id) {
-                        r.first_seq = first;
-                    }
-                    first_seqs.push((id, first));
-                }
-            }
-        }
-        Ok(CommitOutcome {
-            first_seqs,
-            swept_to,
-        })
+        Ok(CommitOutcome { first_seqs })
+    }
+
+    /// One step of age-based retention: the conversations of the slice that hold a message
+    /// past their max age.
+    pub fn expired(&self, sweep: &AgeSweep) -> Expired {
+        let max = sweep.max_convs.max(1) as usize;
+        let slice: Vec<&ConvRecord> = self
+            .convs
+            .values()
+            .filter(|r| sweep.after.as_ref().is_none_or(|a| r.id > *a))
+            .take(max)
+            .collect();
+        let swept_to = (slice.len() >= max).then(|| slice[slice.len() - 1].id.clone());
+        let trims = slice
+            .into_iter()
+            .filter_map(|r| {
+                let age = r.retention.max_age_ms.or(sweep.default_max_age_ms)?;
+                let cutoff = sweep.now_ms.saturating_sub(age);
+                let oldest = self
+                    .messages
+                    .range((r.id.clone(), r.first_seq)..=(r.id.clone(), u64::MAX))
+                    .next()?;
+                (oldest.1.ts < cutoff).then(|| (r.id.clone(), cutoff))
+            })
+            .collect();
+        Expired { trims, swept_to }
     }
 
     /// One conversation as stored: what a core loads when it is first used.

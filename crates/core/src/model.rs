@@ -130,29 +130,33 @@ pub struct Batch {
     pub cursors: Vec<CursorRecord>,
     /// Remove messages of `conv` with seq below the given one (count-based retention).
     pub trim_below: Vec<(String, u64)>,
-    /// Remove messages of `conv` accepted before the given time (age-based retention): written
-    /// by earlier versions, which trimmed every conversation by name; still read from their
-    /// log records. The store reports the resulting first seq in [`CommitOutcome::first_seqs`].
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// Remove messages of `conv` accepted before the given time (age-based retention). The store
+    /// reports the resulting first seq in [`CommitOutcome::first_seqs`].
     pub trim_before_ms: Vec<(String, u64)>,
-    /// Age-based retention over the stored conversations, a slice of them at a time: the core
-    /// holds only the conversations in use, the store holds them all.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub age_sweep: Option<AgeSweep>,
 }
 
-/// One step of age-based retention: for each stored conversation with id after `after` (from
-/// the first when `None`), in id order, at most `max_convs` of them, remove the messages
-/// accepted before `now_ms` minus its max age (its own retention's, else
-/// `default_max_age_ms`; none: it keeps everything). The store reports each conversation whose
-/// first seq moved in [`CommitOutcome::first_seqs`], and where the next step starts in
-/// [`CommitOutcome::swept_to`].
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// One step of age-based retention, asked of the store ([`crate::Action::Sweep`]): which of the
+/// stored conversations with id after `after` (from the first when `None`), in id order, at
+/// most `max_convs` of them, hold a message accepted before `now_ms` minus their max age (their
+/// own retention's, else `default_max_age_ms`; with neither, a conversation keeps everything).
+/// The store answers with an [`Expired`]; the core trims those in its next batch. The core
+/// holds only the conversations in use; the store holds them all.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AgeSweep {
     pub now_ms: u64,
     pub default_max_age_ms: Option<u64>,
     pub after: Option<String>,
     pub max_convs: u32,
+}
+
+/// The store's answer to an [`AgeSweep`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Expired {
+    /// (conversation, cutoff): each holds a message accepted before its cutoff.
+    pub trims: Vec<(String, u64)>,
+    /// The last conversation the step covered, if more may follow (the next step starts after
+    /// it); `None` once it reached the end.
+    pub swept_to: Option<String>,
 }
 
 impl Batch {
@@ -166,19 +170,14 @@ impl Batch {
             && self.cursors.is_empty()
             && self.trim_below.is_empty()
             && self.trim_before_ms.is_empty()
-            && self.age_sweep.is_none()
     }
 }
 
 /// What a store reports after committing a batch.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CommitOutcome {
-    /// For every age-based trim: the conversation's first seq after it. (An [`AgeSweep`] lists
-    /// only the conversations whose first seq moved.)
+    /// For every age-based trim: the conversation's first seq after it.
     pub first_seqs: Vec<(String, u64)>,
-    /// After an [`AgeSweep`]: the last conversation it covered, if more may follow (the next
-    /// step starts after it); `None` once it reached the end.
-    pub swept_to: Option<String>,
 }
 
 /// One conversation as stored: what the core loads when the conversation is first used

@@ -20,8 +20,8 @@ use crate::metrics as m;
 use axum::extract::ws::{Message as WsMessage, Utf8Bytes};
 use foldhash::{HashMap, HashMapExt};
 use ordo_core::{
-    Action, AdminOp, AdminReply, Batch, CommitOutcome, ConvState, Core, CoreConfig, CoreError,
-    CoreStats, DedupRecord, Handled, SessionId, SyncPlan, Ticket,
+    Action, AdminOp, AdminReply, AgeSweep, Batch, CommitOutcome, ConvState, Core, CoreConfig,
+    CoreError, CoreStats, DedupRecord, Expired, Handled, SessionId, SyncPlan, Ticket,
 };
 use ordo_protocol::{encode, ClientFrame, Encoded, Encoding, ErrorCode, Message, ServerFrame};
 use ordo_store::{Store, StoreError};
@@ -133,6 +133,8 @@ enum Lookup {
     Conv(String),
     /// A user's conversations, for an overview: (id, user).
     Member(u64, String),
+    /// A step of age retention.
+    Sweep(AgeSweep),
 }
 
 /// What the lookup thread sends back.
@@ -143,6 +145,8 @@ enum Looked {
     Loaded(Vec<(String, Option<ConvState>)>),
     /// A user's conversations: (id, them).
     Members(u64, Vec<ConvState>),
+    /// The conversations of a retention step with messages past their age.
+    Expired(Expired),
     /// A page of the dedup keys the store holds, for the filter; `done` on the last.
     Scanned {
         entries: Vec<DedupRecord>,
@@ -449,6 +453,7 @@ impl Router {
                 let actions = self.core.member_convs_loaded(id, states);
                 self.dispatch(actions);
             }
+            Looked::Expired(expired) => self.core.expired(expired),
             Looked::Scanned { entries, done } => {
                 self.core.dedup_filter_add(&entries);
                 if let Some((_, n)) = self.scan.as_mut() {
@@ -508,7 +513,8 @@ impl Router {
         }
         // The core starts a pass of retention every housekeeping interval, and steps through
         // it one slice of conversations per call.
-        self.core.retention_tick(now);
+        let actions = self.core.retention_tick(now);
+        self.dispatch(actions);
     }
 
     fn record_stats(&mut self) {
@@ -542,6 +548,7 @@ impl Router {
                 Action::Lookup { id, user, cmid } => self.lookups.push(Lookup::Key(id, user, cmid)),
                 Action::Load { conv } => self.lookups.push(Lookup::Conv(conv)),
                 Action::LoadMember { id, user } => self.lookups.push(Lookup::Member(id, user)),
+                Action::Sweep(sweep) => self.lookups.push(Lookup::Sweep(sweep)),
                 Action::Reply { session, plan } => {
                     if let Some(reply) = self.replies.remove(&session) {
                         let _ = reply.send(plan);
@@ -623,6 +630,7 @@ fn answer(
     out: &mpsc::UnboundedSender<Looked>,
 ) -> Result<(), ()> {
     let (mut ids, mut keys, mut convs, mut members) = (vec![], vec![], vec![], vec![]);
+    let mut sweeps = Vec::new();
     for l in batch {
         match l {
             Lookup::Key(id, user, cmid) => {
@@ -631,6 +639,7 @@ fn answer(
             }
             Lookup::Conv(c) => convs.push(c),
             Lookup::Member(id, user) => members.push((id, user)),
+            Lookup::Sweep(sweep) => sweeps.push(sweep),
         }
     }
     let failed = |e: StoreError| {
@@ -649,6 +658,10 @@ fn answer(
     for (id, user) in members {
         let states = store.member_convs(&user).map_err(failed)?;
         out.send(Looked::Members(id, states)).map_err(|_| ())?;
+    }
+    for sweep in sweeps {
+        let expired = store.expired(&sweep).map_err(failed)?;
+        out.send(Looked::Expired(expired)).map_err(|_| ())?;
     }
     Ok(())
 }

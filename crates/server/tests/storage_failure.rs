@@ -3,7 +3,7 @@
 //! written is visible, and numbering continues without a hole.
 
 use futures_util::{SinkExt, StreamExt};
-use ordo_core::{Batch, CommitOutcome, ConvState, DedupRecord, Snapshot};
+use ordo_core::{AgeSweep, Batch, CommitOutcome, ConvState, DedupRecord, Expired, Snapshot};
 use ordo_server::auth::{Claims, TokenKey};
 use ordo_server::{start_with_store, Config, ServerError};
 use ordo_store::{DedupScan, Page, ScanFrom, Store, StoreError};
@@ -60,6 +60,10 @@ impl Store for FailingStore {
         keys: &[(String, String)],
     ) -> Result<Vec<Option<DedupRecord>>, StoreError> {
         self.inner.dedup_lookup(keys)
+    }
+
+    fn expired(&self, sweep: &AgeSweep) -> Result<Expired, StoreError> {
+        self.inner.expired(sweep)
     }
 
     fn dedup_scan(&self, from: Option<ScanFrom>, max: usize) -> Result<DedupScan, StoreError> {

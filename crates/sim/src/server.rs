@@ -17,8 +17,8 @@ use crate::faults::Sabotage;
 use crate::network::short;
 use crate::world::Sim;
 use ordo_core::{
-    may_read, Action, Batch, CommitOutcome, ConvState, Core, CoreConfig, DedupRecord, Handled,
-    MemoryStore, SessionId, SyncPlan,
+    may_read, Action, Batch, CommitOutcome, ConvState, Core, CoreConfig, DedupRecord, Expired,
+    Handled, MemoryStore, SessionId, SyncPlan,
 };
 use ordo_protocol::{Limits, ServerFrame};
 
@@ -79,6 +79,7 @@ pub enum Answer {
     Key(u64, Option<DedupRecord>),
     Conv(String, Option<ConvState>),
     Member(u64, Vec<ConvState>),
+    Expired(Expired),
 }
 
 pub struct Scan {
@@ -169,7 +170,8 @@ impl Sim {
         self.server.housekeeping_at = self.now + self.rng.range((500, 3_000));
         let now = self.server_now();
         self.server.core.expire_dedup(now);
-        self.server.core.retention_tick(now);
+        let actions = self.server.core.retention_tick(now);
+        self.dispatch(actions)?;
         self.pump()
     }
 
@@ -251,6 +253,11 @@ impl Sim {
                     states.len()
                 );
                 self.server.core.member_convs_loaded(id, states)
+            }
+            Answer::Expired(expired) => {
+                tr!(self, "retention step: {:?}", expired.trims);
+                self.server.core.expired(expired);
+                Vec::new()
             }
         };
         self.dispatch(actions)?;
@@ -334,6 +341,7 @@ impl Sim {
                     self.stats.loads += 1;
                     Some(Answer::Member(*id, self.server.store.member_convs(user)))
                 }
+                Action::Sweep(sweep) => Some(Answer::Expired(self.server.store.expired(sweep))),
                 _ => None,
             };
             if let Some(answer) = answer {

@@ -20,7 +20,10 @@
 
 use crate::error::{applier_stopped, encoding, engine};
 use crate::wal::{self, Wal};
-use ordo_core::{Batch, CommitOutcome, ConvRecord, ConvState, CursorRecord, DedupRecord, Snapshot};
+use ordo_core::{
+    AgeSweep, Batch, CommitOutcome, ConvRecord, ConvState, CursorRecord, DedupRecord, Expired,
+    Snapshot,
+};
 use ordo_protocol::Message;
 use ordo_store::{DedupScan, Page, PageFill, ScanFrom, Store, StoreError};
 use redb::{
@@ -545,7 +548,7 @@ impl Store for RedbStore {
             }
         }
         let seqno = log.append()?;
-        let outcome = if batch.trim_before_ms.is_empty() && batch.age_sweep.is_none() {
+        let outcome = if batch.trim_before_ms.is_empty() {
             self.applied
                 .state
                 .lock()
@@ -604,6 +607,56 @@ impl Store for RedbStore {
             }
         }
         Ok(fill.finish())
+    }
+
+    fn expired(&self, sweep: &AgeSweep) -> Result<Expired, StoreError> {
+        self.applied.wait_caught_up()?;
+        let tx = self.db.begin_read().map_err(engine)?;
+        let convs = tx.open_table(CONVS).map_err(engine)?;
+        let ranges = tx.open_table(RANGES).map_err(engine)?;
+        let runs = tx.open_table(MESSAGE_RUNS).map_err(engine)?;
+        let max = sweep.max_convs.max(1) as usize;
+        let mut out = Expired::default();
+        let mut covered = 0;
+        let from = sweep.after.as_deref().unwrap_or("");
+        for row in convs.range(from..).map_err(engine)? {
+            let (k, v) = row.map_err(engine)?;
+            let id = k.value();
+            if sweep.after.as_deref() == Some(id) {
+                continue;
+            }
+            if covered >= max {
+                break;
+            }
+            covered += 1;
+            if covered == max {
+                out.swept_to = Some(id.to_string());
+            }
+            let rec: ConvRecord = decode("conversation", id, v.value())?;
+            let Some(age) = rec.retention.max_age_ms.or(sweep.default_max_age_ms) else {
+                continue;
+            };
+            let cutoff = sweep.now_ms.saturating_sub(age);
+            let first_seq = match ranges.get(id).map_err(engine)? {
+                Some(r) => r.value().1.max(rec.first_seq),
+                None => rec.first_seq,
+            };
+            // The oldest message still served is in the first run that reaches `first_seq`.
+            let Some(row) = runs
+                .range((id, first_seq)..=(id, u64::MAX))
+                .map_err(engine)?
+                .next()
+            else {
+                continue;
+            };
+            let (rk, rv) = row.map_err(engine)?;
+            let at = format!("({id}, {})", rk.value().1);
+            let run: Vec<Message> = decode("message run", at, rv.value())?;
+            if run.iter().any(|m| m.seq >= first_seq && m.ts < cutoff) {
+                out.trims.push((id.to_string(), cutoff));
+            }
+        }
+        Ok(out)
     }
 
     fn dedup_lookup(
@@ -740,32 +793,6 @@ fn apply(
         for (conv, cutoff) in &batch.trim_before_ms {
             if let Some(first) = trim_before(&mut runs, &convs, &mut ranges, conv, *cutoff)? {
                 outcome.first_seqs.push((conv.clone(), first));
-            }
-        }
-        if let Some(sweep) = &batch.age_sweep {
-            let max = sweep.max_convs.max(1) as usize;
-            let mut due = Vec::new();
-            let from = sweep.after.as_deref().unwrap_or("");
-            for row in convs.range(from..).map_err(engine)? {
-                let (k, v) = row.map_err(engine)?;
-                if sweep.after.as_deref() == Some(k.value()) {
-                    continue;
-                }
-                if due.len() >= max {
-                    break;
-                }
-                let rec: ConvRecord = decode("conversation", k.value(), v.value())?;
-                due.push((rec.id, rec.retention.max_age_ms));
-            }
-            outcome.swept_to = (due.len() >= max).then(|| due[due.len() - 1].0.clone());
-            for (conv, own) in due {
-                let Some(age) = own.or(sweep.default_max_age_ms) else {
-                    continue;
-                };
-                let cutoff = sweep.now_ms.saturating_sub(age);
-                if let Some(first) = trim_before(&mut runs, &convs, &mut ranges, &conv, cutoff)? {
-                    outcome.first_seqs.push((conv, first));
-                }
             }
         }
         for c in &batch.cursors {

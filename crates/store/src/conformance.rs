@@ -818,8 +818,9 @@ pub fn conversations_load_one_at_a_time_and_by_member<B: Backend>() {
 }
 
 /// An age sweep covers the stored conversations in id order, `max_convs` at a time, each by
-/// its own max age or else the default, reports the first seqs that moved and where the next
-/// step starts, and ends with `swept_to` `None`.
+/// its own max age or else the default; it names those holding a message older than their
+/// cutoff (nothing is removed until a batch trims them), says where the next step starts, and
+/// ends with `swept_to` `None`.
 pub fn age_retention_sweeps_every_conversation_in_slices<B: Backend>() {
     let mut b = B::open();
     let s = b.store();
@@ -831,57 +832,45 @@ pub fn age_retention_sweeps_every_conversation_in_slices<B: Backend>() {
         ..conv("g1", 10, 1)
     };
     // Messages at t = 100, 200, ... 1000 in each.
+    let all = [
+        messages("g1", 1..=10, 100),
+        messages("g2", 1..=10, 100),
+        messages("g3", 1..=10, 100),
+    ];
     commit(
         s,
         Batch {
             id: 1,
-            messages: [
-                messages("g1", 1..=10, 100),
-                messages("g2", 1..=10, 100),
-                messages("g3", 1..=10, 100),
-            ]
-            .concat(),
+            messages: all.concat(),
             convs: vec![aged, conv("g2", 10, 1), conv("g3", 10, 1)],
             ..Batch::default()
         },
     );
-    let sweep = |id: u64, after: Option<&str>, default: Option<u64>| Batch {
-        id,
-        age_sweep: Some(AgeSweep {
-            now_ms: 1_000,
-            default_max_age_ms: default,
-            after: after.map(str::to_string),
-            max_convs: 2,
-        }),
-        ..Batch::default()
+    let sweep = |after: Option<&str>, default: Option<u64>| AgeSweep {
+        now_ms: 1_000,
+        default_max_age_ms: default,
+        after: after.map(str::to_string),
+        max_convs: 2,
     };
-    let step = |s: &dyn Store, batch: Batch| s.commit(batch).expect("sweep commits");
-    // g1 keeps what is younger than 500 ms at t = 1000 (seqs 5..=10); g2 has no max age.
-    let first = step(s, sweep(2, None, None));
-    assert_eq!(first.first_seqs, vec![("g1".to_string(), 5)]);
+    // g1 keeps what is younger than 500 ms at t = 1000; g2 has no max age.
+    let first = s.expired(&sweep(None, None)).expect("sweep");
+    assert_eq!(first.trims, vec![("g1".to_string(), 500)]);
     assert_eq!(first.swept_to.as_deref(), Some("g2"));
-    let last = step(s, sweep(3, Some("g2"), None));
-    assert!(last.first_seqs.is_empty(), "{:?}", last.first_seqs);
+    let last = s.expired(&sweep(Some("g2"), None)).expect("sweep");
+    assert!(last.trims.is_empty(), "{:?}", last.trims);
     assert_eq!(last.swept_to, None);
-    // A default max age applies to the conversations without one of their own.
-    let with_default = step(s, sweep(4, Some("g1"), Some(250)));
-    assert_eq!(
-        with_default.first_seqs,
-        vec![("g2".to_string(), 8), ("g3".to_string(), 8)]
-    );
+    // Nothing was removed by asking.
+    assert_eq!(seqs(&page(s, "g1", 1, 10, 100, usize::MAX)).len(), 10);
+    let reported = commit(s, trimmed_by_age(2, "g1", 500));
+    assert_eq!(reported, vec![("g1".to_string(), 5)]);
     now_and_after_reopen(&mut b, |s| {
+        // Trimmed: g1 has nothing past its age any more; a default max age names the others.
+        let again = s.expired(&sweep(None, None)).expect("sweep");
+        assert!(again.trims.is_empty(), "{:?}", again.trims);
+        let with_default = s.expired(&sweep(Some("g1"), Some(250))).expect("sweep");
         assert_eq!(
-            records(s, &["g1", "g2", "g3"])
-                .iter()
-                .map(|r| (r.id.clone(), r.first_seq))
-                .collect::<Vec<_>>(),
-            [
-                ("g1".to_string(), 5),
-                ("g2".to_string(), 8),
-                ("g3".to_string(), 8)
-            ]
+            with_default.trims,
+            vec![("g2".to_string(), 750), ("g3".to_string(), 750)]
         );
-        let p = page(s, "g2", 1, 10, 100, usize::MAX);
-        assert_eq!((p.first_seq, seqs(&p)), (8, vec![8, 9, 10]));
     });
 }

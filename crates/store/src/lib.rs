@@ -32,7 +32,9 @@ mod memory;
 pub use error::{BoxError, StoreError};
 pub use memory::MemStore;
 
-use ordo_core::{Batch, CommitOutcome, ConvState, DedupRecord, Snapshot, StoredMessage};
+use ordo_core::{
+    AgeSweep, Batch, CommitOutcome, ConvState, DedupRecord, Expired, Snapshot, StoredMessage,
+};
 
 /// A page of one conversation's history.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -149,6 +151,12 @@ pub trait Store: Send + Sync + 'static {
         &self,
         keys: &[(String, String)],
     ) -> Result<Vec<Option<DedupRecord>>, StoreError>;
+
+    /// One step of age-based retention ([`AgeSweep`]): which conversations of the slice hold a
+    /// message accepted before their cutoff, and where the next step starts. Reads only: the
+    /// core trims the ones named in a batch of its own. Sees every batch whose `commit`
+    /// returned before this call.
+    fn expired(&self, sweep: &AgeSweep) -> Result<Expired, StoreError>;
 
     /// Lists the stored dedup entries, about `max` at a time, oldest first, from `from` (the
     /// start when `None`). Together the pages hold every entry committed before the scan

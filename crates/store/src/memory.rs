@@ -1,7 +1,9 @@
 //! The in-memory reference backend: [`ordo_core::MemoryStore`] as a [`Store`].
 
 use crate::{DedupScan, Page, PageFill, ScanFrom, Store, StoreError};
-use ordo_core::{Batch, CommitOutcome, ConvState, DedupRecord, MemoryStore, Snapshot};
+use ordo_core::{
+    AgeSweep, Batch, CommitOutcome, ConvState, DedupRecord, Expired, MemoryStore, Snapshot,
+};
 use std::sync::{Mutex, MutexGuard};
 
 /// The in-memory reference backend: [`MemoryStore`], the store the core's rules tests and the
@@ -89,6 +91,10 @@ impl Store for MemStore {
             .iter()
             .map(|(user, cmid)| store.dedup_lookup(user, cmid))
             .collect())
+    }
+
+    fn expired(&self, sweep: &AgeSweep) -> Result<Expired, StoreError> {
+        Ok(self.lock().expired(sweep))
     }
 
     fn dedup_scan(&self, from: Option<ScanFrom>, max: usize) -> Result<DedupScan, StoreError> {

@@ -276,7 +276,7 @@ fn a_resend_23_hours_later_after_thousands_of_sends_and_restarts_gets_the_origin
             }
         }
         s.core.expire_dedup(s.now);
-        s.core.retention_tick(s.now);
+        s.retention(s.now);
         s.flush();
         assert!(
             s.core.dedup_cached() <= 16,

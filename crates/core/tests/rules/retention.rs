@@ -96,15 +96,22 @@ fn age_retention_trims_by_time_and_takes_first_seq_from_the_store() {
     s.send(1, "g", "new5");
     s.flush();
 
-    // The store sweeps every conversation it holds (the core need not hold them).
-    s.core.retention_tick(15_500);
+    // The store is asked which conversations hold messages past their age (the core need not
+    // hold them), and the core trims those in its next batch.
+    let asked = s.core.retention_tick(15_500);
+    let sweep = match &asked[..] {
+        [Action::Sweep(sweep)] => sweep.clone(),
+        other => panic!("expected one retention step, got {other:?}"),
+    };
+    assert_eq!((sweep.now_ms, sweep.after.as_deref()), (15_500, None));
+    let expired = s.store.expired(&sweep);
+    assert_eq!(expired.swept_to, None, "two conversations: one step");
+    s.core.expired(expired);
     let b = s.take();
-    let sweep = b.age_sweep.clone().expect("a step of age retention");
-    assert_eq!((sweep.now_ms, sweep.after), (15_500, None));
+    assert_eq!(b.trim_before_ms, vec![("g".to_string(), 14_500)]);
     assert!(b.messages.is_empty() && b.trim_below.is_empty());
     let outcome = s.store.apply(&b).unwrap();
     assert_eq!(outcome.first_seqs, vec![("g".to_string(), 4)]);
-    assert_eq!(outcome.swept_to, None, "two conversations: one step");
     // Not raised before the trim is durable.
     assert_eq!(info(&mut s, 1, "g").first_seq, 1);
     s.core.commit_done(b.id, outcome);
@@ -112,21 +119,17 @@ fn age_retention_trims_by_time_and_takes_first_seq_from_the_store() {
     assert_eq!((i.first_seq, i.max_seq), (4, 5));
     assert_eq!(s.store.seqs("g"), vec![4, 5]);
 
-    // Within a pass (a minute by default) no further step is taken.
-    s.core.retention_tick(16_000);
-    assert!(s.core.take_batch().is_none());
+    // Within a pass (a minute by default) no further step is asked.
+    assert!(s.core.retention_tick(16_000).is_empty());
 
     // Everything old: first_seq is max_seq + 1, and later passes have nothing to do for it.
-    s.core.retention_tick(100_000);
+    s.retention(100_000);
     s.flush();
     let i = info(&mut s, 1, "g");
     assert_eq!((i.first_seq, i.max_seq), (6, 5));
     assert!(s.store.seqs("g").is_empty());
-    s.core.retention_tick(200_000);
-    let b = s.take();
-    let outcome = s.store.apply(&b).unwrap();
-    assert!(outcome.first_seqs.is_empty());
-    s.core.commit_done(b.id, outcome);
+    s.retention(200_000);
+    assert!(s.core.take_batch().is_none(), "nothing left to trim");
     assert_eq!(s.store.seqs("keep"), vec![1]);
 
     // Numbering goes on after a full trim.

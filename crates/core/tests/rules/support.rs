@@ -102,6 +102,16 @@ impl Sim {
         out
     }
 
+    /// A retention tick at `now`, the store answering the step it asks for at once.
+    pub fn retention(&mut self, now: u64) {
+        for a in self.core.retention_tick(now) {
+            if let Action::Sweep(sweep) = a {
+                let expired = self.store.expired(&sweep);
+                self.core.expired(expired);
+            }
+        }
+    }
+
     /// Hands `frame` from `sid` to the core as a driver would, answering what it needs from
     /// the store at once; returns the actions (a `sync` is answered with its page).
     pub fn frame(&mut self, sid: SessionId, frame: ordo_protocol::ClientFrame) -> Vec<Action> {
