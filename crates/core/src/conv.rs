@@ -33,6 +33,8 @@ pub struct Conv {
     pub published: HashMap<String, Cursor>,
     /// When it was last used (a stamp of the core's), for eviction.
     pub used: u64,
+    /// The commit (a count of the core's) that last changed it.
+    pub changed: u64,
 }
 
 impl Conv {
@@ -46,6 +48,7 @@ impl Conv {
             durable_cursors: Cursors::default(),
             published: HashMap::new(),
             used: 0,
+            changed: 0,
         }
     }
 

@@ -1349,8 +1349,12 @@ impl Core {
             return Vec::new();
         };
         let mut out = Vec::with_capacity(f.waiters.len() + f.messages.len() + f.admin.len());
+        let commit = self.count_commit();
         for rec in f.convs {
+            // Created, or members or retention changed: an overview listed before may lack it.
+            self.note_change(rec.id.clone(), commit);
             if let Some(c) = self.convs.get_mut(&rec.id) {
+                c.changed = commit;
                 let first = c.durable_rec.as_ref().map_or(1, |d| d.first_seq);
                 c.durable_seq = c.durable_seq.max(rec.max_seq);
                 let mut rec = rec;
@@ -1360,6 +1364,7 @@ impl Core {
         }
         for pos in f.positions {
             if let Some(c) = self.convs.get_mut(&pos.id) {
+                c.changed = commit;
                 c.durable_seq = c.durable_seq.max(pos.max_seq);
                 if let Some(d) = c.durable_rec.as_mut() {
                     d.max_seq = d.max_seq.max(pos.max_seq);
@@ -1369,6 +1374,7 @@ impl Core {
         }
         for cur in f.cursors {
             if let Some(c) = self.convs.get_mut(&cur.conv) {
+                c.changed = commit;
                 let d = c.durable_cursors.entry(&cur.user, &cur.device);
                 d.delivered = d.delivered.max(cur.delivered);
                 d.read = d.read.max(cur.read);
@@ -1382,7 +1388,7 @@ impl Core {
                 }
             } else {
                 // Trimmed while not held: a load already under way may have read it before.
-                self.trimmed_cold(&cid, first);
+                self.trimmed_cold(&cid, first, commit);
             }
         }
         let mut waiters = f.waiters;

@@ -35,8 +35,14 @@ use std::collections::VecDeque;
 const MAX_WAITING_FRAMES: usize = 64;
 /// Most overviews one connection may have being listed at once.
 const MAX_OVERVIEWS: usize = 2;
-/// How many recent evictions are remembered (to tell whether an overview's list is current).
-const RECENT_EVICTIONS: usize = 4096;
+/// How many recent changes (evictions, trims of conversations not held, records rewritten) are
+/// remembered at least, to tell whether an overview's list is current; always more than one
+/// bulk eviction and one retention step can make (see [`Core::note_change`]).
+const RECENT_CHANGES: usize = 4096;
+/// How many times an overview is listed again because conversations changed while it was read;
+/// after that it is answered from the last list (a conversation evicted meanwhile may show an
+/// older first seq or member list, which the next overview or sync corrects).
+const OVERVIEW_ATTEMPTS: u32 = 3;
 
 /// Something that waits for a conversation to be loaded.
 #[derive(Clone, Debug)]
@@ -64,12 +70,18 @@ pub(crate) struct Loads {
     waiting: HashMap<String, Vec<Waiting>>,
     /// Frames waiting per connection.
     frames_of: HashMap<SessionId, usize>,
-    /// Overviews being listed: id -> (connection, evictions so far when asked).
-    overviews: HashMap<u64, (SessionId, u64)>,
+    /// Overviews being listed: id -> (connection, changes and commits so far when asked,
+    /// attempt).
+    overviews: HashMap<u64, (SessionId, u64, u64, u32)>,
+    /// Overviews being listed per connection.
+    overviews_of: HashMap<SessionId, usize>,
     next_overview: u64,
-    /// Conversations evicted so far, and the most recent of them with their number.
-    evictions: u64,
-    recent: VecDeque<(u64, String)>,
+    /// Changes so far (see [`RECENT_CHANGES`]), and the most recent: (number, conversation,
+    /// the commit that last changed it).
+    changes: u64,
+    recent: VecDeque<(u64, String, u64)>,
+    /// Batches committed so far.
+    commits: u64,
     /// The use stamp given last.
     clock: u64,
     /// While what waited for a load the store answered with nothing is handled: that
@@ -220,8 +232,13 @@ impl Core {
         let Some(waiting) = self.loads.waiting.remove(conv) else {
             return Vec::new();
         };
+        let raised = self.loads.raised.remove(conv);
         match state {
-            Some(state) if !self.convs.contains_key(conv) => {
+            Some(mut state) if !self.convs.contains_key(conv) => {
+                // Trimmed by age retention after the store may have read it.
+                if let Some(first) = raised {
+                    state.rec.first_seq = state.rec.first_seq.max(first);
+                }
                 self.convs.insert(conv.to_string(), Conv::from_state(state));
             }
             Some(_) => {}
@@ -238,6 +255,9 @@ impl Core {
                 } => {
                     if let Some(n) = self.loads.frames_of.get_mut(&session) {
                         *n = n.saturating_sub(1);
+                        if *n == 0 {
+                            self.loads.frames_of.remove(&session);
+                        }
                     }
                     let reply = may_read(&frame);
                     match self.on_frame(session, frame, now_ms) {
@@ -294,16 +314,7 @@ impl Core {
 
     /// A `convs` frame: asks the store for the user's conversations.
     pub(crate) fn ask_overview(&mut self, session: SessionId) -> Vec<Action> {
-        let Some(s) = self.sessions.get(&session) else {
-            return Vec::new();
-        };
-        let asked = self
-            .loads
-            .overviews
-            .values()
-            .filter(|(sid, _)| *sid == session)
-            .count();
-        if asked >= MAX_OVERVIEWS {
+        if self.loads.overviews_of.get(&session).copied().unwrap_or(0) >= MAX_OVERVIEWS {
             return vec![Action::Send {
                 session,
                 frame: ServerFrame::error(
@@ -312,33 +323,57 @@ impl Core {
                 ),
             }];
         }
+        self.list_member_convs(session, 1)
+    }
+
+    fn list_member_convs(&mut self, session: SessionId, attempt: u32) -> Vec<Action> {
+        let Some(s) = self.sessions.get(&session) else {
+            return Vec::new();
+        };
         let user = s.user.to_string();
         self.loads.next_overview += 1;
         let id = self.loads.next_overview;
+        let (mark, commits) = (self.loads.changes, self.loads.commits);
         self.loads
             .overviews
-            .insert(id, (session, self.loads.evictions));
+            .insert(id, (session, mark, commits, attempt));
+        *self.loads.overviews_of.entry(session).or_insert(0) += 1;
         self.stats.conv_loads += 1;
         vec![Action::LoadMember { id, user }]
     }
 
     /// The store's answer to [`Action::LoadMember`] `id`: the user's conversations as stored.
-    /// Answers the `convs` frame that asked (or asks again, if a conversation in the list was
-    /// evicted while it was read, so the list may be older than what the core had).
+    /// Answers the `convs` frame that asked, from the list and the core's own copy of the
+    /// conversations it holds (newer). If a conversation in the list changed while it was not
+    /// held (evicted, or trimmed by age retention) after the list was asked for, the list may
+    /// be older than what the core had: it is asked for again, up to [`OVERVIEW_ATTEMPTS`]
+    /// times. A conversation the user joined meanwhile is added from the core's copy.
     pub fn member_convs_loaded(&mut self, id: u64, states: Vec<ConvState>) -> Vec<Action> {
-        let Some((session, mark)) = self.loads.overviews.remove(&id) else {
+        let Some((session, mark, commits, attempt)) = self.loads.overviews.remove(&id) else {
             return Vec::new();
         };
+        if let Some(n) = self.loads.overviews_of.get_mut(&session) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.loads.overviews_of.remove(&session);
+            }
+        }
         let Some(s) = self.sessions.get(&session) else {
             return Vec::new();
         };
         let (user, device) = (s.user.clone(), s.device.clone());
-        if self.evicted_since(mark, &states) {
-            return self.ask_overview(session);
+        let (stale, changed) = self.changed_since(mark, commits, &states);
+        if stale && attempt < OVERVIEW_ATTEMPTS {
+            return self.list_member_convs(session, attempt + 1);
         }
+        // A list that may be older than the core's view is shown, never kept: a conversation
+        // held from it could number a seq the store already has.
+        let keep = !stale;
         let mut conversations = Vec::with_capacity(states.len());
+        let mut listed = std::collections::HashSet::new();
         for state in states {
             let id = state.rec.id.clone();
+            listed.insert(id.clone());
             // What the core holds is newer than (or the same as) what the store held.
             let info = match self.convs.get(&id) {
                 Some(c) => c.info(&user, &device),
@@ -347,7 +382,7 @@ impl Core {
                     let info = c.info(&user, &device);
                     // Keep it: the device is likely to sync it next. (One being loaded is left
                     // to its load, which answers what waits for it.)
-                    if !self.loads.waiting.contains_key(&id) {
+                    if keep && !self.loads.waiting.contains_key(&id) {
                         self.convs.insert(id.clone(), c);
                         self.touch(&id);
                     }
@@ -358,6 +393,16 @@ impl Core {
                 conversations.push(info);
             }
         }
+        // Joined (or created) after the list was read: the core holds its record.
+        for id in changed {
+            if listed.contains(&id) {
+                continue;
+            }
+            if let Some(c) = self.convs.get(&id).filter(|c| c.is_durable_member(&user)) {
+                conversations.push(c.info(&user, &device));
+                listed.insert(id);
+            }
+        }
         conversations.sort_by(|a, b| a.conv.cmp(&b.conv));
         self.evict();
         vec![Action::Send {
@@ -366,38 +411,63 @@ impl Core {
         }]
     }
 
-    /// Whether any of `states` was evicted after `mark` (or too many were to tell).
-    fn evicted_since(&self, mark: u64, states: &[ConvState]) -> bool {
-        if self.loads.evictions == mark {
-            return false;
+    /// What changed after `mark` (a count of changes; `commits`, of commits, when the list was
+    /// asked for): whether the list `states` may be older than the core's view (one of them
+    /// changed by a later commit and is not held now, or more changed than are remembered), and
+    /// the conversations that changed.
+    fn changed_since(&self, mark: u64, commits: u64, states: &[ConvState]) -> (bool, Vec<String>) {
+        if self.loads.changes == mark {
+            return (false, Vec::new());
         }
-        let oldest = self.loads.recent.front().map_or(u64::MAX, |(n, _)| *n);
-        if oldest > mark + 1 {
-            return true;
-        }
-        self.loads
+        let oldest = self.loads.recent.front().map_or(u64::MAX, |(n, _, _)| *n);
+        let forgotten = oldest > mark + 1;
+        let recent: Vec<&(u64, String, u64)> = self
+            .loads
             .recent
             .iter()
-            .filter(|(n, _)| *n > mark)
-            .any(|(_, id)| !self.convs.contains_key(id) && states.iter().any(|s| s.rec.id == *id))
+            .filter(|(n, _, _)| *n > mark)
+            .collect();
+        let stale = forgotten
+            || recent.iter().any(|(_, id, changed)| {
+                *changed > commits
+                    && !self.convs.contains_key(id)
+                    && states.iter().any(|s| s.rec.id == *id)
+            });
+        (
+            stale,
+            recent.into_iter().map(|(_, id, _)| id.clone()).collect(),
+        )
+    }
+
+    /// Counts a commit; returns its number.
+    pub(crate) fn count_commit(&mut self) -> u64 {
+        self.loads.commits += 1;
+        self.loads.commits
     }
 
     /// Age retention trimmed `conv`, which the core does not hold, up to `first`: a load of it
     /// under way gets the new first seq, and an overview listed before is listed again (as
     /// after an eviction: a conversation not held changed).
-    pub(crate) fn trimmed_cold(&mut self, conv: &str, first: u64) {
+    pub(crate) fn trimmed_cold(&mut self, conv: &str, first: u64, commit: u64) {
         if self.loads.waiting.contains_key(conv) {
             let r = self.loads.raised.entry(conv.to_string()).or_insert(0);
             *r = (*r).max(first);
         }
-        self.note_gone(conv.to_string());
+        self.note_change(conv.to_string(), commit);
     }
 
-    /// Remembers that `conv`, not held, may differ from what a list read earlier holds.
-    fn note_gone(&mut self, conv: String) {
-        self.loads.evictions += 1;
-        self.loads.recent.push_back((self.loads.evictions, conv));
-        if self.loads.recent.len() > RECENT_EVICTIONS {
+    /// Remembers that `conv` may differ from what a list of conversations read earlier holds:
+    /// evicted (then `changed` is the commit that last changed it), trimmed while not held, or
+    /// its record (members) rewritten (then `changed` is that commit).
+    pub(crate) fn note_change(&mut self, conv: String, changed: u64) {
+        self.loads.changes += 1;
+        self.loads
+            .recent
+            .push_back((self.loads.changes, conv, changed));
+        let cfg = self.config();
+        let keep = RECENT_CHANGES
+            .max(cfg.conv_cache_entries / 10 + 2 * cfg.retention_sweep_convs as usize + 1024);
+        while self.loads.recent.len() > keep {
             self.loads.recent.pop_front();
         }
     }
@@ -409,7 +479,8 @@ impl Core {
                 list.retain(|w| !matches!(w, Waiting::Frame { session: s, .. } if *s == session));
             }
         }
-        self.loads.overviews.retain(|_, (s, _)| *s != session);
+        // Its overviews being listed are dropped when they are answered.
+        self.loads.overviews_of.remove(&session);
     }
 
     /// Holds `state`, read from the store while the core did not hold that conversation (no
@@ -455,8 +526,8 @@ impl Core {
             .map(|(_, id)| (*id).clone())
             .collect();
         for id in doomed {
-            self.convs.remove(&id);
-            self.note_gone(id);
+            let changed = self.convs.remove(&id).map_or(0, |c| c.changed);
+            self.note_change(id, changed);
         }
     }
 }

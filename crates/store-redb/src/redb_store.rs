@@ -26,10 +26,7 @@ use ordo_core::{
 };
 use ordo_protocol::Message;
 use ordo_store::{DedupScan, Page, PageFill, ScanFrom, Store, StoreError};
-use redb::{
-    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
-    TableHandle,
-};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
 use serde::de::DeserializeOwned;
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -54,11 +51,13 @@ const CONVS: TableDefinition<&str, &[u8]> = TableDefinition::new("convs");
 const RANGES: TableDefinition<&str, (u64, u64)> = TableDefinition::new("conv_ranges");
 /// (user, conv) -> (): who is a member of what, for a user's overview without reading every
 /// conversation. Written with the conversation records. A store written before this table
-/// existed gets it built on open, and so does one whose count of records does not match
-/// [`MEMBERS_OF_CONVS`] (a build without the table added conversations meanwhile).
+/// existed gets it built on open, and so does one a build without it wrote to meanwhile (a
+/// downgrade, then this build again): see [`MEMBERS_THROUGH`].
 const MEMBERS: TableDefinition<(&str, &str), ()> = TableDefinition::new("members");
-/// `members_of_convs` -> how many conversation records [`MEMBERS`] indexes.
-const MEMBERS_OF_CONVS: &str = "members_of_convs";
+/// `members_through` -> the log record up to which [`MEMBERS`] is current: written with
+/// `wal_applied` by every transaction of this build, so a difference means another build applied
+/// records since.
+const MEMBERS_THROUGH: &str = "members_through";
 /// (conv, user, device) -> (delivered, read)
 const CURSORS: TableDefinition<(&str, &str, &str), (u64, u64)> = TableDefinition::new("cursors");
 /// (acceptance time of the run's newest entry, run number) -> dedup entries from one batch (each
@@ -753,6 +752,7 @@ fn apply(
     let mut meta = tx.open_table(META).map_err(engine)?;
     if let Some(seqno) = seqno {
         meta.insert(WAL_APPLIED, seqno).map_err(engine)?;
+        meta.insert(MEMBERS_THROUGH, seqno).map_err(engine)?;
     }
     let mut scratch = Vec::new();
     // Each table opened once for all the batches (a replay applies a thousand at a time).
@@ -784,7 +784,7 @@ fn apply(
                 .map_err(engine)?
                 .map(|g| decode::<ConvRecord>("conversation", &c.id, g.value()))
                 .transpose()?;
-            index_record(&mut members, &mut meta, old.as_ref(), c)?;
+            index_record(&mut members, old.as_ref(), c)?;
             raise_range(&mut ranges, &c.id, c.max_seq, c.first_seq)?;
         }
         for p in &batch.positions {
@@ -905,7 +905,6 @@ fn load_conv(
 /// Keeps [`MEMBERS`] in step with a conversation record written over `old`.
 fn index_record(
     members: &mut redb::Table<(&'static str, &'static str), ()>,
-    meta: &mut redb::Table<&'static str, u64>,
     old: Option<&ConvRecord>,
     new: &ConvRecord,
 ) -> Result<(), StoreError> {
@@ -921,32 +920,26 @@ fn index_record(
             .insert((u.as_str(), new.id.as_str()), ())
             .map_err(engine)?;
     }
-    if old.is_none() {
-        let n = meta
-            .get(MEMBERS_OF_CONVS)
-            .map_err(engine)?
-            .map_or(0, |g| g.value());
-        meta.insert(MEMBERS_OF_CONVS, n + 1).map_err(engine)?;
-    }
     Ok(())
 }
 
 /// Builds [`MEMBERS`] from the conversation records if it was missing (`had_table` false: a
-/// store from before the table) or does not index every record (conversations added by a build
-/// without it).
+/// store from before the table) or another build applied log records since it was last
+/// current ([`MEMBERS_THROUGH`] behind `wal_applied`: a build without the table may have
+/// created groups or changed their members).
 fn index_members(tx: &redb::WriteTransaction, had_table: bool) -> Result<(), StoreError> {
     let convs = tx.open_table(CONVS).map_err(engine)?;
     let mut meta = tx.open_table(META).map_err(engine)?;
-    let count = convs.len().map_err(engine)?;
-    let indexed = meta
-        .get(MEMBERS_OF_CONVS)
-        .map_err(engine)?
-        .map(|g| g.value());
-    if had_table && indexed == Some(count) {
+    let get = |key: &str| -> Result<Option<u64>, StoreError> {
+        Ok(meta.get(key).map_err(engine)?.map(|g| g.value()))
+    };
+    let applied = get(WAL_APPLIED)?;
+    if had_table && get(MEMBERS_THROUGH)? == applied {
         return Ok(());
     }
     let mut members = tx.open_table(MEMBERS).map_err(engine)?;
     members.retain(|_, _| false).map_err(engine)?;
+    let mut count = 0u64;
     for row in convs.iter().map_err(engine)? {
         let (k, v) = row.map_err(engine)?;
         let rec: ConvRecord = decode("conversation", k.value(), v.value())?;
@@ -955,8 +948,11 @@ fn index_members(tx: &redb::WriteTransaction, had_table: bool) -> Result<(), Sto
                 .insert((u.as_str(), rec.id.as_str()), ())
                 .map_err(engine)?;
         }
+        count += 1;
     }
-    meta.insert(MEMBERS_OF_CONVS, count).map_err(engine)?;
+    if let Some(applied) = applied {
+        meta.insert(MEMBERS_THROUGH, applied).map_err(engine)?;
+    }
     if count > 0 {
         tracing::info!(
             conversations = count,

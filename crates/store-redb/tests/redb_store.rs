@@ -272,10 +272,10 @@ fn conversations_without_a_member_index_are_indexed_on_open() {
     assert_eq!(member_ids(&store, "b"), ["g", "h"]);
 }
 
-/// A conversation a build without the index added (a downgrade, then this build again) is
-/// indexed on open: its members see it in their overview.
+/// Conversations a build without the index added or changed (a downgrade, then this build
+/// again) are indexed on open: their members see them in their overview.
 #[test]
-fn conversations_added_without_the_index_are_indexed_on_open() {
+fn conversations_written_without_the_index_are_indexed_on_open() {
     let dir = tempfile::tempdir().unwrap();
     let store = RedbStore::open(dir.path()).unwrap();
     store
@@ -287,21 +287,31 @@ fn conversations_added_without_the_index_are_indexed_on_open() {
         .unwrap();
     drop(store);
     {
-        // What an older build writes: the record alone.
+        // What an older build's applier writes: records (a new group h; carol joins g) and
+        // the log position, no index.
         let db = redb::Database::create(dir.path().join("ordo.redb")).unwrap();
         let tx = db.begin_write().unwrap();
         {
             let convs: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("convs");
-            let rec = rmp_serde::to_vec_named(&conv("h", 0, 1)).unwrap();
-            tx.open_table(convs)
+            let meta: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("meta");
+            let mut convs = tx.open_table(convs).unwrap();
+            let h = rmp_serde::to_vec_named(&conv("h", 0, 1)).unwrap();
+            convs.insert("h", h.as_slice()).unwrap();
+            let mut g = conv("g", 0, 1);
+            g.members.insert("carol".into());
+            let g = rmp_serde::to_vec_named(&g).unwrap();
+            convs.insert("g", g.as_slice()).unwrap();
+            let mut meta = tx.open_table(meta).unwrap();
+            let applied = redb::ReadableTable::get(&meta, "wal_applied")
                 .unwrap()
-                .insert("h", rec.as_slice())
-                .unwrap();
+                .map_or(0, |v| v.value());
+            meta.insert("wal_applied", applied + 1).unwrap();
         }
         tx.commit().unwrap();
     }
     let store = RedbStore::open(dir.path()).unwrap();
     assert_eq!(member_ids(&store, "a"), ["g", "h"]);
+    assert_eq!(member_ids(&store, "carol"), ["g"]);
 }
 
 /// The seqs of `conv` in the file's message runs, hidden or not.

@@ -25,6 +25,31 @@ fn loads(actions: &[Action]) -> Vec<String> {
         .collect()
 }
 
+/// `sid` syncs `g` after `after`; g is not held, so the sync waits for it: returns the load.
+fn sync_waits_for_g(s: &mut Sim, sid: u64, after: u64) -> Vec<Action> {
+    let frame = ClientFrame::Sync {
+        conv: "g".into(),
+        after,
+        limit: None,
+    };
+    let Handled::Waits(asked) = s.core.on_frame(sid, frame, s.now) else {
+        panic!("the sync waits for g");
+    };
+    assert_eq!(loads(&asked), ["g"]);
+    asked
+}
+
+/// The plan of the waiting `sync` answered among `actions`.
+fn planned(actions: &[Action]) -> ordo_core::SyncPlan {
+    actions
+        .iter()
+        .find_map(|a| match a {
+            Action::Reply { plan: Some(p), .. } => Some(p.clone()),
+            _ => None,
+        })
+        .expect("the sync's plan comes with the load")
+}
+
 #[test]
 fn an_evicted_conversation_is_loaded_again_with_its_numbering_and_positions() {
     let mut s = Sim::new(holding(1));
@@ -87,26 +112,9 @@ fn a_sync_of_a_conversation_not_held_waits_for_it_and_is_answered() {
     s.flush();
     s.restart(cfg());
     s.core.connect(2, "bob", "b1");
-    let frame = ClientFrame::Sync {
-        conv: "g".into(),
-        after: 1,
-        limit: None,
-    };
-    let Handled::Waits(asked) = s.core.on_frame(2, frame, s.now) else {
-        panic!("the sync waits for g");
-    };
-    assert_eq!(loads(&asked), ["g"]);
+    let asked = sync_waits_for_g(&mut s, 2, 1);
     let answered = s.answer_lookups(asked);
-    let plan = answered
-        .iter()
-        .find_map(|a| match a {
-            Action::Reply {
-                session: 2,
-                plan: Some(p),
-            } => Some(p.clone()),
-            _ => None,
-        })
-        .expect("the sync's plan comes with the load");
+    let plan = planned(&answered);
     assert_eq!((plan.from, plan.to), (2, 3));
 }
 
@@ -198,4 +206,139 @@ fn an_overview_listed_while_a_conversation_was_evicted_is_listed_again() {
         .collect();
     assert_eq!(infos.len(), 1);
     assert_eq!(infos[0][0].max_seq, 1);
+}
+
+/// Asks for `sid`'s overview and returns the id of the list asked of the store.
+fn ask_overview(s: &mut Sim, sid: u64) -> (u64, String) {
+    match s.core.on_frame(sid, ClientFrame::Convs, s.now) {
+        Handled::Done(a) => match &a[..] {
+            [Action::LoadMember { id, user }] => (*id, user.clone()),
+            other => panic!("expected one list asked, got {other:?}"),
+        },
+        other => panic!("an overview is asked at once: {other:?}"),
+    }
+}
+
+/// The `convs` frames among `out` for `sid`.
+fn overviews(out: &[Action], sid: u64) -> Vec<Vec<ordo_protocol::ConvInfo>> {
+    frames(out, sid)
+        .into_iter()
+        .filter_map(|f| match f {
+            ServerFrame::Convs { conversations } => Some(conversations),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_load_read_before_a_retention_trim_gets_the_new_first_seq() {
+    let mut s = Sim::new(holding(0));
+    let aged = Retention {
+        max_age_ms: Some(1_000),
+        max_count: None,
+    };
+    s.group("g", &["alice", "bob"], aged);
+    s.core.connect(1, "alice", "a1");
+    s.core.connect(2, "bob", "b1");
+    s.send_many(1, "g", 1..=3);
+    s.flush();
+    s.now += 5_000;
+    s.send(1, "g", "m4");
+    s.flush();
+    assert_eq!(s.core.convs_held(), 0);
+    // Retention names g; its trim goes in flight.
+    s.retention(s.now);
+    let trim = s.take();
+    assert_eq!(trim.trim_before_ms.len(), 1);
+    // Meanwhile bob syncs g: the store reads it before the trim is durable...
+    let _ = sync_waits_for_g(&mut s, 2, 0);
+    let read_before = s.store.load_conv("g");
+    // ...the trim commits, and then the load's answer arrives.
+    s.commit(&trim);
+    assert_eq!(s.store.first_seq("g"), 4);
+    let out = s.core.loaded("g", read_before, s.now);
+    assert_eq!(planned(&out).to, 4);
+    assert_eq!(
+        info(&mut s, 2, "g").first_seq,
+        4,
+        "not the first seq read before"
+    );
+}
+
+#[test]
+fn a_bulk_eviction_does_not_list_unrelated_overviews_again() {
+    // The default cache: one bulk eviction drops 5,000 conversations.
+    let mut s = Sim::new(cfg());
+    s.group("g", &["alice", "bob"], Retention::default());
+    s.core.connect(2, "bob", "b1");
+    let (id, user) = ask_overview(&mut s, 2);
+    let list = s.store.member_convs(&user);
+    for i in 0..cfg().conv_cache_entries + 1 {
+        let mut rec = list[0].rec.clone();
+        rec.id = format!("other{i}");
+        s.core.warm(ordo_core::ConvState {
+            rec,
+            cursors: Vec::new(),
+        });
+    }
+    s.core.evict();
+    assert!(s.core.convs_held() < cfg().conv_cache_entries);
+    let out = s.core.member_convs_loaded(id, list);
+    assert_eq!(
+        overviews(&out, 2).len(),
+        1,
+        "answered, not asked again: {out:?}"
+    );
+}
+
+#[test]
+fn an_overview_includes_a_conversation_joined_while_it_was_listed() {
+    let mut s = Sim::new(cfg());
+    s.group("g", &["alice", "bob"], Retention::default());
+    s.group("h", &["alice"], Retention::default());
+    s.core.connect(2, "bob", "b1");
+    let (id, user) = ask_overview(&mut s, 2);
+    let list = s.store.member_convs(&user);
+    // bob joins h after the store listed his conversations.
+    s.add_member(50, "h", "bob");
+    s.flush();
+    let out = s.core.member_convs_loaded(id, list);
+    let ids: Vec<String> = overviews(&out, 2)
+        .into_iter()
+        .flatten()
+        .map(|c| c.conv)
+        .collect();
+    assert_eq!(ids, ["g", "h"]);
+}
+
+#[test]
+fn a_list_that_stays_stale_is_shown_but_never_held() {
+    let mut s = Sim::new(holding(1));
+    s.group("g", &["alice", "bob"], Retention::default());
+    s.group("h", &["alice"], Retention::default());
+    s.core.connect(1, "alice", "a1");
+    s.core.connect(2, "bob", "b1");
+    let (mut id, user) = ask_overview(&mut s, 2);
+    let mut sent = 0;
+    let out = loop {
+        // The store lists bob's conversations; then g moves on and h pushes it out, before the
+        // list comes back, every time.
+        let list = s.store.member_convs(&user);
+        sent += 1;
+        s.send(1, "g", &format!("m{sent}"));
+        s.flush();
+        s.send(1, "h", &format!("x{sent}"));
+        s.flush();
+        let out = s.core.member_convs_loaded(id, list);
+        match &out[..] {
+            [Action::LoadMember { id: again, .. }] => id = *again,
+            _ => break out,
+        }
+    };
+    assert_eq!(overviews(&out, 2).len(), 1, "answered after a few attempts");
+    assert!(sent > 1, "listed again at least once");
+    // The next send into g is numbered after the last one (g was not held from the stale list).
+    s.send(1, "g", "last");
+    let (batches, _) = s.flush();
+    assert_eq!(batch_seqs(&batches[0], "g"), [sent + 1]);
 }
