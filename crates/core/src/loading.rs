@@ -346,8 +346,9 @@ impl Core {
     /// Answers the `convs` frame that asked, from the list and the core's own copy of the
     /// conversations it holds (newer). If a conversation in the list changed while it was not
     /// held (evicted, or trimmed by age retention) after the list was asked for, the list may
-    /// be older than what the core had: it is asked for again, up to [`OVERVIEW_ATTEMPTS`]
-    /// times. A conversation the user joined meanwhile is added from the core's copy.
+    /// be older than what the core had: it is asked for again, up to three times, and then
+    /// shown but not kept. A conversation the user joined meanwhile is added from the core's
+    /// copy.
     pub fn member_convs_loaded(&mut self, id: u64, states: Vec<ConvState>) -> Vec<Action> {
         let Some((session, mark, commits, attempt)) = self.loads.overviews.remove(&id) else {
             return Vec::new();
