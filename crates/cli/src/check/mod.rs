@@ -50,6 +50,11 @@ pub struct CheckArgs {
     /// a user offers to exercise refusals and resends under the limit. 0: no limit.
     #[arg(long, default_value_t = 0.0)]
     user_rate: f64,
+    /// Conversations the server holds in memory; set it below the number in use (the run has a
+    /// few groups and direct conversations) to exercise loading and eviction. 0: as few as it
+    /// can. Unset: the server's default.
+    #[arg(long)]
+    conv_cache_entries: Option<usize>,
     /// Seed of every random choice (printed; pass it again to replay the same plan).
     #[arg(long)]
     seed: Option<u64>,
@@ -116,6 +121,9 @@ async fn check(args: CheckArgs) -> Result<(Report, bool), String> {
         std::env::current_exe().map_err(|e| format!("cannot find the ordo binary: {e}"))?,
     );
     opts.user_rate = args.user_rate;
+    if let Some(n) = args.conv_cache_entries {
+        opts.extra = vec!["--conv-cache-entries".into(), n.to_string()];
+    }
     let server = tokio::task::spawn_blocking(move || ServerProcess::start(opts))
         .await
         .map_err(|e| e.to_string())?

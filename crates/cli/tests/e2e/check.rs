@@ -1,5 +1,6 @@
-//! `ordo check` in CI: a short chaos run with at least five server kills must find nothing
-//! lost, duplicated or out of order, whatever `ORDO_*` variables the caller has exported.
+//! `ordo check` in CI: a short chaos run with at least five server kills, and the server holding
+//! one conversation at a time, must find nothing lost, duplicated or out of order, whatever
+//! `ORDO_*` variables the caller has exported.
 
 use std::process::Command;
 
@@ -23,6 +24,9 @@ fn a_short_chaos_run_finds_no_violation() {
             // Below what each user offers, so refusals and ordered resends are exercised.
             "--user-rate",
             "5",
+            // One conversation held: the others are loaded and evicted all through the run.
+            "--conv-cache-entries",
+            "1",
             "--json",
         ])
         .env_remove("RUST_LOG")
