@@ -73,6 +73,12 @@ const DEDUP_KEYS: TableDefinition<(&str, &str), (&str, u64, u64)> =
     TableDefinition::new("dedup_keys");
 /// The layout before runs: (user, cmid) -> entry; moved into runs on open.
 const DEDUP_BY_KEY: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("dedup");
+/// `forget_before` -> dedup runs older than this are still to be forgotten: a transaction forgets
+/// at most [`FORGET_RUNS_AT_ONCE`] runs and leaves the rest to the next ones, so that a large
+/// backlog (the first expiry after a long downtime) never makes one huge transaction.
+const FORGET_BEFORE: &str = "forget_before";
+/// Most dedup runs one transaction forgets.
+const FORGET_RUNS_AT_ONCE: usize = 64;
 /// `wal_applied` -> seqno of the last log record applied to the B-tree.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const WAL_APPLIED: &str = "wal_applied";
@@ -763,6 +769,9 @@ fn apply(
     let mut dedup = tx.open_table(DEDUP_RUNS).map_err(engine)?;
     let mut keys = tx.open_table(DEDUP_KEYS).map_err(engine)?;
     let mut members = tx.open_table(MEMBERS).map_err(engine)?;
+    let stored_forget = meta.get(FORGET_BEFORE).map_err(engine)?.map(|g| g.value());
+    let mut forget_before = stored_forget;
+    let mut forget_budget = FORGET_RUNS_AT_ONCE;
     for batch in batches {
         for run in message_runs(&batch.messages) {
             if let Some(last) = run.last() {
@@ -806,8 +815,11 @@ fn apply(
         // Forgetting first; what this batch puts is newer than the cutoff anyway. (Log records
         // of earlier versions name expired entries in `dedup_delete`: those entries are in runs
         // now and are forgotten with them.)
-        if let Some(before) = batch.dedup_forget_before_ms {
-            forget_dedup_runs(&mut dedup, &mut keys, before)?;
+        forget_before = forget_before.max(batch.dedup_forget_before_ms);
+        if let Some(before) = forget_before {
+            if forget_dedup_runs(&mut dedup, &mut keys, before, &mut forget_budget)? {
+                forget_before = None;
+            }
         }
         // Every message is its own dedup entry; `dedup_put` holds any others.
         let entries: Vec<DedupView> = (batch.dedup_put.iter().map(DedupView::record))
@@ -822,6 +834,12 @@ fn apply(
             keys.insert((d.user, d.cmid), (d.conv, d.seq, d.ts))
                 .map_err(engine)?;
         }
+    }
+    if forget_before != stored_forget {
+        match forget_before {
+            Some(before) => meta.insert(FORGET_BEFORE, before).map_err(engine)?,
+            None => meta.remove(FORGET_BEFORE).map_err(engine)?,
+        };
     }
     drop((runs, convs, ranges, cursors, dedup, keys, members, meta));
     tx.commit().map_err(engine)?;
@@ -1113,24 +1131,30 @@ fn put_dedup_runs(
 }
 
 /// Forgets the dedup runs whose newest entry was accepted before `before`, and the key of each
-/// of their entries unless a newer entry of that key replaced it. Run by run, oldest first, so
-/// that memory holds one run (at most [`RUN_MAX`] entries) at a time however many are due.
+/// of their entries unless a newer entry of that key replaced it, at most `budget` runs (which
+/// it counts down). Run by run, oldest first, so that memory holds one run (at most
+/// [`RUN_MAX`] entries) at a time. True once no run older than `before` is left.
 fn forget_dedup_runs(
     dedup: &mut redb::Table<(u64, u64), &[u8]>,
     keys: &mut redb::Table<(&str, &str), (&str, u64, u64)>,
     before: u64,
-) -> Result<(), StoreError> {
+    budget: &mut usize,
+) -> Result<bool, StoreError> {
     loop {
         let oldest = dedup
             .first()
             .map_err(engine)?
             .map(|(k, v)| (k.value(), v.value().to_vec()));
         let Some(((time, run), raw)) = oldest else {
-            return Ok(());
+            return Ok(true);
         };
         if time >= before {
-            return Ok(());
+            return Ok(true);
         }
+        if *budget == 0 {
+            return Ok(false);
+        }
+        *budget -= 1;
         let at = format!("(time {time}, run {run})");
         for d in decode::<Vec<DedupRecord>>("dedup run", at, &raw)? {
             let key = (d.user.as_str(), d.cmid.as_str());

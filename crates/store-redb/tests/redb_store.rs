@@ -136,6 +136,73 @@ fn dedup_cmids(store: &RedbStore) -> Vec<String> {
     got
 }
 
+/// A backlog of expired dedup runs (the first expiry after a long downtime) is forgotten over
+/// several transactions, oldest first, and carries on across a reopen; newer entries stay.
+#[test]
+fn a_large_backlog_of_expired_dedup_entries_is_forgotten_in_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = RedbStore::open(dir.path()).unwrap();
+    // 200 batches, one run each, accepted at t = 1..=200.
+    for t in 1..=200u64 {
+        store
+            .commit(Batch {
+                id: t,
+                dedup_put: vec![dedup(&format!("old{t}"), t)],
+                ..Batch::default()
+            })
+            .unwrap();
+    }
+    store
+        .commit(Batch {
+            id: 201,
+            dedup_put: vec![dedup("new", 1_000)],
+            dedup_forget_before_ms: Some(500),
+            ..Batch::default()
+        })
+        .unwrap();
+    let left = |store: &RedbStore| dedup_cmids(store).len();
+    // One transaction forgets at most 64 runs: the oldest went, the newest expired ones wait.
+    let after_one = left(&store);
+    assert!(
+        (1 + 200 - 64..=1 + 200 - 1).contains(&after_one),
+        "{after_one} entries left after the first step"
+    );
+    let found = store
+        .dedup_lookup(&[("a".into(), "old1".into()), ("a".into(), "old200".into())])
+        .unwrap();
+    assert_eq!(
+        found,
+        vec![None, Some(dedup("old200", 200))],
+        "oldest first"
+    );
+    drop(store);
+    // Later transactions (any batch) carry on, after a reopen too. (The applier may put several
+    // batches in one transaction, so count until done, within a bound.)
+    let store = RedbStore::open(dir.path()).unwrap();
+    let mut id = 202;
+    while dedup_cmids(&store).iter().any(|c| c.starts_with("old")) {
+        assert!(
+            id < 220,
+            "the backlog is still there after {} batches",
+            id - 202
+        );
+        store
+            .commit(Batch {
+                id,
+                dedup_put: vec![dedup(&format!("later{id}"), 1_000 + id)],
+                ..Batch::default()
+            })
+            .unwrap();
+        id += 1;
+    }
+    let cmids = dedup_cmids(&store);
+    assert_eq!(
+        cmids.len(),
+        1 + (id - 202) as usize,
+        "the newer entries stay: {cmids:?}"
+    );
+}
+
 /// A store written when each dedup entry was its own row is read the same after opening.
 #[test]
 fn dedup_entries_stored_one_per_row_are_moved_into_runs() {
