@@ -503,10 +503,9 @@ impl Core {
 
         // A new message: its conversation is needed (the store's answer for its key, if it
         // was looked up, waits with it).
-        if self.is_cold(conv_id) {
+        if !self.touch_held(conv_id) && self.is_cold(conv_id) {
             return Ok(Err(Wait::Load(conv_id.to_string(), looked_up)));
         }
-        self.touch(conv_id);
 
         if !self.convs.contains_key(conv_id) {
             match to {

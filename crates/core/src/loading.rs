@@ -147,9 +147,19 @@ impl Core {
 
     /// Marks `conv` as just used (for eviction).
     pub(crate) fn touch(&mut self, conv: &str) {
-        if let Some(c) = self.convs.get_mut(conv) {
-            self.loads.clock += 1;
-            c.used = self.loads.clock;
+        self.touch_held(conv);
+    }
+
+    /// Marks `conv` as just used if the core holds it; whether it does (one lookup, for the
+    /// per-message path).
+    pub(crate) fn touch_held(&mut self, conv: &str) -> bool {
+        match self.convs.get_mut(conv) {
+            Some(c) => {
+                self.loads.clock += 1;
+                c.used = self.loads.clock;
+                true
+            }
+            None => false,
         }
     }
 
