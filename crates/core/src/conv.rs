@@ -21,12 +21,14 @@ pub struct Conv {
     pub id: Arc<str>,
     /// The record as it will be after the pending batch commits (`max_seq` = last assigned).
     pub rec: ConvRecord,
-    /// The record as last committed; `None` until the conversation's first commit.
-    pub durable_rec: Option<ConvRecord>,
+    /// The record as last committed; `None` until the conversation's first commit. Shared
+    /// with the deliveries that name its members.
+    pub durable_rec: Option<Arc<ConvRecord>>,
     /// Highest seq known durable: the highest any client may see.
     pub durable_seq: u64,
-    /// Positions, including acks not yet committed.
-    pub cursors: Cursors,
+    /// Positions, including acks not yet committed. Shared with the deliveries that need a
+    /// device's position.
+    pub cursors: Arc<Cursors>,
     /// Positions as committed.
     pub durable_cursors: Cursors,
     /// user -> (delivered, read) last published in a `receipt` (always durable values).
@@ -42,9 +44,9 @@ impl Conv {
         Conv {
             id: Arc::from(rec.id.as_str()),
             durable_seq: if durable { rec.max_seq } else { 0 },
-            durable_rec: durable.then(|| rec.clone()),
+            durable_rec: durable.then(|| Arc::new(rec.clone())),
             rec,
-            cursors: Cursors::default(),
+            cursors: Arc::default(),
             durable_cursors: Cursors::default(),
             published: HashMap::new(),
             used: 0,

@@ -14,9 +14,10 @@
 //! frame, so that the core handles a connection's frames in the order it sent them and the
 //! answers it gives at once come out in that order (an `accepted` waits for its batch's commit).
 
-use crate::engine::{Action, Core, SendRequest, SessionId, SyncPlan};
-use crate::error::CoreError;
-use ordo_protocol::{validate_id, ClientFrame, IdKind, Message, ServerFrame};
+#[cfg(doc)]
+use crate::engine::Core;
+use crate::engine::{Action, SyncPlan};
+use ordo_protocol::ClientFrame;
 
 /// What a client frame asks of the driver.
 #[must_use]
@@ -38,133 +39,14 @@ pub fn may_read(frame: &ClientFrame) -> bool {
     matches!(frame, ClientFrame::Sync { .. })
 }
 
-impl Core {
-    /// Handles one decoded frame from a connected device. `now_ms` is the driver's clock, never
-    /// going back (it stamps accepted messages and answers `ping`).
-    pub fn on_frame(&mut self, session: SessionId, frame: ClientFrame, now_ms: u64) -> Handled {
-        // A frame about one conversation the core does not hold waits for it to be loaded.
-        if let ClientFrame::Sync { conv, .. } | ClientFrame::Read { conv, .. } = &frame {
-            if validate_id(IdKind::Conversation, conv).is_ok()
-                && self.sessions.contains_key(&session)
-                && self.is_cold(conv)
-            {
-                let conv = conv.clone();
-                return self.park_frame(session, &conv, frame, now_ms);
-            }
-        }
-        let actions = match frame {
-            ClientFrame::Send {
-                conv,
-                to,
-                cmid,
-                body,
-                reply_to,
-            } => self.send(
-                session,
-                SendRequest {
-                    conv: conv.as_deref(),
-                    to: to.as_deref(),
-                    cmid,
-                    body,
-                    reply_to,
-                },
-                now_ms,
-            ),
-            ClientFrame::Ack { acks } => {
-                let max = self.config().limits.max_acks_per_frame;
-                if acks.len() > max {
-                    let e = CoreError::Invalid(format!(
-                        "ack carries {} positions; the limit is {max}",
-                        acks.len()
-                    ));
-                    return Handled::Done(vec![error(session, &e)]);
-                }
-                // Every valid position is applied even if another in the same frame is not; those
-                // of conversations to be loaded first wait.
-                let mut out = Vec::new();
-                let acks = match self.sessions.contains_key(&session) {
-                    true => self.park_cold_acks(session, acks, now_ms, &mut out),
-                    false => acks,
-                };
-                out.extend(
-                    acks.iter()
-                        .filter_map(|p| self.ack(session, &p.conv, p.seq).err())
-                        .map(|e| error(session, &e)),
-                );
-                out
-            }
-            ClientFrame::Read { conv, seq } => match self.read(session, &conv, seq) {
-                Ok(()) => Vec::new(),
-                Err(e) => vec![error(session, &e)],
-            },
-            ClientFrame::Sync { conv, after, limit } => {
-                match self.sync(session, &conv, after, limit) {
-                    Ok(plan) => return Handled::Read(plan),
-                    Err(e) => vec![error(session, &e)],
-                }
-            }
-            ClientFrame::Convs => self.ask_overview(session),
-            ClientFrame::Ping { nonce } => vec![Action::Send {
-                session,
-                frame: ServerFrame::Pong {
-                    nonce,
-                    server_time: now_ms,
-                },
-            }],
-        };
-        Handled::Done(actions)
-    }
-
-    /// Answers a `sync` with the page the store returned for `plan`: `messages` (seqs in
-    /// `plan.from..=plan.to`, in order, possibly cut short by a count or size budget) and
-    /// `first_seq`, the conversation's lowest stored seq as the store reported it. The `synced`
-    /// frame comes first, then whatever the served page makes due (a `notify` if the device is
-    /// still behind).
-    pub fn serve_page(
-        &mut self,
-        session: SessionId,
-        plan: SyncPlan,
-        messages: Vec<Message>,
-        first_seq: u64,
-    ) -> Vec<Action> {
-        let last = messages.last().map(|m| m.seq);
-        let has_more = last.is_some_and(|l| l < plan.to);
-        let up_to = last.unwrap_or(plan.to);
-        let served = self.sync_served(session, &plan.conv, up_to, has_more);
-        let mut out = Vec::with_capacity(1 + served.len());
-        out.push(Action::Send {
-            session,
-            frame: ServerFrame::Synced {
-                conv: plan.conv,
-                epoch: plan.epoch,
-                messages,
-                has_more,
-                // A trim committed after this sync was planned is not reported past the plan's
-                // end.
-                first_seq: first_seq.min(plan.to.saturating_add(1)),
-                max_seq: plan.to,
-            },
-        });
-        out.extend(served);
-        out
-    }
-}
-
-fn error(session: SessionId, e: &CoreError) -> Action {
-    Action::Send {
-        session,
-        frame: ServerFrame::error(e.code(), e.to_string()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::CoreConfig;
-    use crate::engine::AdminOp;
+    use crate::engine::{AdminOp, Core, SessionId};
     use crate::memory_store::MemoryStore;
     use crate::model::{Retention, Snapshot};
-    use ordo_protocol::{ErrorCode, Position};
+    use ordo_protocol::{ErrorCode, Position, ServerFrame};
 
     const ALICE: SessionId = 1;
     const BOB: SessionId = 2;

@@ -24,11 +24,15 @@ pub mod error;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
 pub mod frame;
+pub mod hub;
+pub mod line;
 pub mod loading;
 pub mod memory_store;
 pub mod model;
+pub mod owner;
 pub mod rate;
 pub mod rng;
+pub mod seam;
 pub mod session;
 
 pub use config::CoreConfig;

@@ -4,7 +4,7 @@
 //!
 //! A frame, send or admin request that needs a conversation the core does not hold waits for
 //! it: the core asks once ([`Action::Load`]) and whatever needs it queues behind the load, in
-//! arrival order. [`Core::loaded`] makes it hot and handles what waited. A connection's sends
+//! arrival order. [`Owner::loaded`] makes it hot and handles what waited. A connection's sends
 //! wait in its line of parked sends (as they do for a dedup lookup), so one connection's sends
 //! are still sequenced in the order it sent them; a `sync`, `ack` or `read` waits in the
 //! conversation's line (a driver holds a waiting `sync`'s reply until [`Action::Reply`]).
@@ -22,13 +22,15 @@
 //! oldest tenth goes (one pass over the stamps, so the cost per eviction stays constant).
 
 use crate::conv::Conv;
-use crate::engine::{Action, AdminOp, Core, SessionId, Ticket};
-use crate::frame::{may_read, Handled};
+use crate::engine::{Action, AdminOp, SessionId, Ticket};
+use crate::line::LookupState;
 use crate::model::ConvState;
-use crate::session::LookupState;
+use crate::owner::{Answer, Out, Owner};
+use crate::seam::{Origin, Request, ToHub};
 use foldhash::HashMap;
-use ordo_protocol::{ClientFrame, ConvInfo, ErrorCode, MemberPosition, Position, ServerFrame};
+use ordo_protocol::{ConvInfo, ErrorCode, MemberPosition, Position, ServerFrame};
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 /// Most frames (`sync`, `ack`, `read`) one connection may have waiting for conversations to
 /// load; past it, a frame is answered with an `unavailable` error, to be repeated.
@@ -37,7 +39,7 @@ const MAX_WAITING_FRAMES: usize = 64;
 const MAX_OVERVIEWS: usize = 2;
 /// How many recent changes (evictions, trims of conversations not held, records rewritten) are
 /// remembered at least, to tell whether an overview's list is current; always more than one
-/// bulk eviction and one retention step can make (see [`Core::note_change`]).
+/// bulk eviction and one retention step can make (see [`Owner::note_change`]).
 const RECENT_CHANGES: usize = 4096;
 /// How many times an overview is listed again because conversations changed while it was read;
 /// after that it is answered from the last list (a conversation evicted meanwhile may show an
@@ -47,10 +49,10 @@ const OVERVIEW_ATTEMPTS: u32 = 3;
 /// Something that waits for a conversation to be loaded.
 #[derive(Clone, Debug)]
 pub(crate) enum Waiting {
-    /// A frame of this connection, handled again once the conversation is loaded.
-    Frame {
-        session: SessionId,
-        frame: ClientFrame,
+    /// A request of this connection, handled again once the conversation is loaded.
+    Request {
+        origin: Origin,
+        req: Request,
         now_ms: u64,
     },
     /// The first of the connection's parked sends.
@@ -72,7 +74,7 @@ pub(crate) struct Loads {
     frames_of: HashMap<SessionId, usize>,
     /// Overviews being listed: id -> (connection, changes and commits so far when asked,
     /// attempt).
-    overviews: HashMap<u64, (SessionId, u64, u64, u32)>,
+    overviews: HashMap<u64, (Origin, u64, u64, u32)>,
     /// Overviews being listed per connection.
     overviews_of: HashMap<SessionId, usize>,
     next_overview: u64,
@@ -101,7 +103,7 @@ impl Conv {
                 delivered: c.delivered,
                 read: c.read,
             };
-            *conv.cursors.entry(&c.user, &c.device) = pos;
+            *Arc::make_mut(&mut conv.cursors).entry(&c.user, &c.device) = pos;
             *conv.durable_cursors.entry(&c.user, &c.device) = pos;
         }
         let users: Vec<String> = conv.cursors.users().cloned().collect();
@@ -138,7 +140,7 @@ impl Conv {
     }
 }
 
-impl Core {
+impl Owner {
     /// Whether `conv` must be loaded before it can be used: the core does not hold it and the
     /// store has not just said it holds none.
     pub(crate) fn is_cold(&self, conv: &str) -> bool {
@@ -164,30 +166,31 @@ impl Core {
     }
 
     /// Queues `w` behind the load of `conv`, asking for the load if nobody has yet.
-    pub(crate) fn wait_for(&mut self, conv: &str, w: Waiting) -> Vec<Action> {
+    pub(crate) fn wait_for(&mut self, conv: &str, w: Waiting) -> Vec<Out> {
         if let Some(list) = self.loads.waiting.get_mut(conv) {
             list.push(w);
             return Vec::new();
         }
         self.loads.waiting.insert(conv.to_string(), vec![w]);
         self.stats.conv_loads += 1;
-        vec![Action::Load {
+        vec![Out::Io(Action::Load {
             conv: conv.to_string(),
-        }]
+        })]
     }
 
-    /// A frame that needs cold conversation `conv`: it waits for the load, unless the
+    /// A request that needs cold conversation `conv`: it waits for the load, unless the
     /// connection has too many waiting already.
-    pub(crate) fn park_frame(
+    pub(crate) fn park_request(
         &mut self,
-        session: SessionId,
+        origin: &Origin,
         conv: &str,
-        frame: ClientFrame,
+        req: Request,
         now_ms: u64,
-    ) -> Handled {
+    ) -> Answer {
+        let session = origin.session;
         let n = self.loads.frames_of.entry(session).or_insert(0);
         if *n >= MAX_WAITING_FRAMES {
-            return Handled::Done(vec![Action::Send {
+            return Answer::Done(vec![Out::Hub(ToHub::Frame {
                 session,
                 frame: ServerFrame::error(
                     ErrorCode::Unavailable,
@@ -195,28 +198,28 @@ impl Core {
                         "{MAX_WAITING_FRAMES} requests of this connection already wait for conversations to load; repeat this one shortly"
                     ),
                 ),
-            }]);
+            })]);
         }
         *n += 1;
-        let actions = self.wait_for(
+        let outs = self.wait_for(
             conv,
-            Waiting::Frame {
-                session,
-                frame,
+            Waiting::Request {
+                origin: origin.clone(),
+                req,
                 now_ms,
             },
         );
-        Handled::Waits(actions)
+        Answer::Waits(outs)
     }
 
     /// The `ack` positions whose conversations are cold wait (one frame per conversation); the
     /// others are returned to be applied now.
     pub(crate) fn park_cold_acks(
         &mut self,
-        session: SessionId,
+        origin: &Origin,
         acks: Vec<Position>,
         now_ms: u64,
-        out: &mut Vec<Action>,
+        out: &mut Vec<Out>,
     ) -> Vec<Position> {
         let mut hot = Vec::with_capacity(acks.len());
         for p in acks {
@@ -226,10 +229,9 @@ impl Core {
                 continue;
             }
             let conv = p.conv.clone();
-            let frame = ClientFrame::Ack { acks: vec![p] };
-            match self.park_frame(session, &conv, frame, now_ms) {
-                Handled::Done(a) | Handled::Waits(a) => out.extend(a),
-                Handled::Read(_) => {}
+            match self.park_request(origin, &conv, Request::Ack(vec![p]), now_ms) {
+                Answer::Done(a) | Answer::Waits(a) => out.extend(a),
+                Answer::Read(_) => {}
             }
         }
         hot
@@ -238,7 +240,7 @@ impl Core {
     /// The store's answer to [`Action::Load`] of `conv`: the conversation as stored, or `None`
     /// if it holds none. Everything that waited for it is handled now, in order; returns what
     /// that answers.
-    pub fn loaded(&mut self, conv: &str, state: Option<ConvState>, now_ms: u64) -> Vec<Action> {
+    pub fn loaded(&mut self, conv: &str, state: Option<ConvState>, now_ms: u64) -> Vec<Out> {
         let Some(waiting) = self.loads.waiting.remove(conv) else {
             return Vec::new();
         };
@@ -258,42 +260,43 @@ impl Core {
         let mut out = Vec::new();
         for w in waiting {
             match w {
-                Waiting::Frame {
-                    session,
-                    frame,
+                Waiting::Request {
+                    origin,
+                    req,
                     now_ms,
                 } => {
+                    let session = origin.session;
                     if let Some(n) = self.loads.frames_of.get_mut(&session) {
                         *n = n.saturating_sub(1);
                         if *n == 0 {
                             self.loads.frames_of.remove(&session);
                         }
                     }
-                    let reply = may_read(&frame);
-                    match self.on_frame(session, frame, now_ms) {
-                        Handled::Done(a) => {
+                    let reply = matches!(req, Request::Sync { .. });
+                    match self.handle(&origin, req, now_ms) {
+                        Answer::Done(a) => {
                             out.extend(a);
                             if reply {
-                                out.push(Action::Reply {
+                                out.push(Out::Io(Action::Reply {
                                     session,
                                     plan: None,
-                                });
+                                }));
                             }
                         }
-                        Handled::Read(plan) => out.push(Action::Reply {
+                        Answer::Read(plan) => out.push(Out::Io(Action::Reply {
                             session,
                             plan: Some(plan),
-                        }),
+                        })),
                         // Cannot happen while `conv` is held or known absent; if it did, the
-                        // frame waits again and is answered then.
-                        Handled::Waits(a) => out.extend(a),
+                        // request waits again and is answered then.
+                        Answer::Waits(a) => out.extend(a),
                     }
                 }
                 Waiting::Send(session) => {
-                    let Some(s) = self.sessions.get_mut(&session) else {
+                    let Some(line) = self.lines.get_mut(&session) else {
                         continue;
                     };
-                    let Some(front) = s.parked.front_mut() else {
+                    let Some(front) = line.parked.front_mut() else {
                         continue;
                     };
                     let LookupState::Load(c, answer) = &mut front.lookup else {
@@ -310,10 +313,10 @@ impl Core {
                 }
                 Waiting::Admin { ticket, op, now_ms } => match self.admin(ticket, op, now_ms) {
                     Ok(a) => out.extend(a),
-                    Err(e) => out.push(Action::AdminDone {
+                    Err(e) => out.push(Out::Io(Action::AdminDone {
                         ticket,
                         reply: Err(e),
-                    }),
+                    })),
                 },
             }
         }
@@ -323,33 +326,32 @@ impl Core {
     }
 
     /// A `convs` frame: asks the store for the user's conversations.
-    pub(crate) fn ask_overview(&mut self, session: SessionId) -> Vec<Action> {
+    pub(crate) fn ask_overview(&mut self, origin: &Origin) -> Vec<Out> {
+        let session = origin.session;
         if self.loads.overviews_of.get(&session).copied().unwrap_or(0) >= MAX_OVERVIEWS {
-            return vec![Action::Send {
+            return vec![Out::Hub(ToHub::Frame {
                 session,
                 frame: ServerFrame::error(
                     ErrorCode::Unavailable,
                     "an overview for this connection is already being prepared; wait for it",
                 ),
-            }];
+            })];
         }
-        self.list_member_convs(session, 1)
+        self.list_member_convs(origin.clone(), 1)
     }
 
-    fn list_member_convs(&mut self, session: SessionId, attempt: u32) -> Vec<Action> {
-        let Some(s) = self.sessions.get(&session) else {
-            return Vec::new();
-        };
-        let user = s.user.to_string();
+    fn list_member_convs(&mut self, origin: Origin, attempt: u32) -> Vec<Out> {
+        let user = origin.user.to_string();
+        let session = origin.session;
         self.loads.next_overview += 1;
         let id = self.loads.next_overview;
         let (mark, commits) = (self.loads.changes, self.loads.commits);
         self.loads
             .overviews
-            .insert(id, (session, mark, commits, attempt));
+            .insert(id, (origin, mark, commits, attempt));
         *self.loads.overviews_of.entry(session).or_insert(0) += 1;
         self.stats.conv_loads += 1;
-        vec![Action::LoadMember { id, user }]
+        vec![Out::Io(Action::LoadMember { id, user })]
     }
 
     /// The store's answer to [`Action::LoadMember`] `id`: the user's conversations as stored.
@@ -359,23 +361,23 @@ impl Core {
     /// be older than what the core had: it is asked for again, up to three times, and then
     /// shown but not kept. A conversation the user joined meanwhile is added from the core's
     /// copy.
-    pub fn member_convs_loaded(&mut self, id: u64, states: Vec<ConvState>) -> Vec<Action> {
-        let Some((session, mark, commits, attempt)) = self.loads.overviews.remove(&id) else {
+    pub fn member_convs_loaded(&mut self, id: u64, states: Vec<ConvState>) -> Vec<Out> {
+        let Some((origin, mark, commits, attempt)) = self.loads.overviews.remove(&id) else {
             return Vec::new();
         };
-        if let Some(n) = self.loads.overviews_of.get_mut(&session) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                self.loads.overviews_of.remove(&session);
-            }
+        let session = origin.session;
+        let Some(n) = self.loads.overviews_of.get_mut(&session) else {
+            // The connection is gone.
+            return Vec::new();
+        };
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            self.loads.overviews_of.remove(&session);
         }
-        let Some(s) = self.sessions.get(&session) else {
-            return Vec::new();
-        };
-        let (user, device) = (s.user.clone(), s.device.clone());
+        let (user, device): (Arc<str>, Arc<str>) = (origin.user.clone(), origin.device.clone());
         let (stale, changed) = self.changed_since(mark, commits, &states);
         if stale && attempt < OVERVIEW_ATTEMPTS {
-            return self.list_member_convs(session, attempt + 1);
+            return self.list_member_convs(origin, attempt + 1);
         }
         // A list that may be older than the core's view is shown, never kept: a conversation
         // held from it could number a seq the store already has.
@@ -416,10 +418,10 @@ impl Core {
         }
         conversations.sort_by(|a, b| a.conv.cmp(&b.conv));
         self.evict();
-        vec![Action::Send {
+        vec![Out::Hub(ToHub::Frame {
             session,
             frame: ServerFrame::Convs { conversations },
-        }]
+        })]
     }
 
     /// What changed after `mark` (a count of changes; `commits`, of commits, when the list was
@@ -475,7 +477,7 @@ impl Core {
         self.loads
             .recent
             .push_back((self.loads.changes, conv, changed));
-        let cfg = self.config();
+        let cfg = &self.cfg;
         let keep = RECENT_CHANGES
             .max(cfg.conv_cache_entries / 10 + 2 * cfg.retention_sweep_convs as usize + 1024);
         while self.loads.recent.len() > keep {
@@ -487,7 +489,9 @@ impl Core {
     pub(crate) fn forget_waiting(&mut self, session: SessionId) {
         if self.loads.frames_of.remove(&session).is_some() {
             for list in self.loads.waiting.values_mut() {
-                list.retain(|w| !matches!(w, Waiting::Frame { session: s, .. } if *s == session));
+                list.retain(
+                    |w| !matches!(w, Waiting::Request { origin, .. } if origin.session == session),
+                );
             }
         }
         // Its overviews being listed are dropped when they are answered.
@@ -496,7 +500,7 @@ impl Core {
 
     /// Holds `state`, read from the store while the core did not hold that conversation (no
     /// effect if it does): for a driver that knows which conversations are about to be used,
-    /// and for tests that call [`Core::ack`], [`Core::read`] or [`Core::sync`] directly (those
+    /// and for tests that call [`Owner::ack`], [`Owner::read`] or [`Owner::sync`] directly (those
     /// act on conversations the core holds; frames load what they need).
     pub fn warm(&mut self, state: ConvState) {
         let id = state.rec.id.clone();
@@ -515,7 +519,7 @@ impl Core {
     /// Evicts the least recently used conversations once more than the cache's worth are held,
     /// down to nine tenths of it; conversations that pending or in-flight work touches stay.
     pub fn evict(&mut self) {
-        let cap = self.config().conv_cache_entries;
+        let cap = self.cfg.conv_cache_entries;
         if self.convs.len() <= cap {
             return;
         }

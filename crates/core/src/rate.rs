@@ -30,6 +30,11 @@ impl TokenBucket {
             Err(wait.ceil().max(1.0) as u64)
         }
     }
+
+    /// Returns a token taken for a send that was not taken after all.
+    pub fn give_back(&mut self, burst: f64) {
+        self.tokens = (self.tokens + 1.0).min(burst);
+    }
 }
 
 #[cfg(test)]
