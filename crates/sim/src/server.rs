@@ -1,6 +1,9 @@
-//! The server side: the real [`Core`] driven the way the server's router drives it (every client
-//! frame through [`Core::on_frame`], the same entry point the server uses), a model of its
-//! durable store, group commit with one batch in flight, housekeeping, and crashes.
+//! The server side: the core's two real halves, the session [`Hub`] and the conversation
+//! [`Owner`], driven apart, with the seam between them a channel each way that delays what
+//! crosses it (in order), as it would between nodes; a model of the durable store, group commit
+//! with one batch in flight, housekeeping, and crashes. Every client frame enters through
+//! [`Hub::on_frame`], as it does in the server (whose `Core` hands what crosses the seam over
+//! at once).
 //!
 //! Dedup lookups, conversation loads and users' lists of conversations are answered by the
 //! store as it stood when they were asked, after a random delay and in any order; a restarted
@@ -16,11 +19,15 @@ use crate::checks::{Kind, Violation};
 use crate::faults::Sabotage;
 use crate::network::short;
 use crate::world::Sim;
+use ordo_core::hub::{Hub, Step};
+use ordo_core::owner::{Answer as Owned, Out, Owner};
+use ordo_core::seam::{Origin, Request, ToHub};
 use ordo_core::{
-    may_read, Action, Batch, CommitOutcome, ConvState, Core, CoreConfig, DedupRecord, Expired,
-    Handled, MemoryStore, SessionId, SyncPlan,
+    may_read, Action, Batch, CommitOutcome, ConvState, CoreConfig, DedupRecord, Expired,
+    MemoryStore, SessionId, SyncPlan,
 };
 use ordo_protocol::{Limits, ServerFrame};
+use std::collections::VecDeque;
 
 /// What a store backend holds after applying the committed batches: the truth a restarted core
 /// is rebuilt from.
@@ -44,7 +51,12 @@ pub struct InFlight {
 
 pub struct Server {
     pub cfg: CoreConfig,
-    pub core: Core,
+    pub owner: Owner,
+    pub hub: Hub,
+    /// What the hub sent the owner and the owner has not handled yet, in order.
+    pub to_owner: VecDeque<(u64, ToOwner)>,
+    /// What the owner sent the hub and the hub has not handled yet, in order.
+    pub to_hub: VecDeque<(u64, ToHub)>,
     pub store: ServerStore,
     pub up: bool,
     pub restart_at: Option<u64>,
@@ -65,9 +77,19 @@ pub struct Server {
 
 pub struct PageRead {
     pub at: u64,
-    pub session: SessionId,
+    pub origin: Origin,
     pub plan: SyncPlan,
 }
+
+/// What crosses the seam to the owner.
+pub enum ToOwner {
+    Request(Origin, Request),
+    /// The connection is gone (after all its requests).
+    Gone(SessionId),
+}
+
+/// Most milliseconds something takes to cross the seam.
+const SEAM_MS: u64 = 30;
 
 pub struct Lookup {
     pub at: u64,
@@ -98,7 +120,7 @@ impl Sim {
         if !self.server.up || self.server.in_flight.is_some() {
             return Ok(());
         }
-        let Some(b) = self.server.core.take_batch() else {
+        let Some(b) = self.server.owner.take_batch() else {
             return Ok(());
         };
         let at = self.now + self.rng.range((1, 25));
@@ -125,8 +147,8 @@ impl Sim {
             rollback: Some(rollback),
         });
         self.check_cursors(&b)?;
-        let actions = self.server.core.commit_done(b.id, outcome);
-        self.dispatch(actions)
+        let outs = self.server.owner.commit_done(b.id, outcome);
+        self.owner_outs(outs)
     }
 
     /// The batch in flight is durable now (fsync returned).
@@ -159,8 +181,8 @@ impl Sim {
             self.server_crash();
             return Ok(());
         }
-        let actions = self.server.core.commit_done(b.id, outcome);
-        self.dispatch(actions)?;
+        let outs = self.server.owner.commit_done(b.id, outcome);
+        self.owner_outs(outs)?;
         self.pump()
     }
 
@@ -169,8 +191,8 @@ impl Sim {
     pub(crate) fn housekeeping(&mut self) -> Result<(), Violation> {
         self.server.housekeeping_at = self.now + self.rng.range((500, 3_000));
         let now = self.server_now();
-        self.server.core.expire_dedup(now);
-        let actions = self.server.core.retention_tick(now);
+        self.server.owner.expire_dedup(now);
+        let actions = self.server.owner.retention_tick(now);
         self.dispatch(actions)?;
         self.pump()
     }
@@ -182,6 +204,8 @@ impl Sim {
         self.server.lookups.clear();
         self.server.scan = None;
         self.server.pages.clear();
+        self.server.to_owner.clear();
+        self.server.to_hub.clear();
         if let Some(rollback) = self.server.in_flight.take().and_then(|f| f.rollback) {
             tr!(self, "the unsynced batch is lost");
             self.server.store = rollback;
@@ -198,13 +222,14 @@ impl Sim {
 
     pub(crate) fn server_restart(&mut self) {
         self.server.restart_at = None;
-        let mut core = Core::new(
+        let mut owner = Owner::new(
             self.server.cfg.clone(),
             self.seed ^ (self.server.incarnation << 40),
             self.server.store.snapshot(),
         );
-        core.set_faults(self.opts.sabotage.core_faults());
-        self.server.core = core;
+        owner.set_faults(self.opts.sabotage.core_faults());
+        self.server.owner = owner;
+        self.server.hub = Hub::new(self.server.cfg.clone());
         self.server.up = true;
         self.server.scan = Some(Scan {
             at: self.now + self.rng.range((0, 400)),
@@ -220,7 +245,8 @@ impl Sim {
             c.server_detect = None;
             c.drain_c2s = false;
             if up && c.incarnation == inc {
-                self.server.core.disconnect(sid);
+                self.server.hub.disconnect(sid);
+                self.cross_to_owner(ToOwner::Gone(sid));
             }
         }
         self.forget_dead(sid);
@@ -233,18 +259,18 @@ impl Sim {
         }
         let l = self.server.lookups.remove(0);
         let now = self.server_now();
-        let actions = match l.answer {
+        let outs = match l.answer {
             Answer::Key(id, found) => {
                 tr!(
                     self,
                     "lookup {id} answered: {:?}",
                     found.as_ref().map(|d| (&d.conv, d.seq))
                 );
-                self.server.core.looked_up(id, found, now)
+                self.server.owner.looked_up(id, found, now)
             }
             Answer::Conv(conv, state) => {
                 tr!(self, "load of {conv} answered (held: {})", state.is_some());
-                self.server.core.loaded(&conv, state, now)
+                self.server.owner.loaded(&conv, state, now)
             }
             Answer::Member(id, states) => {
                 tr!(
@@ -252,30 +278,26 @@ impl Sim {
                     "overview {id} listed ({} conversations)",
                     states.len()
                 );
-                self.server.core.member_convs_loaded(id, states)
+                self.server.owner.member_convs_loaded(id, states)
             }
             Answer::Expired(expired) => {
                 tr!(self, "retention step: {:?}", expired.trims);
-                self.server.core.expired(expired);
+                self.server.owner.expired(expired);
                 Vec::new()
             }
         };
-        self.dispatch(actions)?;
+        self.owner_outs(outs)?;
         self.pump()
     }
 
-    /// Starts reading the page of `plan` for `sid`: served after a random delay, during which
-    /// batches may commit; the connection's next frame waits until then.
-    fn read_page(&mut self, sid: SessionId, plan: SyncPlan) {
-        if let Some(c) = self.conns.get_mut(&sid) {
+    /// Starts reading the page of `plan` for `origin`: served after a random delay, during
+    /// which batches may commit; the connection's next frame waits until then.
+    fn read_page(&mut self, origin: Origin, plan: SyncPlan) {
+        if let Some(c) = self.conns.get_mut(&origin.session) {
             c.reading = true;
         }
         let at = self.now + self.rng.range((0, 40));
-        self.server.pages.push(PageRead {
-            at,
-            session: sid,
-            plan,
-        });
+        self.server.pages.push(PageRead { at, origin, plan });
     }
 
     /// The earliest page being read is served, from the store as it stands now.
@@ -284,7 +306,7 @@ impl Sim {
             return Ok(());
         };
         let p = self.server.pages.remove(i);
-        if let Some(c) = self.conns.get_mut(&p.session) {
+        if let Some(c) = self.conns.get_mut(&p.origin.session) {
             c.reading = false;
         }
         let page = self.server.store.read(&p.plan);
@@ -296,11 +318,11 @@ impl Sim {
             page.len(),
             p.plan.to
         );
-        let actions = self
+        let outs = self
             .server
-            .core
-            .serve_page(p.session, p.plan, page, first_seq);
-        self.dispatch(actions)?;
+            .owner
+            .serve_page(&p.origin, p.plan, page, first_seq);
+        self.owner_outs(outs)?;
         self.pump()
     }
 
@@ -311,10 +333,10 @@ impl Sim {
         };
         let n = self.rng.range((1, 8)) as usize;
         let page = self.server.store.dedup_scan(scan.after.as_ref(), n);
-        self.server.core.dedup_filter_add(&page);
+        self.server.owner.dedup_filter_add(&page);
         if page.len() < n {
             tr!(self, "dedup filter complete");
-            self.server.core.dedup_filter_complete();
+            self.server.owner.dedup_filter_complete();
             return;
         }
         self.server.scan = Some(Scan {
@@ -355,8 +377,13 @@ impl Sim {
             }
             if let Action::Reply { session, plan } = a {
                 match plan {
-                    // A sync that waited for its conversation: its page is read now.
-                    Some(plan) => self.read_page(session, plan),
+                    // A sync that waited for its conversation: its page is read now (for a
+                    // connection still there).
+                    Some(plan) => {
+                        if let Some(origin) = self.server.hub.origin(session) {
+                            self.read_page(origin, plan);
+                        }
+                    }
                     // Answered without a page: the connection's next frame may come.
                     None => {
                         if let Some(c) = self.conns.get_mut(&session) {
@@ -397,34 +424,98 @@ impl Sim {
         tr!(self, "{} -> {}", self.name(dev), short(&f));
         let now = self.server_now();
         let waits_for_answer = may_read(&f);
-        let actions = match self.server.core.on_frame(sid, f, now) {
-            Handled::Done(actions) => actions,
-            // The page is read off the core's task: the connection's next frame waits for it.
-            Handled::Read(plan) => {
-                self.read_page(sid, plan);
-                Vec::new()
-            }
-            // The frame waits for a conversation to load (its answer comes with the load's). A
-            // `sync` holds the connection's next frame back until it is answered, as a `sync`
-            // being read does.
-            Handled::Waits(actions) => {
+        match self.server.hub.on_frame(sid, f, now) {
+            Step::Done(actions) => self.dispatch(actions),
+            Step::Ask(origin, req) => {
+                // A `sync` holds the connection's next frame back until it is answered, as the
+                // server's connection does.
                 if waits_for_answer {
                     if let Some(c) = self.conns.get_mut(&sid) {
                         c.reading = true;
                     }
                 }
-                actions
+                self.cross_to_owner(ToOwner::Request(origin, req));
+                Ok(())
             }
+        }
+    }
+
+    /// Something starts across the seam to the owner: it arrives after a random delay, after
+    /// everything sent before it.
+    fn cross_to_owner(&mut self, what: ToOwner) {
+        let at = seam_time(
+            self.now + self.rng.range((0, SEAM_MS)),
+            &self.server.to_owner,
+        );
+        self.server.to_owner.push_back((at, what));
+    }
+
+    fn cross_to_hub(&mut self, what: ToHub) {
+        let at = seam_time(self.now + self.rng.range((0, SEAM_MS)), &self.server.to_hub);
+        self.server.to_hub.push_back((at, what));
+    }
+
+    /// The owner handles the next thing the hub sent it.
+    pub(crate) fn owner_receive(&mut self) -> Result<(), Violation> {
+        let Some((_, what)) = self.server.to_owner.pop_front() else {
+            return Ok(());
         };
-        self.dispatch(actions)?;
+        let (origin, req) = match what {
+            ToOwner::Gone(sid) => {
+                self.server.owner.gone(sid);
+                return Ok(());
+            }
+            ToOwner::Request(origin, req) => (origin, req),
+        };
+        let sync = matches!(req, Request::Sync { .. });
+        let now = self.server_now();
+        match self.server.owner.handle(&origin, req, now) {
+            Owned::Done(outs) => {
+                // Answered without a page: the connection's next frame may come.
+                if sync {
+                    if let Some(c) = self.conns.get_mut(&origin.session) {
+                        c.reading = false;
+                    }
+                }
+                self.owner_outs(outs)?;
+            }
+            // The page is read off the owner's task: the connection's next frame waits for it.
+            Owned::Read(plan) => self.read_page(origin, plan),
+            // It waits for a conversation to load (a `sync`'s answer comes with the load's).
+            Owned::Waits(outs) => self.owner_outs(outs)?,
+        }
         self.pump()
+    }
+
+    /// The hub handles the next thing the owner sent it.
+    pub(crate) fn hub_receive(&mut self) -> Result<(), Violation> {
+        let Some((_, event)) = self.server.to_hub.pop_front() else {
+            return Ok(());
+        };
+        let now = self.server_now();
+        let mut actions = Vec::new();
+        self.server.hub.on_event(event, now, &mut actions);
+        self.dispatch(actions)
+    }
+
+    /// Carries out what the owner said: store reads and admin answers at once, events for the
+    /// hub across the seam.
+    fn owner_outs(&mut self, outs: Vec<Out>) -> Result<(), Violation> {
+        let mut actions = Vec::new();
+        for o in outs {
+            match o {
+                Out::Io(a) => actions.push(a),
+                Out::Hub(e) => self.cross_to_hub(e),
+            }
+        }
+        self.dispatch(actions)
     }
 
     /// A device's connection reaches the server: the core learns of the session, and the
     /// device gets its welcome.
     pub(crate) fn accept_connection(&mut self, sid: SessionId, d: usize) {
         let (user, device) = (self.devs[d].user, self.devs[d].device);
-        self.server.core.connect(sid, user, device);
+        self.server.hub.connect(sid, user, device);
         let server_time = self.server_now();
         self.send_to_client(
             sid,
@@ -437,4 +528,9 @@ impl Sim {
             },
         );
     }
+}
+
+/// When something sent now, `at` at the earliest, arrives after what is ahead of it on `line`.
+fn seam_time<T>(at: u64, line: &VecDeque<(u64, T)>) -> u64 {
+    line.back().map_or(at, |(last, _)| at.max(*last))
 }

@@ -13,8 +13,10 @@ use crate::network::Conn;
 use crate::rng::Rng;
 use crate::server::{Server, ServerStore};
 use ordo_client::{ClientConfig, ClientSnapshot, MemoryStore, RetryPolicy};
-use ordo_core::{Action, AdminOp, Core, CoreConfig, Retention, SessionId, Snapshot};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use ordo_core::hub::Hub;
+use ordo_core::owner::{Out, Owner};
+use ordo_core::{Action, AdminOp, CoreConfig, Retention, SessionId, Snapshot};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 /// Simulated time during which the apps send and faults strike.
 pub(crate) const WORK_MS: u64 = 12_000;
@@ -138,6 +140,10 @@ pub(crate) enum Item {
     Scan,
     /// A page read for a `sync` is served.
     Page,
+    /// The owner handles the next request the hub sent it.
+    ToOwner,
+    /// The hub handles the next event the owner sent it.
+    ToHub,
     ToServer(SessionId),
     ToClient(SessionId),
     ClientDetect(SessionId),
@@ -208,7 +214,7 @@ impl Sim {
             retention_pass_ms: 2_000,
             ..CoreConfig::default()
         };
-        let mut core = Core::new(cfg.clone(), seed, Snapshot::default());
+        let mut core = Owner::new(cfg.clone(), seed, Snapshot::default());
         core.set_faults(opts.sabotage.core_faults());
         // A new store holds no dedup key: the filter is complete from the start.
         core.dedup_filter_complete();
@@ -225,9 +231,9 @@ impl Sim {
                     0,
                 )
                 .expect("a valid group");
-            // The core asks whether the group exists: the new store holds nothing.
+            // The owner asks whether the group exists: the new store holds nothing.
             for a in asked {
-                if let Action::Load { conv } = a {
+                if let Out::Io(Action::Load { conv }) = a {
                     let _ = core.loaded(&conv, None, 0);
                 }
             }
@@ -284,8 +290,11 @@ impl Sim {
             workload_on: true,
             opts,
             server: Server {
+                hub: Hub::new(cfg.clone()),
                 cfg,
-                core,
+                owner: core,
+                to_owner: VecDeque::new(),
+                to_hub: VecDeque::new(),
                 store,
                 up: true,
                 restart_at: None,
@@ -419,6 +428,12 @@ impl Sim {
         if let Some(p) = self.server.pages.iter().min_by_key(|p| p.at) {
             offer(p.at, Item::Page);
         }
+        if let Some((at, _)) = self.server.to_owner.front() {
+            offer(*at, Item::ToOwner);
+        }
+        if let Some((at, _)) = self.server.to_hub.front() {
+            offer(*at, Item::ToHub);
+        }
         for (sid, c) in &self.conns {
             let held = self.devs[c.dev].cut_off_until;
             if (c.alive || c.drain_c2s) && !c.reading {
@@ -479,6 +494,8 @@ impl Sim {
                 Ok(())
             }
             Item::Page => self.serve_page(),
+            Item::ToOwner => self.owner_receive(),
+            Item::ToHub => self.hub_receive(),
             Item::ToServer(sid) => self.deliver_to_server(sid),
             Item::ToClient(sid) => self.deliver_to_client(sid),
             Item::ClientDetect(sid) => self.client_detect(sid),
