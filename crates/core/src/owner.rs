@@ -371,6 +371,9 @@ impl Owner {
             None if self.filter.surely_new_key(fkey, now_ms) => {}
             None => return Ok(Err(Wait::Lookup)),
         }
+        // A new message: the hub's verdict applies (before the conversation is loaded, so a
+        // client over its rate makes the owner read nothing more).
+        cmd.verdict.clone()?;
 
         // A new message: its conversation is needed (the store's answer for its key, if it
         // was looked up, waits with it).
@@ -399,7 +402,6 @@ impl Owner {
                         retention: Retention::default(),
                         created_ms: now_ms,
                     };
-                    cmd.verdict.clone()?;
                     // Creation is only recorded together with its first message below.
                     self.convs
                         .insert(conv_id.to_string(), Conv::new(rec, false));
@@ -422,7 +424,6 @@ impl Owner {
                 )));
             }
         }
-        cmd.verdict.clone()?;
         Ok(Ok(self.append(origin, conv_id, cmd, reply_to, now_ms, fkey)))
     }
 

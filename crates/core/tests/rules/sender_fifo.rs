@@ -2,7 +2,7 @@
 //! the rate limit refuses some of them and they are resent later.
 
 use crate::support::*;
-use ordo_core::{Action, Batch, SessionId};
+use ordo_core::{Action, Batch, CoreConfig, Retention, SessionId};
 use ordo_protocol::ErrorCode;
 
 /// "cmid:seq" of every `accepted` a session got, in order.
@@ -163,4 +163,68 @@ fn a_clock_jump_does_not_let_a_later_send_overtake_a_held_back_one() {
     let (_, out) = s.flush();
     let order: Vec<String> = accepted_order(&out, 1);
     assert_eq!(order, ["m0:1", "m1:2", "m2:3"]);
+}
+
+/// A resend of a message already accepted is answered from dedup even while the connection's
+/// later sends are held back (it is not a new send), and it holds nothing back itself: the
+/// client will not resend it again, so the refused send's resend and the next new one go
+/// through, in order.
+#[test]
+fn a_resend_of_an_accepted_message_is_answered_while_others_are_held_back() {
+    let mut s = one_per_second(2.0);
+    s.now = 0;
+    assert!(s.send(1, "g", "m0").is_empty());
+    assert!(s.send(1, "g", "m1").is_empty());
+    assert_eq!(rejected(&s.send(1, "g", "m2")).0, ErrorCode::RateLimited);
+    let (_, out) = s.flush();
+    assert_eq!(accepted_order(&out, 1), ["m0:1", "m1:2"]);
+    // m1's answer was lost: the client resends it, while m2 is held back.
+    let out = s.send(1, "g", "m1");
+    assert_eq!(accepted_order(&out, 1), ["m1:2"], "answered from dedup");
+    s.now = 10_000;
+    assert!(s.send(1, "g", "m2").is_empty());
+    assert!(s.send(1, "g", "m3").is_empty(), "m1 holds nothing back");
+    let (_, out) = s.flush();
+    assert_eq!(accepted_order(&out, 1), ["m2:3", "m3:4"]);
+}
+
+/// A send the conversation owner refuses (here: its user is not a member) costs no rate token:
+/// the session hub takes one when it lets a send through and gives it back when the owner does
+/// not take the send.
+#[test]
+fn a_send_the_owner_refuses_costs_no_rate_token() {
+    let mut s = one_per_second(1.0);
+    s.group("h", &["bob"], Retention::default());
+    s.now = 0;
+    assert_eq!(rejected(&s.send(1, "h", "x0")).0, ErrorCode::NotMember);
+    assert!(s.send(1, "g", "m0").is_empty(), "the token is still there");
+    assert_eq!(rejected(&s.send(1, "g", "m1")).0, ErrorCode::RateLimited);
+}
+
+/// A new send over the rate is refused before its conversation is loaded: a client over its
+/// rate makes the server read nothing more from the store.
+#[test]
+fn a_send_over_the_rate_is_refused_without_loading_its_conversation() {
+    let mut s = Sim::new(CoreConfig {
+        rate_per_sec: 1.0,
+        rate_burst: 1.0,
+        conv_cache_entries: 0,
+        ..CoreConfig::default()
+    });
+    s.group("g", &["alice"], Retention::default());
+    s.core.connect(1, "alice", "a1");
+    s.now = 0;
+    s.core.evict();
+    assert!(s.send(1, "g", "m0").is_empty());
+    s.flush();
+    s.core.evict();
+    assert_eq!(s.core.convs_held(), 0);
+    let loads = s.core.stats().conv_loads;
+    let out = s.core.send(1, req("g", "m1"), s.now);
+    assert_eq!(rejected(&out).0, ErrorCode::RateLimited);
+    assert!(
+        !out.iter().any(|a| matches!(a, Action::Load { .. })),
+        "{out:?}"
+    );
+    assert_eq!(s.core.stats().conv_loads, loads);
 }
