@@ -146,9 +146,6 @@ pub struct CoreStats {
 pub struct Core {
     owner: Owner,
     hub: Hub,
-    /// The driver's clock as of the last event that carried it (for what the hub stamps on
-    /// events that carry none).
-    now_ms: u64,
 }
 
 impl Core {
@@ -162,7 +159,6 @@ impl Core {
         Core {
             hub: Hub::new(cfg.clone()),
             owner: Owner::new(cfg, seed, snapshot),
-            now_ms: 0,
         }
     }
 
@@ -193,14 +189,10 @@ impl Core {
         for o in outs {
             match o {
                 Out::Io(a) => actions.push(a),
-                Out::Hub(e) => self.hub.on_event(e, self.now_ms, &mut actions),
+                Out::Hub(e) => self.hub.on_event(e, &mut actions),
             }
         }
         actions
-    }
-
-    fn clock(&mut self, now_ms: u64) {
-        self.now_ms = self.now_ms.max(now_ms);
     }
 
     /// What the hub made of a frame or send: its own answer, or the owner's.
@@ -240,7 +232,6 @@ impl Core {
         frame: ordo_protocol::ClientFrame,
         now_ms: u64,
     ) -> crate::frame::Handled {
-        self.clock(now_ms);
         let step = self.hub.on_frame(session, frame, now_ms);
         self.step(step, now_ms)
     }
@@ -250,7 +241,6 @@ impl Core {
     /// client message id must be looked up in the store returns [`Action::Lookup`] and waits,
     /// and the connection's later sends wait behind it, in order.
     pub fn send(&mut self, session: SessionId, req: SendRequest<'_>, now_ms: u64) -> Vec<Action> {
-        self.clock(now_ms);
         let step = self.hub.send(session, req, now_ms);
         match self.step(step, now_ms) {
             crate::frame::Handled::Done(a) | crate::frame::Handled::Waits(a) => a,
@@ -329,14 +319,12 @@ impl Core {
 
     /// The store's answer to [`Action::Lookup`] `id`.
     pub fn looked_up(&mut self, id: u64, found: Option<DedupRecord>, now_ms: u64) -> Vec<Action> {
-        self.clock(now_ms);
         let outs = self.owner.looked_up(id, found, now_ms);
         self.route(outs)
     }
 
     /// The store's answer to [`Action::Load`] of `conv`.
     pub fn loaded(&mut self, conv: &str, state: Option<ConvState>, now_ms: u64) -> Vec<Action> {
-        self.clock(now_ms);
         let outs = self.owner.loaded(conv, state, now_ms);
         self.route(outs)
     }
@@ -393,7 +381,6 @@ impl Core {
         op: AdminOp,
         now_ms: u64,
     ) -> Result<Vec<Action>, CoreError> {
-        self.clock(now_ms);
         let outs = self.owner.admin(ticket, op, now_ms)?;
         Ok(self.route(outs))
     }
@@ -402,14 +389,12 @@ impl Core {
 
     /// Forgets dedup entries older than the window.
     pub fn expire_dedup(&mut self, now_ms: u64) {
-        self.clock(now_ms);
         self.owner.expire_dedup(now_ms);
     }
 
     /// Age-based retention: the next step to ask of the store, if one is due.
     #[must_use]
     pub fn retention_tick(&mut self, now_ms: u64) -> Vec<Action> {
-        self.clock(now_ms);
         self.owner.retention_tick(now_ms)
     }
 

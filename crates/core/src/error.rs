@@ -23,6 +23,8 @@ pub enum CoreError {
         earlier: String,
         retry_after_ms: u64,
     },
+    #[error("this connection has sends refused in {max} conversations that must be resent first, to keep your messages in order")]
+    HeldBackFull { max: usize },
     #[error("{0}")]
     Unavailable(String),
     #[error("the server is busy: {what}; retry in {retry_after_ms} ms")]
@@ -38,7 +40,9 @@ impl CoreError {
             CoreError::BodyTooLarge { .. } => ErrorCode::TooLarge,
             CoreError::NoSuchConversation(_) => ErrorCode::NotFound,
             CoreError::NotMember(_) => ErrorCode::NotMember,
-            CoreError::RateLimited(_) | CoreError::HeldBack { .. } => ErrorCode::RateLimited,
+            CoreError::RateLimited(_)
+            | CoreError::HeldBack { .. }
+            | CoreError::HeldBackFull { .. } => ErrorCode::RateLimited,
             CoreError::Unavailable(_) | CoreError::Busy { .. } => ErrorCode::Unavailable,
         }
     }
@@ -46,6 +50,7 @@ impl CoreError {
     pub fn retry_after_ms(&self) -> Option<u64> {
         match self {
             CoreError::RateLimited(ms) => Some(*ms),
+            CoreError::HeldBackFull { .. } => Some(1),
             CoreError::HeldBack { retry_after_ms, .. } | CoreError::Busy { retry_after_ms, .. } => {
                 Some(*retry_after_ms)
             }

@@ -12,6 +12,7 @@
 use crate::config::CoreConfig;
 use crate::engine::{Action, SendRequest, SessionId};
 use crate::error::CoreError;
+use crate::held_back::{Held, MAX_HELD_CONVS};
 use crate::rate::TokenBucket;
 use crate::seam::{Accepted, Delivery, Origin, Request, SendCmd, ToHub};
 use crate::session::{PushState, Session};
@@ -20,19 +21,8 @@ use ordo_protocol::{direct_conv_id, validate_id, ClientFrame, IdKind, ServerFram
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-/// Most refused sends remembered per connection and conversation to keep their order; past it,
-/// further ones are refused without being queued (the client resends them in order anyway).
-const MAX_HELD_BACK: usize = 4096;
-
 /// Most direct conversation ids a connection remembers (by peer) before it starts over.
 const MAX_DIRECT_REMEMBERED: usize = 256;
-
-/// A held-back send not resent for this long is forgotten (the client's longest backoff is a
-/// minute, ±30 %), provided the client resent the others behind it at least
-/// [`RESENDS_BEFORE_EXPIRY`] times meanwhile: a message the client gave up on must not block
-/// its conversation for good. See [`HeldBack`](crate::session::HeldBack).
-pub(crate) const HELD_BACK_TTL_MS: u64 = 120_000;
-const RESENDS_BEFORE_EXPIRY: u32 = 2;
 
 /// What the hub made of a frame.
 #[derive(Debug)]
@@ -234,8 +224,8 @@ impl Hub {
 
     /// The per-user rate limit, applied so that it never reorders one device's messages: once a
     /// send is refused for rate, the same connection's later new sends into that conversation
-    /// are refused too until the refused one is resent. The verdict goes to the owner with the
-    /// send, which applies it only to a new message.
+    /// are refused too until the refused one is resent (see [`crate::held_back`]). The verdict
+    /// goes to the owner with the send, which applies it only to a new message.
     fn admit(
         &mut self,
         session: SessionId,
@@ -245,35 +235,21 @@ impl Hub {
         now_ms: u64,
     ) -> Result<(), CoreError> {
         let (rate, burst) = (self.cfg.rate_per_sec, self.cfg.rate_burst);
-        if let Some(h) = self
-            .sessions
-            .get_mut(&session)
-            .and_then(|s| s.held_back.get_mut(conv_id))
-        {
-            if h.queue.front().is_some_and(|(c, _)| c == cmid) {
-                h.others_resent = 0;
-            } else if h.queue.iter().any(|(c, _)| c == cmid) {
-                h.others_resent = h.others_resent.saturating_add(1);
-            }
-            if h.others_resent >= RESENDS_BEFORE_EXPIRY
-                && h.queue.front().is_some_and(|(c, at)| {
-                    c != cmid && at.saturating_add(HELD_BACK_TTL_MS) < now_ms
-                })
-            {
-                h.queue.pop_front();
-                h.others_resent = 0;
-            }
-            if let Some(entry) = h.queue.iter_mut().find(|(c, _)| c == cmid) {
-                entry.1 = now_ms;
-            }
-            if h.queue.front().is_some_and(|(first, _)| first != cmid) {
-                if !h.queue.iter().any(|(c, _)| c == cmid) && h.queue.len() < MAX_HELD_BACK {
-                    h.queue.push_back((cmid.to_string(), now_ms));
-                }
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return Ok(());
+        };
+        match s.held_back.check(conv_id, cmid, now_ms) {
+            Ok(()) => {}
+            Err(Held::Behind(earlier)) => {
                 return Err(CoreError::HeldBack {
-                    earlier: h.queue.front().map(|(c, _)| c.clone()).unwrap_or_default(),
+                    earlier,
                     retry_after_ms: 1,
-                });
+                })
+            }
+            Err(Held::Full) => {
+                return Err(CoreError::HeldBackFull {
+                    max: MAX_HELD_CONVS,
+                })
             }
         }
         if !self.buckets.contains_key(user) {
@@ -284,26 +260,9 @@ impl Hub {
             Some(b) => b.take(rate, burst, now_ms),
             None => Ok(()),
         };
-        if let Some(s) = self.sessions.get_mut(&session) {
-            match taken {
-                Ok(()) => {
-                    if let Some(h) = s.held_back.get_mut(conv_id) {
-                        if h.queue.front().is_some_and(|(first, _)| first == cmid) {
-                            h.queue.pop_front();
-                            h.others_resent = 0;
-                        }
-                        if h.queue.is_empty() {
-                            s.held_back.remove(conv_id);
-                        }
-                    }
-                }
-                Err(_) => {
-                    let h = s.held_back.entry(conv_id.to_string()).or_default();
-                    if h.queue.is_empty() {
-                        h.queue.push_back((cmid.to_string(), now_ms));
-                    }
-                }
-            }
+        match taken {
+            Ok(()) => s.held_back.went(conv_id, cmid),
+            Err(_) => s.held_back.refused(conv_id, cmid, now_ms),
         }
         taken.map_err(CoreError::RateLimited)
     }
@@ -319,37 +278,16 @@ impl Hub {
         }
     }
 
-    /// A send held back in `conv` turned out to be a resend of a message accepted before: it
-    /// holds nothing back (the client will not resend it again).
+    /// A send held back in `conv` will not be resent (it turned out to be a resend of a message
+    /// accepted before, or the owner refused it for good): it holds nothing back.
     fn forget_held(&mut self, session: SessionId, conv: &str, cmid: &str) {
-        let Some(s) = self.sessions.get_mut(&session) else {
-            return;
-        };
-        if let Some(h) = s.held_back.get_mut(conv) {
-            h.queue.retain(|(c, _)| c != cmid);
-            if h.queue.is_empty() {
-                s.held_back.remove(conv);
-            }
-        }
-    }
-
-    /// The owner was too busy to take `cmid`: it is held back first in its conversation, so
-    /// that no later send of the connection overtakes its resend. (The hub holds back every
-    /// later send of a conversation once one is queued, so a refused send is either the only
-    /// one or the one that was first.)
-    fn hold_back_first(&mut self, session: SessionId, conv: &str, cmid: &str, now_ms: u64) {
-        let Some(s) = self.sessions.get_mut(&session) else {
-            return;
-        };
-        let h = s.held_back.entry(conv.to_string()).or_default();
-        if !h.queue.iter().any(|(c, _)| c == cmid) && h.queue.len() < MAX_HELD_BACK {
-            h.queue.push_front((cmid.to_string(), now_ms));
-            h.others_resent = 0;
+        if let Some(s) = self.sessions.get_mut(&session) {
+            s.held_back.forget(conv, cmid);
         }
     }
 
     /// Carries out what the owner said, appending the frames it makes to `out`.
-    pub fn on_event(&mut self, event: ToHub, now_ms: u64, out: &mut Vec<Action>) {
+    pub fn on_event(&mut self, event: ToHub, out: &mut Vec<Action>) {
         match event {
             ToHub::Frame { session, frame } => out.push(Action::Send { session, frame }),
             ToHub::Accepted(Accepted {
@@ -361,12 +299,11 @@ impl Hub {
                 duplicate,
                 admitted,
             }) => {
-                if duplicate {
-                    if admitted {
-                        self.give_back(session);
-                    }
-                    self.forget_held(session, &conv, &cmid);
+                if duplicate && admitted {
+                    self.give_back(session);
                 }
+                // Answered (perhaps to another copy of the frame): it holds nothing back.
+                self.forget_held(session, &conv, &cmid);
                 out.push(Action::Send {
                     session,
                     frame: ServerFrame::Accepted {
@@ -387,8 +324,9 @@ impl Hub {
                 if admitted {
                     self.give_back(session);
                 }
-                if matches!(error, CoreError::Busy { .. }) && !conv.is_empty() {
-                    self.hold_back_first(session, &conv, &cmid, now_ms);
+                // The client does not resend a send refused for good.
+                if !error.code().retryable() {
+                    self.forget_held(session, &conv, &cmid);
                 }
                 out.push(rejected(session, cmid, &error));
             }

@@ -24,6 +24,7 @@ pub mod error;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
 pub mod frame;
+pub mod held_back;
 pub mod hub;
 pub mod line;
 pub mod loading;

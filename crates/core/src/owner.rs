@@ -17,6 +17,7 @@ use crate::conv::{Conv, Cursor};
 use crate::dedup::{DedupCache, DedupFilter, FilterKey};
 use crate::engine::{Action, AdminOp, CoreStats, SessionId, SyncPlan, Ticket};
 use crate::error::CoreError;
+use crate::held_back::{Gate, Held};
 use crate::line::{Line, LookedUp, LookupState, Parked};
 use crate::loading::{Loads, Waiting};
 use crate::model::*;
@@ -129,6 +130,9 @@ pub struct Owner {
     lookups: HashMap<u64, SessionId>,
     /// Per connection, the sends waiting for the store and those behind them.
     pub(crate) lines: HashMap<SessionId, Line>,
+    /// Per connection, the sends refused because too many were waiting, held back so that no
+    /// later send of the connection into their conversation overtakes their resend.
+    gates: HashMap<SessionId, Gate>,
     /// Bytes of sends waiting in every line together.
     parked_total: usize,
     next_lookup: u64,
@@ -182,6 +186,7 @@ impl Owner {
             filter,
             lookups: HashMap::new(),
             lines: HashMap::new(),
+            gates: HashMap::new(),
             parked_total: 0,
             next_lookup: 1,
             reading: HashMap::new(),
@@ -219,6 +224,7 @@ impl Owner {
     pub fn gone(&mut self, session: SessionId) {
         self.forget_waiting(session);
         self.reading.remove(&session);
+        self.gates.remove(&session);
         if let Some(line) = self.lines.remove(&session) {
             self.parked_total = self.parked_total.saturating_sub(line.bytes);
         }
@@ -267,6 +273,39 @@ impl Owner {
     /// looked up in the store asks for it ([`Action::Lookup`]) and waits, and the connection's
     /// later sends wait behind it, in order.
     pub fn send(&mut self, origin: &Origin, cmd: SendCmd, now_ms: u64) -> Vec<Out> {
+        // The gate keeps the order of the sends the hub let through; those it holds back for
+        // rate keep theirs in the hub's gate (one that passed through both in a row must not be
+        // queued in both, or the two queues could ask for different orders).
+        let gate = match cmd.verdict {
+            Ok(()) => self.gates.get_mut(&origin.session),
+            Err(_) => None,
+        };
+        if let Some(gate) = gate {
+            let held = gate.check(&cmd.conv, &cmd.cmid, now_ms);
+            if held.is_ok() {
+                gate.went(&cmd.conv, &cmd.cmid);
+            }
+            if gate.is_empty() {
+                self.gates.remove(&origin.session);
+            }
+            if let Err(held) = held {
+                let what = match held {
+                    Held::Behind(earlier) => format!(
+                        "message {earlier:?} of this conversation was refused while the server was busy and must be resent first, to keep your messages in order"
+                    ),
+                    Held::Full => format!(
+                        "this connection has sends refused in {} conversations that must be resent first",
+                        crate::held_back::MAX_HELD_CONVS
+                    ),
+                };
+                let e = CoreError::Busy {
+                    what,
+                    retry_after_ms: PARKED_RETRY_MS,
+                };
+                let admitted = cmd.verdict.is_ok();
+                return vec![refused(origin.session, cmd.conv, cmd.cmid, e, admitted)];
+            }
+        }
         match self.lines.get(&origin.session) {
             Some(l) if !l.parked.is_empty() => self.park_behind(origin, cmd, now_ms),
             _ => self.send_now(origin, cmd, None, now_ms),
@@ -290,6 +329,10 @@ impl Owner {
             }
             // Only a stored message takes the request's id and body; a refused one still has them.
             Err(e) => {
+                // The client does not resend a send refused for good.
+                if !e.code().retryable() {
+                    self.forget_held(origin.session, &cmd.conv, &cmd.cmid);
+                }
                 let admitted = cmd.verdict.is_ok();
                 vec![refused(origin.session, cmd.conv, cmd.cmid, e, admitted)]
             }
@@ -343,6 +386,7 @@ impl Owner {
                 admitted: cmd.verdict.is_ok(),
             };
             if durable {
+                self.forget_held(session, &waiter.conv, cmid);
                 return Ok(Ok(vec![accepted(waiter)]));
             }
             self.pending.waiters.push(waiter);
@@ -355,6 +399,7 @@ impl Owner {
                     return Err(reused(cmid, &d.conv));
                 }
                 self.stats.dedup_hits += 1;
+                self.forget_held(session, &d.conv, cmid);
                 return Ok(Ok(vec![accepted(Waiter {
                     session,
                     cmid: Arc::from(cmid),
@@ -437,14 +482,13 @@ impl Owner {
         load: Option<(String, Option<LookedUp>)>,
         now_ms: u64,
     ) -> Vec<Out> {
-        let _ = now_ms;
         let session = origin.session;
         let bytes = Parked::size_of(&cmd);
         let empty = self.lines.get(&session).is_none_or(|l| l.parked.is_empty());
         // With nothing parked behind it, a send past the budget of every line can be refused
-        // (and held back by the hub) without changing the order of any other.
+        // (and held back) without changing the order of any other.
         if empty && self.parked_total + bytes > self.cfg.max_parked_bytes {
-            return vec![busy(session, cmd, "sends of all connections")];
+            return vec![self.busy(session, cmd, "sends of all connections", now_ms)];
         }
         let mark = self.dedup.mark();
         let (lookup, asked) = match load {
@@ -495,7 +539,7 @@ impl Owner {
             || line.bytes + bytes > MAX_PARKED_BYTES
             || self.parked_total + bytes > self.cfg.max_parked_bytes;
         if full {
-            return vec![busy(session, cmd, "earlier sends of this connection")];
+            return vec![self.busy(session, cmd, "earlier sends of this connection", now_ms)];
         }
         let user = &origin.user;
         let needs_lookup = self.dedup.get(user, &cmd.cmid).is_none()
@@ -524,6 +568,36 @@ impl Owner {
             self.parked_total += bytes;
         }
         out
+    }
+
+    /// `cmid` was answered (accepted, perhaps by another copy of the frame, or refused for
+    /// good): the client will not resend it, so it holds nothing back in the connection's gate.
+    fn forget_held(&mut self, session: SessionId, conv: &str, cmid: &str) {
+        if let Some(gate) = self.gates.get_mut(&session) {
+            gate.forget(conv, cmid);
+            if gate.is_empty() {
+                self.gates.remove(&session);
+            }
+        }
+    }
+
+    /// Refuses a send because too many sends wait for the store (`whose`), and holds it back
+    /// if the hub let it through: it passed the gate (it is the first of its conversation to
+    /// go), so it goes first once resent, before anything held back behind it.
+    fn busy(&mut self, session: SessionId, cmd: SendCmd, whose: &str, now_ms: u64) -> Out {
+        let e = CoreError::Busy {
+            what: format!("too many {whose} are waiting for the store"),
+            retry_after_ms: PARKED_RETRY_MS,
+        };
+        let admitted = cmd.verdict.is_ok();
+        // One the hub held back is refused anyway, and the hub's gate keeps its place.
+        if admitted {
+            self.gates
+                .entry(session)
+                .or_default()
+                .refused(&cmd.conv, &cmd.cmid, now_ms);
+        }
+        refused(session, cmd.conv, cmd.cmid, e, admitted)
     }
 
     /// The store's answer to [`Action::Lookup`] `id`: `found` is what the key was accepted
@@ -1113,7 +1187,10 @@ impl Owner {
             }
         }
         let mut waiters = f.waiters;
-        out.extend(waiters.drain(..).map(accepted));
+        for w in waiters.drain(..) {
+            self.forget_held(w.session, &w.conv, &w.cmid);
+            out.push(accepted(w));
+        }
         self.spare_waiters = waiters;
         for (ticket, cid) in f.admin {
             let reply = self
@@ -1272,16 +1349,6 @@ fn refused(
         error,
         admitted,
     })
-}
-
-/// A send refused because too many sends wait for the store (`whose`).
-fn busy(session: SessionId, cmd: SendCmd, whose: &str) -> Out {
-    let e = CoreError::Busy {
-        what: format!("too many {whose} are waiting for the store"),
-        retry_after_ms: PARKED_RETRY_MS,
-    };
-    let admitted = cmd.verdict.is_ok();
-    refused(session, cmd.conv, cmd.cmid, e, admitted)
 }
 
 /// An error answer to a connection's request.

@@ -79,7 +79,12 @@ pub fn short_s(f: &ServerFrame) -> String {
         ServerFrame::Accepted {
             cmid, conv, seq, ..
         } => format!("accepted {cmid} {conv}/{seq}"),
-        ServerFrame::Rejected { cmid, code, .. } => format!("rejected {cmid} {code}"),
+        ServerFrame::Rejected {
+            cmid,
+            code,
+            message,
+            ..
+        } => format!("rejected {cmid} {code} {message}"),
         ServerFrame::Msg(m) => format!("msg {}/{} {}", m.conv, m.seq, m.cmid),
         ServerFrame::Notify { conv, max_seq } => format!("notify {conv}<={max_seq}"),
         ServerFrame::Synced {

@@ -492,9 +492,8 @@ impl Sim {
         let Some((_, event)) = self.server.to_hub.pop_front() else {
             return Ok(());
         };
-        let now = self.server_now();
         let mut actions = Vec::new();
-        self.server.hub.on_event(event, now, &mut actions);
+        self.server.hub.on_event(event, &mut actions);
         self.dispatch(actions)
     }
 

@@ -211,6 +211,13 @@ impl Sim {
             // A handful of conversations held, so that loads, evictions and their races happen
             // on every seed too.
             conv_cache_entries: rng.range((0, 4)) as usize,
+            // Sometimes room for only a few sends waiting for the store, so that sends are
+            // refused as busy and held back (their order kept across the seam).
+            max_parked_bytes: if rng.chance(0.3) {
+                rng.range((300, 1_500)) as usize
+            } else {
+                CoreConfig::default().max_parked_bytes
+            },
             retention_pass_ms: 2_000,
             ..CoreConfig::default()
         };

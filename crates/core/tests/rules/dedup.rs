@@ -398,7 +398,7 @@ fn a_lookup_older_than_a_forgotten_entry_is_asked_again() {
 /// A connection may have only so many sends waiting for lookups: past that, a send is refused
 /// as unavailable with a retry time, and nothing else is lost. The refused send is held back
 /// like one refused for rate: the connection's later new sends into the conversation are refused
-/// until it is resent, so it cannot land behind them.
+/// (as unavailable too) until it is resent, so it cannot land behind them.
 #[test]
 fn a_connection_cannot_park_without_bound() {
     let mut s = alice_alone_in_g(cfg());
@@ -433,7 +433,7 @@ fn a_connection_cannot_park_without_bound() {
         1024
     );
     // A new send after the refused ones waits for them.
-    assert_eq!(rejected(&s.send(1, "g", "later")).0, ErrorCode::RateLimited);
+    assert_eq!(rejected(&s.send(1, "g", "later")).0, ErrorCode::Unavailable);
     for i in 1024..1100 {
         assert!(s.send(1, "g", &format!("m{i}")).is_empty(), "m{i} resent");
     }
@@ -471,7 +471,7 @@ fn all_connections_together_cannot_park_without_bound() {
     );
     // Once the budget is free again, his next send is held back behind the refused one.
     s.answer_lookups(asked);
-    assert_eq!(rejected(&s.send(2, "g", "b1")).0, ErrorCode::RateLimited);
+    assert_eq!(rejected(&s.send(2, "g", "b1")).0, ErrorCode::Unavailable);
     assert!(s.send(2, "g", "b0").is_empty());
     assert!(s.send(2, "g", "b1").is_empty());
     let (_, out) = s.flush();
@@ -483,4 +483,30 @@ fn all_connections_together_cannot_park_without_bound() {
     };
     assert_eq!(seqs(1).len(), 3);
     assert_eq!(seqs(2), [("b0".to_string(), 4), ("b1".to_string(), 5)]);
+}
+
+/// A copy of a frame refused because too many sends were waiting holds nothing back once the
+/// first copy is accepted: the client, answered, never resends it.
+#[test]
+fn a_refused_copy_of_an_accepted_send_holds_nothing_back() {
+    let tight = CoreConfig {
+        max_parked_bytes: 50,
+        ..cfg()
+    };
+    let mut s = alice_alone_in_g(tight.clone());
+    s.restart_cold(tight);
+    s.core.connect(1, "alice", "a1");
+    let mut asked = Vec::new();
+    for i in 0..3 {
+        asked.extend(s.core.send(1, req("g", &format!("a{i}")), s.now));
+    }
+    // The network delivers a second copy of a0 while all three wait: refused, held back.
+    let (code, _, _) = rejected(&s.core.send(1, req("g", "a0"), s.now));
+    assert_eq!(code, ErrorCode::Unavailable);
+    s.answer_lookups(asked);
+    let (_, out) = s.flush();
+    assert_eq!(accepted(&out, 1).len(), 3);
+    assert!(s.send(1, "g", "a3").is_empty(), "a0 was answered");
+    let (_, out) = s.flush();
+    assert_eq!(accepted(&out, 1)[0].2, 4);
 }

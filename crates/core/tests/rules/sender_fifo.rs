@@ -228,3 +228,27 @@ fn a_send_over_the_rate_is_refused_without_loading_its_conversation() {
     );
     assert_eq!(s.core.stats().conv_loads, loads);
 }
+
+/// A send held back behind a refused one, then refused for good by the conversation owner (its
+/// client message id was used in another conversation), holds nothing back: the client will
+/// not resend it, and the connection's next send goes once the refused one is through.
+#[test]
+fn a_held_back_send_refused_for_good_holds_nothing_back() {
+    let mut s = one_per_second(1.0);
+    s.group("h", &["alice"], Retention::default());
+    s.now = 0;
+    assert!(s.send(1, "h", "x").is_empty());
+    s.flush();
+    assert_eq!(rejected(&s.send(1, "g", "a1")).0, ErrorCode::RateLimited);
+    assert_eq!(
+        rejected(&s.send(1, "g", "x")).0,
+        ErrorCode::Invalid,
+        "x was used in h"
+    );
+    s.now = 10_000;
+    assert!(s.send(1, "g", "a1").is_empty());
+    s.now = 12_000;
+    assert!(s.send(1, "g", "a2").is_empty(), "x holds nothing back");
+    let (_, out) = s.flush();
+    assert_eq!(accepted_order(&out, 1), ["a1:1", "a2:2"]);
+}

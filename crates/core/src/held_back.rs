@@ -1,0 +1,190 @@
+//! The held-back order: how a connection's refused sends keep their place. Once a send into a
+//! conversation is refused for a reason that passes (the user's rate, in the session hub; the
+//! conversation owner too busy to take it), that connection's later new sends into the
+//! conversation are refused too until the refused one is resent. So resends, in whatever order
+//! they come, are numbered in the order the connection first sent them (G4).
+//!
+//! Both halves of the core keep such a gate per connection, each for its own refusals: the hub
+//! for rate (before the send crosses to the owner), the owner for being busy (where it decides
+//! it). Each gate only ever refuses, never reorders, so the two in a row keep the order too.
+
+use foldhash::{HashMap, HashMapExt};
+use std::collections::VecDeque;
+
+/// Most refused sends remembered per connection and conversation to keep their order; past it,
+/// further ones are refused without being queued (the client resends them in order anyway).
+const MAX_HELD_BACK: usize = 4096;
+
+/// Most conversations of one connection with sends held back; while a connection has this many,
+/// its sends into any other conversation are refused too (a gate that cannot remember a refusal
+/// must not let what follows it through).
+pub const MAX_HELD_CONVS: usize = 64;
+
+/// A held-back send not resent for this long is forgotten (the client's longest backoff is a
+/// minute, ±30 %), provided the client resent the others behind it at least
+/// [`RESENDS_BEFORE_EXPIRY`] times meanwhile: a message the client gave up on must not block
+/// its conversation for good. Time alone is not enough: a clock that jumps forward would let a
+/// message sent right after the first one through ahead of it.
+pub const HELD_BACK_TTL_MS: u64 = 120_000;
+const RESENDS_BEFORE_EXPIRY: u32 = 2;
+
+/// Client message ids refused in one conversation, in the order they must go. Only the first
+/// may go; each one that goes lets the next one go.
+#[derive(Clone, Debug, Default)]
+pub struct HeldBack {
+    /// (client message id, when it was last refused), in first-send order.
+    queue: VecDeque<(String, u64)>,
+    /// Resends of the others seen since the first one was last seen.
+    others_resent: u32,
+}
+
+/// Why a send may not go yet.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Held {
+    /// Behind this earlier refused send of the conversation.
+    Behind(String),
+    /// The connection has sends held back in [`MAX_HELD_CONVS`] other conversations.
+    Full,
+}
+
+impl HeldBack {
+    /// A send of `cmid` arrives: whether it may go, or whom it waits behind (it is queued then,
+    /// in arrival order, if it was not).
+    fn check(&mut self, cmid: &str, now_ms: u64) -> Result<(), Held> {
+        if self.queue.front().is_some_and(|(c, _)| c == cmid) {
+            self.others_resent = 0;
+        } else if self.queue.iter().any(|(c, _)| c == cmid) {
+            self.others_resent = self.others_resent.saturating_add(1);
+        }
+        if self.others_resent >= RESENDS_BEFORE_EXPIRY
+            && self
+                .queue
+                .front()
+                .is_some_and(|(c, at)| c != cmid && at.saturating_add(HELD_BACK_TTL_MS) < now_ms)
+        {
+            self.queue.pop_front();
+            self.others_resent = 0;
+        }
+        if let Some(entry) = self.queue.iter_mut().find(|(c, _)| c == cmid) {
+            entry.1 = now_ms;
+        }
+        match self.queue.front() {
+            Some((first, _)) if first != cmid => {
+                let first = first.clone();
+                if !self.queue.iter().any(|(c, _)| c == cmid) && self.queue.len() < MAX_HELD_BACK {
+                    self.queue.push_back((cmid.to_string(), now_ms));
+                }
+                Err(Held::Behind(first))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// One connection's gate: per conversation, what is held back there.
+#[derive(Clone, Debug, Default)]
+pub struct Gate(HashMap<String, HeldBack>);
+
+impl Gate {
+    pub fn new() -> Self {
+        Gate(HashMap::new())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// A send of `cmid` into `conv` arrives: whether it may go (see [`HeldBack`]).
+    pub fn check(&mut self, conv: &str, cmid: &str, now_ms: u64) -> Result<(), Held> {
+        let full = self.0.len() >= MAX_HELD_CONVS;
+        match self.0.get_mut(conv) {
+            Some(h) => h.check(cmid, now_ms),
+            None if full => Err(Held::Full),
+            None => Ok(()),
+        }
+    }
+
+    /// `cmid` went through: the next one held back in `conv`, if any, may go.
+    pub fn went(&mut self, conv: &str, cmid: &str) {
+        if let Some(h) = self.0.get_mut(conv) {
+            if h.queue.front().is_some_and(|(c, _)| c == cmid) {
+                h.queue.pop_front();
+                h.others_resent = 0;
+            }
+            if h.queue.is_empty() {
+                self.0.remove(conv);
+            }
+        }
+    }
+
+    /// `cmid`, which was let through (so it is the first of `conv` to go), was refused after
+    /// all: it goes first once resent, before anything held back behind it.
+    pub fn refused(&mut self, conv: &str, cmid: &str, now_ms: u64) {
+        if !self.0.contains_key(conv) && self.0.len() >= MAX_HELD_CONVS {
+            return;
+        }
+        let h = self.0.entry(conv.to_string()).or_default();
+        if !h.queue.iter().any(|(c, _)| c == cmid) && h.queue.len() < MAX_HELD_BACK {
+            h.queue.push_front((cmid.to_string(), now_ms));
+            h.others_resent = 0;
+        }
+    }
+
+    /// `cmid` will not be resent (it was a resend of an accepted message, or it was refused
+    /// for good): it holds nothing back.
+    pub fn forget(&mut self, conv: &str, cmid: &str) {
+        if let Some(h) = self.0.get_mut(conv) {
+            h.queue.retain(|(c, _)| c != cmid);
+            if h.queue.is_empty() {
+                self.0.remove(conv);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refused_sends_go_in_their_first_send_order() {
+        let mut g = Gate::new();
+        assert_eq!(g.check("c", "a", 0), Ok(()));
+        g.refused("c", "a", 0);
+        assert_eq!(g.check("c", "b", 1), Err(Held::Behind("a".into())));
+        assert_eq!(g.check("c", "c", 2), Err(Held::Behind("a".into())));
+        // Other conversations are not held back.
+        assert_eq!(g.check("d", "x", 2), Ok(()));
+        assert_eq!(g.check("c", "c", 3), Err(Held::Behind("a".into())));
+        assert_eq!(g.check("c", "a", 4), Ok(()));
+        g.went("c", "a");
+        assert_eq!(g.check("c", "c", 5), Err(Held::Behind("b".into())));
+        assert_eq!(g.check("c", "b", 6), Ok(()));
+        g.went("c", "b");
+        // Let through and refused again: first once more, ahead of what waits behind it.
+        g.refused("c", "b", 7);
+        assert_eq!(g.check("c", "c", 8), Err(Held::Behind("b".into())));
+        g.forget("c", "b");
+        assert_eq!(g.check("c", "c", 9), Ok(()));
+        g.went("c", "c");
+        assert!(g.is_empty());
+    }
+
+    #[test]
+    fn a_full_gate_holds_back_every_other_conversation() {
+        let mut g = Gate::new();
+        for i in 0..MAX_HELD_CONVS {
+            g.refused(&format!("c{i}"), "m", 0);
+        }
+        assert_eq!(g.check("other", "x", 1), Err(Held::Full));
+        g.refused("other", "x", 1);
+        assert_eq!(
+            g.check("other", "x", 2),
+            Err(Held::Full),
+            "nothing remembered"
+        );
+        assert_eq!(g.check("c0", "m", 3), Ok(()));
+        g.went("c0", "m");
+        assert_eq!(g.check("other", "x", 4), Ok(()));
+    }
+}
