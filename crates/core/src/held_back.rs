@@ -22,7 +22,7 @@ pub const MAX_HELD_CONVS: usize = 64;
 
 /// A held-back send not resent for this long is forgotten (the client's longest backoff is a
 /// minute, ±30 %), provided the client resent the others behind it at least
-/// [`RESENDS_BEFORE_EXPIRY`] times meanwhile: a message the client gave up on must not block
+/// two times meanwhile: a message the client gave up on must not block
 /// its conversation for good. Time alone is not enough: a clock that jumps forward would let a
 /// message sent right after the first one through ahead of it.
 pub const HELD_BACK_TTL_MS: u64 = 120_000;

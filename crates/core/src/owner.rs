@@ -768,15 +768,17 @@ impl Owner {
             return;
         };
         let cap = conv.durable_seq;
-        let cur = Arc::make_mut(&mut conv.cursors).entry(user, device);
-        let before = *cur;
+        let before = conv.cursors.get(user, device);
+        let mut after = before;
         if let Some(d) = delivered {
-            cur.delivered = cur.delivered.max(d.min(cap));
+            after.delivered = after.delivered.max(d.min(cap));
         }
         if let Some(r) = read {
-            cur.read = cur.read.max(r.min(cap));
+            after.read = after.read.max(r.min(cap));
         }
-        if *cur != before {
+        if after != before {
+            // Copied only if a delivery still holds the old positions (across a seam).
+            *Arc::make_mut(&mut conv.cursors).entry(user, device) = after;
             self.pending.cursors.insert((
                 conv_id.to_string(),
                 user.to_string(),
@@ -1135,7 +1137,6 @@ impl Owner {
         Some(batch)
     }
 
-    /// The batch `id` is durable: release everything that waited on it.
     /// The batch `id` is durable: release everything that waited on it.
     pub fn commit_done(&mut self, id: u64, outcome: CommitOutcome) -> Vec<Out> {
         let Some(f) = self.in_flight.take_if(|f| f.id == id) else {

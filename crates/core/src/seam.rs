@@ -7,8 +7,12 @@
 //!
 //! Everything that crosses is plain data, owned or shared read-only: nothing in it points into
 //! the other half's state. In one process the [`Core`](crate::Core) hands the events across at
-//! once; across nodes they can travel as messages, and a lost [`ToHub::Deliver`] shows up at
-//! the device as a gap it syncs, which the protocol already handles.
+//! once; across nodes they can travel as messages. Each direction must keep its order (a
+//! connection's requests, the owner's answers and deliveries), as the simulation's delaying
+//! channels do. Losing a [`ToHub::Deliver`] is survivable but not free: the hub's push position
+//! stays behind, so the device's next message comes as a `notify` and it syncs; a lost *last*
+//! message shows up only with the next one or the device's next sync (see
+//! docs/architecture.md).
 
 use crate::conv::Cursors;
 use crate::engine::SessionId;
@@ -99,8 +103,7 @@ pub enum ToHub {
     },
     /// A send is durable (or, with `duplicate`, was already: a resend answered from dedup).
     Accepted(Accepted),
-    /// A send was refused; `conv` is the one it named (empty if it named none it could
-    /// resolve).
+    /// A send was refused; `conv` is the conversation it went to.
     Refused {
         session: SessionId,
         conv: Arc<str>,

@@ -1,7 +1,8 @@
 //! The router task: the single owner of the [`Core`], and the bridge to the commit thread.
 //!
 //! Connections send it [`Command`]s over a bounded channel. It feeds them to the core (a client
-//! frame through [`Core::on_frame`], the same entry point the simulation drives), hands the
+//! frame through [`Core::on_frame`], which runs it through the session hub and the conversation
+//! owner, the two halves the simulation drives apart), hands the
 //! core's pending changes to the commit thread one batch at a time (while a batch is being
 //! fsynced, new sends pile up into the next one: that is the group commit), and when a batch is
 //! durable it carries out the core's actions: `accepted`, `msg`, `notify`, `receipt`, admin

@@ -1,5 +1,6 @@
-//! A deterministic simulation of Ordo: the real server core ([`ordo_core::Core`]) and the real
-//! client state machines ([`ordo_client::ClientState`]) talking over a simulated network, with a
+//! A deterministic simulation of Ordo: the real server core (its two halves, the session
+//! [`ordo_core::hub::Hub`] and the conversation [`ordo_core::owner::Owner`], run apart with a
+//! delaying channel between them) and the real client state machines ([`ordo_client::ClientState`]) talking over a simulated network, with a
 //! simulated disk on each side and simulated clocks, under faults. It checks the delivery
 //! contract of docs/contract.md (G1-G7) while it runs and once everything has settled.
 //!
