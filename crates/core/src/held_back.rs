@@ -118,13 +118,15 @@ impl Gate {
     }
 
     /// `cmid`, which was let through (so it is the first of `conv` to go), was refused after
-    /// all: it goes first once resent, before anything held back behind it.
+    /// all: it goes first once resent, before anything held back behind it (also before a copy
+    /// of itself that arrived meanwhile and was queued behind later sends).
     pub fn refused(&mut self, conv: &str, cmid: &str, now_ms: u64) {
         if !self.0.contains_key(conv) && self.0.len() >= MAX_HELD_CONVS {
             return;
         }
         let h = self.0.entry(conv.to_string()).or_default();
-        if !h.queue.iter().any(|(c, _)| c == cmid) && h.queue.len() < MAX_HELD_BACK {
+        h.queue.retain(|(c, _)| c != cmid);
+        if h.queue.len() < MAX_HELD_BACK {
             h.queue.push_front((cmid.to_string(), now_ms));
             h.others_resent = 0;
         }
@@ -164,6 +166,22 @@ mod tests {
         // Let through and refused again: first once more, ahead of what waits behind it.
         g.refused("c", "b", 7);
         assert_eq!(g.check("c", "c", 8), Err(Held::Behind("b".into())));
+        // A copy of b queued behind c meanwhile does not keep b behind c.
+        g.went("c", "b");
+        g.refused("c", "c", 8);
+        assert_eq!(
+            g.check("c", "b", 8),
+            Err(Held::Behind("c".into())),
+            "b's copy queued"
+        );
+        g.refused("c", "b", 9);
+        assert_eq!(
+            g.check("c", "c", 9),
+            Err(Held::Behind("b".into())),
+            "b first again"
+        );
+        assert_eq!(g.check("c", "b", 10), Ok(()));
+        g.went("c", "b");
         g.forget("c", "b");
         assert_eq!(g.check("c", "c", 9), Ok(()));
         g.went("c", "c");

@@ -276,9 +276,18 @@ impl Owner {
         // The gate keeps the order of the sends the hub let through; those it holds back for
         // rate keep theirs in the hub's gate (one that passed through both in a row must not be
         // queued in both, or the two queues could ask for different orders).
-        let gate = match cmd.verdict {
-            Ok(()) => self.gates.get_mut(&origin.session),
-            Err(_) => None,
+        // A resend the dedup cache answers is not held back either: it is answered (and the
+        // client, answered, would never resend it to clear a place in the gate).
+        let window = self.cfg.dedup_window_ms;
+        let answered = || {
+            self.dedup
+                .get(&origin.user, &cmd.cmid)
+                .is_some_and(|d| now_ms < d.ts.saturating_add(window))
+        };
+        let gated = cmd.verdict.is_ok() && self.gates.contains_key(&origin.session) && !answered();
+        let gate = match gated {
+            true => self.gates.get_mut(&origin.session),
+            false => None,
         };
         if let Some(gate) = gate {
             let held = gate.check(&cmd.conv, &cmd.cmid, now_ms);

@@ -510,3 +510,33 @@ fn a_refused_copy_of_an_accepted_send_holds_nothing_back() {
     let (_, out) = s.flush();
     assert_eq!(accepted(&out, 1)[0].2, 4);
 }
+
+/// A resend of an accepted message that arrives while a send of the same connection is held
+/// back (refused because too many were waiting) is answered at once, and holds nothing back.
+#[test]
+fn a_resend_of_an_accepted_send_passes_a_held_back_one() {
+    let tight = CoreConfig {
+        max_parked_bytes: 50,
+        ..cfg()
+    };
+    let mut s = alice_alone_in_g(tight.clone());
+    s.restart_cold(tight);
+    s.core.connect(1, "alice", "a1");
+    let mut asked = Vec::new();
+    for i in 0..3 {
+        asked.extend(s.core.send(1, req("g", &format!("a{i}")), s.now));
+    }
+    let (code, _, _) = rejected(&s.core.send(1, req("g", "a3"), s.now));
+    assert_eq!(code, ErrorCode::Unavailable, "a3 is held back");
+    s.answer_lookups(asked);
+    let (_, out) = s.flush();
+    assert_eq!(accepted(&out, 1).len(), 3);
+    // a0's answer was lost on the way: its resend is answered, though a3 is held back.
+    let out = s.core.send(1, req("g", "a0"), s.now);
+    assert_eq!(accepted(&out, 1).len(), 1, "{out:?}");
+    assert!(s.send(1, "g", "a3").is_empty());
+    assert!(s.send(1, "g", "a4").is_empty(), "a0 holds nothing back");
+    let (_, out) = s.flush();
+    let seqs: Vec<(String, u64)> = accepted(&out, 1).into_iter().map(|a| (a.0, a.2)).collect();
+    assert_eq!(seqs, [("a3".to_string(), 4), ("a4".to_string(), 5)]);
+}
