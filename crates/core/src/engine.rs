@@ -56,6 +56,11 @@ pub enum Action {
     /// hand the answer to [`Core::expired`]. One at a time; may be answered from any store state
     /// after it was asked.
     Sweep(AgeSweep),
+    /// Close this connection (WebSocket close code 1013, try again later) with this reason:
+    /// the core could no longer keep the order of its refused sends (see
+    /// [`crate::held_back`]). The client reconnects and resends its pending messages in order.
+    /// The core has already forgotten the connection, as after [`Core::disconnect`].
+    Close { session: SessionId, reason: String },
     /// A frame for which [`Core::on_frame`] returned [`Handled::Waits`](crate::Handled::Waits)
     /// is handled now: for a `sync`, read `plan`'s page and hand it to [`Core::serve_page`];
     /// `None` when it was answered without one. Only for frames [`crate::may_read`] names.
@@ -192,14 +197,27 @@ impl Core {
                 Out::Hub(e) => self.hub.on_event(e, &mut actions),
             }
         }
+        self.forget_closed(&actions);
         actions
+    }
+
+    /// A connection the core closes ([`Action::Close`]) is forgotten at once by both halves.
+    fn forget_closed(&mut self, actions: &[Action]) {
+        for a in actions {
+            if let Action::Close { session, .. } = a {
+                self.disconnect(*session);
+            }
+        }
     }
 
     /// What the hub made of a frame or send: its own answer, or the owner's.
     fn step(&mut self, step: Step, now_ms: u64) -> crate::frame::Handled {
         use crate::frame::Handled;
         match step {
-            Step::Done(actions) => Handled::Done(actions),
+            Step::Done(actions) => {
+                self.forget_closed(&actions);
+                Handled::Done(actions)
+            }
             Step::Ask(origin, req) => match self.owner.handle(&origin, req, now_ms) {
                 Answer::Done(outs) => Handled::Done(self.route(outs)),
                 Answer::Read(plan) => Handled::Read(plan),

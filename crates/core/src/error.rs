@@ -23,7 +23,7 @@ pub enum CoreError {
         earlier: String,
         retry_after_ms: u64,
     },
-    #[error("this connection has sends refused in {max} conversations that must be resent first, to keep your messages in order")]
+    #[error("more refused sends than the server keeps in order on one connection (sends held back in {max} conversations, or 4,096 in one): the connection is closed; reconnect and resend pending messages in order")]
     HeldBackFull { max: usize },
     #[error("{0}")]
     Unavailable(String),

@@ -13,12 +13,15 @@ use std::collections::VecDeque;
 
 /// Most refused sends remembered per connection and conversation to keep their order; past it,
 /// further ones are refused without being queued (the client resends them in order anyway).
-const MAX_HELD_BACK: usize = 4096;
+pub const MAX_HELD_BACK: usize = 4096;
 
-/// Most conversations of one connection with sends held back; while a connection has this many,
-/// its sends into any other conversation are refused too (a gate that cannot remember a refusal
-/// must not let what follows it through).
+/// Most conversations of one connection with sends held back. A gate that would have to
+/// remember more (this many conversations, or [`MAX_HELD_BACK`] sends in one) cannot keep the
+/// order any longer: the connection is closed, and the client resends in order on its next one.
 pub const MAX_HELD_CONVS: usize = 64;
+
+/// Why a connection whose gate overflowed is closed.
+pub const OVERFLOW_REASON: &str = "too many refused sends to keep in order on this connection; reconnect and resend pending messages in order";
 
 /// A held-back send not resent for this long is forgotten (the client's longest backoff is a
 /// minute, ±30 %), provided the client resent the others behind it at least
@@ -43,7 +46,8 @@ pub struct HeldBack {
 pub enum Held {
     /// Behind this earlier refused send of the conversation.
     Behind(String),
-    /// The connection has sends held back in [`MAX_HELD_CONVS`] other conversations.
+    /// The gate cannot remember this send (it has sends held back in [`MAX_HELD_CONVS`] other
+    /// conversations, or [`MAX_HELD_BACK`] in this one): close the connection.
     Full,
 }
 
@@ -71,7 +75,10 @@ impl HeldBack {
         match self.queue.front() {
             Some((first, _)) if first != cmid => {
                 let first = first.clone();
-                if !self.queue.iter().any(|(c, _)| c == cmid) && self.queue.len() < MAX_HELD_BACK {
+                if !self.queue.iter().any(|(c, _)| c == cmid) {
+                    if self.queue.len() >= MAX_HELD_BACK {
+                        return Err(Held::Full);
+                    }
                     self.queue.push_back((cmid.to_string(), now_ms));
                 }
                 Err(Held::Behind(first))
@@ -120,16 +127,20 @@ impl Gate {
     /// `cmid`, which was let through (so it is the first of `conv` to go), was refused after
     /// all: it goes first once resent, before anything held back behind it (also before a copy
     /// of itself that arrived meanwhile and was queued behind later sends).
-    pub fn refused(&mut self, conv: &str, cmid: &str, now_ms: u64) {
+    /// False if the gate cannot remember it (see [`Held::Full`]): close the connection.
+    #[must_use]
+    pub fn refused(&mut self, conv: &str, cmid: &str, now_ms: u64) -> bool {
         if !self.0.contains_key(conv) && self.0.len() >= MAX_HELD_CONVS {
-            return;
+            return false;
         }
         let h = self.0.entry(conv.to_string()).or_default();
         h.queue.retain(|(c, _)| c != cmid);
-        if h.queue.len() < MAX_HELD_BACK {
-            h.queue.push_front((cmid.to_string(), now_ms));
-            h.others_resent = 0;
+        if h.queue.len() >= MAX_HELD_BACK {
+            return false;
         }
+        h.queue.push_front((cmid.to_string(), now_ms));
+        h.others_resent = 0;
+        true
     }
 
     /// `cmid` will not be resent (it was a resend of an accepted message, or it was refused
@@ -152,7 +163,7 @@ mod tests {
     fn refused_sends_go_in_their_first_send_order() {
         let mut g = Gate::new();
         assert_eq!(g.check("c", "a", 0), Ok(()));
-        g.refused("c", "a", 0);
+        assert!(g.refused("c", "a", 0));
         assert_eq!(g.check("c", "b", 1), Err(Held::Behind("a".into())));
         assert_eq!(g.check("c", "c", 2), Err(Held::Behind("a".into())));
         // Other conversations are not held back.
@@ -164,17 +175,17 @@ mod tests {
         assert_eq!(g.check("c", "b", 6), Ok(()));
         g.went("c", "b");
         // Let through and refused again: first once more, ahead of what waits behind it.
-        g.refused("c", "b", 7);
+        assert!(g.refused("c", "b", 7));
         assert_eq!(g.check("c", "c", 8), Err(Held::Behind("b".into())));
         // A copy of b queued behind c meanwhile does not keep b behind c.
         g.went("c", "b");
-        g.refused("c", "c", 8);
+        assert!(g.refused("c", "c", 8));
         assert_eq!(
             g.check("c", "b", 8),
             Err(Held::Behind("c".into())),
             "b's copy queued"
         );
-        g.refused("c", "b", 9);
+        assert!(g.refused("c", "b", 9));
         assert_eq!(
             g.check("c", "c", 9),
             Err(Held::Behind("b".into())),
@@ -189,20 +200,27 @@ mod tests {
     }
 
     #[test]
-    fn a_full_gate_holds_back_every_other_conversation() {
+    fn a_gate_that_cannot_remember_says_so() {
         let mut g = Gate::new();
         for i in 0..MAX_HELD_CONVS {
-            g.refused(&format!("c{i}"), "m", 0);
+            assert!(g.refused(&format!("c{i}"), "m", 0));
         }
         assert_eq!(g.check("other", "x", 1), Err(Held::Full));
-        g.refused("other", "x", 1);
+        assert!(!g.refused("other", "x", 1), "nothing remembered");
+        // One conversation at its limit.
+        let mut g = Gate::new();
+        assert!(g.refused("c", "m0", 0));
+        for i in 1..MAX_HELD_BACK {
+            assert_eq!(
+                g.check("c", &format!("m{i}"), 0),
+                Err(Held::Behind("m0".into()))
+            );
+        }
+        assert_eq!(g.check("c", "late", 0), Err(Held::Full));
         assert_eq!(
-            g.check("other", "x", 2),
-            Err(Held::Full),
-            "nothing remembered"
+            g.check("c", "m5", 0),
+            Err(Held::Behind("m0".into())),
+            "remembered"
         );
-        assert_eq!(g.check("c0", "m", 3), Ok(()));
-        g.went("c0", "m");
-        assert_eq!(g.check("other", "x", 4), Ok(()));
     }
 }

@@ -12,7 +12,7 @@
 use crate::config::CoreConfig;
 use crate::engine::{Action, SendRequest, SessionId};
 use crate::error::CoreError;
-use crate::held_back::{Held, MAX_HELD_CONVS};
+use crate::held_back::{Held, MAX_HELD_CONVS, OVERFLOW_REASON};
 use crate::rate::TokenBucket;
 use crate::seam::{Accepted, Delivery, Origin, Request, SendCmd, ToHub};
 use crate::session::{PushState, Session};
@@ -153,6 +153,16 @@ impl Hub {
         match self.check_send(&origin, &req) {
             Ok((conv, peer)) => {
                 let verdict = self.admit(session, &conv, &req.cmid, &origin.user, now_ms);
+                if let Err(e @ CoreError::HeldBackFull { .. }) = &verdict {
+                    // The order of this connection's refused sends can no longer be kept.
+                    return Step::Done(vec![
+                        rejected(session, req.cmid, e),
+                        Action::Close {
+                            session,
+                            reason: OVERFLOW_REASON.into(),
+                        },
+                    ]);
+                }
                 Step::Ask(
                     origin,
                     Request::Send(SendCmd {
@@ -249,9 +259,10 @@ impl Hub {
             Err(Held::Full) => {
                 return Err(CoreError::HeldBackFull {
                     max: MAX_HELD_CONVS,
-                })
+                });
             }
         }
+        let mut overflow = false;
         if !self.buckets.contains_key(user) {
             self.buckets
                 .insert(user.to_string(), TokenBucket::new(burst, now_ms));
@@ -262,7 +273,12 @@ impl Hub {
         };
         match taken {
             Ok(()) => s.held_back.went(conv_id, cmid),
-            Err(_) => s.held_back.refused(conv_id, cmid, now_ms),
+            Err(_) => overflow = !s.held_back.refused(conv_id, cmid, now_ms),
+        }
+        if overflow {
+            return Err(CoreError::HeldBackFull {
+                max: MAX_HELD_CONVS,
+            });
         }
         taken.map_err(CoreError::RateLimited)
     }
@@ -290,6 +306,7 @@ impl Hub {
     pub fn on_event(&mut self, event: ToHub, out: &mut Vec<Action>) {
         match event {
             ToHub::Frame { session, frame } => out.push(Action::Send { session, frame }),
+            ToHub::Close { session, reason } => out.push(Action::Close { session, reason }),
             ToHub::Accepted(Accepted {
                 session,
                 cmid,

@@ -302,10 +302,17 @@ impl Owner {
                     Held::Behind(earlier) => format!(
                         "message {earlier:?} of this conversation was refused while the server was busy and must be resent first, to keep your messages in order"
                     ),
-                    Held::Full => format!(
-                        "this connection has sends refused in {} conversations that must be resent first",
-                        crate::held_back::MAX_HELD_CONVS
-                    ),
+                    Held::Full => {
+                        // The order can no longer be kept on this connection.
+                        let e = CoreError::HeldBackFull {
+                            max: crate::held_back::MAX_HELD_CONVS,
+                        };
+                        let admitted = cmd.verdict.is_ok();
+                        return vec![
+                            refused(origin.session, cmd.conv, cmd.cmid, e, admitted),
+                            close(origin.session),
+                        ];
+                    }
                 };
                 let e = CoreError::Busy {
                     what,
@@ -497,7 +504,7 @@ impl Owner {
         // With nothing parked behind it, a send past the budget of every line can be refused
         // (and held back) without changing the order of any other.
         if empty && self.parked_total + bytes > self.cfg.max_parked_bytes {
-            return vec![self.busy(session, cmd, "sends of all connections", now_ms)];
+            return self.busy(session, cmd, "sends of all connections", now_ms);
         }
         let mark = self.dedup.mark();
         let (lookup, asked) = match load {
@@ -548,7 +555,7 @@ impl Owner {
             || line.bytes + bytes > MAX_PARKED_BYTES
             || self.parked_total + bytes > self.cfg.max_parked_bytes;
         if full {
-            return vec![self.busy(session, cmd, "earlier sends of this connection", now_ms)];
+            return self.busy(session, cmd, "earlier sends of this connection", now_ms);
         }
         let user = &origin.user;
         let needs_lookup = self.dedup.get(user, &cmd.cmid).is_none()
@@ -593,20 +600,25 @@ impl Owner {
     /// Refuses a send because too many sends wait for the store (`whose`), and holds it back
     /// if the hub let it through: it passed the gate (it is the first of its conversation to
     /// go), so it goes first once resent, before anything held back behind it.
-    fn busy(&mut self, session: SessionId, cmd: SendCmd, whose: &str, now_ms: u64) -> Out {
+    fn busy(&mut self, session: SessionId, cmd: SendCmd, whose: &str, now_ms: u64) -> Vec<Out> {
         let e = CoreError::Busy {
             what: format!("too many {whose} are waiting for the store"),
             retry_after_ms: PARKED_RETRY_MS,
         };
         let admitted = cmd.verdict.is_ok();
         // One the hub held back is refused anyway, and the hub's gate keeps its place.
-        if admitted {
-            self.gates
+        let kept = !admitted
+            || self
+                .gates
                 .entry(session)
                 .or_default()
                 .refused(&cmd.conv, &cmd.cmid, now_ms);
+        let mut out = vec![refused(session, cmd.conv, cmd.cmid, e, admitted)];
+        if !kept {
+            // The order can no longer be kept on this connection.
+            out.push(close(session));
         }
-        refused(session, cmd.conv, cmd.cmid, e, admitted)
+        out
     }
 
     /// The store's answer to [`Action::Lookup`] `id`: `found` is what the key was accepted
@@ -1358,6 +1370,14 @@ fn refused(
         cmid,
         error,
         admitted,
+    })
+}
+
+/// Closes a connection whose refused sends can no longer be kept in order.
+fn close(session: SessionId) -> Out {
+    Out::Hub(ToHub::Close {
+        session,
+        reason: crate::held_back::OVERFLOW_REASON.into(),
     })
 }
 

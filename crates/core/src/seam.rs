@@ -121,6 +121,12 @@ pub enum ToHub {
         read: u64,
         rec: Arc<ConvRecord>,
     },
+    /// Close this connection: the order of its refused sends can no longer be kept (see
+    /// [`crate::held_back`]).
+    Close {
+        session: SessionId,
+        reason: String,
+    },
     /// These users are no longer members of `conv`: nothing more is pushed to them there.
     Left {
         conv: String,

@@ -15,7 +15,7 @@ use ordo_core::{may_read, SessionId, SyncPlan};
 use ordo_protocol::{decode_client, Encoding, ErrorCode, ServerFrame, PROTOCOL_VERSION};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{mpsc, oneshot};
 
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 
@@ -45,7 +45,7 @@ pub async fn run(socket: WebSocket, state: AppState, user: String, device: Strin
     let _live = state.live.clone();
     let (mut sink, mut stream) = socket.split();
     let (tx, mut rx) = mpsc::channel::<Outbound>(state.outbound_queue);
-    let kick = Arc::new(Notify::new());
+    let kick = Arc::new(crate::router::Kick::default());
     let msgpack = Arc::new(AtomicBool::new(enc == Encoding::MsgPack));
     let (close_tx, mut close_rx) = oneshot::channel::<(u16, String)>();
     let mut close_open = true;
@@ -138,7 +138,7 @@ pub async fn run(socket: WebSocket, state: AppState, user: String, device: Strin
     let mut shutdown = state.shutdown.clone();
     let close = loop {
         tokio::select! {
-            _ = kick.notified() => break Some((close::TRY_AGAIN_LATER, "dropped: too slow to keep up; reconnect and sync".to_string())),
+            _ = kick.woken.notified() => break Some((close::TRY_AGAIN_LATER, kick.reason())),
             _ = shutdown.changed() => break Some((close::GOING_AWAY, "server is shutting down; reconnect".to_string())),
             msg = stream.next() => match msg {
                 None => break None,

@@ -34,8 +34,34 @@ use tokio::sync::{mpsc, oneshot, Notify};
 #[derive(Clone)]
 pub struct SessionHandle {
     pub tx: mpsc::Sender<Outbound>,
-    /// Woken when the router drops the connection (too slow, or storage failed).
-    pub kick: Arc<Notify>,
+    /// Woken when the router drops the connection (too slow, storage failed, or the core
+    /// closed it).
+    pub kick: Arc<Kick>,
+}
+
+/// The router dropping a connection: the connection closes with code 1013 and this reason.
+#[derive(Default)]
+pub struct Kick {
+    pub woken: Notify,
+    reason: std::sync::Mutex<Option<String>>,
+}
+
+impl Kick {
+    pub fn kick(&self, reason: &str) {
+        if let Ok(mut r) = self.reason.lock() {
+            r.get_or_insert_with(|| reason.to_string());
+        }
+        self.woken.notify_one();
+    }
+
+    /// Why the connection was dropped.
+    pub fn reason(&self) -> String {
+        self.reason
+            .lock()
+            .ok()
+            .and_then(|r| r.clone())
+            .unwrap_or_else(|| "dropped by the server; reconnect and sync".to_string())
+    }
 }
 
 /// What a connection's writer is handed: a frame, possibly shared with other connections (a
@@ -299,7 +325,8 @@ impl Router {
             }
             if let Some(e) = self.fatal.take() {
                 for (_, h) in self.sessions.drain() {
-                    h.kick.notify_one();
+                    h.kick
+                        .kick("the server's store failed; reconnect once it is back");
                 }
                 return Err(e);
             }
@@ -550,6 +577,14 @@ impl Router {
                 Action::Load { conv } => self.lookups.push(Lookup::Conv(conv)),
                 Action::LoadMember { id, user } => self.lookups.push(Lookup::Member(id, user)),
                 Action::Sweep(sweep) => self.lookups.push(Lookup::Sweep(sweep)),
+                Action::Close { session, reason } => {
+                    // The core has forgotten the connection already.
+                    tracing::warn!(session, %reason, "closing a connection");
+                    if let Some(h) = self.sessions.remove(&session) {
+                        h.kick.kick(&reason);
+                    }
+                    metrics::gauge!(m::CONNECTIONS).set(self.sessions.len() as f64);
+                }
                 Action::Reply { session, plan } => {
                     if let Some(reply) = self.replies.remove(&session) {
                         let _ = reply.send(plan);
@@ -583,7 +618,8 @@ impl Router {
             Err(mpsc::error::TrySendError::Full(_)) => {
                 metrics::counter!(m::SLOW_CONSUMERS).increment(1);
                 tracing::warn!(session, "connection too slow to keep up; dropping it");
-                h.kick.notify_one();
+                h.kick
+                    .kick("dropped: too slow to keep up; reconnect and sync");
                 self.core.disconnect(session);
                 self.sessions.remove(&session);
                 metrics::gauge!(m::CONNECTIONS).set(self.sessions.len() as f64);

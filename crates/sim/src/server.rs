@@ -375,6 +375,21 @@ impl Sim {
                     .insert(i.min(self.server.lookups.len()), Lookup { at, answer });
                 continue;
             }
+            if let Action::Close { session, reason } = &a {
+                // The core closes a connection it can no longer keep in order: both halves
+                // forget it, and the device sees it drop.
+                tr!(self, "server closes connection {session}: {reason}");
+                let session = *session;
+                self.server.hub.disconnect(session);
+                self.cross_to_owner(ToOwner::Gone(session));
+                let now = self.now;
+                if let Some(c) = self.conns.get_mut(&session) {
+                    c.close();
+                    c.client_detect = Some(now + 1);
+                    c.server_detect = None;
+                }
+                continue;
+            }
             if let Action::Reply { session, plan } = a {
                 match plan {
                     // A sync that waited for its conversation: its page is read now (for a

@@ -36,8 +36,15 @@ impl Server {
     /// Starts a server on a fresh data directory with the standard flags (no send rate limit)
     /// plus `extra`.
     pub async fn start(extra: &[&str]) -> Server {
+        Self::start_with_rate(0.0, extra).await
+    }
+
+    /// Like [`start`](Self::start), with each user allowed `rate` sends per second (and a
+    /// burst of that, at least one); 0 for no limit.
+    pub async fn start_with_rate(rate: f64, extra: &[&str]) -> Server {
         let mut opts = ServerOptions::new(env!("CARGO_BIN_EXE_ordo"));
         opts.secret = Some(SECRET.into());
+        opts.user_rate = rate;
         opts.extra = extra.iter().map(|s| s.to_string()).collect();
         let s = tokio::task::block_in_place(|| ServerProcess::start(opts));
         Server(s.unwrap_or_else(|e| panic!("start ordo: {e}")))

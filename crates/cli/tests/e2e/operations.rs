@@ -163,3 +163,48 @@ async fn a_client_that_stops_reading_is_cut_off_and_nobody_else_notices() {
         "the drop is counted: {m:?}"
     );
 }
+
+/// A connection with refused sends held back in more conversations than the server keeps in
+/// order is closed with 1013 and a reason saying so; the device reconnects and sends again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_with_too_many_held_back_sends_is_closed_with_1013() {
+    let server = Server::start_with_rate(0.01, &[]).await;
+    let mut alice = Client::connect(&server, "alice", "a1").await;
+    // The one token goes to the first send; the next 64 are refused for rate and held back,
+    // each in its own direct conversation; the 65th cannot be held back too.
+    for i in 0..=65 {
+        let frame = ClientFrame::Send {
+            conv: None,
+            to: Some(format!("peer{i}")),
+            cmid: format!("d{i}"),
+            body: "hi".into(),
+            reply_to: None,
+        };
+        alice.wire.send(&frame).await.expect("send");
+    }
+    let mut rejected = 0;
+    let ending = loop {
+        match alice.recv_raw().await {
+            Ok(Some(WsMessage::Close(f))) => {
+                break f.map(|f| (u16::from(f.code), f.reason.to_string()))
+            }
+            Ok(Some(WsMessage::Text(t))) => {
+                if t.contains("\"rejected\"") {
+                    rejected += 1;
+                }
+            }
+            Ok(Some(_)) => {}
+            other => panic!("no close frame: {other:?}"),
+        }
+    };
+    let (code, reason) = ending.expect("a close frame with a code");
+    assert_eq!(code, 1013);
+    assert!(
+        reason.contains("resend pending messages in order"),
+        "{reason}"
+    );
+    assert_eq!(rejected, 65, "every refused send was answered first");
+    // A new connection is served.
+    let mut again = Client::connect(&server, "alice", "a1").await;
+    again.ping(1).await;
+}

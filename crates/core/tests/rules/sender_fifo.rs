@@ -252,3 +252,25 @@ fn a_held_back_send_refused_for_good_holds_nothing_back() {
     let (_, out) = s.flush();
     assert_eq!(accepted_order(&out, 1), ["a1:1", "a2:2"]);
 }
+
+/// A connection with refused sends held back in more conversations than the core keeps in
+/// order is closed (the client resends in order on its next connection): a refusal the gate
+/// cannot remember must not let a later send of that conversation through first.
+#[test]
+fn a_connection_whose_held_back_sends_overflow_is_closed() {
+    let mut s = one_per_second(1.0);
+    s.now = 0;
+    assert!(s.send(1, "g", "m0").is_empty());
+    for i in 0..ordo_core::held_back::MAX_HELD_CONVS {
+        let out = s.send_to(1, &format!("peer{i}"), &format!("d{i}"));
+        assert_eq!(rejected(&out).0, ErrorCode::RateLimited);
+    }
+    assert_eq!(s.core.session_count(), 1);
+    let out = s.send_to(1, "one-more", "x");
+    assert!(
+        matches!(out.last(), Some(Action::Close { session: 1, .. })),
+        "{out:?}"
+    );
+    assert_eq!(rejected(&out[..1]).0, ErrorCode::RateLimited);
+    assert_eq!(s.core.session_count(), 0, "forgotten at once");
+}
