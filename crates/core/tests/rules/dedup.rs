@@ -485,10 +485,9 @@ fn all_connections_together_cannot_park_without_bound() {
     assert_eq!(seqs(2), [("b0".to_string(), 4), ("b1".to_string(), 5)]);
 }
 
-/// A copy of a frame refused because too many sends were waiting holds nothing back once the
-/// first copy is accepted: the client, answered, never resends it.
-#[test]
-fn a_refused_copy_of_an_accepted_send_holds_nothing_back() {
+/// alice's a0, a1 and a2 wait for their dedup lookups (the returned actions), and the sends
+/// of every connection together may have no more bytes waiting.
+fn three_waiting_and_no_room_for_more() -> (Sim, Vec<Action>) {
     let tight = CoreConfig {
         max_parked_bytes: 50,
         ..cfg()
@@ -500,6 +499,14 @@ fn a_refused_copy_of_an_accepted_send_holds_nothing_back() {
     for i in 0..3 {
         asked.extend(s.core.send(1, req("g", &format!("a{i}")), s.now));
     }
+    (s, asked)
+}
+
+/// A copy of a frame refused because too many sends were waiting holds nothing back once the
+/// first copy is accepted: the client, answered, never resends it.
+#[test]
+fn a_refused_copy_of_an_accepted_send_holds_nothing_back() {
+    let (mut s, asked) = three_waiting_and_no_room_for_more();
     // The network delivers a second copy of a0 while all three wait: refused, held back.
     let (code, _, _) = rejected(&s.core.send(1, req("g", "a0"), s.now));
     assert_eq!(code, ErrorCode::Unavailable);
@@ -515,17 +522,7 @@ fn a_refused_copy_of_an_accepted_send_holds_nothing_back() {
 /// back (refused because too many were waiting) is answered at once, and holds nothing back.
 #[test]
 fn a_resend_of_an_accepted_send_passes_a_held_back_one() {
-    let tight = CoreConfig {
-        max_parked_bytes: 50,
-        ..cfg()
-    };
-    let mut s = alice_alone_in_g(tight.clone());
-    s.restart_cold(tight);
-    s.core.connect(1, "alice", "a1");
-    let mut asked = Vec::new();
-    for i in 0..3 {
-        asked.extend(s.core.send(1, req("g", &format!("a{i}")), s.now));
-    }
+    let (mut s, asked) = three_waiting_and_no_room_for_more();
     let (code, _, _) = rejected(&s.core.send(1, req("g", "a3"), s.now));
     assert_eq!(code, ErrorCode::Unavailable, "a3 is held back");
     s.answer_lookups(asked);
