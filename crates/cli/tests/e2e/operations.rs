@@ -165,7 +165,8 @@ async fn a_client_that_stops_reading_is_cut_off_and_nobody_else_notices() {
 }
 
 /// A connection with refused sends held back in more conversations than the server keeps in
-/// order is closed with 1013 and a reason saying so; the device reconnects and sends again.
+/// order is closed with 1013 and a reason saying so (answers still queued for it may not go out
+/// first: the client resends whatever is pending anyway); the device reconnects and is served.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_connection_with_too_many_held_back_sends_is_closed_with_1013() {
     let server = Server::start_with_rate(0.01, &[]).await;
@@ -182,15 +183,15 @@ async fn a_connection_with_too_many_held_back_sends_is_closed_with_1013() {
         };
         alice.wire.send(&frame).await.expect("send");
     }
-    let mut rejected = 0;
+    let mut accepted = 0;
     let ending = loop {
         match alice.recv_raw().await {
             Ok(Some(WsMessage::Close(f))) => {
                 break f.map(|f| (u16::from(f.code), f.reason.to_string()))
             }
             Ok(Some(WsMessage::Text(t))) => {
-                if t.contains("\"rejected\"") {
-                    rejected += 1;
+                if t.contains("\"accepted\"") {
+                    accepted += 1;
                 }
             }
             Ok(Some(_)) => {}
@@ -203,7 +204,7 @@ async fn a_connection_with_too_many_held_back_sends_is_closed_with_1013() {
         reason.contains("resend pending messages in order"),
         "{reason}"
     );
-    assert_eq!(rejected, 65, "every refused send was answered first");
+    assert!(accepted <= 1, "only the first send had a token");
     // A new connection is served.
     let mut again = Client::connect(&server, "alice", "a1").await;
     again.ping(1).await;
