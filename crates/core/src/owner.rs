@@ -307,9 +307,8 @@ impl Owner {
                         let e = CoreError::HeldBackFull {
                             max: crate::held_back::MAX_HELD_CONVS,
                         };
-                        let admitted = cmd.verdict.is_ok();
                         return vec![
-                            refused(origin.session, cmd.conv, cmd.cmid, e, admitted),
+                            refused(origin.session, cmd.conv, cmd.cmid, e, true),
                             close(origin.session),
                         ];
                     }
@@ -318,8 +317,8 @@ impl Owner {
                     what,
                     retry_after_ms: PARKED_RETRY_MS,
                 };
-                let admitted = cmd.verdict.is_ok();
-                return vec![refused(origin.session, cmd.conv, cmd.cmid, e, admitted)];
+                // Only sends the hub let through (took a token for) are gated here.
+                return vec![refused(origin.session, cmd.conv, cmd.cmid, e, true)];
             }
         }
         match self.lines.get(&origin.session) {
