@@ -1,6 +1,6 @@
 //! The `ordo` command: `serve` runs the server, `token` mints a client token, `send`, `tail`
 //! and `chat` use the client SDK, `check` proves the delivery contract against a real server
-//! under faults. (Benchmarks against other systems are a separate tool, `ordo-bench`.)
+//! under faults, `store verify` reports on a data directory. (Benchmarks against other systems are a separate tool, `ordo-bench`.)
 
 mod check;
 mod messaging;
@@ -50,6 +50,20 @@ enum Cmd {
     /// Chaos run against a real server: kills, cut connections, client crashes; then verify
     /// that every accepted message reached every device exactly once, in order.
     Check(check::CheckArgs),
+    /// Look after the data directory of a stopped server.
+    #[command(subcommand)]
+    Store(StoreCmd),
+}
+
+#[derive(Subcommand)]
+enum StoreCmd {
+    /// Report what the store holds (its id, the log's segments and records) and whether it would
+    /// open as it is; changes nothing. Exits 0 if it would open, 1 if not.
+    Verify {
+        /// The server's data directory.
+        #[arg(long, env = "ORDO_DATA", default_value = "./ordo-data")]
+        data: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -108,5 +122,23 @@ fn main() -> ExitCode {
         Cmd::Tail(args) => messaging::tail(args),
         Cmd::Chat(args) => messaging::chat(args),
         Cmd::Check(args) => check::run(args),
+        Cmd::Store(StoreCmd::Verify { data }) => {
+            if !ordo_store_redb::RedbStore::exists_in(&data) {
+                eprintln!(
+                    "ordo store verify: {} holds no store (no ordo.redb)",
+                    data.display()
+                );
+                return ExitCode::from(2);
+            }
+            let v = ordo_store_redb::verify(&data);
+            for line in &v.lines {
+                println!("{line}");
+            }
+            if v.opens {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
     }
 }

@@ -97,11 +97,13 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// Returns `given` if set, else the content of `dir/name`, creating that file with 32 random
-/// bytes (hex) on first use, readable by the owner only.
+/// bytes (hex) on first use, readable by the owner only, if `may_create` (else a missing file is
+/// a `NotFound` error).
 pub fn load_or_create_secret(
     given: Option<&str>,
     dir: &Path,
     name: &str,
+    may_create: bool,
 ) -> std::io::Result<String> {
     if let Some(s) = given.filter(|s| !s.is_empty()) {
         return Ok(s.to_string());
@@ -112,6 +114,12 @@ pub fn load_or_create_secret(
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
+    }
+    if !may_create {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("{} is missing", path.display()),
+        ));
     }
     std::fs::create_dir_all(dir)?;
     let mut bytes = [0u8; 32];
@@ -166,12 +174,12 @@ mod tests {
     #[test]
     fn secret_file_is_created_once() {
         let dir = tempfile::tempdir().unwrap();
-        let a = load_or_create_secret(None, dir.path(), "secret").unwrap();
-        let b = load_or_create_secret(None, dir.path(), "secret").unwrap();
+        let a = load_or_create_secret(None, dir.path(), "secret", true).unwrap();
+        let b = load_or_create_secret(None, dir.path(), "secret", true).unwrap();
         assert_eq!(a, b);
         assert_eq!(a.len(), 64);
         assert_eq!(
-            load_or_create_secret(Some("given"), dir.path(), "secret").unwrap(),
+            load_or_create_secret(Some("given"), dir.path(), "secret", true).unwrap(),
             "given"
         );
     }

@@ -44,6 +44,13 @@ pub enum ServerError {
         dir: String,
         source: std::io::Error,
     },
+    #[error("{path} ({what}) is missing, but {dir} already holds a store: a new one would not match what was issued with the old one. Put the file back, or give it with {flag}; to start over with a new one on purpose, write one into {path} yourself")]
+    SecretMissing {
+        what: &'static str,
+        path: String,
+        dir: String,
+        flag: &'static str,
+    },
     #[error("cannot listen on {addr}: {source}; is another server running there? (change it with --listen)")]
     Bind {
         addr: SocketAddr,
@@ -68,24 +75,54 @@ pub(crate) struct AppState {
     live: mpsc::Sender<()>,
 }
 
-/// The token secret: flag/env value, or `<data>/secret`, created on first use.
+/// The token secret: flag/env value, or `<data>/secret`, created on first use. Never created
+/// where `data` already holds a store: every token issued would then fail.
 pub fn token_key(secret: Option<&str>, data: &std::path::Path) -> Result<TokenKey, ServerError> {
-    let s = auth::load_or_create_secret(secret, data, "secret").map_err(|source| {
-        ServerError::Secret {
-            what: "the token secret",
-            dir: data.display().to_string(),
-            source,
-        }
-    })?;
+    let s = secret_of(
+        secret,
+        data,
+        "secret",
+        "the token secret",
+        "--secret or ORDO_SECRET",
+    )?;
     Ok(TokenKey::new(s.as_bytes()))
 }
 
-/// The admin key: flag/env value, or `<data>/admin.key`, created on first use.
+/// The admin key: flag/env value, or `<data>/admin.key`, created on first use. Never created
+/// where `data` already holds a store, like the token secret.
 pub fn admin_key(given: Option<&str>, data: &std::path::Path) -> Result<String, ServerError> {
-    auth::load_or_create_secret(given, data, "admin.key").map_err(|source| ServerError::Secret {
-        what: "the admin key",
-        dir: data.display().to_string(),
-        source,
+    secret_of(
+        given,
+        data,
+        "admin.key",
+        "the admin key",
+        "--admin-key or ORDO_ADMIN_KEY",
+    )
+}
+
+fn secret_of(
+    given: Option<&str>,
+    data: &std::path::Path,
+    name: &str,
+    what: &'static str,
+    flag: &'static str,
+) -> Result<String, ServerError> {
+    let may_create = !RedbStore::exists_in(data);
+    auth::load_or_create_secret(given, data, name, may_create).map_err(|source| {
+        if source.kind() == std::io::ErrorKind::NotFound && !may_create {
+            ServerError::SecretMissing {
+                what,
+                path: data.join(name).display().to_string(),
+                dir: data.display().to_string(),
+                flag,
+            }
+        } else {
+            ServerError::Secret {
+                what,
+                dir: data.display().to_string(),
+                source,
+            }
+        }
     })
 }
 
@@ -125,10 +162,27 @@ impl RunningServer {
 /// system's `net.core.somaxconn`).
 const LISTEN_BACKLOG: u32 = 4096;
 
+/// Waits (a bounded while) until `store` is the last reference left, the threads and tasks that
+/// held the others having ended, then drops it: a store's drop finishes its work and closes its
+/// files.
+async fn close_store(store: Arc<dyn Store>) {
+    let until = tokio::time::Instant::now() + CLOSE_GRACE;
+    while Arc::strong_count(&store) > 1 && tokio::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    if Arc::strong_count(&store) > 1 {
+        tracing::warn!("the store is still in use after the server stopped; it closes when the last user lets go");
+    }
+    let _ = tokio::task::spawn_blocking(move || drop(store)).await;
+}
+
 /// Opens the embedded store in `cfg.data` and starts serving. Returns once the listener is
 /// bound.
 pub async fn start(cfg: Config) -> Result<RunningServer, ServerError> {
     cfg.validate()?;
+    // Before the store is made: a new store gets new secrets, an existing one never does.
+    token_key(cfg.secret.as_deref(), &cfg.data)?;
+    admin_key(cfg.admin_key.as_deref(), &cfg.data)?;
     let data = cfg.data.clone();
     let cache = cfg.store_cache_mib.saturating_mul(1 << 20);
     let store: Arc<dyn Store> = Arc::new(
@@ -193,6 +247,9 @@ pub async fn start_with_store(
         }
     });
     let (live, mut all_closed) = mpsc::channel::<()>(1);
+    // The server's own reference, dropped last: the store is closed (its files free for the
+    // next start) before `wait` returns.
+    let own_store = store.clone();
     let state = AppState {
         router: router_tx.clone(),
         store,
@@ -231,6 +288,7 @@ pub async fn start_with_store(
             }
             Err(e) => return Err(ServerError::Io(std::io::Error::other(e.to_string()))),
         }
+        close_store(own_store).await;
         tracing::info!("ordo stopped; everything accepted is on disk");
         served.map_err(ServerError::Io)
     });

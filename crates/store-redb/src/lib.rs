@@ -9,6 +9,8 @@
 
 mod error;
 mod redb_store;
+mod verify;
 pub mod wal;
 
 pub use redb_store::{RedbStore, DEFAULT_CACHE_BYTES};
+pub use verify::{verify, Verification};

@@ -19,7 +19,11 @@
 //! batch (see [`MESSAGE_RUNS`]), because a B-tree costs per row inserted.
 
 use crate::error::{applier_stopped, encoding, engine};
-use crate::wal::{self, Wal};
+use crate::wal::{
+    self,
+    files::{LogFiles, OsFiles},
+    Wal,
+};
 use ordo_core::{
     AgeSweep, Batch, CommitOutcome, ConvRecord, ConvState, CursorRecord, DedupRecord, Expired,
     Snapshot,
@@ -80,8 +84,15 @@ const FORGET_BEFORE: &str = "forget_before";
 /// Most dedup runs one transaction forgets.
 const FORGET_RUNS_AT_ONCE: usize = 64;
 /// `wal_applied` -> seqno of the last log record applied to the B-tree.
-const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
-const WAL_APPLIED: &str = "wal_applied";
+pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+pub(crate) const WAL_APPLIED: &str = "wal_applied";
+/// `store_id` -> a random number naming this store, made with it: it is in both log headers and
+/// in every log record's check value, so a log and a store file from different stores are never
+/// used together, and nothing but this store's own records passes as one.
+pub(crate) const STORE_ID: &str = "store_id";
+/// `log_made` -> 1 once the log was made for [`STORE_ID`]: from then on its segments must be
+/// there (before, a crash while making it leaves it to be made again).
+const LOG_MADE: &str = "log_made";
 /// `next_dedup_run` -> the number the next dedup run gets (keys stay unique within a millisecond).
 const NEXT_DEDUP_RUN: &str = "next_dedup_run";
 /// `dedup_keys_through` -> every dedup run numbered below this has its entries in `dedup_keys`.
@@ -198,6 +209,11 @@ impl Drop for PanicGuard<'_> {
 }
 
 impl RedbStore {
+    /// Whether `dir` holds a store (its B-tree file).
+    pub fn exists_in(dir: &Path) -> bool {
+        dir.join("ordo.redb").exists()
+    }
+
     /// Opens (or creates) the store file `ordo.redb` inside `dir`, creating `dir` if needed,
     /// with a page cache of [`DEFAULT_CACHE_BYTES`]. After a crash redb repairs the file on open
     /// before returning.
@@ -208,12 +224,40 @@ impl RedbStore {
     /// Like [`open`](Self::open), with redb's page cache (pages read or written, kept in memory)
     /// at most `cache_bytes`: the store's part of the server's resident memory.
     pub fn open_with_cache(dir: &Path, cache_bytes: usize) -> Result<Self, StoreError> {
+        let files = OsFiles {
+            dir: dir.to_path_buf(),
+        };
+        Self::open_with_log(dir, cache_bytes, &files)
+    }
+
+    /// Like [`open_with_cache`](Self::open_with_cache), with the log's segment files in `files`
+    /// rather than in `dir`: the seam crash tests put a disk under that keeps only what was
+    /// synced.
+    pub fn open_with_log(
+        dir: &Path,
+        cache_bytes: usize,
+        files: &dyn LogFiles,
+    ) -> Result<Self, StoreError> {
         let path = dir.join("ordo.redb");
         let open_err = |source: redb::Error| StoreError::Open {
             path: path.display().to_string(),
             source: source.into(),
         };
         std::fs::create_dir_all(dir).map_err(|e| open_err(e.into()))?;
+        if !path.try_exists().map_err(|e| open_err(e.into()))? && Wal::exists(files)? {
+            let whose = match Wal::header_store_id(files)? {
+                Some(id) => format!("the write-ahead log of store {id:016x}"),
+                None => "a write-ahead log".to_string(),
+            };
+            return Err(StoreError::Corrupt {
+                what: "the store's files",
+                detail: format!(
+                    "{} is missing, but {whose} is there ({}): the store file was deleted or moved, and starting over from the log would bring back only its last slice. Put ordo.redb back; to start an empty store here instead, move the wal-*.log files away as well",
+                    path.display(),
+                    files.show("wal-*.log")
+                ),
+            });
+        }
         let db = Database::builder()
             .set_cache_size(cache_bytes)
             .create(&path)
@@ -255,61 +299,9 @@ impl RedbStore {
         index_dedup_runs(&tx, keys_indexed)?;
         index_members(&tx, members_indexed)?;
         tx.commit().map_err(engine)?;
-        let mut applied = {
-            let tx = db.begin_read().map_err(engine)?;
-            let meta = tx.open_table(META).map_err(engine)?;
-            let v = meta.get(WAL_APPLIED).map_err(engine)?;
-            v.map(|g| g.value())
-        };
-        let (mut log, records) = Wal::open(dir)?;
-        // Only the run that follows what the B-tree holds: anything after a hole is stale.
-        let mut due = Vec::new();
-        for r in &records {
-            if applied.is_some_and(|a| r.seqno <= a) {
-                continue;
-            }
-            if r.seqno != applied.map_or(r.seqno, |a| a + 1) {
-                break;
-            }
-            applied = Some(r.seqno);
-            due.push(r);
-        }
-        let replayed = due.len();
-        // Many records per transaction, as the applier does; a chunk that fails is applied again
-        // record by record (nothing of it was committed), to name the record that fails.
-        for chunk in due.chunks(REPLAY_AT_ONCE) {
-            let batches: Vec<&Batch> = chunk.iter().map(|r| &r.batch).collect();
-            let last = chunk.last().map(|r| r.seqno);
-            if apply(&db, &batches, last, Durability::None).is_ok() {
-                continue;
-            }
-            for r in chunk {
-                apply(&db, &[&r.batch], Some(r.seqno), Durability::None).map_err(|e| match e {
-                    // Damage met while replaying: say which acknowledged batch it stops.
-                    StoreError::Corrupt { detail, .. } => StoreError::Corrupt {
-                        what: "write-ahead log replay",
-                        detail: format!(
-                            "log record {} (a batch that was acknowledged) cannot be applied: {detail}; keep a copy of the data directory before trying anything else",
-                            r.seqno
-                        ),
-                    },
-                    // A failed write or a full disk is not damage: fix it and start again.
-                    other => StoreError::Engine {
-                        context: format!(
-                            "replaying log record {} (a batch that was acknowledged); fix the cause and start the server again",
-                            r.seqno
-                        ),
-                        source: Box::new(other),
-                    },
-                })?;
-            }
-        }
-        if replayed > 0 {
-            tracing::info!(
-                records = replayed,
-                "applied write-ahead log records left by the last run"
-            );
-        }
+        let (mut log, due, before) = open_log(&db, &path, files)?;
+        replay(&db, &due)?;
+        let applied = due.last().map(|r| r.seqno).or(before);
         // Whatever the B-tree holds now becomes durable, so the log can start over.
         checkpoint(&db)?;
         log.reset(applied.map_or(0, |a| a + 1));
@@ -338,6 +330,132 @@ impl RedbStore {
             applier: Mutex::new(Some(applier)),
         })
     }
+}
+
+/// Opens the log of the store in `db` and returns it with the records to replay (those after
+/// what the B-tree holds) and the seqno of the last record the B-tree holds.
+///
+/// The store's id ([`STORE_ID`]) ties its files together: it is made with the store, written into
+/// both log headers, and checked on every open. A store from a build that wrote the log format
+/// without headers is upgraded here: its records are replayed and made durable first, then it
+/// gets its id and a log in the current format.
+fn open_log(
+    db: &Database,
+    path: &Path,
+    files: &dyn LogFiles,
+) -> Result<(Wal, Vec<wal::Record>, Option<u64>), StoreError> {
+    let store_id = match meta_get(db, STORE_ID)? {
+        Some(id) => id,
+        None => {
+            if let Some(id) = Wal::header_store_id(files)? {
+                return Err(StoreError::Corrupt {
+                    what: "the store's files",
+                    detail: format!(
+                        "{} has no store id, but the write-ahead log beside it belongs to store {id:016x}: the store file was replaced (by one of an earlier build, or from elsewhere). Put the store's own ordo.redb back",
+                        path.display()
+                    ),
+                });
+            }
+            // A new store, or one an earlier build wrote: replay its log as that build would
+            // have (only the run that follows what the B-tree holds), and make it durable.
+            let applied = meta_get(db, WAL_APPLIED)?;
+            let old = Wal::read_format_1(files)?;
+            let mut due: Vec<wal::Record> = Vec::new();
+            for r in old {
+                let next = due
+                    .last()
+                    .map_or(applied.map_or(0, |a| a + 1), |l| l.seqno + 1);
+                if r.seqno < next {
+                    continue;
+                }
+                if r.seqno > next {
+                    break;
+                }
+                due.push(r);
+            }
+            replay(db, &due)?;
+            let id = loop {
+                let id = rand::random::<u64>();
+                if id != 0 {
+                    break id;
+                }
+            };
+            meta_set(db, &[(STORE_ID, id)])?;
+            id
+        }
+    };
+    if meta_get(db, LOG_MADE)?.is_none() {
+        // Nothing can have been logged for this id yet: make the log (again, after a crash
+        // half-way through making it), then record that it exists.
+        Wal::create(files, store_id)?;
+        meta_set(db, &[(LOG_MADE, 1)])?;
+    }
+    let before = meta_get(db, WAL_APPLIED)?;
+    let (log, due) = Wal::open(files, store_id, before)?;
+    Ok((log, due, before))
+}
+
+/// A value of the `meta` table.
+fn meta_get(db: &Database, key: &str) -> Result<Option<u64>, StoreError> {
+    let tx = db.begin_read().map_err(engine)?;
+    let meta = tx.open_table(META).map_err(engine)?;
+    let v = meta.get(key).map_err(engine)?;
+    Ok(v.map(|g| g.value()))
+}
+
+/// Sets values of the `meta` table, durably (with everything applied before).
+fn meta_set(db: &Database, values: &[(&str, u64)]) -> Result<(), StoreError> {
+    let mut tx = db.begin_write().map_err(engine)?;
+    tx.set_durability(Durability::Immediate).map_err(engine)?;
+    tx.set_quick_repair(true);
+    {
+        let mut meta = tx.open_table(META).map_err(engine)?;
+        for (k, v) in values {
+            meta.insert(*k, *v).map_err(engine)?;
+        }
+    }
+    tx.commit().map_err(engine)?;
+    Ok(())
+}
+
+/// Applies log records left by the last run to the B-tree (not durably: the caller checkpoints).
+fn replay(db: &Database, due: &[wal::Record]) -> Result<(), StoreError> {
+    // Many records per transaction, as the applier does; a chunk that fails is applied again
+    // record by record (nothing of it was committed), to name the record that fails.
+    for chunk in due.chunks(REPLAY_AT_ONCE) {
+        let batches: Vec<&Batch> = chunk.iter().map(|r| &r.batch).collect();
+        let last = chunk.last().map(|r| r.seqno);
+        if apply(db, &batches, last, Durability::None).is_ok() {
+            continue;
+        }
+        for r in chunk {
+            apply(db, &[&r.batch], Some(r.seqno), Durability::None).map_err(|e| match e {
+                    // Damage met while replaying: say which acknowledged batch it stops.
+                    StoreError::Corrupt { detail, .. } => StoreError::Corrupt {
+                        what: "write-ahead log replay",
+                        detail: format!(
+                            "log record {} (a batch that was acknowledged) cannot be applied: {detail}; keep a copy of the data directory before trying anything else",
+                            r.seqno
+                        ),
+                    },
+                    // A failed write or a full disk is not damage: fix it and start again.
+                    other => StoreError::Engine {
+                        context: format!(
+                            "replaying log record {} (a batch that was acknowledged); fix the cause and start the server again",
+                            r.seqno
+                        ),
+                        source: Box::new(other),
+                    },
+                })?;
+        }
+    }
+    if !due.is_empty() {
+        tracing::info!(
+            records = due.len(),
+            "applied write-ahead log records left by the last run"
+        );
+    }
+    Ok(())
 }
 
 /// The applier thread: writes logged batches into the B-tree, in log order, and checkpoints.
