@@ -86,8 +86,11 @@ fn io_error(name: &str) -> impl Fn(std::io::Error) -> StoreError + '_ {
     }
 }
 
-/// The segment files that exist, opened, with their paths.
-fn existing(files: &dyn LogFiles) -> Result<Vec<(Box<dyn LogFile>, String)>, StoreError> {
+/// A segment file, opened, with its path.
+type Named = (Box<dyn LogFile>, String);
+
+/// The segment files that exist.
+fn existing(files: &dyn LogFiles) -> Result<Vec<Named>, StoreError> {
     let mut out = Vec::new();
     for n in SEGMENT_NAMES {
         let name = files.show(n);
