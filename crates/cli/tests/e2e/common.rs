@@ -73,6 +73,12 @@ impl Server {
             .unwrap_or_else(|e| panic!("restart ordo: {e}"));
     }
 
+    /// Starts the server again on the same data directory; the error (with the server's log)
+    /// if it does not come up.
+    pub async fn try_restart(&mut self) -> Result<(), String> {
+        tokio::task::block_in_place(|| self.0.restart()).map_err(|e| e.to_string())
+    }
+
     // ----- admin API -----
 
     /// The test kit's client of this server's admin API.

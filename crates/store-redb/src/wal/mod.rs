@@ -210,7 +210,7 @@ impl Wal {
         Ok(None)
     }
 
-    /// Reads a log in the format of earlier builds ([`v1`]), for the upgrade: the records of
+    /// Reads a log in the format of earlier builds (format 1: no header), for the upgrade: the records of
     /// both segments in seqno order, possibly with a gap between the two segments' records (the
     /// caller keeps only the run that follows what the B-tree holds, as those builds did).
     pub fn read_format_1(files: &dyn LogFiles) -> Result<Vec<Record>, StoreError> {
