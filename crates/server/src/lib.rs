@@ -78,25 +78,40 @@ pub(crate) struct AppState {
 /// The token secret: flag/env value, or `<data>/secret`, created on first use. Never created
 /// where `data` already holds a store: every token issued would then fail.
 pub fn token_key(secret: Option<&str>, data: &std::path::Path) -> Result<TokenKey, ServerError> {
+    let fresh = !RedbStore::exists_in(data);
     let s = secret_of(
         secret,
         data,
         "secret",
         "the token secret",
-        "--secret or ORDO_SECRET",
+        SECRET_FLAG,
+        fresh,
     )?;
     Ok(TokenKey::new(s.as_bytes()))
 }
 
-/// The admin key: flag/env value, or `<data>/admin.key`, created on first use. Never created
-/// where `data` already holds a store, like the token secret.
+const SECRET_FLAG: &str = "--secret or ORDO_SECRET";
+
+/// The admin key: flag/env value, or `<data>/admin.key`, created on first use. Made anew (with
+/// a warning) if the file is lost: it signs nothing that was handed out, only the operator's
+/// own requests.
 pub fn admin_key(given: Option<&str>, data: &std::path::Path) -> Result<String, ServerError> {
+    if given.is_none_or(str::is_empty)
+        && RedbStore::exists_in(data)
+        && !data.join("admin.key").exists()
+    {
+        tracing::warn!(
+            path = %data.join("admin.key").display(),
+            "the admin key is missing; made a new one (requests with the old one are refused)"
+        );
+    }
     secret_of(
         given,
         data,
         "admin.key",
         "the admin key",
         "--admin-key or ORDO_ADMIN_KEY",
+        true,
     )
 }
 
@@ -106,8 +121,8 @@ fn secret_of(
     name: &str,
     what: &'static str,
     flag: &'static str,
+    may_create: bool,
 ) -> Result<String, ServerError> {
-    let may_create = !RedbStore::exists_in(data);
     auth::load_or_create_secret(given, data, name, may_create).map_err(|source| {
         if source.kind() == std::io::ErrorKind::NotFound && !may_create {
             ServerError::SecretMissing {
@@ -205,7 +220,17 @@ pub async fn start_with_store(
             "the token secret is short; anyone who guesses it can forge tokens: use at least 32 random characters"
         );
     }
-    let tokens = token_key(cfg.secret.as_deref(), &cfg.data)?;
+    // `start` made it already if the store is new; a caller with a store of its own opened it
+    // before, so here a missing file is made.
+    let secret = secret_of(
+        cfg.secret.as_deref(),
+        &cfg.data,
+        "secret",
+        "the token secret",
+        SECRET_FLAG,
+        true,
+    )?;
+    let tokens = TokenKey::new(secret.as_bytes());
     let admin = admin_key(cfg.admin_key.as_deref(), &cfg.data)?;
 
     let router = Router::new(
@@ -280,7 +305,9 @@ pub async fn start_with_store(
             let _ = finished.await;
         }
         drop(router_tx);
-        match router_task.await {
+        let routed = router_task.await;
+        close_store(own_store).await;
+        match routed {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "stopped after a storage failure");
@@ -288,7 +315,6 @@ pub async fn start_with_store(
             }
             Err(e) => return Err(ServerError::Io(std::io::Error::other(e.to_string()))),
         }
-        close_store(own_store).await;
         tracing::info!("ordo stopped; everything accepted is on disk");
         served.map_err(ServerError::Io)
     });

@@ -92,7 +92,7 @@ pub(crate) const WAL_APPLIED: &str = "wal_applied";
 pub(crate) const STORE_ID: &str = "store_id";
 /// `log_made` -> 1 once the log was made for [`STORE_ID`]: from then on its segments must be
 /// there (before, a crash while making it leaves it to be made again).
-const LOG_MADE: &str = "log_made";
+pub(crate) const LOG_MADE: &str = "log_made";
 /// `next_dedup_run` -> the number the next dedup run gets (keys stay unique within a millisecond).
 const NEXT_DEDUP_RUN: &str = "next_dedup_run";
 /// `dedup_keys_through` -> every dedup run numbered below this has its entries in `dedup_keys`.
@@ -344,47 +344,59 @@ fn open_log(
     path: &Path,
     files: &dyn LogFiles,
 ) -> Result<(Wal, Vec<wal::Record>, Option<u64>), StoreError> {
-    let store_id = match meta_get(db, STORE_ID)? {
-        Some(id) => id,
-        None => {
-            if let Some(id) = Wal::header_store_id(files)? {
-                return Err(StoreError::Corrupt {
-                    what: "the store's files",
-                    detail: format!(
-                        "{} has no store id, but the write-ahead log beside it belongs to store {id:016x}: the store file was replaced (by one of an earlier build, or from elsewhere). Put the store's own ordo.redb back",
-                        path.display()
-                    ),
-                });
-            }
-            // A new store, or one an earlier build wrote: replay its log as that build would
-            // have (only the run that follows what the B-tree holds), and make it durable.
-            let applied = meta_get(db, WAL_APPLIED)?;
-            let old = Wal::read_format_1(files)?;
-            let mut due: Vec<wal::Record> = Vec::new();
-            for r in old {
-                let next = due
-                    .last()
-                    .map_or(applied.map_or(0, |a| a + 1), |l| l.seqno + 1);
-                if r.seqno < next {
-                    continue;
-                }
-                if r.seqno > next {
-                    break;
-                }
-                due.push(r);
-            }
-            replay(db, &due)?;
-            let id = loop {
-                let id = rand::random::<u64>();
-                if id != 0 {
-                    break id;
-                }
-            };
-            meta_set(db, &[(STORE_ID, id)])?;
-            id
+    let id = meta_get(db, STORE_ID)?;
+    if id.is_none() {
+        if let Some(id) = Wal::header_store_id(files)? {
+            return Err(StoreError::Corrupt {
+                what: "the store's files",
+                detail: format!(
+                    "{} has no store id, but the write-ahead log beside it belongs to store {id:016x}: the store file was replaced (by one of an earlier build, or from elsewhere). Put the store's own ordo.redb back",
+                    path.display()
+                ),
+            });
         }
-    };
-    if meta_get(db, LOG_MADE)?.is_none() {
+    }
+    // A new store, one an earlier build wrote, or one an earlier build wrote to after this one
+    // (a downgrade and an upgrade again): replay its log as that build would have (only the run
+    // that follows what the B-tree holds), make it durable, and make the log anew.
+    if id.is_none() || Wal::written_in_format_1(files)? {
+        let applied = meta_get(db, WAL_APPLIED)?;
+        let old = Wal::read_format_1(files)?;
+        let found = old.len();
+        let mut due: Vec<wal::Record> = Vec::new();
+        for r in old {
+            let next = due
+                .last()
+                .map_or(applied.map_or(0, |a| a + 1), |l| l.seqno + 1);
+            if r.seqno < next {
+                continue;
+            }
+            if r.seqno > next {
+                tracing::warn!(
+                    after = next.saturating_sub(1),
+                    "the log of an earlier build has records past a gap; that build would not have replayed them either"
+                );
+                break;
+            }
+            due.push(r);
+        }
+        if found > 0 {
+            tracing::info!(
+                records = due.len(),
+                "upgrading a log written by an earlier build"
+            );
+        }
+        replay(db, &due)?;
+        let id = id.unwrap_or_else(|| loop {
+            let id = rand::random::<u64>();
+            if id != 0 {
+                break id;
+            }
+        });
+        meta_set(db, &[(STORE_ID, id), (LOG_MADE, 0)])?;
+    }
+    let store_id = meta_get(db, STORE_ID)?.unwrap_or_default();
+    if meta_get(db, LOG_MADE)? != Some(1) {
         // Nothing can have been logged for this id yet: make the log (again, after a crash
         // half-way through making it), then record that it exists.
         Wal::create(files, store_id)?;
@@ -536,12 +548,19 @@ impl RedbStore {
 
 impl Drop for RedbStore {
     fn drop(&mut self) {
-        // Let the applier finish what is queued, so a clean stop leaves the B-tree current.
+        // Let the applier finish what is queued, then make the B-tree durable: a clean stop
+        // leaves it current and the log with nothing to replay (so even a build that cannot
+        // read this log's format loses nothing after a clean stop).
         if let Ok(mut tx) = self.to_applier.lock() {
             tx.take();
         }
         if let Some(h) = self.applier.lock().ok().and_then(|mut h| h.take()) {
             let _ = h.join();
+        }
+        if self.applied.check().is_ok() {
+            if let Err(e) = checkpoint(&self.db) {
+                tracing::warn!(error = %e, "cannot checkpoint the store as it closes; the next start replays the log");
+            }
         }
     }
 }

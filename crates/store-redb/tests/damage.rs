@@ -8,9 +8,10 @@ mod common;
 
 use common::{batch, crash_copy, seqs};
 use ordo_store::Store;
-use ordo_store_redb::wal::{scan::HEADER_BYTES, SEGMENT_BYTES};
+use ordo_store_redb::wal::scan::{HEADER_BYTES, RECORD_MAGIC};
+use ordo_store_redb::wal::SEGMENT_BYTES;
 use ordo_store_redb::RedbStore;
-use redb::ReadableTable;
+use redb::{ReadableDatabase, ReadableTable};
 use std::path::Path;
 use tempfile::TempDir;
 
@@ -31,7 +32,7 @@ fn crashed_with(n: u64) -> TempDir {
 fn records(seg: &[u8]) -> Vec<(usize, usize)> {
     let mut out = Vec::new();
     let mut at = HEADER_BYTES as usize;
-    while seg[at..at + 4] == *b"ORD2" {
+    while seg[at..at + 4] == RECORD_MAGIC {
         let len = u32::from_le_bytes(seg[at + 4..at + 8].try_into().unwrap()) as usize;
         out.push((at, 20 + len));
         at += 20 + len;
@@ -196,7 +197,7 @@ fn a_record_this_store_did_not_write_is_never_replayed() {
         h.update(&(payload.len() as u32).to_le_bytes());
         h.update(&seqno.to_le_bytes());
         h.update(&payload);
-        let mut rec = b"ORD2".to_vec();
+        let mut rec = RECORD_MAGIC.to_vec();
         rec.extend_from_slice(&(payload.len() as u32).to_le_bytes());
         rec.extend_from_slice(&seqno.to_le_bytes());
         rec.extend_from_slice(&h.finalize().to_le_bytes());
@@ -214,7 +215,8 @@ fn a_record_this_store_did_not_write_is_never_replayed() {
 
 /// The log format before store ids (no header, records from offset 0, a checksum of seqno and
 /// payload): what it holds after the B-tree's last record is replayed, then the log is made
-/// anew in the current format, and logging goes on.
+/// anew in the current format, and logging goes on; the same after a downgrade wrote that
+/// format over the current one.
 #[test]
 fn a_log_of_the_earlier_format_is_replayed_and_made_anew() {
     let dir = tempfile::tempdir().unwrap();
@@ -267,4 +269,22 @@ fn a_log_of_the_earlier_format_is_replayed_and_made_anew() {
     drop(store);
     let store = RedbStore::open(crashed.path()).unwrap();
     assert_eq!(seqs(&store), (1..=16).collect::<Vec<_>>());
+    drop(store);
+    // A downgrade: an earlier build writes its records from offset 0, over the header (after a
+    // clean stop, which left nothing to replay). The next start replays them and goes on.
+    let applied = {
+        let db = redb::Database::create(crashed.path().join("ordo.redb")).unwrap();
+        let tx = db.begin_read().unwrap();
+        let meta: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("meta");
+        let t = tx.open_table(meta).unwrap();
+        let v = t.get("wal_applied").unwrap().unwrap().value();
+        v
+    };
+    let mut seg = v1(&[(applied + 1, 5), (applied + 2, 6)]);
+    seg.truncate(SEGMENT_BYTES as usize);
+    std::fs::write(crashed.path().join("wal-0.log"), seg).unwrap();
+    let store = RedbStore::open(crashed.path()).unwrap();
+    assert_eq!(seqs(&store), (1..=24).collect::<Vec<_>>());
+    let head = std::fs::read(crashed.path().join("wal-0.log")).unwrap();
+    assert_eq!(&head[..8], b"ORDOWAL\0", "made anew");
 }

@@ -2,6 +2,7 @@
 
 use super::common::*;
 use ordo_protocol::ServerFrame;
+use ordo_store_redb::wal::scan::RECORD_MAGIC;
 use std::collections::{HashMap, HashSet};
 
 #[tokio::test(flavor = "multi_thread")]
@@ -113,7 +114,7 @@ async fn a_log_damaged_after_a_kill_is_refused_and_verify_names_the_damage() {
     let mut seg = std::fs::read(&log).unwrap();
     let mut records = Vec::new();
     let mut at = 4096;
-    while seg[at..at + 4] == *b"ORD2" {
+    while seg[at..at + 4] == RECORD_MAGIC {
         let len = u32::from_le_bytes(seg[at + 4..at + 8].try_into().unwrap()) as usize;
         records.push((at, 20 + len));
         at += 20 + len;

@@ -210,6 +210,18 @@ impl Wal {
         Ok(None)
     }
 
+    /// Whether either segment starts with a record of format 1: an earlier build wrote it (over
+    /// this format's header, after a downgrade).
+    pub fn written_in_format_1(files: &dyn LogFiles) -> Result<bool, StoreError> {
+        for (file, _) in existing(files)? {
+            let mut head = [0u8; 4];
+            if file.read_exact_at(&mut head, 0).is_ok() && v1::starts_a_record(head) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     /// Reads a log in the format of earlier builds (format 1: no header), for the upgrade: the records of
     /// both segments in seqno order, possibly with a gap between the two segments' records (the
     /// caller keeps only the run that follows what the B-tree holds, as those builds did).
@@ -259,12 +271,10 @@ impl Wal {
                     .last()
                     .is_some_and(|l| want > 0 && l.seqno == want - 1)
             });
-            let stop = match before {
-                Some(o) => format!("the records before it end in {}", chain_end(o)),
-                None => format!(
-                    "the store file holds the records up to {}",
-                    want.wrapping_sub(1)
-                ),
+            let stop = match (before, want) {
+                (Some(o), _) => format!("the records before it end in {}", chain_end(o)),
+                (None, 0) => "the store file holds no record yet".to_string(),
+                (None, _) => format!("the store file holds the records up to {}", want - 1),
             };
             return Err(damaged(format!(
                 "log record {want} is missing although record {} is in {} at offset {}: {stop}. A damaged record cut the log short; replaying only what precedes it would lose acknowledged batches",
@@ -422,7 +432,7 @@ impl Wal {
             });
         }
         let check = scan::record_check(self.store_id, len32, seqno, &self.buf[RECORD_HEADER..]);
-        self.buf[0..4].copy_from_slice(&scan::RECORD_MAGIC.to_le_bytes());
+        self.buf[0..4].copy_from_slice(&scan::RECORD_MAGIC);
         self.buf[4..8].copy_from_slice(&len32.to_le_bytes());
         self.buf[8..16].copy_from_slice(&seqno.to_le_bytes());
         self.buf[16..20].copy_from_slice(&check.to_le_bytes());

@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! header:  "ORDOWAL\0" | version u32 (2) | segment u32 (0 or 1) | store id u64 | segment bytes u64 | crc32 u32 (of the fields before it)
-//! record:  magic u32 ("ORD2") | length u32 | seqno u64 | check u32 | payload (length bytes)
+//! record:  magic (FF "O2" FE) | length u32 | seqno u64 | check u32 | payload (length bytes)
 //! ```
 //!
 //! all little-endian. `check` is a CRC-32 of the store id, length, seqno and payload: the store
@@ -21,7 +21,11 @@ const FILE_MAGIC: &[u8; 8] = b"ORDOWAL\0";
 const VERSION: u32 = 2;
 /// The file header's fields: magic, version, segment, store id, segment bytes, crc.
 const FILE_FIELDS: usize = 8 + 4 + 4 + 8 + 8 + 4;
-pub(super) const RECORD_MAGIC: u32 = u32::from_le_bytes(*b"ORD2");
+/// A record's first bytes: `FF 'O' '2' FE`. Bytes 0xFF and 0xFE never occur in UTF-8, and every
+/// field of a batch that a client chooses (bodies, ids, names) is UTF-8 text, so no client can
+/// spell a record's start inside what it sends: the search for records past a chain's end meets
+/// candidates only where records really began.
+pub const RECORD_MAGIC: [u8; 4] = [0xFF, b'O', b'2', 0xFE];
 pub(super) const RECORD_HEADER: usize = 4 + 4 + 8 + 4;
 
 /// The header block of segment `segment` of the store `store_id`.
@@ -116,7 +120,7 @@ pub(super) fn record_at(seg: &[u8], offset: u64, store_id: u64) -> Result<Found,
         return Err(NoRecord::End);
     };
     let u32_at = |i: usize| u32::from_le_bytes(h[i..i + 4].try_into().expect("4 bytes"));
-    if u32_at(0) != RECORD_MAGIC {
+    if h[..4] != RECORD_MAGIC {
         return Err(if h.iter().all(|&b| b == 0) {
             NoRecord::Zeros
         } else {
@@ -171,9 +175,8 @@ pub(super) fn scan(seg: &[u8], store_id: u64) -> Scan {
     // Every valid record past the chain's end: the magic number, then the whole check.
     let mut beyond = Vec::new();
     let from = (end as usize).min(seg.len());
-    let magic = RECORD_MAGIC.to_le_bytes();
     let mut skip_to = from;
-    for at in memchr::memmem::find_iter(&seg[from..], &magic) {
+    for at in memchr::memmem::find_iter(&seg[from..], &RECORD_MAGIC) {
         let at = from + at;
         if at < skip_to {
             continue;

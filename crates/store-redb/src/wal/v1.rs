@@ -15,6 +15,11 @@ use ordo_store::StoreError;
 const MAGIC: u32 = 0x4f52_4457; // "ORDW"
 const HEADER: usize = 4 + 4 + 8 + 4;
 
+/// Whether a segment starting with these bytes starts with a format-1 record.
+pub(super) fn starts_a_record(head: [u8; 4]) -> bool {
+    u32::from_le_bytes(head) == MAGIC
+}
+
 /// The records of one format-1 segment of `len` bytes, oldest first.
 pub(super) fn read(file: &dyn LogFile, len: u64, name: &str) -> Result<Vec<Record>, StoreError> {
     let mut records: Vec<Record> = Vec::new();
