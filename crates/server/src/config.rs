@@ -120,40 +120,91 @@ impl Config {
         })
     }
 
+    /// Refuses any setting outside its range, naming the setting, its value and the range (a
+    /// value that passed used to break promises: a dedup window of 0 stored resends twice, a rate
+    /// burst of NaN refused every send, huge sizes wrapped or panicked).
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |m: &str| Err(ConfigError::Invalid(m.to_string()));
-        if self.max_body_bytes == 0 {
-            return bad("max_body_bytes must be positive");
+        const MIB: u64 = 1 << 20;
+        let int = |name: &str, v: u64, lo: u64, hi: u64| -> Result<(), ConfigError> {
+            if (lo..=hi).contains(&v) {
+                Ok(())
+            } else {
+                Err(ConfigError::Invalid(format!(
+                    "{name} is {v}; it must be between {lo} and {hi}"
+                )))
+            }
+        };
+        let size = |v: usize| v as u64;
+        int("max_body_bytes", size(self.max_body_bytes), 1, 16 * MIB)?;
+        int(
+            "max_frame_bytes",
+            size(self.max_frame_bytes),
+            // Room for the frame's other fields around the largest body.
+            size(self.max_body_bytes) + 256,
+            64 * MIB,
+        )?;
+        int("max_sync_limit", self.max_sync_limit.into(), 1, 100_000)?;
+        int(
+            "default_sync_limit",
+            self.default_sync_limit.into(),
+            1,
+            100_000,
+        )?;
+        int("max_sync_bytes", size(self.max_sync_bytes), 1, 64 * MIB)?;
+        int(
+            "max_acks_per_frame",
+            size(self.max_acks_per_frame),
+            1,
+            100_000,
+        )?;
+        int("push_window", self.push_window, 1, 100_000)?;
+        int(
+            "receipt_max_members",
+            size(self.receipt_max_members),
+            0,
+            10_000_000,
+        )?;
+        int("outbound_queue", size(self.outbound_queue), 16, 65_536)?;
+        // Below a minute a client's ordinary retries outlive the window: a resend is stored twice.
+        int("dedup_window_secs", self.dedup_window_secs, 60, 30 * 86_400)?;
+        int(
+            "dedup_cache_entries",
+            size(self.dedup_cache_entries),
+            1,
+            100_000_000,
+        )?;
+        int("dedup_filter_mib", size(self.dedup_filter_mib), 1, 65_536)?;
+        int(
+            "conv_cache_entries",
+            size(self.conv_cache_entries),
+            0,
+            100_000_000,
+        )?;
+        if let Some(v) = self.retention_max_age_secs {
+            int("retention_max_age_secs", v, 1, 100 * 365 * 86_400)?;
         }
-        if self.max_frame_bytes < self.max_body_bytes.saturating_add(256) {
-            return Err(ConfigError::Invalid(format!(
-                "max_frame_bytes ({}) must exceed max_body_bytes ({}) by at least 256 bytes, room for the frame's other fields; raise --max-frame-bytes or lower --max-body-bytes",
-                self.max_frame_bytes, self.max_body_bytes
-            )));
+        if let Some(v) = self.retention_max_count {
+            int("retention_max_count", v, 1, u64::MAX >> 1)?;
         }
-        if self.max_sync_bytes == 0 {
-            return bad("max_sync_bytes must be positive");
-        }
-        if self.max_sync_limit == 0 || self.default_sync_limit == 0 {
-            return bad("sync limits must be at least 1");
-        }
-        if self.push_window == 0 || self.outbound_queue < 16 {
-            return bad("push_window must be at least 1 and outbound_queue at least 16");
-        }
-        if self.rate_per_sec < 0.0 || self.rate_burst < 1.0 && self.rate_per_sec > 0.0 {
-            return bad("rate_per_sec must be >= 0 and rate_burst >= 1");
-        }
-        if self.housekeeping_secs == 0 {
-            return bad("housekeeping_secs must be at least 1");
-        }
-        if self.store_cache_mib == 0 {
-            return bad("store_cache_mib must be at least 1");
-        }
-        if self.dedup_filter_mib == 0 || self.dedup_filter_mib > 1 << 16 {
-            return bad("dedup_filter_mib must be between 1 and 65536");
-        }
+        int("housekeeping_secs", self.housekeeping_secs, 1, 86_400)?;
+        int("store_cache_mib", size(self.store_cache_mib), 1, 1 << 20)?;
+        let real = |name: &str, v: f64, lo: f64, hi: f64| -> Result<(), ConfigError> {
+            // Written so that NaN fails too.
+            if v >= lo && v <= hi {
+                Ok(())
+            } else {
+                Err(ConfigError::Invalid(format!(
+                    "{name} is {v}; it must be a number between {lo} and {hi}"
+                )))
+            }
+        };
+        real("rate_per_sec", self.rate_per_sec, 0.0, 1e6)?;
+        real("rate_burst", self.rate_burst, 1.0, 1e6)?;
         if self.log_format != "text" && self.log_format != "json" {
-            return bad("log_format is `text` or `json`");
+            return Err(ConfigError::Invalid(format!(
+                "log_format is {:?}; it must be `text` or `json`",
+                self.log_format
+            )));
         }
         Ok(())
     }
@@ -226,5 +277,43 @@ mod tests {
         };
         let e = none.validate().expect_err("a filter of 0 is refused");
         assert!(e.to_string().contains("dedup_filter_mib"), "{e}");
+    }
+
+    /// Every value that used to pass and break a promise is refused, naming the setting and
+    /// its range.
+    #[test]
+    fn settings_outside_their_range_are_refused_with_the_range() {
+        type Change = fn(&mut Config);
+        let cases: [(&str, Change); 9] = [
+            ("dedup_window_secs", |c| c.dedup_window_secs = 0),
+            ("rate_burst", |c| c.rate_burst = f64::NAN),
+            ("rate_per_sec", |c| c.rate_per_sec = f64::INFINITY),
+            ("max_frame_bytes", |c| c.max_frame_bytes = usize::MAX),
+            ("outbound_queue", |c| c.outbound_queue = usize::MAX),
+            ("max_body_bytes", |c| c.max_body_bytes = usize::MAX),
+            ("retention_max_age_secs", |c| {
+                c.retention_max_age_secs = Some(u64::MAX)
+            }),
+            ("housekeeping_secs", |c| c.housekeeping_secs = u64::MAX),
+            ("log_format", |c| c.log_format = "xml".into()),
+        ];
+        for (name, set) in cases {
+            let mut c = Config::default();
+            set(&mut c);
+            let e = c.validate().expect_err(name).to_string();
+            assert!(e.contains(name), "{name}: {e}");
+            assert!(
+                e.contains("between") || e.contains("must be"),
+                "{name}: {e}"
+            );
+        }
+        // The edges of a range are valid.
+        let edge = Config {
+            dedup_window_secs: 60,
+            rate_burst: 1.0,
+            outbound_queue: 65_536,
+            ..Config::default()
+        };
+        assert!(edge.validate().is_ok());
     }
 }

@@ -4,7 +4,8 @@
 //!
 //! A reader loop and a writer task share one bounded queue of outgoing frames. Bad frames get an
 //! `error` frame and the connection stays usable; a frame over the size limit closes the socket
-//! with 1009; a connection the router dropped as too slow is closed with 1013.
+//! with 1009, a text message that is not UTF-8 with 1007; a connection the router dropped as too
+//! slow is closed with 1013.
 
 use crate::metrics as m;
 use crate::router::{Command, Outbound, SessionHandle};
@@ -28,6 +29,7 @@ const WRITE_BATCH: usize = 256;
 /// WebSocket close codes used by the server.
 pub mod close {
     pub const GOING_AWAY: u16 = 1001;
+    pub const INVALID_TEXT: u16 = 1007;
     pub const TOO_BIG: u16 = 1009;
     pub const TRY_AGAIN_LATER: u16 = 1013;
 }
@@ -172,19 +174,33 @@ pub async fn run(socket: WebSocket, state: AppState, user: String, device: Strin
     tracing::debug!(session, "disconnected");
 }
 
+/// A close frame; its reason cut to the 123 bytes a close frame has room for (a longer one is a
+/// protocol error at the client), at a character boundary.
 fn close_msg(code: u16, reason: &str) -> WsMessage {
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
     WsMessage::Close(Some(CloseFrame {
         code,
-        reason: Utf8Bytes::from(reason.to_string()),
+        reason: Utf8Bytes::from(reason[..end].to_string()),
     }))
 }
 
 /// A read error after which the socket may still take a close frame: a message over the size
-/// limit gets 1009; anything else (reset, protocol violation) just ends the connection.
+/// limit gets 1009, a text message that is not UTF-8 gets 1007 (the WebSocket protocol ends
+/// the connection there: no `error` frame can answer it); anything else (reset, protocol
+/// violation) just ends the connection.
 fn read_error_close(e: &axum::Error, limit: usize) -> Option<(u16, String)> {
     use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
     let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
     while let Some(s) = src {
+        if let Some(WsError::Utf8(_)) = s.downcast_ref::<WsError>() {
+            return Some((
+                close::INVALID_TEXT,
+                "text message is not valid UTF-8; send MessagePack frames as binary".to_string(),
+            ));
+        }
         if let Some(WsError::Capacity(c)) = s.downcast_ref::<WsError>() {
             let reason = match c {
                 CapacityError::MessageTooLong { size, .. } => {

@@ -178,3 +178,25 @@ async fn malformed_and_oversized_frames_get_errors_and_harm_nobody() {
     let mut alice = Client::connect(&server, "alice", "phone").await;
     assert_eq!(alice.sync_all(conv, 0).await, all);
 }
+
+/// A text message that is not UTF-8 cannot be answered with `error` (the WebSocket protocol
+/// ends the connection there): it is closed with 1007 and a reason, and a new connection of the
+/// same user is served.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_text_message_that_is_not_utf8_is_closed_with_1007() {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    let server = Server::start(&[]).await;
+    let mut alice = Client::connect(&server, "alice", "phone").await;
+    let bad = Frame::message(vec![b'{', 0xff, 0xfe, b'}'], OpCode::Data(Data::Text), true);
+    alice
+        .wire
+        .send_raw(WsMessage::Frame(bad))
+        .await
+        .expect("send");
+    let (code, reason) = expect_close(&mut alice).await;
+    assert_eq!(code, 1007, "{reason}");
+    assert!(reason.contains("UTF-8"), "{reason}");
+    let mut again = Client::connect(&server, "alice", "phone").await;
+    again.ping(7).await;
+}
