@@ -5,8 +5,9 @@
 //! A reader loop and a writer task share one bounded queue of outgoing frames. Bad frames get an
 //! `error` frame and the connection stays usable; a frame over the size limit closes the socket
 //! with 1009, a text message that is not UTF-8 with 1007; a connection the router dropped as too
-//! slow is closed with 1013.
+//! slow is closed with 1013; a connection whose token expires is closed with 4001 then.
 
+use crate::auth::Claims;
 use crate::metrics as m;
 use crate::router::{Command, Outbound, SessionHandle};
 use crate::AppState;
@@ -32,6 +33,9 @@ pub mod close {
     pub const INVALID_TEXT: u16 = 1007;
     pub const TOO_BIG: u16 = 1009;
     pub const TRY_AGAIN_LATER: u16 = 1013;
+    /// The connection's token expired (an application code: 4000-4999 are left to
+    /// applications by RFC 6455).
+    pub const TOKEN_EXPIRED: u16 = 4001;
 }
 
 struct Conn {
@@ -42,7 +46,15 @@ struct Conn {
     msgpack: Arc<AtomicBool>,
 }
 
-pub async fn run(socket: WebSocket, state: AppState, user: String, device: String, enc: Encoding) {
+pub async fn run(socket: WebSocket, state: AppState, claims: Claims, enc: Encoding) {
+    let Claims { user, device, exp } = claims;
+    // The token's expiry ends the connection: a token is good until then, not for as long as
+    // one connection lasts.
+    let expires = tokio::time::Instant::now()
+        + std::time::Duration::from_millis(
+            exp.saturating_mul(1000)
+                .saturating_sub(crate::router::now_ms()),
+        );
     let session = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
     let _live = state.live.clone();
     let (mut sink, mut stream) = socket.split();
@@ -142,6 +154,7 @@ pub async fn run(socket: WebSocket, state: AppState, user: String, device: Strin
         tokio::select! {
             _ = kick.woken.notified() => break Some((close::TRY_AGAIN_LATER, kick.reason())),
             _ = shutdown.changed() => break Some((close::GOING_AWAY, "server is shutting down; reconnect".to_string())),
+            _ = tokio::time::sleep_until(expires) => break Some((close::TOKEN_EXPIRED, "the token expired; reconnect with a new one".to_string())),
             msg = stream.next() => match msg {
                 None => break None,
                 Some(Err(e)) => break read_error_close(&e, state.limits.max_frame_bytes),

@@ -97,7 +97,7 @@ async fn ws_upgrade(
     ws.max_message_size(max)
         .max_frame_size(max)
         .read_buffer_size(READ_BUFFER)
-        .on_upgrade(move |socket| crate::conn::run(socket, state, claims.user, claims.device, enc))
+        .on_upgrade(move |socket| crate::conn::run(socket, state, claims, enc))
 }
 
 async fn healthz() -> Response {

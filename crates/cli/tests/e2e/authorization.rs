@@ -205,3 +205,21 @@ async fn non_members_and_bad_credentials_are_rejected() {
         other => panic!("expected welcome, got {other:?}"),
     }
 }
+
+/// A token that expires while its connection is open ends that connection then, with 4001 and
+/// a reason; it does not keep working until the client happens to reconnect.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_is_closed_when_its_token_expires() {
+    let server = Server::start(&[]).await;
+    let short = ordo_testkit::token(SECRET, "alice", "phone", 2).expect("sign");
+    let mut alice = Client {
+        wire: ordo_testkit::wire::WireClient::connect(&server.ws_url(), &short, Encoding::Json)
+            .await
+            .expect("connect"),
+        user: "alice".into(),
+        device: "phone".into(),
+    };
+    let (code, reason) = expect_close(&mut alice).await;
+    assert_eq!(code, 4001, "{reason}");
+    assert!(reason.contains("expired"), "{reason}");
+}

@@ -6,22 +6,6 @@ use std::sync::Arc;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
-/// Reads raw messages until a Close frame and returns its code and reason; panics if the
-/// stream ends without one. Frames queued before the close (pushes) are skipped.
-async fn expect_close(c: &mut Client) -> (u16, String) {
-    loop {
-        match c.recv_raw().await {
-            Ok(Some(WsMessage::Close(Some(f)))) => {
-                return (u16::from(f.code), f.reason.to_string())
-            }
-            Ok(Some(WsMessage::Close(None))) => panic!("close without a code"),
-            Ok(Some(_)) => {}
-            Ok(None) => panic!("stream ended without a close frame"),
-            Err(e) => panic!("no close frame: {e}"),
-        }
-    }
-}
-
 /// The next frame that is not a push (a member gets other members' messages meanwhile).
 async fn next_not_msg(c: &mut Client) -> ServerFrame {
     c.wait_for(|f| (!matches!(f, ServerFrame::Msg(_))).then(|| f.clone()))

@@ -171,3 +171,19 @@ pub async fn connect_raw(server: &Server, user: &str, enc: Encoding) -> Client {
         device: "d1".into(),
     }
 }
+
+/// Reads raw messages until a Close frame and returns its code and reason; panics if the
+/// stream ends without one. Frames queued before the close (pushes) are skipped.
+pub async fn expect_close(c: &mut Client) -> (u16, String) {
+    loop {
+        match c.recv_raw().await {
+            Ok(Some(WsMessage::Close(Some(f)))) => {
+                return (u16::from(f.code), f.reason.to_string())
+            }
+            Ok(Some(WsMessage::Close(None))) => panic!("close without a code"),
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("stream ended without a close frame"),
+            Err(e) => panic!("no close frame: {e}"),
+        }
+    }
+}
