@@ -10,10 +10,10 @@ pub enum CoreError {
     Invalid(String),
     #[error("body is {len} bytes; the limit is {max}")]
     BodyTooLarge { len: usize, max: usize },
-    #[error("conversation {0:?} does not exist")]
+    /// Also the answer to a non-member of a conversation that exists: one answer, word for
+    /// word, so that it tells no one which conversations exist or who has talked to whom.
+    #[error("conversation {0:?} does not exist or you are not a member of it")]
     NoSuchConversation(String),
-    #[error("you are not a member of conversation {0:?}")]
-    NotMember(String),
     #[error("conversation {0:?} already exists")]
     AlreadyExists(String),
     #[error("sending too fast; retry in {0} ms")]
@@ -39,7 +39,6 @@ impl CoreError {
             }
             CoreError::BodyTooLarge { .. } => ErrorCode::TooLarge,
             CoreError::NoSuchConversation(_) => ErrorCode::NotFound,
-            CoreError::NotMember(_) => ErrorCode::NotMember,
             CoreError::RateLimited(_)
             | CoreError::HeldBack { .. }
             | CoreError::HeldBackFull { .. } => ErrorCode::RateLimited,

@@ -255,7 +255,7 @@ mod tests {
         let out = done(core.on_frame(EVE, frame, 2_000));
         let to_eve = frames_to(&out, EVE);
         assert_eq!(to_eve.len(), 1);
-        assert_eq!(error_code(&to_eve[0]), Some(ErrorCode::NotMember));
+        assert_eq!(error_code(&to_eve[0]), Some(ErrorCode::NotFound));
     }
 
     #[test]
@@ -270,7 +270,7 @@ mod tests {
         let out = done(core.on_frame(EVE, frame, 2_000));
         let to_eve = frames_to(&out, EVE);
         assert_eq!(to_eve.len(), 1);
-        assert_eq!(error_code(&to_eve[0]), Some(ErrorCode::NotMember));
+        assert_eq!(error_code(&to_eve[0]), Some(ErrorCode::NotFound));
     }
 
     #[test]

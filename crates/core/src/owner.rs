@@ -474,7 +474,7 @@ impl Owner {
         }
         let c = &self.convs[conv_id];
         if !c.is_member(user) {
-            return Err(CoreError::NotMember(conv_id.to_string()));
+            return Err(CoreError::NoSuchConversation(conv_id.to_string()));
         }
         if let Some(r) = reply_to {
             if r == 0 || r > c.rec.max_seq {
@@ -755,7 +755,7 @@ impl Owner {
             .filter(|c| c.is_durable())
             .ok_or_else(|| CoreError::NoSuchConversation(conv.to_string()))?;
         if !c.is_durable_member(&origin.user) {
-            return Err(CoreError::NotMember(conv.to_string()));
+            return Err(CoreError::NoSuchConversation(conv.to_string()));
         }
         Ok(())
     }

@@ -35,7 +35,7 @@ async fn non_members_and_bad_credentials_are_rejected() {
         } => {
             assert_eq!(
                 (cmid.as_str(), code, retryable),
-                ("c-1", ErrorCode::NotMember, false)
+                ("c-1", ErrorCode::NotFound, false)
             );
         }
         other => panic!("expected rejected, got {other:?}"),
@@ -49,19 +49,19 @@ async fn non_members_and_bad_credentials_are_rejected() {
         })
         .await;
     match carol.next().await {
-        ServerFrame::Error { code, .. } => assert_eq!(code, ErrorCode::NotMember),
-        other => panic!("expected error not_member, got {other:?}"),
+        ServerFrame::Error { code, .. } => assert_eq!(code, ErrorCode::NotFound),
+        other => panic!("expected error not_found, got {other:?}"),
     }
     // Positions: also refused.
     carol.ack(conv, 1).await;
     match carol.next().await {
-        ServerFrame::Error { code, .. } => assert_eq!(code, ErrorCode::NotMember),
-        other => panic!("expected error not_member, got {other:?}"),
+        ServerFrame::Error { code, .. } => assert_eq!(code, ErrorCode::NotFound),
+        other => panic!("expected error not_found, got {other:?}"),
     }
     carol.read(conv, 1).await;
     match carol.next().await {
-        ServerFrame::Error { code, .. } => assert_eq!(code, ErrorCode::NotMember),
-        other => panic!("expected error not_member, got {other:?}"),
+        ServerFrame::Error { code, .. } => assert_eq!(code, ErrorCode::NotFound),
+        other => panic!("expected error not_found, got {other:?}"),
     }
     // Someone else's direct conversation.
     let mut bob = Client::connect(&server, "bob", "phone").await;
@@ -72,7 +72,7 @@ async fn non_members_and_bad_credentials_are_rejected() {
     let direct = direct_conv_id("alice", "bob");
     assert_eq!(
         carol.send_one(&Target::conv(&direct), "c-3", "x").await,
-        SendResult::Rejected(ErrorCode::NotMember)
+        SendResult::Rejected(ErrorCode::NotFound)
     );
     // A conversation that does not exist.
     assert_eq!(

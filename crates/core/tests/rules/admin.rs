@@ -78,8 +78,8 @@ fn admin_validates_and_membership_changes_apply() {
             reply: Ok(_)
         }]
     ));
-    assert_eq!(rejected(&s.send(2, "g", "b")).0, ErrorCode::NotMember);
-    assert_eq!(code(s.core.sync(2, "g", 0, None)), ErrorCode::NotMember);
+    assert_eq!(rejected(&s.send(2, "g", "b")).0, ErrorCode::NotFound);
+    assert_eq!(code(s.core.sync(2, "g", 0, None)), ErrorCode::NotFound);
     assert!(s.send(3, "g", "c").is_empty());
     let (_, out) = s.flush();
     assert_eq!(msg_seqs(&out, 1), vec![1]);
@@ -123,5 +123,5 @@ fn an_added_member_reads_only_once_the_addition_is_durable() {
     s.flush();
     s.add_member(3, "g", "carol");
     // Not committed: the admin has no answer yet, and a crash would undo the addition.
-    assert_eq!(code(s.core.sync(2, "g", 0, None)), ErrorCode::NotMember);
+    assert_eq!(code(s.core.sync(2, "g", 0, None)), ErrorCode::NotFound);
 }

@@ -3,11 +3,14 @@
 //! it.
 
 use crate::support::*;
+use ordo_core::Action;
 use ordo_core::Retention;
-use ordo_protocol::{direct_conv_id, ErrorCode};
+use ordo_protocol::{direct_conv_id, ErrorCode, ServerFrame};
 
+/// A non-member gets, word for word, the answer for a conversation that does not exist: the
+/// answer tells no one which conversations exist or who has talked to whom.
 #[test]
-fn non_members_are_rejected_with_not_member() {
+fn non_members_get_the_answer_for_a_conversation_that_does_not_exist() {
     let mut s = Sim::new(cfg());
     s.group("g", &["alice", "bob"], Retention::default());
     s.core.connect(1, "alice", "a1");
@@ -16,10 +19,29 @@ fn non_members_are_rejected_with_not_member() {
     s.flush();
 
     let (c, retryable, _) = rejected(&s.send(3, "g", "x"));
-    assert_eq!((c, retryable), (ErrorCode::NotMember, false));
-    assert_eq!(code(s.core.sync(3, "g", 0, None)), ErrorCode::NotMember);
-    assert_eq!(code(s.core.ack(3, "g", 1)), ErrorCode::NotMember);
-    assert_eq!(code(s.core.read(3, "g", 1)), ErrorCode::NotMember);
+    assert_eq!((c, retryable), (ErrorCode::NotFound, false));
+    // Word for word, but for the id.
+    let said = |out: Vec<Action>, id: &str| match &out[..] {
+        [Action::Send {
+            frame: ServerFrame::Rejected { code, message, .. },
+            ..
+        }] => (*code, message.replace(id, "ID")),
+        other => panic!("expected one rejection, got {other:?}"),
+    };
+    assert_eq!(
+        said(s.send(3, "g", "y"), "\"g\""),
+        said(s.send(3, "h", "y"), "\"h\"")
+    );
+    let answer = |r: Result<_, ordo_core::CoreError>, id: &str| {
+        r.err().map(|e| e.to_string().replace(id, "ID"))
+    };
+    assert_eq!(
+        answer(s.core.sync(3, "g", 0, None), "\"g\""),
+        answer(s.core.sync(3, "h", 0, None), "\"h\"")
+    );
+    assert_eq!(code(s.core.sync(3, "g", 0, None)), ErrorCode::NotFound);
+    assert_eq!(code(s.core.ack(3, "g", 1)), ErrorCode::NotFound);
+    assert_eq!(code(s.core.read(3, "g", 1)), ErrorCode::NotFound);
     assert!(s.overview(3).is_empty());
     assert!(s.core.take_batch().is_none(), "nothing stored");
     assert_eq!(s.store.seqs("g"), vec![1]);

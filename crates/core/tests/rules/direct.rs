@@ -60,8 +60,8 @@ fn a_send_to_a_user_creates_the_direct_conversation() {
     assert_eq!((i.kind, i.max_seq, i.first_seq), (ConvKind::Direct, 3, 1));
 
     // A third user can neither write nor read it.
-    assert_eq!(rejected(&s.send(3, &id, "intrude")).0, ErrorCode::NotMember);
-    assert_eq!(code(s.core.sync(3, &id, 0, None)), ErrorCode::NotMember);
+    assert_eq!(rejected(&s.send(3, &id, "intrude")).0, ErrorCode::NotFound);
+    assert_eq!(code(s.core.sync(3, &id, 0, None)), ErrorCode::NotFound);
     assert!(s.overview(3).is_empty());
     assert!(s.core.take_batch().is_none());
 }

@@ -196,7 +196,7 @@ fn a_send_the_owner_refuses_costs_no_rate_token() {
     let mut s = one_per_second(1.0);
     s.group("h", &["bob"], Retention::default());
     s.now = 0;
-    assert_eq!(rejected(&s.send(1, "h", "x0")).0, ErrorCode::NotMember);
+    assert_eq!(rejected(&s.send(1, "h", "x0")).0, ErrorCode::NotFound);
     assert!(s.send(1, "g", "m0").is_empty(), "the token is still there");
     assert_eq!(rejected(&s.send(1, "g", "m1")).0, ErrorCode::RateLimited);
 }
