@@ -74,6 +74,21 @@ pub struct ServeArgs {
     /// `text` or `json` [default: text].
     #[arg(long, env = "ORDO_LOG_FORMAT")]
     log_format: Option<String>,
+    /// Sockets open at once, WebSockets included [default: 19500].
+    #[arg(long, env = "ORDO_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// Connections from one address not past their request yet [default: 256].
+    #[arg(long, env = "ORDO_MAX_PENDING_PER_IP")]
+    max_pending_per_ip: Option<usize>,
+    /// Seconds a connection has to send its request headers [default: 10].
+    #[arg(long, env = "ORDO_HANDSHAKE_TIMEOUT_SECS")]
+    handshake_timeout_secs: Option<u64>,
+    /// Seconds a WebSocket may stay silent, pings unanswered, before it is closed [default: 90].
+    #[arg(long, env = "ORDO_IDLE_TIMEOUT_SECS")]
+    idle_timeout_secs: Option<u64>,
+    /// WebSocket connections of one user at once [default: 64].
+    #[arg(long, env = "ORDO_MAX_CONNECTIONS_PER_USER")]
+    max_connections_per_user: Option<usize>,
 }
 
 impl ServeArgs {
@@ -101,7 +116,12 @@ impl ServeArgs {
             rate_burst,
             housekeeping_secs,
             store_cache_mib,
-            log_format
+            log_format,
+            max_connections,
+            max_pending_per_ip,
+            handshake_timeout_secs,
+            idle_timeout_secs,
+            max_connections_per_user
         );
         if self.secret.is_some() {
             c.secret = self.secret;

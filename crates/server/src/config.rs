@@ -57,6 +57,19 @@ pub struct Config {
     pub store_cache_mib: usize,
     /// `text` or `json` logs.
     pub log_format: String,
+    /// Sockets open at once, WebSockets included; more are closed as soon as accepted. Keep it
+    /// below the process's open-file limit (`ulimit -n`), less a few hundred for the store.
+    pub max_connections: usize,
+    /// Connections from one address that have not finished a request yet (a WebSocket until
+    /// its upgrade is answered); more from that address are closed as soon as accepted.
+    pub max_pending_per_ip: usize,
+    /// Seconds a connection has to send its request headers.
+    pub handshake_timeout_secs: u64,
+    /// Seconds a WebSocket may stay silent (not even answering the server's pings, sent every
+    /// third of this) before it is closed.
+    pub idle_timeout_secs: u64,
+    /// WebSocket connections of one user at once; another is refused (HTTP 429).
+    pub max_connections_per_user: usize,
 }
 
 impl Default for Config {
@@ -87,6 +100,11 @@ impl Default for Config {
             housekeeping_secs: 60,
             store_cache_mib: ordo_store_redb::DEFAULT_CACHE_BYTES >> 20,
             log_format: "text".into(),
+            max_connections: 19_500,
+            max_pending_per_ip: 256,
+            handshake_timeout_secs: 10,
+            idle_timeout_secs: 90,
+            max_connections_per_user: 64,
         }
     }
 }
@@ -188,6 +206,26 @@ impl Config {
         }
         int("housekeeping_secs", self.housekeeping_secs, 1, 86_400)?;
         int("store_cache_mib", size(self.store_cache_mib), 1, 1 << 20)?;
+        int("max_connections", size(self.max_connections), 1, 1_000_000)?;
+        int(
+            "max_pending_per_ip",
+            size(self.max_pending_per_ip),
+            1,
+            1_000_000,
+        )?;
+        int(
+            "handshake_timeout_secs",
+            self.handshake_timeout_secs,
+            1,
+            600,
+        )?;
+        int("idle_timeout_secs", self.idle_timeout_secs, 3, 86_400)?;
+        int(
+            "max_connections_per_user",
+            size(self.max_connections_per_user),
+            1,
+            1_000_000,
+        )?;
         let real = |name: &str, v: f64, lo: f64, hi: f64| -> Result<(), ConfigError> {
             // Written so that NaN fails too.
             if v >= lo && v <= hi {
@@ -207,6 +245,14 @@ impl Config {
             )));
         }
         Ok(())
+    }
+
+    pub fn accept_limits(&self) -> crate::accept::AcceptLimits {
+        crate::accept::AcceptLimits {
+            max_connections: self.max_connections,
+            max_pending_per_ip: self.max_pending_per_ip,
+            handshake_timeout: std::time::Duration::from_secs(self.handshake_timeout_secs),
+        }
     }
 
     pub fn limits(&self) -> Limits {

@@ -36,6 +36,9 @@ pub mod close {
     /// The connection's token expired (an application code: 4000-4999 are left to
     /// applications by RFC 6455).
     pub const TOKEN_EXPIRED: u16 = 4001;
+    /// Nothing was heard from the connection (not even an answer to the server's pings) for
+    /// `idle_timeout_secs`.
+    pub const IDLE: u16 = 4002;
 }
 
 struct Conn {
@@ -46,8 +49,15 @@ struct Conn {
     msgpack: Arc<AtomicBool>,
 }
 
-pub async fn run(socket: WebSocket, state: AppState, claims: Claims, enc: Encoding) {
+pub async fn run(
+    socket: WebSocket,
+    state: AppState,
+    claims: Claims,
+    enc: Encoding,
+    _user_slot: crate::http::UserSlot,
+) {
     let Claims { user, device, exp } = claims;
+    let idle = state.idle_timeout;
     // The token's expiry ends the connection: a token is good until then, not for as long as
     // one connection lasts.
     let expires = tokio::time::Instant::now()
@@ -99,6 +109,11 @@ pub async fn run(socket: WebSocket, state: AppState, claims: Claims, enc: Encodi
     let writer = tokio::spawn(async move {
         // Looked up once: a registry lookup per frame is a hash and an allocation each.
         let delivered = metrics::counter!(m::DELIVERED);
+        // WebSocket pings: a live client answers them (its WebSocket library does), so a quiet
+        // connection is not taken for a dead one.
+        let mut ping = tokio::time::interval(idle / 3);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ping.tick().await;
         loop {
             tokio::select! {
                 biased;
@@ -138,6 +153,11 @@ pub async fn run(socket: WebSocket, state: AppState, claims: Claims, enc: Encodi
                         break;
                     }
                 }
+                _ = ping.tick() => {
+                    if sink.send(WsMessage::Ping(Default::default())).await.is_err() {
+                        break;
+                    }
+                }
             }
         }
         let _ = sink.close().await;
@@ -150,20 +170,24 @@ pub async fn run(socket: WebSocket, state: AppState, claims: Claims, enc: Encodi
         msgpack,
     };
     let mut shutdown = state.shutdown.clone();
+    let mut heard = tokio::time::Instant::now();
     let close = loop {
         tokio::select! {
             _ = kick.woken.notified() => break Some((close::TRY_AGAIN_LATER, kick.reason())),
             _ = shutdown.changed() => break Some((close::GOING_AWAY, "server is shutting down; reconnect".to_string())),
             _ = tokio::time::sleep_until(expires) => break Some((close::TOKEN_EXPIRED, "the token expired; reconnect with a new one".to_string())),
+            _ = tokio::time::sleep_until(heard + idle) => break Some((close::IDLE, format!("nothing heard for {} s, not even an answer to a ping", idle.as_secs()))),
             msg = stream.next() => match msg {
                 None => break None,
                 Some(Err(e)) => break read_error_close(&e, state.limits.max_frame_bytes),
                 Some(Ok(WsMessage::Close(_))) => break None,
-                Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => {}
+                Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => heard = tokio::time::Instant::now(),
                 Some(Ok(WsMessage::Text(t))) => {
+                    heard = tokio::time::Instant::now();
                     if let Err(c) = conn.on_message(t.as_bytes(), Encoding::Json).await { break Some(c) }
                 }
                 Some(Ok(WsMessage::Binary(b))) => {
+                    heard = tokio::time::Instant::now();
                     if let Err(c) = conn.on_message(&b, Encoding::MsgPack).await { break Some(c) }
                 }
             }

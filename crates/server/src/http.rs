@@ -87,6 +87,18 @@ async fn ws_upgrade(
             "server is shutting down",
         );
     }
+    let Some(slot) = UserSlot::take(&state, &claims.user) else {
+        metrics::counter!(crate::metrics::CONNECTIONS_REFUSED, "limit" => "max_connections_per_user")
+            .increment(1);
+        return error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_connections",
+            format!(
+                "user {} already has {} connections open, the most allowed (max_connections_per_user); close one",
+                claims.user, state.users.max
+            ),
+        );
+    };
     // A little above the limit, so that a frame just over it reaches our own check and gets a
     // proper 1009 close with a reason; anything larger is cut off by the WebSocket layer, which
     // also ends in 1009.
@@ -97,7 +109,51 @@ async fn ws_upgrade(
     ws.max_message_size(max)
         .max_frame_size(max)
         .read_buffer_size(READ_BUFFER)
-        .on_upgrade(move |socket| crate::conn::run(socket, state, claims, enc))
+        .on_upgrade(move |socket| crate::conn::run(socket, state, claims, enc, slot))
+}
+
+/// WebSocket connections per user, capped at `max_connections_per_user`.
+pub(crate) struct UserConnections {
+    pub max: usize,
+    open: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+}
+
+impl UserConnections {
+    pub fn new(max: usize) -> Self {
+        UserConnections {
+            max,
+            open: Default::default(),
+        }
+    }
+}
+
+/// One of a user's connections; given back when dropped (the connection ended, or its upgrade
+/// never happened).
+pub(crate) struct UserSlot(std::sync::Arc<UserConnections>, String);
+
+impl UserSlot {
+    fn take(state: &AppState, user: &str) -> Option<UserSlot> {
+        let users = &state.users;
+        let mut open = users.open.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(user.to_string()).or_insert(0);
+        if *n >= users.max {
+            return None;
+        }
+        *n += 1;
+        Some(UserSlot(users.clone(), user.to_string()))
+    }
+}
+
+impl Drop for UserSlot {
+    fn drop(&mut self) {
+        let mut open = self.0.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.1);
+            }
+        }
+    }
 }
 
 async fn healthz() -> Response {

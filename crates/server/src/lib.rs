@@ -5,6 +5,7 @@
 //! Shutdown closes every connection with 1001, lets the router commit what is pending, and
 //! returns once it is on disk.
 
+mod accept;
 pub mod auth;
 pub mod config;
 mod conn;
@@ -15,7 +16,6 @@ mod router;
 pub use config::{Config, ConfigError};
 
 use auth::TokenKey;
-use axum::serve::ListenerExt;
 use ordo_protocol::Limits;
 use ordo_store::{Store, StoreError};
 use ordo_store_redb::RedbStore;
@@ -73,6 +73,10 @@ pub(crate) struct AppState {
     shutdown: watch::Receiver<bool>,
     /// Held by every connection task; shutdown waits until all are dropped.
     live: mpsc::Sender<()>,
+    /// WebSocket connections per user.
+    users: Arc<http::UserConnections>,
+    /// How long a WebSocket may stay silent.
+    idle_timeout: Duration,
 }
 
 /// The token secret: flag/env value, or `<data>/secret`, created on first use. Never created
@@ -265,12 +269,6 @@ pub async fn start_with_store(
         source,
     })?;
     let addr = listener.local_addr()?;
-    // Frames are small and latency matters: never let Nagle hold one back waiting for an ACK.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-        }
-    });
     let (live, mut all_closed) = mpsc::channel::<()>(1);
     // The server's own reference, dropped last: the store is closed (its files free for the
     // next start) before `wait` returns.
@@ -285,19 +283,18 @@ pub async fn start_with_store(
         admin_key: admin.into(),
         shutdown: stop_rx.clone(),
         live,
+        users: Arc::new(http::UserConnections::new(cfg.max_connections_per_user)),
+        idle_timeout: Duration::from_secs(cfg.idle_timeout_secs),
     };
     let app = http::routes(state);
     tracing::info!(%addr, data = %cfg.data.display(), "ordo listening");
 
-    let mut until = stop_rx;
+    let mut accept_limits = cfg.accept_limits();
+    accept_limits.max_connections = accept::fit_open_files(accept_limits.max_connections);
     let task = tokio::spawn(async move {
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = until.wait_for(|s| *s).await;
-            })
-            .await;
-        // WebSocket connections outlive axum's graceful shutdown: wait until each has sent its
-        // close frame (bounded, so a stuck peer cannot hold the server up).
+        accept::serve(listener, app, accept_limits, stop_rx).await;
+        // WebSocket connections outlive the accept loop: wait until each has sent its close
+        // frame (bounded, so a stuck peer cannot hold the server up).
         let _ = tokio::time::timeout(CLOSE_GRACE, all_closed.recv()).await;
         // Connections are closed; let the router commit what is pending.
         let (done, finished) = oneshot::channel();
@@ -316,7 +313,7 @@ pub async fn start_with_store(
             Err(e) => return Err(ServerError::Io(std::io::Error::other(e.to_string()))),
         }
         tracing::info!("ordo stopped; everything accepted is on disk");
-        served.map_err(ServerError::Io)
+        Ok(())
     });
     Ok(RunningServer { addr, stop, task })
 }

@@ -4,6 +4,12 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::sync::OnceLock;
 
 pub const CONNECTIONS: &str = "ordo_connections";
+/// Sockets open (HTTP and WebSocket, before and after their requests): what `max_connections`
+/// caps.
+pub const SOCKETS: &str = "ordo_sockets";
+/// Connections closed as soon as they were accepted, by limit (`max_connections`,
+/// `max_pending_per_ip`), and WebSocket upgrades refused by `max_connections_per_user`.
+pub const CONNECTIONS_REFUSED: &str = "ordo_connections_refused_total";
 pub const ACCEPTED: &str = "ordo_messages_accepted_total";
 pub const DELIVERED: &str = "ordo_messages_delivered_total";
 pub const DEDUP_HITS: &str = "ordo_dedup_hits_total";

@@ -3,15 +3,6 @@
 use super::common::*;
 use ordo_protocol::{direct_conv_id, ClientFrame, Encoding, ErrorCode, ServerFrame};
 
-fn http_status(e: ordo_testkit::wire::WireError) -> u16 {
-    match e {
-        ordo_testkit::wire::WireError::Ws(tokio_tungstenite::tungstenite::Error::Http(r)) => {
-            r.status().as_u16()
-        }
-        other => panic!("expected an HTTP error at the upgrade, got {other}"),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn non_members_and_bad_credentials_are_rejected() {
     let server = Server::start(&[]).await;

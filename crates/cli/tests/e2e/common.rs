@@ -187,3 +187,13 @@ pub async fn expect_close(c: &mut Client) -> (u16, String) {
         }
     }
 }
+
+/// The HTTP status of a refused WebSocket upgrade.
+pub fn http_status(e: ordo_testkit::wire::WireError) -> u16 {
+    match e {
+        ordo_testkit::wire::WireError::Ws(tokio_tungstenite::tungstenite::Error::Http(r)) => {
+            r.status().as_u16()
+        }
+        other => panic!("expected an HTTP error at the upgrade, got {other}"),
+    }
+}

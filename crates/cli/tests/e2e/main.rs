@@ -4,7 +4,7 @@
 //! Each test starts its own server on a free port and a temporary data directory (see
 //! [`common`], over the test kit). They check the contract (docs/contract.md) from the outside:
 //! order (G3, G4), idempotence (G2), durability across SIGKILL and SIGTERM (G1, G6), catch-up
-//! after a long offline period (G5, G6), receipts (G7), authorization (G8) and bad input (G9);
+//! after a long offline period (G5, G6), receipts (G7), authorization (G8), bad input (G9) and the limits on connections ([`limits`]);
 //! the SDK and the `ordo` commands against a real server ([`sdk`]); configuration, age retention
 //! and slow readers ([`operations`]); and a short chaos run of `ordo check` ([`check`]).
 
@@ -16,6 +16,7 @@ mod catchup;
 mod check;
 mod dedup;
 mod encodings;
+mod limits;
 mod operations;
 mod order;
 mod receipts;
