@@ -481,7 +481,7 @@ impl ClientState {
                     self.on_conv_info(info);
                 }
             }
-            ServerFrame::Error { code, message } => {
+            ServerFrame::Error { code, message, .. } => {
                 // An error cannot be matched to its request: let every outstanding sync be
                 // asked again by the next notify, push or overview.
                 for c in self.convs.values_mut() {

@@ -138,13 +138,6 @@ mod tests {
             .collect()
     }
 
-    fn error_code(f: &ServerFrame) -> Option<ErrorCode> {
-        match f {
-            ServerFrame::Error { code, .. } => Some(*code),
-            _ => None,
-        }
-    }
-
     #[test]
     fn ping_is_answered_with_pong_at_the_drivers_time() {
         let (mut core, _) = setup();
@@ -209,9 +202,11 @@ mod tests {
         let out = done(core.on_frame(BOB, ClientFrame::Ack { acks }, 2_000));
         assert_eq!(
             frames_to(&out, BOB),
-            vec![ServerFrame::error(
+            vec![ServerFrame::error_about(
                 ErrorCode::Invalid,
-                format!("ack carries {} positions; the limit is {max}", max + 1)
+                format!("ack carries {} positions; the limit is {max}", max + 1),
+                "ack",
+                None
             )]
         );
         // Nothing was applied: no cursor moved, so nothing is pending.
@@ -238,9 +233,16 @@ mod tests {
             Handled::Done(a) => answer(&mut core, &store, a),
             other => panic!("an ack is handled at once, got {other:?}"),
         };
-        let to_bob = frames_to(&out, BOB);
-        assert_eq!(to_bob.len(), 1);
-        assert_eq!(error_code(&to_bob[0]), Some(ErrorCode::NotFound));
+        // The error names what it answers: the refused position's conversation.
+        assert_eq!(
+            frames_to(&out, BOB),
+            vec![ServerFrame::error_about(
+                ErrorCode::NotFound,
+                "conversation \"nope\" does not exist or you are not a member of it",
+                "ack",
+                Some("nope")
+            )]
+        );
         commit_all(&mut core, &mut store);
         assert_eq!(store.position("g", "bob"), (1, 0));
     }
@@ -253,9 +255,17 @@ mod tests {
             seq: 1,
         };
         let out = done(core.on_frame(EVE, frame, 2_000));
-        let to_eve = frames_to(&out, EVE);
-        assert_eq!(to_eve.len(), 1);
-        assert_eq!(error_code(&to_eve[0]), Some(ErrorCode::NotFound));
+        assert_eq!(frames_to(&out, EVE), vec![not_found_about("read")]);
+    }
+
+    /// What a non-member of "g" is answered to a `request` frame naming it.
+    fn not_found_about(request: &str) -> ServerFrame {
+        ServerFrame::error_about(
+            ErrorCode::NotFound,
+            "conversation \"g\" does not exist or you are not a member of it",
+            request,
+            Some("g"),
+        )
     }
 
     #[test]
@@ -268,9 +278,7 @@ mod tests {
         };
         assert!(may_read(&frame));
         let out = done(core.on_frame(EVE, frame, 2_000));
-        let to_eve = frames_to(&out, EVE);
-        assert_eq!(to_eve.len(), 1);
-        assert_eq!(error_code(&to_eve[0]), Some(ErrorCode::NotFound));
+        assert_eq!(frames_to(&out, EVE), vec![not_found_about("sync")]);
     }
 
     #[test]

@@ -124,7 +124,7 @@ impl Hub {
                         "ack carries {} positions; the limit is {max}",
                         acks.len()
                     ));
-                    return Step::Done(vec![error(session, &e)]);
+                    return Step::Done(vec![error(session, &e, "ack")]);
                 }
                 Request::Ack(acks)
             }
@@ -470,9 +470,11 @@ fn rejected(session: SessionId, cmid: String, e: &CoreError) -> Action {
     }
 }
 
-pub(crate) fn error(session: SessionId, e: &CoreError) -> Action {
+/// An error answer to a connection's `request` frame (its `type`; one that names no single
+/// conversation).
+pub(crate) fn error(session: SessionId, e: &CoreError, request: &str) -> Action {
     Action::Send {
         session,
-        frame: ServerFrame::error(e.code(), e.to_string()),
+        frame: ServerFrame::error_about(e.code(), e.to_string(), request, None),
     }
 }

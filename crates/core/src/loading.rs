@@ -192,11 +192,13 @@ impl Owner {
         if *n >= MAX_WAITING_FRAMES {
             return Answer::Done(vec![Out::Hub(ToHub::Frame {
                 session,
-                frame: ServerFrame::error(
+                frame: ServerFrame::error_about(
                     ErrorCode::Unavailable,
                     format!(
                         "{MAX_WAITING_FRAMES} requests of this connection already wait for conversations to load; repeat this one shortly"
                     ),
+                    req.about().0,
+                    Some(conv),
                 ),
             })]);
         }
@@ -331,9 +333,11 @@ impl Owner {
         if self.loads.overviews_of.get(&session).copied().unwrap_or(0) >= MAX_OVERVIEWS {
             return vec![Out::Hub(ToHub::Frame {
                 session,
-                frame: ServerFrame::error(
+                frame: ServerFrame::error_about(
                     ErrorCode::Unavailable,
                     "an overview for this connection is already being prepared; wait for it",
+                    "convs",
+                    None,
                 ),
             })];
         }

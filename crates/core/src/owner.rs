@@ -246,20 +246,19 @@ impl Owner {
                 // those of conversations to be loaded first wait.
                 let mut out = Vec::new();
                 let acks = self.park_cold_acks(origin, acks, now_ms, &mut out);
-                out.extend(
-                    acks.iter()
-                        .filter_map(|p| self.ack(origin, &p.conv, p.seq).err())
-                        .map(|e| error(origin.session, &e)),
-                );
+                out.extend(acks.iter().filter_map(|p| {
+                    let e = self.ack(origin, &p.conv, p.seq).err()?;
+                    Some(error(origin.session, &e, "ack", Some(&p.conv)))
+                }));
                 out
             }
             Request::Read { conv, seq } => match self.read(origin, &conv, seq) {
                 Ok(()) => Vec::new(),
-                Err(e) => vec![error(origin.session, &e)],
+                Err(e) => vec![error(origin.session, &e, "read", Some(&conv))],
             },
             Request::Sync { conv, after, limit } => match self.sync(origin, &conv, after, limit) {
                 Ok(plan) => return Answer::Read(plan),
-                Err(e) => vec![error(origin.session, &e)],
+                Err(e) => vec![error(origin.session, &e, "sync", Some(&conv))],
             },
             Request::Overview => self.ask_overview(origin),
         };
@@ -1380,11 +1379,11 @@ fn close(session: SessionId) -> Out {
     })
 }
 
-/// An error answer to a connection's request.
-pub(crate) fn error(session: SessionId, e: &CoreError) -> Out {
+/// An error answer to a connection's `request` frame (its `type`), which named `conv`.
+pub(crate) fn error(session: SessionId, e: &CoreError, request: &str, conv: Option<&str>) -> Out {
     Out::Hub(ToHub::Frame {
         session,
-        frame: ServerFrame::error(e.code(), e.to_string()),
+        frame: ServerFrame::error_about(e.code(), e.to_string(), request, conv),
     })
 }
 

@@ -66,6 +66,20 @@ pub enum Request {
     Overview,
 }
 
+impl Request {
+    /// The `type` of the frame this request came from, and the conversation it named (for an
+    /// `ack`, none: each refused position names its own): what an `error` answering it names.
+    pub fn about(&self) -> (&'static str, Option<&str>) {
+        match self {
+            Request::Send(cmd) => ("send", Some(&*cmd.conv)),
+            Request::Ack(_) => ("ack", None),
+            Request::Read { conv, .. } => ("read", Some(conv)),
+            Request::Sync { conv, .. } => ("sync", Some(conv)),
+            Request::Overview => ("convs", None),
+        }
+    }
+}
+
 /// A message made durable, for the online devices of the conversation's members.
 #[derive(Clone, Debug)]
 pub struct Delivery {

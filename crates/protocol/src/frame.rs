@@ -165,8 +165,18 @@ pub enum ServerFrame (remote "ServerFrame", decoder ServerFrameDecoder) {
     },
     /// The answer to `convs`.
     Convs { conversations: Vec<ConvInfo> },
-    /// A frame could not be served. The connection stays open.
-    Error { code: ErrorCode, message: String },
+    /// A frame could not be served. The connection stays open. `request` names the frame it
+    /// answers (its `type`: `sync`, `read`, `ack`, `convs`; absent for a frame that could not
+    /// be read at all) and `conv` the conversation that frame named (for an `ack`, the position
+    /// refused), so that a client with several requests in flight knows which one failed.
+    Error {
+        code: ErrorCode,
+        message: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        request: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        conv: Option<String>,
+    },
     Pong {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         nonce: Option<u64>,
@@ -176,10 +186,60 @@ pub enum ServerFrame (remote "ServerFrame", decoder ServerFrameDecoder) {
 }
 
 impl ServerFrame {
+    /// About how many bytes this frame takes, encoded or held: what a connection's outbound
+    /// budget counts. Strings by their length plus a fixed allowance per frame and per nested
+    /// record; cheap enough to take for every frame queued.
+    pub fn approx_len(&self) -> usize {
+        const FRAME: usize = 64;
+        const RECORD: usize = 96;
+        let msg = |m: &Message| {
+            RECORD + m.conv.len() + m.from.len() + m.device.len() + m.cmid.len() + m.body.len()
+        };
+        match self {
+            ServerFrame::Msg(m) => FRAME + msg(m),
+            ServerFrame::Synced { messages, .. } => FRAME + messages.iter().map(msg).sum::<usize>(),
+            ServerFrame::Convs { conversations } => {
+                FRAME
+                    + conversations
+                        .iter()
+                        .map(|c| {
+                            RECORD
+                                + c.conv.len()
+                                + c.members.iter().map(|p| 48 + p.user.len()).sum::<usize>()
+                        })
+                        .sum::<usize>()
+            }
+            ServerFrame::Rejected { cmid, message, .. } => FRAME + cmid.len() + message.len(),
+            ServerFrame::Error { message, conv, .. } => {
+                FRAME + message.len() + conv.as_ref().map_or(0, String::len)
+            }
+            ServerFrame::Accepted { cmid, conv, .. } => FRAME + cmid.len() + conv.len(),
+            _ => FRAME * 2,
+        }
+    }
+
+    /// An `error` answering a frame that could not be read (nothing to name).
     pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
         ServerFrame::Error {
             code,
             message: message.into(),
+            request: None,
+            conv: None,
+        }
+    }
+
+    /// An `error` answering a `request` frame (its `type`) that named `conv`.
+    pub fn error_about(
+        code: ErrorCode,
+        message: impl Into<String>,
+        request: &str,
+        conv: Option<&str>,
+    ) -> Self {
+        ServerFrame::Error {
+            code,
+            message: message.into(),
+            request: Some(request.to_string()),
+            conv: conv.map(str::to_string),
         }
     }
 

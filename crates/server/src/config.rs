@@ -33,6 +33,10 @@ pub struct Config {
     pub receipt_max_members: usize,
     /// Frames queued for one connection before it is dropped as too slow.
     pub outbound_queue: usize,
+    /// Bytes of frames (about: strings by length, plus a little per frame) queued for one
+    /// connection before it is dropped as too slow: with `outbound_queue`, what bounds the
+    /// memory one connection that does not read can hold.
+    pub outbound_bytes: usize,
     pub dedup_window_secs: u64,
     /// Dedup entries kept in memory, the most recent (the store holds every one of the
     /// window; an older resend is looked up there).
@@ -88,7 +92,8 @@ impl Default for Config {
             max_acks_per_frame: core.limits.max_acks_per_frame,
             push_window: core.push_window,
             receipt_max_members: core.receipt_max_members,
-            outbound_queue: 1024,
+            outbound_queue: 16_384,
+            outbound_bytes: 8 << 20,
             dedup_window_secs: core.dedup_window_ms / 1000,
             dedup_cache_entries: core.dedup_cache_entries,
             dedup_filter_mib: core.dedup_filter_bytes >> 20,
@@ -182,7 +187,13 @@ impl Config {
             0,
             10_000_000,
         )?;
-        int("outbound_queue", size(self.outbound_queue), 16, 65_536)?;
+        int("outbound_queue", size(self.outbound_queue), 16, 1_000_000)?;
+        int(
+            "outbound_bytes",
+            size(self.outbound_bytes),
+            64 << 10,
+            1 << 30,
+        )?;
         // Below a minute a client's ordinary retries outlive the window: a resend is stored twice.
         int("dedup_window_secs", self.dedup_window_secs, 60, 30 * 86_400)?;
         int(

@@ -9,7 +9,7 @@
 
 use crate::auth::Claims;
 use crate::metrics as m;
-use crate::router::{Command, Outbound, SessionHandle};
+use crate::router::{Budget, Command, Outbound, SessionHandle};
 use crate::AppState;
 use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket};
 use futures_util::{SinkExt, StreamExt};
@@ -45,6 +45,7 @@ struct Conn {
     state: AppState,
     session: SessionId,
     tx: mpsc::Sender<Outbound>,
+    budget: Arc<Budget>,
     /// Last encoding the client spoke: true for MessagePack.
     msgpack: Arc<AtomicBool>,
 }
@@ -74,16 +75,20 @@ pub async fn run(
     let (close_tx, mut close_rx) = oneshot::channel::<(u16, String)>();
     let mut close_open = true;
 
+    let budget = Arc::new(Budget::new(state.outbound_bytes));
     // `welcome` is queued before the router knows the session, so that it is always first.
-    let _ = tx.try_send(Outbound::new(ServerFrame::Welcome {
+    let welcome = Outbound::new(ServerFrame::Welcome {
         user: user.clone(),
         device: device.clone(),
         protocol: PROTOCOL_VERSION,
         server_time: crate::router::now_ms(),
         limits: state.limits.clone(),
-    }));
+    });
+    budget.try_take(welcome.weight());
+    let _ = tx.try_send(welcome);
     let handle = SessionHandle {
         tx: tx.clone(),
+        budget: budget.clone(),
         kick: kick.clone(),
     };
     if state
@@ -106,6 +111,7 @@ pub async fn run(
 
     // Writer: frames from the router and from this connection, then an optional close.
     let writer_msgpack = msgpack.clone();
+    let writer_budget = budget.clone();
     let writer = tokio::spawn(async move {
         // Looked up once: a registry lookup per frame is a hash and an allocation each.
         let delivered = metrics::counter!(m::DELIVERED);
@@ -136,9 +142,11 @@ pub async fn run(
                     let mut next = Some(frame);
                     let mut queued = 0;
                     let mut pushed = 0;
+                    let mut written = 0;
                     let mut failed = false;
                     while let Some(out) = next.take() {
                         pushed += u64::from(out.is_msg());
+                        written += out.weight();
                         if sink.feed(out.message(enc)).await.is_err() {
                             failed = true;
                             break;
@@ -152,6 +160,8 @@ pub async fn run(
                     if failed || sink.flush().await.is_err() {
                         break;
                     }
+                    // Out of the queue and onto the socket: the budget has room again.
+                    writer_budget.give(written);
                 }
                 _ = ping.tick() => {
                     if sink.send(WsMessage::Ping(Default::default())).await.is_err() {
@@ -167,6 +177,7 @@ pub async fn run(
         state: state.clone(),
         session,
         tx: tx.clone(),
+        budget,
         msgpack,
     };
     let mut shutdown = state.shutdown.clone();
@@ -313,15 +324,19 @@ impl Conn {
             Ok(Ok(p)) => p,
             Ok(Err(e)) => {
                 tracing::error!(error = %e, conv = %plan.conv, "sync read failed");
-                return self.reply(ServerFrame::error(
+                return self.reply(ServerFrame::error_about(
                     ErrorCode::Unavailable,
                     "history could not be read; retry the sync",
+                    "sync",
+                    Some(&plan.conv),
                 ));
             }
             Err(_) => {
-                return self.reply(ServerFrame::error(
+                return self.reply(ServerFrame::error_about(
                     ErrorCode::Internal,
                     "sync failed; retry",
+                    "sync",
+                    Some(&plan.conv),
                 ))
             }
         };
@@ -338,9 +353,19 @@ impl Conn {
     /// Queues a frame for this connection. A full queue means the peer is not reading: the
     /// connection is closed rather than waited on, so it can never pin the task or memory.
     fn reply(&self, frame: ServerFrame) -> Result<(), Close> {
-        match self.tx.try_send(Outbound::new(frame)) {
+        let out = Outbound::new(frame);
+        let weight = out.weight();
+        if !self.budget.try_take(weight) {
+            metrics::counter!(m::SLOW_CONSUMERS).increment(1);
+            return Err((
+                close::TRY_AGAIN_LATER,
+                "dropped: too slow to keep up; reconnect and sync".into(),
+            ));
+        }
+        match self.tx.try_send(out) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(_)) => {
+                self.budget.give(weight);
                 metrics::counter!(m::SLOW_CONSUMERS).increment(1);
                 Err((
                     close::TRY_AGAIN_LATER,

@@ -34,9 +34,44 @@ use tokio::sync::{mpsc, oneshot, Notify};
 #[derive(Clone)]
 pub struct SessionHandle {
     pub tx: mpsc::Sender<Outbound>,
+    /// Bytes queued for the connection and not yet written, against its budget.
+    pub budget: Arc<Budget>,
     /// Woken when the router drops the connection (too slow, storage failed, or the core
     /// closed it).
     pub kick: Arc<Kick>,
+}
+
+/// A connection's outbound budget: about how many bytes of frames may wait for it at once
+/// ([`ServerFrame::approx_len`]). A frame that would go past it means the peer is not reading
+/// (or not fast enough): the connection is closed (1013) rather than allowed to grow the
+/// server. A frame is always taken into an empty queue, however large.
+pub struct Budget {
+    used: std::sync::atomic::AtomicUsize,
+    max: usize,
+}
+
+impl Budget {
+    pub fn new(max: usize) -> Self {
+        Budget {
+            used: 0.into(),
+            max,
+        }
+    }
+
+    /// Takes `n` bytes of the budget, if there is room (or nothing is queued).
+    pub fn try_take(&self, n: usize) -> bool {
+        use std::sync::atomic::Ordering::AcqRel;
+        self.used
+            .fetch_update(AcqRel, std::sync::atomic::Ordering::Acquire, |used| {
+                (used == 0 || used.saturating_add(n) <= self.max).then(|| used.saturating_add(n))
+            })
+            .is_ok()
+    }
+
+    /// Gives back `n` bytes taken before (the frame was written).
+    pub fn give(&self, n: usize) {
+        self.used.fetch_sub(n, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 /// The router dropping a connection: the connection closes with code 1013 and this reason.
@@ -75,6 +110,11 @@ impl Outbound {
         Outbound(Arc::new(SharedFrame::new(frame)))
     }
 
+    /// What the frame counts against a connection's budget.
+    pub fn weight(&self) -> usize {
+        self.0.weight
+    }
+
     /// Whether this is a pushed message (for the delivery counter).
     pub fn is_msg(&self) -> bool {
         matches!(self.0.frame, ServerFrame::Msg(_))
@@ -90,6 +130,7 @@ impl Outbound {
 /// A frame and its encodings, made when first needed.
 struct SharedFrame {
     frame: ServerFrame,
+    weight: usize,
     json: OnceLock<WsMessage>,
     msgpack: OnceLock<WsMessage>,
 }
@@ -97,6 +138,7 @@ struct SharedFrame {
 impl SharedFrame {
     fn new(frame: ServerFrame) -> Self {
         SharedFrame {
+            weight: frame.approx_len(),
             frame,
             json: OnceLock::new(),
             msgpack: OnceLock::new(),
@@ -444,7 +486,12 @@ impl Router {
                 );
                 self.send_to(
                     session,
-                    ServerFrame::error(ErrorCode::Internal, "sync failed; retry"),
+                    ServerFrame::error_about(
+                        ErrorCode::Internal,
+                        "sync failed; retry",
+                        "sync",
+                        Some(&plan.conv),
+                    ),
                 );
             }
         }
@@ -613,19 +660,33 @@ impl Router {
         let Some(h) = self.sessions.get(&session) else {
             return;
         };
+        let weight = out.weight();
+        if !h.budget.try_take(weight) {
+            self.drop_slow(session);
+            return;
+        }
         match h.tx.try_send(out) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
-                metrics::counter!(m::SLOW_CONSUMERS).increment(1);
-                tracing::warn!(session, "connection too slow to keep up; dropping it");
-                h.kick
-                    .kick("dropped: too slow to keep up; reconnect and sync");
-                self.core.disconnect(session);
-                self.sessions.remove(&session);
-                metrics::gauge!(m::CONNECTIONS).set(self.sessions.len() as f64);
+                h.budget.give(weight);
+                self.drop_slow(session);
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Err(mpsc::error::TrySendError::Closed(_)) => h.budget.give(weight),
         }
+    }
+
+    /// Drops a connection that does not read what it is sent fast enough (its queue or its
+    /// byte budget is full): it closes with 1013 and resumes from its positions.
+    fn drop_slow(&mut self, session: SessionId) {
+        if let Some(h) = self.sessions.get(&session) {
+            metrics::counter!(m::SLOW_CONSUMERS).increment(1);
+            tracing::warn!(session, "connection too slow to keep up; dropping it");
+            h.kick
+                .kick("dropped: too slow to keep up; reconnect and sync");
+        }
+        self.core.disconnect(session);
+        self.sessions.remove(&session);
+        metrics::gauge!(m::CONNECTIONS).set(self.sessions.len() as f64);
     }
 }
 

@@ -111,7 +111,7 @@ pub fn short_s(f: &ServerFrame) -> String {
                 .map(|c| (c.conv.as_str(), c.max_seq, c.delivered))
                 .collect::<Vec<_>>()
         ),
-        ServerFrame::Error { code, message } => format!("error {code}: {message}"),
+        ServerFrame::Error { code, message, .. } => format!("error {code}: {message}"),
         ServerFrame::Pong { .. } => "pong".into(),
     }
 }

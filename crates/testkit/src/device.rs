@@ -190,7 +190,9 @@ impl Device {
                 first_seq: *first_seq,
                 max_seq: *max_seq,
             }),
-            ServerFrame::Error { code, message } => panic!("sync {want}: error {code} {message}"),
+            ServerFrame::Error { code, message, .. } => {
+                panic!("sync {want}: error {code} {message}")
+            }
             _ => None,
         })
         .await

@@ -159,3 +159,73 @@ async fn the_servers_sockets_are_capped() {
     }
     assert!(ok, "a place after one closed");
 }
+
+/// The server's resident memory, in bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    kb * 1024
+}
+
+/// A client that never reads and repeats `sync` over a megabyte of history (and `convs`) is
+/// closed once what waits for it passes its outbound budget (`outbound_bytes`, 8 MiB by
+/// default): the server grows by about that, not by everything asked for (before the budget,
+/// about a gigabyte per such connection).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_never_reads_is_held_to_its_outbound_budget() {
+    let server = Server::start(&[]).await;
+    let conv = "g-budget";
+    server
+        .create_group(conv, &["alice", "bob"], serde_json::json!({}))
+        .await;
+    let mut alice = Client::connect(&server, "alice", "phone").await;
+    let body = "x".repeat(30_000);
+    let cmids = cmids("big", 40);
+    for c in &cmids {
+        alice.send_one(&Target::conv(conv), c, &body).await;
+    }
+    let before = rss(server.pid());
+    let mut bob = wire(&server, "bob", "mute").await.expect("connect");
+    let sync = serde_json::json!({"type": "sync", "conv": conv, "after": 0}).to_string();
+    let convs = serde_json::json!({"type": "convs"}).to_string();
+    for i in 0..300 {
+        let frame = if i % 10 == 9 { &convs } else { &sync };
+        if bob
+            .wire
+            .send_raw(tokio_tungstenite::tungstenite::Message::Text(
+                frame.as_str().into(),
+            ))
+            .await
+            .is_err()
+        {
+            break; // closed already
+        }
+    }
+    // Give the server time to read what it will of them.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let grown = rss(server.pid()).saturating_sub(before);
+    eprintln!(
+        "a never-reading client with 300 syncs of 1.2 MB: the server grew by {:.1} MiB",
+        grown as f64 / (1 << 20) as f64
+    );
+    assert!(grown < 64 << 20, "grew by {grown} bytes");
+    // And it was closed: 1013 if the close frame reaches it before the reset of its unread
+    // frames does.
+    loop {
+        match bob.recv_raw().await {
+            Ok(Some(tokio_tungstenite::tungstenite::Message::Close(Some(f)))) => {
+                assert_eq!(u16::from(f.code), 1013, "{}", f.reason);
+                break;
+            }
+            Ok(Some(_)) => {}
+            Ok(None) | Err(ordo_testkit::wire::WireError::Ws(_)) => break,
+            Err(e) => panic!("not closed: {e}"),
+        }
+    }
+    // Everyone else is served as before.
+    alice.ping(1).await;
+}
