@@ -229,3 +229,33 @@ async fn a_client_that_never_reads_is_held_to_its_outbound_budget() {
     // Everyone else is served as before.
     alice.ping(1).await;
 }
+
+/// A client that pipelines 1,500 sends before reading anything gets an answer to every one
+/// (one commit may answer them all at once: the queue holds that), and so does its resend of
+/// all 1,500, answered at once from the dedup cache.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_pipelining_1500_sends_gets_every_answer() {
+    let server = Server::start(&[]).await;
+    let mut alice = Client::connect(&server, "alice", "phone").await;
+    let ids = cmids("pipe", 1500);
+    for round in ["first", "resend"] {
+        for c in &ids {
+            alice.send(&send_frame(&Target::to("bob"), c, c)).await;
+        }
+        let mut answered = std::collections::HashMap::new();
+        while answered.len() < ids.len() {
+            match alice.next().await {
+                ordo_protocol::ServerFrame::Accepted { cmid, seq, .. } => {
+                    answered.insert(cmid, seq);
+                }
+                other @ ordo_protocol::ServerFrame::Rejected { .. } => {
+                    panic!("{round}: {other:?}")
+                }
+                _ => {}
+            }
+        }
+        let mut seqs: Vec<u64> = answered.into_values().collect();
+        seqs.sort_unstable();
+        assert_eq!(seqs, (1..=1500).collect::<Vec<_>>(), "{round}");
+    }
+}
