@@ -181,13 +181,25 @@ pub async fn run(
         msgpack,
     };
     let mut shutdown = state.shutdown.clone();
+    // Both timers are made once, not per frame (a timer made and dropped for every frame read
+    // costs throughput): a frame only notes the time, and the idle timer, when it fires,
+    // moves on to that time plus `idle` if something was heard since.
     let mut heard = tokio::time::Instant::now();
+    let expiry = tokio::time::sleep_until(expires);
+    let idle_timer = tokio::time::sleep_until(heard + idle);
+    tokio::pin!(expiry, idle_timer);
     let close = loop {
         tokio::select! {
             _ = kick.woken.notified() => break Some((close::TRY_AGAIN_LATER, kick.reason())),
             _ = shutdown.changed() => break Some((close::GOING_AWAY, "server is shutting down; reconnect".to_string())),
-            _ = tokio::time::sleep_until(expires) => break Some((close::TOKEN_EXPIRED, "the token expired; reconnect with a new one".to_string())),
-            _ = tokio::time::sleep_until(heard + idle) => break Some((close::IDLE, format!("nothing heard for {} s, not even an answer to a ping", idle.as_secs()))),
+            _ = &mut expiry => break Some((close::TOKEN_EXPIRED, "the token expired; reconnect with a new one".to_string())),
+            _ = &mut idle_timer => {
+                if heard + idle > tokio::time::Instant::now() {
+                    idle_timer.as_mut().reset(heard + idle);
+                    continue;
+                }
+                break Some((close::IDLE, format!("nothing heard for {} s, not even an answer to a ping", idle.as_secs())));
+            }
             msg = stream.next() => match msg {
                 None => break None,
                 Some(Err(e)) => break read_error_close(&e, state.limits.max_frame_bytes),
