@@ -145,6 +145,9 @@ pub struct CoreStats {
     pub dedup_lookups: u64,
     /// Conversations (and users' lists of them) loaded from the store.
     pub conv_loads: u64,
+    /// Users whose send rate is tracked now (those connected, and those who sent within the
+    /// time their bucket takes to refill, at least).
+    pub rate_buckets: u64,
 }
 
 /// The two halves, joined in one process.
@@ -179,6 +182,7 @@ impl Core {
         CoreStats {
             pushed: hub.pushed,
             notified: hub.notified,
+            rate_buckets: hub.rate_buckets,
             ..self.owner.stats()
         }
     }

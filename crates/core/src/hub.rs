@@ -38,6 +38,8 @@ pub enum Step {
 pub struct HubStats {
     pub pushed: u64,
     pub notified: u64,
+    /// Users whose send rate is tracked now.
+    pub rate_buckets: u64,
 }
 
 pub struct Hub {
@@ -60,7 +62,10 @@ impl Hub {
     }
 
     pub fn stats(&self) -> HubStats {
-        self.stats
+        HubStats {
+            rate_buckets: self.buckets.len() as u64,
+            ..self.stats
+        }
     }
 
     pub fn connect(&mut self, session: SessionId, user: &str, device: &str) {
@@ -245,6 +250,12 @@ impl Hub {
         now_ms: u64,
     ) -> Result<(), CoreError> {
         let (rate, burst) = (self.cfg.rate_per_sec, self.cfg.rate_burst);
+        if rate > 0.0
+            && !self.buckets.contains_key(user)
+            && self.buckets.len() >= 2 * self.sessions.len() + MIN_BUCKETS_KEPT
+        {
+            prune_buckets(&mut self.buckets, &self.sessions, rate, burst, now_ms);
+        }
         let Some(s) = self.sessions.get_mut(&session) else {
             return Ok(());
         };
@@ -263,7 +274,7 @@ impl Hub {
             }
         }
         let mut overflow = false;
-        if !self.buckets.contains_key(user) {
+        if rate > 0.0 && !self.buckets.contains_key(user) {
             self.buckets
                 .insert(user.to_string(), TokenBucket::new(burst, now_ms));
         }
@@ -468,6 +479,26 @@ fn rejected(session: SessionId, cmid: String, e: &CoreError) -> Action {
         session,
         frame: ServerFrame::rejected(cmid, e.code(), e.to_string(), e.retry_after_ms()),
     }
+}
+
+/// Rate buckets are kept for this many users at least, beyond twice the connections.
+const MIN_BUCKETS_KEPT: usize = 1024;
+
+/// Forgets the rate buckets that a new one would be no different from: users with no
+/// connection whose bucket has refilled to the burst. Run when the buckets outgrow the
+/// connections (twice, plus [`MIN_BUCKETS_KEPT`]), so that the map is bounded by the users
+/// connected and those that sent within the last burst's refill time, not by every user who
+/// ever sent; a user cannot empty their bucket, reconnect and find it full before it would
+/// have refilled anyway.
+fn prune_buckets(
+    buckets: &mut HashMap<String, TokenBucket>,
+    sessions: &HashMap<SessionId, Session>,
+    rate: f64,
+    burst: f64,
+    now_ms: u64,
+) {
+    let connected: std::collections::HashSet<&str> = sessions.values().map(|s| &*s.user).collect();
+    buckets.retain(|user, b| connected.contains(user.as_str()) || !b.is_full(rate, burst, now_ms));
 }
 
 /// An error answer to a connection's `request` frame (its `type`; one that names no single

@@ -31,6 +31,12 @@ impl TokenBucket {
         }
     }
 
+    /// Whether the bucket has refilled to `burst` by `now_ms` (a new bucket would be the same).
+    pub fn is_full(&self, rate_per_sec: f64, burst: f64, now_ms: u64) -> bool {
+        let elapsed = now_ms.saturating_sub(self.last_ms) as f64 / 1000.0;
+        self.tokens + elapsed * rate_per_sec >= burst
+    }
+
     /// Returns a token taken for a send that was not taken after all.
     pub fn give_back(&mut self, burst: f64) {
         self.tokens = (self.tokens + 1.0).min(burst);
@@ -51,5 +57,8 @@ mod tests {
         assert!(b.take(10.0, 2.0, 100).is_ok());
         // A clock that goes backwards never adds tokens.
         assert!(b.take(10.0, 2.0, 50).is_err());
+        // Full again (as a new bucket would be) once it has refilled to the burst.
+        assert!(!b.is_full(10.0, 2.0, 150));
+        assert!(b.is_full(10.0, 2.0, 300));
     }
 }

@@ -183,3 +183,48 @@ fn reply_to_is_checked_on_the_first_direct_message_too() {
     assert_eq!(rejected(&out).0, ErrorCode::Invalid);
     assert!(s.core.take_batch().is_none(), "no conversation created");
 }
+
+/// The rate limit keeps a bucket per user who sends; those of users who left are forgotten once
+/// they have refilled (a new one would be no different), so the buckets are bounded by the
+/// users connected and recent, not by every user who ever sent. One who has not refilled is
+/// kept: leaving and coming back does not reset a user's rate.
+#[test]
+fn rate_buckets_of_users_who_left_are_forgotten_once_refilled() {
+    let mut s = one_per_second(2.0);
+    for i in 0..3_000u64 {
+        let sid = 100 + i;
+        s.core.connect(sid, &format!("u{i}"), "d");
+        assert!(s.send_to(sid, "alice", &format!("c{i}")).is_empty());
+        s.core.disconnect(sid);
+    }
+    let _ = s.flush();
+    assert!(
+        s.core.stats().rate_buckets >= 3_000,
+        "all kept while not refilled"
+    );
+    // Everyone refills (2 tokens at 1 a second); then u0 empties its bucket and leaves.
+    s.now += 2_000;
+    s.core.connect(50, "u0", "d");
+    let mut n = 0;
+    while s.send_to(50, "alice", &format!("more-{n}")).is_empty() {
+        n += 1;
+    }
+    assert_eq!(n, 2, "the burst");
+    s.core.disconnect(50);
+    let _ = s.flush();
+    // Not long enough for u0 to refill (1.5 of 2 tokens): it is kept through the prune that
+    // a newcomer's first send makes.
+    s.now += 1_500;
+    s.core.connect(60, "newcomer", "d");
+    assert!(s.send_to(60, "alice", "n1").is_empty());
+    let kept = s.core.stats().rate_buckets;
+    assert!(kept <= 2 + 1_024, "{kept} buckets kept");
+    // Coming back does not reset u0's rate: one token and a half, not a fresh burst of two.
+    s.core.connect(51, "u0", "d");
+    assert!(s.send_to(51, "alice", "back-1").is_empty());
+    assert_eq!(
+        rejected(&s.send_to(51, "alice", "back-2")).0,
+        ErrorCode::RateLimited,
+        "coming back does not reset the rate"
+    );
+}
