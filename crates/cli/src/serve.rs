@@ -39,6 +39,9 @@ pub struct ServeArgs {
     /// Groups larger than this get no receipt frames [default: 1000].
     #[arg(long, env = "ORDO_RECEIPT_MAX_MEMBERS")]
     receipt_max_members: Option<usize>,
+    /// The most members a group may have [default: 100000].
+    #[arg(long, env = "ORDO_MAX_GROUP_MEMBERS")]
+    max_group_members: Option<usize>,
     /// How long resends are recognised, in seconds [default: 86400].
     #[arg(long, env = "ORDO_DEDUP_WINDOW_SECS")]
     dedup_window_secs: Option<u64>,
@@ -108,6 +111,7 @@ impl ServeArgs {
             max_sync_limit,
             push_window,
             receipt_max_members,
+            max_group_members,
             dedup_window_secs,
             dedup_cache_entries,
             dedup_filter_mib,

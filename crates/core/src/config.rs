@@ -12,6 +12,10 @@ pub struct CoreConfig {
     /// Groups with more members than this get no `receipt` frames (every member would be told
     /// of every other member's moves); their positions are in the overview.
     pub receipt_max_members: usize,
+    /// The most members a group may have: an admin request that would go past it is refused.
+    /// Every message into a group costs a push per member's device, at once, on the path of
+    /// everyone else's messages.
+    pub max_group_members: usize,
     /// How long a (sender, client message id) pair is remembered, in milliseconds.
     pub dedup_window_ms: u64,
     /// Most dedup entries kept in memory (the most recent; the store holds them all). Entries
@@ -48,6 +52,7 @@ impl Default for CoreConfig {
             limits: Limits::default(),
             push_window: 256,
             receipt_max_members: 1000,
+            max_group_members: 100_000,
             dedup_window_ms: 24 * 60 * 60 * 1000,
             dedup_cache_entries: 100_000,
             dedup_filter_bytes: 32 << 20,

@@ -931,10 +931,13 @@ impl Owner {
                         "group ids may not start with {DIRECT_PREFIX:?}: that prefix is for direct conversations"
                     )));
                 }
-                validate_members(members)?;
+                let n = validate_members(members)?.len();
+                self.within_group_limit(id, n)?;
             }
-            AdminOp::UpdateGroup { add, remove, .. } => {
-                validate_members(add)?;
+            AdminOp::UpdateGroup {
+                id, add, remove, ..
+            } => {
+                self.within_group_limit(id, validate_members(add)?.len())?;
                 validate_members(remove)?;
             }
             AdminOp::Get { .. } => {}
@@ -983,11 +986,20 @@ impl Owner {
             } => {
                 let add = validate_members(&add)?;
                 let remove = validate_members(&remove)?;
+                let max = self.cfg.max_group_members;
                 let c = self
                     .convs
                     .get_mut(&id)
                     .filter(|c| c.rec.kind == ConvKind::Group)
                     .ok_or_else(|| CoreError::NoSuchConversation(id.clone()))?;
+                let after = c.rec.members.union(&add).count()
+                    - remove
+                        .iter()
+                        .filter(|u| c.rec.members.contains(*u) || add.contains(*u))
+                        .count();
+                if after > max {
+                    return Err(group_too_large(&id, after, max));
+                }
                 c.rec.members.extend(add);
                 for u in &remove {
                     c.rec.members.remove(u);
@@ -1007,6 +1019,15 @@ impl Owner {
                 Ok(out)
             }
         }
+    }
+
+    /// Refuses a group change that by itself names more members than a group may have.
+    fn within_group_limit(&self, id: &str, n: usize) -> Result<(), CoreError> {
+        let max = self.cfg.max_group_members;
+        if n > max {
+            return Err(group_too_large(id, n, max));
+        }
+        Ok(())
     }
 
     // ----- ticks -----
@@ -1385,6 +1406,13 @@ pub(crate) fn error(session: SessionId, e: &CoreError, request: &str, conv: Opti
         session,
         frame: ServerFrame::error_about(e.code(), e.to_string(), request, conv),
     })
+}
+
+/// A group change that would leave the group with more than `max` members.
+fn group_too_large(id: &str, n: usize, max: usize) -> CoreError {
+    CoreError::Invalid(format!(
+        "group {id:?} would have {n} members; the most a group may have is {max} (max_group_members)"
+    ))
 }
 
 /// A client message id used in another conversation inside its window.

@@ -31,6 +31,8 @@ pub struct Config {
     pub push_window: u64,
     /// Groups larger than this get no receipt frames.
     pub receipt_max_members: usize,
+    /// The most members a group may have (admin requests past it are refused).
+    pub max_group_members: usize,
     /// Frames queued for one connection before it is dropped as too slow.
     pub outbound_queue: usize,
     /// Bytes of frames (about: strings by length, plus a little per frame) queued for one
@@ -92,6 +94,7 @@ impl Default for Config {
             max_acks_per_frame: core.limits.max_acks_per_frame,
             push_window: core.push_window,
             receipt_max_members: core.receipt_max_members,
+            max_group_members: core.max_group_members,
             outbound_queue: 16_384,
             outbound_bytes: 8 << 20,
             dedup_window_secs: core.dedup_window_ms / 1000,
@@ -187,6 +190,12 @@ impl Config {
             0,
             10_000_000,
         )?;
+        int(
+            "max_group_members",
+            size(self.max_group_members),
+            2,
+            10_000_000,
+        )?;
         int("outbound_queue", size(self.outbound_queue), 16, 1_000_000)?;
         int(
             "outbound_bytes",
@@ -280,6 +289,7 @@ impl Config {
             limits: self.limits(),
             push_window: self.push_window,
             receipt_max_members: self.receipt_max_members,
+            max_group_members: self.max_group_members,
             dedup_window_ms: self.dedup_window_secs.saturating_mul(1000),
             dedup_cache_entries: self.dedup_cache_entries,
             dedup_filter_bytes: self.dedup_filter_mib << 20,

@@ -2,7 +2,7 @@
 //! effect (and are answered) only once their batch is durable.
 
 use crate::support::*;
-use ordo_core::{Action, AdminOp, CoreError, Retention};
+use ordo_core::{Action, AdminOp, CoreConfig, CoreError, Retention};
 use ordo_protocol::{direct_conv_id, ErrorCode};
 use std::collections::BTreeSet;
 
@@ -124,4 +124,61 @@ fn an_added_member_reads_only_once_the_addition_is_durable() {
     s.add_member(3, "g", "carol");
     // Not committed: the admin has no answer yet, and a crash would undo the addition.
     assert_eq!(code(s.core.sync(2, "g", 0, None)), ErrorCode::NotFound);
+}
+
+/// A group has at most `max_group_members` members: a creation or a change that would go past
+/// it is refused whole (`invalid`, naming the limit) and stores nothing; up to it is fine, and a
+/// change that adds and removes is counted as it would leave the group.
+#[test]
+fn groups_have_at_most_max_group_members() {
+    let mut s = alice_and_bob_in_g(CoreConfig {
+        max_group_members: 3,
+        ..cfg()
+    });
+    let now = s.now;
+    let users = |u: &[&str]| u.iter().map(|m| m.to_string()).collect::<Vec<_>>();
+    let create = |id: &str, members: &[&str]| AdminOp::CreateGroup {
+        id: id.into(),
+        members: users(members),
+        retention: Retention::default(),
+    };
+    let update = |add: &[&str], remove: &[&str]| AdminOp::UpdateGroup {
+        id: "g".into(),
+        add: users(add),
+        remove: users(remove),
+        retention: None,
+    };
+    match s.core.admin(1, create("big", &["a", "b", "c", "d"]), now) {
+        Err(e) => {
+            assert_eq!(e.code(), ErrorCode::Invalid);
+            assert!(e.to_string().contains("max_group_members"), "{e}");
+        }
+        Ok(out) => panic!("a group of 4 with a limit of 3: {out:?}"),
+    }
+    // g has alice and bob: two more is one too many, ...
+    assert_eq!(
+        code(s.core.admin(2, update(&["carol", "dave"], &[]), now)),
+        ErrorCode::Invalid
+    );
+    assert!(
+        s.core.take_batch().is_none(),
+        "a refused change stores nothing"
+    );
+    // ... unless one leaves in the same change.
+    s.core
+        .admin(3, update(&["carol", "dave"], &["bob"]), now)
+        .unwrap();
+    // (A new id is looked up in the store first.)
+    let asked = s
+        .core
+        .admin(4, create("three", &["a", "b", "c"]), now)
+        .unwrap();
+    s.answer_lookups(asked);
+    let (batches, _) = s.flush();
+    let sizes: Vec<usize> = batches
+        .iter()
+        .flat_map(|b| &b.convs)
+        .map(|c| c.members.len())
+        .collect();
+    assert_eq!(sizes, vec![3, 3]);
 }
