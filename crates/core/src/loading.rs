@@ -115,12 +115,8 @@ impl Conv {
     }
 
     /// The overview entry of this conversation for `user`'s `device`, from its durable view.
-    /// Every member's position is listed in a group of at most `max_listed` members; in a
-    /// larger one (which gets no receipts either) only `user`'s own, so that an entry stays
-    /// small however large the group.
-    pub fn info(&self, user: &str, device: &str, max_listed: usize) -> ConvInfo {
+    pub fn info(&self, user: &str, device: &str) -> ConvInfo {
         let mine = self.durable_cursor(user, device);
-        let all = self.durable_member_count() <= max_listed;
         ConvInfo {
             conv: self.rec.id.clone(),
             kind: self.rec.kind,
@@ -131,7 +127,6 @@ impl Conv {
             read: mine.read,
             members: self
                 .durable_members()
-                .filter(|u| all || *u == user)
                 .map(|u| {
                     let p = self.published.get(u).copied().unwrap_or_default();
                     MemberPosition {
@@ -391,7 +386,6 @@ impl Owner {
         // A list that may be older than the core's view is shown, never kept: a conversation
         // held from it could number a seq the store already has.
         let keep = !stale;
-        let max_listed = self.cfg.receipt_max_members;
         let mut conversations = Vec::with_capacity(states.len());
         let mut listed = std::collections::HashSet::new();
         for state in states {
@@ -399,10 +393,10 @@ impl Owner {
             listed.insert(id.clone());
             // What the core holds is newer than (or the same as) what the store held.
             let info = match self.convs.get(&id) {
-                Some(c) => c.info(&user, &device, max_listed),
+                Some(c) => c.info(&user, &device),
                 None => {
                     let c = Conv::from_state(state);
-                    let info = c.info(&user, &device, max_listed);
+                    let info = c.info(&user, &device);
                     // Keep it: the device is likely to sync it next. (One being loaded is left
                     // to its load, which answers what waits for it.)
                     if keep && !self.loads.waiting.contains_key(&id) {
@@ -422,7 +416,7 @@ impl Owner {
                 continue;
             }
             if let Some(c) = self.convs.get(&id).filter(|c| c.is_durable_member(&user)) {
-                conversations.push(c.info(&user, &device, max_listed));
+                conversations.push(c.info(&user, &device));
                 listed.insert(id);
             }
         }

@@ -342,24 +342,3 @@ fn a_list_that_stays_stale_is_shown_but_never_held() {
     let (batches, _) = s.flush();
     assert_eq!(batch_seqs(&batches[0], "g"), [sent + 1]);
 }
-
-/// In `convs`, a group larger than `receipt_max_members` (which gets no receipts either) lists
-/// only the asking user's own position, so that an entry stays small however large the group;
-/// a smaller one lists every member's.
-#[test]
-fn an_overview_lists_member_positions_only_for_groups_that_get_receipts() {
-    let mut s = Sim::new(CoreConfig {
-        receipt_max_members: 2,
-        ..cfg()
-    });
-    s.group("small", &["alice", "bob"], Retention::default());
-    s.group("large", &["alice", "bob", "carol"], Retention::default());
-    s.core.connect(1, "alice", "a1");
-    let members = |infos: &[ordo_protocol::ConvInfo], id: &str| -> Vec<String> {
-        let info = infos.iter().find(|i| i.conv == id).expect(id);
-        info.members.iter().map(|m| m.user.clone()).collect()
-    };
-    let infos = s.overview(1);
-    assert_eq!(members(&infos, "small"), ["alice", "bob"]);
-    assert_eq!(members(&infos, "large"), ["alice"]);
-}
