@@ -26,7 +26,7 @@ const FILE_FIELDS: usize = 8 + 4 + 4 + 8 + 8 + 4;
 /// spell a record's start inside what it sends: the search for records past a chain's end meets
 /// candidates only where records really began.
 pub const RECORD_MAGIC: [u8; 4] = [0xFF, b'O', b'2', 0xFE];
-pub(super) const RECORD_HEADER: usize = 4 + 4 + 8 + 4;
+pub const RECORD_HEADER: usize = 4 + 4 + 8 + 4;
 
 /// The header block of segment `segment` of the store `store_id`.
 pub(super) fn file_header(store_id: u64, segment: u32, segment_bytes: u64) -> Vec<u8> {
@@ -43,7 +43,7 @@ pub(super) fn file_header(store_id: u64, segment: u32, segment_bytes: u64) -> Ve
 }
 
 /// What a header block says, or why it is not one.
-pub(super) fn read_file_header(b: &[u8]) -> Result<(u32, u64, u64), String> {
+pub fn read_file_header(b: &[u8]) -> Result<(u32, u64, u64), String> {
     if b.len() < FILE_FIELDS {
         return Err("it is shorter than a header".into());
     }
@@ -70,7 +70,7 @@ pub(super) fn read_file_header(b: &[u8]) -> Result<(u32, u64, u64), String> {
 }
 
 /// The check value of a record.
-pub(super) fn record_check(store_id: u64, len: u32, seqno: u64, payload: &[u8]) -> u32 {
+pub fn record_check(store_id: u64, len: u32, seqno: u64, payload: &[u8]) -> u32 {
     let mut h = crc32fast::Hasher::new();
     h.update(&store_id.to_le_bytes());
     h.update(&len.to_le_bytes());
@@ -80,7 +80,7 @@ pub(super) fn record_check(store_id: u64, len: u32, seqno: u64, payload: &[u8]) 
 }
 
 /// A valid record found in a segment.
-pub(super) struct Found {
+pub struct Found {
     pub seqno: u64,
     pub offset: u64,
     pub payload: Range<usize>,
@@ -88,7 +88,7 @@ pub(super) struct Found {
 
 /// Why there is no valid record at an offset.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum NoRecord {
+pub enum NoRecord {
     /// Zeros: nothing was ever written there.
     Zeros,
     /// Something other than a record header.
@@ -144,7 +144,7 @@ pub(super) fn record_at(seg: &[u8], offset: u64, store_id: u64) -> Result<Found,
 }
 
 /// What a segment holds.
-pub(super) struct Scan {
+pub struct Scan {
     /// Its current records: from the first record on, each following its predecessor's seqno.
     pub chain: Vec<Found>,
     /// Where the chain stops, and what is there.
@@ -158,7 +158,7 @@ pub(super) struct Scan {
 }
 
 /// Reads the records of one segment's bytes (the whole file, header included).
-pub(super) fn scan(seg: &[u8], store_id: u64) -> Scan {
+pub fn scan(seg: &[u8], store_id: u64) -> Scan {
     let mut chain: Vec<Found> = Vec::new();
     let mut offset = HEADER_BYTES;
     let (end_is, end_seqno) = loop {
