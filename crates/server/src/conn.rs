@@ -368,21 +368,13 @@ impl Conn {
         let out = Outbound::new(frame);
         let weight = out.weight();
         if !self.budget.try_take(weight) {
-            metrics::counter!(m::SLOW_CONSUMERS).increment(1);
-            return Err((
-                close::TRY_AGAIN_LATER,
-                "dropped: too slow to keep up; reconnect and sync".into(),
-            ));
+            return Err(too_slow());
         }
         match self.tx.try_send(out) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(_)) => {
                 self.budget.give(weight);
-                metrics::counter!(m::SLOW_CONSUMERS).increment(1);
-                Err((
-                    close::TRY_AGAIN_LATER,
-                    "dropped: too slow to keep up; reconnect and sync".into(),
-                ))
+                Err(too_slow())
             }
             Err(mpsc::error::TrySendError::Closed(_)) => Err(going_away()),
         }
@@ -396,6 +388,15 @@ impl Conn {
 
 /// A close frame to send: (code, reason).
 type Close = (u16, String);
+
+/// The close of a connection whose queue (in frames or bytes) is full: it is not reading.
+fn too_slow() -> Close {
+    metrics::counter!(m::SLOW_CONSUMERS).increment(1);
+    (
+        close::TRY_AGAIN_LATER,
+        "dropped: too slow to keep up; reconnect and sync".into(),
+    )
+}
 
 fn going_away() -> Close {
     (
