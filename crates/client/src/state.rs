@@ -178,6 +178,9 @@ struct ConvState {
     members_known: bool,
     /// user -> (delivered, read), from receipts and overviews.
     positions: HashMap<String, (u64, u64)>,
+    /// For a group too large to have its members listed: the lowest (delivered, read) among
+    /// the other members, from the last overview.
+    others: Option<(u64, u64)>,
 }
 
 pub struct ClientState {
@@ -218,6 +221,7 @@ impl ClientState {
                     members: Vec::new(),
                     members_known: false,
                     positions: HashMap::new(),
+                    others: None,
                 },
             );
         }
@@ -306,6 +310,7 @@ impl ClientState {
                 members: Vec::new(),
                 members_known: false,
                 positions: HashMap::new(),
+                others: None,
             })
     }
 
@@ -387,11 +392,15 @@ impl ClientState {
         self.request_overview();
     }
 
-    /// Asks for the overview (members and positions of every conversation), once at a time.
+    /// Asks for the overview (members and positions of every conversation), once at a time;
+    /// its pages are asked for one after the other.
     fn request_overview(&mut self) {
         if self.connected && !self.overview_pending {
             self.overview_pending = true;
-            self.transmit(ClientFrame::Convs);
+            self.transmit(ClientFrame::Convs {
+                after: None,
+                limit: None,
+            });
         }
     }
 
@@ -475,17 +484,46 @@ impl ClientState {
                 delivered,
                 read,
             } => self.on_receipt(conv, user, delivered, read),
-            ServerFrame::Convs { conversations } => {
-                self.overview_pending = false;
+            ServerFrame::Convs {
+                conversations,
+                has_more,
+            } => {
+                let last = conversations.last().map(|c| c.conv.clone());
                 for info in conversations {
                     self.on_conv_info(info);
                 }
+                match last {
+                    Some(after) if has_more && self.connected => {
+                        self.transmit(ClientFrame::Convs {
+                            after: Some(after),
+                            limit: None,
+                        });
+                    }
+                    _ => self.overview_pending = false,
+                }
             }
-            ServerFrame::Error { code, message, .. } => {
-                // An error cannot be matched to its request: let every outstanding sync be
-                // asked again by the next notify, push or overview.
-                for c in self.convs.values_mut() {
-                    c.syncing = false;
+            ServerFrame::Error {
+                code,
+                message,
+                request,
+                conv,
+            } => {
+                match (request.as_deref(), conv.as_deref()) {
+                    // The overview failed: the next reason to ask asks again.
+                    (Some("convs"), _) => self.overview_pending = false,
+                    // That sync failed: the next notify, push or overview asks again.
+                    (Some("sync"), Some(conv)) => {
+                        if let Some(c) = self.convs.get_mut(conv) {
+                            c.syncing = false;
+                        }
+                    }
+                    (Some(_), _) => {}
+                    // Not tied to a request (an older server): any sync may have failed.
+                    (None, _) => {
+                        for c in self.convs.values_mut() {
+                            c.syncing = false;
+                        }
+                    }
                 }
                 self.event(Event::ServerError { code, message });
             }
@@ -623,6 +661,9 @@ impl ClientState {
         let c = self.conv_mut(&info.conv);
         c.members = info.members.iter().map(|m| m.user.clone()).collect();
         c.members_known = true;
+        // A group too large to list its members comes with the aggregates only.
+        c.others = (info.members.is_empty() && info.member_count > 1)
+            .then_some((info.others_delivered, info.others_read));
         for m in &info.members {
             // A receipt may be newer than the overview: positions only move forward.
             let p = c.positions.entry(m.user.clone()).or_insert((0, 0));
@@ -692,13 +733,19 @@ impl ClientState {
             }
             return;
         }
-        let others: Vec<&String> = c.members.iter().filter(|u| **u != me).collect();
-        if others.is_empty() {
-            return;
-        }
-        let pos = |u: &String| c.positions.get(u).copied().unwrap_or((0, 0));
-        let delivered = others.iter().map(|u| pos(u).0).min().unwrap_or(0);
-        let read = others.iter().map(|u| pos(u).1).min().unwrap_or(0);
+        let (delivered, read) = match c.others {
+            Some(low) => low,
+            None => {
+                let others: Vec<&String> = c.members.iter().filter(|u| **u != me).collect();
+                if others.is_empty() {
+                    return;
+                }
+                let pos = |u: &String| c.positions.get(u).copied().unwrap_or((0, 0));
+                let delivered = others.iter().map(|u| pos(u).0).min().unwrap_or(0);
+                let read = others.iter().map(|u| pos(u).1).min().unwrap_or(0);
+                (delivered, read)
+            }
+        };
         let mut ops = Vec::new();
         let mut events = Vec::new();
         let range = (conv.to_string(), 0)..=(conv.to_string(), delivered.max(read));

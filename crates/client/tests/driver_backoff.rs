@@ -42,9 +42,10 @@ async fn silent_server(listener: TcpListener, sends: mpsc::UnboundedSender<(Inst
                     Ok(ClientFrame::Send { cmid, .. }) => {
                         let _ = sends.send((Instant::now(), cmid));
                     }
-                    Ok(ClientFrame::Convs) => {
+                    Ok(ClientFrame::Convs { .. }) => {
                         let reply = ServerFrame::Convs {
                             conversations: vec![],
+                            has_more: false,
                         };
                         if ws.send(text(&reply)).await.is_err() {
                             return;

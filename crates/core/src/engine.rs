@@ -49,9 +49,9 @@ pub enum Action {
     /// until answered. Answers may come in any order, from a store state that includes every
     /// batch committed before the load was asked.
     Load { conv: String },
-    /// List every conversation `user` is a member of, as stored, and hand the list to
+    /// List one page of the conversations a user is a member of, as stored, and hand it to
     /// [`Core::member_convs_loaded`] with this `id` (for a `convs` overview).
-    LoadMember { id: u64, user: String },
+    LoadMember { id: u64, ask: MemberPageAsk },
     /// Ask the store which conversations of this slice hold messages past their max age, and
     /// hand the answer to [`Core::expired`]. One at a time; may be answered from any store state
     /// after it was asked.
@@ -352,8 +352,8 @@ impl Core {
     }
 
     /// The store's answer to [`Action::LoadMember`] `id`.
-    pub fn member_convs_loaded(&mut self, id: u64, states: Vec<ConvState>) -> Vec<Action> {
-        let outs = self.owner.member_convs_loaded(id, states);
+    pub fn member_convs_loaded(&mut self, id: u64, page: MemberPage) -> Vec<Action> {
+        let outs = self.owner.member_convs_loaded(id, page);
         self.route(outs)
     }
 

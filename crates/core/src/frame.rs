@@ -89,8 +89,8 @@ mod tests {
                     let more = core.loaded(&conv, store.load_conv(&conv), 2_000);
                     out.extend(answer(core, store, more));
                 }
-                Action::LoadMember { id, user } => {
-                    let more = core.member_convs_loaded(id, store.member_convs(&user));
+                Action::LoadMember { id, ask } => {
+                    let more = core.member_convs_loaded(id, store.member_convs(&ask));
                     out.extend(answer(core, store, more));
                 }
                 other => out.push(other),
@@ -167,23 +167,34 @@ mod tests {
     #[test]
     fn convs_lists_only_the_users_conversations() {
         let (mut core, store) = setup();
-        let asked = done(core.on_frame(ALICE, ClientFrame::Convs, 2_000));
+        let asked = done(core.on_frame(ALICE, convs(), 2_000));
         let out = answer(&mut core, &store, asked);
         match frames_to(&out, ALICE).as_slice() {
-            [ServerFrame::Convs { conversations }] => {
+            [ServerFrame::Convs {
+                conversations,
+                has_more: false,
+            }] => {
                 let ids: Vec<&str> = conversations.iter().map(|c| c.conv.as_str()).collect();
                 assert_eq!(ids, vec!["g"]);
             }
             other => panic!("expected one convs frame, got {other:?}"),
         }
-        let asked = done(core.on_frame(EVE, ClientFrame::Convs, 2_000));
+        let asked = done(core.on_frame(EVE, convs(), 2_000));
         let out = answer(&mut core, &store, asked);
         assert_eq!(
             frames_to(&out, EVE),
             vec![ServerFrame::Convs {
-                conversations: vec![]
+                conversations: vec![],
+                has_more: false,
             }]
         );
+    }
+
+    fn convs() -> ClientFrame {
+        ClientFrame::Convs {
+            after: None,
+            limit: None,
+        }
     }
 
     #[test]
@@ -283,7 +294,7 @@ mod tests {
 
     #[test]
     fn only_sync_may_read() {
-        assert!(!may_read(&ClientFrame::Convs));
+        assert!(!may_read(&convs()));
         assert!(!may_read(&ClientFrame::Ping { nonce: None }));
         assert!(!may_read(&ClientFrame::Read {
             conv: "g".into(),

@@ -135,7 +135,7 @@ impl Hub {
             }
             ClientFrame::Read { conv, seq } => Request::Read { conv, seq },
             ClientFrame::Sync { conv, after, limit } => Request::Sync { conv, after, limit },
-            ClientFrame::Convs => Request::Overview,
+            ClientFrame::Convs { after, limit } => Request::Overview { after, limit },
             ClientFrame::Ping { nonce } => {
                 return Step::Done(vec![Action::Send {
                     session,

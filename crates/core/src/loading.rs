@@ -24,11 +24,11 @@
 use crate::conv::Conv;
 use crate::engine::{Action, AdminOp, SessionId, Ticket};
 use crate::line::LookupState;
-use crate::model::ConvState;
+use crate::model::{ConvState, MemberPage, MemberPageAsk};
 use crate::owner::{Answer, Out, Owner};
 use crate::seam::{Origin, Request, ToHub};
 use foldhash::HashMap;
-use ordo_protocol::{ConvInfo, ErrorCode, MemberPosition, Position, ServerFrame};
+use ordo_protocol::{ConvInfo, ErrorCode, MemberPosition, Position, ServerFrame, MAX_CONVS_LIMIT};
 use std::collections::VecDeque;
 use std::sync::Arc;
 
@@ -37,6 +37,11 @@ use std::sync::Arc;
 const MAX_WAITING_FRAMES: usize = 64;
 /// Most overviews one connection may have being listed at once.
 const MAX_OVERVIEWS: usize = 2;
+/// Members whose records one overview page reads at most (past the first conversation): what
+/// bounds the memory of listing a user's conversations, however large the groups.
+const OVERVIEW_PAGE_MEMBERS: usize = 20_000;
+/// About how many bytes one overview page holds at most (past its first conversation).
+const OVERVIEW_PAGE_BYTES: usize = 256 * 1024;
 /// How many recent changes (evictions, trims of conversations not held, records rewritten) are
 /// remembered at least, to tell whether an overview's list is current; always more than one
 /// bulk eviction and one retention step can make (see [`Owner::note_change`]).
@@ -72,9 +77,8 @@ pub(crate) struct Loads {
     waiting: HashMap<String, Vec<Waiting>>,
     /// Frames waiting per connection.
     frames_of: HashMap<SessionId, usize>,
-    /// Overviews being listed: id -> (connection, changes and commits so far when asked,
-    /// attempt).
-    overviews: HashMap<u64, (Origin, u64, u64, u32)>,
+    /// Overviews being listed, by id.
+    overviews: HashMap<u64, Overview>,
     /// Overviews being listed per connection.
     overviews_of: HashMap<SessionId, usize>,
     next_overview: u64,
@@ -92,6 +96,18 @@ pub(crate) struct Loads {
     /// Conversations being loaded that age retention trimmed meanwhile: the first seq their load
     /// may not show yet.
     raised: HashMap<String, u64>,
+}
+
+/// An overview page being listed.
+struct Overview {
+    origin: Origin,
+    /// The conversations after which the page starts, and how many it may list.
+    after: Option<String>,
+    limit: usize,
+    /// Changes and commits so far when the list was asked for.
+    mark: u64,
+    commits: u64,
+    attempt: u32,
 }
 
 impl Conv {
@@ -114,9 +130,33 @@ impl Conv {
         conv
     }
 
-    /// The overview entry of this conversation for `user`'s `device`, from its durable view.
-    pub fn info(&self, user: &str, device: &str) -> ConvInfo {
+    /// The overview entry of this conversation for `user`'s `device`, from its durable view:
+    /// members are listed when there are at most `list_max` of them (the aggregates are always
+    /// there).
+    pub fn info(&self, user: &str, device: &str, list_max: usize) -> ConvInfo {
         let mine = self.durable_cursor(user, device);
+        let count = self.durable_member_count();
+        let position = |u: &String| self.published.get(u).copied().unwrap_or_default();
+        let (mut others_delivered, mut others_read) = (self.durable_seq, self.durable_seq);
+        for u in self.durable_members().filter(|u| **u != *user) {
+            let p = position(u);
+            others_delivered = others_delivered.min(p.delivered);
+            others_read = others_read.min(p.read);
+        }
+        let members = if count <= list_max {
+            self.durable_members()
+                .map(|u| {
+                    let p = position(u);
+                    MemberPosition {
+                        user: u.clone(),
+                        delivered: p.delivered,
+                        read: p.read,
+                    }
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         ConvInfo {
             conv: self.rec.id.clone(),
             kind: self.rec.kind,
@@ -125,17 +165,10 @@ impl Conv {
             first_seq: self.durable_first_seq(),
             delivered: mine.delivered,
             read: mine.read,
-            members: self
-                .durable_members()
-                .map(|u| {
-                    let p = self.published.get(u).copied().unwrap_or_default();
-                    MemberPosition {
-                        user: u.clone(),
-                        delivered: p.delivered,
-                        read: p.read,
-                    }
-                })
-                .collect(),
+            member_count: count as u64,
+            others_delivered,
+            others_read,
+            members,
         }
     }
 }
@@ -327,8 +360,13 @@ impl Owner {
         out
     }
 
-    /// A `convs` frame: asks the store for the user's conversations.
-    pub(crate) fn ask_overview(&mut self, origin: &Origin) -> Vec<Out> {
+    /// A `convs` frame: asks the store for one page of the user's conversations.
+    pub(crate) fn ask_overview(
+        &mut self,
+        origin: &Origin,
+        after: Option<String>,
+        limit: Option<u32>,
+    ) -> Vec<Out> {
         let session = origin.session;
         if self.loads.overviews_of.get(&session).copied().unwrap_or(0) >= MAX_OVERVIEWS {
             return vec![Out::Hub(ToHub::Frame {
@@ -341,35 +379,54 @@ impl Owner {
                 ),
             })];
         }
-        self.list_member_convs(origin.clone(), 1)
+        let limit = limit.unwrap_or(MAX_CONVS_LIMIT).clamp(1, MAX_CONVS_LIMIT) as usize;
+        self.list_member_convs(origin.clone(), after, limit, 1)
     }
 
-    fn list_member_convs(&mut self, origin: Origin, attempt: u32) -> Vec<Out> {
-        let user = origin.user.to_string();
+    fn list_member_convs(
+        &mut self,
+        origin: Origin,
+        after: Option<String>,
+        limit: usize,
+        attempt: u32,
+    ) -> Vec<Out> {
+        let ask = MemberPageAsk {
+            user: origin.user.to_string(),
+            after: after.clone(),
+            max_convs: limit,
+            max_members: OVERVIEW_PAGE_MEMBERS,
+        };
         let session = origin.session;
         self.loads.next_overview += 1;
         let id = self.loads.next_overview;
         let (mark, commits) = (self.loads.changes, self.loads.commits);
-        self.loads
-            .overviews
-            .insert(id, (origin, mark, commits, attempt));
+        let overview = Overview {
+            origin,
+            after,
+            limit,
+            mark,
+            commits,
+            attempt,
+        };
+        self.loads.overviews.insert(id, overview);
         *self.loads.overviews_of.entry(session).or_insert(0) += 1;
         self.stats.conv_loads += 1;
-        vec![Out::Io(Action::LoadMember { id, user })]
+        vec![Out::Io(Action::LoadMember { id, ask })]
     }
 
-    /// The store's answer to [`Action::LoadMember`] `id`: the user's conversations as stored.
-    /// Answers the `convs` frame that asked, from the list and the core's own copy of the
-    /// conversations it holds (newer). If a conversation in the list changed while it was not
-    /// held (evicted, or trimmed by age retention) after the list was asked for, the list may
-    /// be older than what the core had: it is asked for again, up to three times, and then
-    /// shown but not kept. A conversation the user joined meanwhile is added from the core's
-    /// copy.
-    pub fn member_convs_loaded(&mut self, id: u64, states: Vec<ConvState>) -> Vec<Out> {
-        let Some((origin, mark, commits, attempt)) = self.loads.overviews.remove(&id) else {
+    /// The store's answer to [`Action::LoadMember`] `id`: one page of the user's conversations
+    /// as stored. Answers the `convs` frame that asked, from the page and the core's own copy
+    /// of the conversations it holds (newer). If a conversation in the page changed while it
+    /// was not held (evicted, or trimmed by age retention) after the page was asked for, the
+    /// page may be older than what the core had: it is asked for again, up to three times, and
+    /// then shown but not kept. A conversation the user joined meanwhile is added from the
+    /// core's copy when it falls in the page's range. The answer ends early once it is large
+    /// ([`OVERVIEW_PAGE_BYTES`]), and says whether more follow.
+    pub fn member_convs_loaded(&mut self, id: u64, page: MemberPage) -> Vec<Out> {
+        let Some(o) = self.loads.overviews.remove(&id) else {
             return Vec::new();
         };
-        let session = origin.session;
+        let session = o.origin.session;
         let Some(n) = self.loads.overviews_of.get_mut(&session) else {
             // The connection is gone.
             return Vec::new();
@@ -378,25 +435,36 @@ impl Owner {
         if *n == 0 {
             self.loads.overviews_of.remove(&session);
         }
-        let (user, device): (Arc<str>, Arc<str>) = (origin.user.clone(), origin.device.clone());
-        let (stale, changed) = self.changed_since(mark, commits, &states);
-        if stale && attempt < OVERVIEW_ATTEMPTS {
-            return self.list_member_convs(origin, attempt + 1);
+        let (user, device): (Arc<str>, Arc<str>) = (o.origin.user.clone(), o.origin.device.clone());
+        let (stale, changed) = self.changed_since(o.mark, o.commits, &page.convs);
+        if stale && o.attempt < OVERVIEW_ATTEMPTS {
+            return self.list_member_convs(o.origin, o.after, o.limit, o.attempt + 1);
         }
         // A list that may be older than the core's view is shown, never kept: a conversation
         // held from it could number a seq the store already has.
         let keep = !stale;
-        let mut conversations = Vec::with_capacity(states.len());
+        let list_max = self.cfg.receipt_max_members;
+        // The page covers ids after `after`, up to its last one if more follow.
+        let end = page
+            .more
+            .then(|| page.convs.last().map(|s| s.rec.id.clone()))
+            .flatten();
+        let in_range = |id: &str| {
+            o.after.as_deref().is_none_or(|a| id > a) && end.as_deref().is_none_or(|e| id <= e)
+        };
+        let mut more = page.more;
+        let mut conversations = Vec::with_capacity(page.convs.len());
         let mut listed = std::collections::HashSet::new();
-        for state in states {
+        for state in page.convs {
             let id = state.rec.id.clone();
             listed.insert(id.clone());
             // What the core holds is newer than (or the same as) what the store held.
             let info = match self.convs.get(&id) {
-                Some(c) => c.info(&user, &device),
+                Some(c) if c.is_durable_member(&user) => c.info(&user, &device, list_max),
+                Some(_) => continue,
                 None => {
                     let c = Conv::from_state(state);
-                    let info = c.info(&user, &device);
+                    let info = c.info(&user, &device, list_max);
                     // Keep it: the device is likely to sync it next. (One being loaded is left
                     // to its load, which answers what waits for it.)
                     if keep && !self.loads.waiting.contains_key(&id) {
@@ -406,25 +474,40 @@ impl Owner {
                     info
                 }
             };
-            if info.members.iter().any(|m| *m.user == *user) {
-                conversations.push(info);
-            }
+            conversations.push(info);
         }
         // Joined (or created) after the list was read: the core holds its record.
         for id in changed {
-            if listed.contains(&id) {
+            if listed.contains(&id) || !in_range(&id) {
                 continue;
             }
             if let Some(c) = self.convs.get(&id).filter(|c| c.is_durable_member(&user)) {
-                conversations.push(c.info(&user, &device));
+                conversations.push(c.info(&user, &device, list_max));
                 listed.insert(id);
             }
         }
         conversations.sort_by(|a, b| a.conv.cmp(&b.conv));
+        // Cut to the page's size: in entries (joined ones may have been added) and in bytes.
+        let mut bytes = 0;
+        let mut fits = 0;
+        for info in &conversations {
+            if fits >= o.limit || (fits > 0 && bytes >= OVERVIEW_PAGE_BYTES) {
+                break;
+            }
+            bytes += ServerFrame::info_len(info);
+            fits += 1;
+        }
+        if fits < conversations.len() {
+            conversations.truncate(fits);
+            more = true;
+        }
         self.evict();
         vec![Out::Hub(ToHub::Frame {
             session,
-            frame: ServerFrame::Convs { conversations },
+            frame: ServerFrame::Convs {
+                conversations,
+                has_more: more,
+            },
         })]
     }
 

@@ -12,7 +12,7 @@
 use crate::engine::SyncPlan;
 use crate::model::{
     AgeSweep, Batch, CommitOutcome, ConvRecord, ConvState, CursorRecord, DedupRecord, Expired,
-    Snapshot,
+    MemberPage, MemberPageAsk, Snapshot,
 };
 use ordo_protocol::Message;
 use std::collections::BTreeMap;
@@ -146,13 +146,17 @@ impl MemoryStore {
         Some(ConvState { rec, cursors })
     }
 
-    /// Every conversation `user` is a member of, in id order.
-    pub fn member_convs(&self, user: &str) -> Vec<ConvState> {
-        self.convs
+    /// One page of the conversations a user is a member of (see [`MemberPageAsk`]).
+    pub fn member_convs(&self, ask: &MemberPageAsk) -> MemberPage {
+        let ids = self
+            .convs
             .values()
-            .filter(|r| r.members.contains(user))
-            .filter_map(|r| self.load_conv(&r.id))
-            .collect()
+            .filter(|r| r.members.contains(&ask.user))
+            .map(|r| Ok::<_, std::convert::Infallible>(r.id.clone()));
+        match MemberPage::collect(ask, ids, |id| Ok(self.load_conv(id))) {
+            Ok(page) => page,
+            Err(never) => match never {},
+        }
     }
 
     /// The stored seqs of `conv`, in order.

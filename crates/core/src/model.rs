@@ -189,6 +189,59 @@ pub struct ConvState {
     pub cursors: Vec<CursorRecord>,
 }
 
+/// Which of a user's conversations one overview page lists ([`crate::Action::LoadMember`]):
+/// those with an id after `after` (from the first when `None`), in id order, at most
+/// `max_convs` of them, stopping after the conversation that brings the members' total to
+/// `max_members` or more (so a page holds at least one conversation when there is one, and
+/// reading it takes memory bounded by its members however large the groups).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemberPageAsk {
+    pub user: String,
+    pub after: Option<String>,
+    pub max_convs: usize,
+    pub max_members: usize,
+}
+
+/// One page of a user's conversations as stored.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MemberPage {
+    pub convs: Vec<ConvState>,
+    /// Whether the user is a member of conversations after the last one listed.
+    pub more: bool,
+}
+
+impl MemberPage {
+    /// The page `ask` lists, from `ids` (conversations that may have the user as a member, in
+    /// id order) and `load` (a conversation as stored): the one rule every store keeps. Only
+    /// conversations whose record names the user are listed; once the page is full, `more`
+    /// tells whether `ids` goes on (an id past the page is not read, so `more` may promise a
+    /// conversation the user has left since the index was written: the next page is empty).
+    pub fn collect<E>(
+        ask: &MemberPageAsk,
+        ids: impl IntoIterator<Item = Result<String, E>>,
+        mut load: impl FnMut(&str) -> Result<Option<ConvState>, E>,
+    ) -> Result<MemberPage, E> {
+        let mut page = MemberPage::default();
+        let mut members = 0usize;
+        for id in ids {
+            let id = id?;
+            if ask.after.as_deref().is_some_and(|a| id.as_str() <= a) {
+                continue;
+            }
+            if page.convs.len() >= ask.max_convs.max(1) || members >= ask.max_members.max(1) {
+                page.more = true;
+                break;
+            }
+            let Some(state) = load(&id)? else { continue };
+            if state.rec.members.contains(&ask.user) {
+                members += state.rec.members.len();
+                page.convs.push(state);
+            }
+        }
+        Ok(page)
+    }
+}
+
 /// What the core needs of the store at start: little, so that a start does not depend on how
 /// much is stored. Conversations are loaded when first used ([`crate::Action::Load`]); dedup
 /// entries are asked for one key at a time ([`crate::Action::Lookup`]) and the filter of them

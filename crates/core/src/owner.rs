@@ -260,7 +260,7 @@ impl Owner {
                 Ok(plan) => return Answer::Read(plan),
                 Err(e) => vec![error(origin.session, &e, "sync", Some(&conv))],
             },
-            Request::Overview => self.ask_overview(origin),
+            Request::Overview { after, limit } => self.ask_overview(origin, after, limit),
         };
         Answer::Done(outs)
     }

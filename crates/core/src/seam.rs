@@ -62,8 +62,11 @@ pub enum Request {
         after: u64,
         limit: Option<u32>,
     },
-    /// `convs`: the user's conversations.
-    Overview,
+    /// `convs`: one page of the user's conversations.
+    Overview {
+        after: Option<String>,
+        limit: Option<u32>,
+    },
 }
 
 impl Request {
@@ -75,7 +78,7 @@ impl Request {
             Request::Ack(_) => ("ack", None),
             Request::Read { conv, .. } => ("read", Some(conv)),
             Request::Sync { conv, .. } => ("sync", Some(conv)),
-            Request::Overview => ("convs", None),
+            Request::Overview { .. } => ("convs", None),
         }
     }
 }

@@ -180,7 +180,13 @@ mod tests {
             }
         );
         let f: ClientFrame = serde_json::from_str(r#"{"type":"convs"}"#).unwrap();
-        assert_eq!(f, ClientFrame::Convs);
+        assert_eq!(
+            f,
+            ClientFrame::Convs {
+                after: None,
+                limit: None
+            }
+        );
         let s = serde_json::to_string(&ServerFrame::Notify {
             conv: "team".into(),
             max_seq: 7,
@@ -246,18 +252,29 @@ mod tests {
                 first_seq: 1,
                 delivered: 2,
                 read: 1,
+                member_count: 1,
+                others_delivered: 4,
+                others_read: 4,
                 members: vec![MemberPosition {
                     user: "a".into(),
                     delivered: 4,
                     read: 4,
                 }],
             }],
+            has_more: true,
         });
         roundtrip_server(&ServerFrame::Pong {
             nonce: None,
             server_time: 1,
         });
-        roundtrip_client(&ClientFrame::Convs);
+        roundtrip_client(&ClientFrame::Convs {
+            after: None,
+            limit: None,
+        });
+        roundtrip_client(&ClientFrame::Convs {
+            after: Some("g".into()),
+            limit: Some(10),
+        });
         roundtrip_client(&ClientFrame::Ping { nonce: Some(1) });
     }
 

@@ -43,8 +43,16 @@ pub enum ClientFrame (remote "ClientFrame", decoder ClientFrameDecoder) {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         limit: Option<u32>,
     },
-    /// Ask for the overview of every conversation this user is a member of.
-    Convs,
+    /// Ask for one page of the overview of the conversations this user is a member of: those
+    /// with an id after `after` (from the first when absent), in id order, at most `limit`
+    /// (at most [`MAX_CONVS_LIMIT`](crate::limits::MAX_CONVS_LIMIT), the default). The answer
+    /// says whether more follow.
+    Convs {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        after: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<u32>,
+    },
     /// Liveness check; answered by `pong` with the same nonce.
     Ping {
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -91,7 +99,21 @@ pub struct ConvInfo {
     pub delivered: u64,
     /// This user's read position.
     pub read: u64,
-    /// Every member with their delivered and read positions (maximum over their devices).
+    /// How many members it has.
+    #[serde(default)]
+    pub member_count: u64,
+    /// The lowest delivered position among the other members (the highest position of each
+    /// member's devices); `max_seq` when there is no other member. A message of this user is
+    /// delivered to everyone once its seq is at most this.
+    #[serde(default)]
+    pub others_delivered: u64,
+    /// The same for read positions.
+    #[serde(default)]
+    pub others_read: u64,
+    /// Every member with their delivered and read positions (maximum over their devices), in
+    /// user order; empty (absent on the wire) for groups with more members than the server
+    /// sends receipts for, where the aggregates above are all there is.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub members: Vec<MemberPosition>,
 }
 
@@ -163,8 +185,13 @@ pub enum ServerFrame (remote "ServerFrame", decoder ServerFrameDecoder) {
         delivered: u64,
         read: u64,
     },
-    /// The answer to `convs`.
-    Convs { conversations: Vec<ConvInfo> },
+    /// The answer to `convs`: one page, and whether more conversations follow the last one
+    /// listed (ask again with `after` set to it).
+    Convs {
+        conversations: Vec<ConvInfo>,
+        #[serde(default)]
+        has_more: bool,
+    },
     /// A frame could not be served. The connection stays open. `request` names the frame it
     /// answers (its `type`: `sync`, `read`, `ack`, `convs`; absent for a frame that could not
     /// be read at all) and `conv` the conversation that frame named (for an `ack`, the position
@@ -198,16 +225,8 @@ impl ServerFrame {
         match self {
             ServerFrame::Msg(m) => FRAME + msg(m),
             ServerFrame::Synced { messages, .. } => FRAME + messages.iter().map(msg).sum::<usize>(),
-            ServerFrame::Convs { conversations } => {
-                FRAME
-                    + conversations
-                        .iter()
-                        .map(|c| {
-                            RECORD
-                                + c.conv.len()
-                                + c.members.iter().map(|p| 48 + p.user.len()).sum::<usize>()
-                        })
-                        .sum::<usize>()
+            ServerFrame::Convs { conversations, .. } => {
+                FRAME + conversations.iter().map(Self::info_len).sum::<usize>()
             }
             ServerFrame::Rejected { cmid, message, .. } => FRAME + cmid.len() + message.len(),
             ServerFrame::Error { message, conv, .. } => {
@@ -216,6 +235,12 @@ impl ServerFrame {
             ServerFrame::Accepted { cmid, conv, .. } => FRAME + cmid.len() + conv.len(),
             _ => FRAME * 2,
         }
+    }
+
+    /// About how many bytes one `convs` entry takes (see [`ServerFrame::approx_len`]).
+    pub fn info_len(c: &ConvInfo) -> usize {
+        const RECORD: usize = 160;
+        RECORD + c.conv.len() + c.members.iter().map(|p| 48 + p.user.len()).sum::<usize>()
     }
 
     /// An `error` answering a frame that could not be read (nothing to name).

@@ -18,7 +18,7 @@ pub use frame::*;
 pub use ids::{
     direct_conv_id, is_direct, validate_conv_id, validate_id, IdError, IdKind, DIRECT_PREFIX,
 };
-pub use limits::Limits;
+pub use limits::{Limits, MAX_CONVS_LIMIT};
 
 /// The protocol version this crate speaks. Sent in `welcome`; bumped on any incompatible change.
 pub const PROTOCOL_VERSION: u32 = 1;

@@ -4,6 +4,10 @@
 
 use serde::{Deserialize, Serialize};
 
+/// Most conversations one `convs` page lists (and its default `limit`); a page also ends early
+/// once it is large in bytes, and says whether more follow.
+pub const MAX_CONVS_LIMIT: u32 = 500;
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Limits {
     /// Largest WebSocket message the server reads; a larger one closes the socket with 1009.

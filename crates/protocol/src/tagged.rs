@@ -285,7 +285,13 @@ mod tests {
             br#"{"type":"convs","since":4,"x":[1,{"y":2}]}"#,
             Encoding::Json,
         );
-        assert_eq!(f.unwrap(), ClientFrame::Convs);
+        assert_eq!(
+            f.unwrap(),
+            ClientFrame::Convs {
+                after: None,
+                limit: None
+            }
+        );
         let v = json!({"type": "ping", "nonce": 7, "extra": {"a": 1}});
         assert_eq!(
             decode_client(&msgpack(&v), Encoding::MsgPack).unwrap(),
@@ -294,7 +300,10 @@ mod tests {
         let v = json!({"extra": true, "type": "convs"});
         assert_eq!(
             decode_client(&msgpack(&v), Encoding::MsgPack).unwrap(),
-            ClientFrame::Convs
+            ClientFrame::Convs {
+                after: None,
+                limit: None
+            }
         );
     }
 

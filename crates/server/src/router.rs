@@ -22,7 +22,8 @@ use axum::extract::ws::{Message as WsMessage, Utf8Bytes};
 use foldhash::{HashMap, HashMapExt};
 use ordo_core::{
     Action, AdminOp, AdminReply, AgeSweep, Batch, CommitOutcome, ConvState, Core, CoreConfig,
-    CoreError, CoreStats, DedupRecord, Expired, Handled, SessionId, SyncPlan, Ticket,
+    CoreError, CoreStats, DedupRecord, Expired, Handled, MemberPage, MemberPageAsk, SessionId,
+    SyncPlan, Ticket,
 };
 use ordo_protocol::{encode, ClientFrame, Encoded, Encoding, ErrorCode, Message, ServerFrame};
 use ordo_store::{Store, StoreError};
@@ -201,7 +202,7 @@ enum Lookup {
     /// A conversation.
     Conv(String),
     /// A user's conversations, for an overview: (id, user).
-    Member(u64, String),
+    Member(u64, MemberPageAsk),
     /// A step of age retention.
     Sweep(AgeSweep),
 }
@@ -213,7 +214,7 @@ enum Looked {
     /// Conversations loaded.
     Loaded(Vec<(String, Option<ConvState>)>),
     /// A user's conversations: (id, them).
-    Members(u64, Vec<ConvState>),
+    Members(u64, MemberPage),
     /// The conversations of a retention step with messages past their age.
     Expired(Expired),
     /// A page of the dedup keys the store holds, for the filter; `done` on the last.
@@ -524,8 +525,8 @@ impl Router {
                     self.dispatch(actions);
                 }
             }
-            Looked::Members(id, states) => {
-                let actions = self.core.member_convs_loaded(id, states);
+            Looked::Members(id, page) => {
+                let actions = self.core.member_convs_loaded(id, page);
                 self.dispatch(actions);
             }
             Looked::Expired(expired) => self.core.expired(expired),
@@ -622,7 +623,7 @@ impl Router {
                 }
                 Action::Lookup { id, user, cmid } => self.lookups.push(Lookup::Key(id, user, cmid)),
                 Action::Load { conv } => self.lookups.push(Lookup::Conv(conv)),
-                Action::LoadMember { id, user } => self.lookups.push(Lookup::Member(id, user)),
+                Action::LoadMember { id, ask } => self.lookups.push(Lookup::Member(id, ask)),
                 Action::Sweep(sweep) => self.lookups.push(Lookup::Sweep(sweep)),
                 Action::Close { session, reason } => {
                     // The core has forgotten the connection already.
@@ -736,7 +737,7 @@ fn answer(
                 keys.push((user, cmid));
             }
             Lookup::Conv(c) => convs.push(c),
-            Lookup::Member(id, user) => members.push((id, user)),
+            Lookup::Member(id, ask) => members.push((id, ask)),
             Lookup::Sweep(sweep) => sweeps.push(sweep),
         }
     }
@@ -753,9 +754,9 @@ fn answer(
         out.send(Looked::Found(ids.into_iter().zip(found).collect()))
             .map_err(|_| ())?;
     }
-    for (id, user) in members {
-        let states = store.member_convs(&user).map_err(failed)?;
-        out.send(Looked::Members(id, states)).map_err(|_| ())?;
+    for (id, ask) in members {
+        let page = store.member_convs(&ask).map_err(failed)?;
+        out.send(Looked::Members(id, page)).map_err(|_| ())?;
     }
     for sweep in sweeps {
         let expired = store.expired(&sweep).map_err(failed)?;

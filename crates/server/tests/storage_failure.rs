@@ -3,7 +3,10 @@
 //! written is visible, and numbering continues without a hole.
 
 use futures_util::{SinkExt, StreamExt};
-use ordo_core::{AgeSweep, Batch, CommitOutcome, ConvState, DedupRecord, Expired, Snapshot};
+use ordo_core::{
+    AgeSweep, Batch, CommitOutcome, ConvState, DedupRecord, Expired, MemberPage, MemberPageAsk,
+    Snapshot,
+};
 use ordo_server::auth::{Claims, TokenKey};
 use ordo_server::{start_with_store, Config, ServerError};
 use ordo_store::{DedupScan, Page, ScanFrom, Store, StoreError};
@@ -30,8 +33,8 @@ impl Store for FailingStore {
         self.inner.load_convs(ids)
     }
 
-    fn member_convs(&self, user: &str) -> Result<Vec<ConvState>, StoreError> {
-        self.inner.member_convs(user)
+    fn member_convs(&self, ask: &MemberPageAsk) -> Result<MemberPage, StoreError> {
+        self.inner.member_convs(ask)
     }
 
     fn commit(&self, batch: Batch) -> Result<CommitOutcome, StoreError> {

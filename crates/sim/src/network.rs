@@ -104,12 +104,16 @@ pub fn short_s(f: &ServerFrame) -> String {
             delivered,
             read,
         } => format!("receipt {conv} {user} d={delivered} r={read}"),
-        ServerFrame::Convs { conversations } => format!(
-            "convs {:?}",
+        ServerFrame::Convs {
+            conversations,
+            has_more,
+        } => format!(
+            "convs {:?}{}",
             conversations
                 .iter()
                 .map(|c| (c.conv.as_str(), c.max_seq, c.delivered))
-                .collect::<Vec<_>>()
+                .collect::<Vec<_>>(),
+            if *has_more { " (more)" } else { "" }
         ),
         ServerFrame::Error { code, message, .. } => format!("error {code}: {message}"),
         ServerFrame::Pong { .. } => "pong".into(),
@@ -130,7 +134,10 @@ pub fn short(f: &ClientFrame) -> String {
         }
         ClientFrame::Read { conv, seq } => format!("read {conv}:{seq}"),
         ClientFrame::Sync { conv, after, .. } => format!("sync {conv}>{after}"),
-        ClientFrame::Convs => "convs".into(),
+        ClientFrame::Convs { after, .. } => match after {
+            Some(a) => format!("convs >{a}"),
+            None => "convs".into(),
+        },
         ClientFrame::Ping { .. } => "ping".into(),
     }
 }

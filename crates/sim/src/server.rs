@@ -24,7 +24,7 @@ use ordo_core::owner::{Answer as Owned, Out, Owner};
 use ordo_core::seam::{Origin, Request, ToHub};
 use ordo_core::{
     may_read, Action, Batch, CommitOutcome, ConvState, CoreConfig, DedupRecord, Expired,
-    MemoryStore, SessionId, SyncPlan,
+    MemberPage, MemoryStore, SessionId, SyncPlan,
 };
 use ordo_protocol::{Limits, ServerFrame};
 use std::collections::VecDeque;
@@ -100,7 +100,7 @@ pub struct Lookup {
 pub enum Answer {
     Key(u64, Option<DedupRecord>),
     Conv(String, Option<ConvState>),
-    Member(u64, Vec<ConvState>),
+    Member(u64, MemberPage),
     Expired(Expired),
 }
 
@@ -272,13 +272,14 @@ impl Sim {
                 tr!(self, "load of {conv} answered (held: {})", state.is_some());
                 self.server.owner.loaded(&conv, state, now)
             }
-            Answer::Member(id, states) => {
+            Answer::Member(id, page) => {
                 tr!(
                     self,
-                    "overview {id} listed ({} conversations)",
-                    states.len()
+                    "overview {id} listed ({} conversations, more: {})",
+                    page.convs.len(),
+                    page.more
                 );
-                self.server.owner.member_convs_loaded(id, states)
+                self.server.owner.member_convs_loaded(id, page)
             }
             Answer::Expired(expired) => {
                 tr!(self, "retention step: {:?}", expired.trims);
@@ -359,9 +360,9 @@ impl Sim {
                         self.server.store.load_conv(conv),
                     ))
                 }
-                Action::LoadMember { id, user } => {
+                Action::LoadMember { id, ask } => {
                     self.stats.loads += 1;
-                    Some(Answer::Member(*id, self.server.store.member_convs(user)))
+                    Some(Answer::Member(*id, self.server.store.member_convs(ask)))
                 }
                 Action::Sweep(sweep) => Some(Answer::Expired(self.server.store.expired(sweep))),
                 _ => None,

@@ -26,7 +26,7 @@ use crate::wal::{
 };
 use ordo_core::{
     AgeSweep, Batch, CommitOutcome, ConvRecord, ConvState, CursorRecord, DedupRecord, Expired,
-    Snapshot,
+    MemberPage, MemberPageAsk, Snapshot,
 };
 use ordo_protocol::Message;
 use ordo_store::{DedupScan, Page, PageFill, ScanFrom, Store, StoreError};
@@ -631,29 +631,28 @@ impl Store for RedbStore {
             .collect()
     }
 
-    fn member_convs(&self, user: &str) -> Result<Vec<ConvState>, StoreError> {
+    fn member_convs(&self, ask: &MemberPageAsk) -> Result<MemberPage, StoreError> {
         self.applied.wait_caught_up()?;
         let tx = self.db.begin_read().map_err(engine)?;
         let convs = tx.open_table(CONVS).map_err(engine)?;
         let ranges = tx.open_table(RANGES).map_err(engine)?;
         let cursors = tx.open_table(CURSORS).map_err(engine)?;
         let members = tx.open_table(MEMBERS).map_err(engine)?;
-        let mut out = Vec::new();
-        for row in members.range((user, "")..).map_err(engine)? {
-            let (k, _) = row.map_err(engine)?;
-            let (u, conv) = k.value();
-            if u != user {
-                break;
-            }
-            // The record is the truth (the index may name a group the user has left only if
-            // an older build changed it; see `MEMBERS`).
-            if let Some(state) = load_conv(&convs, &ranges, &cursors, conv)? {
-                if state.rec.members.contains(user) {
-                    out.push(state);
-                }
-            }
-        }
-        Ok(out)
+        let user = ask.user.as_str();
+        let start = (user, ask.after.as_deref().unwrap_or(""));
+        let ids = members
+            .range(start..)
+            .map_err(engine)?
+            .map(|row| {
+                row.map_err(engine).map(|(k, _)| {
+                    let (u, conv) = k.value();
+                    (u == user).then(|| conv.to_string())
+                })
+            })
+            .map_while(|row| row.transpose());
+        // The record is the truth (the index may name a group the user has left only if an
+        // older build changed it; see `MEMBERS`): `collect` keeps only records naming the user.
+        MemberPage::collect(ask, ids, |id| load_conv(&convs, &ranges, &cursors, id))
     }
 
     fn commit(&self, batch: Batch) -> Result<CommitOutcome, StoreError> {

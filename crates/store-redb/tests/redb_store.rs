@@ -2,7 +2,7 @@
 //! open, and retention removes from the file what it hides. What every backend must do is in the
 //! conformance suite (test `conformance`).
 
-use ordo_core::{Batch, DedupRecord};
+use ordo_core::{Batch, DedupRecord, MemberPageAsk};
 use ordo_protocol::Message;
 use ordo_store::conformance::{conv, messages, msg, position, records};
 use ordo_store::Store;
@@ -309,8 +309,14 @@ fn dedup_runs_written_without_their_keys_are_indexed_on_open() {
 
 /// The ids of the conversations `member_convs` lists for `user`.
 fn member_ids(store: &RedbStore, user: &str) -> Vec<String> {
-    let listed = store.member_convs(user).unwrap();
-    listed.into_iter().map(|c| c.rec.id).collect()
+    let ask = MemberPageAsk {
+        user: user.to_string(),
+        after: None,
+        max_convs: usize::MAX,
+        max_members: usize::MAX,
+    };
+    let listed = store.member_convs(&ask).unwrap();
+    listed.convs.into_iter().map(|c| c.rec.id).collect()
 }
 
 /// A store written before members were indexed by user gets the index built on open.

@@ -30,7 +30,9 @@
 //! a backend's own tests may use too.
 
 use crate::{Page, Store, StoreError};
-use ordo_core::{AgeSweep, Batch, ConvPosition, ConvRecord, CursorRecord, DedupRecord, Retention};
+use ordo_core::{
+    AgeSweep, Batch, ConvPosition, ConvRecord, CursorRecord, DedupRecord, MemberPageAsk, Retention,
+};
 use ordo_protocol::{ConvKind, Message};
 use std::collections::BTreeMap;
 use std::ops::RangeInclusive;
@@ -757,7 +759,8 @@ pub fn a_seq_stored_twice_is_refused_whole<B: Backend>() {
 
 /// `load_convs` answers each id asked (`None` for one not stored) with its record and device
 /// positions; `member_convs` lists exactly the conversations a user is a member of, in id
-/// order, following membership changes, across a reopen.
+/// order, following membership changes, across a reopen, in pages (after an id, at most so
+/// many conversations, and stopping once the members read reach a bound).
 pub fn conversations_load_one_at_a_time_and_by_member<B: Backend>() {
     let mut b = B::open();
     let s = b.store();
@@ -791,17 +794,49 @@ pub fn conversations_load_one_at_a_time_and_by_member<B: Backend>() {
         },
     );
     now_and_after_reopen(&mut b, |s| {
-        let ids = |user: &str| -> Vec<String> {
-            let listed = s.member_convs(user).expect("member_convs");
-            listed.into_iter().map(|c| c.rec.id).collect()
+        let page = |user: &str, after: Option<&str>, max_convs, max_members| {
+            let ask = MemberPageAsk {
+                user: user.to_string(),
+                after: after.map(str::to_string),
+                max_convs,
+                max_members,
+            };
+            let page = s.member_convs(&ask).expect("member_convs");
+            let ids: Vec<String> = page.convs.iter().map(|c| c.rec.id.clone()).collect();
+            (ids, page.more)
         };
+        let ids = |user: &str| page(user, None, usize::MAX, usize::MAX).0;
         assert_eq!(ids("a"), ["d:a:b", "g", "h"]);
         assert_eq!(ids("b"), ["d:a:b"]);
         assert_eq!(ids("c"), ["g", "h"]);
         assert!(ids("nobody").is_empty());
+        // Pages: after an id (listed or not), at most so many, and bounded in members read.
+        let all = usize::MAX;
+        assert_eq!(
+            page("a", None, 2, all),
+            (vec!["d:a:b".into(), "g".into()], true)
+        );
+        assert_eq!(page("a", Some("g"), 2, all), (vec!["h".into()], false));
+        assert_eq!(
+            page("a", Some("e"), 5, all),
+            (vec!["g".into(), "h".into()], false)
+        );
+        assert_eq!(page("a", Some("h"), 5, all), (vec![], false));
+        assert_eq!(page("a", None, 5, 1), (vec!["d:a:b".into()], true));
+        assert_eq!(
+            page("a", None, 5, 3),
+            (vec!["d:a:b".into(), "g".into()], true)
+        );
+        assert_eq!(page("b", Some("d:a:b"), 5, 1), (vec![], false));
         let h = s
-            .member_convs("c")
+            .member_convs(&MemberPageAsk {
+                user: "c".into(),
+                after: Some("g".into()),
+                max_convs: 1,
+                max_members: all,
+            })
             .expect("member_convs")
+            .convs
             .into_iter()
             .find(|c| c.rec.id == "h")
             .expect("h listed");

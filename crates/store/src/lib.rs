@@ -33,7 +33,8 @@ pub use error::{BoxError, StoreError};
 pub use memory::MemStore;
 
 use ordo_core::{
-    AgeSweep, Batch, CommitOutcome, ConvState, DedupRecord, Expired, Snapshot, StoredMessage,
+    AgeSweep, Batch, CommitOutcome, ConvState, DedupRecord, Expired, MemberPage, MemberPageAsk,
+    Snapshot, StoredMessage,
 };
 
 /// A page of one conversation's history.
@@ -121,10 +122,11 @@ pub trait Store: Send + Sync + 'static {
     /// this call.
     fn load_convs(&self, ids: &[String]) -> Result<Vec<Option<ConvState>>, StoreError>;
 
-    /// Every conversation `user` is a member of, as stored, in id order. Sees every batch whose
-    /// `commit` returned before this call. A backend answers it from an index by user, not by
-    /// reading every conversation.
-    fn member_convs(&self, user: &str) -> Result<Vec<ConvState>, StoreError>;
+    /// One page of the conversations a user is a member of, as stored, in id order: see
+    /// [`MemberPageAsk`] for what the page holds ([`MemberPage::collect`] keeps the rule). Sees
+    /// every batch whose `commit` returned before this call. A backend answers it from an
+    /// index by user, starting at `after`, not by reading every conversation.
+    fn member_convs(&self, ask: &MemberPageAsk) -> Result<MemberPage, StoreError>;
 
     /// Makes the whole batch durable, or nothing of it. Returns only once it is durable. Called
     /// by one thread, one batch at a time, in order; an error stops the server.

@@ -2,7 +2,8 @@
 
 use crate::{DedupScan, Page, PageFill, ScanFrom, Store, StoreError};
 use ordo_core::{
-    AgeSweep, Batch, CommitOutcome, ConvState, DedupRecord, Expired, MemoryStore, Snapshot,
+    AgeSweep, Batch, CommitOutcome, ConvState, DedupRecord, Expired, MemberPage, MemberPageAsk,
+    MemoryStore, Snapshot,
 };
 use std::sync::{Mutex, MutexGuard};
 
@@ -44,8 +45,8 @@ impl Store for MemStore {
         Ok(ids.iter().map(|id| store.load_conv(id)).collect())
     }
 
-    fn member_convs(&self, user: &str) -> Result<Vec<ConvState>, StoreError> {
-        Ok(self.lock().member_convs(user))
+    fn member_convs(&self, ask: &MemberPageAsk) -> Result<MemberPage, StoreError> {
+        Ok(self.lock().member_convs(ask))
     }
 
     fn commit(&self, batch: Batch) -> Result<CommitOutcome, StoreError> {

@@ -214,10 +214,31 @@ impl Device {
         }
     }
 
+    /// Every conversation of the overview, page after page.
     pub async fn convs(&mut self) -> Vec<ConvInfo> {
-        self.send(&ClientFrame::Convs).await;
+        let mut out: Vec<ConvInfo> = Vec::new();
+        loop {
+            let after = out.last().map(|c| c.conv.clone());
+            let (page, more) = self.convs_page(after, None).await;
+            out.extend(page);
+            if !more {
+                return out;
+            }
+        }
+    }
+
+    /// One page of the overview: its conversations and whether more follow.
+    pub async fn convs_page(
+        &mut self,
+        after: Option<String>,
+        limit: Option<u32>,
+    ) -> (Vec<ConvInfo>, bool) {
+        self.send(&ClientFrame::Convs { after, limit }).await;
         self.wait_for(|f| match f {
-            ServerFrame::Convs { conversations } => Some(conversations.clone()),
+            ServerFrame::Convs {
+                conversations,
+                has_more,
+            } => Some((conversations.clone(), *has_more)),
             _ => None,
         })
         .await

@@ -259,3 +259,44 @@ async fn a_client_pipelining_1500_sends_gets_every_answer() {
         assert_eq!(seqs, (1..=1500).collect::<Vec<_>>(), "{round}");
     }
 }
+
+/// A group too large for receipts is summarised in `convs` (its member count and the others'
+/// lowest positions, not 5,000 members), and a user in more conversations than one page holds
+/// gets them page after page, each once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_long_overview_comes_in_pages_and_a_huge_group_is_summarised() {
+    let server = Server::start(&[]).await;
+    let mut members: Vec<String> = (0..4998).map(|i| format!("fan{i:04}")).collect();
+    members.extend(["alice".to_string(), "bob".to_string()]);
+    let refs: Vec<&str> = members.iter().map(String::as_str).collect();
+    server
+        .create_group("town", &refs, serde_json::json!({}))
+        .await;
+    let mut alice = Client::connect(&server, "alice", "phone").await;
+    alice
+        .send_one(&Target::conv("town"), "t1", "hello town")
+        .await;
+    // 600 direct conversations: more than one page (500).
+    for i in 0..600 {
+        let peer = format!("peer{i:03}");
+        alice
+            .send_one(&Target::to(&peer), &format!("d{i}"), "hi")
+            .await;
+    }
+    let (first, more) = alice.convs_page(None, None).await;
+    assert_eq!(first.len(), 500, "a full page");
+    assert!(more);
+    let all = alice.convs().await;
+    assert_eq!(all.len(), 601);
+    let mut ids: Vec<&str> = all.iter().map(|c| c.conv.as_str()).collect();
+    ids.dedup();
+    assert_eq!(ids.len(), 601, "each once");
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "in id order");
+    let town = all.iter().find(|c| c.conv == "town").expect("town listed");
+    assert_eq!(town.member_count, 5000);
+    assert!(town.members.is_empty(), "5,000 members are not listed");
+    assert_eq!((town.max_seq, town.others_delivered), (1, 0));
+    let direct = all.iter().find(|c| c.conv != "town").expect("a direct one");
+    assert_eq!(direct.member_count, 2);
+    assert_eq!(direct.members.len(), 2);
+}

@@ -3,7 +3,7 @@
 
 use crate::support::*;
 use ordo_client::{ClientConfig, Effect, Event, Status, StoreOp};
-use ordo_protocol::ClientFrame;
+use ordo_protocol::{ClientFrame, ErrorCode, ServerFrame};
 
 #[test]
 fn receipts_move_our_messages_to_delivered_then_read_once_every_other_member_got_there() {
@@ -79,6 +79,57 @@ fn an_overview_moves_statuses_too() {
         3,
     );
     assert_eq!(statuses(&fx), vec![(a, Status::Read)]);
+}
+
+#[test]
+fn a_group_too_large_to_list_moves_statuses_by_the_aggregates() {
+    let mut c = Tc::online("alice");
+    let (a, _) = c.send(team(), "a", 1);
+    c.frame(accepted(&a, TEAM, 4), 2);
+    let (b, _) = c.send(team(), "b", 3);
+    c.frame(accepted(&b, TEAM, 5), 4);
+    let mut big = info(TEAM, 5, 0, 0, &[]);
+    big.member_count = 5_000;
+    big.others_delivered = 5;
+    big.others_read = 4;
+    let fx = c.frame(overview(vec![big]), 5);
+    assert_eq!(
+        statuses(&fx),
+        vec![(a, Status::Read), (b, Status::Delivered)],
+        "every other member has 5 and has read 4"
+    );
+}
+
+#[test]
+fn an_overview_is_asked_for_page_after_page() {
+    let mut c = Tc::online("alice");
+    let (a, _) = c.send(team(), "a", 1);
+    c.frame(accepted(&a, TEAM, 1), 2);
+    let first = ServerFrame::Convs {
+        conversations: vec![info("other", 0, 0, 0, &[("alice", 0, 0)])],
+        has_more: true,
+    };
+    assert_eq!(wire(&c.frame(first, 3)), vec!["convs >other"]);
+    let last = overview(vec![info(TEAM, 1, 1, 1, &[("alice", 1, 1), ("bob", 1, 1)])]);
+    let fx = c.frame(last, 4);
+    assert_eq!(statuses(&fx), vec![(a, Status::Read)]);
+    assert!(
+        !wire(&fx).iter().any(|f| f.starts_with("convs")),
+        "no page follows the last: {:?}",
+        wire(&fx)
+    );
+    // The overview is finished: a receipt from a member not listed asks again.
+    assert_eq!(
+        wire(&c.frame(receipt(TEAM, "carol", 1, 1), 5)),
+        vec!["convs"]
+    );
+    // An overview refused is asked again on the next reason.
+    let refused = ServerFrame::error_about(ErrorCode::Unavailable, "busy", "convs", None);
+    c.frame(refused, 6);
+    assert_eq!(
+        wire(&c.frame(receipt(TEAM, "dave", 1, 1), 7)),
+        vec!["convs"]
+    );
 }
 
 #[test]

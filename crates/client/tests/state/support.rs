@@ -219,6 +219,9 @@ pub fn info(
         first_seq: 1,
         delivered,
         read,
+        member_count: members.len() as u64,
+        others_delivered: 0,
+        others_read: 0,
         members: members
             .iter()
             .map(|(u, d, r)| MemberPosition {
@@ -233,11 +236,12 @@ pub fn info(
 pub fn overview(list: Vec<ConvInfo>) -> ServerFrame {
     ServerFrame::Convs {
         conversations: list,
+        has_more: false,
     }
 }
 
 /// The frames transmitted, written short: `send <cmid>`, `ack team:3 other:1`, `sync team>2`,
-/// `read team:3`, `convs`.
+/// `read team:3`, `convs` (`convs >team` for a page after `team`).
 pub fn wire(effects: &[Effect]) -> Vec<String> {
     effects
         .iter()
@@ -260,7 +264,8 @@ pub fn short(f: &ClientFrame) -> String {
         }
         ClientFrame::Read { conv, seq } => format!("read {conv}:{seq}"),
         ClientFrame::Sync { conv, after, .. } => format!("sync {conv}>{after}"),
-        ClientFrame::Convs => "convs".into(),
+        ClientFrame::Convs { after: None, .. } => "convs".into(),
+        ClientFrame::Convs { after: Some(a), .. } => format!("convs >{a}"),
         ClientFrame::Ping { .. } => "ping".into(),
     }
 }

@@ -3,7 +3,7 @@
 //! client sees depends on whether a conversation was held.
 
 use crate::support::*;
-use ordo_core::{Action, CoreConfig, Handled, Retention};
+use ordo_core::{Action, CoreConfig, Handled, MemberPageAsk, Retention};
 use ordo_protocol::{ClientFrame, ServerFrame};
 
 /// The default configuration with `n` conversations held at most.
@@ -177,16 +177,16 @@ fn an_overview_listed_while_a_conversation_was_evicted_is_listed_again() {
     s.group("g", &["alice", "bob"], Retention::default());
     s.core.connect(1, "alice", "a1");
     s.core.connect(2, "bob", "b1");
-    let asked = match s.core.on_frame(2, ClientFrame::Convs, s.now) {
+    let asked = match s.core.on_frame(2, convs(None, None), s.now) {
         Handled::Done(a) => a,
         other => panic!("an overview is asked at once: {other:?}"),
     };
-    let (id, user) = match &asked[..] {
-        [Action::LoadMember { id, user }] => (*id, user.clone()),
+    let (id, ask) = match &asked[..] {
+        [Action::LoadMember { id, ask }] => (*id, ask.clone()),
         other => panic!("expected one list asked, got {other:?}"),
     };
     // The store's list as it stands now...
-    let stale = s.store.member_convs(&user);
+    let stale = s.store.member_convs(&ask);
     // ...then g moves on and is evicted before the list comes back.
     s.send(1, "g", "m1");
     s.flush();
@@ -200,7 +200,7 @@ fn an_overview_listed_while_a_conversation_was_evicted_is_listed_again() {
     let infos: Vec<_> = frames(&out, 2)
         .into_iter()
         .filter_map(|f| match f {
-            ServerFrame::Convs { conversations } => Some(conversations),
+            ServerFrame::Convs { conversations, .. } => Some(conversations),
             _ => None,
         })
         .collect();
@@ -208,11 +208,28 @@ fn an_overview_listed_while_a_conversation_was_evicted_is_listed_again() {
     assert_eq!(infos[0][0].max_seq, 1);
 }
 
+fn convs(after: Option<&str>, limit: Option<u32>) -> ClientFrame {
+    ClientFrame::Convs {
+        after: after.map(str::to_string),
+        limit,
+    }
+}
+
 /// Asks for `sid`'s overview and returns the id of the list asked of the store.
-fn ask_overview(s: &mut Sim, sid: u64) -> (u64, String) {
-    match s.core.on_frame(sid, ClientFrame::Convs, s.now) {
+fn ask_overview(s: &mut Sim, sid: u64) -> (u64, MemberPageAsk) {
+    ask_page(s, sid, None, None)
+}
+
+/// Asks for a page of `sid`'s overview and returns the id of the list asked of the store.
+fn ask_page(
+    s: &mut Sim,
+    sid: u64,
+    after: Option<&str>,
+    limit: Option<u32>,
+) -> (u64, MemberPageAsk) {
+    match s.core.on_frame(sid, convs(after, limit), s.now) {
         Handled::Done(a) => match &a[..] {
-            [Action::LoadMember { id, user }] => (*id, user.clone()),
+            [Action::LoadMember { id, ask }] => (*id, ask.clone()),
             other => panic!("expected one list asked, got {other:?}"),
         },
         other => panic!("an overview is asked at once: {other:?}"),
@@ -221,10 +238,18 @@ fn ask_overview(s: &mut Sim, sid: u64) -> (u64, String) {
 
 /// The `convs` frames among `out` for `sid`.
 fn overviews(out: &[Action], sid: u64) -> Vec<Vec<ordo_protocol::ConvInfo>> {
+    pages(out, sid).into_iter().map(|(c, _)| c).collect()
+}
+
+/// The `convs` frames among `out` for `sid`, with whether more follow.
+fn pages(out: &[Action], sid: u64) -> Vec<(Vec<ordo_protocol::ConvInfo>, bool)> {
     frames(out, sid)
         .into_iter()
         .filter_map(|f| match f {
-            ServerFrame::Convs { conversations } => Some(conversations),
+            ServerFrame::Convs {
+                conversations,
+                has_more,
+            } => Some((conversations, has_more)),
             _ => None,
         })
         .collect()
@@ -271,10 +296,10 @@ fn a_bulk_eviction_does_not_list_unrelated_overviews_again() {
     let mut s = Sim::new(cfg());
     s.group("g", &["alice", "bob"], Retention::default());
     s.core.connect(2, "bob", "b1");
-    let (id, user) = ask_overview(&mut s, 2);
-    let list = s.store.member_convs(&user);
+    let (id, ask) = ask_overview(&mut s, 2);
+    let list = s.store.member_convs(&ask);
     for i in 0..cfg().conv_cache_entries + 1 {
-        let mut rec = list[0].rec.clone();
+        let mut rec = list.convs[0].rec.clone();
         rec.id = format!("other{i}");
         s.core.warm(ordo_core::ConvState {
             rec,
@@ -297,8 +322,8 @@ fn an_overview_includes_a_conversation_joined_while_it_was_listed() {
     s.group("g", &["alice", "bob"], Retention::default());
     s.group("h", &["alice"], Retention::default());
     s.core.connect(2, "bob", "b1");
-    let (id, user) = ask_overview(&mut s, 2);
-    let list = s.store.member_convs(&user);
+    let (id, ask) = ask_overview(&mut s, 2);
+    let list = s.store.member_convs(&ask);
     // bob joins h after the store listed his conversations.
     s.add_member(50, "h", "bob");
     s.flush();
@@ -318,12 +343,12 @@ fn a_list_that_stays_stale_is_shown_but_never_held() {
     s.group("h", &["alice"], Retention::default());
     s.core.connect(1, "alice", "a1");
     s.core.connect(2, "bob", "b1");
-    let (mut id, user) = ask_overview(&mut s, 2);
+    let (mut id, ask) = ask_overview(&mut s, 2);
     let mut sent = 0;
     let out = loop {
         // The store lists bob's conversations; then g moves on and h pushes it out, before the
         // list comes back, every time.
-        let list = s.store.member_convs(&user);
+        let list = s.store.member_convs(&ask);
         sent += 1;
         s.send(1, "g", &format!("m{sent}"));
         s.flush();
@@ -341,4 +366,143 @@ fn a_list_that_stays_stale_is_shown_but_never_held() {
     s.send(1, "g", "last");
     let (batches, _) = s.flush();
     assert_eq!(batch_seqs(&batches[0], "g"), [sent + 1]);
+}
+
+#[test]
+fn an_overview_comes_in_pages_that_together_list_every_conversation_once() {
+    let mut s = Sim::new(holding(2));
+    let ids: Vec<String> = (1..=7).map(|i| format!("g{i}")).collect();
+    for id in &ids {
+        s.group(id, &["alice", "bob"], Retention::default());
+    }
+    s.group("other", &["alice"], Retention::default());
+    s.core.connect(2, "bob", "b1");
+    assert!(s.overview_page(2, None, Some(3)).1, "more than one page");
+    let mut listed = Vec::new();
+    let mut after = None;
+    loop {
+        let (page, more) = s.overview_page(2, after.clone(), Some(3));
+        assert!(page.len() <= 3);
+        listed.extend(page.iter().map(|c| c.conv.clone()));
+        after = listed.last().cloned();
+        if !more {
+            break;
+        }
+    }
+    assert_eq!(listed, ids, "in id order, each once, only bob's");
+    // The whole overview in one go (the default limit) is the same list.
+    let all: Vec<String> = s.overview(2).into_iter().map(|c| c.conv).collect();
+    assert_eq!(all, ids);
+    let (page, more) = s.overview_page(2, Some("g7".into()), None);
+    assert!(page.is_empty() && !more, "nothing after the last");
+}
+
+#[test]
+fn a_conversation_joined_while_a_page_was_listed_is_added_only_inside_its_range() {
+    let mut s = Sim::new(cfg());
+    for id in ["a", "b", "c"] {
+        s.group(id, &["alice", "bob"], Retention::default());
+    }
+    s.group("bb", &["alice"], Retention::default());
+    s.group("z", &["alice"], Retention::default());
+    s.core.connect(2, "bob", "b1");
+    let (id, ask) = ask_page(&mut s, 2, None, Some(2));
+    let list = s.store.member_convs(&ask);
+    // bob joins bb (inside the page's range a..=b? no: after b) and z (after it) meanwhile.
+    s.add_member(50, "bb", "bob");
+    s.add_member(51, "z", "bob");
+    s.flush();
+    let out = s.core.member_convs_loaded(id, list);
+    let got: Vec<(Vec<String>, bool)> = pages(&out, 2)
+        .into_iter()
+        .map(|(p, more)| (p.into_iter().map(|c| c.conv).collect(), more))
+        .collect();
+    assert_eq!(got, [(vec!["a".to_string(), "b".to_string()], true)]);
+    // The next page starts after b and finds both.
+    let (page, more) = s.overview_page(2, Some("b".into()), Some(10));
+    let ids: Vec<String> = page.into_iter().map(|c| c.conv).collect();
+    assert_eq!(ids, ["bb", "c", "z"]);
+    assert!(!more);
+}
+
+#[test]
+fn a_group_past_receipt_max_members_is_listed_with_aggregates_instead_of_members() {
+    let mut s = big_and_small();
+    s.core.connect(3, "carol", "c1");
+    for i in 1..=3 {
+        s.send(1, "big", &format!("big{i}"));
+    }
+    for i in 1..=2 {
+        s.send(1, "small", &format!("small{i}"));
+    }
+    s.flush();
+    s.frame(
+        2,
+        ClientFrame::Ack {
+            acks: vec![
+                ordo_protocol::Position {
+                    conv: "big".into(),
+                    seq: 3,
+                },
+                ordo_protocol::Position {
+                    conv: "small".into(),
+                    seq: 2,
+                },
+            ],
+        },
+    );
+    s.frame(
+        2,
+        ClientFrame::Read {
+            conv: "big".into(),
+            seq: 2,
+        },
+    );
+    s.frame(
+        3,
+        ClientFrame::Ack {
+            acks: vec![ordo_protocol::Position {
+                conv: "big".into(),
+                seq: 1,
+            }],
+        },
+    );
+    s.flush();
+    let all = s.overview(1);
+    let big = all.iter().find(|c| c.conv == "big").expect("big listed");
+    assert_eq!(big.member_count, 3);
+    assert!(big.members.is_empty(), "too many to list: {big:?}");
+    assert_eq!((big.others_delivered, big.others_read), (1, 0));
+    let small = all
+        .iter()
+        .find(|c| c.conv == "small")
+        .expect("small listed");
+    assert_eq!(small.member_count, 2);
+    assert_eq!(small.members.len(), 2);
+    assert_eq!((small.others_delivered, small.others_read), (2, 0));
+    // bob's view of big: alice (the sender, at 0 by her device) and carol are the others.
+    let big = info(&mut s, 2, "big");
+    assert_eq!((big.others_delivered, big.others_read), (0, 0));
+}
+
+#[test]
+fn an_overview_page_of_many_listed_members_ends_early_by_size() {
+    // 999 and alice: as many as are listed by default.
+    let members: Vec<String> = (0..999).map(|i| format!("member-{i:04}")).collect();
+    let mut s = Sim::new(cfg());
+    for g in 0..20 {
+        let mut m: Vec<&str> = members.iter().map(String::as_str).collect();
+        m.push("alice");
+        s.group(&format!("g{g:02}"), &m, Retention::default());
+    }
+    s.core.connect(1, "alice", "a1");
+    let (page, more) = s.overview_page(1, None, None);
+    assert!(
+        more,
+        "20 groups of 1,000 listed members do not fit one page"
+    );
+    assert!(!page.is_empty() && page.len() < 20, "{} listed", page.len());
+    let size: usize = page.iter().map(ServerFrame::info_len).sum();
+    assert!(size < 400 * 1024, "about 256 KiB, not {size}");
+    assert_eq!(s.overview(1).len(), 20, "the pages list them all");
 }

@@ -90,9 +90,9 @@ impl Sim {
                         let state = self.store.load_conv(&conv);
                         next.extend(self.core.loaded(&conv, state, self.now));
                     }
-                    Action::LoadMember { id, user } => {
-                        let states = self.store.member_convs(&user);
-                        next.extend(self.core.member_convs_loaded(id, states));
+                    Action::LoadMember { id, ask } => {
+                        let page = self.store.member_convs(&ask);
+                        next.extend(self.core.member_convs_loaded(id, page));
                     }
                     other => out.push(other),
                 }
@@ -140,20 +140,43 @@ impl Sim {
         out
     }
 
-    /// The overview session `sid` gets for a `convs` frame.
+    /// The overview session `sid` gets for `convs` frames, every page of it.
     pub fn overview(&mut self, sid: SessionId) -> Vec<ordo_protocol::ConvInfo> {
-        let out = self.frame(sid, ordo_protocol::ClientFrame::Convs);
+        let mut all: Vec<ordo_protocol::ConvInfo> = Vec::new();
+        loop {
+            let after = all.last().map(|c| c.conv.clone());
+            let (page, more) = self.overview_page(sid, after, None);
+            all.extend(page);
+            if !more {
+                return all;
+            }
+        }
+    }
+
+    /// The page of the overview session `sid` gets for one `convs` frame, and whether more
+    /// follow.
+    pub fn overview_page(
+        &mut self,
+        sid: SessionId,
+        after: Option<String>,
+        limit: Option<u32>,
+    ) -> (Vec<ordo_protocol::ConvInfo>, bool) {
+        let out = self.frame(sid, ordo_protocol::ClientFrame::Convs { after, limit });
         let overviews: Vec<_> = out
             .into_iter()
             .filter_map(|a| match a {
                 Action::Send {
                     session,
-                    frame: ServerFrame::Convs { conversations },
-                } if session == sid => Some(conversations),
+                    frame:
+                        ServerFrame::Convs {
+                            conversations,
+                            has_more,
+                        },
+                } if session == sid => Some((conversations, has_more)),
                 _ => None,
             })
             .collect();
-        assert_eq!(overviews.len(), 1, "one overview for session {sid}");
+        assert_eq!(overviews.len(), 1, "one overview page for session {sid}");
         overviews.into_iter().next().unwrap_or_default()
     }
 
@@ -278,6 +301,20 @@ pub fn alice_and_bob_in_g(cfg: CoreConfig) -> Sim {
 }
 
 /// alice (session 1) in group `g` with bob, allowed one send per second and `burst` at once.
+/// Receipts for groups of at most 2: `big` (alice, bob, carol) gets none, `small` (alice, bob)
+/// does; alice on session 1, bob on 2.
+pub fn big_and_small() -> Sim {
+    let mut s = Sim::new(CoreConfig {
+        receipt_max_members: 2,
+        ..cfg()
+    });
+    s.group("big", &["alice", "bob", "carol"], Retention::default());
+    s.group("small", &["alice", "bob"], Retention::default());
+    s.core.connect(1, "alice", "a1");
+    s.core.connect(2, "bob", "b1");
+    s
+}
+
 pub fn one_per_second(burst: f64) -> Sim {
     let mut s = Sim::new(CoreConfig {
         rate_per_sec: 1.0,
