@@ -241,6 +241,15 @@ impl Core {
         self.hub.disconnect(session);
     }
 
+    /// The `msg` of `seq` in `conv` pushed to `session` could not be queued (its queue was
+    /// full): the device is pushed nothing more of `conv` until it syncs, as after a `notify`,
+    /// and the driver owes it that `notify` once its queue has room. A device is never pushed
+    /// past a gap it was not told of, and a reader that keeps up is not dropped for a large
+    /// release.
+    pub fn push_missed(&mut self, session: SessionId, conv: &str, seq: u64) {
+        self.hub.push_missed(session, conv, seq);
+    }
+
     pub fn session_count(&self) -> usize {
         self.hub.session_count()
     }

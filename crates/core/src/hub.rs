@@ -91,6 +91,23 @@ impl Hub {
         self.sessions.len()
     }
 
+    /// See [`crate::Core::push_missed`]: the device has been sent `conv` only up to before
+    /// `seq`, and counts as notified (the driver sends the `notify`).
+    pub fn push_missed(&mut self, session: SessionId, conv: &str, seq: u64) {
+        let Some(st) = self
+            .sessions
+            .get_mut(&session)
+            .and_then(|s| s.convs.get_mut(conv))
+        else {
+            return;
+        };
+        st.sent_up_to = st.sent_up_to.min(seq.saturating_sub(1));
+        if !st.notified {
+            st.notified = true;
+            self.stats.notified += 1;
+        }
+    }
+
     /// Who a connected session is, as the owner is told.
     pub fn origin(&self, session: SessionId) -> Option<Origin> {
         self.sessions.get(&session).map(|s| Origin {

@@ -6,6 +6,15 @@
 //! `error` frame and the connection stays usable; a frame over the size limit closes the socket
 //! with 1009, a text message that is not UTF-8 with 1007; a connection the router dropped as too
 //! slow is closed with 1013; a connection whose token expires is closed with 4001 then.
+//!
+//! **Pacing.** The reader stops reading frames while the queue is more than half full (in
+//! frames or bytes) or while the connection has as many sends unanswered as a quarter of its
+//! queue (at most 4,096), and goes on once the writer has put frames out: a client that
+//! pipelines sends or syncs faster than it reads answers is slowed to its own pace (TCP holds
+//! the rest) rather than dropped, and the answers one commit releases to it fit the half of
+//! the queue that pushes leave free (the router pushes into the first half only, and owes a
+//! `notify` for what did not fit). A connection whose writer puts nothing out for [`STALLED`]
+//! while it waits is not reading: it is closed with 1013.
 
 use crate::auth::Claims;
 use crate::metrics as m;
@@ -27,6 +36,13 @@ const WRITER_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 /// Most frames written to the socket at once (one flush) when more are queued.
 const WRITE_BATCH: usize = 256;
 
+/// How long a paced reader waits for its writer to put anything out before the connection is
+/// taken for one that does not read.
+const STALLED: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Most sends one connection may have unanswered before its reader waits for answers.
+const MAX_UNANSWERED: usize = 4096;
+
 /// WebSocket close codes used by the server.
 pub mod close {
     pub const GOING_AWAY: u16 = 1001;
@@ -46,6 +62,8 @@ struct Conn {
     session: SessionId,
     tx: mpsc::Sender<Outbound>,
     budget: Arc<Budget>,
+    /// Sends unanswered past which the reader waits.
+    max_unanswered: usize,
     /// Last encoding the client spoke: true for MessagePack.
     msgpack: Arc<AtomicBool>,
 }
@@ -142,10 +160,12 @@ pub async fn run(
                     let mut next = Some(frame);
                     let mut queued = 0;
                     let mut pushed = 0;
+                    let mut answers = 0;
                     let mut written = 0;
                     let mut failed = false;
                     while let Some(out) = next.take() {
                         pushed += u64::from(out.is_msg());
+                        answers += usize::from(out.is_answer());
                         written += out.weight();
                         if sink.feed(out.message(enc)).await.is_err() {
                             failed = true;
@@ -162,6 +182,8 @@ pub async fn run(
                     }
                     // Out of the queue and onto the socket: the budget has room again.
                     writer_budget.give(written);
+                    writer_budget.answered(answers);
+                    writer_budget.written.notify_one();
                 }
                 _ = ping.tick() => {
                     if sink.send(WsMessage::Ping(Default::default())).await.is_err() {
@@ -178,6 +200,7 @@ pub async fn run(
         session,
         tx: tx.clone(),
         budget,
+        max_unanswered: (state.outbound_queue / 4).clamp(1, MAX_UNANSWERED),
         msgpack,
     };
     let mut shutdown = state.shutdown.clone();
@@ -187,8 +210,18 @@ pub async fn run(
     let mut heard = tokio::time::Instant::now();
     let expiry = tokio::time::sleep_until(expires);
     let idle_timer = tokio::time::sleep_until(heard + idle);
-    tokio::pin!(expiry, idle_timer);
+    // While paced: STALLED after the writer last put something out (or pacing began).
+    let mut was_paced = false;
+    let stall_timer = tokio::time::sleep_until(heard + STALLED);
+    tokio::pin!(expiry, idle_timer, stall_timer);
     let close = loop {
+        let paced = conn.paced();
+        if paced && !was_paced {
+            stall_timer
+                .as_mut()
+                .reset(tokio::time::Instant::now() + STALLED);
+        }
+        was_paced = paced;
         tokio::select! {
             _ = kick.woken.notified() => break Some((close::TRY_AGAIN_LATER, kick.reason())),
             _ = shutdown.changed() => break Some((close::GOING_AWAY, "server is shutting down; reconnect".to_string())),
@@ -200,7 +233,12 @@ pub async fn run(
                 }
                 break Some((close::IDLE, format!("nothing heard for {} s, not even an answer to a ping", idle.as_secs())));
             }
-            msg = stream.next() => match msg {
+            // Paced: frames went out; read on if there is room now.
+            _ = conn.budget.written.notified(), if paced => {
+                stall_timer.as_mut().reset(tokio::time::Instant::now() + STALLED);
+            }
+            _ = &mut stall_timer, if paced => break Some(too_slow()),
+            msg = stream.next(), if !paced => match msg {
                 None => break None,
                 Some(Err(e)) => break read_error_close(&e, state.limits.max_frame_bytes),
                 Some(Ok(WsMessage::Close(_))) => break None,
@@ -276,6 +314,14 @@ fn read_error_close(e: &axum::Error, limit: usize) -> Option<(u16, String)> {
 }
 
 impl Conn {
+    /// Whether the reader should wait for the writer before reading another frame (see the
+    /// module docs).
+    fn paced(&self) -> bool {
+        self.budget.unanswered() >= self.max_unanswered
+            || self.budget.over_half()
+            || self.tx.capacity() < self.tx.max_capacity() / 2
+    }
+
     /// Handles one incoming message; an error is the close (code, reason) that ends the
     /// connection.
     async fn on_message(&self, bytes: &[u8], enc: Encoding) -> Result<(), Close> {
@@ -300,6 +346,9 @@ impl Conn {
             }
         };
         let session = self.session;
+        if let ordo_protocol::ClientFrame::Send { .. } = frame {
+            self.budget.send_read();
+        }
         if !may_read(&frame) {
             return self
                 .router(Command::Frame {

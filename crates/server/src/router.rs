@@ -27,6 +27,7 @@ use ordo_core::{
 };
 use ordo_protocol::{encode, ClientFrame, Encoded, Encoding, ErrorCode, Message, ServerFrame};
 use ordo_store::{Store, StoreError};
+use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -46,9 +47,40 @@ pub struct SessionHandle {
 /// ([`ServerFrame::approx_len`]). A frame that would go past it means the peer is not reading
 /// (or not fast enough): the connection is closed (1013) rather than allowed to grow the
 /// server. A frame is always taken into an empty queue, however large.
+///
+/// It also paces the connection's reader (see `conn`): the sends read and not answered yet,
+/// and a signal when the writer has written frames out.
 pub struct Budget {
     used: std::sync::atomic::AtomicUsize,
     max: usize,
+    unanswered: std::sync::atomic::AtomicUsize,
+    /// Woken each time the writer has put frames on the socket.
+    pub written: Notify,
+}
+
+impl SessionHandle {
+    /// Whether pushes (`msg`, `notify`) may be queued: while the queue is at most half full, in
+    /// frames and bytes. The other half is kept for answers (the connection's reader reads a
+    /// frame only while the queue is under half full, and no more sends than a quarter of the
+    /// queue go unanswered), so that an answer always finds room.
+    fn push_room(&self) -> bool {
+        self.tx.capacity() > self.tx.max_capacity() / 2 && !self.budget.over_half()
+    }
+
+    /// Queues `out` if it fits the connection's budget and queue.
+    fn try_queue(&self, out: &Outbound) -> bool {
+        let weight = out.weight();
+        if !self.budget.try_take(weight) {
+            return false;
+        }
+        match self.tx.try_send(out.clone()) {
+            Ok(()) => true,
+            Err(_) => {
+                self.budget.give(weight);
+                false
+            }
+        }
+    }
 }
 
 impl Budget {
@@ -56,7 +88,33 @@ impl Budget {
         Budget {
             used: 0.into(),
             max,
+            unanswered: 0.into(),
+            written: Notify::new(),
         }
+    }
+
+    /// Whether more than half the budget is taken.
+    pub fn over_half(&self) -> bool {
+        self.used.load(std::sync::atomic::Ordering::Acquire) > self.max / 2
+    }
+
+    /// A `send` was read and handed on: its answer is to come.
+    pub fn send_read(&self) {
+        self.unanswered
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// `n` answers to sends were written.
+    pub fn answered(&self, n: usize) {
+        use std::sync::atomic::Ordering::{AcqRel, Acquire};
+        let _ = self
+            .unanswered
+            .fetch_update(AcqRel, Acquire, |u| Some(u.saturating_sub(n)));
+    }
+
+    /// Sends read and not answered yet.
+    pub fn unanswered(&self) -> usize {
+        self.unanswered.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Takes `n` bytes of the budget, if there is room (or nothing is queued).
@@ -119,6 +177,18 @@ impl Outbound {
     /// Whether this is a pushed message (for the delivery counter).
     pub fn is_msg(&self) -> bool {
         matches!(self.0.frame, ServerFrame::Msg(_))
+    }
+
+    /// Whether this answers a `send` (`accepted` or `rejected`).
+    pub fn is_answer(&self) -> bool {
+        matches!(
+            self.0.frame,
+            ServerFrame::Accepted { .. } | ServerFrame::Rejected { .. }
+        )
+    }
+
+    pub fn frame(&self) -> &ServerFrame {
+        &self.0.frame
     }
 
     /// The frame as a WebSocket message in `enc`, encoded once per encoding, by the first
@@ -285,7 +355,17 @@ pub struct Router {
     fatal: Option<StoreError>,
     /// When the batch now being committed was handed over.
     in_flight_since: Option<Instant>,
+    /// Per connection, the conversations whose pushes did not fit its queue, with the highest
+    /// seq missed: each is owed a `notify`, sent once the queue has room (see
+    /// [`Router::queue`]).
+    owed: HashMap<SessionId, BTreeMap<String, u64>>,
 }
+
+/// Most conversations one connection may be owed a `notify` for; past it, the connection is
+/// dropped as too slow.
+const MAX_OWED_NOTIFIES: usize = 4096;
+/// How often owed notifies are tried again while some are owed.
+const OWED_RETRY: Duration = Duration::from_millis(20);
 
 impl Router {
     /// Loads the core from the store and starts the commit thread.
@@ -332,6 +412,7 @@ impl Router {
             shutdown: Vec::new(),
             fatal: None,
             in_flight_since: None,
+            owed: HashMap::new(),
         })
     }
 
@@ -345,6 +426,8 @@ impl Router {
     pub async fn run(mut self, mut rx: mpsc::Receiver<Command>) -> Result<(), StoreError> {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut retry = tokio::time::interval(OWED_RETRY);
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut open = true;
         loop {
             tokio::select! {
@@ -352,6 +435,7 @@ impl Router {
                 Some(c) = self.committed.recv() => self.on_committed(c),
                 Some(l) = self.looked.recv() => self.on_looked(l),
                 _ = tick.tick() => self.on_tick(),
+                _ = retry.tick(), if !self.owed.is_empty() => self.send_owed(),
                 cmd = rx.recv(), if open => match cmd {
                     Some(cmd) => {
                         self.handle(cmd);
@@ -419,6 +503,7 @@ impl Router {
                 self.core.disconnect(session);
                 self.replies.remove(&session);
                 self.sessions.remove(&session);
+                self.owed.remove(&session);
                 metrics::gauge!(m::CONNECTIONS).set(self.sessions.len() as f64);
             }
             Command::Frame {
@@ -657,22 +742,78 @@ impl Router {
         self.queue(session, Outbound::new(frame));
     }
 
+    /// Queues a frame for a connection. A pushed `msg` (or a `notify`) that does not fit the
+    /// half of its queue pushes may use (see [`SessionHandle::push_room`]) is not a reason to
+    /// drop a connection that reads: a large release (one commit with more for it than its
+    /// queue holds) is paced instead. The push is left out, the core is told (nothing more of
+    /// that conversation is pushed to it until it syncs), and the connection is owed a
+    /// `notify`, sent once there is room; so are the later pushes of that conversation queued
+    /// meanwhile. An answer that does not fit means the peer is not reading: it is dropped
+    /// (1013).
     fn queue(&mut self, session: SessionId, out: Outbound) {
         let Some(h) = self.sessions.get(&session) else {
             return;
         };
-        let weight = out.weight();
-        if !h.budget.try_take(weight) {
-            self.drop_slow(session);
+        let missed = match out.frame() {
+            ServerFrame::Msg(m) => Some((m.conv.as_str(), m.seq)),
+            ServerFrame::Notify { conv, max_seq } => Some((conv.as_str(), *max_seq)),
+            _ => None,
+        };
+        // A conversation already owed a notify gets nothing pushed before it (no gap).
+        let behind = missed.is_some_and(|(conv, _)| {
+            self.owed
+                .get(&session)
+                .is_some_and(|owed| owed.contains_key(conv))
+        });
+        let room = missed.is_none() || (!behind && h.push_room());
+        if room && h.try_queue(&out) {
             return;
         }
-        match h.tx.try_send(out) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                h.budget.give(weight);
-                self.drop_slow(session);
+        if h.tx.is_closed() {
+            return;
+        }
+        match missed {
+            Some((conv, seq)) => {
+                let (conv, seq) = (conv.to_string(), seq);
+                if let ServerFrame::Msg(_) = out.frame() {
+                    self.core.push_missed(session, &conv, seq);
+                }
+                metrics::counter!(m::PUSHES_DEFERRED).increment(1);
+                let owed = self.owed.entry(session).or_default();
+                let top = owed.entry(conv).or_insert(seq);
+                *top = (*top).max(seq);
+                if owed.len() > MAX_OWED_NOTIFIES {
+                    self.drop_slow(session);
+                }
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => h.budget.give(weight),
+            None => self.drop_slow(session),
+        }
+    }
+
+    /// Queues the `notify`s owed to connections, as many as now fit each.
+    fn send_owed(&mut self) {
+        let mut done = Vec::new();
+        for (session, owed) in self.owed.iter_mut() {
+            let Some(h) = self.sessions.get(session) else {
+                done.push(*session);
+                continue;
+            };
+            while let Some((conv, max_seq)) = owed.pop_first() {
+                let out = Outbound::new(ServerFrame::Notify {
+                    conv: conv.clone(),
+                    max_seq,
+                });
+                if !h.push_room() || !h.try_queue(&out) {
+                    owed.insert(conv, max_seq);
+                    break;
+                }
+            }
+            if owed.is_empty() {
+                done.push(*session);
+            }
+        }
+        for session in done {
+            self.owed.remove(&session);
         }
     }
 
@@ -687,6 +828,7 @@ impl Router {
         }
         self.core.disconnect(session);
         self.sessions.remove(&session);
+        self.owed.remove(&session);
         metrics::gauge!(m::CONNECTIONS).set(self.sessions.len() as f64);
     }
 }

@@ -172,9 +172,10 @@ fn rss(pid: u32) -> u64 {
 }
 
 /// A client that never reads and repeats `sync` over a megabyte of history (and `convs`) is
-/// closed once what waits for it passes its outbound budget (`outbound_bytes`, 8 MiB by
-/// default): the server grows by about that, not by everything asked for (before the budget,
-/// about a gigabyte per such connection).
+/// held to its outbound budget (`outbound_bytes`, 8 MiB by default): its frames are read only
+/// as fast as their answers go out, so the server grows by about that, not by everything asked
+/// for (before the budget, about a gigabyte per such connection); once nothing has gone out for
+/// 10 s it is closed with 1013.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_that_never_reads_is_held_to_its_outbound_budget() {
     let server = Server::start(&[]).await;
@@ -213,8 +214,11 @@ async fn a_client_that_never_reads_is_held_to_its_outbound_budget() {
         grown as f64 / (1 << 20) as f64
     );
     assert!(grown < 64 << 20, "grew by {grown} bytes");
-    // And it was closed: 1013 if the close frame reaches it before the reset of its unread
-    // frames does.
+    // Everyone else is served meanwhile.
+    alice.ping(2).await;
+    // After 10 s with nothing written it was closed: 1013 if the close frame reaches it before
+    // the reset of its unread frames does.
+    tokio::time::sleep(Duration::from_secs(12)).await;
     loop {
         match bob.recv_raw().await {
             Ok(Some(tokio_tungstenite::tungstenite::Message::Close(Some(f)))) => {
@@ -299,4 +303,131 @@ async fn a_long_overview_comes_in_pages_and_a_huge_group_is_summarised() {
     let direct = all.iter().find(|c| c.conv != "town").expect("a direct one");
     assert_eq!(direct.member_count, 2);
     assert_eq!(direct.members.len(), 2);
+}
+
+/// A server whose connections queue at most 16 frames.
+async fn small_queues() -> (tempfile::TempDir, Server) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("ordo.toml");
+    std::fs::write(&file, "outbound_queue = 16\n").expect("write config");
+    let server = Server::start(&["--config", file.to_str().expect("utf-8 path")]).await;
+    (dir, server)
+}
+
+/// With a queue of 16 frames, a client pipelining 1,500 sends before reading is paced (the
+/// server reads its sends as fast as their answers go out), not dropped: every send answered.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_pipelining_far_past_its_queue_is_paced_not_dropped() {
+    let (_dir, server) = small_queues().await;
+    let mut alice = Client::connect(&server, "alice", "phone").await;
+    let ids = cmids("paced", 1500);
+    for c in &ids {
+        alice.send(&send_frame(&Target::to("bob"), c, c)).await;
+    }
+    let mut answered = std::collections::HashSet::new();
+    while answered.len() < ids.len() {
+        match alice.next().await {
+            ordo_protocol::ServerFrame::Accepted { cmid, .. } => {
+                answered.insert(cmid);
+            }
+            other @ ordo_protocol::ServerFrame::Rejected { .. } => panic!("{other:?}"),
+            _ => {}
+        }
+    }
+    let m = server.metrics().await;
+    assert_eq!(m.get("ordo_slow_consumers_dropped_total").copied(), None);
+}
+
+/// With a queue of 16 frames, one commit releasing a message in each of 100 conversations to
+/// a reader that is slow, but reads, does not drop it: pushes past the queue are left out, it
+/// is sent `notify` for those conversations once there is room, and syncing gets it every
+/// message, once, in order.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_release_larger_than_the_queue_is_paced_to_a_reader_that_reads() {
+    let (_dir, server) = small_queues().await;
+    let convs: Vec<String> = (0..100).map(|i| format!("room{i:03}")).collect();
+    for c in &convs {
+        server
+            .create_group(c, &["alice", "bob"], serde_json::json!({}))
+            .await;
+    }
+    server
+        .create_group("history", &["alice", "bob"], serde_json::json!({}))
+        .await;
+    let mut alice = Client::connect(&server, "alice", "a1").await;
+    let body = "h".repeat(30_000);
+    for c in cmids("old", 30) {
+        alice.send_one(&Target::conv("history"), &c, &body).await;
+    }
+    // Bob asks for ~30 MB of history without reading: the socket's buffers fill and his
+    // queue (and reader) wait.
+    let mut bob = Client::connect(&server, "bob", "b1").await;
+    for _ in 0..30 {
+        bob.send(&ordo_protocol::ClientFrame::Sync {
+            conv: "history".into(),
+            after: 0,
+            limit: None,
+        })
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // One message into each of 100 conversations: more than bob's queue holds.
+    for (i, c) in convs.iter().enumerate() {
+        alice
+            .send(&send_frame(&Target::conv(c), &format!("m{i}"), "hello"))
+            .await;
+    }
+    let mut accepted = 0;
+    while accepted < convs.len() {
+        if let ordo_protocol::ServerFrame::Accepted { .. } = alice.next().await {
+            accepted += 1;
+        }
+    }
+    // Bob reads now (within 10 s, or he is taken for one that does not): pages of history,
+    // then pushes, notifies (each followed by a sync) and their pages.
+    let mut got: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
+    let mut notified = 0;
+    while got.values().map(Vec::len).sum::<usize>() < convs.len() {
+        let frame = match bob
+            .wire
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .await
+        {
+            Ok(f) => f,
+            Err(e) => panic!("bob got {got:?} then {e}"),
+        };
+        match frame {
+            ordo_protocol::ServerFrame::Msg(m) => {
+                got.entry(m.conv.clone()).or_default().push(m.seq)
+            }
+            ordo_protocol::ServerFrame::Notify { conv, .. } => {
+                notified += 1;
+                let after = got.get(&conv).and_then(|s| s.last()).copied().unwrap_or(0);
+                bob.send(&ordo_protocol::ClientFrame::Sync {
+                    conv,
+                    after,
+                    limit: None,
+                })
+                .await;
+            }
+            ordo_protocol::ServerFrame::Synced { conv, messages, .. } if conv != "history" => {
+                let seen = got.entry(conv).or_default();
+                for m in messages {
+                    if seen.last().is_none_or(|&l| m.seq > l) {
+                        seen.push(m.seq);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    assert!(notified > 0, "the release did not overflow the queue");
+    assert_eq!(got.len(), 100);
+    assert!(got.values().all(|s| s == &[1]), "{got:?}");
+    let m = server.metrics().await;
+    assert!(m
+        .get("ordo_pushes_deferred_total")
+        .is_some_and(|&n| n > 0.0));
+    assert_eq!(m.get("ordo_slow_consumers_dropped_total").copied(), None);
+    bob.ping(1).await;
 }

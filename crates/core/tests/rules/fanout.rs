@@ -247,3 +247,29 @@ fn a_device_that_was_offline_gets_notify_not_a_gap() {
     assert_eq!(msg_seqs(&out, 4), vec![5]);
     assert!(frames(&out, 2).is_empty() && frames(&out, 3).is_empty());
 }
+
+#[test]
+fn a_push_the_driver_could_not_queue_stops_pushes_until_the_device_syncs() {
+    let mut s = alice_and_bob_in_g(cfg());
+    s.send_many(1, "g", 1..=3);
+    let out = s.flush().1;
+    assert_eq!(msg_seqs(&out, 2), vec![1, 2, 3]);
+    // bob's queue took 1 only: 2 and 3 were not sent.
+    s.core.push_missed(2, "g", 2);
+    s.core.push_missed(2, "g", 3);
+    s.send(1, "g", "m4");
+    let out = s.flush().1;
+    assert!(
+        frames(&out, 2).is_empty(),
+        "no gap pushed, and the notify is the driver's to send: {out:?}"
+    );
+    // bob syncs from 1 (after the driver's notify): pushes resume after what it was served.
+    s.core.sync(2, "g", 1, None).unwrap();
+    assert!(s.core.sync_served(2, "g", 4, false).is_empty(), "caught up");
+    s.send(1, "g", "m5");
+    let out = s.flush().1;
+    assert_eq!(msg_seqs(&out, 2), vec![5]);
+    // A session or conversation it does not know is no matter.
+    s.core.push_missed(99, "g", 1);
+    s.core.push_missed(2, "nowhere", 1);
+}
