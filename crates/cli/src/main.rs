@@ -1,6 +1,8 @@
 //! The `ordo` command: `serve` runs the server, `token` mints a client token, `send`, `tail`
 //! and `chat` use the client SDK, `check` proves the delivery contract against a real server
-//! under faults, `store verify` reports on a data directory. (Benchmarks against other systems are a separate tool, `ordo-bench`.)
+//! under faults, `store verify` reports on a data directory and `store salvage` gets a store
+//! with a damaged log going again. (Benchmarks against other systems are a separate tool,
+//! `ordo-bench`.)
 
 mod check;
 mod messaging;
@@ -63,6 +65,19 @@ enum StoreCmd {
         /// The server's data directory.
         #[arg(long, env = "ORDO_DATA", default_value = "./ordo-data")]
         data: PathBuf,
+    },
+    /// Get a store whose log is damaged going again: replay the records before the damage, drop
+    /// those stranded after it (listing their messages), move every conversation's epoch so
+    /// devices sync anew, and make the log anew (the damaged segments are kept aside). Without
+    /// --apply it only reports what it would do. Stop the server and keep a copy of the data
+    /// directory first. Exits 0 when the store opens afterwards (or needed nothing).
+    Salvage {
+        /// The server's data directory.
+        #[arg(long, env = "ORDO_DATA", default_value = "./ordo-data")]
+        data: PathBuf,
+        /// Do it (otherwise only report).
+        #[arg(long)]
+        apply: bool,
     },
 }
 
@@ -138,6 +153,24 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
+            }
+        }
+        Cmd::Store(StoreCmd::Salvage { data, apply }) => {
+            match ordo_store_redb::salvage(&data, apply) {
+                Ok(s) => {
+                    for line in &s.lines {
+                        println!("{line}");
+                    }
+                    if s.opens {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    }
+                }
+                Err(e) => {
+                    eprintln!("ordo store salvage: {e}");
+                    ExitCode::from(2)
+                }
             }
         }
     }

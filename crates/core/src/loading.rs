@@ -421,7 +421,7 @@ impl Owner {
     /// page may be older than what the core had: it is asked for again, up to three times, and
     /// then shown but not kept. A conversation the user joined meanwhile is added from the
     /// core's copy when it falls in the page's range. The answer ends early once it is large
-    /// ([`OVERVIEW_PAGE_BYTES`]), and says whether more follow.
+    /// (about 256 KiB), and says whether more follow.
     pub fn member_convs_loaded(&mut self, id: u64, page: MemberPage) -> Vec<Out> {
         let Some(o) = self.loads.overviews.remove(&id) else {
             return Vec::new();

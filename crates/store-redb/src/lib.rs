@@ -9,8 +9,10 @@
 
 mod error;
 mod redb_store;
+mod salvage;
 mod verify;
 pub mod wal;
 
 pub use redb_store::{RedbStore, DEFAULT_CACHE_BYTES};
+pub use salvage::{salvage, Salvage};
 pub use verify::{verify, Verification};

@@ -407,8 +407,42 @@ fn open_log(
     Ok((log, due, before))
 }
 
+/// Gives every conversation a new epoch (random, non-zero, below 2^53, never its old one), in
+/// one durable transaction: for `ordo store salvage`, after history may have been lost where no
+/// record says which conversations it was in. Returns how many conversations there are.
+pub(crate) fn move_epochs(db: &Database) -> Result<u64, StoreError> {
+    let mut tx = db.begin_write().map_err(engine)?;
+    tx.set_durability(Durability::Immediate).map_err(engine)?;
+    tx.set_quick_repair(true);
+    let mut moved = 0;
+    {
+        let mut convs = tx.open_table(CONVS).map_err(engine)?;
+        let mut records = Vec::new();
+        for row in convs.iter().map_err(engine)? {
+            let (k, v) = row.map_err(engine)?;
+            let rec: ConvRecord = decode("conversation", k.value(), v.value())?;
+            records.push(rec);
+        }
+        for mut rec in records {
+            let old = rec.epoch;
+            rec.epoch = loop {
+                let e = rand::random::<u64>() & ((1 << 53) - 1);
+                if e != 0 && e != old {
+                    break e;
+                }
+            };
+            convs
+                .insert(rec.id.as_str(), encode(&rec)?.as_slice())
+                .map_err(engine)?;
+            moved += 1;
+        }
+    }
+    tx.commit().map_err(engine)?;
+    Ok(moved)
+}
+
 /// A value of the `meta` table.
-fn meta_get(db: &Database, key: &str) -> Result<Option<u64>, StoreError> {
+pub(crate) fn meta_get(db: &Database, key: &str) -> Result<Option<u64>, StoreError> {
     let tx = db.begin_read().map_err(engine)?;
     let meta = tx.open_table(META).map_err(engine)?;
     let v = meta.get(key).map_err(engine)?;
@@ -431,7 +465,7 @@ fn meta_set(db: &Database, values: &[(&str, u64)]) -> Result<(), StoreError> {
 }
 
 /// Applies log records left by the last run to the B-tree (not durably: the caller checkpoints).
-fn replay(db: &Database, due: &[wal::Record]) -> Result<(), StoreError> {
+pub(crate) fn replay(db: &Database, due: &[wal::Record]) -> Result<(), StoreError> {
     // Many records per transaction, as the applier does; a chunk that fails is applied again
     // record by record (nothing of it was committed), to name the record that fails.
     for chunk in due.chunks(REPLAY_AT_ONCE) {
@@ -570,7 +604,7 @@ impl Drop for RedbStore {
 /// Every durable commit saves redb's allocator state (quick repair): after a crash, redb opens
 /// from the last durable commit without walking the whole file to rebuild it, so that a restart
 /// takes about as long with ten million stored messages as with none.
-fn checkpoint(db: &Database) -> Result<(), StoreError> {
+pub(crate) fn checkpoint(db: &Database) -> Result<(), StoreError> {
     let mut tx = db.begin_write().map_err(engine)?;
     tx.set_durability(Durability::Immediate).map_err(engine)?;
     tx.set_quick_repair(true);

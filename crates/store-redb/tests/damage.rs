@@ -6,27 +6,14 @@
 
 mod common;
 
-use common::{batch, crash_copy, seqs};
+use common::{batch, crash_copy, crashed_with, seqs};
 use ordo_store::Store;
 use ordo_store_redb::wal::scan::{HEADER_BYTES, RECORD_MAGIC};
 use ordo_store_redb::wal::SEGMENT_BYTES;
 use ordo_store_redb::RedbStore;
 use redb::{ReadableDatabase, ReadableTable};
 use std::path::Path;
-use tempfile::TempDir;
 
-/// A crashed copy of a store that logged `n` batches of 4 messages, one record each.
-fn crashed_with(n: u64) -> TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    let crashed = tempfile::tempdir().unwrap();
-    let store = RedbStore::open(dir.path()).unwrap();
-    for k in 1..=n {
-        store.commit(batch(k, 4, 40)).unwrap();
-    }
-    crash_copy(dir.path(), crashed.path());
-    drop(store);
-    crashed
-}
 
 /// Offsets and lengths of the records at the start of a segment, following their lengths.
 fn records(seg: &[u8]) -> Vec<(usize, usize)> {

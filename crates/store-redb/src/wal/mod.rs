@@ -72,6 +72,19 @@ pub struct Record {
     pub batch: Batch,
 }
 
+/// What [`Wal::salvageable`] finds.
+#[derive(Default)]
+pub struct Salvageable {
+    /// The unbroken run of records after what the B-tree holds: what can be replayed.
+    pub run: Vec<Record>,
+    /// The first seqno missing before a later record (`None` if no record follows a gap).
+    pub missing: Option<u64>,
+    /// Valid records past the missing one, in seqno order: lost with it.
+    pub stranded: Vec<Record>,
+    /// A line for each segment that cannot be read and each record that does not decode.
+    pub problems: Vec<String>,
+}
+
 fn damaged(detail: String) -> StoreError {
     StoreError::Corrupt {
         what: "write-ahead log",
@@ -328,6 +341,54 @@ impl Wal {
             },
             records,
         ))
+    }
+
+    /// What can be read of a log that [`open`](Self::open) refuses, for `ordo store salvage`:
+    /// every valid record newer than `applied` in either segment (current or beyond a chain's
+    /// end), split into the unbroken run that follows `applied` (what can be replayed) and the
+    /// records stranded past the first missing seqno (lost with it), with a line for each
+    /// segment that cannot be read and each record that does not decode.
+    pub fn salvageable(files: &dyn LogFiles, store_id: u64, applied: Option<u64>) -> Salvageable {
+        let first = applied.map_or(0, |a| a + 1);
+        let mut out = Salvageable::default();
+        let mut found: Vec<Record> = Vec::new();
+        for i in 0..2 {
+            let o = match open_segment(files, i, store_id) {
+                Ok(o) => o,
+                Err(e) => {
+                    out.problems.push(format!("cannot be read: {e}"));
+                    continue;
+                }
+            };
+            for f in o.scan.chain.iter().chain(&o.scan.beyond) {
+                if f.seqno < first {
+                    continue;
+                }
+                match rmp_serde::from_slice::<Batch>(&o.bytes[f.payload.clone()]) {
+                    Ok(batch) => found.push(Record {
+                        seqno: f.seqno,
+                        batch,
+                    }),
+                    Err(e) => out.problems.push(format!(
+                        "{} record {} at offset {} passes its checksum but does not decode ({e}): it counts as missing",
+                        o.name, f.seqno, f.offset
+                    )),
+                }
+            }
+        }
+        found.sort_by_key(|r| r.seqno);
+        found.dedup_by_key(|r| r.seqno);
+        let mut next = first;
+        for r in found {
+            if r.seqno == next && out.stranded.is_empty() {
+                next += 1;
+                out.run.push(r);
+            } else {
+                out.missing.get_or_insert(next);
+                out.stranded.push(r);
+            }
+        }
+        out
     }
 
     /// What each segment holds, a line each, for `ordo store verify`: its header, its current

@@ -60,3 +60,16 @@ pub fn seqs(store: &RedbStore) -> Vec<u64> {
         .unwrap();
     page.messages.iter().map(|m| m.seq).collect()
 }
+
+/// A crashed copy of a store that logged `n` batches of 4 messages, one record each.
+pub fn crashed_with(n: u64) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let crashed = tempfile::tempdir().unwrap();
+    let store = RedbStore::open(dir.path()).unwrap();
+    for k in 1..=n {
+        store.commit(batch(k, 4, 40)).unwrap();
+    }
+    crash_copy(dir.path(), crashed.path());
+    drop(store);
+    crashed
+}
