@@ -41,6 +41,10 @@ pub struct FaultPlan {
     /// The server crashes between the two halves of a commit: after the batch is durable but
     /// before anyone is answered (or, sabotaged, after the answers but before the fsync).
     pub crash_in_commit: f64,
+    /// A push finds its connection's queue full (the half pushes may use): it is left out, the
+    /// core is told, and the device is owed a `notify`, sent at the next housekeeping (as the
+    /// server's router does when there is room again).
+    pub push_full: f64,
 }
 
 impl FaultPlan {
@@ -82,6 +86,7 @@ impl FaultPlan {
                     s2c_reorder: 0.1,
                     c2s_dup: 0.05,
                     c2s_reorder: 0.1,
+                    push_full: 0.05,
                     ..base
                 },
             ),
@@ -128,6 +133,7 @@ impl FaultPlan {
                     partition_ms: (1_000, 12_000),
                     crash_mid_effects: 0.005,
                     crash_in_commit: 0.05,
+                    push_full: 0.03,
                 },
             ),
         }

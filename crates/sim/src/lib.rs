@@ -7,7 +7,7 @@
 //! One run ([`Sim`]) is fully determined by its seed: six devices of four users, two groups and
 //! the direct conversations between them; the apps send and read at random; a fault profile,
 //! also drawn from the seed, decides what goes wrong (frames lost, duplicated, delayed and
-//! reordered, connections cut, devices partitioned away with their reconnects failing, the
+//! reordered, pushes left out for a full queue with a `notify` owed, connections cut, devices partitioned away with their reconnects failing, the
 //! server and the clients killed and restarted from what they had made durable, clocks jumping
 //! forward). Then the faults stop, everything must settle, and the end state is checked.
 //!

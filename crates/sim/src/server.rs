@@ -27,7 +27,7 @@ use ordo_core::{
     MemberPage, MemoryStore, SessionId, SyncPlan,
 };
 use ordo_protocol::{Limits, ServerFrame};
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 
 /// What a store backend holds after applying the committed batches: the truth a restarted core
 /// is rebuilt from.
@@ -73,6 +73,9 @@ pub struct Server {
     /// Pages being read for `sync`s: served later (batches may commit meanwhile), read from
     /// the store as it stands then, as the server's connection reads off the core's task.
     pub pages: Vec<PageRead>,
+    /// (connection, conversation) -> highest seq of the pushes left out for a full queue: a
+    /// `notify` owed, sent at the next housekeeping (see [`crate::faults::FaultPlan::push_full`]).
+    pub owed: BTreeMap<(SessionId, String), u64>,
 }
 
 pub struct PageRead {
@@ -190,6 +193,11 @@ impl Sim {
     /// apply retention, on its own clock (which may have jumped).
     pub(crate) fn housekeeping(&mut self) -> Result<(), Violation> {
         self.server.housekeeping_at = self.now + self.rng.range((500, 3_000));
+        // The queues have room again: the notifies owed go out.
+        for ((session, conv), max_seq) in std::mem::take(&mut self.server.owed) {
+            tr!(self, "owed notify {conv}:{max_seq} to session {session}");
+            self.send_to_client(session, ServerFrame::Notify { conv, max_seq });
+        }
         let now = self.server_now();
         self.server.owner.expire_dedup(now);
         let actions = self.server.owner.retention_tick(now);
@@ -204,6 +212,7 @@ impl Sim {
         self.server.lookups.clear();
         self.server.scan = None;
         self.server.pages.clear();
+        self.server.owed.clear();
         self.server.to_owner.clear();
         self.server.to_hub.clear();
         if let Some(rollback) = self.server.in_flight.take().and_then(|f| f.rollback) {
@@ -416,6 +425,29 @@ impl Sim {
                             Kind::NotDurable,
                             format!("G1: pushed {}/{} is not durable", m.conv, m.seq),
                         )?;
+                    }
+                }
+                let push = match &frame {
+                    ServerFrame::Msg(m) => Some((m.conv.clone(), m.seq, true)),
+                    ServerFrame::Notify { conv, max_seq } => Some((conv.clone(), *max_seq, false)),
+                    _ => None,
+                };
+                if let Some((conv, seq, is_msg)) = push {
+                    let key = (session, conv);
+                    let full = self.faults_on && self.rng.chance(self.plan.push_full);
+                    if full || self.server.owed.contains_key(&key) {
+                        tr!(
+                            self,
+                            "queue full: {}:{seq} left out for session {session}",
+                            key.1
+                        );
+                        if is_msg {
+                            self.server.hub.push_missed(session, &key.1, seq);
+                        }
+                        self.stats.pushes_left_out += 1;
+                        let top = self.server.owed.entry(key).or_insert(seq);
+                        *top = (*top).max(seq);
+                        continue;
                     }
                 }
                 self.send_to_client(session, frame);

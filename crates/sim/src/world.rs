@@ -95,6 +95,8 @@ pub struct Stats {
     pub dropped: u64,
     pub duplicated: u64,
     pub reordered: u64,
+    /// Pushes left out for a full queue (a notify owed instead).
+    pub pushes_left_out: u64,
     pub idle_ticks: u64,
     pub rejected_retryable: u64,
     /// Dedup keys the core looked up in the store.
@@ -119,6 +121,7 @@ impl std::ops::AddAssign for Stats {
         self.dropped += o.dropped;
         self.duplicated += o.duplicated;
         self.reordered += o.reordered;
+        self.pushes_left_out += o.pushes_left_out;
         self.idle_ticks += o.idle_ticks;
         self.rejected_retryable += o.rejected_retryable;
         self.lookups += o.lookups;
@@ -312,6 +315,7 @@ impl Sim {
                 lookups: Vec::new(),
                 scan: None,
                 pages: Vec::new(),
+                owed: BTreeMap::new(),
             },
             devs,
             conns: BTreeMap::new(),

@@ -24,6 +24,7 @@ fn every_accepted_message_reaches_every_member_device_once_and_in_order() {
             ("dropped frames", s.dropped),
             ("duplicated frames", s.duplicated),
             ("reordered frames", s.reordered),
+            ("pushes left out for a full queue", s.pushes_left_out),
             ("retryable rejections", s.rejected_retryable),
             ("failed sends", s.failed),
             ("dedup lookups in the store", s.lookups),

@@ -14,7 +14,6 @@ use ordo_store_redb::RedbStore;
 use redb::{ReadableDatabase, ReadableTable};
 use std::path::Path;
 
-
 /// Offsets and lengths of the records at the start of a segment, following their lengths.
 fn records(seg: &[u8]) -> Vec<(usize, usize)> {
     let mut out = Vec::new();

@@ -11,7 +11,6 @@ use ordo_store_redb::wal::scan::{HEADER_BYTES, RECORD_MAGIC};
 use ordo_store_redb::{salvage, RedbStore};
 use std::path::Path;
 
-
 /// Flips one bit in the payload of the record at index `k` of `wal-0.log`.
 fn damage_record(dir: &Path, k: usize) {
     let log = dir.join("wal-0.log");
