@@ -11,12 +11,13 @@
 use foldhash::{HashMap, HashMapExt};
 use std::collections::VecDeque;
 
-/// Most refused sends remembered per connection and conversation to keep their order; past it,
-/// further ones are refused without being queued (the client resends them in order anyway).
-pub const MAX_HELD_BACK: usize = 4096;
+/// Most refused sends one connection's gate remembers to keep their order, over all its
+/// conversations: with client message ids of up to 128 bytes, a few hundred KiB at most per
+/// connection, and a check that scans little.
+pub const MAX_HELD_BACK: usize = 1024;
 
 /// Most conversations of one connection with sends held back. A gate that would have to
-/// remember more (this many conversations, or [`MAX_HELD_BACK`] sends in one) cannot keep the
+/// remember more (this many conversations, or [`MAX_HELD_BACK`] sends in all) cannot keep the
 /// order any longer: the connection is closed, and the client resends in order on its next one.
 pub const MAX_HELD_CONVS: usize = 64;
 
@@ -47,14 +48,14 @@ pub enum Held {
     /// Behind this earlier refused send of the conversation.
     Behind(String),
     /// The gate cannot remember this send (it has sends held back in [`MAX_HELD_CONVS`] other
-    /// conversations, or [`MAX_HELD_BACK`] in this one): close the connection.
+    /// conversations, or [`MAX_HELD_BACK`] in all): close the connection.
     Full,
 }
 
 impl HeldBack {
     /// A send of `cmid` arrives: whether it may go, or whom it waits behind (it is queued then,
-    /// in arrival order, if it was not).
-    fn check(&mut self, cmid: &str, now_ms: u64) -> Result<(), Held> {
+    /// in arrival order, if it was not and the gate has `room`).
+    fn check(&mut self, cmid: &str, now_ms: u64, room: bool) -> Result<(), Held> {
         if self.queue.front().is_some_and(|(c, _)| c == cmid) {
             self.others_resent = 0;
         } else if self.queue.iter().any(|(c, _)| c == cmid) {
@@ -76,7 +77,7 @@ impl HeldBack {
             Some((first, _)) if first != cmid => {
                 let first = first.clone();
                 if !self.queue.iter().any(|(c, _)| c == cmid) {
-                    if self.queue.len() >= MAX_HELD_BACK {
+                    if !room {
                         return Err(Held::Full);
                     }
                     self.queue.push_back((cmid.to_string(), now_ms));
@@ -101,11 +102,17 @@ impl Gate {
         self.0.is_empty()
     }
 
+    /// Whether the gate may remember one more send.
+    fn room(&self) -> bool {
+        self.0.values().map(|h| h.queue.len()).sum::<usize>() < MAX_HELD_BACK
+    }
+
     /// A send of `cmid` into `conv` arrives: whether it may go (see [`HeldBack`]).
     pub fn check(&mut self, conv: &str, cmid: &str, now_ms: u64) -> Result<(), Held> {
         let full = self.0.len() >= MAX_HELD_CONVS;
+        let room = self.room();
         match self.0.get_mut(conv) {
-            Some(h) => h.check(cmid, now_ms),
+            Some(h) => h.check(cmid, now_ms, room),
             None if full => Err(Held::Full),
             None => Ok(()),
         }
@@ -133,11 +140,13 @@ impl Gate {
         if !self.0.contains_key(conv) && self.0.len() >= MAX_HELD_CONVS {
             return false;
         }
-        let h = self.0.entry(conv.to_string()).or_default();
-        h.queue.retain(|(c, _)| c != cmid);
-        if h.queue.len() >= MAX_HELD_BACK {
+        if let Some(h) = self.0.get_mut(conv) {
+            h.queue.retain(|(c, _)| c != cmid);
+        }
+        if !self.room() {
             return false;
         }
+        let h = self.0.entry(conv.to_string()).or_default();
         h.queue.push_front((cmid.to_string(), now_ms));
         h.others_resent = 0;
         true
@@ -207,7 +216,17 @@ mod tests {
         }
         assert_eq!(g.check("other", "x", 1), Err(Held::Full));
         assert!(!g.refused("other", "x", 1), "nothing remembered");
-        // One conversation at its limit.
+        // At its limit in all, over two conversations.
+        let mut g = Gate::new();
+        assert!(g.refused("a", "a0", 0));
+        assert!(g.refused("b", "b0", 0));
+        for i in 2..MAX_HELD_BACK {
+            assert!(g.check("b", &format!("b{i}"), 0).is_err());
+        }
+        assert_eq!(g.check("a", "a-late", 0), Err(Held::Full));
+        assert!(!g.refused("a", "a-again", 0));
+        assert_eq!(g.check("a", "a0", 0), Ok(()), "the first still goes");
+        // One conversation at the limit.
         let mut g = Gate::new();
         assert!(g.refused("c", "m0", 0));
         for i in 1..MAX_HELD_BACK {
