@@ -11,9 +11,9 @@
 use foldhash::{HashMap, HashMapExt};
 use std::collections::VecDeque;
 
-/// Most refused sends one connection's gate remembers to keep their order, over all its
-/// conversations: with client message ids of up to 128 bytes, a few hundred KiB at most per
-/// connection, and a check that scans little.
+/// Most refused sends one gate (a connection has two: the hub's for rate, the owner's for
+/// busy) remembers to keep their order, over all its conversations: with client message ids of
+/// up to 128 bytes, a few hundred KiB at most per connection, and a check that scans little.
 pub const MAX_HELD_BACK: usize = 1024;
 
 /// Most conversations of one connection with sends held back. A gate that would have to

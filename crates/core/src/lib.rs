@@ -30,6 +30,7 @@ pub mod line;
 pub mod loading;
 pub mod memory_store;
 pub mod model;
+pub mod owed;
 pub mod owner;
 pub mod rate;
 pub mod rng;

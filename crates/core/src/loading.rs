@@ -453,6 +453,7 @@ impl Owner {
             o.after.as_deref().is_none_or(|a| id > a) && end.as_deref().is_none_or(|e| id <= e)
         };
         let mut more = page.more;
+        let store_last = page.convs.last().map(|s| s.rec.id.clone());
         let mut conversations = Vec::with_capacity(page.convs.len());
         let mut listed = std::collections::HashSet::new();
         for state in page.convs {
@@ -500,6 +501,13 @@ impl Owner {
         if fits < conversations.len() {
             conversations.truncate(fits);
             more = true;
+        }
+        if conversations.is_empty() && more {
+            // Every conversation the store listed was left meanwhile: a page is never empty
+            // while more follow, so list the next one.
+            if let Some(after) = store_last {
+                return self.list_member_convs(o.origin, Some(after), o.limit, 1);
+            }
         }
         self.evict();
         vec![Out::Hub(ToHub::Frame {

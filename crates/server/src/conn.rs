@@ -13,8 +13,11 @@
 //! pipelines sends or syncs faster than it reads answers is slowed to its own pace (TCP holds
 //! the rest) rather than dropped, and the answers one commit releases to it fit the half of
 //! the queue that pushes leave free (the router pushes into the first half only, and owes a
-//! `notify` for what did not fit). A connection whose writer puts nothing out for [`STALLED`]
-//! while it waits is not reading: it is closed with 1013.
+//! `notify` for what did not fit). While the reader waits, each write the writer completes
+//! counts as hearing from the client (it is reading); a connection with frames queued whose
+//! writer puts nothing out for a third of the idle timeout (30 s by default) is not reading: it
+//! is closed with 1013. One waiting only for its sends' answers (the server is slow, not the
+//! client) is never closed for it.
 
 use crate::auth::Claims;
 use crate::metrics as m;
@@ -35,10 +38,9 @@ const WRITER_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Most frames written to the socket at once (one flush) when more are queued.
 const WRITE_BATCH: usize = 256;
-
-/// How long a paced reader waits for its writer to put anything out before the connection is
-/// taken for one that does not read.
-const STALLED: std::time::Duration = std::time::Duration::from_secs(10);
+/// Most bytes (by the budget's count) written at once: a flush is also the writer's report of
+/// progress to a paced reader, so it comes often even on a slow link.
+const WRITE_BATCH_BYTES: usize = 64 * 1024;
 
 /// Most sends one connection may have unanswered before its reader waits for answers.
 const MAX_UNANSWERED: usize = 4096;
@@ -172,7 +174,7 @@ pub async fn run(
                             break;
                         }
                         queued += 1;
-                        if queued < WRITE_BATCH {
+                        if queued < WRITE_BATCH && written < WRITE_BATCH_BYTES {
                             next = rx.try_recv().ok();
                         }
                     }
@@ -210,18 +212,21 @@ pub async fn run(
     let mut heard = tokio::time::Instant::now();
     let expiry = tokio::time::sleep_until(expires);
     let idle_timer = tokio::time::sleep_until(heard + idle);
-    // While paced: STALLED after the writer last put something out (or pacing began).
-    let mut was_paced = false;
-    let stall_timer = tokio::time::sleep_until(heard + STALLED);
+    // While paced with frames queued: `stalled` after the writer last put something out (or
+    // since the wait began).
+    let stalled = idle / 3;
+    let mut was_waiting = false;
+    let stall_timer = tokio::time::sleep_until(heard + stalled);
     tokio::pin!(expiry, idle_timer, stall_timer);
     let close = loop {
         let paced = conn.paced();
-        if paced && !was_paced {
+        let waiting = paced && conn.queued();
+        if waiting && !was_waiting {
             stall_timer
                 .as_mut()
-                .reset(tokio::time::Instant::now() + STALLED);
+                .reset(tokio::time::Instant::now() + stalled);
         }
-        was_paced = paced;
+        was_waiting = waiting;
         tokio::select! {
             _ = kick.woken.notified() => break Some((close::TRY_AGAIN_LATER, kick.reason())),
             _ = shutdown.changed() => break Some((close::GOING_AWAY, "server is shutting down; reconnect".to_string())),
@@ -233,11 +238,13 @@ pub async fn run(
                 }
                 break Some((close::IDLE, format!("nothing heard for {} s, not even an answer to a ping", idle.as_secs())));
             }
-            // Paced: frames went out; read on if there is room now.
+            // Paced: frames went out (the client reads: it is alive); read on if there is room
+            // now.
             _ = conn.budget.written.notified(), if paced => {
-                stall_timer.as_mut().reset(tokio::time::Instant::now() + STALLED);
+                heard = tokio::time::Instant::now();
+                stall_timer.as_mut().reset(heard + stalled);
             }
-            _ = &mut stall_timer, if paced => break Some(too_slow()),
+            _ = &mut stall_timer, if waiting => break Some(too_slow()),
             msg = stream.next(), if !paced => match msg {
                 None => break None,
                 Some(Err(e)) => break read_error_close(&e, state.limits.max_frame_bytes),
@@ -320,6 +327,11 @@ impl Conn {
         self.budget.unanswered() >= self.max_unanswered
             || self.budget.over_half()
             || self.tx.capacity() < self.tx.max_capacity() / 2
+    }
+
+    /// Whether frames wait for the writer (queued, or taken and being written).
+    fn queued(&self) -> bool {
+        self.budget.used() > 0 || self.tx.capacity() < self.tx.max_capacity()
     }
 
     /// Handles one incoming message; an error is the close (code, reason) that ends the

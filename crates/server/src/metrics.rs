@@ -26,8 +26,8 @@ pub const NOTIFIES: &str = "ordo_notifies_total";
 pub const REJECTED: &str = "ordo_sends_rejected_total";
 pub const FRAME_ERRORS: &str = "ordo_frame_errors_total";
 pub const SLOW_CONSUMERS: &str = "ordo_slow_consumers_dropped_total";
-/// Pushes left out because the connection's queue was full; the device was sent a `notify`
-/// once there was room, and syncs.
+/// Pushes (`msg`, `notify`, `receipt`) left out because the connection's queue had no room for
+/// them; the device was sent a `notify` (or the latest `receipt`) once there was.
 pub const PUSHES_DEFERRED: &str = "ordo_pushes_deferred_total";
 pub const COMMITS: &str = "ordo_commits_total";
 pub const COMMIT_MESSAGES: &str = "ordo_commit_batch_messages";

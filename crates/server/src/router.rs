@@ -20,6 +20,7 @@
 use crate::metrics as m;
 use axum::extract::ws::{Message as WsMessage, Utf8Bytes};
 use foldhash::{HashMap, HashMapExt};
+use ordo_core::owed::{self, Owed};
 use ordo_core::{
     Action, AdminOp, AdminReply, AgeSweep, Batch, CommitOutcome, ConvState, Core, CoreConfig,
     CoreError, CoreStats, DedupRecord, Expired, Handled, MemberPage, MemberPageAsk, SessionId,
@@ -27,7 +28,6 @@ use ordo_core::{
 };
 use ordo_protocol::{encode, ClientFrame, Encoded, Encoding, ErrorCode, Message, ServerFrame};
 use ordo_store::{Store, StoreError};
-use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -91,6 +91,11 @@ impl Budget {
             unanswered: 0.into(),
             written: Notify::new(),
         }
+    }
+
+    /// Bytes taken (queued or being written).
+    pub fn used(&self) -> usize {
+        self.used.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Whether more than half the budget is taken.
@@ -355,17 +360,16 @@ pub struct Router {
     fatal: Option<StoreError>,
     /// When the batch now being committed was handed over.
     in_flight_since: Option<Instant>,
-    /// Per connection, the conversations whose pushes did not fit its queue, with the highest
-    /// seq missed: each is owed a `notify`, sent once the queue has room (see
-    /// [`Router::queue`]).
-    owed: HashMap<SessionId, BTreeMap<String, u64>>,
+    /// Per connection, what its pushes that did not fit its queue are owed as (see
+    /// [`Router::queue`] and [`ordo_core::owed`]), sent once the queue has room.
+    owed: HashMap<SessionId, Owed>,
 }
 
-/// Most conversations one connection may be owed a `notify` for; past it, the connection is
-/// dropped as too slow.
-const MAX_OWED_NOTIFIES: usize = 4096;
-/// How often owed notifies are tried again while some are owed.
-const OWED_RETRY: Duration = Duration::from_millis(20);
+/// Most frames one connection may be owed (notifies by conversation, receipts by conversation
+/// and member); past it, the connection is dropped as too slow.
+const MAX_OWED: usize = 4096;
+/// How often owed frames are tried again while some are owed.
+const OWED_RETRY: Duration = Duration::from_millis(50);
 
 impl Router {
     /// Loads the core from the store and starts the commit thread.
@@ -742,55 +746,49 @@ impl Router {
         self.queue(session, Outbound::new(frame));
     }
 
-    /// Queues a frame for a connection. A pushed `msg` (or a `notify`) that does not fit the
-    /// half of its queue pushes may use (see [`SessionHandle::push_room`]) is not a reason to
-    /// drop a connection that reads: a large release (one commit with more for it than its
-    /// queue holds) is paced instead. The push is left out, the core is told (nothing more of
-    /// that conversation is pushed to it until it syncs), and the connection is owed a
-    /// `notify`, sent once there is room; so are the later pushes of that conversation queued
-    /// meanwhile. An answer that does not fit means the peer is not reading: it is dropped
-    /// (1013).
+    /// Queues a frame for a connection. A push (`msg`, `notify`, `receipt`) that does not fit
+    /// the half of its queue pushes may use (see [`SessionHandle::push_room`]) is not a reason
+    /// to drop a connection that reads: a large release (one commit with more for it than its
+    /// queue holds) is paced instead. The push is left out (for a `msg` the core is told:
+    /// nothing more of that conversation is pushed to it until it syncs) and the connection is
+    /// owed what replaces it, a `notify` or the latest `receipt` ([`ordo_core::owed`]), sent once
+    /// there is room; so are the later pushes of the same kind queued meanwhile. An answer that
+    /// does not fit means the peer is not reading: it is dropped (1013).
     fn queue(&mut self, session: SessionId, out: Outbound) {
         let Some(h) = self.sessions.get(&session) else {
             return;
         };
-        let missed = match out.frame() {
-            ServerFrame::Msg(m) => Some((m.conv.as_str(), m.seq)),
-            ServerFrame::Notify { conv, max_seq } => Some((conv.as_str(), *max_seq)),
-            _ => None,
-        };
-        // A conversation already owed a notify gets nothing pushed before it (no gap).
-        let behind = missed.is_some_and(|(conv, _)| {
-            self.owed
+        let frame = out.frame();
+        let push = owed::is_push(frame);
+        // Something owed of the same conversation goes first (no gap, no position going back).
+        let behind = push
+            && self
+                .owed
                 .get(&session)
-                .is_some_and(|owed| owed.contains_key(conv))
-        });
-        let room = missed.is_none() || (!behind && h.push_room());
+                .is_some_and(|owed| owed.holds_back(frame));
+        let room = !push || (!behind && h.push_room());
         if room && h.try_queue(&out) {
             return;
         }
         if h.tx.is_closed() {
             return;
         }
-        match missed {
-            Some((conv, seq)) => {
-                let (conv, seq) = (conv.to_string(), seq);
-                if let ServerFrame::Msg(_) = out.frame() {
-                    self.core.push_missed(session, &conv, seq);
-                }
-                metrics::counter!(m::PUSHES_DEFERRED).increment(1);
-                let owed = self.owed.entry(session).or_default();
-                let top = owed.entry(conv).or_insert(seq);
-                *top = (*top).max(seq);
-                if owed.len() > MAX_OWED_NOTIFIES {
-                    self.drop_slow(session);
-                }
-            }
-            None => self.drop_slow(session),
+        if !push {
+            self.drop_slow(session);
+            return;
+        }
+        if let ServerFrame::Msg(m) = frame {
+            self.core.push_missed(session, &m.conv, m.seq);
+        }
+        metrics::counter!(m::PUSHES_DEFERRED).increment(1);
+        let owed = self.owed.entry(session).or_default();
+        owed.owe(frame);
+        if owed.len() > MAX_OWED {
+            self.drop_slow(session);
         }
     }
 
-    /// Queues the `notify`s owed to connections, as many as now fit each.
+    /// Queues the frames owed to connections, as many as now fit each.
     fn send_owed(&mut self) {
         let mut done = Vec::new();
         for (session, owed) in self.owed.iter_mut() {
@@ -798,13 +796,13 @@ impl Router {
                 done.push(*session);
                 continue;
             };
-            while let Some((conv, max_seq)) = owed.pop_first() {
-                let out = Outbound::new(ServerFrame::Notify {
-                    conv: conv.clone(),
-                    max_seq,
-                });
-                if !h.push_room() || !h.try_queue(&out) {
-                    owed.insert(conv, max_seq);
+            while h.push_room() {
+                let Some(frame) = owed.take_first() else {
+                    break;
+                };
+                let out = Outbound::new(frame);
+                if !h.try_queue(&out) {
+                    owed.put_back(out.frame());
                     break;
                 }
             }

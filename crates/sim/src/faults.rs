@@ -41,9 +41,10 @@ pub struct FaultPlan {
     /// The server crashes between the two halves of a commit: after the batch is durable but
     /// before anyone is answered (or, sabotaged, after the answers but before the fsync).
     pub crash_in_commit: f64,
-    /// A push finds its connection's queue full (the half pushes may use): it is left out, the
-    /// core is told, and the device is owed a `notify`, sent at the next housekeeping (as the
-    /// server's router does when there is room again).
+    /// A push (`msg`, `notify`, `receipt`) finds its connection's queue full (the half pushes
+    /// may use): it is left out (for a `msg` the core is told) and the device is owed what
+    /// replaces it ([`ordo_core::owed`]), sent at the next housekeeping (as the server's router
+    /// does when there is room again).
     pub push_full: f64,
 }
 

@@ -17,9 +17,10 @@
 
 use crate::checks::{Kind, Violation};
 use crate::faults::Sabotage;
-use crate::network::short;
+use crate::network::{short, short_s};
 use crate::world::Sim;
 use ordo_core::hub::{Hub, Step};
+use ordo_core::owed::{self, Owed};
 use ordo_core::owner::{Answer as Owned, Out, Owner};
 use ordo_core::seam::{Origin, Request, ToHub};
 use ordo_core::{
@@ -73,9 +74,9 @@ pub struct Server {
     /// Pages being read for `sync`s: served later (batches may commit meanwhile), read from
     /// the store as it stands then, as the server's connection reads off the core's task.
     pub pages: Vec<PageRead>,
-    /// (connection, conversation) -> highest seq of the pushes left out for a full queue: a
-    /// `notify` owed, sent at the next housekeeping (see [`crate::faults::FaultPlan::push_full`]).
-    pub owed: BTreeMap<(SessionId, String), u64>,
+    /// Per connection, what the pushes left out for a full queue are owed as, sent at the next
+    /// housekeeping (see [`crate::faults::FaultPlan::push_full`]).
+    pub owed: BTreeMap<SessionId, Owed>,
 }
 
 pub struct PageRead {
@@ -194,9 +195,11 @@ impl Sim {
     pub(crate) fn housekeeping(&mut self) -> Result<(), Violation> {
         self.server.housekeeping_at = self.now + self.rng.range((500, 3_000));
         // The queues have room again: the notifies owed go out.
-        for ((session, conv), max_seq) in std::mem::take(&mut self.server.owed) {
-            tr!(self, "owed notify {conv}:{max_seq} to session {session}");
-            self.send_to_client(session, ServerFrame::Notify { conv, max_seq });
+        for (session, mut owed) in std::mem::take(&mut self.server.owed) {
+            while let Some(frame) = owed.take_first() {
+                tr!(self, "owed {} to session {session}", short_s(&frame));
+                self.send_to_client(session, frame);
+            }
         }
         let now = self.server_now();
         self.server.owner.expire_dedup(now);
@@ -427,26 +430,24 @@ impl Sim {
                         )?;
                     }
                 }
-                let push = match &frame {
-                    ServerFrame::Msg(m) => Some((m.conv.clone(), m.seq, true)),
-                    ServerFrame::Notify { conv, max_seq } => Some((conv.clone(), *max_seq, false)),
-                    _ => None,
-                };
-                if let Some((conv, seq, is_msg)) = push {
-                    let key = (session, conv);
+                if owed::is_push(&frame) {
                     let full = self.faults_on && self.rng.chance(self.plan.push_full);
-                    if full || self.server.owed.contains_key(&key) {
+                    let behind = self
+                        .server
+                        .owed
+                        .get(&session)
+                        .is_some_and(|o| o.holds_back(&frame));
+                    if full || behind {
                         tr!(
                             self,
-                            "queue full: {}:{seq} left out for session {session}",
-                            key.1
+                            "queue full: {} left out for session {session}",
+                            short_s(&frame)
                         );
-                        if is_msg {
-                            self.server.hub.push_missed(session, &key.1, seq);
+                        if let ServerFrame::Msg(m) = &frame {
+                            self.server.hub.push_missed(session, &m.conv, m.seq);
                         }
                         self.stats.pushes_left_out += 1;
-                        let top = self.server.owed.entry(key).or_insert(seq);
-                        *top = (*top).max(seq);
+                        self.server.owed.entry(session).or_default().owe(&frame);
                         continue;
                     }
                 }

@@ -407,38 +407,54 @@ fn open_log(
     Ok((log, due, before))
 }
 
-/// Gives every conversation a new epoch (random, non-zero, below 2^53, never its old one), in
-/// one durable transaction: for `ordo store salvage`, after history may have been lost where no
-/// record says which conversations it was in. Returns how many conversations there are.
+/// Gives every conversation a new epoch (random, non-zero, below 2^53, never its old one), a
+/// slice of conversations per durable transaction (so that memory stays bounded however many
+/// there are): for `ordo store salvage`, after history may have been lost where no record says
+/// which conversations it was in. Returns how many conversations there are. Cut short, it is
+/// run again whole (a second new epoch is as good as the first).
 pub(crate) fn move_epochs(db: &Database) -> Result<u64, StoreError> {
-    let mut tx = db.begin_write().map_err(engine)?;
-    tx.set_durability(Durability::Immediate).map_err(engine)?;
-    tx.set_quick_repair(true);
+    const SLICE: usize = 10_000;
     let mut moved = 0;
-    {
-        let mut convs = tx.open_table(CONVS).map_err(engine)?;
+    let mut after: Option<String> = None;
+    loop {
+        let mut tx = db.begin_write().map_err(engine)?;
+        tx.set_durability(Durability::Immediate).map_err(engine)?;
+        tx.set_quick_repair(true);
         let mut records = Vec::new();
-        for row in convs.iter().map_err(engine)? {
-            let (k, v) = row.map_err(engine)?;
-            let rec: ConvRecord = decode("conversation", k.value(), v.value())?;
-            records.push(rec);
-        }
-        for mut rec in records {
-            let old = rec.epoch;
-            rec.epoch = loop {
-                let e = rand::random::<u64>() & ((1 << 53) - 1);
-                if e != 0 && e != old {
-                    break e;
+        {
+            let mut convs = tx.open_table(CONVS).map_err(engine)?;
+            let rows = match after.as_deref() {
+                Some(a) => {
+                    convs.range::<&str>((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded))
                 }
-            };
-            convs
-                .insert(rec.id.as_str(), encode(&rec)?.as_slice())
-                .map_err(engine)?;
-            moved += 1;
+                None => convs.range::<&str>(..),
+            }
+            .map_err(engine)?;
+            for row in rows.take(SLICE) {
+                let (k, v) = row.map_err(engine)?;
+                let rec: ConvRecord = decode("conversation", k.value(), v.value())?;
+                records.push(rec);
+            }
+            for rec in &mut records {
+                let old = rec.epoch;
+                rec.epoch = loop {
+                    let e = rand::random::<u64>() & ((1 << 53) - 1);
+                    if e != 0 && e != old {
+                        break e;
+                    }
+                };
+                convs
+                    .insert(rec.id.as_str(), encode(&*rec)?.as_slice())
+                    .map_err(engine)?;
+            }
+        }
+        tx.commit().map_err(engine)?;
+        moved += records.len() as u64;
+        match records.pop() {
+            Some(last) if records.len() + 1 == SLICE => after = Some(last.id),
+            _ => return Ok(moved),
         }
     }
-    tx.commit().map_err(engine)?;
-    Ok(moved)
 }
 
 /// A value of the `meta` table.

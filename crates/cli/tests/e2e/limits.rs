@@ -175,10 +175,10 @@ fn rss(pid: u32) -> u64 {
 /// held to its outbound budget (`outbound_bytes`, 8 MiB by default): its frames are read only
 /// as fast as their answers go out, so the server grows by about that, not by everything asked
 /// for (before the budget, about a gigabyte per such connection); once nothing has gone out for
-/// 10 s it is closed with 1013.
+/// a third of the idle timeout (15 s here) it is closed with 1013.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_that_never_reads_is_held_to_its_outbound_budget() {
-    let server = Server::start(&[]).await;
+    let server = Server::start(&["--idle-timeout-secs", "15"]).await;
     let conv = "g-budget";
     server
         .create_group(conv, &["alice", "bob"], serde_json::json!({}))
@@ -216,9 +216,9 @@ async fn a_client_that_never_reads_is_held_to_its_outbound_budget() {
     assert!(grown < 64 << 20, "grew by {grown} bytes");
     // Everyone else is served meanwhile.
     alice.ping(2).await;
-    // After 10 s with nothing written it was closed: 1013 if the close frame reaches it before
+    // After 5 s with nothing written it was closed: 1013 if the close frame reaches it before
     // the reset of its unread frames does.
-    tokio::time::sleep(Duration::from_secs(12)).await;
+    tokio::time::sleep(Duration::from_secs(7)).await;
     loop {
         match bob.recv_raw().await {
             Ok(Some(tokio_tungstenite::tungstenite::Message::Close(Some(f)))) => {
@@ -305,6 +305,32 @@ async fn a_long_overview_comes_in_pages_and_a_huge_group_is_summarised() {
     assert_eq!(direct.members.len(), 2);
 }
 
+/// `reader` asks for ~30 MB of history (group `history`, written by `writer`) without reading:
+/// the socket's buffers fill, and its queue (and reader) wait. It must read within 30 s.
+async fn clog(server: &Server, writer: &mut Client, reader: &mut Client) {
+    server
+        .create_group(
+            "history",
+            &[writer.user.as_str(), reader.user.as_str()],
+            serde_json::json!({}),
+        )
+        .await;
+    let body = "h".repeat(30_000);
+    for c in cmids("old", 30) {
+        writer.send_one(&Target::conv("history"), &c, &body).await;
+    }
+    for _ in 0..30 {
+        reader
+            .send(&ordo_protocol::ClientFrame::Sync {
+                conv: "history".into(),
+                after: 0,
+                limit: None,
+            })
+            .await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+}
+
 /// A server whose connections queue at most 16 frames.
 async fn small_queues() -> (tempfile::TempDir, Server) {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -351,26 +377,9 @@ async fn a_release_larger_than_the_queue_is_paced_to_a_reader_that_reads() {
             .create_group(c, &["alice", "bob"], serde_json::json!({}))
             .await;
     }
-    server
-        .create_group("history", &["alice", "bob"], serde_json::json!({}))
-        .await;
     let mut alice = Client::connect(&server, "alice", "a1").await;
-    let body = "h".repeat(30_000);
-    for c in cmids("old", 30) {
-        alice.send_one(&Target::conv("history"), &c, &body).await;
-    }
-    // Bob asks for ~30 MB of history without reading: the socket's buffers fill and his
-    // queue (and reader) wait.
     let mut bob = Client::connect(&server, "bob", "b1").await;
-    for _ in 0..30 {
-        bob.send(&ordo_protocol::ClientFrame::Sync {
-            conv: "history".into(),
-            after: 0,
-            limit: None,
-        })
-        .await;
-    }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    clog(&server, &mut alice, &mut bob).await;
     // One message into each of 100 conversations: more than bob's queue holds.
     for (i, c) in convs.iter().enumerate() {
         alice
@@ -383,7 +392,7 @@ async fn a_release_larger_than_the_queue_is_paced_to_a_reader_that_reads() {
             accepted += 1;
         }
     }
-    // Bob reads now (within 10 s, or he is taken for one that does not): pages of history,
+    // Bob reads now (within 30 s, or he is taken for one that does not): pages of history,
     // then pushes, notifies (each followed by a sync) and their pages.
     let mut got: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
     let mut notified = 0;
@@ -397,7 +406,7 @@ async fn a_release_larger_than_the_queue_is_paced_to_a_reader_that_reads() {
             Err(e) => panic!("bob got {got:?} then {e}"),
         };
         match frame {
-            ordo_protocol::ServerFrame::Msg(m) => {
+            ordo_protocol::ServerFrame::Msg(m) if m.conv != "history" => {
                 got.entry(m.conv.clone()).or_default().push(m.seq)
             }
             ordo_protocol::ServerFrame::Notify { conv, .. } => {
@@ -428,6 +437,56 @@ async fn a_release_larger_than_the_queue_is_paced_to_a_reader_that_reads() {
     assert!(m
         .get("ordo_pushes_deferred_total")
         .is_some_and(|&n| n > 0.0));
+    assert_eq!(m.get("ordo_slow_consumers_dropped_total").copied(), None);
+    bob.ping(1).await;
+}
+
+/// With a queue of 16 frames, receipts from 30 members of a group reaching a member who is not
+/// reading for a moment do not drop him: those that do not fit are sent later, one per member
+/// with the latest positions.
+#[tokio::test(flavor = "multi_thread")]
+async fn receipts_past_the_queue_are_sent_later_not_a_reason_to_drop() {
+    let (_dir, server) = small_queues().await;
+    let users: Vec<String> = (0..30).map(|i| format!("member{i:02}")).collect();
+    let mut all: Vec<&str> = users.iter().map(String::as_str).collect();
+    all.push("bob");
+    server
+        .create_group("team", &all, serde_json::json!({}))
+        .await;
+    let mut bob = Client::connect(&server, "bob", "b1").await;
+    assert_eq!(
+        bob.send_one(&Target::conv("team"), "hello", "hello team")
+            .await
+            .seq(),
+        1
+    );
+    let mut alice = Client::connect(&server, "alice", "a1").await;
+    clog(&server, &mut alice, &mut bob).await;
+    // Each member reads 1 while bob reads nothing.
+    let mut members = Vec::new();
+    for u in &users {
+        let mut c = Client::connect(&server, u, "phone").await;
+        c.read("team", 1).await;
+        members.push(c);
+    }
+    // Every member's read reached bob, late or not; he was never dropped.
+    let mut read: std::collections::BTreeMap<String, u64> = Default::default();
+    while read.values().filter(|&&r| r >= 1).count() < users.len() {
+        match bob.wire.recv_timeout(Duration::from_secs(10)).await {
+            Ok(ordo_protocol::ServerFrame::Receipt { user, read: r, .. }) => {
+                let e = read.entry(user).or_default();
+                *e = (*e).max(r);
+            }
+            Ok(_) => {}
+            Err(e) => panic!("bob got {read:?} then {e}"),
+        }
+    }
+    let m = server.metrics().await;
+    assert!(
+        m.get("ordo_pushes_deferred_total")
+            .is_some_and(|&n| n > 0.0),
+        "the receipts did not overflow the queue: {m:?}"
+    );
     assert_eq!(m.get("ordo_slow_consumers_dropped_total").copied(), None);
     bob.ping(1).await;
 }

@@ -104,7 +104,7 @@ async fn age_retention_removes_old_messages_and_reports_first_seq() {
 async fn a_client_that_stops_reading_is_cut_off_and_nobody_else_notices() {
     let dir = tempfile::tempdir().expect("temp dir");
     let file = dir.path().join("ordo.toml");
-    std::fs::write(&file, "outbound_queue = 16\n").expect("write config");
+    std::fs::write(&file, "outbound_queue = 16\nidle_timeout_secs = 15\n").expect("write config");
     let server = Server::start(&["--config", file.to_str().expect("utf-8 path")]).await;
     server
         .create_group("big", &["alice", "bob", "carol"], serde_json::json!({}))
@@ -137,9 +137,9 @@ async fn a_client_that_stops_reading_is_cut_off_and_nobody_else_notices() {
     let mut carol = Client::connect(&server, "carol", "c1").await;
     carol.ping(7).await;
     assert_eq!(alice.send_one(&g, "after", "still here").await.seq(), 21);
-    // Bob's reads wait for his answers to go out; after 10 s with nothing going out, he is
-    // taken for a client that does not read.
-    tokio::time::sleep(std::time::Duration::from_secs(12)).await;
+    // Bob's reads wait for his answers to go out; after 5 s (a third of the idle timeout) with
+    // nothing going out, he is taken for a client that does not read.
+    tokio::time::sleep(std::time::Duration::from_secs(7)).await;
 
     // When bob finally reads, his stream ends early: with a 1013 close after what had been
     // queued for him, or with a reset (the server closed a socket holding requests it will

@@ -506,3 +506,35 @@ fn an_overview_page_of_many_listed_members_ends_early_by_size() {
     assert!(size < 400 * 1024, "about 256 KiB, not {size}");
     assert_eq!(s.overview(1).len(), 20, "the pages list them all");
 }
+
+#[test]
+fn a_page_whose_conversations_were_all_left_meanwhile_lists_the_next_instead_of_none() {
+    let mut s = Sim::new(cfg());
+    for id in ["g1", "g2", "g3"] {
+        s.group(id, &["alice", "bob"], Retention::default());
+    }
+    s.core.connect(2, "bob", "b1");
+    let (id, ask) = ask_page(&mut s, 2, None, Some(1));
+    let list = s.store.member_convs(&ask);
+    // bob leaves g1 after the store listed it.
+    let op = ordo_core::AdminOp::UpdateGroup {
+        id: "g1".into(),
+        add: vec![],
+        remove: vec!["bob".into()],
+        retention: None,
+    };
+    let actions = s.core.admin(60, op, s.now).expect("a valid change");
+    s.answer_lookups(actions);
+    s.flush();
+    let out = s.core.member_convs_loaded(id, list);
+    assert!(
+        pages(&out, 2).is_empty(),
+        "no empty page with more to come: {out:?}"
+    );
+    let out = s.answer_lookups(out);
+    let got: Vec<(Vec<String>, bool)> = pages(&out, 2)
+        .into_iter()
+        .map(|(p, more)| (p.into_iter().map(|c| c.conv).collect(), more))
+        .collect();
+    assert_eq!(got, [(vec!["g2".to_string()], true)]);
+}
