@@ -92,6 +92,13 @@ pub struct ServeArgs {
     /// WebSocket connections of one user at once [default: 64].
     #[arg(long, env = "ORDO_MAX_CONNECTIONS_PER_USER")]
     max_connections_per_user: Option<usize>,
+    /// PEM file of the TLS certificate chain (with --tls-key: serve wss:// and https:// only;
+    /// both files are read again on SIGHUP).
+    #[arg(long, env = "ORDO_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM file of the TLS private key.
+    #[arg(long, env = "ORDO_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 impl ServeArgs {
@@ -132,6 +139,10 @@ impl ServeArgs {
         }
         if self.admin_key.is_some() {
             c.admin_key = self.admin_key;
+        }
+        if self.tls_cert.is_some() {
+            c.tls_cert = self.tls_cert;
+            c.tls_key = self.tls_key;
         }
         if self.retention_max_age_secs.is_some() {
             c.retention_max_age_secs = self.retention_max_age_secs;

@@ -17,6 +17,7 @@
 //! pings) and counted per user (`http.rs`).
 
 use crate::metrics as m;
+use crate::tls::Tls;
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
@@ -27,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 /// The limits of [`serve`].
@@ -131,14 +132,14 @@ fn admit(
     Ok((Slot(shared.clone()), Pending(shared.clone(), ip)))
 }
 
-/// A socket that holds its [`Slot`]: hyper hands the socket itself to the upgraded WebSocket,
-/// so the slot lives exactly as long as the connection.
-struct Counted {
-    io: TcpStream,
+/// A socket (plain or TLS) that holds its [`Slot`]: hyper hands the socket itself to the
+/// upgraded WebSocket, so the slot lives exactly as long as the connection.
+struct Counted<S> {
+    io: S,
     _slot: Slot,
 }
 
-impl AsyncRead for Counted {
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -148,7 +149,7 @@ impl AsyncRead for Counted {
     }
 }
 
-impl AsyncWrite for Counted {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -174,12 +175,14 @@ impl AsyncWrite for Counted {
     }
 }
 
-/// Serves `app` on `listener` until `stop` turns true; then stops accepting and asks every
+/// Serves `app` on `listener` (over TLS when `tls` is given: the handshake, too, must finish
+/// within the handshake timeout) until `stop` turns true; then stops accepting and asks every
 /// connection to finish what it is doing (WebSockets are closed by their own tasks).
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: AcceptLimits,
+    tls: Option<Arc<Tls>>,
     mut stop: watch::Receiver<bool>,
 ) {
     let shared: Shared = Arc::default();
@@ -211,33 +214,70 @@ pub async fn serve(
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
-        let io = TokioIo::new(Counted {
-            io: tcp,
-            _slot: slot,
-        });
         let service = TowerToHyperService::new(app.clone());
-        let mut stop = stop.clone();
+        let stop = stop.clone();
         let timeout = limits.handshake_timeout;
+        let acceptor = tls.as_ref().map(|t| t.acceptor());
         tokio::spawn(async move {
             let _pending = pending;
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(timeout);
-            let conn = builder.serve_connection(io, service).with_upgrades();
-            let mut conn = std::pin::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => {
-                    if let Err(e) = r {
-                        tracing::trace!(error = %e, "connection ended with an error");
-                    }
+            match acceptor {
+                None => {
+                    let io = Counted {
+                        io: tcp,
+                        _slot: slot,
+                    };
+                    serve_http(io, service, timeout, stop).await;
                 }
-                _ = async { let _ = stop.wait_for(|s| *s).await; } => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+                Some(acceptor) => {
+                    let started = tokio::time::Instant::now();
+                    let tls = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => return,
+                    };
+                    let io = Counted {
+                        io: tls,
+                        _slot: slot,
+                    };
+                    let left = timeout.saturating_sub(started.elapsed());
+                    serve_http(io, service, left.max(Duration::from_millis(1)), stop).await;
                 }
             }
         });
+    }
+}
+
+/// Serves HTTP/1.1 (and WebSocket upgrades) on one connection, its request headers due within
+/// `timeout`, until it ends or `stop` turns true.
+async fn serve_http<S>(
+    io: Counted<S>,
+    service: TowerToHyperService<Router>,
+    timeout: Duration,
+    mut stop: watch::Receiver<bool>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(timeout);
+    let conn = builder
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::trace!(error = %e, "connection ended with an error");
+            }
+        }
+        _ = async { let _ = stop.wait_for(|s| *s).await; } => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+        }
     }
 }
 

@@ -76,6 +76,11 @@ pub struct Config {
     pub idle_timeout_secs: u64,
     /// WebSocket connections of one user at once; another is refused (HTTP 429).
     pub max_connections_per_user: usize,
+    /// PEM file of the TLS certificate chain (leaf first): with `tls_key`, the server speaks
+    /// only TLS (`wss://`, `https://`). Read again, with the key, on SIGHUP.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM file of the certificate's private key (PKCS#8, PKCS#1 or SEC1).
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -113,6 +118,8 @@ impl Default for Config {
             handshake_timeout_secs: 10,
             idle_timeout_secs: 90,
             max_connections_per_user: 64,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -256,6 +263,12 @@ impl Config {
                 )))
             }
         };
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err(ConfigError::Invalid(
+                "tls_cert and tls_key go together: give both (PEM files) for TLS, or neither"
+                    .into(),
+            ));
+        }
         real("rate_per_sec", self.rate_per_sec, 0.0, 1e6)?;
         real("rate_burst", self.rate_burst, 1.0, 1e6)?;
         if self.log_format != "text" && self.log_format != "json" {

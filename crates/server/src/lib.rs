@@ -12,6 +12,7 @@ mod conn;
 mod http;
 pub mod metrics;
 mod router;
+pub mod tls;
 
 pub use config::{Config, ConfigError};
 
@@ -56,8 +57,37 @@ pub enum ServerError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
     #[error("server error: {0}")]
     Io(#[from] std::io::Error),
+}
+
+/// Reads the TLS certificate and key again on every SIGHUP until the server stops; a failed
+/// read is logged and the certificate in use stays.
+fn reload_on_sighup(
+    tls: Arc<tls::Tls>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), ServerError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = async { let _ = stop.wait_for(|s| *s).await; } => return,
+                got = hup.recv() => {
+                    if got.is_none() {
+                        return;
+                    }
+                    match tls.reload() {
+                        Ok(()) => tracing::info!("SIGHUP: TLS certificate and key read again"),
+                        Err(e) => tracing::error!(error = %e, "SIGHUP: keeping the TLS certificate in use"),
+                    }
+                }
+            }
+        }
+    });
+    Ok(())
 }
 
 /// What every request handler and connection shares.
@@ -237,6 +267,10 @@ pub async fn start_with_store(
     )?;
     let tokens = TokenKey::new(secret.as_bytes());
     let admin = admin_key(cfg.admin_key.as_deref(), &cfg.data)?;
+    let tls = match (&cfg.tls_cert, &cfg.tls_key) {
+        (Some(cert), Some(key)) => Some(Arc::new(tls::Tls::load(cert, key)?)),
+        _ => None,
+    };
 
     let router = Router::new(
         cfg.core(),
@@ -289,12 +323,15 @@ pub async fn start_with_store(
         idle_timeout: Duration::from_secs(cfg.idle_timeout_secs),
     };
     let app = http::routes(state);
-    tracing::info!(%addr, data = %cfg.data.display(), "ordo listening");
+    tracing::info!(%addr, data = %cfg.data.display(), tls = tls.is_some(), "ordo listening");
+    if let Some(tls) = &tls {
+        reload_on_sighup(tls.clone(), stop_rx.clone())?;
+    }
 
     let mut accept_limits = cfg.accept_limits();
     accept_limits.max_connections = accept::fit_open_files(accept_limits.max_connections);
     let task = tokio::spawn(async move {
-        accept::serve(listener, app, accept_limits, stop_rx).await;
+        accept::serve(listener, app, accept_limits, tls, stop_rx).await;
         // WebSocket connections outlive the accept loop: wait until each has sent its close
         // frame (bounded, so a stuck peer cannot hold the server up).
         let _ = tokio::time::timeout(CLOSE_GRACE, all_closed.recv()).await;
