@@ -13,12 +13,15 @@ use tokio::io::AsyncBufReadExt;
 /// Where to connect and who we are.
 #[derive(Args, Clone)]
 pub struct Conn {
-    /// WebSocket URL of the server.
+    /// WebSocket URL of the server (`ws://` or `wss://`).
     #[arg(long, env = "ORDO_SERVER", default_value = "ws://127.0.0.1:7400")]
     server: String,
     /// Client token (from `ordo token` or the admin API).
     #[arg(long, env = "ORDO_TOKEN", hide_env_values = true)]
     token: String,
+    /// PEM file of a CA to trust for `wss://` beside the system's roots (a private CA).
+    #[arg(long, env = "ORDO_CA")]
+    ca: Option<PathBuf>,
 }
 
 /// Exactly one of `--to` and `--group`.
@@ -111,9 +114,9 @@ async fn open(
             (dir.path().join("client.redb"), Some(dir))
         }
     };
-    let client = Client::open(ClientOptions::new(&conn.server, &conn.token, path))
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut opts = ClientOptions::new(&conn.server, &conn.token, path);
+    opts.ca = conn.ca.clone();
+    let client = Client::open(opts).await.map_err(|e| e.to_string())?;
     Ok((client, guard))
 }
 

@@ -27,8 +27,11 @@ type Ws =
 /// How to reach the server and where to keep local state.
 #[derive(Clone, Debug)]
 pub struct ClientOptions {
-    /// WebSocket base URL, e.g. `ws://127.0.0.1:7400`.
+    /// WebSocket base URL, e.g. `ws://127.0.0.1:7400` or `wss://chat.example.com`.
     pub url: String,
+    /// A PEM file of certificates to trust for `wss://` beside the system's roots (a private
+    /// CA).
+    pub ca: Option<PathBuf>,
     pub token: String,
     /// The local store file (created if missing). One client process per file.
     pub store: PathBuf,
@@ -47,6 +50,7 @@ impl ClientOptions {
     ) -> Self {
         ClientOptions {
             url: url.into(),
+            ca: None,
             token: token.into(),
             store: store.into(),
             config: ClientConfig::default(),
@@ -64,6 +68,8 @@ pub enum ClientError {
     Closed,
     #[error("invalid token for the Authorization header")]
     BadToken,
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 enum Cmd {
@@ -96,6 +102,11 @@ impl Client {
     /// Opens the local store and starts the driver, which connects in the background.
     /// Messages stored earlier but never taken by the app come out of [`Self::next_event`] first.
     pub async fn open(opts: ClientOptions) -> Result<Client, ClientError> {
+        let tls = if opts.url.starts_with("wss://") {
+            Some(crate::tls::client_config(opts.ca.as_deref()).map_err(ClientError::Tls)?)
+        } else {
+            None
+        };
         let path = opts.store.clone();
         let store = tokio::task::spawn_blocking(move || LocalStore::open(&path))
             .await
@@ -113,6 +124,7 @@ impl Client {
         let driver = Driver {
             state,
             store: store.clone(),
+            tls,
             opts,
             events: ev_tx,
             ws: None,
@@ -254,6 +266,8 @@ fn device_of(token: &str) -> String {
 struct Driver {
     state: ClientState,
     store: Arc<LocalStore>,
+    /// TLS settings, for a `wss://` server.
+    tls: Option<Arc<rustls::ClientConfig>>,
     opts: ClientOptions,
     events: mpsc::UnboundedSender<Event>,
     ws: Option<Ws>,
@@ -381,7 +395,13 @@ impl Driver {
             )
         })?;
         req.headers_mut().insert("authorization", auth);
-        let fut = tokio_tungstenite::connect_async_with_config(req, Some(ws_config()), true);
+        let connector = self.tls.clone().map(tokio_tungstenite::Connector::Rustls);
+        let fut = tokio_tungstenite::connect_async_tls_with_config(
+            req,
+            Some(ws_config()),
+            true,
+            connector,
+        );
         match tokio::time::timeout(self.opts.connect_timeout, fut).await {
             Err(_) => Err((format!("no answer from {} in time", self.opts.url), false)),
             Ok(Err(tokio_tungstenite::tungstenite::Error::Http(resp))) => {

@@ -55,6 +55,7 @@ pub mod outbox;
 pub mod reorder;
 pub mod state;
 pub mod store;
+pub mod tls;
 
 pub use backoff::RetryPolicy;
 pub use driver::{token_identity, Client, ClientError, ClientOptions};

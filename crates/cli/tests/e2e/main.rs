@@ -24,3 +24,4 @@ mod retention;
 mod sdk;
 mod sigkill;
 mod sigterm;
+mod tls;
