@@ -25,7 +25,62 @@ pub fn routes(state: AppState) -> Router {
         .route("/v1/admin/groups", post(create_group))
         .route("/v1/admin/groups/{id}", get(get_group).patch(update_group))
         .route("/v1/admin/tokens", post(issue_token))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(state)
+}
+
+async fn not_found() -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no such path; the HTTP API is in docs/protocol.md, section 7",
+    )
+}
+
+async fn method_not_allowed() -> Response {
+    error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this path does not take that method; see docs/protocol.md, section 7",
+    )
+}
+
+/// Most bytes of a plain-text error body carried into its JSON form.
+const ERROR_TEXT_BYTES: usize = 4096;
+
+/// Every error answer is JSON: one made by a layer below the handlers (the WebSocket upgrade's
+/// refusals, for one) in plain text gets its text wrapped as `{"error":{"code","message"}}`,
+/// with a code named after its status.
+async fn json_errors(resp: Response) -> Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let text = match axum::body::to_bytes(resp.into_body(), ERROR_TEXT_BYTES).await {
+        Ok(b) if !b.is_empty() => String::from_utf8_lossy(&b).trim().to_string(),
+        _ => status
+            .canonical_reason()
+            .unwrap_or("request refused")
+            .to_string(),
+    };
+    let code = match status {
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "too_large",
+        StatusCode::UNAUTHORIZED => "unauthorized",
+        StatusCode::TOO_MANY_REQUESTS => "too_many_connections",
+        StatusCode::SERVICE_UNAVAILABLE => "unavailable",
+        s if s.is_server_error() => "internal",
+        _ => "malformed",
+    };
+    error(status, code, text)
 }
 
 /// A JSON error response: `{"error": {"code": ..., "message": ...}}`.
@@ -207,6 +262,10 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
     async fn from_request(req: Request, state: &S) -> Result<Self, Response> {
         match Json::<T>::from_request(req, state).await {
             Ok(Json(v)) => Ok(Body(v)),
+            // A body past the limit keeps its 413; every other fault of the body is a 400.
+            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                Err(error(e.status(), "too_large", e.body_text()))
+            }
             Err(e) => Err(error(StatusCode::BAD_REQUEST, "malformed", e.body_text())),
         }
     }

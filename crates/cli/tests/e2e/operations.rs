@@ -212,3 +212,74 @@ async fn a_connection_with_too_many_held_back_sends_is_closed_with_1013() {
     let mut again = Client::connect(&server, "alice", "a1").await;
     again.ping(1).await;
 }
+
+/// Every error answer of the HTTP API is JSON `{"error":{"code","message"}}`: an unknown path
+/// (404), a method a path does not take (405), a body over the limit (413), a malformed body
+/// (400), a request to `/v1/ws` that is not a WebSocket upgrade.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_http_error_is_json() {
+    let server = Server::start(&[]).await;
+    let base = server.http_url();
+    let http = reqwest::Client::new();
+    let key = server.admin_key().to_string();
+    let cases = [
+        (http.get(format!("{base}/no/such/path")), 404, "not_found"),
+        (
+            http.delete(format!("{base}/healthz")),
+            405,
+            "method_not_allowed",
+        ),
+        (
+            http.post(format!("{base}/v1/admin/groups"))
+                .bearer_auth(&key)
+                .header("content-type", "application/json")
+                .body("{not json"),
+            400,
+            "malformed",
+        ),
+        (http.get(format!("{base}/v1/ws")), 400, "malformed"),
+    ];
+    for (req, status, code) in cases {
+        let resp = req.send().await.expect("an answer");
+        let got = resp.status().as_u16();
+        let ct = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let body: serde_json::Value = resp
+            .json()
+            .await
+            .unwrap_or_else(|e| panic!("{got}: not JSON: {e}"));
+        assert_eq!(got, status, "{body}");
+        assert!(ct.starts_with("application/json"), "{ct}");
+        assert_eq!(body["error"]["code"], code, "{body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{body}"
+        );
+    }
+    // A body over the limit (2 MiB) is refused once the server has read that much; the client
+    // may not get to write the rest (so this one is spoken by hand, writing while it reads).
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp = tokio::net::TcpStream::connect(base.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let (mut rd, mut wr) = tcp.into_split();
+    let head = format!(
+        "POST /v1/admin/groups HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        3 << 20
+    );
+    tokio::spawn(async move {
+        let _ = wr.write_all(head.as_bytes()).await;
+        let _ = wr.write_all(&vec![b' '; 3 << 20]).await;
+    });
+    let mut answer = String::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), rd.read_to_string(&mut answer)).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("application/json"), "{answer}");
+    assert!(answer.contains("\"too_large\""), "{answer}");
+}
