@@ -242,8 +242,8 @@ pub fn tail(args: TailArgs) -> ExitCode {
         while let Some(ev) = client.next_event().await {
             let line = match ev {
                 Event::Message(m) => serde_json::json!({
-                    "conv": m.conv, "seq": m.seq, "sender": m.from, "device": m.device,
-                    "client_msg_id": m.cmid, "body": m.body, "ts": m.ts,
+                    "conv": m.conv, "seq": m.seq, "from": m.from, "device": m.device,
+                    "cmid": m.cmid, "body": m.body, "ts": m.ts,
                     "reply_to": m.reply_to,
                 }),
                 Event::HistoryGap { conv, from, to } => serde_json::json!({

@@ -329,11 +329,10 @@ async fn a_restarted_tail_prints_only_what_it_had_not_printed() {
         .map(|l| l["seq"].as_u64().expect("seq"))
         .collect();
     assert_eq!(seqs, (1..=20).collect::<Vec<_>>());
-    assert_eq!(first[0]["sender"], "alice");
+    // The protocol's field names (docs/protocol.md, `msg`).
+    assert_eq!(first[0]["from"], "alice");
     assert_eq!(first[0]["body"], "m000");
-    assert!(first[0]["client_msg_id"]
-        .as_str()
-        .is_some_and(|c| !c.is_empty()));
+    assert!(first[0]["cmid"].as_str().is_some_and(|c| !c.is_empty()));
     assert!(first[0]["conv"]
         .as_str()
         .is_some_and(|c| c.starts_with("d_")));
