@@ -761,7 +761,9 @@ impl Router {
         let frame = out.frame();
         let push = owed::is_push(frame);
         // Something owed of the same conversation goes first (no gap, no position going back).
+        // (Nothing owed to anyone, the common case: no lookup on the path of every push.)
         let behind = push
+            && !self.owed.is_empty()
             && self
                 .owed
                 .get(&session)
