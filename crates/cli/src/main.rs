@@ -121,6 +121,7 @@ fn main() -> ExitCode {
                 user,
                 device,
                 exp: now.saturating_add(ttl_secs),
+                iat: Some(now),
             };
             match key.sign(&claims) {
                 Ok(t) => {

@@ -99,6 +99,19 @@ pub struct ServeArgs {
     /// PEM file of the TLS private key.
     #[arg(long, env = "ORDO_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// JSON Web Key Set file of the public keys RS256/ES256 JWTs are checked with (read again on
+    /// SIGHUP); HS256 JWTs use the token secret and need none.
+    #[arg(long, env = "ORDO_JWKS")]
+    jwks: Option<PathBuf>,
+    /// A JWT's `iss` must be this.
+    #[arg(long, env = "ORDO_JWT_ISSUER")]
+    jwt_issuer: Option<String>,
+    /// A JWT's `aud` must name this.
+    #[arg(long, env = "ORDO_JWT_AUDIENCE")]
+    jwt_audience: Option<String>,
+    /// Seconds of clock skew allowed on a JWT's exp and nbf [default: 30].
+    #[arg(long, env = "ORDO_JWT_LEEWAY_SECS")]
+    jwt_leeway_secs: Option<u64>,
 }
 
 impl ServeArgs {
@@ -132,8 +145,20 @@ impl ServeArgs {
             max_pending_per_ip,
             handshake_timeout_secs,
             idle_timeout_secs,
-            max_connections_per_user
+            max_connections_per_user,
+            jwt_leeway_secs
         );
+        if self.jwks.is_some() {
+            c.jwks = self.jwks;
+        }
+        for (given, field) in [
+            (self.jwt_issuer, &mut c.jwt_issuer),
+            (self.jwt_audience, &mut c.jwt_audience),
+        ] {
+            if given.is_some() {
+                *field = given;
+            }
+        }
         if self.secret.is_some() {
             c.secret = self.secret;
         }

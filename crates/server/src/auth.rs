@@ -1,9 +1,17 @@
 //! Client tokens and the admin key.
 //!
-//! A token is `<payload>.<signature>`: the payload is base64url (no padding) of the JSON
-//! `{"u": user, "d": device, "exp": unix seconds}`, the signature is base64url of
-//! HMAC-SHA256(secret, payload text). The secret and the admin key come from a flag, an
-//! environment variable, or a file in the data directory that is generated on first use.
+//! The server takes two kinds of token, told apart by their number of dot-separated parts:
+//!
+//! - Ordo's own, `<payload>.<signature>` (from `ordo token` and `POST /v1/admin/tokens`): the
+//!   payload is base64url (no padding) of the JSON `{"u": user, "d": device, "exp": unix
+//!   seconds, "iat": unix seconds}`, the signature is base64url of HMAC-SHA256(secret, payload
+//!   text). `iat` is optional (tokens made before it was added lack it).
+//! - Standard JWTs, `<header>.<claims>.<signature>`, minted by the app's backend: see
+//!   [`crate::jwt`].
+//!
+//! [`Authenticator`] checks either and then the revocations ([`crate::revocation`]). The
+//! secret and the admin key come from a flag, an environment variable, or a file in the data
+//! directory that is generated on first use.
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -24,13 +32,16 @@ pub struct Claims {
     pub device: String,
     /// Expiry, seconds since the Unix epoch.
     pub exp: u64,
+    /// When the token was issued, seconds since the Unix epoch (what revocations compare).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iat: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AuthError {
     #[error("no token: send `Authorization: Bearer <token>` or `?token=<token>`")]
     Missing,
-    #[error("token is malformed: expected <payload>.<signature>, both base64url, as printed by `ordo token`")]
+    #[error("token is malformed: expected <payload>.<signature> as printed by `ordo token`, or a JWT (<header>.<claims>.<signature>), all base64url")]
     Malformed,
     #[error("token signature does not match this server's secret")]
     BadSignature,
@@ -38,6 +49,54 @@ pub enum AuthError {
     Expired(u64),
     #[error("token names an invalid id: {0}")]
     BadId(#[from] IdError),
+    #[error("JWT refused: {0}")]
+    Jwt(String),
+    #[error("the token was revoked (tokens of user {user}{} issued before {before}, unix seconds, are refused); get a new one", .device.as_deref().map(|d| format!(" on device {d}")).unwrap_or_default())]
+    Revoked {
+        user: String,
+        device: Option<String>,
+        before: u64,
+    },
+}
+
+/// Longest token taken (a JWT with an RSA-4096 signature and a few claims is under 2 KiB).
+pub const MAX_TOKEN_BYTES: usize = 8192;
+
+/// Checks client tokens of both kinds, then the revocations.
+pub struct Authenticator {
+    pub own: TokenKey,
+    pub jwt: crate::jwt::JwtVerifier,
+    pub revocations: crate::revocation::Revocations,
+}
+
+impl Authenticator {
+    /// The claims of `token` at `now_secs`, if it is good and not revoked.
+    pub fn verify(&self, token: &str, now_secs: u64) -> Result<Claims, AuthError> {
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(AuthError::Malformed);
+        }
+        let claims = match token.bytes().filter(|b| *b == b'.').count() {
+            2 => self.jwt.verify(token, now_secs)?,
+            _ => self.own.verify(token, now_secs)?,
+        };
+        self.check_revoked(&claims)?;
+        Ok(claims)
+    }
+
+    /// Refuses claims a revocation covers.
+    pub fn check_revoked(&self, claims: &Claims) -> Result<(), AuthError> {
+        match self
+            .revocations
+            .refuses(&claims.user, &claims.device, claims.iat)
+        {
+            None => Ok(()),
+            Some(r) => Err(AuthError::Revoked {
+                user: r.user,
+                device: r.device,
+                before: r.before,
+            }),
+        }
+    }
 }
 
 /// Signs and verifies tokens with one secret.
@@ -154,6 +213,7 @@ mod tests {
             user: "alice".into(),
             device: "phone".into(),
             exp: 100,
+            iat: Some(1),
         };
         let t = k.sign(&c).unwrap();
         assert_eq!(k.verify(&t, 99).unwrap(), c);

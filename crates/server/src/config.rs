@@ -81,6 +81,15 @@ pub struct Config {
     pub tls_cert: Option<PathBuf>,
     /// PEM file of the certificate's private key (PKCS#8, PKCS#1 or SEC1).
     pub tls_key: Option<PathBuf>,
+    /// JSON Web Key Set file of the public keys RS256 and ES256 JWTs are checked with (read
+    /// again on SIGHUP). HS256 JWTs are checked with `secret` and need no file.
+    pub jwks: Option<PathBuf>,
+    /// When set, a JWT's `iss` must be this.
+    pub jwt_issuer: Option<String>,
+    /// When set, a JWT's `aud` must name this.
+    pub jwt_audience: Option<String>,
+    /// Seconds of clock skew allowed on a JWT's `exp`, `nbf` and `iat`.
+    pub jwt_leeway_secs: u64,
 }
 
 impl Default for Config {
@@ -120,6 +129,10 @@ impl Default for Config {
             max_connections_per_user: 64,
             tls_cert: None,
             tls_key: None,
+            jwks: None,
+            jwt_issuer: None,
+            jwt_audience: None,
+            jwt_leeway_secs: 30,
         }
     }
 }
@@ -247,6 +260,7 @@ impl Config {
             600,
         )?;
         int("idle_timeout_secs", self.idle_timeout_secs, 3, 86_400)?;
+        int("jwt_leeway_secs", self.jwt_leeway_secs, 0, 3600)?;
         int(
             "max_connections_per_user",
             size(self.max_connections_per_user),
@@ -278,6 +292,14 @@ impl Config {
             )));
         }
         Ok(())
+    }
+
+    pub fn jwt_rules(&self) -> crate::jwt::JwtRules {
+        crate::jwt::JwtRules {
+            issuer: self.jwt_issuer.clone().filter(|s| !s.is_empty()),
+            audience: self.jwt_audience.clone().filter(|s| !s.is_empty()),
+            leeway_secs: self.jwt_leeway_secs,
+        }
     }
 
     pub fn accept_limits(&self) -> crate::accept::AcceptLimits {

@@ -54,6 +54,8 @@ pub mod close {
     /// The connection's token expired (an application code: 4000-4999 are left to
     /// applications by RFC 6455).
     pub const TOKEN_EXPIRED: u16 = 4001;
+    /// The connection's token was revoked through the admin API.
+    pub const TOKEN_REVOKED: u16 = 4003;
     /// Nothing was heard from the connection (not even an answer to the server's pings) for
     /// `idle_timeout_secs`.
     pub const IDLE: u16 = 4002;
@@ -77,7 +79,12 @@ pub async fn run(
     enc: Encoding,
     _user_slot: crate::http::UserSlot,
 ) {
-    let Claims { user, device, exp } = claims;
+    let Claims {
+        user,
+        device,
+        exp,
+        iat,
+    } = claims;
     let idle = state.idle_timeout;
     // The token's expiry ends the connection: a token is good until then, not for as long as
     // one connection lasts.
@@ -218,6 +225,28 @@ pub async fn run(
     let mut was_waiting = false;
     let stall_timer = tokio::time::sleep_until(heard + stalled);
     tokio::pin!(expiry, idle_timer, stall_timer);
+    // Subscribed before the check, so that a revocation stored meanwhile is seen by one or
+    // the other.
+    let mut revoked = state.tokens.revocations.subscribe();
+    revoked.mark_unchanged();
+    let is_revoked = |iat| {
+        state
+            .tokens
+            .check_revoked(&Claims {
+                user: user.clone(),
+                device: device.clone(),
+                exp,
+                iat,
+            })
+            .err()
+            .map(|_| {
+                (
+                    close::TOKEN_REVOKED,
+                    "the token was revoked; reconnect with a new one".to_string(),
+                )
+            })
+    };
+    let mut first = is_revoked(iat);
     let close = loop {
         let paced = conn.paced();
         let waiting = paced && conn.queued();
@@ -227,8 +256,17 @@ pub async fn run(
                 .reset(tokio::time::Instant::now() + stalled);
         }
         was_waiting = waiting;
+        if let Some(c) = first.take() {
+            break Some(c);
+        }
         tokio::select! {
             _ = kick.woken.notified() => break Some((close::TRY_AGAIN_LATER, kick.reason())),
+            _ = revoked.changed() => {
+                match is_revoked(iat) {
+                    Some(c) => break Some(c),
+                    None => continue,
+                }
+            }
             _ = shutdown.changed() => break Some((close::GOING_AWAY, "server is shutting down; reconnect".to_string())),
             _ = &mut expiry => break Some((close::TOKEN_EXPIRED, "the token expired; reconnect with a new one".to_string())),
             _ = &mut idle_timer => {

@@ -25,6 +25,7 @@ pub fn routes(state: AppState) -> Router {
         .route("/v1/admin/groups", post(create_group))
         .route("/v1/admin/groups/{id}", get(get_group).patch(update_group))
         .route("/v1/admin/tokens", post(issue_token))
+        .route("/v1/admin/revocations", post(revoke))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::map_response(json_errors))
@@ -399,15 +400,63 @@ async fn issue_token(
     _: Admin,
     Body(req): Body<IssueToken>,
 ) -> Response {
-    let exp = (crate::router::now_ms() / 1000)
-        .saturating_add(req.ttl_secs.unwrap_or(crate::DEFAULT_TOKEN_TTL_SECS));
+    let now = crate::router::now_ms() / 1000;
+    let exp = now.saturating_add(req.ttl_secs.unwrap_or(crate::DEFAULT_TOKEN_TTL_SECS));
     let claims = Claims {
         user: req.user,
         device: req.device,
         exp,
+        iat: Some(now),
     };
-    match state.tokens.sign(&claims) {
+    match state.tokens.own.sign(&claims) {
         Ok(token) => Json(json!({"token": token, "exp": exp})).into_response(),
         Err(e) => error(StatusCode::BAD_REQUEST, "invalid", e.to_string()),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Revoke {
+    user: String,
+    /// Only this device's tokens; every device's when absent.
+    device: Option<String>,
+    /// Tokens issued before this (unix seconds) are refused; now when absent.
+    before: Option<u64>,
+}
+
+/// Stores a revocation, then answers; the connections it covers are closed with 4003.
+async fn revoke(State(state): State<AppState>, _: Admin, Body(req): Body<Revoke>) -> Response {
+    use ordo_protocol::{validate_id, IdKind};
+    if let Err(e) = validate_id(IdKind::User, &req.user) {
+        return error(StatusCode::BAD_REQUEST, "invalid", e.to_string());
+    }
+    if let Some(Err(e)) = req
+        .device
+        .as_deref()
+        .map(|d| validate_id(IdKind::Device, d))
+    {
+        return error(StatusCode::BAD_REQUEST, "invalid", e.to_string());
+    }
+    let before = req.before.unwrap_or_else(|| crate::router::now_ms() / 1000);
+    let tokens = state.tokens.clone();
+    let done = tokio::task::spawn_blocking(move || {
+        tokens
+            .revocations
+            .revoke(&req.user, req.device.as_deref(), before)
+    })
+    .await;
+    match done {
+        Ok(Ok(r)) => {
+            tracing::info!(user = %r.user, device = ?r.device, before = r.before, "tokens revoked");
+            Json(r).into_response()
+        }
+        Ok(Err(e @ crate::revocation::RevocationError::Full(_))) => {
+            error(StatusCode::INSUFFICIENT_STORAGE, "full", e.to_string())
+        }
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "cannot store a revocation");
+            error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
     }
 }

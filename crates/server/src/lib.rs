@@ -10,7 +10,9 @@ pub mod auth;
 pub mod config;
 mod conn;
 mod http;
+pub mod jwt;
 pub mod metrics;
+pub mod revocation;
 mod router;
 pub mod tls;
 
@@ -59,14 +61,19 @@ pub enum ServerError {
     },
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    #[error(transparent)]
+    Jwks(#[from] jwt::JwksError),
+    #[error(transparent)]
+    Revocations(#[from] revocation::RevocationError),
     #[error("server error: {0}")]
     Io(#[from] std::io::Error),
 }
 
-/// Reads the TLS certificate and key again on every SIGHUP until the server stops; a failed
-/// read is logged and the certificate in use stays.
+/// Reads the TLS certificate and key, and the JWKS file, again on every SIGHUP until the server
+/// stops; a failed read is logged and what is in use stays.
 fn reload_on_sighup(
-    tls: Arc<tls::Tls>,
+    tls: Option<Arc<tls::Tls>>,
+    tokens: Arc<auth::Authenticator>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), ServerError> {
     use tokio::signal::unix::{signal, SignalKind};
@@ -79,9 +86,17 @@ fn reload_on_sighup(
                     if got.is_none() {
                         return;
                     }
-                    match tls.reload() {
-                        Ok(()) => tracing::info!("SIGHUP: TLS certificate and key read again"),
-                        Err(e) => tracing::error!(error = %e, "SIGHUP: keeping the TLS certificate in use"),
+                    if let Some(tls) = &tls {
+                        match tls.reload() {
+                            Ok(()) => tracing::info!("SIGHUP: TLS certificate and key read again"),
+                            Err(e) => tracing::error!(error = %e, "SIGHUP: keeping the TLS certificate in use"),
+                        }
+                    }
+                    if tokens.jwt.has_jwks() {
+                        match tokens.jwt.reload() {
+                            Ok(n) => tracing::info!(keys = n, "SIGHUP: JWKS file read again"),
+                            Err(e) => tracing::error!(error = %e, "SIGHUP: keeping the JWKS keys in use"),
+                        }
                     }
                 }
             }
@@ -99,7 +114,7 @@ pub(crate) struct AppState {
     max_sync_bytes: usize,
     outbound_queue: usize,
     outbound_bytes: usize,
-    tokens: TokenKey,
+    tokens: Arc<auth::Authenticator>,
     admin_key: Arc<str>,
     shutdown: watch::Receiver<bool>,
     /// Held by every connection task; shutdown waits until all are dropped.
@@ -265,7 +280,11 @@ pub async fn start_with_store(
         SECRET_FLAG,
         true,
     )?;
-    let tokens = TokenKey::new(secret.as_bytes());
+    let tokens = Arc::new(auth::Authenticator {
+        own: TokenKey::new(secret.as_bytes()),
+        jwt: jwt::JwtVerifier::new(secret.as_bytes(), cfg.jwks.as_deref(), cfg.jwt_rules())?,
+        revocations: revocation::Revocations::open(&cfg.data)?,
+    });
     let admin = admin_key(cfg.admin_key.as_deref(), &cfg.data)?;
     let tls = match (&cfg.tls_cert, &cfg.tls_key) {
         (Some(cert), Some(key)) => Some(Arc::new(tls::Tls::load(cert, key)?)),
@@ -322,10 +341,11 @@ pub async fn start_with_store(
         users: Arc::new(http::UserConnections::new(cfg.max_connections_per_user)),
         idle_timeout: Duration::from_secs(cfg.idle_timeout_secs),
     };
+    let tokens = state.tokens.clone();
     let app = http::routes(state);
-    tracing::info!(%addr, data = %cfg.data.display(), tls = tls.is_some(), "ordo listening");
-    if let Some(tls) = &tls {
-        reload_on_sighup(tls.clone(), stop_rx.clone())?;
+    tracing::info!(%addr, data = %cfg.data.display(), tls = tls.is_some(), jwks = tokens.jwt.has_jwks(), "ordo listening");
+    if tls.is_some() || tokens.jwt.has_jwks() {
+        reload_on_sighup(tls.clone(), tokens, stop_rx.clone())?;
     }
 
     let mut accept_limits = cfg.accept_limits();

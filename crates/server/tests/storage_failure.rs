@@ -83,6 +83,7 @@ async fn connect(addr: std::net::SocketAddr, user: &str) -> Ws {
             user: user.into(),
             device: "d1".into(),
             exp: u64::MAX / 2,
+            iat: None,
         })
         .unwrap();
     let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/v1/ws?token={token}"))

@@ -21,6 +21,7 @@ pub fn token(
             user: user.to_string(),
             device: device.to_string(),
             exp: now.saturating_add(ttl_secs),
+            iat: Some(now),
         })
         .map_err(|e| HarnessError::Request(format!("cannot sign a token: {e}")))
 }

@@ -93,6 +93,7 @@ async fn non_members_and_bad_credentials_are_rejected() {
                 user: "alice".into(),
                 device: "phone".into(),
                 exp: now_secs() + 3600,
+                iat: None,
             })
             .expect("sign"),
         ordo_server::auth::TokenKey::new(SECRET.as_bytes())
@@ -100,6 +101,7 @@ async fn non_members_and_bad_credentials_are_rejected() {
                 user: "alice".into(),
                 device: "phone".into(),
                 exp: now_secs() - 10,
+                iat: None,
             })
             .expect("sign"),
         String::new(),

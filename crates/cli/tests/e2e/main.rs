@@ -16,6 +16,7 @@ mod catchup;
 mod check;
 mod dedup;
 mod encodings;
+mod jwt;
 mod limits;
 mod operations;
 mod order;
