@@ -44,10 +44,25 @@ enum Cmd {
         ttl_secs: u64,
     },
     /// Send each TEXT as one message, in order; exit 0 once all are accepted.
+    ///
+    /// While the server cannot be reached, each new cause is reported on stderr with the time of
+    /// the next attempt, and the messages wait in the outbox until --timeout. Exit status: 0 all
+    /// accepted; 1 not all accepted in time, a message rejected, the token refused by the
+    /// server (401) or its TLS certificate not verifying; 2 a server URL that cannot work (not
+    /// ws:// or wss://, or ending with /v1/ws, which the client appends itself).
     Send(messaging::SendArgs),
     /// Print every message received, one JSON object per line, until killed.
+    ///
+    /// Connection failures are reported on stderr (each new cause, with the time of the next
+    /// attempt) and retried for ever; a token refused by the server, a certificate that does not
+    /// verify (exit 1) or a server URL that cannot work (exit 2) end it at once.
     Tail(messaging::TailArgs),
     /// Line-mode chat in one conversation, showing each message's state as it changes.
+    ///
+    /// It starts once the server has taken the connection; connection failures are reported on
+    /// stderr and retried, and lines typed meanwhile wait as pending. A token refused by the
+    /// server, a certificate that does not verify (exit 1) or a server URL that cannot work
+    /// (exit 2) end it at once.
     Chat(messaging::ChatArgs),
     /// Chaos run against a real server: kills, cut connections, client crashes; then verify
     /// that every accepted message reached every device exactly once, in order.

@@ -8,8 +8,14 @@
 //! reference store ([`memory_store`]) stands in for the local store in the tests and in the
 //! simulation.
 //!
+//! The connection is the driver's business: it reconnects by itself, with backoff and jitter,
+//! and says why it is not connected ([`ConnectError`], through [`Client::connection`] after an
+//! `Event::ConnectFailed` or `Event::Disconnected`). Errors that retrying cannot mend (a URL that
+//! is not `ws://` or `wss://`, a token the server refuses, a certificate that does not verify)
+//! stop it instead; see the [`driver`] module.
+//!
 //! ```no_run
-//! use ordo_client::{Client, ClientOptions, Event, Status, Target};
+//! use ordo_client::{Client, ClientOptions, Connection, Event, Status, Target};
 //!
 //! # async fn demo(token: String) -> Result<(), ordo_client::ClientError> {
 //! // One store file per device; reopening it carries on where the last run stopped.
@@ -38,6 +44,14 @@
 //!             }
 //!         }
 //!         Event::HistoryGap { conv, from, to } => println!("{conv}: {from}..={to} removed"),
+//!         // Why the connection failed or dropped, and when the next attempt is.
+//!         Event::ConnectFailed { .. } | Event::Disconnected => match client.connection() {
+//!             Connection::Retrying { cause, retry_in, .. } => {
+//!                 eprintln!("{cause}; retrying in {:.1} s", retry_in.as_secs_f32())
+//!             }
+//!             Connection::Stopped(cause) => eprintln!("{cause}"), // next_event returns None
+//!             _ => {}
+//!         },
 //!         _ => {}
 //!     }
 //! }
@@ -58,7 +72,9 @@ pub mod store;
 pub mod tls;
 
 pub use backoff::RetryPolicy;
-pub use driver::{token_identity, Client, ClientError, ClientOptions};
+pub use driver::{
+    endpoint, token_identity, Client, ClientError, ClientOptions, ConnectError, Connection, WS_PATH,
+};
 #[cfg(feature = "fault-injection")]
 pub use fault::Faults;
 pub use memory_store::MemoryStore;
