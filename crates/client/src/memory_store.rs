@@ -255,6 +255,7 @@ mod tests {
             body: format!("{conv} #{seq}"),
             reply_to: None,
             ts: seq,
+            event: None,
         }
     }
 

@@ -112,6 +112,7 @@ mod tests {
             body: String::new(),
             reply_to: None,
             ts: 0,
+            event: None,
         }
     }
 

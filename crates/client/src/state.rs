@@ -10,7 +10,7 @@
 use crate::backoff::RetryPolicy;
 use crate::outbox::{Failure, Outbox, Pending, Target};
 use crate::reorder::{Offer, ReorderBuffer};
-use ordo_protocol::{ClientFrame, ConvInfo, ErrorCode, Message, Position, ServerFrame};
+use ordo_protocol::{ClientFrame, ConvEvent, ConvInfo, ErrorCode, Message, Position, ServerFrame};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
@@ -58,8 +58,19 @@ pub enum Status {
 /// What the app is told.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
-    /// The next message of a conversation, in seq order, each once.
+    /// The next message of a conversation, in seq order, each once. A system message (`from`
+    /// empty) with [`Message::event`] set records a change of the group (members joined, left
+    /// or removed, a new name) at its place in the history.
     Message(Message),
+    /// This user was removed from group `conv` (or, with `left`, left it): `seq` is the event
+    /// that says so, the last of the conversation this device gets. It was handed over as an
+    /// [`Event::Message`] too if it was next in order; nothing of `conv` is fetched any more
+    /// (the server no longer lets this user read it; what is stored locally stays).
+    Removed {
+        conv: String,
+        seq: u64,
+        left: bool,
+    },
     Status {
         cmid: String,
         conv: Option<String>,
@@ -557,6 +568,20 @@ impl ClientState {
 
     fn on_message(&mut self, m: Message, now: u64) {
         let conv = m.conv.clone();
+        let removed = match (&self.user, &m.event) {
+            (Some(me), Some(ConvEvent::Removed { users })) if users.contains(me) => Some(false),
+            (Some(me), Some(ConvEvent::Left { users })) if users.contains(me) => Some(true),
+            _ => None,
+        };
+        if let Some(left) = removed {
+            let seq = m.seq;
+            // Handed over if it is next; a gap before it is not synced (it cannot be).
+            if let Offer::Ready(ready) = self.conv_mut(&conv).reorder.offer(m) {
+                self.store_and_hand(&conv, ready, now);
+            }
+            self.event(Event::Removed { conv, seq, left });
+            return;
+        }
         // Test-only sabotage: a message behind a hole goes to the app at once.
         #[cfg(feature = "fault-injection")]
         let early = self.faults.no_reorder.then(|| m.clone());

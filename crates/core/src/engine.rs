@@ -14,6 +14,7 @@ use crate::hub::{Hub, Step};
 use crate::model::*;
 use crate::owner::{Answer, Out, Owner};
 use ordo_protocol::{Message, ServerFrame};
+use std::collections::BTreeMap;
 
 /// Identifies one connected device; chosen by the caller, unique while connected.
 pub type SessionId = u64;
@@ -38,6 +39,11 @@ pub enum Action {
     AdminDone {
         ticket: Ticket,
         reply: Result<AdminReply, CoreError>,
+    },
+    /// A backend post ([`Core::post`]) is durable (or was already: a repeat), or was refused.
+    Posted {
+        ticket: Ticket,
+        reply: Result<crate::posting::Posted, CoreError>,
     },
     /// Ask the store what (`user`, `cmid`) was accepted as, and hand the answer to
     /// [`Core::looked_up`] with this `id`. The send that needs it waits, and so do the later
@@ -93,16 +99,25 @@ pub type AdminReply = ConvRecord;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum AdminOp {
+    /// A new group; each member's joining is recorded in it ([`ordo_protocol::ConvEvent`]).
     CreateGroup {
         id: String,
         members: Vec<String>,
         retention: Retention,
+        name: Option<String>,
+        metadata: BTreeMap<String, String>,
     },
+    /// A change of a group: members added, removed, or reported as having left (each recorded
+    /// in the group as an event), its retention, its name (an event too; empty: no name), its
+    /// metadata (replaced whole).
     UpdateGroup {
         id: String,
         add: Vec<String>,
         remove: Vec<String>,
+        leave: Vec<String>,
         retention: Option<Retention>,
+        name: Option<String>,
+        metadata: Option<BTreeMap<String, String>>,
     },
     /// The group as committed.
     Get { id: String },
@@ -414,6 +429,17 @@ impl Core {
     ) -> Result<Vec<Action>, CoreError> {
         let outs = self.owner.admin(ticket, op, now_ms)?;
         Ok(self.route(outs))
+    }
+
+    /// A message of the app's backend: answered with [`Action::Posted`] once durable.
+    pub fn post(
+        &mut self,
+        ticket: Ticket,
+        post: crate::posting::AdminPost,
+        now_ms: u64,
+    ) -> Vec<Action> {
+        let outs = self.owner.post(ticket, post, now_ms);
+        self.route(outs)
     }
 
     // ----- ticks -----

@@ -66,6 +66,8 @@ mod tests {
             id: "g".into(),
             members: vec!["alice".into(), "bob".into()],
             retention: Retention::default(),
+            name: None,
+            metadata: Default::default(),
         };
         // The core asks whether the group exists: the new store holds nothing.
         for a in core.admin(1, op, 1_000).expect("a valid group") {

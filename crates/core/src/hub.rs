@@ -17,7 +17,7 @@ use crate::rate::TokenBucket;
 use crate::seam::{Accepted, Delivery, Origin, Request, SendCmd, ToHub};
 use crate::session::{PushState, Session};
 use foldhash::{HashMap, HashMapExt};
-use ordo_protocol::{direct_conv_id, validate_id, ClientFrame, IdKind, ServerFrame};
+use ordo_protocol::{direct_conv_id, validate_id, ClientFrame, ConvEvent, IdKind, ServerFrame};
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
@@ -480,6 +480,14 @@ impl Hub {
                         },
                     });
                 }
+            }
+        }
+        // Users removed from the group (or gone) are no longer members, but their connected
+        // devices are pushed the event that says so, as the conversation's last message for
+        // them (out of turn if they were behind: they cannot sync it any more).
+        if let Some(ConvEvent::Removed { users } | ConvEvent::Left { users }) = &m.event {
+            for user in users.iter().filter(|u| !d.rec.members.contains(*u)) {
+                pushed.extend(self.by_user.get(user).into_iter().flatten().copied());
             }
         }
         if !pushed.is_empty() {

@@ -68,6 +68,8 @@ pub(crate) enum Waiting {
         op: AdminOp,
         now_ms: u64,
     },
+    /// A backend post.
+    Post(crate::posting::PostJob),
 }
 
 /// What the core knows of loading: see the module docs.
@@ -169,6 +171,7 @@ impl Conv {
             others_delivered,
             others_read,
             members,
+            name: self.durable_rec.as_ref().and_then(|r| r.name.clone()),
         }
     }
 }
@@ -346,6 +349,7 @@ impl Owner {
                     };
                     out.extend(self.drain_parked(session, now_ms));
                 }
+                Waiting::Post(job) => out.extend(self.run_post(job)),
                 Waiting::Admin { ticket, op, now_ms } => match self.admin(ticket, op, now_ms) {
                     Ok(a) => out.extend(a),
                     Err(e) => out.push(Out::Io(Action::AdminDone {

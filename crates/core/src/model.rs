@@ -7,7 +7,7 @@
 
 use ordo_protocol::{ConvKind, Message};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 /// How much history a conversation keeps. `None` keeps everything.
@@ -49,6 +49,13 @@ pub struct ConvRecord {
     /// The conversation's own retention; unset fields fall back to the server default.
     pub retention: Retention,
     pub created_ms: u64,
+    /// A group's name, if the app gave it one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// A group's metadata: string keys and values the app keeps with it (see
+    /// [`crate::validate_metadata`] for the limits).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
 }
 
 /// A conversation's seq range, written alone when that is all that changed: the common case of a

@@ -116,6 +116,7 @@ mod tests {
             body: "b".into(),
             reply_to: None,
             ts: 1,
+            event: None,
         }))
     }
 

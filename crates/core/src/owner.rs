@@ -21,11 +21,12 @@ use crate::held_back::{Gate, Held};
 use crate::line::{Line, LookedUp, LookupState, Parked};
 use crate::loading::{Loads, Waiting};
 use crate::model::*;
+use crate::posting::{posted, PostJob, Posted};
 use crate::rng::SplitMix64;
 use crate::seam::{Accepted, Delivery, Origin, Request, SendCmd, ToHub};
 use foldhash::{HashMap, HashMapExt};
 use ordo_protocol::{
-    validate_id, ConvKind, ErrorCode, IdKind, Message, ServerFrame, DIRECT_PREFIX,
+    validate_id, ConvEvent, ConvKind, ErrorCode, IdKind, Message, ServerFrame, DIRECT_PREFIX,
 };
 use std::collections::BTreeSet;
 use std::mem::take;
@@ -64,9 +65,9 @@ type Waiter = Accepted;
 /// Changes not yet handed out in a batch, plus the answers that wait on them.
 #[derive(Default)]
 pub(crate) struct Pending {
-    messages: Vec<Arc<StoredMessage>>,
+    pub(crate) messages: Vec<Arc<StoredMessage>>,
     /// Conversations with new messages.
-    convs: BTreeSet<String>,
+    pub(crate) convs: BTreeSet<String>,
     /// Conversations created or changed by an admin request: their whole record is written.
     records: BTreeSet<String>,
     dedup_forget_before_ms: Option<u64>,
@@ -74,6 +75,8 @@ pub(crate) struct Pending {
     trim_before_ms: Vec<(String, u64)>,
     waiters: Vec<Waiter>,
     admin: Vec<(Ticket, String)>,
+    /// Backend posts, answered once this batch is durable.
+    pub(crate) posts: Vec<(Ticket, Posted)>,
     receipts: BTreeSet<(String, String)>,
 }
 
@@ -87,6 +90,7 @@ impl Pending {
             && self.trim_before_ms.is_empty()
             && self.waiters.is_empty()
             && self.admin.is_empty()
+            && self.posts.is_empty()
             && self.receipts.is_empty()
     }
 }
@@ -112,20 +116,21 @@ pub(crate) struct InFlight {
     cursors: Vec<CursorRecord>,
     waiters: Vec<Waiter>,
     admin: Vec<(Ticket, String)>,
+    posts: Vec<(Ticket, Posted)>,
     receipts: BTreeSet<(String, String)>,
 }
 
 pub struct Owner {
     pub(crate) cfg: CoreConfig,
-    rng: SplitMix64,
+    pub(crate) rng: SplitMix64,
     /// The conversations in use (hot); the store holds them all. See [`crate::loading`].
     pub(crate) convs: HashMap<String, Conv>,
     /// Conversations being loaded and what waits for them; evictions; overviews being listed.
     pub(crate) loads: Loads,
     /// The most recent (user, cmid) -> what it was accepted as; the store holds the rest.
-    dedup: DedupCache,
+    pub(crate) dedup: DedupCache,
     /// Every dedup key of the window, roughly: which keys are certainly new.
-    filter: DedupFilter,
+    pub(crate) filter: DedupFilter,
     /// Lookups asked and not answered yet, by id: whose send waits for each.
     lookups: HashMap<u64, SessionId>,
     /// Per connection, the sends waiting for the store and those behind them.
@@ -135,22 +140,24 @@ pub struct Owner {
     gates: HashMap<SessionId, Gate>,
     /// Bytes of sends waiting in every line together.
     parked_total: usize,
-    next_lookup: u64,
+    pub(crate) next_lookup: u64,
+    /// Backend posts whose key the store is asked about, by lookup id, with the cache's mark.
+    pub(crate) post_lookups: HashMap<u64, (PostJob, u64)>,
     /// Per connection, the conversation of a `sync` whose page is being read (one at a time):
     /// held in memory until the page is served.
     pub(crate) reading: HashMap<SessionId, String>,
     /// No dedup entry the store holds (and has not been told to forget) was accepted before
     /// this; `None` if it holds none.
-    dedup_stored_since: Option<u64>,
+    pub(crate) dedup_stored_since: Option<u64>,
     /// The newest acceptance time given out (or stored, at start).
-    newest_ts: u64,
+    pub(crate) newest_ts: u64,
     pub(crate) pending: Pending,
     pub(crate) in_flight: Option<InFlight>,
     /// Emptied lists of the last batch, reused by the next one: growing them again from nothing
     /// for every batch costs a trail of ever larger allocations.
     spare_messages: Vec<Arc<StoredMessage>>,
     spare_waiters: Vec<Waiter>,
-    next_batch: u64,
+    pub(crate) next_batch: u64,
     /// Where age-based retention stands.
     sweep: Sweep,
     pub(crate) stats: CoreStats,
@@ -189,6 +196,7 @@ impl Owner {
             gates: HashMap::new(),
             parked_total: 0,
             next_lookup: 1,
+            post_lookups: HashMap::new(),
             reading: HashMap::new(),
             // A store with entries may hold them from any time.
             dedup_stored_since: (snapshot.last_ts > 0).then_some(0),
@@ -449,21 +457,8 @@ impl Owner {
                     ))
                 }
                 Some(peer) => {
-                    let members: BTreeSet<String> =
-                        [user.to_string(), peer.clone()].into_iter().collect();
-                    let rec = ConvRecord {
-                        id: conv_id.to_string(),
-                        kind: ConvKind::Direct,
-                        epoch: self.rng.next_epoch(),
-                        max_seq: 0,
-                        first_seq: 1,
-                        members,
-                        retention: Retention::default(),
-                        created_ms: now_ms,
-                    };
                     // Creation is only recorded together with its first message below.
-                    self.convs
-                        .insert(conv_id.to_string(), Conv::new(rec, false));
+                    self.new_direct(conv_id, user, peer, now_ms);
                     let outs = self.append(origin, conv_id, cmd, None, now_ms, fkey);
                     self.touch(conv_id);
                     return Ok(Ok(outs));
@@ -623,6 +618,10 @@ impl Owner {
     /// as, if the store holds it. Sends that waited for it (and behind it) go on now; returns
     /// what they answer, and maybe further lookups.
     pub fn looked_up(&mut self, id: u64, found: Option<DedupRecord>, now_ms: u64) -> Vec<Out> {
+        let found = match self.post_looked_up(id, found) {
+            Ok(out) => return out,
+            Err(found) => found,
+        };
         let Some(session) = self.lookups.remove(&id) else {
             return Vec::new();
         };
@@ -716,6 +715,7 @@ impl Owner {
             body,
             reply_to,
             ts: now_ms,
+            event: None,
         }));
         if !self.pending.convs.contains(conv_id) {
             self.pending.convs.insert(conv_id.to_string());
@@ -925,7 +925,13 @@ impl Owner {
         validate_id(IdKind::Conversation, id)?;
         // What can be refused without the group is refused before it is loaded.
         match &op {
-            AdminOp::CreateGroup { id, members, .. } => {
+            AdminOp::CreateGroup {
+                id,
+                members,
+                name,
+                metadata,
+                ..
+            } => {
                 if id.starts_with(DIRECT_PREFIX) {
                     return Err(CoreError::Invalid(format!(
                         "group ids may not start with {DIRECT_PREFIX:?}: that prefix is for direct conversations"
@@ -933,12 +939,21 @@ impl Owner {
                 }
                 let n = validate_members(members)?.len();
                 self.within_group_limit(id, n)?;
+                validate_group_info(name.as_deref(), Some(metadata))?;
             }
             AdminOp::UpdateGroup {
-                id, add, remove, ..
+                id,
+                add,
+                remove,
+                leave,
+                name,
+                metadata,
+                ..
             } => {
                 self.within_group_limit(id, validate_members(add)?.len())?;
                 validate_members(remove)?;
+                validate_members(leave)?;
+                validate_group_info(name.as_deref(), metadata.as_ref())?;
             }
             AdminOp::Get { .. } => {}
         }
@@ -958,6 +973,8 @@ impl Owner {
                 id,
                 members,
                 retention,
+                name,
+                metadata,
             } => {
                 if self.convs.contains_key(&id) {
                     return Err(CoreError::AlreadyExists(id));
@@ -972,7 +989,10 @@ impl Owner {
                     members,
                     retention,
                     created_ms: now_ms,
+                    name: name.filter(|n| !n.is_empty()),
+                    metadata,
                 };
+                // Its first members are the group as created, not a change: no event.
                 self.convs.insert(id.clone(), Conv::new(rec, false));
                 self.pending.records.insert(id.clone());
                 self.pending.admin.push((ticket, id));
@@ -982,10 +1002,15 @@ impl Owner {
                 id,
                 add,
                 remove,
+                leave,
                 retention,
+                name,
+                metadata,
             } => {
                 let add = validate_members(&add)?;
-                let remove = validate_members(&remove)?;
+                let mut remove = validate_members(&remove)?;
+                let leave = validate_members(&leave)?;
+                remove.extend(leave.iter().cloned());
                 let max = self.cfg.max_group_members;
                 let c = self
                     .convs
@@ -1000,12 +1025,49 @@ impl Owner {
                 if after > max {
                     return Err(group_too_large(&id, after, max));
                 }
+                // What changes, as events: users added who were not members, users who were
+                // members removed or gone (removal wins over an add of the same user).
+                let joined: Vec<String> = add
+                    .iter()
+                    .filter(|u| !c.rec.members.contains(*u) && !remove.contains(*u))
+                    .cloned()
+                    .collect();
+                let gone = |u: &&String| c.rec.members.contains(*u);
+                let left: Vec<String> = leave.iter().filter(gone).cloned().collect();
+                let removed: Vec<String> = remove
+                    .iter()
+                    .filter(gone)
+                    .filter(|u| !leave.contains(*u))
+                    .cloned()
+                    .collect();
                 c.rec.members.extend(add);
                 for u in &remove {
                     c.rec.members.remove(u);
                 }
                 if let Some(r) = retention {
                     c.rec.retention = r;
+                }
+                let renamed = name
+                    .map(|n| (!n.is_empty()).then_some(n))
+                    .filter(|n| *n != c.rec.name);
+                if let Some(n) = &renamed {
+                    c.rec.name = n.clone();
+                }
+                if let Some(m) = metadata {
+                    c.rec.metadata = m;
+                }
+                for event in [
+                    (!joined.is_empty()).then_some(ConvEvent::Joined { users: joined }),
+                    (!left.is_empty()).then_some(ConvEvent::Left { users: left }),
+                    (!removed.is_empty()).then_some(ConvEvent::Removed { users: removed }),
+                    renamed.map(|n| ConvEvent::Renamed {
+                        name: n.unwrap_or_default(),
+                    }),
+                ]
+                .into_iter()
+                .flatten()
+                {
+                    self.append_event(&id, event, now_ms);
                 }
                 self.pending.records.insert(id.clone());
                 self.pending.admin.push((ticket, id.clone()));
@@ -1172,6 +1234,7 @@ impl Owner {
             cursors,
             waiters: p.waiters,
             admin: p.admin,
+            posts: p.posts,
             receipts: p.receipts,
         });
         Some(batch)
@@ -1239,6 +1302,9 @@ impl Owner {
                 .ok_or_else(|| CoreError::NoSuchConversation(cid.clone()));
             out.push(Out::Io(Action::AdminDone { ticket, reply }));
         }
+        for (ticket, p) in f.posts {
+            out.push(posted(ticket, Ok(p)));
+        }
         self.stats.accepted += f.messages.len() as u64;
         let mut messages = f.messages;
         for m in messages.drain(..) {
@@ -1264,6 +1330,7 @@ impl Owner {
         out.extend(p.receipts.iter().map(|(c, _)| c.as_str()));
         out.extend(p.waiters.iter().map(|w| &*w.conv));
         out.extend(p.admin.iter().map(|(_, c)| c.as_str()));
+        out.extend(p.posts.iter().map(|(_, p)| p.conv.as_str()));
         if let Some(f) = &self.in_flight {
             out.extend(f.convs.iter().map(|c| c.id.as_str()));
             out.extend(f.positions.iter().map(|c| c.id.as_str()));
@@ -1271,6 +1338,7 @@ impl Owner {
             out.extend(f.receipts.iter().map(|(c, _)| c.as_str()));
             out.extend(f.waiters.iter().map(|w| &*w.conv));
             out.extend(f.admin.iter().map(|(_, c)| c.as_str()));
+            out.extend(f.posts.iter().map(|(_, p)| p.conv.as_str()));
             out.extend(f.messages.iter().map(|m| m.conv.as_str()));
         }
         out.extend(self.reading.values().map(String::as_str));
@@ -1284,9 +1352,20 @@ impl Owner {
         let mut out = Vec::new();
         let pending = std::mem::take(&mut self.pending);
         let (mut waiters, mut admin) = (pending.waiters, pending.admin);
+        let mut posts: Vec<Ticket> = pending.posts.iter().map(|(t, _)| *t).collect();
         if let Some(f) = self.in_flight.take() {
             waiters.extend(f.waiters);
             admin.extend(f.admin);
+            posts.extend(f.posts.iter().map(|(t, _)| *t));
+        }
+        posts.extend(self.post_lookups.drain().map(|(_, (job, _))| job.ticket));
+        for ticket in posts {
+            out.push(posted(
+                ticket,
+                Err(CoreError::Unavailable(format!(
+                    "the message could not be stored ({reason}); post it again (same cmid)"
+                ))),
+            ));
         }
         for w in waiters {
             out.push(Out::Hub(ToHub::Frame {
@@ -1420,6 +1499,46 @@ fn reused(cmid: &str, conv: &str) -> CoreError {
     CoreError::Invalid(format!(
         "client message id {cmid:?} was already used in conversation {conv:?}; use a new id per message"
     ))
+}
+
+/// Longest group name, in bytes.
+pub const MAX_NAME_BYTES: usize = 256;
+/// Most metadata entries of a group, and most bytes of one key, of one value, of them all.
+pub const MAX_METADATA_ENTRIES: usize = 64;
+pub const MAX_METADATA_KEY_BYTES: usize = 64;
+pub const MAX_METADATA_VALUE_BYTES: usize = 1024;
+pub const MAX_METADATA_BYTES: usize = 8192;
+
+/// Checks a group's name and metadata against their limits.
+pub fn validate_group_info(
+    name: Option<&str>,
+    metadata: Option<&std::collections::BTreeMap<String, String>>,
+) -> Result<(), CoreError> {
+    if let Some(n) = name {
+        if n.len() > MAX_NAME_BYTES || n.chars().any(char::is_control) {
+            return Err(CoreError::Invalid(format!(
+                "a group name is at most {MAX_NAME_BYTES} bytes, without control characters"
+            )));
+        }
+    }
+    let Some(m) = metadata else {
+        return Ok(());
+    };
+    let total: usize = m.iter().map(|(k, v)| k.len() + v.len()).sum();
+    let bad_key = m
+        .keys()
+        .find(|k| k.is_empty() || k.len() > MAX_METADATA_KEY_BYTES);
+    let bad_value = m.values().any(|v| v.len() > MAX_METADATA_VALUE_BYTES);
+    if m.len() > MAX_METADATA_ENTRIES
+        || total > MAX_METADATA_BYTES
+        || bad_key.is_some()
+        || bad_value
+    {
+        return Err(CoreError::Invalid(format!(
+            "metadata holds at most {MAX_METADATA_ENTRIES} entries of string values, keys of 1 to {MAX_METADATA_KEY_BYTES} bytes, values of at most {MAX_METADATA_VALUE_BYTES} bytes, {MAX_METADATA_BYTES} bytes in all"
+        )));
+    }
+    Ok(())
 }
 
 fn validate_members(users: &[String]) -> Result<BTreeSet<String>, CoreError> {

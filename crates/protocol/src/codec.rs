@@ -160,6 +160,7 @@ mod tests {
             body: body.into(),
             reply_to: None,
             ts: 5,
+            event: None,
         }
     }
 
@@ -255,6 +256,7 @@ mod tests {
                 member_count: 1,
                 others_delivered: 4,
                 others_read: 4,
+                name: Some("The team".into()),
                 members: vec![MemberPosition {
                     user: "a".into(),
                     delivered: 4,
@@ -292,9 +294,10 @@ mod tests {
             any::<String>(),
             proptest::option::of(any::<u64>()),
             any::<u64>(),
+            proptest::option::of(event()),
         )
             .prop_map(
-                |(conv, seq, from, device, cmid, body, reply_to, ts)| Message {
+                |(conv, seq, from, device, cmid, body, reply_to, ts, event)| Message {
                     conv,
                     seq,
                     from,
@@ -303,8 +306,19 @@ mod tests {
                     body,
                     reply_to,
                     ts,
+                    event,
                 },
             )
+    }
+
+    fn event() -> impl Strategy<Value = ConvEvent> {
+        let users = || proptest::collection::vec(id(), 0..4);
+        prop_oneof![
+            users().prop_map(|users| ConvEvent::Joined { users }),
+            users().prop_map(|users| ConvEvent::Left { users }),
+            users().prop_map(|users| ConvEvent::Removed { users }),
+            any::<String>().prop_map(|name| ConvEvent::Renamed { name }),
+        ]
     }
 
     proptest! {

@@ -73,9 +73,10 @@ pub struct Position {
 pub struct Message {
     pub conv: String,
     pub seq: u64,
-    /// Sending user.
+    /// Sending user; empty ([`SYSTEM`]) for a message of the system: one the app's backend
+    /// posted as nobody, and every membership event.
     pub from: String,
-    /// Sending device.
+    /// Sending device; empty for messages the admin API posted.
     pub device: String,
     pub cmid: String,
     pub body: String,
@@ -83,6 +84,44 @@ pub struct Message {
     pub reply_to: Option<u64>,
     /// When the server accepted it.
     pub ts: u64,
+    /// Set on a system message that records a change of the conversation (members, name); its
+    /// body is empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event: Option<ConvEvent>,
+}
+
+/// The `from` of system messages: no user id is empty.
+pub const SYSTEM: &str = "";
+
+/// Most users one membership event names; a larger change is recorded as several events in a
+/// row.
+pub const MAX_EVENT_USERS: usize = 256;
+
+impl ConvEvent {
+    /// About how many bytes it takes (see [`ServerFrame::approx_len`]).
+    pub fn approx_len(&self) -> usize {
+        match self {
+            ConvEvent::Joined { users }
+            | ConvEvent::Left { users }
+            | ConvEvent::Removed { users } => 32 + users.iter().map(|u| 8 + u.len()).sum::<usize>(),
+            ConvEvent::Renamed { name } => 32 + name.len(),
+        }
+    }
+}
+
+/// A change of a conversation, recorded in its history as a system message, so that every
+/// device sees it at the same place among the messages.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ConvEvent {
+    /// These users became members (the group was created with them, or they were added).
+    Joined { users: Vec<String> },
+    /// These users left the group (the app's backend reported that they chose to).
+    Left { users: Vec<String> },
+    /// These users were removed from the group.
+    Removed { users: Vec<String> },
+    /// The group's name changed (`name` empty: it has none now).
+    Renamed { name: String },
 }
 
 /// One conversation in a `convs` overview.
@@ -115,6 +154,9 @@ pub struct ConvInfo {
     /// sends receipts for, where the aggregates above are all there is.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub members: Vec<MemberPosition>,
+    /// The group's name, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -220,7 +262,13 @@ impl ServerFrame {
         const FRAME: usize = 64;
         const RECORD: usize = 96;
         let msg = |m: &Message| {
-            RECORD + m.conv.len() + m.from.len() + m.device.len() + m.cmid.len() + m.body.len()
+            RECORD
+                + m.conv.len()
+                + m.from.len()
+                + m.device.len()
+                + m.cmid.len()
+                + m.body.len()
+                + m.event.as_ref().map_or(0, ConvEvent::approx_len)
         };
         match self {
             ServerFrame::Msg(m) => FRAME + msg(m),
@@ -240,7 +288,10 @@ impl ServerFrame {
     /// About how many bytes one `convs` entry takes (see [`ServerFrame::approx_len`]).
     pub fn info_len(c: &ConvInfo) -> usize {
         const RECORD: usize = 160;
-        RECORD + c.conv.len() + c.members.iter().map(|p| 48 + p.user.len()).sum::<usize>()
+        RECORD
+            + c.conv.len()
+            + c.name.as_ref().map_or(0, String::len)
+            + c.members.iter().map(|p| 48 + p.user.len()).sum::<usize>()
     }
 
     /// An `error` answering a frame that could not be read (nothing to name).

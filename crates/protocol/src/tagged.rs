@@ -263,6 +263,7 @@ mod tests {
                     body: "b".into(),
                     reply_to: None,
                     ts: 5,
+                    event: None,
                 }
                 .into()
             )

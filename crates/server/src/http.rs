@@ -15,6 +15,7 @@ use ordo_protocol::{Encoding, ErrorCode};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::json;
+use std::collections::BTreeMap;
 use tokio::sync::oneshot;
 
 pub fn routes(state: AppState) -> Router {
@@ -26,6 +27,7 @@ pub fn routes(state: AppState) -> Router {
         .route("/v1/admin/groups/{id}", get(get_group).patch(update_group))
         .route("/v1/admin/tokens", post(issue_token))
         .route("/v1/admin/revocations", post(revoke))
+        .route("/v1/admin/messages", post(post_message))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::map_response(json_errors))
@@ -286,28 +288,38 @@ fn core_error(e: CoreError) -> Response {
     error(status, code, e.to_string())
 }
 
-async fn run_admin(state: &AppState, op: AdminOp, status: StatusCode) -> Response {
+/// Hands the router a request made with a reply channel and waits for its answer; an error
+/// response if the router is gone (shutting down), dropped the request (`lost` says what to
+/// do), or refused it.
+async fn ask_router<T>(
+    state: &AppState,
+    command: impl FnOnce(oneshot::Sender<Result<T, CoreError>>) -> Command,
+    lost: &str,
+) -> Result<T, Response> {
     let (reply, rx) = oneshot::channel();
-    if state
-        .router
-        .send(Command::Admin { op, reply })
-        .await
-        .is_err()
-    {
-        return error(
+    if state.router.send(command(reply)).await.is_err() {
+        return Err(error(
             StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::ShuttingDown.as_str(),
             "server is shutting down",
-        );
+        ));
     }
     match rx.await {
-        Ok(Ok(group)) => (status, Json(group)).into_response(),
-        Ok(Err(e)) => core_error(e),
-        Err(_) => error(
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(core_error(e)),
+        Err(_) => Err(error(
             StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::Unavailable.as_str(),
-            "the change could not be stored; retry",
-        ),
+            lost,
+        )),
+    }
+}
+
+async fn run_admin(state: &AppState, op: AdminOp, status: StatusCode) -> Response {
+    let lost = "the change could not be stored; retry";
+    match ask_router(state, |reply| Command::Admin { op, reply }, lost).await {
+        Ok(group) => (status, Json(group)).into_response(),
+        Err(r) => r,
     }
 }
 
@@ -319,6 +331,9 @@ struct CreateGroup {
     members: Vec<String>,
     #[serde(default)]
     retention: Retention,
+    name: Option<String>,
+    #[serde(default)]
+    metadata: BTreeMap<String, String>,
 }
 
 async fn create_group(
@@ -330,6 +345,8 @@ async fn create_group(
         id: req.id,
         members: req.members,
         retention: req.retention,
+        name: req.name,
+        metadata: req.metadata,
     };
     run_admin(&state, op, StatusCode::CREATED).await
 }
@@ -341,7 +358,12 @@ struct UpdateGroup {
     add: Vec<String>,
     #[serde(default)]
     remove: Vec<String>,
+    /// Members who left on their own (recorded as `left`, not `removed`).
+    #[serde(default)]
+    leave: Vec<String>,
     retention: Option<Retention>,
+    name: Option<String>,
+    metadata: Option<BTreeMap<String, String>>,
 }
 
 async fn update_group(
@@ -354,7 +376,10 @@ async fn update_group(
         id,
         add: req.add,
         remove: req.remove,
+        leave: req.leave,
         retention: req.retention,
+        name: req.name,
+        metadata: req.metadata,
     };
     run_admin(&state, op, StatusCode::OK).await
 }
@@ -458,5 +483,42 @@ async fn revoke(State(state): State<AppState>, _: Admin, Body(req): Body<Revoke>
             error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
         }
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PostMessage {
+    conv: Option<String>,
+    to: Option<String>,
+    /// The user it is posted as; the system when absent.
+    from: Option<String>,
+    cmid: String,
+    body: String,
+    reply_to: Option<u64>,
+}
+
+/// A message of the app's backend, answered once durable with its seq; the same `cmid` (of the
+/// same `from`) again is answered with the same seq and `"duplicate": true`.
+async fn post_message(
+    State(state): State<AppState>,
+    _: Admin,
+    Body(req): Body<PostMessage>,
+) -> Response {
+    let post = ordo_core::AdminPost {
+        conv: req.conv,
+        to: req.to,
+        from: req.from,
+        cmid: req.cmid,
+        body: req.body,
+        reply_to: req.reply_to,
+    };
+    let lost = "the message could not be stored; post it again with the same cmid";
+    match ask_router(&state, |reply| Command::Post { post, reply }, lost).await {
+        Ok(p) => Json(json!({
+            "conv": p.conv, "seq": p.seq, "ts": p.ts, "duplicate": p.duplicate
+        }))
+        .into_response(),
+        Err(r) => r,
     }
 }

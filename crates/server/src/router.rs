@@ -22,9 +22,9 @@ use axum::extract::ws::{Message as WsMessage, Utf8Bytes};
 use foldhash::{HashMap, HashMapExt};
 use ordo_core::owed::{self, Owed};
 use ordo_core::{
-    Action, AdminOp, AdminReply, AgeSweep, Batch, CommitOutcome, ConvState, Core, CoreConfig,
-    CoreError, CoreStats, DedupRecord, Expired, Handled, MemberPage, MemberPageAsk, SessionId,
-    SyncPlan, Ticket,
+    Action, AdminOp, AdminPost, AdminReply, AgeSweep, Batch, CommitOutcome, ConvState, Core,
+    CoreConfig, CoreError, CoreStats, DedupRecord, Expired, Handled, MemberPage, MemberPageAsk,
+    Posted, SessionId, SyncPlan, Ticket,
 };
 use ordo_protocol::{encode, ClientFrame, Encoded, Encoding, ErrorCode, Message, ServerFrame};
 use ordo_store::{Store, StoreError};
@@ -259,6 +259,11 @@ pub enum Command {
         op: AdminOp,
         reply: oneshot::Sender<Result<AdminReply, CoreError>>,
     },
+    /// A message of the app's backend, answered once durable.
+    Post {
+        post: AdminPost,
+        reply: oneshot::Sender<Result<Posted, CoreError>>,
+    },
     /// Finish what is pending, then stop.
     Shutdown {
         done: oneshot::Sender<()>,
@@ -338,6 +343,7 @@ pub struct Router {
     core: Core,
     sessions: HashMap<SessionId, SessionHandle>,
     admin: HashMap<Ticket, oneshot::Sender<Result<AdminReply, CoreError>>>,
+    posts: HashMap<Ticket, oneshot::Sender<Result<Posted, CoreError>>>,
     /// The reply channels of frames waiting for a conversation to load, by connection (a
     /// connection sends no further frame until its waiting one is answered).
     replies: HashMap<SessionId, oneshot::Sender<Option<SyncPlan>>>,
@@ -400,6 +406,7 @@ impl Router {
             core,
             sessions: HashMap::new(),
             admin: HashMap::new(),
+            posts: HashMap::new(),
             replies: HashMap::new(),
             next_ticket: 1,
             writer,
@@ -536,6 +543,13 @@ impl Router {
                         let _ = reply.send(Err(e));
                     }
                 }
+            }
+            Command::Post { post, reply } => {
+                let ticket = self.next_ticket;
+                self.next_ticket += 1;
+                self.posts.insert(ticket, reply);
+                let actions = self.core.post(ticket, post, now);
+                self.dispatch(actions);
             }
             Command::Shutdown { done } => self.shutdown.push(done),
         }
@@ -707,6 +721,11 @@ impl Router {
                 Action::Broadcast { sessions, frame } => self.broadcast(sessions, frame),
                 Action::AdminDone { ticket, reply } => {
                     if let Some(tx) = self.admin.remove(&ticket) {
+                        let _ = tx.send(reply);
+                    }
+                }
+                Action::Posted { ticket, reply } => {
+                    if let Some(tx) = self.posts.remove(&ticket) {
                         let _ = tx.send(reply);
                     }
                 }

@@ -237,6 +237,8 @@ impl Sim {
                         id: id.to_string(),
                         members: members.iter().map(|m| m.to_string()).collect(),
                         retention: Retention::default(),
+                        name: None,
+                        metadata: Default::default(),
                     },
                     0,
                 )

@@ -106,7 +106,8 @@ pub fn stored_cursors(s: &dyn Store, ids: &[&str]) -> Vec<CursorRecord> {
         .collect()
 }
 
-/// A group conversation `id` of members `a` and `b`, its seqs in `first_seq..=max_seq`.
+/// A group conversation `id` of members `a` and `b`, its seqs in `first_seq..=max_seq`, with a
+/// name and metadata (which every case then checks come back as written).
 pub fn conv(id: &str, max_seq: u64, first_seq: u64) -> ConvRecord {
     ConvRecord {
         id: id.into(),
@@ -117,11 +118,13 @@ pub fn conv(id: &str, max_seq: u64, first_seq: u64) -> ConvRecord {
         members: ["a".to_string(), "b".to_string()].into_iter().collect(),
         retention: Retention::default(),
         created_ms: 1,
+        name: Some(format!("Group {id}")),
+        metadata: [("topic".to_string(), "tests".to_string())].into(),
     }
 }
 
 /// Message `seq` of `conv`, sent by `a` at `ts` with client message id `c<seq>` and the body
-/// `body <seq>`.
+/// `body <seq>`; message 1 also carries a membership event (which then comes back with it).
 pub fn msg(conv: &str, seq: u64, ts: u64) -> Message {
     Message {
         conv: conv.into(),
@@ -132,6 +135,9 @@ pub fn msg(conv: &str, seq: u64, ts: u64) -> Message {
         body: format!("body {seq}"),
         reply_to: None,
         ts,
+        event: (seq == 1).then(|| ordo_protocol::ConvEvent::Joined {
+            users: vec!["a".into(), "b".into()],
+        }),
     }
 }
 

@@ -57,6 +57,15 @@ impl Admin {
     }
 
     /// `POST path` with a JSON body (and the admin key).
+    pub async fn patch(&self, path: &str, body: &serde_json::Value) -> Result<Reply, HarnessError> {
+        self.request(Method::PATCH, path, Some(body.to_string()))
+            .await
+    }
+
+    pub async fn delete(&self, path: &str) -> Result<Reply, HarnessError> {
+        self.request(Method::DELETE, path, None).await
+    }
+
     pub async fn post(&self, path: &str, body: &serde_json::Value) -> Result<Reply, HarnessError> {
         self.request(Method::POST, path, Some(body.to_string()))
             .await

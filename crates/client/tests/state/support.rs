@@ -149,6 +149,7 @@ pub fn m(conv: &str, seq: u64) -> Message {
         body: format!("{conv} #{seq}"),
         reply_to: None,
         ts: 1_000 + seq,
+        event: None,
     }
 }
 
@@ -222,6 +223,7 @@ pub fn info(
         member_count: members.len() as u64,
         others_delivered: 0,
         others_read: 0,
+        name: None,
         members: members
             .iter()
             .map(|(u, d, r)| MemberPosition {

@@ -3,7 +3,7 @@
 
 use crate::support::*;
 use ordo_core::{Action, AdminOp, CoreConfig, CoreError, Retention};
-use ordo_protocol::{direct_conv_id, ErrorCode};
+use ordo_protocol::{direct_conv_id, ConvEvent, ErrorCode};
 use std::collections::BTreeSet;
 
 #[test]
@@ -14,6 +14,8 @@ fn admin_validates_and_membership_changes_apply() {
         id: id.into(),
         members: members.iter().map(|m| m.to_string()).collect(),
         retention: Retention::default(),
+        name: None,
+        metadata: Default::default(),
     };
     let now = s.now;
     assert_eq!(
@@ -42,6 +44,9 @@ fn admin_validates_and_membership_changes_apply() {
         add: add.iter().map(|m| m.to_string()).collect(),
         remove: remove.iter().map(|m| m.to_string()).collect(),
         retention: None,
+        leave: vec![],
+        name: None,
+        metadata: None,
     };
     // Not held: the store is asked, and the answer comes once it said it holds none.
     let asked = s
@@ -72,20 +77,55 @@ fn admin_validates_and_membership_changes_apply() {
         BTreeSet::from(["alice".to_string(), "carol".to_string()])
     );
     assert!(matches!(
-        &out[..],
-        [Action::AdminDone {
+        &out[0],
+        Action::AdminDone {
             ticket: 7,
             reply: Ok(_)
-        }]
+        }
     ));
+    // The change is in the group's history, in the batch of the change: carol's joining, then
+    // bob's removal, as system messages.
+    let events: Vec<_> = batches[0]
+        .messages
+        .iter()
+        .map(|m| (m.seq, m.from.as_str(), m.body.as_str(), m.event.clone()))
+        .collect();
+    let users = |u: &str| vec![u.to_string()];
+    assert_eq!(
+        events,
+        vec![
+            (
+                1,
+                "",
+                "",
+                Some(ConvEvent::Joined {
+                    users: users("carol")
+                })
+            ),
+            (
+                2,
+                "",
+                "",
+                Some(ConvEvent::Removed {
+                    users: users("bob")
+                })
+            ),
+        ]
+    );
+    assert_eq!(msg_seqs(&out, 1), vec![1, 2]);
+    assert_eq!(msg_seqs(&out, 3), vec![1, 2]);
+    assert_eq!(msg_seqs(&out, 2), vec![2], "bob is told he was removed");
     assert_eq!(rejected(&s.send(2, "g", "b")).0, ErrorCode::NotFound);
     assert_eq!(code(s.core.sync(2, "g", 0, None)), ErrorCode::NotFound);
     assert!(s.send(3, "g", "c").is_empty());
     let (_, out) = s.flush();
-    assert_eq!(msg_seqs(&out, 1), vec![1]);
-    assert_eq!(msg_seqs(&out, 3), vec![1]);
-    assert!(frames(&out, 2).is_empty(), "a removed member gets nothing");
-    assert_eq!(s.core.group("g").unwrap().max_seq, 1);
+    assert_eq!(msg_seqs(&out, 1), vec![3]);
+    assert_eq!(msg_seqs(&out, 3), vec![3]);
+    assert!(
+        frames(&out, 2).is_empty(),
+        "a removed member gets nothing more"
+    );
+    assert_eq!(s.core.group("g").unwrap().max_seq, 3);
 }
 
 // Regressions: each test below once failed on a real defect of the core.
@@ -141,12 +181,17 @@ fn groups_have_at_most_max_group_members() {
         id: id.into(),
         members: users(members),
         retention: Retention::default(),
+        name: None,
+        metadata: Default::default(),
     };
     let update = |add: &[&str], remove: &[&str]| AdminOp::UpdateGroup {
         id: "g".into(),
         add: users(add),
         remove: users(remove),
         retention: None,
+        leave: vec![],
+        name: None,
+        metadata: None,
     };
     match s.core.admin(1, create("big", &["a", "b", "c", "d"]), now) {
         Err(e) => {

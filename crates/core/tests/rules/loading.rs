@@ -522,6 +522,9 @@ fn a_page_whose_conversations_were_all_left_meanwhile_lists_the_next_instead_of_
         add: vec![],
         remove: vec!["bob".into()],
         retention: None,
+        leave: vec![],
+        name: None,
+        metadata: None,
     };
     let actions = s.core.admin(60, op, s.now).expect("a valid change");
     s.answer_lookups(actions);

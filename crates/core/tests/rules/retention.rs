@@ -60,6 +60,9 @@ fn shrinking_a_groups_count_retention_trims_at_the_next_batch() {
                 add: vec![],
                 remove: vec![],
                 retention: Some(keep_last(1)),
+                leave: vec![],
+                name: None,
+                metadata: None,
             },
             s.now,
         )

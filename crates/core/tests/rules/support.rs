@@ -225,6 +225,9 @@ impl Sim {
             add: vec![user.into()],
             remove: vec![],
             retention: None,
+            leave: vec![],
+            name: None,
+            metadata: None,
         };
         let actions = self
             .core
@@ -255,6 +258,8 @@ impl Sim {
             id: id.to_string(),
             members: members.iter().map(|m| m.to_string()).collect(),
             retention,
+            name: None,
+            metadata: Default::default(),
         };
         let actions = self.core.admin(ticket, op, self.now).expect("valid group");
         self.answer_lookups(actions);

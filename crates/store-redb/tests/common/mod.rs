@@ -18,6 +18,8 @@ pub fn conv(max_seq: u64) -> ConvRecord {
         members: ["a".to_string(), "b".to_string()].into_iter().collect(),
         retention: Retention::default(),
         created_ms: 1,
+        name: None,
+        metadata: Default::default(),
     }
 }
 
@@ -37,6 +39,7 @@ pub fn batch(n: u64, per: u64, body_bytes: usize) -> Batch {
                     body: format!("{seq:08}{}", "x".repeat(body_bytes)),
                     reply_to: None,
                     ts: seq,
+                    event: None,
                 }
                 .into()
             })
