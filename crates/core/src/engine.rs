@@ -121,6 +121,9 @@ pub enum AdminOp {
     },
     /// The group as committed.
     Get { id: String },
+    /// Deletes a group: every member is removed (a `removed` event pushed to their connected
+    /// devices), every message, the name and the metadata go; the id may be used again.
+    DeleteGroup { id: String },
 }
 
 /// What a `sync` should read from the store: seqs `from..=to`, at most `limit`.

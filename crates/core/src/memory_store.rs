@@ -12,7 +12,7 @@
 use crate::engine::SyncPlan;
 use crate::model::{
     AgeSweep, Batch, CommitOutcome, ConvRecord, ConvState, CursorRecord, DedupRecord, Expired,
-    MemberPage, MemberPageAsk, Snapshot,
+    GroupPage, MemberPage, MemberPageAsk, Snapshot,
 };
 use ordo_protocol::Message;
 use std::collections::BTreeMap;
@@ -144,6 +144,23 @@ impl MemoryStore {
             .map(|(_, r)| r.clone())
             .collect();
         Some(ConvState { rec, cursors })
+    }
+
+    /// One page of the groups after `after` (see [`GroupPage`]).
+    pub fn groups(&self, after: Option<&str>, limit: usize) -> GroupPage {
+        use std::ops::Bound;
+        let start = after.map_or(Bound::Unbounded, |a| Bound::Excluded(a.to_string()));
+        let records = self.convs.range((start, Bound::Unbounded)).map(|(id, r)| {
+            let mut r = r.clone();
+            if let Some(s) = self.load_conv(id) {
+                r = s.rec;
+            }
+            Ok::<_, std::convert::Infallible>(r)
+        });
+        match GroupPage::collect(limit, records) {
+            Ok(page) => page,
+            Err(never) => match never {},
+        }
     }
 
     /// One page of the conversations a user is a member of (see [`MemberPageAsk`]).

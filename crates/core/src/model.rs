@@ -56,6 +56,10 @@ pub struct ConvRecord {
     /// [`crate::validate_metadata`] for the limits).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub metadata: BTreeMap<String, String>,
+    /// A group deleted through the admin API: no members, no messages, no name; its id may be
+    /// used for a new group (with a new epoch, its seqs going on after the old ones).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deleted: bool,
 }
 
 /// A conversation's seq range, written alone when that is all that changed: the common case of a
@@ -207,6 +211,48 @@ pub struct MemberPageAsk {
     pub after: Option<String>,
     pub max_convs: usize,
     pub max_members: usize,
+}
+
+/// Most groups one page of [`GroupPage`] lists, and how many when not told.
+pub const MAX_GROUPS_LIMIT: usize = 1000;
+pub const DEFAULT_GROUPS_LIMIT: usize = 100;
+
+/// One page of the stored groups, for the admin API: in id order, deleted groups left out.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GroupPage {
+    pub groups: Vec<ConvRecord>,
+    /// More groups follow the last one listed.
+    pub has_more: bool,
+}
+
+impl GroupPage {
+    /// The page of `limit` (at least 1) groups a backend reads from `records`: the stored
+    /// conversations after the page's start, in id order (direct ones may be in it or not).
+    /// The one rule every backend keeps.
+    pub fn collect<E>(
+        limit: usize,
+        records: impl IntoIterator<Item = Result<ConvRecord, E>>,
+    ) -> Result<GroupPage, E> {
+        let limit = limit.clamp(1, MAX_GROUPS_LIMIT);
+        let mut groups = Vec::new();
+        for r in records {
+            let r = r?;
+            if r.kind != ConvKind::Group || r.deleted {
+                continue;
+            }
+            if groups.len() == limit {
+                return Ok(GroupPage {
+                    groups,
+                    has_more: true,
+                });
+            }
+            groups.push(r);
+        }
+        Ok(GroupPage {
+            groups,
+            has_more: false,
+        })
+    }
 }
 
 /// One page of a user's conversations as stored.

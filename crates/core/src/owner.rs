@@ -77,6 +77,8 @@ pub(crate) struct Pending {
     admin: Vec<(Ticket, String)>,
     /// Backend posts, answered once this batch is durable.
     pub(crate) posts: Vec<(Ticket, Posted)>,
+    /// Deleted groups: every message goes.
+    purge: BTreeSet<String>,
     receipts: BTreeSet<(String, String)>,
 }
 
@@ -91,6 +93,7 @@ impl Pending {
             && self.waiters.is_empty()
             && self.admin.is_empty()
             && self.posts.is_empty()
+            && self.purge.is_empty()
             && self.receipts.is_empty()
     }
 }
@@ -920,7 +923,8 @@ impl Owner {
         let id = match &op {
             AdminOp::CreateGroup { id, .. }
             | AdminOp::UpdateGroup { id, .. }
-            | AdminOp::Get { id } => id,
+            | AdminOp::Get { id }
+            | AdminOp::DeleteGroup { id } => id,
         };
         validate_id(IdKind::Conversation, id)?;
         // What can be refused without the group is refused before it is loaded.
@@ -955,7 +959,7 @@ impl Owner {
                 validate_members(leave)?;
                 validate_group_info(name.as_deref(), metadata.as_ref())?;
             }
-            AdminOp::Get { .. } => {}
+            AdminOp::Get { .. } | AdminOp::DeleteGroup { .. } => {}
         }
         if self.is_cold(id) {
             let id = id.clone();
@@ -966,6 +970,7 @@ impl Owner {
             AdminOp::Get { id } => {
                 let reply = self
                     .group(&id)
+                    .filter(|g| !g.deleted)
                     .ok_or_else(|| CoreError::NoSuchConversation(id.clone()));
                 Ok(vec![Out::Io(Action::AdminDone { ticket, reply })])
             }
@@ -976,10 +981,23 @@ impl Owner {
                 name,
                 metadata,
             } => {
-                if self.convs.contains_key(&id) {
-                    return Err(CoreError::AlreadyExists(id));
-                }
                 let members = validate_members(&members)?;
+                if let Some(c) = self.convs.get_mut(&id) {
+                    if !c.rec.deleted {
+                        return Err(CoreError::AlreadyExists(id));
+                    }
+                    // The id of a deleted group: a new group with a new epoch, its seqs going
+                    // on after the old ones (which are gone).
+                    c.rec.epoch = self.rng.next_epoch();
+                    c.rec.members = members;
+                    c.rec.retention = retention;
+                    c.rec.name = name.filter(|n| !n.is_empty());
+                    c.rec.metadata = metadata;
+                    c.rec.deleted = false;
+                    self.pending.records.insert(id.clone());
+                    self.pending.admin.push((ticket, id));
+                    return Ok(Vec::new());
+                }
                 let rec = ConvRecord {
                     id: id.clone(),
                     kind: ConvKind::Group,
@@ -991,12 +1009,40 @@ impl Owner {
                     created_ms: now_ms,
                     name: name.filter(|n| !n.is_empty()),
                     metadata,
+                    deleted: false,
                 };
                 // Its first members are the group as created, not a change: no event.
                 self.convs.insert(id.clone(), Conv::new(rec, false));
                 self.pending.records.insert(id.clone());
                 self.pending.admin.push((ticket, id));
                 Ok(Vec::new())
+            }
+            AdminOp::DeleteGroup { id } => {
+                let c = self
+                    .convs
+                    .get_mut(&id)
+                    .filter(|c| c.rec.kind == ConvKind::Group && !c.rec.deleted)
+                    .ok_or_else(|| CoreError::NoSuchConversation(id.clone()))?;
+                let former: Vec<String> = std::mem::take(&mut c.rec.members).into_iter().collect();
+                c.rec.name = None;
+                c.rec.metadata.clear();
+                c.rec.deleted = true;
+                // Every member is removed (their connected devices are told), then every
+                // message goes, the events with them.
+                if !former.is_empty() {
+                    let users = former.clone();
+                    self.append_event(&id, ConvEvent::Removed { users }, now_ms);
+                }
+                if let Some(c) = self.convs.get_mut(&id) {
+                    c.rec.first_seq = c.rec.max_seq + 1;
+                }
+                self.pending.purge.insert(id.clone());
+                self.pending.records.insert(id.clone());
+                self.pending.admin.push((ticket, id.clone()));
+                Ok(vec![Out::Hub(ToHub::Left {
+                    conv: id,
+                    users: former,
+                })])
             }
             AdminOp::UpdateGroup {
                 id,
@@ -1015,7 +1061,7 @@ impl Owner {
                 let c = self
                     .convs
                     .get_mut(&id)
-                    .filter(|c| c.rec.kind == ConvKind::Group)
+                    .filter(|c| c.rec.kind == ConvKind::Group && !c.rec.deleted)
                     .ok_or_else(|| CoreError::NoSuchConversation(id.clone()))?;
                 let after = c.rec.members.union(&add).count()
                     - remove
@@ -1188,7 +1234,9 @@ impl Owner {
             let Some(c) = self.convs.get_mut(cid) else {
                 continue;
             };
-            if let Some(max) = c.rec.retention.or(default).max_count {
+            if p.purge.contains(cid) {
+                trim_below.push((cid.clone(), c.rec.first_seq));
+            } else if let Some(max) = c.rec.retention.or(default).max_count {
                 let keep_from = c.rec.max_seq.saturating_sub(max) + 1;
                 if keep_from > c.rec.first_seq {
                     c.rec.first_seq = keep_from;

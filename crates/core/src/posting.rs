@@ -218,6 +218,9 @@ impl Owner {
             self.new_direct(&conv, &user, &peer.clone(), now_ms);
         }
         let c = &self.convs[&job.conv];
+        if c.rec.deleted {
+            return Err(CoreError::NoSuchConversation(job.conv));
+        }
         if &*job.user != SYSTEM && !c.is_member(&job.user) {
             return Err(CoreError::Invalid(format!(
                 "{:?} is not a member of {:?}; add them first, or post as the system (no `from`)",
@@ -276,6 +279,7 @@ impl Owner {
             created_ms: now_ms,
             name: None,
             metadata: Default::default(),
+            deleted: false,
         };
         self.convs
             .insert(conv.to_string(), crate::conv::Conv::new(rec, false));

@@ -23,8 +23,11 @@ pub fn routes(state: AppState) -> Router {
         .route("/v1/ws", get(ws_upgrade))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
-        .route("/v1/admin/groups", post(create_group))
-        .route("/v1/admin/groups/{id}", get(get_group).patch(update_group))
+        .route("/v1/admin/groups", post(create_group).get(list_groups))
+        .route(
+            "/v1/admin/groups/{id}",
+            get(get_group).patch(update_group).delete(delete_group),
+        )
         .route("/v1/admin/tokens", post(issue_token))
         .route("/v1/admin/revocations", post(revoke))
         .route("/v1/admin/messages", post(post_message))
@@ -519,6 +522,61 @@ async fn post_message(
             "conv": p.conv, "seq": p.seq, "ts": p.ts, "duplicate": p.duplicate
         }))
         .into_response(),
+        Err(r) => r,
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListGroups {
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+/// One page of the groups, in id order: `{"groups": [...], "has_more": bool}`.
+async fn list_groups(
+    State(state): State<AppState>,
+    _: Admin,
+    q: Result<Query<ListGroups>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Ok(Query(q)) = q else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "malformed",
+            "the query takes `after` (a group id) and `limit` (1 to 1000)",
+        );
+    };
+    let limit = q.limit.unwrap_or(ordo_core::DEFAULT_GROUPS_LIMIT);
+    if !(1..=ordo_core::MAX_GROUPS_LIMIT).contains(&limit) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            format!(
+                "limit is {limit}; it must be 1 to {}",
+                ordo_core::MAX_GROUPS_LIMIT
+            ),
+        );
+    }
+    let store = state.store.clone();
+    let page = tokio::task::spawn_blocking(move || store.groups(q.after.as_deref(), limit)).await;
+    match page {
+        Ok(Ok(p)) => Json(json!({"groups": p.groups, "has_more": p.has_more})).into_response(),
+        Ok(Err(e)) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Unavailable.as_str(),
+            format!("cannot read the groups: {e}"),
+        ),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+    }
+}
+
+/// Deletes a group: its members are removed (their connected devices told), its messages, name
+/// and metadata go. `{"id": ..., "deleted": true}` once durable.
+async fn delete_group(State(state): State<AppState>, _: Admin, Path(id): Path<String>) -> Response {
+    let lost = "the deletion could not be stored; retry";
+    let op = AdminOp::DeleteGroup { id };
+    match ask_router(&state, |reply| Command::Admin { op, reply }, lost).await {
+        Ok(g) => Json(json!({"id": g.id, "deleted": true})).into_response(),
         Err(r) => r,
     }
 }

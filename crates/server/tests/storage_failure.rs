@@ -4,8 +4,8 @@
 
 use futures_util::{SinkExt, StreamExt};
 use ordo_core::{
-    AgeSweep, Batch, CommitOutcome, ConvState, DedupRecord, Expired, MemberPage, MemberPageAsk,
-    Snapshot,
+    AgeSweep, Batch, CommitOutcome, ConvState, DedupRecord, Expired, GroupPage, MemberPage,
+    MemberPageAsk, Snapshot,
 };
 use ordo_server::auth::{Claims, TokenKey};
 use ordo_server::{start_with_store, Config, ServerError};
@@ -35,6 +35,10 @@ impl Store for FailingStore {
 
     fn member_convs(&self, ask: &MemberPageAsk) -> Result<MemberPage, StoreError> {
         self.inner.member_convs(ask)
+    }
+
+    fn groups(&self, after: Option<&str>, limit: usize) -> Result<GroupPage, StoreError> {
+        self.inner.groups(after, limit)
     }
 
     fn commit(&self, batch: Batch) -> Result<CommitOutcome, StoreError> {

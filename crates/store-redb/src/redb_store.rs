@@ -26,9 +26,9 @@ use crate::wal::{
 };
 use ordo_core::{
     AgeSweep, Batch, CommitOutcome, ConvRecord, ConvState, CursorRecord, DedupRecord, Expired,
-    MemberPage, MemberPageAsk, Snapshot,
+    GroupPage, MemberPage, MemberPageAsk, Snapshot, MAX_GROUPS_LIMIT,
 };
-use ordo_protocol::Message;
+use ordo_protocol::{ConvKind, Message, DIRECT_PREFIX};
 use ordo_store::{DedupScan, Page, PageFill, ScanFrom, Store, StoreError};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
 use serde::de::DeserializeOwned;
@@ -703,6 +703,48 @@ impl Store for RedbStore {
         // The record is the truth (the index may name a group the user has left only if an
         // older build changed it; see `MEMBERS`): `collect` keeps only records naming the user.
         MemberPage::collect(ask, ids, |id| load_conv(&convs, &ranges, &cursors, id))
+    }
+
+    fn groups(&self, after: Option<&str>, limit: usize) -> Result<GroupPage, StoreError> {
+        let limit = limit.clamp(1, MAX_GROUPS_LIMIT);
+        self.applied.wait_caught_up()?;
+        let tx = self.db.begin_read().map_err(engine)?;
+        let convs = tx.open_table(CONVS).map_err(engine)?;
+        let ranges = tx.open_table(RANGES).map_err(engine)?;
+        // Direct conversations (`d_...`, maybe millions) are one block of keys: jumped over,
+        // not read. `d`` is the first key after every `d_...`.
+        let past_direct = format!("{}`", &DIRECT_PREFIX[..DIRECT_PREFIX.len() - 1]);
+        let mut start = after.unwrap_or("").to_string();
+        let mut skip_start = after.is_some();
+        let mut records = Vec::new();
+        'scan: loop {
+            for row in convs.range(start.as_str()..).map_err(engine)? {
+                let (k, v) = row.map_err(engine)?;
+                let id = k.value();
+                if std::mem::take(&mut skip_start) && id == start {
+                    continue;
+                }
+                if id.starts_with(DIRECT_PREFIX) {
+                    start.clone_from(&past_direct);
+                    continue 'scan;
+                }
+                let mut rec: ConvRecord = decode("conversation", id, v.value())?;
+                if rec.kind != ConvKind::Group || rec.deleted {
+                    continue;
+                }
+                if let Some(r) = ranges.get(id).map_err(engine)? {
+                    let (max_seq, first_seq) = r.value();
+                    rec.max_seq = rec.max_seq.max(max_seq);
+                    rec.first_seq = rec.first_seq.max(first_seq);
+                }
+                records.push(Ok(rec));
+                if records.len() > limit {
+                    break 'scan;
+                }
+            }
+            break;
+        }
+        GroupPage::collect(limit, records)
     }
 
     fn commit(&self, batch: Batch) -> Result<CommitOutcome, StoreError> {

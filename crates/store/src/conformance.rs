@@ -31,7 +31,8 @@
 
 use crate::{Page, Store, StoreError};
 use ordo_core::{
-    AgeSweep, Batch, ConvPosition, ConvRecord, CursorRecord, DedupRecord, MemberPageAsk, Retention,
+    AgeSweep, Batch, ConvPosition, ConvRecord, CursorRecord, DedupRecord, GroupPage, MemberPageAsk,
+    Retention,
 };
 use ordo_protocol::{ConvKind, Message};
 use std::collections::BTreeMap;
@@ -75,6 +76,7 @@ macro_rules! conformance_tests {
             a_seq_stored_twice_is_refused_whole,
             conversations_load_one_at_a_time_and_by_member,
             age_retention_sweeps_every_conversation_in_slices,
+            groups_are_listed_in_pages_without_direct_or_deleted_ones,
         );
     };
     (@each $backend:ty; $($property:ident),+ $(,)?) => {
@@ -120,6 +122,7 @@ pub fn conv(id: &str, max_seq: u64, first_seq: u64) -> ConvRecord {
         created_ms: 1,
         name: Some(format!("Group {id}")),
         metadata: [("topic".to_string(), "tests".to_string())].into(),
+        deleted: false,
     }
 }
 
@@ -912,6 +915,68 @@ pub fn age_retention_sweeps_every_conversation_in_slices<B: Backend>() {
         assert_eq!(
             with_default.trims,
             vec![("g2".to_string(), 750), ("g3".to_string(), 750)]
+        );
+    });
+}
+
+/// The admin API's list of groups: in id order, pages resuming after their last id, direct
+/// conversations and deleted groups left out, each record with its seq range; across a reopen.
+pub fn groups_are_listed_in_pages_without_direct_or_deleted_ones<B: Backend>() {
+    let mut b = B::open();
+    let direct = |id: &str| ConvRecord {
+        kind: ConvKind::Direct,
+        name: None,
+        metadata: Default::default(),
+        ..conv(id, 0, 1)
+    };
+    let deleted = ConvRecord {
+        deleted: true,
+        members: Default::default(),
+        ..conv("c-gone", 4, 5)
+    };
+    commit(
+        b.store(),
+        Batch {
+            id: 1,
+            convs: vec![
+                conv("a-team", 0, 1),
+                conv("b-team", 0, 1),
+                direct("d_0001"),
+                direct("d_ffff"),
+                deleted,
+                conv("e-team", 0, 1),
+                conv("zz", 0, 1),
+            ],
+            ..Batch::default()
+        },
+    );
+    // A seq range moved apart from the record shows in the listing.
+    commit(
+        b.store(),
+        Batch {
+            id: 2,
+            messages: messages("b-team", 1..=2, 1),
+            positions: vec![position("b-team", 2, 1)],
+            ..Batch::default()
+        },
+    );
+    now_and_after_reopen(&mut b, |s| {
+        let ids = |p: &GroupPage| p.groups.iter().map(|g| g.id.clone()).collect::<Vec<_>>();
+        let first = s.groups(None, 2).expect("groups");
+        assert_eq!(ids(&first), ["a-team", "b-team"]);
+        assert!(first.has_more);
+        assert_eq!(first.groups[1], conv("b-team", 2, 1));
+        let second = s.groups(Some("b-team"), 2).expect("groups");
+        assert_eq!(ids(&second), ["e-team", "zz"]);
+        let last = s.groups(Some("zz"), 2).expect("groups");
+        assert!(last.groups.is_empty() && !last.has_more);
+        let all = s.groups(None, 100).expect("groups");
+        assert_eq!(ids(&all), ["a-team", "b-team", "e-team", "zz"]);
+        assert!(!all.has_more);
+        // A page may start inside the direct conversations' ids.
+        assert_eq!(
+            ids(&s.groups(Some("d_0001"), 1).expect("groups")),
+            ["e-team"]
         );
     });
 }

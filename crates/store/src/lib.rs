@@ -33,8 +33,8 @@ pub use error::{BoxError, StoreError};
 pub use memory::MemStore;
 
 use ordo_core::{
-    AgeSweep, Batch, CommitOutcome, ConvState, DedupRecord, Expired, MemberPage, MemberPageAsk,
-    Snapshot, StoredMessage,
+    AgeSweep, Batch, CommitOutcome, ConvState, DedupRecord, Expired, GroupPage, MemberPage,
+    MemberPageAsk, Snapshot, StoredMessage,
 };
 
 /// A page of one conversation's history.
@@ -127,6 +127,12 @@ pub trait Store: Send + Sync + 'static {
     /// every batch whose `commit` returned before this call. A backend answers it from an
     /// index by user, starting at `after`, not by reading every conversation.
     fn member_convs(&self, ask: &MemberPageAsk) -> Result<MemberPage, StoreError>;
+
+    /// One page of the groups with id after `after` (from the first when `None`), at most
+    /// `limit`, in id order, deleted groups left out, each as stored (its seq range included):
+    /// [`GroupPage::collect`] keeps the rule. Sees every batch whose `commit` returned before
+    /// this call. A backend skips the direct conversations rather than reading them all.
+    fn groups(&self, after: Option<&str>, limit: usize) -> Result<GroupPage, StoreError>;
 
     /// Makes the whole batch durable, or nothing of it. Returns only once it is durable. Called
     /// by one thread, one batch at a time, in order; an error stops the server.

@@ -2,8 +2,8 @@
 
 use crate::{DedupScan, Page, PageFill, ScanFrom, Store, StoreError};
 use ordo_core::{
-    AgeSweep, Batch, CommitOutcome, ConvState, DedupRecord, Expired, MemberPage, MemberPageAsk,
-    MemoryStore, Snapshot,
+    AgeSweep, Batch, CommitOutcome, ConvState, DedupRecord, Expired, GroupPage, MemberPage,
+    MemberPageAsk, MemoryStore, Snapshot,
 };
 use std::sync::{Mutex, MutexGuard};
 
@@ -47,6 +47,10 @@ impl Store for MemStore {
 
     fn member_convs(&self, ask: &MemberPageAsk) -> Result<MemberPage, StoreError> {
         Ok(self.lock().member_convs(ask))
+    }
+
+    fn groups(&self, after: Option<&str>, limit: usize) -> Result<GroupPage, StoreError> {
+        Ok(self.lock().groups(after, limit))
     }
 
     fn commit(&self, batch: Batch) -> Result<CommitOutcome, StoreError> {

@@ -265,3 +265,102 @@ async fn membership_events_are_seen_in_the_same_order_by_every_device() {
     assert_eq!(removed, ("g".to_string(), 6, false));
     assert_eq!(got, want[..6].to_vec());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn groups_are_listed_and_deleted() {
+    let mut server = Server::start(&[]).await;
+    for id in ["alpha", "bravo", "charlie"] {
+        server.create_group(id, &["alice", "bob"], json!({})).await;
+    }
+    let mut alice = Client::connect(&server, "alice", "a1").await;
+    let mut bob = Client::connect(&server, "bob", "b1").await;
+    // A direct conversation is not a group.
+    alice.send_one(&Target::to("bob"), "dm", "hi").await.seq();
+    let g = Target::conv("bravo");
+    assert_eq!(alice.send_one(&g, "b-1", "one").await.seq(), 1);
+    let epoch = alice.sync("bravo", 0, None).await.epoch;
+
+    let list = |after: Option<&str>, limit: usize| {
+        let path = match after {
+            Some(a) => format!("/v1/admin/groups?after={a}&limit={limit}"),
+            None => format!("/v1/admin/groups?limit={limit}"),
+        };
+        let server = &server;
+        async move {
+            let r = server.admin_get(&path).await;
+            assert_eq!(r.status, 200, "{}", r.body);
+            let v: Value = serde_json::from_str(&r.body).expect("JSON");
+            let ids: Vec<String> = v["groups"]
+                .as_array()
+                .expect("groups")
+                .iter()
+                .map(|g| g["id"].as_str().expect("id").to_string())
+                .collect();
+            (ids, v["has_more"].as_bool().expect("has_more"))
+        }
+    };
+    assert_eq!(
+        list(None, 2).await,
+        (vec!["alpha".to_string(), "bravo".to_string()], true)
+    );
+    assert_eq!(
+        list(Some("bravo"), 2).await,
+        (vec!["charlie".to_string()], false)
+    );
+    assert_eq!(
+        server.admin_get("/v1/admin/groups?limit=0").await.status,
+        400
+    );
+
+    let r = server
+        .admin()
+        .delete("/v1/admin/groups/bravo")
+        .await
+        .expect("DELETE");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        serde_json::from_str::<Value>(&r.body).expect("JSON"),
+        json!({"id": "bravo", "deleted": true})
+    );
+    // Its members' devices are told they were removed.
+    let removed = bob
+        .wait_for(|f| match f {
+            ordo_protocol::ServerFrame::Msg(m) if m.conv == "bravo" && m.event.is_some() => {
+                Some(m.event.clone())
+            }
+            _ => None,
+        })
+        .await;
+    assert_eq!(
+        removed,
+        Some(ConvEvent::Removed {
+            users: vec!["alice".into(), "bob".into()]
+        })
+    );
+    assert_eq!(server.admin_get("/v1/admin/groups/bravo").await.status, 404);
+    let again = server
+        .admin()
+        .delete("/v1/admin/groups/bravo")
+        .await
+        .expect("DELETE");
+    assert_eq!(again.status, 404);
+    let (status, _) = post(&server, json!({"conv": "bravo", "cmid": "x", "body": "?"})).await;
+    assert_eq!(status, 404, "nothing is posted into a deleted group");
+    assert_eq!(
+        list(None, 10).await,
+        (vec!["alpha".to_string(), "charlie".to_string()], false)
+    );
+
+    // Its id makes a new group, across a restart: a new epoch, no old message.
+    server.kill9();
+    server.restart().await;
+    assert_eq!(server.admin_get("/v1/admin/groups/bravo").await.status, 404);
+    server.create_group("bravo", &["alice"], json!({})).await;
+    let mut alice = Client::connect(&server, "alice", "a1").await;
+    let synced = alice.sync("bravo", 0, None).await;
+    assert_ne!(synced.epoch, epoch, "a new group, a new epoch");
+    assert!(synced.messages.is_empty(), "{:?}", synced.messages);
+    let seq = alice.send_one(&g, "b-2", "new").await.seq();
+    assert!(seq > 2, "seqs go on after the deleted group's: {seq}");
+    assert_eq!(seqs(&alice.sync_all("bravo", 0).await), vec![seq]);
+}

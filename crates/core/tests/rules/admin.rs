@@ -3,7 +3,7 @@
 
 use crate::support::*;
 use ordo_core::{Action, AdminOp, CoreConfig, CoreError, Retention};
-use ordo_protocol::{direct_conv_id, ConvEvent, ErrorCode};
+use ordo_protocol::{direct_conv_id, ConvEvent, ErrorCode, ServerFrame};
 use std::collections::BTreeSet;
 
 #[test]
@@ -226,4 +226,59 @@ fn groups_have_at_most_max_group_members() {
         .map(|c| c.members.len())
         .collect();
     assert_eq!(sizes, vec![3, 3]);
+}
+
+/// Deleting a group removes every member (their connected devices are pushed the event), and
+/// its batch trims every message; nothing more goes in; the id makes a new group, with a new
+/// epoch, its seqs going on.
+#[test]
+fn a_deleted_group_is_emptied_and_its_id_can_be_used_again() {
+    let mut s = alice_and_bob_in_g(cfg());
+    s.send(1, "g", "m1");
+    s.flush();
+    let epoch = s.core.group("g").unwrap().epoch;
+    let now = s.now;
+    s.core
+        .admin(5, AdminOp::DeleteGroup { id: "g".into() }, now)
+        .unwrap();
+    let (batches, out) = s.flush();
+    let b = &batches[0];
+    assert_eq!(
+        b.trim_below,
+        vec![("g".to_string(), 3)],
+        "every message goes"
+    );
+    assert!(b.convs[0].deleted && b.convs[0].members.is_empty());
+    assert_eq!(msg_seqs(&out, 1), vec![2], "alice is told");
+    assert_eq!(msg_seqs(&out, 2), vec![2], "bob is told");
+    assert!(matches!(
+        &s.core
+            .admin(6, AdminOp::Get { id: "g".into() }, now)
+            .unwrap()[..],
+        [Action::AdminDone {
+            reply: Err(CoreError::NoSuchConversation(_)),
+            ..
+        }]
+    ));
+    assert_eq!(rejected(&s.send(1, "g", "m2")).0, ErrorCode::NotFound);
+    assert_eq!(
+        code(
+            s.core
+                .admin(7, AdminOp::DeleteGroup { id: "g".into() }, now)
+        ),
+        ErrorCode::NotFound
+    );
+    s.create_group(8, "g", &["alice"], Retention::default());
+    s.flush();
+    let g = s.core.group("g").unwrap();
+    assert!(!g.deleted);
+    assert_ne!(g.epoch, epoch);
+    assert_eq!((g.first_seq, g.max_seq), (3, 2));
+    assert!(s.send(1, "g", "m3").is_empty());
+    let (_, out) = s.flush();
+    // Told to sync rather than pushed: the sync brings the new epoch.
+    assert!(msg_seqs(&out, 1).is_empty());
+    assert!(frames(&out, 1)
+        .iter()
+        .any(|f| matches!(f, ServerFrame::Notify { max_seq: 3, .. })));
 }

@@ -20,6 +20,7 @@ pub fn conv(max_seq: u64) -> ConvRecord {
         created_ms: 1,
         name: None,
         metadata: Default::default(),
+        deleted: false,
     }
 }
 
