@@ -53,6 +53,11 @@ enum Cmd {
     Send(messaging::SendArgs),
     /// Print every message received, one JSON object per line, until killed.
     ///
+    /// A message: conv, seq, from, device, cmid, body, ts, reply_to, and `event` for a
+    /// membership event (docs/protocol.md, `msg`). Also `{"conv", "gap": {from, to}}` for seqs
+    /// removed by retention before they arrived, and `{"conv", "removed": {seq, left}}` once
+    /// this user is removed from (or left) a group.
+    ///
     /// Connection failures are reported on stderr (each new cause, with the time of the next
     /// attempt) and retried for ever; a token refused by the server, a certificate that does not
     /// verify (exit 1) or a server URL that cannot work (exit 2) end it at once.

@@ -397,10 +397,19 @@ pub fn tail(args: TailArgs) -> ExitCode {
                 return ExitCode::FAILURE;
             }
             let line = match ev {
-                Event::Message(m) => serde_json::json!({
-                    "conv": m.conv, "seq": m.seq, "from": m.from, "device": m.device,
-                    "cmid": m.cmid, "body": m.body, "ts": m.ts,
-                    "reply_to": m.reply_to,
+                Event::Message(m) => {
+                    let mut line = serde_json::json!({
+                        "conv": m.conv, "seq": m.seq, "from": m.from, "device": m.device,
+                        "cmid": m.cmid, "body": m.body, "ts": m.ts,
+                        "reply_to": m.reply_to,
+                    });
+                    if let Some(e) = &m.event {
+                        line["event"] = serde_json::to_value(e).unwrap_or_default();
+                    }
+                    line
+                }
+                Event::Removed { conv, seq, left } => serde_json::json!({
+                    "conv": conv, "removed": {"seq": seq, "left": left},
                 }),
                 Event::HistoryGap { conv, from, to } => serde_json::json!({
                     "conv": conv, "gap": {"from": from, "to": to},

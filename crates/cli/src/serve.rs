@@ -112,6 +112,16 @@ pub struct ServeArgs {
     /// Seconds of clock skew allowed on a JWT's exp and nbf [default: 30].
     #[arg(long, env = "ORDO_JWT_LEEWAY_SECS")]
     jwt_leeway_secs: Option<u64>,
+    /// URL (http:// or https://) offline-push events are POSTed to: for each message, the
+    /// members with no connected device (conversations of up to 1,000 members).
+    #[arg(long, env = "ORDO_WEBHOOK_URL", requires = "webhook_secret")]
+    webhook_url: Option<String>,
+    /// Secret the events are signed with (header Ordo-Signature, HMAC-SHA256).
+    #[arg(long, env = "ORDO_WEBHOOK_SECRET", hide_env_values = true)]
+    webhook_secret: Option<String>,
+    /// Bytes of the message body an event carries as `preview` [default: 0: none].
+    #[arg(long, env = "ORDO_WEBHOOK_PREVIEW_BYTES")]
+    webhook_preview_bytes: Option<usize>,
 }
 
 impl ServeArgs {
@@ -146,7 +156,8 @@ impl ServeArgs {
             handshake_timeout_secs,
             idle_timeout_secs,
             max_connections_per_user,
-            jwt_leeway_secs
+            jwt_leeway_secs,
+            webhook_preview_bytes
         );
         if self.jwks.is_some() {
             c.jwks = self.jwks;
@@ -154,6 +165,8 @@ impl ServeArgs {
         for (given, field) in [
             (self.jwt_issuer, &mut c.jwt_issuer),
             (self.jwt_audience, &mut c.jwt_audience),
+            (self.webhook_url, &mut c.webhook_url),
+            (self.webhook_secret, &mut c.webhook_secret),
         ] {
             if given.is_some() {
                 *field = given;

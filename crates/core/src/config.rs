@@ -44,6 +44,10 @@ pub struct CoreConfig {
     pub default_retention: Retention,
     /// Default `limit` of a `sync` that names none.
     pub default_sync_limit: u32,
+    /// For each durable message in a conversation of at most this many members, the members
+    /// (but the sender) with no connected device are reported ([`crate::Action::Offline`], for
+    /// offline push); 0 reports nothing.
+    pub offline_max_members: usize,
 }
 
 impl Default for CoreConfig {
@@ -64,6 +68,7 @@ impl Default for CoreConfig {
             rate_burst: 2000.0,
             default_retention: Retention::default(),
             default_sync_limit: 100,
+            offline_max_members: 0,
         }
     }
 }

@@ -40,6 +40,15 @@ pub enum Action {
         ticket: Ticket,
         reply: Result<AdminReply, CoreError>,
     },
+    /// A durable message whose conversation's members `users` (not its sender) have no
+    /// connected device: for an offline push. Only with
+    /// [`offline_max_members`](CoreConfig::offline_max_members) set, for conversations of at
+    /// most that many members; `epoch` is the conversation's.
+    Offline {
+        msg: std::sync::Arc<Message>,
+        epoch: u64,
+        users: Vec<String>,
+    },
     /// A backend post ([`Core::post`]) is durable (or was already: a repeat), or was refused.
     Posted {
         ticket: Ticket,

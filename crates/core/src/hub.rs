@@ -445,8 +445,13 @@ impl Hub {
         let m = d.msg;
         let window = self.cfg.push_window;
         let mut pushed = Vec::new();
+        let report = d.rec.members.len() <= self.cfg.offline_max_members && m.event.is_none();
+        let mut offline = Vec::new();
         for user in &d.rec.members {
             let Some(sids) = self.by_user.get(user) else {
+                if report && *user != m.from {
+                    offline.push(user.clone());
+                }
                 continue;
             };
             for sid in sids {
@@ -489,6 +494,13 @@ impl Hub {
             for user in users.iter().filter(|u| !d.rec.members.contains(*u)) {
                 pushed.extend(self.by_user.get(user).into_iter().flatten().copied());
             }
+        }
+        if !offline.is_empty() {
+            out.push(Action::Offline {
+                msg: m.clone(),
+                epoch: d.rec.epoch,
+                users: offline,
+            });
         }
         if !pushed.is_empty() {
             out.push(Action::Broadcast {

@@ -88,8 +88,15 @@ pub struct Config {
     pub jwt_issuer: Option<String>,
     /// When set, a JWT's `aud` must name this.
     pub jwt_audience: Option<String>,
-    /// Seconds of clock skew allowed on a JWT's `exp`, `nbf` and `iat`.
+    /// Seconds of clock skew allowed on a JWT's `exp` and `nbf`.
     pub jwt_leeway_secs: u64,
+    /// Where offline-push events are POSTed (`http://` or `https://`); none: no events.
+    pub webhook_url: Option<String>,
+    /// The secret events are signed with (HMAC-SHA256); required with `webhook_url`.
+    pub webhook_secret: Option<String>,
+    /// Bytes of a message's body an event carries as `preview` (cut at a character boundary);
+    /// 0: no preview.
+    pub webhook_preview_bytes: usize,
 }
 
 impl Default for Config {
@@ -133,6 +140,9 @@ impl Default for Config {
             jwt_issuer: None,
             jwt_audience: None,
             jwt_leeway_secs: 30,
+            webhook_url: None,
+            webhook_secret: None,
+            webhook_preview_bytes: 0,
         }
     }
 }
@@ -283,6 +293,20 @@ impl Config {
                     .into(),
             ));
         }
+        if let Some(url) = &self.webhook_url {
+            crate::webhook::Endpoint::parse(url).map_err(ConfigError::Invalid)?;
+            if self.webhook_secret.as_deref().is_none_or(str::is_empty) {
+                return Err(ConfigError::Invalid(
+                    "webhook_url needs webhook_secret (--webhook-secret): the backend checks each event's signature with it".into(),
+                ));
+            }
+        }
+        int(
+            "webhook_preview_bytes",
+            size(self.webhook_preview_bytes),
+            0,
+            4096,
+        )?;
         real("rate_per_sec", self.rate_per_sec, 0.0, 1e6)?;
         real("rate_burst", self.rate_burst, 1.0, 1e6)?;
         if self.log_format != "text" && self.log_format != "json" {
@@ -340,6 +364,10 @@ impl Config {
             },
             // A default above the cap is served as the cap, like any request.
             default_sync_limit: self.default_sync_limit.min(self.max_sync_limit),
+            offline_max_members: match self.webhook_url {
+                Some(_) => crate::webhook::MAX_MEMBERS,
+                None => 0,
+            },
         }
     }
 }

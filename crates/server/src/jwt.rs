@@ -33,7 +33,7 @@ pub struct JwtRules {
     pub issuer: Option<String>,
     /// `aud` (a string or a list) must hold this when set.
     pub audience: Option<String>,
-    /// Seconds of clock skew allowed on `exp`, `nbf` and `iat`.
+    /// Seconds of clock skew allowed on `exp` and `nbf`.
     pub leeway_secs: u64,
 }
 

@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod revocation;
 mod router;
 pub mod tls;
+pub mod webhook;
 
 pub use config::{Config, ConfigError};
 
@@ -65,6 +66,8 @@ pub enum ServerError {
     Jwks(#[from] jwt::JwksError),
     #[error(transparent)]
     Revocations(#[from] revocation::RevocationError),
+    #[error(transparent)]
+    Webhook(#[from] webhook::WebhookError),
     #[error("server error: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -291,13 +294,25 @@ pub async fn start_with_store(
         _ => None,
     };
 
-    let router = Router::new(
+    let mut router = Router::new(
         cfg.core(),
         store.clone(),
         Duration::from_secs(cfg.housekeeping_secs),
     )?;
     let (router_tx, router_rx) = mpsc::channel(8192);
     let (stop, stop_rx) = watch::channel(false);
+    let mut webhook_task = None;
+    if let Some(url) = &cfg.webhook_url {
+        let endpoint = webhook::Endpoint::parse(url).map_err(ConfigError::Invalid)?;
+        let (sender, task) = webhook::start(
+            endpoint,
+            cfg.webhook_secret.clone().unwrap_or_default(),
+            cfg.webhook_preview_bytes,
+            &cfg.data,
+        )?;
+        router.set_webhook(sender);
+        webhook_task = Some(task);
+    }
     let router_stop = stop.clone();
     let router_task = tokio::spawn(async move {
         let result = router.run(router_rx).await;
@@ -362,6 +377,10 @@ pub async fn start_with_store(
         }
         drop(router_tx);
         let routed = router_task.await;
+        // The router is gone: the webhook task writes what it was handed and ends.
+        if let Some(t) = webhook_task {
+            let _ = tokio::time::timeout(CLOSE_GRACE, t).await;
+        }
         close_store(own_store).await;
         match routed {
             Ok(Ok(())) => {}

@@ -36,6 +36,14 @@ pub const COMMIT_SECONDS: &str = "ordo_commit_seconds";
 /// the commit plus both hand-overs.
 pub const BATCH_SECONDS: &str = "ordo_batch_roundtrip_seconds";
 pub const COMMIT_FAILURES: &str = "ordo_commit_failures_total";
+/// Offline-push events waiting in the webhook queue (on disk), to be sent or sent again.
+pub const WEBHOOK_QUEUED: &str = "ordo_webhook_queued";
+/// Events the webhook endpoint took (answered 2xx).
+pub const WEBHOOK_SENT: &str = "ordo_webhook_sent_total";
+/// Attempts that failed (no answer in time, or not 2xx); the event is tried again later.
+pub const WEBHOOK_FAILED: &str = "ordo_webhook_failed_total";
+/// Events given up: the queue was full, or they failed for `webhook` retry period (24 h).
+pub const WEBHOOK_DROPPED: &str = "ordo_webhook_dropped_total";
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 

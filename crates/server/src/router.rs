@@ -344,6 +344,8 @@ pub struct Router {
     sessions: HashMap<SessionId, SessionHandle>,
     admin: HashMap<Ticket, oneshot::Sender<Result<AdminReply, CoreError>>>,
     posts: HashMap<Ticket, oneshot::Sender<Result<Posted, CoreError>>>,
+    /// Where offline members of a message are reported, if a webhook is set.
+    webhook: Option<crate::webhook::WebhookSender>,
     /// The reply channels of frames waiting for a conversation to load, by connection (a
     /// connection sends no further frame until its waiting one is answered).
     replies: HashMap<SessionId, oneshot::Sender<Option<SyncPlan>>>,
@@ -378,6 +380,11 @@ const MAX_OWED: usize = 4096;
 const OWED_RETRY: Duration = Duration::from_millis(50);
 
 impl Router {
+    /// Reports the offline members of messages to this webhook.
+    pub fn set_webhook(&mut self, w: crate::webhook::WebhookSender) {
+        self.webhook = Some(w);
+    }
+
     /// Loads the core from the store and starts the commit thread.
     pub fn new(
         cfg: CoreConfig,
@@ -407,6 +414,7 @@ impl Router {
             sessions: HashMap::new(),
             admin: HashMap::new(),
             posts: HashMap::new(),
+            webhook: None,
             replies: HashMap::new(),
             next_ticket: 1,
             writer,
@@ -722,6 +730,11 @@ impl Router {
                 Action::AdminDone { ticket, reply } => {
                     if let Some(tx) = self.admin.remove(&ticket) {
                         let _ = tx.send(reply);
+                    }
+                }
+                Action::Offline { msg, epoch, users } => {
+                    if let Some(w) = &self.webhook {
+                        w.offer(&msg, epoch, users);
                     }
                 }
                 Action::Posted { ticket, reply } => {

@@ -29,3 +29,4 @@ mod sdk;
 mod sigkill;
 mod sigterm;
 mod tls;
+mod webhook;
