@@ -989,6 +989,7 @@ impl Owner {
                     // The id of a deleted group: a new group with a new epoch, its seqs going
                     // on after the old ones (which are gone).
                     c.rec.epoch = self.rng.next_epoch();
+                    c.rec.created_ms = now_ms;
                     c.rec.members = members;
                     c.rec.retention = retention;
                     c.rec.name = name.filter(|n| !n.is_empty());

@@ -266,13 +266,52 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
     type Rejection = Response;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Response> {
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(v)) => Ok(Body(v)),
+        let value = match Json::<serde_json::Value>::from_request(req, state).await {
+            Ok(Json(v)) => v,
             // A body past the limit keeps its 413; every other fault of the body is a 400.
             Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-                Err(error(e.status(), "too_large", e.body_text()))
+                return Err(error(e.status(), "too_large", e.body_text()))
             }
-            Err(e) => Err(error(StatusCode::BAD_REQUEST, "malformed", e.body_text())),
+            Err(e) => return Err(error(StatusCode::BAD_REQUEST, "malformed", e.body_text())),
+        };
+        // serde reads a struct from an array of its fields too; the API takes objects only,
+        // and arrays only of ids (strings).
+        if !value.is_object() || !objects_and_string_lists(&value) {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                "malformed",
+                "the body must be a JSON object, its lists lists of strings; see docs/protocol.md, section 7",
+            ));
+        }
+        serde_json::from_value(value)
+            .map(Body)
+            .map_err(|e| error(StatusCode::BAD_REQUEST, "malformed", e.to_string()))
+    }
+}
+
+/// Whether every array in `v` holds only strings.
+fn objects_and_string_lists(v: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match v {
+        Value::Array(items) => items.iter().all(Value::is_string),
+        Value::Object(map) => map.values().all(objects_and_string_lists),
+        _ => true,
+    }
+}
+
+/// A conversation's retention as the admin API takes it (unknown fields refused).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RetentionBody {
+    max_age_ms: Option<u64>,
+    max_count: Option<u64>,
+}
+
+impl From<RetentionBody> for Retention {
+    fn from(r: RetentionBody) -> Retention {
+        Retention {
+            max_age_ms: r.max_age_ms,
+            max_count: r.max_count,
         }
     }
 }
@@ -332,8 +371,7 @@ struct CreateGroup {
     id: String,
     #[serde(default)]
     members: Vec<String>,
-    #[serde(default)]
-    retention: Retention,
+    retention: Option<RetentionBody>,
     name: Option<String>,
     #[serde(default)]
     metadata: BTreeMap<String, String>,
@@ -347,7 +385,7 @@ async fn create_group(
     let op = AdminOp::CreateGroup {
         id: req.id,
         members: req.members,
-        retention: req.retention,
+        retention: req.retention.map(Retention::from).unwrap_or_default(),
         name: req.name,
         metadata: req.metadata,
     };
@@ -364,7 +402,7 @@ struct UpdateGroup {
     /// Members who left on their own (recorded as `left`, not `removed`).
     #[serde(default)]
     leave: Vec<String>,
-    retention: Option<Retention>,
+    retention: Option<RetentionBody>,
     name: Option<String>,
     metadata: Option<BTreeMap<String, String>>,
 }
@@ -380,7 +418,7 @@ async fn update_group(
         add: req.add,
         remove: req.remove,
         leave: req.leave,
-        retention: req.retention,
+        retention: req.retention.map(Retention::from),
         name: req.name,
         metadata: req.metadata,
     };
@@ -388,29 +426,11 @@ async fn update_group(
 }
 
 async fn get_group(State(state): State<AppState>, _: Admin, Path(id): Path<String>) -> Response {
-    let (reply, rx) = oneshot::channel();
-    if state
-        .router
-        .send(Command::Admin {
-            op: AdminOp::Get { id: id.clone() },
-            reply,
-        })
-        .await
-        .is_err()
-    {
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "shutting_down",
-            "server is shutting down",
-        );
-    }
-    match rx.await {
-        Ok(Ok(g)) => Json(g).into_response(),
-        _ => error(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("group {id:?} does not exist"),
-        ),
+    let op = AdminOp::Get { id };
+    let lost = "the group could not be read; retry";
+    match ask_router(&state, |reply| Command::Admin { op, reply }, lost).await {
+        Ok(g) => Json(g).into_response(),
+        Err(r) => r,
     }
 }
 
@@ -423,13 +443,24 @@ struct IssueToken {
     ttl_secs: Option<u64>,
 }
 
+/// The longest lifetime a token is issued with.
+const MAX_TOKEN_TTL_SECS: u64 = 10 * 366 * 86_400;
+
 async fn issue_token(
     State(state): State<AppState>,
     _: Admin,
     Body(req): Body<IssueToken>,
 ) -> Response {
     let now = crate::router::now_ms() / 1000;
-    let exp = now.saturating_add(req.ttl_secs.unwrap_or(crate::DEFAULT_TOKEN_TTL_SECS));
+    let ttl = req.ttl_secs.unwrap_or(crate::DEFAULT_TOKEN_TTL_SECS);
+    if ttl == 0 || ttl > MAX_TOKEN_TTL_SECS {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            format!("ttl_secs is {ttl}; it must be 1 to {MAX_TOKEN_TTL_SECS} (10 years)"),
+        );
+    }
+    let exp = now.saturating_add(ttl);
     let claims = Claims {
         user: req.user,
         device: req.device,
