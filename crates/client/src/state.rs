@@ -101,8 +101,11 @@ pub enum Event {
     },
     Connected,
     Disconnected,
-    /// A connection attempt failed; the driver tries again with backoff. `unauthorized`: the
-    /// server refused the token, so only a new token will help.
+    /// A connection attempt failed. The driver tries again with backoff, unless the failure
+    /// cannot mend by itself (a refused token, a bad URL, a certificate that does not verify):
+    /// then this is the last event and the client stops. The typed cause is
+    /// `Client::connection()` (the driver's `Connection`). `unauthorized`: the server refused
+    /// the token, so only a new token will help.
     ConnectFailed {
         reason: String,
         unauthorized: bool,

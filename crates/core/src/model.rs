@@ -216,6 +216,9 @@ pub struct MemberPageAsk {
 /// Most groups one page of [`GroupPage`] lists, and how many when not told.
 pub const MAX_GROUPS_LIMIT: usize = 1000;
 pub const DEFAULT_GROUPS_LIMIT: usize = 100;
+/// A page of [`GroupPage`] ends early once its groups hold this many members (it always holds
+/// one group, when there is one), so that a page of large groups stays small.
+pub const MAX_GROUP_PAGE_MEMBERS: usize = 100_000;
 
 /// One page of the stored groups, for the admin API: in id order, deleted groups left out.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -235,12 +238,14 @@ impl GroupPage {
     ) -> Result<GroupPage, E> {
         let limit = limit.clamp(1, MAX_GROUPS_LIMIT);
         let mut groups = Vec::new();
+        let mut members = 0;
         for r in records {
             let r = r?;
             if r.kind != ConvKind::Group || r.deleted {
                 continue;
             }
-            if groups.len() == limit {
+            members += r.members.len();
+            if groups.len() == limit || (!groups.is_empty() && members > MAX_GROUP_PAGE_MEMBERS) {
                 return Ok(GroupPage {
                     groups,
                     has_more: true,
@@ -304,4 +309,48 @@ pub struct Snapshot {
     /// The newest acceptance time the store holds (0 if none): a restarted server's clock
     /// starts no earlier, so that acceptance times never go back.
     pub last_ts: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn group(id: &str, members: usize) -> ConvRecord {
+        ConvRecord {
+            id: id.into(),
+            kind: ConvKind::Group,
+            epoch: 1,
+            max_seq: 0,
+            first_seq: 1,
+            members: (0..members).map(|i| format!("u{i}")).collect(),
+            retention: Retention::default(),
+            created_ms: 0,
+            name: None,
+            metadata: BTreeMap::new(),
+            deleted: false,
+        }
+    }
+
+    #[test]
+    fn a_group_page_ends_early_at_its_member_budget() {
+        let page = |recs: Vec<ConvRecord>, limit| {
+            GroupPage::collect(limit, recs.into_iter().map(Ok::<_, ()>)).unwrap()
+        };
+        let big = MAX_GROUP_PAGE_MEMBERS * 3 / 5;
+        // Two large groups do not fit one page; the first comes alone, with more to follow.
+        let p = page(vec![group("a", big), group("b", big)], 10);
+        assert_eq!(p.groups.len(), 1);
+        assert!(p.has_more);
+        // One larger than the budget still comes, alone.
+        let p = page(
+            vec![group("a", MAX_GROUP_PAGE_MEMBERS + 1), group("b", 1)],
+            10,
+        );
+        assert_eq!((p.groups.len(), p.has_more), (1, true));
+        // Small groups: the count limit.
+        let p = page((0..5).map(|i| group(&format!("g{i}"), 3)).collect(), 3);
+        assert_eq!((p.groups.len(), p.has_more), (3, true));
+        let p = page((0..3).map(|i| group(&format!("g{i}"), 3)).collect(), 3);
+        assert_eq!((p.groups.len(), p.has_more), (3, false));
+    }
 }

@@ -330,6 +330,9 @@ fn core_error(e: CoreError) -> Response {
     error(status, code, e.to_string())
 }
 
+/// How long an admin request waits for the router's answer.
+const ADMIN_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Hands the router a request made with a reply channel and waits for its answer; an error
 /// response if the router is gone (shutting down), dropped the request (`lost` says what to
 /// do), or refused it.
@@ -346,13 +349,21 @@ async fn ask_router<T>(
             "server is shutting down",
         ));
     }
-    match rx.await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(core_error(e)),
-        Err(_) => Err(error(
+    match tokio::time::timeout(ADMIN_WAIT, rx).await {
+        Ok(Ok(Ok(v))) => Ok(v),
+        Ok(Ok(Err(e))) => Err(core_error(e)),
+        Ok(Err(_)) => Err(error(
             StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::Unavailable.as_str(),
             lost,
+        )),
+        Err(_) => Err(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Unavailable.as_str(),
+            format!(
+                "no answer within {} s (the server is busy); the request may still take effect: {lost}",
+                ADMIN_WAIT.as_secs()
+            ),
         )),
     }
 }
@@ -483,6 +494,9 @@ struct Revoke {
     before: Option<u64>,
 }
 
+/// How far ahead a revocation's `before` may be.
+const MAX_REVOKE_AHEAD_SECS: u64 = 366 * 86_400;
+
 /// Stores a revocation, then answers; the connections it covers are closed with 4003.
 async fn revoke(State(state): State<AppState>, _: Admin, Body(req): Body<Revoke>) -> Response {
     use ordo_protocol::{validate_id, IdKind};
@@ -496,7 +510,17 @@ async fn revoke(State(state): State<AppState>, _: Admin, Body(req): Body<Revoke>
     {
         return error(StatusCode::BAD_REQUEST, "invalid", e.to_string());
     }
-    let before = req.before.unwrap_or_else(|| crate::router::now_ms() / 1000);
+    let now = crate::router::now_ms() / 1000;
+    // Without `before`: every token issued up to now, this second included (a token minted
+    // in the same second as the revocation is refused too; mint the new one a second later).
+    let before = req.before.unwrap_or(now + 1);
+    if before > now + MAX_REVOKE_AHEAD_SECS {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            format!("before is {before}, more than a year ahead: it is unix seconds (not milliseconds), and a revocation cannot be undone"),
+        );
+    }
     let tokens = state.tokens.clone();
     let done = tokio::task::spawn_blocking(move || {
         tokens

@@ -101,6 +101,9 @@ fn reload_on_sighup(
                             Err(e) => tracing::error!(error = %e, "SIGHUP: keeping the JWKS keys in use"),
                         }
                     }
+                    if tls.is_none() && !tokens.jwt.has_jwks() {
+                        tracing::info!("SIGHUP: nothing to read again (no TLS certificate, no JWKS file)");
+                    }
                 }
             }
         }
@@ -359,9 +362,8 @@ pub async fn start_with_store(
     let tokens = state.tokens.clone();
     let app = http::routes(state);
     tracing::info!(%addr, data = %cfg.data.display(), tls = tls.is_some(), jwks = tokens.jwt.has_jwks(), "ordo listening");
-    if tls.is_some() || tokens.jwt.has_jwks() {
-        reload_on_sighup(tls.clone(), tokens, stop_rx.clone())?;
-    }
+    // Always: without a handler, SIGHUP would end the process.
+    reload_on_sighup(tls.clone(), tokens, stop_rx.clone())?;
 
     let mut accept_limits = cfg.accept_limits();
     accept_limits.max_connections = accept::fit_open_files(accept_limits.max_connections);

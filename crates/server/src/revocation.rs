@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 use tokio::sync::watch;
 
 /// Most entries the list holds.
@@ -93,7 +93,10 @@ impl List {
 /// The revocations in force, shared by the HTTP handlers and every connection.
 pub struct Revocations {
     path: PathBuf,
-    list: Mutex<List>,
+    list: RwLock<List>,
+    /// Held by the one revocation being written: the file is written outside `list`'s lock,
+    /// so that token checks never wait for a disk.
+    writing: Mutex<()>,
     changed: watch::Sender<u64>,
 }
 
@@ -136,7 +139,8 @@ impl Revocations {
         }
         Ok(Revocations {
             path,
-            list: Mutex::new(list),
+            list: RwLock::new(list),
+            writing: Mutex::new(()),
             changed: watch::channel(0).0,
         })
     }
@@ -150,7 +154,8 @@ impl Revocations {
         device: Option<&str>,
         before: u64,
     ) -> Result<Revocation, RevocationError> {
-        let mut list = self.list.lock().unwrap_or_else(|p| p.into_inner());
+        let _writing = self.writing.lock().unwrap_or_else(|p| p.into_inner());
+        let list = self.list.read().unwrap_or_else(|p| p.into_inner());
         let current = match device {
             None => list.users.get(user).copied(),
             Some(d) => list
@@ -170,9 +175,12 @@ impl Revocations {
             return Err(RevocationError::Full(self.path.display().to_string()));
         }
         let mut next = list.entries();
+        drop(list);
         next.retain(|r| !(r.user == entry.user && r.device == entry.device));
         next.push(entry.clone());
         self.write(&next)?;
+        // On disk: now in force.
+        let mut list = self.list.write().unwrap_or_else(|p| p.into_inner());
         match device {
             None => list.users.insert(user.to_string(), entry.before),
             Some(d) => list
@@ -186,7 +194,7 @@ impl Revocations {
 
     /// The revocation that refuses a token of `user` on `device` issued at `iat`, if any.
     pub fn refuses(&self, user: &str, device: &str, iat: Option<u64>) -> Option<Revocation> {
-        let list = self.list.lock().unwrap_or_else(|p| p.into_inner());
+        let list = self.list.read().unwrap_or_else(|p| p.into_inner());
         let issued = iat.unwrap_or(0);
         if let Some(&before) = list.users.get(user).filter(|b| issued < **b) {
             return Some(Revocation {

@@ -35,6 +35,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, Mutex};
@@ -53,8 +54,10 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 pub const GIVE_UP_AFTER: Duration = Duration::from_secs(24 * 3600);
 const FIRST_RETRY_MS: u64 = 1000;
 const MAX_RETRY_MS: u64 = 300_000;
-/// Events the router may hand over before the webhook task has taken them.
+/// Events the router may hand over before the webhook task has taken them, and most bytes of
+/// them (user ids and preview).
 const HAND_OVER: usize = 10_000;
+const HAND_OVER_BYTES: usize = 16 << 20;
 
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 
@@ -116,6 +119,16 @@ struct Offline {
     preview: Option<String>,
 }
 
+impl Offline {
+    /// About what it holds, in bytes (what the hand-over is bounded by).
+    fn bytes(&self) -> usize {
+        128 + self.conv.len()
+            + self.from.len()
+            + self.users.iter().map(|u| 24 + u.len()).sum::<usize>()
+            + self.preview.as_ref().map_or(0, String::len)
+    }
+}
+
 /// The JSON an event is POSTed as.
 #[derive(Serialize)]
 struct EventBody<'a> {
@@ -148,6 +161,8 @@ struct Queued {
 pub struct WebhookSender {
     tx: mpsc::Sender<Offline>,
     preview_bytes: usize,
+    /// Bytes handed over and not yet taken by the task.
+    in_hand: Arc<AtomicUsize>,
 }
 
 impl WebhookSender {
@@ -163,7 +178,10 @@ impl WebhookSender {
             users,
             preview: preview.map(str::to_string),
         };
-        if self.tx.try_send(ev).is_err() {
+        let bytes = ev.bytes();
+        let held = self.in_hand.fetch_add(bytes, Ordering::Relaxed);
+        if held + bytes > HAND_OVER_BYTES || self.tx.try_send(ev).is_err() {
+            self.in_hand.fetch_sub(bytes, Ordering::Relaxed);
             metrics::counter!(m::WEBHOOK_DROPPED).increment(1);
         }
     }
@@ -193,8 +211,14 @@ pub fn start(
         pool: Arc::new(Mutex::new(Vec::new())),
         tls: None,
     };
-    let handle = tokio::spawn(task.run(rx));
-    Ok((WebhookSender { tx, preview_bytes }, handle))
+    let in_hand = Arc::new(AtomicUsize::new(0));
+    let handle = tokio::spawn(task.run(rx, in_hand.clone()));
+    let sender = WebhookSender {
+        tx,
+        preview_bytes,
+        in_hand,
+    };
+    Ok((sender, handle))
 }
 
 /// The queue: on disk, and its index in memory.
@@ -278,7 +302,7 @@ struct Task {
 type Attempt = (u64, Result<(), String>);
 
 impl Task {
-    async fn run(mut self, mut rx: mpsc::Receiver<Offline>) {
+    async fn run(mut self, mut rx: mpsc::Receiver<Offline>, in_hand: Arc<AtomicUsize>) {
         if self.endpoint.tls {
             match crate::tls::client_connector() {
                 Ok(c) => self.tls = Some(c),
@@ -307,6 +331,8 @@ impl Task {
                             Err(_) => break,
                         }
                     }
+                    let taken = batch.iter().map(Offline::bytes).sum();
+                    in_hand.fetch_sub(taken, Ordering::Relaxed);
                     self.enqueue(batch).await;
                 }
                 Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
@@ -480,12 +506,15 @@ async fn post(
     conn.ready().await.map_err(|e| e.to_string())?;
     let resp = conn.send_request(req).await.map_err(|e| e.to_string())?;
     let status = resp.status();
-    // The answer's body is read (and dropped) so that the connection can be used again.
+    // The answer's body is read (and dropped) so that the connection can be used again; one
+    // too long to read is left, with its connection.
     use http_body_util::BodyExt;
-    let _ = http_body_util::Limited::new(resp.into_body(), 64 << 10)
+    let read = http_body_util::Limited::new(resp.into_body(), 64 << 10)
         .collect()
         .await;
-    pool.lock().await.push(conn);
+    if read.is_ok() {
+        pool.lock().await.push(conn);
+    }
     if status.is_success() {
         Ok(())
     } else {

@@ -26,7 +26,7 @@ use crate::wal::{
 };
 use ordo_core::{
     AgeSweep, Batch, CommitOutcome, ConvRecord, ConvState, CursorRecord, DedupRecord, Expired,
-    GroupPage, MemberPage, MemberPageAsk, Snapshot, MAX_GROUPS_LIMIT,
+    GroupPage, MemberPage, MemberPageAsk, Snapshot, MAX_GROUPS_LIMIT, MAX_GROUP_PAGE_MEMBERS,
 };
 use ordo_protocol::{ConvKind, Message, DIRECT_PREFIX};
 use ordo_store::{DedupScan, Page, PageFill, ScanFrom, Store, StoreError};
@@ -717,6 +717,7 @@ impl Store for RedbStore {
         let mut start = after.unwrap_or("").to_string();
         let mut skip_start = after.is_some();
         let mut records = Vec::new();
+        let mut members = 0;
         'scan: loop {
             for row in convs.range(start.as_str()..).map_err(engine)? {
                 let (k, v) = row.map_err(engine)?;
@@ -737,8 +738,11 @@ impl Store for RedbStore {
                     rec.max_seq = rec.max_seq.max(max_seq);
                     rec.first_seq = rec.first_seq.max(first_seq);
                 }
+                members += rec.members.len();
                 records.push(Ok(rec));
-                if records.len() > limit {
+                // Enough for `collect` to cut the page and know that more follow.
+                if records.len() > limit || (members > MAX_GROUP_PAGE_MEMBERS && records.len() > 1)
+                {
                     break 'scan;
                 }
             }

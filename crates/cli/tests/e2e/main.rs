@@ -24,6 +24,7 @@ mod limits;
 mod operations;
 mod order;
 mod receipts;
+mod reload;
 mod retention;
 mod sdk;
 mod sigkill;

@@ -26,6 +26,7 @@
 
 mod admin;
 mod authorization;
+mod backend_races;
 mod cursors_receipts;
 mod dedup;
 mod direct;
