@@ -147,10 +147,17 @@ pub async fn run(
         let mut ping = tokio::time::interval(idle / 3);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ping.tick().await;
+        // A shutdown's close goes after what is queued (answers to sends the server took, or
+        // refused as it stopped); any other close goes at once.
+        let mut last_words = None;
         loop {
             tokio::select! {
                 biased;
                 close = &mut close_rx, if close_open => match close {
+                    Ok((code, reason)) if code == close::GOING_AWAY => {
+                        last_words = Some(close_msg(code, &reason));
+                        close_open = false;
+                    }
                     Ok((code, reason)) => {
                         let _ = sink.send(close_msg(code, &reason)).await;
                         break;
@@ -200,6 +207,9 @@ pub async fn run(
                     }
                 }
             }
+        }
+        if let Some(m) = last_words {
+            let _ = sink.send(m).await;
         }
         let _ = sink.close().await;
     });

@@ -15,7 +15,9 @@
 //!    "<t>.<body>")>` and `Idempotency-Key: <event id>`;
 //! 3. deletes it once the endpoint answers 2xx; anything else, or no answer within
 //!    [`REQUEST_TIMEOUT`], is tried again after a backoff (1 s, doubling to 5 min), for up to
-//!    [`GIVE_UP_AFTER`]; then it is dropped and counted.
+//!    [`GIVE_UP_AFTER`]; then it is dropped and counted. While the endpoint fails, the whole
+//!    queue waits out the same backoff and then tries one event at a time, so that an endpoint
+//!    that is down costs one attempt per backoff, not one per event.
 //!
 //! Events due when the server stops or is killed are sent after it starts again, with the same
 //! id: delivery is at least once, and the backend deduplicates by `Idempotency-Key`. An event
@@ -210,6 +212,10 @@ pub fn start(
         secret: Arc::from(secret.as_bytes()),
         pool: Arc::new(Mutex::new(Vec::new())),
         tls: None,
+        failing: 0,
+        paused_until: 0,
+        done: Vec::new(),
+        last_flush: 0,
     };
     let in_hand = Arc::new(AtomicUsize::new(0));
     let handle = tokio::spawn(task.run(rx, in_hand.clone()));
@@ -296,7 +302,20 @@ struct Task {
     /// Idle kept-alive connections to the endpoint.
     pool: Arc<Mutex<Vec<SendRequest<Full<Bytes>>>>>,
     tls: Option<tokio_rustls::TlsConnector>,
+    /// Attempts that failed in a row, of any event: the endpoint is down or refusing.
+    failing: u32,
+    /// While the endpoint fails, nothing is sent before this (unix ms): one backoff for the
+    /// whole queue, not an attempt per event.
+    paused_until: u64,
+    /// Events done with (taken, or given up), deleted from disk in batches: a delete lost to a
+    /// crash only sends an event again.
+    done: Vec<u64>,
+    last_flush: u64,
 }
+
+/// Deletes are written once this many are waiting, or this long after the last write.
+const DELETE_BATCH: usize = 256;
+const DELETE_EVERY_MS: u64 = 200;
 
 /// How one attempt ended: the event's key, and whether the endpoint took it (else why not).
 type Attempt = (u64, Result<(), String>);
@@ -314,13 +333,20 @@ impl Task {
         let mut in_flight: JoinSet<Attempt> = JoinSet::new();
         loop {
             self.dispatch(&mut in_flight);
-            let wake = self
+            self.flush_done(false).await;
+            let now = now_ms();
+            let mut wake = self
                 .queue
                 .due
                 .first()
-                .map(|(at, _)| Duration::from_millis(at.saturating_sub(now_ms())))
+                .map(|(at, _)| {
+                    Duration::from_millis((*at).max(self.paused_until).saturating_sub(now))
+                })
                 .filter(|_| in_flight.len() < MAX_IN_FLIGHT)
                 .unwrap_or(Duration::from_secs(3600));
+            if !self.done.is_empty() {
+                wake = wake.min(Duration::from_millis(DELETE_EVERY_MS));
+            }
             tokio::select! {
                 got = rx.recv() => {
                     let Some(first) = got else { break };
@@ -343,6 +369,20 @@ impl Task {
                 _ = tokio::time::sleep(wake) => {}
             }
         }
+        self.flush_done(true).await;
+    }
+
+    /// Deletes the events done with from disk, when enough wait or enough time passed (or
+    /// `now`).
+    async fn flush_done(&mut self, now: bool) {
+        let t = now_ms();
+        let due = self.done.len() >= DELETE_BATCH || t >= self.last_flush + DELETE_EVERY_MS;
+        if self.done.is_empty() || !(now || due) {
+            return;
+        }
+        self.last_flush = t;
+        let keys = std::mem::take(&mut self.done);
+        self.queue.write(Vec::new(), keys).await;
     }
 
     /// Queues handed-over events (on disk first), dropping those past the bounds.
@@ -394,7 +434,12 @@ impl Task {
     /// Starts attempts for due events while there is room.
     fn dispatch(&mut self, in_flight: &mut JoinSet<Attempt>) {
         let now = now_ms();
-        while in_flight.len() < MAX_IN_FLIGHT {
+        if now < self.paused_until {
+            return;
+        }
+        // After a failure, one attempt at a time until one succeeds.
+        let room = if self.failing > 0 { 1 } else { MAX_IN_FLIGHT };
+        while in_flight.len() < room {
             let Some(&(at, key)) = self.queue.due.first() else {
                 return;
             };
@@ -435,37 +480,47 @@ impl Task {
         match sent {
             Ok(()) => {
                 metrics::counter!(m::WEBHOOK_SENT).increment(1);
-                self.forget(key).await;
+                if self.failing > 0 {
+                    tracing::info!(failed = self.failing, "webhook endpoint takes events again");
+                }
+                self.failing = 0;
+                self.paused_until = 0;
+                self.forget(key);
             }
             Err(why) => {
                 metrics::counter!(m::WEBHOOK_FAILED).increment(1);
                 ev.attempts += 1;
+                let backoff = |n: u32| {
+                    FIRST_RETRY_MS
+                        .saturating_mul(1 << (n.clamp(1, 17) - 1))
+                        .min(MAX_RETRY_MS)
+                };
+                let wait = backoff(ev.attempts);
+                self.failing += 1;
+                self.paused_until = now + backoff(self.failing);
+                if self.failing == 1 {
+                    tracing::warn!(id = %ev.id, reason = %why, "webhook endpoint does not take events; backing off");
+                }
                 let give_up = ev.first_ms + GIVE_UP_AFTER.as_millis() as u64;
-                let wait = FIRST_RETRY_MS
-                    .saturating_mul(1 << ev.attempts.min(16).saturating_sub(1))
-                    .min(MAX_RETRY_MS);
                 if now + wait > give_up {
                     tracing::warn!(id = %ev.id, attempts = ev.attempts, reason = %why, "webhook event given up");
                     metrics::counter!(m::WEBHOOK_DROPPED).increment(1);
-                    self.forget(key).await;
+                    self.forget(key);
                     return;
                 }
-                if ev.attempts == 1 {
-                    tracing::warn!(id = %ev.id, reason = %why, retry_in_ms = wait, "webhook event not taken; trying again");
-                }
+                // In memory only: after a restart every queued event is due at once anyway.
                 ev.next_ms = now + wait;
-                let ev = ev.clone();
                 self.queue.due.insert((ev.next_ms, key));
-                self.queue.write(vec![(key, ev)], Vec::new()).await;
             }
         }
     }
 
-    async fn forget(&mut self, key: u64) {
+    /// An event done with: out of the queue now, off the disk with the next batch of deletes.
+    fn forget(&mut self, key: u64) {
         if let Some(ev) = self.queue.events.remove(&key) {
             self.queue.bytes -= ev.body.len();
         }
-        self.queue.write(Vec::new(), vec![key]).await;
+        self.done.push(key);
         metrics::gauge!(m::WEBHOOK_QUEUED).set(self.queue.events.len() as f64);
     }
 }
