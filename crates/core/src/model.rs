@@ -53,7 +53,7 @@ pub struct ConvRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     /// A group's metadata: string keys and values the app keeps with it (see
-    /// [`crate::validate_metadata`] for the limits).
+    /// [`crate::owner::validate_group_info`] for the limits).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub metadata: BTreeMap<String, String>,
     /// A group deleted through the admin API: no members, no messages, no name; its id may be

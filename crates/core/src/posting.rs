@@ -8,7 +8,7 @@
 //! It is answered ([`Action::Posted`]) once durable.
 //!
 //! A membership or name change of a group is recorded as a system message in the group
-//! ([`Owner::append_event`]), in the batch of the change itself, so every device sees it at the
+//! (`Owner::append_event`), in the batch of the change itself, so every device sees it at the
 //! same place among the messages.
 
 use crate::engine::{Action, Ticket};

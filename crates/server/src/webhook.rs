@@ -3,7 +3,7 @@
 //!
 //! For each durable message in a conversation of at most [`MAX_MEMBERS`] members that has
 //! members (other than its sender) with no connected device, the core reports them
-//! ([`ordo_core::Action::Offline`]) and the router hands an [`Offline`] to [`WebhookSender`]
+//! ([`ordo_core::Action::Offline`]) and the router hands the event to [`WebhookSender`]
 //! without waiting: a full hand-over channel drops the event (and counts it) rather than slow
 //! the path of messages. The webhook task then:
 //!
