@@ -47,6 +47,13 @@ pub trait Backend: Sized {
     /// checks) and say `false`: the property is then not checked.
     const REFUSES_A_SEQ_STORED_TWICE: bool;
 
+    /// Whether the backend can run here: a backend that needs a database server says why not
+    /// (its test is then skipped, with the reason printed). It panics instead where a skip is
+    /// not allowed (in CI, `CI=true`).
+    fn available() -> Result<(), String> {
+        Ok(())
+    }
+
     /// Opens a new, empty store.
     fn open() -> Self;
 
@@ -83,6 +90,10 @@ macro_rules! conformance_tests {
         $(
             #[test]
             fn $property() {
+                if let Err(why) = <$backend as $crate::conformance::Backend>::available() {
+                    eprintln!("SKIPPED {}: {why}", stringify!($property));
+                    return;
+                }
                 $crate::conformance::$property::<$backend>();
             }
         )+

@@ -1,0 +1,111 @@
+//! The tables, as versioned migrations embedded in the binary and applied at start: a database
+//! at an older version is brought up to this one (each step in its own transaction, the version
+//! moved with it); one at a newer version than this binary knows is refused, never written to.
+
+use postgres::Client;
+
+/// The migrations, in order: migration `i` brings the schema from version `i` to `i + 1`.
+pub const MIGRATIONS: &[&str] = &[
+    // 1: everything a store holds.
+    r#"
+    CREATE TABLE ordo_convs (
+        id text PRIMARY KEY,
+        kind text NOT NULL,
+        max_seq bigint NOT NULL,
+        first_seq bigint NOT NULL,
+        deleted boolean NOT NULL DEFAULT false,
+        -- The whole record (members, retention, name, metadata) as JSON; the seq range is in
+        -- the columns, which positions move without rewriting the record.
+        record text NOT NULL
+    );
+    -- Which conversations a user is a member of: the index of `convs` overviews.
+    CREATE TABLE ordo_members (
+        user_id text NOT NULL,
+        conv text NOT NULL,
+        PRIMARY KEY (user_id, conv)
+    );
+    CREATE INDEX ordo_members_by_conv ON ordo_members (conv);
+    -- One row per message: (conv, seq) is unique, so a history can never fork.
+    CREATE TABLE ordo_messages (
+        conv text NOT NULL,
+        seq bigint NOT NULL,
+        from_user text NOT NULL,
+        device text NOT NULL,
+        cmid text NOT NULL,
+        body text NOT NULL,
+        reply_to bigint,
+        ts bigint NOT NULL,
+        event text,
+        PRIMARY KEY (conv, seq)
+    );
+    CREATE TABLE ordo_cursors (
+        conv text NOT NULL,
+        user_id text NOT NULL,
+        device text NOT NULL,
+        delivered bigint NOT NULL,
+        read bigint NOT NULL,
+        PRIMARY KEY (conv, user_id, device)
+    );
+    -- What each (user, client message id) was accepted as, and in acceptance order (the
+    -- filter's rebuild, and expiry by time).
+    CREATE TABLE ordo_dedup (
+        user_id text NOT NULL,
+        cmid text NOT NULL,
+        conv text NOT NULL,
+        seq bigint NOT NULL,
+        ts bigint NOT NULL,
+        PRIMARY KEY (user_id, cmid)
+    );
+    CREATE INDEX ordo_dedup_by_time ON ordo_dedup (ts, user_id, cmid);
+    -- Settings the store keeps for itself (the dedup expiry's cutoff).
+    CREATE TABLE ordo_state (
+        key text PRIMARY KEY,
+        value bigint NOT NULL
+    );
+    "#,
+];
+
+/// The schema version this binary writes.
+pub fn current() -> i64 {
+    MIGRATIONS.len() as i64
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SchemaError {
+    #[error("the database's Ordo schema is version {found}, newer than this ordo knows ({known}): upgrade ordo, or point it at another database or schema")]
+    Newer { found: i64, known: i64 },
+    #[error("cannot apply the schema: {0}")]
+    Db(#[from] postgres::Error),
+}
+
+/// Brings the schema to [`current`]; returns the version found.
+pub fn migrate(client: &mut Client) -> Result<i64, SchemaError> {
+    client.batch_execute(
+        "CREATE TABLE IF NOT EXISTS ordo_schema (only_row boolean PRIMARY KEY DEFAULT true CHECK (only_row), version bigint NOT NULL);
+         INSERT INTO ordo_schema (version) VALUES (0) ON CONFLICT DO NOTHING;",
+    )?;
+    let found: i64 = client
+        .query_one("SELECT version FROM ordo_schema", &[])?
+        .get(0);
+    if found > current() {
+        return Err(SchemaError::Newer {
+            found,
+            known: current(),
+        });
+    }
+    for (i, step) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+        let mut tx = client.transaction()?;
+        // Two servers starting at once: the second waits here, then finds the work done.
+        let now: i64 = tx
+            .query_one("SELECT version FROM ordo_schema FOR UPDATE", &[])?
+            .get(0);
+        if now > i as i64 {
+            tx.commit()?;
+            continue;
+        }
+        tx.batch_execute(step)?;
+        tx.execute("UPDATE ordo_schema SET version = $1", &[&(i as i64 + 1)])?;
+        tx.commit()?;
+    }
+    Ok(found)
+}
