@@ -18,6 +18,10 @@ pub struct ServeArgs {
     /// Data directory [default: ./ordo-data].
     #[arg(long, env = "ORDO_DATA")]
     data: Option<PathBuf>,
+    /// Store everything in this PostgreSQL database instead of the embedded store
+    /// (postgres://USER@HOST:PORT/DB); the secret and admin key stay in --data unless given.
+    #[arg(long, env = "ORDO_STORE", hide_env_values = true)]
+    store: Option<String>,
     /// Token-signing secret (default: generated into `<data>/secret`).
     #[arg(long, env = "ORDO_SECRET", hide_env_values = true)]
     secret: Option<String>,
@@ -166,6 +170,7 @@ impl ServeArgs {
             (self.jwt_issuer, &mut c.jwt_issuer),
             (self.jwt_audience, &mut c.jwt_audience),
             (self.webhook_url, &mut c.webhook_url),
+            (self.store, &mut c.store),
             (self.webhook_secret, &mut c.webhook_secret),
         ] {
             if given.is_some() {

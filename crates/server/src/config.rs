@@ -15,6 +15,10 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Directory of the embedded store, the token secret and the admin key.
     pub data: PathBuf,
+    /// A PostgreSQL database to store everything in instead of the embedded store (a
+    /// `postgres://` URL or a `key=value` connection string); the token secret and the admin
+    /// key stay in `data` unless given.
+    pub store: Option<String>,
     /// Secret that signs client tokens; generated into `<data>/secret` when unset.
     pub secret: Option<String>,
     /// Key for the admin API; generated into `<data>/admin.key` when unset.
@@ -105,6 +109,7 @@ impl Default for Config {
         Config {
             listen: "127.0.0.1:7400".parse().expect("static address"),
             data: PathBuf::from("./ordo-data"),
+            store: None,
             secret: None,
             admin_key: None,
             max_frame_bytes: core.limits.max_frame_bytes,

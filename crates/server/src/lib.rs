@@ -247,10 +247,32 @@ async fn close_store(store: Arc<dyn Store>) {
     let _ = tokio::task::spawn_blocking(move || drop(store)).await;
 }
 
-/// Opens the embedded store in `cfg.data` and starts serving. Returns once the listener is
-/// bound.
+/// Opens the store (the embedded one in `cfg.data`, or the PostgreSQL database `cfg.store`
+/// names) and starts serving. Returns once the listener is bound.
 pub async fn start(cfg: Config) -> Result<RunningServer, ServerError> {
     cfg.validate()?;
+    if let Some(url) = cfg.store.clone() {
+        let store = tokio::task::spawn_blocking(move || ordo_store_postgres::PgStore::open(&url))
+            .await
+            .map_err(|e| ServerError::Io(std::io::Error::other(e.to_string())))??;
+        let store: Arc<dyn Store> = Arc::new(store);
+        // A database that holds messages already has tokens out: never a new secret for it.
+        let probe = store.clone();
+        let holds_data = tokio::task::spawn_blocking(move || probe.load())
+            .await
+            .map_err(|e| ServerError::Io(std::io::Error::other(e.to_string())))??
+            .last_ts
+            > 0;
+        secret_of(
+            cfg.secret.as_deref(),
+            &cfg.data,
+            "secret",
+            "the token secret",
+            SECRET_FLAG,
+            !holds_data,
+        )?;
+        return start_with_store(cfg, store).await;
+    }
     // Before the store is made: a new store gets new secrets, an existing one never does.
     token_key(cfg.secret.as_deref(), &cfg.data)?;
     admin_key(cfg.admin_key.as_deref(), &cfg.data)?;
@@ -297,11 +319,14 @@ pub async fn start_with_store(
         _ => None,
     };
 
-    let mut router = Router::new(
-        cfg.core(),
-        store.clone(),
-        Duration::from_secs(cfg.housekeeping_secs),
-    )?;
+    // It reads from the store: off the async threads (a store may block, or run a runtime of
+    // its own, as the PostgreSQL client does).
+    let (core_cfg, router_store) = (cfg.core(), store.clone());
+    let housekeeping = Duration::from_secs(cfg.housekeeping_secs);
+    let mut router =
+        tokio::task::spawn_blocking(move || Router::new(core_cfg, router_store, housekeeping))
+            .await
+            .map_err(|e| ServerError::Io(std::io::Error::other(e.to_string())))??;
     let (router_tx, router_rx) = mpsc::channel(8192);
     let (stop, stop_rx) = watch::channel(false);
     let mut webhook_task = None;

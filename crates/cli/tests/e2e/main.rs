@@ -23,6 +23,7 @@ mod jwt;
 mod limits;
 mod operations;
 mod order;
+mod postgres;
 mod receipts;
 mod reload;
 mod retention;
