@@ -55,6 +55,11 @@ pub struct CheckArgs {
     /// can. Unset: the server's default.
     #[arg(long)]
     conv_cache_entries: Option<usize>,
+    /// Run the server on this PostgreSQL database (`ordo serve --store`), which must hold no
+    /// Ordo data yet (an empty database, or a `key=value` string with
+    /// `options='-c search_path=SCHEMA'` naming an empty schema). Unset: the embedded store.
+    #[arg(long)]
+    store: Option<String>,
     /// Seed of every random choice (printed; pass it again to replay the same plan).
     #[arg(long)]
     seed: Option<u64>,
@@ -122,7 +127,11 @@ async fn check(args: CheckArgs) -> Result<(Report, bool), String> {
     );
     opts.user_rate = args.user_rate;
     if let Some(n) = args.conv_cache_entries {
-        opts.extra = vec!["--conv-cache-entries".into(), n.to_string()];
+        opts.extra
+            .extend(["--conv-cache-entries".into(), n.to_string()]);
+    }
+    if let Some(url) = &args.store {
+        opts.extra.extend(["--store".into(), url.clone()]);
     }
     let server = tokio::task::spawn_blocking(move || ServerProcess::start(opts))
         .await
