@@ -18,6 +18,9 @@ pub const MIGRATIONS: &[&str] = &[
         -- the columns, which positions move without rewriting the record.
         record text NOT NULL
     );
+    -- The groups alone, in id order, for the admin API's list: never a walk over the direct
+    -- conversations.
+    CREATE INDEX ordo_groups ON ordo_convs (id) WHERE kind = 'group' AND NOT deleted;
     -- Which conversations a user is a member of: the index of `convs` overviews.
     CREATE TABLE ordo_members (
         user_id text NOT NULL,
