@@ -197,3 +197,34 @@ pub fn http_status(e: ordo_testkit::wire::WireError) -> u16 {
         other => panic!("expected an HTTP error at the upgrade, got {other}"),
     }
 }
+
+/// Connects with `token`: the `welcome`'s user and device, or the 401's message.
+pub async fn try_connect(server: &Server, token: &str) -> Result<(String, String), String> {
+    let wire = ordo_testkit::wire::WireClient::connect(
+        &server.ws_url(),
+        token,
+        ordo_protocol::Encoding::Json,
+    )
+    .await;
+    match wire {
+        Ok(wire) => {
+            let mut c = Client {
+                wire,
+                user: "?".into(),
+                device: "?".into(),
+            };
+            match c.next().await {
+                ServerFrame::Welcome { user, device, .. } => Ok((user, device)),
+                other => panic!("expected welcome, got {other:?}"),
+            }
+        }
+        Err(ordo_testkit::wire::WireError::Ws(tokio_tungstenite::tungstenite::Error::Http(r))) => {
+            assert_eq!(r.status().as_u16(), 401, "refused with 401");
+            let body: serde_json::Value =
+                serde_json::from_slice(r.body().as_deref().unwrap_or_default()).expect("JSON");
+            assert_eq!(body["error"]["code"], "unauthorized");
+            Err(body["error"]["message"].as_str().unwrap_or("").to_string())
+        }
+        Err(e) => panic!("connect: {e}"),
+    }
+}

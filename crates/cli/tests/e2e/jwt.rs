@@ -7,7 +7,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use ordo_protocol::{Encoding, ServerFrame};
-use ordo_testkit::wire::{WireClient, WireError};
+use ordo_testkit::wire::WireClient;
 use serde_json::{json, Value};
 
 const RSA_PEM: &str = include_str!("keys/rsa-test.pem");
@@ -50,32 +50,6 @@ fn hs256(claims: &Value) -> String {
         claims,
         &EncodingKey::from_secret(SECRET.as_bytes()),
     )
-}
-
-/// Connects with `token`: the `welcome`'s user and device, or the 401's message.
-async fn try_connect(server: &Server, token: &str) -> Result<(String, String), String> {
-    let wire = WireClient::connect(&server.ws_url(), token, Encoding::Json).await;
-    match wire {
-        Ok(wire) => {
-            let mut c = Client {
-                wire,
-                user: "?".into(),
-                device: "?".into(),
-            };
-            match c.next().await {
-                ServerFrame::Welcome { user, device, .. } => Ok((user, device)),
-                other => panic!("expected welcome, got {other:?}"),
-            }
-        }
-        Err(WireError::Ws(tokio_tungstenite::tungstenite::Error::Http(r))) => {
-            assert_eq!(r.status().as_u16(), 401, "refused with 401");
-            let body: Value =
-                serde_json::from_slice(r.body().as_deref().unwrap_or_default()).expect("JSON");
-            assert_eq!(body["error"]["code"], "unauthorized");
-            Err(body["error"]["message"].as_str().unwrap_or("").to_string())
-        }
-        Err(e) => panic!("connect: {e}"),
-    }
 }
 
 async fn connect_with(server: &Server, token: &str, user: &str, device: &str) -> Client {

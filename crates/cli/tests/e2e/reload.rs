@@ -2,8 +2,6 @@
 //! revocation covers the very second it is made in.
 
 use super::common::*;
-use ordo_protocol::{Encoding, ServerFrame};
-use ordo_testkit::wire::{WireClient, WireError};
 use serde_json::{json, Value};
 use std::time::Duration;
 
@@ -24,29 +22,6 @@ async fn sighup_does_not_end_a_server_without_tls_or_jwks() {
         "after SIGHUP (systemctl reload) the server is gone: {alive:?}\n{}",
         server.log_tail()
     );
-}
-
-/// Connects with `token`: Ok if welcomed, the 401's message if refused.
-async fn try_connect(server: &Server, token: &str) -> Result<(), String> {
-    match WireClient::connect(&server.ws_url(), token, Encoding::Json).await {
-        Ok(wire) => {
-            let mut c = Client {
-                wire,
-                user: "?".into(),
-                device: "?".into(),
-            };
-            match c.next().await {
-                ServerFrame::Welcome { .. } => Ok(()),
-                other => panic!("expected welcome, got {other:?}"),
-            }
-        }
-        Err(WireError::Ws(tokio_tungstenite::tungstenite::Error::Http(r))) => {
-            let body: Value =
-                serde_json::from_slice(r.body().as_deref().unwrap_or_default()).expect("JSON");
-            Err(body["error"]["message"].as_str().unwrap_or("").to_string())
-        }
-        Err(e) => panic!("connect: {e}"),
-    }
 }
 
 /// `POST /v1/admin/revocations` without `before` refuses every token issued up to now, one
