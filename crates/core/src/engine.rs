@@ -454,6 +454,11 @@ impl Core {
         self.route(outs)
     }
 
+    /// Whether the store can be reached; see [`Owner::set_store_reachable`].
+    pub fn set_store_reachable(&mut self, reachable: Result<(), String>) {
+        self.owner.set_store_reachable(reachable);
+    }
+
     // ----- ticks -----
 
     /// Forgets dedup entries older than the window.

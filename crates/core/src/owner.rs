@@ -164,10 +164,16 @@ pub struct Owner {
     /// Where age-based retention stands.
     sweep: Sweep,
     pub(crate) stats: CoreStats,
+    /// Why the store cannot be reached, while it cannot (see [`Owner::set_store_reachable`]).
+    pub(crate) store_down: Option<String>,
     /// Test-only: safeguards switched off by the simulation (all on unless it says so).
     #[cfg(feature = "fault-injection")]
     faults: crate::fault::Faults,
 }
+
+/// How long a send refused while the store cannot be reached is told to wait before it is
+/// resent.
+pub const STORE_DOWN_RETRY_MS: u64 = 1000;
 
 /// Why a send cannot be handled yet.
 enum Wait {
@@ -211,9 +217,20 @@ impl Owner {
             next_batch: 1,
             sweep: Sweep::default(),
             stats: CoreStats::default(),
+            store_down: None,
             #[cfg(feature = "fault-injection")]
             faults: crate::fault::Faults::default(),
         }
+    }
+
+    /// Whether the store can be reached: `Err(why)` once a commit failed because it cannot be
+    /// (the batch waits and is tried again), `Ok` once a commit went through again. Meanwhile
+    /// a new message is refused with `unavailable` and a `retry_after_ms` (and held back, so
+    /// that its resend keeps the connection's order: see [`Owner::send`]), a new backend post
+    /// likewise; resends of durable messages are still answered, and sends already taken wait
+    /// for the batch they are in.
+    pub fn set_store_reachable(&mut self, reachable: Result<(), String>) {
+        self.store_down = reachable.err();
     }
 
     /// Test-only: switches off the safeguards `faults` names, so that the simulation can show
@@ -329,6 +346,12 @@ impl Owner {
                 };
                 // Only sends the hub let through (took a token for) are gated here.
                 return vec![refused(origin.session, cmd.conv, cmd.cmid, e, true)];
+            }
+        }
+        if cmd.verdict.is_ok() && !answered() {
+            if let Some(why) = &self.store_down {
+                let what = format!("its store cannot be reached ({why})");
+                return self.busy(origin.session, cmd, what, STORE_DOWN_RETRY_MS, now_ms);
             }
         }
         match self.lines.get(&origin.session) {
@@ -500,7 +523,8 @@ impl Owner {
         // With nothing parked behind it, a send past the budget of every line can be refused
         // (and held back) without changing the order of any other.
         if empty && self.parked_total + bytes > self.cfg.max_parked_bytes {
-            return self.busy(session, cmd, "sends of all connections", now_ms);
+            let what = "too many sends of all connections are waiting for the store".into();
+            return self.busy(session, cmd, what, PARKED_RETRY_MS, now_ms);
         }
         let mark = self.dedup.mark();
         let (lookup, asked) = match load {
@@ -551,7 +575,8 @@ impl Owner {
             || line.bytes + bytes > MAX_PARKED_BYTES
             || self.parked_total + bytes > self.cfg.max_parked_bytes;
         if full {
-            return self.busy(session, cmd, "earlier sends of this connection", now_ms);
+            let what = "too many earlier sends of this connection are waiting for the store";
+            return self.busy(session, cmd, what.into(), PARKED_RETRY_MS, now_ms);
         }
         let user = &origin.user;
         let needs_lookup = self.dedup.get(user, &cmd.cmid).is_none()
@@ -593,13 +618,21 @@ impl Owner {
         }
     }
 
-    /// Refuses a send because too many sends wait for the store (`whose`), and holds it back
-    /// if the hub let it through: it passed the gate (it is the first of its conversation to
-    /// go), so it goes first once resent, before anything held back behind it.
-    fn busy(&mut self, session: SessionId, cmd: SendCmd, whose: &str, now_ms: u64) -> Vec<Out> {
+    /// Refuses a send because the store cannot take it now (`what`: too many sends wait for
+    /// it, or it cannot be reached), and holds it back if the hub let it through: it passed
+    /// the gate (it is the first of its conversation to go), so it goes first once resent,
+    /// before anything held back behind it.
+    fn busy(
+        &mut self,
+        session: SessionId,
+        cmd: SendCmd,
+        what: String,
+        retry_after_ms: u64,
+        now_ms: u64,
+    ) -> Vec<Out> {
         let e = CoreError::Busy {
-            what: format!("too many {whose} are waiting for the store"),
-            retry_after_ms: PARKED_RETRY_MS,
+            what,
+            retry_after_ms,
         };
         let admitted = cmd.verdict.is_ok();
         // One the hub held back is refused anyway, and the hub's gate keeps its place.

@@ -66,6 +66,12 @@ impl Owner {
     /// Starts a backend post: answered with [`Action::Posted`] once durable (or at once, for a
     /// duplicate of a durable message or a refusal).
     pub fn post(&mut self, ticket: Ticket, post: AdminPost, now_ms: u64) -> Vec<Out> {
+        if let Some(why) = &self.store_down {
+            let e = CoreError::Unavailable(format!(
+                "the store cannot be reached ({why}); post it again (same cmid) shortly"
+            ));
+            return vec![posted(ticket, Err(e))];
+        }
         match self.post_job(ticket, post, now_ms) {
             Ok(job) => self.run_post(job),
             Err(e) => vec![posted(ticket, Err(e))],

@@ -36,6 +36,10 @@ pub const COMMIT_SECONDS: &str = "ordo_commit_seconds";
 /// the commit plus both hand-overs.
 pub const BATCH_SECONDS: &str = "ordo_batch_roundtrip_seconds";
 pub const COMMIT_FAILURES: &str = "ordo_commit_failures_total";
+/// Commits and store reads tried again because the store could not be reached.
+pub const STORE_RETRIES: &str = "ordo_store_retries_total";
+/// 1 while the store cannot be reached (new sends are refused with `unavailable`), else 0.
+pub const STORE_UNREACHABLE: &str = "ordo_store_unreachable";
 /// Offline-push events waiting in the webhook queue (on disk), to be sent or sent again.
 pub const WEBHOOK_QUEUED: &str = "ordo_webhook_queued";
 /// Events the webhook endpoint took (answered 2xx).

@@ -13,9 +13,15 @@
 //! which asks the store for many at once and sends the answers back; at start it also lists
 //! the dedup keys the store holds, page by page between lookups, for the core's filter.
 //!
-//! A failed commit is fatal (fail-stop): every waiting sender is told to retry, and the server
-//! stops with an error. After an I/O error the disk's state is unknown; only a restart, which
-//! reloads from the store, knows again what is durable.
+//! A store that cannot be reached ([`StoreError::Unreachable`]: a database server gone, or its
+//! connection broken) is waited out: the commit thread tries the same batch again, with
+//! backoff, until it goes through (the store has made sure the failed try took no effect), and
+//! the lookup thread likewise its reads. Meanwhile the core refuses new messages with
+//! `unavailable` and a time to retry after, and the senders of the batch in flight get their
+//! `accepted` once it commits. Any other failed commit is fatal (fail-stop): every waiting
+//! sender is told to retry, and the server stops with an error. After an I/O error the disk's
+//! state is unknown; only a restart, which reloads from the store, knows again what is
+//! durable.
 
 use crate::metrics as m;
 use axum::extract::ws::{Message as WsMessage, Utf8Bytes};
@@ -270,10 +276,24 @@ pub enum Command {
     },
 }
 
-struct Committed {
-    id: u64,
-    result: Result<CommitOutcome, StoreError>,
+/// What the commit thread reports.
+enum Committed {
+    /// The commit of batch `id` answered.
+    Done {
+        id: u64,
+        result: Result<CommitOutcome, StoreError>,
+    },
+    /// The store cannot be reached (why); the batch is tried again.
+    Retrying(String),
 }
+
+/// The first wait before a commit or a read is tried again on a store that cannot be reached;
+/// it doubles up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+/// How long a server asked to stop waits for a store that cannot be reached before it stops
+/// anyway, telling the senders still waiting to resend.
+const SHUTDOWN_STORE_WAIT: Duration = Duration::from_secs(10);
 
 /// A read the core asked for, done by the lookup thread.
 enum Lookup {
@@ -368,6 +388,10 @@ pub struct Router {
     fatal: Option<StoreError>,
     /// When the batch now being committed was handed over.
     in_flight_since: Option<Instant>,
+    /// Since when the store cannot be reached, while it cannot.
+    store_down: Option<Instant>,
+    /// When the first shutdown was asked for.
+    stopping_since: Option<Instant>,
     /// Per connection, what its pushes that did not fit its queue are owed as (see
     /// [`Router::queue`] and [`ordo_core::owed`]), sent once the queue has room.
     owed: HashMap<SessionId, Owed>,
@@ -431,6 +455,8 @@ impl Router {
             shutdown: Vec::new(),
             fatal: None,
             in_flight_since: None,
+            store_down: None,
+            stopping_since: None,
             owed: HashMap::new(),
         })
     }
@@ -479,10 +505,11 @@ impl Router {
             self.record_stats();
             self.ask_lookups();
             self.start_commit();
-            if (!open || !self.shutdown.is_empty())
-                && !self.core.has_pending()
-                && !self.core.in_flight()
-            {
+            let stopping = !open || !self.shutdown.is_empty();
+            if stopping && !self.core.has_pending() && !self.core.in_flight() {
+                break;
+            }
+            if stopping && self.gave_up_on_the_store() {
                 break;
             }
         }
@@ -490,6 +517,25 @@ impl Router {
             let _ = done.send(());
         }
         Ok(())
+    }
+
+    /// Asked to stop while the store cannot be reached: after [`SHUTDOWN_STORE_WAIT`], the
+    /// senders still waiting are told to resend (their messages may yet be committed by the
+    /// commit thread's try in progress; a resend is then answered from the store), and the
+    /// router stops.
+    fn gave_up_on_the_store(&mut self) -> bool {
+        let since = *self.stopping_since.get_or_insert_with(Instant::now);
+        if self.store_down.is_none() || since.elapsed() < SHUTDOWN_STORE_WAIT {
+            return false;
+        }
+        tracing::warn!(
+            "stopping while the store cannot be reached; waiting senders are told to resend"
+        );
+        let actions = self
+            .core
+            .abort_all("the server stopped while its store could not be reached");
+        self.dispatch(actions);
+        true
     }
 
     fn start_commit(&mut self) {
@@ -674,12 +720,35 @@ impl Router {
     }
 
     fn on_committed(&mut self, c: Committed) {
+        let (id, result) = match c {
+            Committed::Done { id, result } => (id, result),
+            Committed::Retrying(why) => {
+                if self.store_down.is_none() {
+                    tracing::warn!(error = %why, "the store cannot be reached; retrying the commit, and refusing new sends until it is back");
+                    metrics::gauge!(m::STORE_UNREACHABLE).set(1.0);
+                    self.store_down = Some(Instant::now());
+                }
+                // The latest reason, for the refusals.
+                self.core.set_store_reachable(Err(why));
+                return;
+            }
+        };
         if let Some(t) = self.in_flight_since.take() {
             metrics::histogram!(m::BATCH_SECONDS).record(t.elapsed().as_secs_f64());
         }
-        match c.result {
+        if result.is_ok() {
+            if let Some(since) = self.store_down.take() {
+                tracing::warn!(
+                    seconds = since.elapsed().as_secs_f64(),
+                    "the store can be reached again; sends are taken again"
+                );
+                metrics::gauge!(m::STORE_UNREACHABLE).set(0.0);
+                self.core.set_store_reachable(Ok(()));
+            }
+        }
+        match result {
             Ok(outcome) => {
-                let actions = self.core.commit_done(c.id, outcome);
+                let actions = self.core.commit_done(id, outcome);
                 self.dispatch(actions);
             }
             Err(e) => {
@@ -881,68 +950,131 @@ fn commit_thread(
     while let Ok(batch) = batches.recv() {
         let started = Instant::now();
         let (id, empty, messages) = (batch.id, batch.is_empty(), batch.messages.len());
-        let result = store.commit(batch);
+        let batch = Arc::new(batch);
+        let mut wait = RETRY_FIRST;
+        let result = loop {
+            match store.commit(batch.clone()) {
+                // Nothing of it took effect (the store made sure): the same batch again.
+                Err(StoreError::Unreachable(why)) => {
+                    metrics::counter!(m::STORE_RETRIES).increment(1);
+                    if done.send(Committed::Retrying(why)).is_err() {
+                        return;
+                    }
+                    std::thread::sleep(wait);
+                    wait = (wait * 2).min(RETRY_MAX);
+                }
+                result => break result,
+            }
+        };
         let elapsed = started.elapsed();
         if !empty {
             metrics::counter!(m::COMMITS).increment(1);
             metrics::histogram!(m::COMMIT_MESSAGES).record(messages as f64);
             metrics::histogram!(m::COMMIT_SECONDS).record(elapsed.as_secs_f64());
         }
-        if done.send(Committed { id, result }).is_err() {
+        if done.send(Committed::Done { id, result }).is_err() {
             break;
         }
     }
 }
 
-/// Answers one round of the core's reads: the dedup keys in one store call, the conversations
-/// in another, each user's list in one each. `Err` once the store failed (reported) or the
-/// router is gone.
-fn answer(
-    store: &dyn Store,
-    batch: Vec<Lookup>,
-    out: &mpsc::UnboundedSender<Looked>,
-) -> Result<(), ()> {
-    let (mut ids, mut keys, mut convs, mut members) = (vec![], vec![], vec![], vec![]);
-    let mut sweeps = Vec::new();
-    for l in batch {
+/// One round of the core's reads, sorted by kind; each kind is emptied once answered, so
+/// that a round the store could not finish is taken up where it stopped.
+#[derive(Default)]
+struct Round {
+    ids: Vec<u64>,
+    keys: Vec<(String, String)>,
+    convs: Vec<String>,
+    members: Vec<(u64, MemberPageAsk)>,
+    sweeps: Vec<AgeSweep>,
+}
+
+impl Round {
+    fn add(&mut self, l: Lookup) {
         match l {
             Lookup::Key(id, user, cmid) => {
-                ids.push(id);
-                keys.push((user, cmid));
+                self.ids.push(id);
+                self.keys.push((user, cmid));
             }
-            Lookup::Conv(c) => convs.push(c),
-            Lookup::Member(id, ask) => members.push((id, ask)),
-            Lookup::Sweep(sweep) => sweeps.push(sweep),
+            Lookup::Conv(c) => self.convs.push(c),
+            Lookup::Member(id, ask) => self.members.push((id, ask)),
+            Lookup::Sweep(sweep) => self.sweeps.push(sweep),
         }
     }
-    let failed = |e: StoreError| {
-        let _ = out.send(Looked::Failed(e));
+
+    fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+            && self.convs.is_empty()
+            && self.members.is_empty()
+            && self.sweeps.is_empty()
+    }
+}
+
+/// Why a round of reads stopped.
+enum Stopped {
+    /// The store cannot be reached: the rest of the round is tried again.
+    Unreachable(String),
+    /// The store failed (reported to the router), or the router is gone.
+    ForGood,
+}
+
+/// Answers what is left of a round: the dedup keys in one store call, the conversations in
+/// another, each user's list in one each.
+fn answer(
+    store: &dyn Store,
+    round: &mut Round,
+    out: &mpsc::UnboundedSender<Looked>,
+) -> Result<(), Stopped> {
+    let failed = |e: StoreError| match e {
+        StoreError::Unreachable(why) => Stopped::Unreachable(why),
+        e => {
+            let _ = out.send(Looked::Failed(e));
+            Stopped::ForGood
+        }
     };
-    if !convs.is_empty() {
-        let loaded = store.load_convs(&convs).map_err(failed)?;
+    let gone = |_| Stopped::ForGood;
+    if !round.convs.is_empty() {
+        let loaded = store.load_convs(&round.convs).map_err(failed)?;
+        let convs = std::mem::take(&mut round.convs);
         out.send(Looked::Loaded(convs.into_iter().zip(loaded).collect()))
-            .map_err(|_| ())?;
+            .map_err(gone)?;
     }
-    if !keys.is_empty() {
-        let found = store.dedup_lookup(&keys).map_err(failed)?;
+    if !round.keys.is_empty() {
+        let found = store.dedup_lookup(&round.keys).map_err(failed)?;
+        round.keys.clear();
+        let ids = std::mem::take(&mut round.ids);
         out.send(Looked::Found(ids.into_iter().zip(found).collect()))
-            .map_err(|_| ())?;
+            .map_err(gone)?;
     }
-    for (id, ask) in members {
-        let page = store.member_convs(&ask).map_err(failed)?;
-        out.send(Looked::Members(id, page)).map_err(|_| ())?;
+    while let Some((id, ask)) = round.members.first() {
+        let page = store.member_convs(ask).map_err(failed)?;
+        out.send(Looked::Members(*id, page)).map_err(gone)?;
+        round.members.remove(0);
     }
-    for sweep in sweeps {
-        let expired = store.expired(&sweep).map_err(failed)?;
-        out.send(Looked::Expired(expired)).map_err(|_| ())?;
+    while let Some(sweep) = round.sweeps.first() {
+        let expired = store.expired(sweep).map_err(failed)?;
+        out.send(Looked::Expired(expired)).map_err(gone)?;
+        round.sweeps.remove(0);
     }
     Ok(())
 }
 
+/// Waits before a read is tried again on a store that cannot be reached (`wait` doubles, up to
+/// [`RETRY_MAX`]); false if the router is gone meanwhile.
+fn wait_for_store(why: &str, wait: &mut Duration, out: &mpsc::UnboundedSender<Looked>) -> bool {
+    if *wait == RETRY_FIRST {
+        tracing::warn!(error = %why, "the store cannot be reached; retrying reads until it is back");
+    }
+    metrics::counter!(m::STORE_RETRIES).increment(1);
+    std::thread::sleep(*wait);
+    *wait = (*wait * 2).min(RETRY_MAX);
+    !out.is_closed()
+}
+
 /// The lookup thread: answers the core's dedup lookups and conversation loads, many per store
-/// call, and meanwhile
-/// (lookups first: a send waits on each) lists the dedup keys the store holds for the core's
-/// filter. Stops at the first store error, after reporting it.
+/// call, and meanwhile (lookups first: a send waits on each) lists the dedup keys the store
+/// holds for the core's filter. A store that cannot be reached is waited out (the reads are
+/// tried again); it stops at the first other store error, after reporting it.
 fn lookup_thread(
     store: Arc<dyn Store>,
     asked: std::sync::mpsc::Receiver<Vec<Lookup>>,
@@ -951,47 +1083,63 @@ fn lookup_thread(
     use std::sync::mpsc::TryRecvError;
     let mut scan_from = None;
     let mut scanning = true;
+    let mut round = Round::default();
+    let mut wait = RETRY_FIRST;
     loop {
-        let mut batch: Vec<Lookup> = Vec::new();
-        if !scanning {
+        if !scanning && round.is_empty() {
             match asked.recv() {
-                Ok(b) => batch = b,
+                Ok(b) => b.into_iter().for_each(|l| round.add(l)),
                 Err(_) => return,
             }
         }
         loop {
             match asked.try_recv() {
-                Ok(b) => batch.extend(b),
+                Ok(b) => b.into_iter().for_each(|l| round.add(l)),
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => {
-                    if batch.is_empty() {
+                    if round.is_empty() {
                         return;
                     }
                     break;
                 }
             }
         }
-        if !batch.is_empty() && answer(&*store, batch, &out).is_err() {
-            return;
+        if !round.is_empty() {
+            match answer(&*store, &mut round, &out) {
+                Ok(()) => wait = RETRY_FIRST,
+                Err(Stopped::Unreachable(why)) => {
+                    if !wait_for_store(&why, &mut wait, &out) {
+                        return;
+                    }
+                    continue;
+                }
+                Err(Stopped::ForGood) => return,
+            }
         }
         // A page of the scan after every round of lookups, so that lookups (every send while the
         // filter is incomplete) cannot starve the rebuild that ends them.
-        let sent = if !scanning {
-            Ok(())
-        } else {
-            match store.dedup_scan(scan_from.take(), SCAN_PAGE) {
-                Ok(page) => {
-                    scanning = page.next.is_some();
-                    scan_from = page.next;
-                    out.send(Looked::Scanned {
-                        entries: page.entries,
-                        done: !scanning,
-                    })
-                }
-                Err(e) => {
-                    let _ = out.send(Looked::Failed(e));
+        if !scanning {
+            continue;
+        }
+        let sent = match store.dedup_scan(scan_from.clone(), SCAN_PAGE) {
+            Ok(page) => {
+                wait = RETRY_FIRST;
+                scanning = page.next.is_some();
+                scan_from = page.next;
+                out.send(Looked::Scanned {
+                    entries: page.entries,
+                    done: !scanning,
+                })
+            }
+            Err(StoreError::Unreachable(why)) => {
+                if !wait_for_store(&why, &mut wait, &out) {
                     return;
                 }
+                Ok(())
+            }
+            Err(e) => {
+                let _ = out.send(Looked::Failed(e));
+                return;
             }
         };
         if sent.is_err() {

@@ -41,7 +41,7 @@ impl Store for FailingStore {
         self.inner.groups(after, limit)
     }
 
-    fn commit(&self, batch: Batch) -> Result<CommitOutcome, StoreError> {
+    fn commit(&self, batch: std::sync::Arc<Batch>) -> Result<CommitOutcome, StoreError> {
         if self.fail.load(Ordering::SeqCst) && !batch.is_empty() {
             return Err(StoreError::Io {
                 path: "ordo.redb".into(),

@@ -23,6 +23,7 @@
 //! ([`Pool`]).
 
 pub mod schema;
+pub mod test_schema;
 
 use ordo_core::{
     AgeSweep, Batch, CommitOutcome, ConvRecord, ConvState, CursorRecord, DedupRecord, Expired,
@@ -46,17 +47,37 @@ const GROUP_CHUNK: i64 = 16;
 /// Dedup entries a commit deletes at least, beyond twice its own messages.
 const EXPIRE_STEP: usize = 1000;
 
+/// How long opening a connection may take, unless the URL says (`connect_timeout`).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A connection whose peer stops answering is found dead within about this long (TCP
+/// keepalives, and unacknowledged data), rather than after the system's two hours.
+const DEAD_PEER: Duration = Duration::from_secs(20);
+/// How long reading back the outcome of a commit waits for a lock held by that commit's own
+/// transaction, if the database has not noticed its connection is gone yet.
+const READ_BACK_LOCK_WAIT: &str = "5s";
+
 /// A few connections to one database, opened on demand, at most [`POOL_SIZE`].
 pub struct Pool {
     url: String,
+    config: postgres::Config,
     idle: Mutex<(Vec<Client>, usize)>,
     freed: Condvar,
 }
 
-/// A connection taken from the [`Pool`]; given back when dropped (unless it broke).
+/// A connection taken from the [`Pool`]; given back when dropped (unless it broke, or was
+/// [discarded](Conn::discard)).
 pub struct Conn<'a> {
     pool: &'a Pool,
     client: Option<Client>,
+    discard: bool,
+}
+
+impl Conn<'_> {
+    /// Closes the connection when it is dropped instead of giving it back: after an error that
+    /// says the server behind it can no longer serve (it shuts down, or is a standby now).
+    pub fn discard(&mut self) {
+        self.discard = true;
+    }
 }
 
 impl std::ops::Deref for Conn<'_> {
@@ -76,21 +97,44 @@ impl Drop for Conn<'_> {
     fn drop(&mut self) {
         let mut idle = self.pool.idle.lock().unwrap_or_else(|p| p.into_inner());
         match self.client.take() {
-            Some(c) if !c.is_closed() => idle.0.push(c),
-            // A broken connection is not kept: the next caller opens a new one.
-            _ => idle.1 -= 1,
+            Some(c) if !c.is_closed() && !self.discard => idle.0.push(c),
+            // A broken connection is not kept: the next caller opens a new one. What broke it
+            // (the database restarted, or failed over) most likely broke the idle ones too,
+            // which would not know until used: they go as well.
+            _ => {
+                idle.1 -= 1 + idle.0.len();
+                idle.0.clear();
+            }
         }
         self.pool.freed.notify_one();
     }
 }
 
 impl Pool {
-    pub fn new(url: &str) -> Pool {
-        Pool {
+    /// A pool for the database at `url` (a `postgres://` URL or a key=value string; several
+    /// hosts and `target_session_attrs=read-write` pick the primary of a replicated cluster).
+    /// Connections time out opening after 5 s unless the URL says otherwise, and a peer that
+    /// stops answering is found dead in about 20 s.
+    pub fn new(url: &str) -> Result<Pool, StoreError> {
+        let mut config: postgres::Config = url.parse().map_err(|e| StoreError::Open {
+            path: redact(url),
+            source: format!("not a PostgreSQL connection string: {e}").into(),
+        })?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        config
+            .keepalives(true)
+            .keepalives_idle(DEAD_PEER / 2)
+            .keepalives_interval(Duration::from_secs(2))
+            .keepalives_retries(5)
+            .tcp_user_timeout(DEAD_PEER);
+        Ok(Pool {
             url: url.to_string(),
+            config,
             idle: Mutex::new((Vec::new(), 0)),
             freed: Condvar::new(),
-        }
+        })
     }
 
     /// An idle connection, a new one while fewer than [`POOL_SIZE`] are open, or the next one
@@ -102,20 +146,22 @@ impl Pool {
                 return Ok(Conn {
                     pool: self,
                     client: Some(c),
+                    discard: false,
                 });
             }
             if idle.1 < POOL_SIZE {
                 idle.1 += 1;
                 drop(idle);
-                return match Client::connect(&self.url, NoTls) {
+                return match self.config.connect(NoTls) {
                     Ok(c) => Ok(Conn {
                         pool: self,
                         client: Some(c),
+                        discard: false,
                     }),
                     Err(e) => {
                         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
                         idle.1 -= 1;
-                        Err(StoreError::Unavailable(format!(
+                        Err(StoreError::Unreachable(format!(
                             "cannot connect to PostgreSQL at {}: {e}",
                             redact(&self.url)
                         )))
@@ -156,14 +202,42 @@ pub struct PgStore {
     pool: Pool,
     /// Dedup entries accepted before this may be deleted (0: none).
     forget_before: Mutex<u64>,
+    /// This store's row in `ordo_writers`: every commit moves it to its batch's id, so that
+    /// the outcome of a commit whose answer was lost can be read back.
+    writer: String,
+    /// The batch whose COMMIT's answer was lost, until its outcome has been read back.
+    unresolved: Mutex<Option<u64>>,
 }
 
-/// A PostgreSQL error in the store's terms: a lost connection is `Unavailable` (trying again,
+/// Whether `e` means the database cannot serve this connection now (the connection broke or
+/// could not be opened, the server is shutting down or starting, or it is a standby, as the
+/// old primary's address may be after a failover): asking again on a new connection, once
+/// it is back, may work.
+fn unreachable(e: &postgres::Error) -> bool {
+    if e.is_closed() {
+        return true;
+    }
+    let Some(code) = e.code() else {
+        // No answer from the server at all: an I/O error of the connection.
+        return e.as_db_error().is_none();
+    };
+    code.code().starts_with("08")
+        || [
+            SqlState::ADMIN_SHUTDOWN,
+            SqlState::CRASH_SHUTDOWN,
+            SqlState::CANNOT_CONNECT_NOW,
+            SqlState::TOO_MANY_CONNECTIONS,
+            SqlState::READ_ONLY_SQL_TRANSACTION,
+        ]
+        .contains(code)
+}
+
+/// A PostgreSQL error in the store's terms: a lost connection is `Unreachable` (trying again,
 /// once the database is back, may work); anything else says what the store was doing.
 fn db(context: &str) -> impl Fn(postgres::Error) -> StoreError + '_ {
     move |e| {
-        if e.is_closed() || e.as_db_error().is_none() {
-            StoreError::Unavailable(format!("PostgreSQL ({context}): {e}"))
+        if unreachable(&e) {
+            StoreError::Unreachable(format!("PostgreSQL ({context}): {e}"))
         } else {
             StoreError::Engine {
                 context: format!("PostgreSQL, {context}"),
@@ -189,7 +263,7 @@ impl PgStore {
     /// Connects to the database at `url` (a `postgres://` URL or a key=value string), creates
     /// or migrates the tables, and reads the store's own state.
     pub fn open(url: &str) -> Result<PgStore, StoreError> {
-        let pool = Pool::new(url);
+        let pool = Pool::new(url)?;
         let mut c = pool.get().map_err(|e| StoreError::Open {
             path: redact(url),
             source: Box::new(e),
@@ -205,11 +279,61 @@ impl PgStore {
             )
             .map_err(db("reading the store's state"))?
             .map_or(0, |r| r.get(0));
+        // Rows of writers long gone: a writer's row matters only while its last commit's
+        // outcome may still be asked about.
+        c.execute(
+            "DELETE FROM ordo_writers WHERE updated < now() - interval '7 days'",
+            &[],
+        )
+        .map_err(db("forgetting old writers"))?;
         drop(c);
         Ok(PgStore {
             pool,
             forget_before: Mutex::new(u(forget)),
+            writer: format!("{:016x}", rand::random::<u64>()),
+            unresolved: Mutex::new(None),
         })
+    }
+
+    /// Whether batch `id` (this writer's last) committed: read back from this writer's row,
+    /// in a transaction that writes it. Its own commit waits, under synchronous replication,
+    /// until everything before it (the batch's commit among it) is on the standbys too: a
+    /// commit whose answer was lost may have been durable on the primary alone, and must not
+    /// be reported as committed until it is replicated as any other. It waits at most a few
+    /// seconds for a lock held by the batch's own transaction (the database may not have
+    /// noticed yet that its connection is gone). Any failure is `Unreachable`: the outcome
+    /// is still unknown, and is asked again later.
+    fn read_back(&self, id: u64) -> Result<bool, StoreError> {
+        let mut c = self.pool.get()?;
+        let mut read = || -> Result<bool, postgres::Error> {
+            let mut tx = c.transaction()?;
+            tx.batch_execute(&format!("SET LOCAL lock_timeout = '{READ_BACK_LOCK_WAIT}'"))?;
+            let row = tx.query_opt(
+                "UPDATE ordo_writers SET updated = now() WHERE id = $1 RETURNING batch",
+                &[&self.writer],
+            )?;
+            tx.commit()?;
+            Ok(row.is_some_and(|r| u(r.get(0)) >= id))
+        };
+        read().map_err(|e| {
+            StoreError::Unreachable(format!(
+                "PostgreSQL (reading back whether a commit whose answer was lost took effect): {e}"
+            ))
+        })
+    }
+
+    /// The outcome of `batch`, committed earlier, read from what is stored.
+    fn outcome_of(&self, batch: &Batch) -> Result<CommitOutcome, StoreError> {
+        let mut c = self.pool.get()?;
+        let mut first_seqs = Vec::new();
+        for (conv, _) in &batch.trim_before_ms {
+            let first: i64 = c
+                .query_opt("SELECT first_seq FROM ordo_convs WHERE id = $1", &[conv])
+                .map_err(db("reading a trimmed conversation's first seq"))?
+                .map_or(1, |r| r.get(0));
+            first_seqs.push((conv.clone(), u(first)));
+        }
+        Ok(CommitOutcome { first_seqs })
     }
 
     fn conv_state(
@@ -245,6 +369,12 @@ impl PgStore {
     }
 
     fn apply(&self, tx: &mut Transaction<'_>, b: &Batch) -> Result<CommitOutcome, StoreError> {
+        tx.execute(
+            "INSERT INTO ordo_writers (id, batch, updated) VALUES ($1, $2, now())
+             ON CONFLICT (id) DO UPDATE SET batch = EXCLUDED.batch, updated = EXCLUDED.updated",
+            &[&self.writer, &i(b.id)],
+        )
+        .map_err(db("marking the batch"))?;
         for rec in &b.convs {
             let json = serde_json::to_string(rec).map_err(|e| StoreError::Engine {
                 context: "encoding a conversation".into(),
@@ -361,30 +491,38 @@ impl PgStore {
         Ok(CommitOutcome { first_seqs })
     }
 
-    /// One bounded step of dedup expiry (see the crate's docs).
+    /// One bounded step of dedup expiry (see the crate's docs). The store's own cutoff is
+    /// moved (by the caller) only once the transaction committed.
     fn expire_dedup(&self, tx: &mut Transaction<'_>, b: &Batch) -> Result<(), StoreError> {
-        let mut before = self.forget_before.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(new) = b.dedup_forget_before_ms.filter(|n| *n > *before) {
+        let mut before = *self.forget_before.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(new) = b.dedup_forget_before_ms.filter(|n| *n > before) {
             tx.execute(
                 "INSERT INTO ordo_state (key, value) VALUES ('dedup_forget_before', $1)
                  ON CONFLICT (key) DO UPDATE SET value = GREATEST(ordo_state.value, EXCLUDED.value)",
                 &[&i(new)],
             )
             .map_err(db("keeping the dedup cutoff"))?;
-            // Taken only once the transaction commits; a failed commit stops the server.
-            *before = new;
+            before = new;
         }
-        if *before == 0 {
+        if before == 0 {
             return Ok(());
         }
         let step = i((b.messages.len() * 2 + EXPIRE_STEP) as u64);
         tx.execute(
             "DELETE FROM ordo_dedup WHERE (user_id, cmid) IN
                (SELECT user_id, cmid FROM ordo_dedup WHERE ts < $1 ORDER BY ts LIMIT $2)",
-            &[&i(*before), &step],
+            &[&i(before), &step],
         )
         .map_err(db("expiring dedup entries"))?;
         Ok(())
+    }
+
+    /// The batch committed: the store's dedup cutoff moves with it.
+    fn committed(&self, b: &Batch) {
+        let mut before = self.forget_before.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(new) = b.dedup_forget_before_ms {
+            *before = (*before).max(new);
+        }
     }
 }
 
@@ -599,16 +737,61 @@ impl Store for PgStore {
         GroupPage::collect(limit, records)
     }
 
-    fn commit(&self, batch: Batch) -> Result<CommitOutcome, StoreError> {
+    fn commit(&self, batch: std::sync::Arc<Batch>) -> Result<CommitOutcome, StoreError> {
         if batch.is_empty() {
             return Ok(CommitOutcome::default());
         }
+        let mut unresolved = self.unresolved.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(id) = *unresolved {
+            // The last commit's answer was lost: what it did is read back, never guessed.
+            let took = self.read_back(id)?;
+            *unresolved = None;
+            if took {
+                if id != batch.id {
+                    return Err(StoreError::Engine {
+                        context: "PostgreSQL, committing a batch".into(),
+                        source: format!("batch {id}, whose answer was lost, did commit, but batch {} was given instead of it again", batch.id).into(),
+                    });
+                }
+                self.committed(&batch);
+                return self.outcome_of(&batch);
+            }
+        }
         let mut c = self.pool.get()?;
+        // (A connection that broke is not given back to the pool.)
         let mut tx = c.transaction().map_err(db("starting a commit"))?;
         match self.apply(&mut tx, &batch) {
-            Ok(outcome) => {
-                tx.commit().map_err(db("committing a batch"))?;
-                Ok(outcome)
+            Ok(outcome) => match tx.commit() {
+                Ok(()) => {
+                    self.committed(&batch);
+                    Ok(outcome)
+                }
+                Err(e) if unreachable(&e) => {
+                    // The COMMIT may or may not have taken effect: read it back, at once if
+                    // the database can still be reached, else before the next commit.
+                    c.discard();
+                    drop(c);
+                    *unresolved = Some(batch.id);
+                    let took = self.read_back(batch.id).map_err(|_| {
+                        StoreError::Unreachable(format!(
+                            "PostgreSQL (the connection broke during COMMIT: {e}; whether it took effect is read back once the database can be reached)"
+                        ))
+                    })?;
+                    *unresolved = None;
+                    if !took {
+                        return Err(StoreError::Unreachable(format!(
+                            "PostgreSQL (the connection broke during COMMIT, which did not take effect: {e})"
+                        )));
+                    }
+                    self.committed(&batch);
+                    Ok(outcome)
+                }
+                Err(e) => Err(db("committing a batch")(e)),
+            },
+            Err(e @ StoreError::Unreachable(_)) => {
+                drop(tx);
+                c.discard();
+                Err(e)
             }
             Err(StoreError::Conflict { .. }) => {
                 drop(tx);

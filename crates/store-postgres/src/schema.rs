@@ -66,6 +66,15 @@ pub const MIGRATIONS: &[&str] = &[
         value bigint NOT NULL
     );
     "#,
+    // 2: each writer's last batch, so that the outcome of a commit whose answer was lost (the
+    // connection broke during COMMIT) is read back rather than guessed.
+    r#"
+    CREATE TABLE ordo_writers (
+        id text PRIMARY KEY,
+        batch bigint NOT NULL,
+        updated timestamptz NOT NULL
+    );
+    "#,
 ];
 
 /// The schema version this binary writes.

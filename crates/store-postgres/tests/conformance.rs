@@ -7,23 +7,18 @@
 
 use ordo_store::conformance::Backend;
 use ordo_store::Store;
+use ordo_store_postgres::test_schema::{connect_or_skip, TestSchema};
 use ordo_store_postgres::PgStore;
 use postgres::{Client, NoTls};
 
-/// The database the tests make their schemas in.
-fn base() -> String {
-    std::env::var("ORDO_TEST_POSTGRES")
-        .unwrap_or_else(|_| "host=127.0.0.1 port=5432 user=postgres dbname=test".into())
-}
-
 struct Pg {
     store: Option<PgStore>,
-    schema: String,
+    schema: TestSchema,
 }
 
 impl Pg {
     fn url(&self) -> String {
-        format!("{} options='-c search_path={}'", base(), self.schema)
+        self.schema.url()
     }
 }
 
@@ -31,27 +26,11 @@ impl Backend for Pg {
     const REFUSES_A_SEQ_STORED_TWICE: bool = true;
 
     fn available() -> Result<(), String> {
-        match Client::connect(&base(), NoTls) {
-            Ok(_) => Ok(()),
-            Err(e) if std::env::var("CI").as_deref() == Ok("true") => {
-                panic!(
-                    "PostgreSQL is needed in CI and cannot be reached at {}: {e}",
-                    base()
-                )
-            }
-            Err(e) => Err(format!(
-                "no PostgreSQL at {} ({e}); set ORDO_TEST_POSTGRES to a database to run these",
-                base()
-            )),
-        }
+        connect_or_skip().map(drop)
     }
 
     fn open() -> Self {
-        let schema = format!("ordo_t_{:016x}", rand::random::<u64>());
-        let mut admin = Client::connect(&base(), NoTls).expect("connect to PostgreSQL");
-        admin
-            .batch_execute(&format!("CREATE SCHEMA {schema}"))
-            .expect("create the test's schema");
+        let schema = TestSchema::create("conformance").expect("PostgreSQL is available");
         let mut pg = Pg {
             store: None,
             schema,
@@ -72,10 +51,8 @@ impl Backend for Pg {
 
 impl Drop for Pg {
     fn drop(&mut self) {
+        // Closed before the schema is dropped.
         drop(self.store.take());
-        if let Ok(mut admin) = Client::connect(&base(), NoTls) {
-            let _ = admin.batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.schema));
-        }
     }
 }
 

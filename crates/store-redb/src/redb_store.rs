@@ -130,7 +130,7 @@ const REPLAY_AT_ONCE: usize = 1024;
 /// Work for the applier thread, in log order.
 enum Job {
     /// Write a logged batch into the B-tree.
-    Apply(u64, Box<Batch>),
+    Apply(u64, Arc<Batch>),
     /// Make the B-tree durable up to this seqno (everything before it is applied by then).
     Checkpoint(u64),
 }
@@ -751,7 +751,7 @@ impl Store for RedbStore {
         GroupPage::collect(limit, records)
     }
 
-    fn commit(&self, batch: Batch) -> Result<CommitOutcome, StoreError> {
+    fn commit(&self, batch: Arc<Batch>) -> Result<CommitOutcome, StoreError> {
         if batch.is_empty() {
             return Ok(CommitOutcome::default());
         }
@@ -791,7 +791,7 @@ impl Store for RedbStore {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .queued = Some(seqno);
-            self.queue(Job::Apply(seqno, Box::new(batch)))?;
+            self.queue(Job::Apply(seqno, batch))?;
             CommitOutcome::default()
         } else {
             // Its outcome comes from what is stored: apply it here, after everything before it.

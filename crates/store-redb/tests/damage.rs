@@ -195,7 +195,7 @@ fn a_record_this_store_did_not_write_is_never_replayed() {
     let store = RedbStore::open(dir.path()).unwrap();
     assert_eq!(seqs(&store), (1..=8).collect::<Vec<_>>());
     // The next batch gets seqno 2 again (the torn one was never acknowledged) and is kept.
-    store.commit(batch(3, 4, 40)).unwrap();
+    store.commit(batch(3, 4, 40).into()).unwrap();
     assert_eq!(seqs(&store), (1..=12).collect::<Vec<_>>());
 }
 
@@ -208,7 +208,7 @@ fn a_log_of_the_earlier_format_is_replayed_and_made_anew() {
     let dir = tempfile::tempdir().unwrap();
     {
         let store = RedbStore::open(dir.path()).unwrap();
-        store.commit(batch(1, 4, 40)).unwrap();
+        store.commit(batch(1, 4, 40).into()).unwrap();
     }
     // What such a store looks like: no store id in the B-tree, ...
     {
@@ -249,7 +249,7 @@ fn a_log_of_the_earlier_format_is_replayed_and_made_anew() {
         let head = std::fs::read(dir.path().join(f)).unwrap();
         assert_eq!(&head[..8], b"ORDOWAL\0", "{f} is in the current format");
     }
-    store.commit(batch(4, 4, 40)).unwrap();
+    store.commit(batch(4, 4, 40).into()).unwrap();
     let crashed = tempfile::tempdir().unwrap();
     crash_copy(dir.path(), crashed.path());
     drop(store);

@@ -190,7 +190,7 @@ fn run_until_power_loss(dir: &Path, disk: &Arc<Disk>) -> u64 {
     let store = open(dir, disk);
     let mut acked = 0;
     for n in 1.. {
-        if store.commit(batch(n, PER, BODY)).is_err() {
+        if store.commit(batch(n, PER, BODY).into()).is_err() {
             break;
         }
         acked = n;
@@ -231,7 +231,7 @@ fn every_acknowledged_batch_survives_a_power_loss_at_any_sync() {
         );
         // Numbering goes on from what is there, across another reopen.
         let next = got.len() as u64 / PER + 1;
-        store.commit(batch(next, PER, BODY)).unwrap();
+        store.commit(batch(next, PER, BODY).into()).unwrap();
         drop(store);
         let store = open(dir.path(), &after);
         assert_eq!(

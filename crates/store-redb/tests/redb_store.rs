@@ -8,6 +8,7 @@ use ordo_store::conformance::{conv, messages, msg, position, records};
 use ordo_store::Store;
 use ordo_store_redb::RedbStore;
 use std::path::Path;
+use std::sync::Arc;
 
 /// A store written before ranges were kept apart has them only in the records: they are read
 /// from there, and the first range written alone carries on from them.
@@ -17,12 +18,12 @@ fn ranges_fall_back_to_the_record() {
     {
         let store = RedbStore::open(dir.path()).unwrap();
         store
-            .commit(Batch {
+            .commit(Arc::new(Batch {
                 id: 1,
                 messages: messages("g", 1..=4, 10),
                 convs: vec![conv("g", 4, 2)],
                 ..Batch::default()
-            })
+            }))
             .unwrap();
     }
     {
@@ -44,12 +45,12 @@ fn ranges_fall_back_to_the_record() {
         2
     );
     store
-        .commit(Batch {
+        .commit(Arc::new(Batch {
             id: 2,
             messages: vec![msg("g", 5, 50).into()],
             positions: vec![position("g", 5, 2)],
             ..Batch::default()
-        })
+        }))
         .unwrap();
     assert_eq!(records(&store, &["g"]), vec![conv("g", 5, 2)]);
 }
@@ -61,11 +62,11 @@ fn messages_stored_one_per_row_are_moved_into_runs() {
     {
         let store = RedbStore::open(dir.path()).unwrap();
         store
-            .commit(Batch {
+            .commit(Arc::new(Batch {
                 id: 1,
                 convs: vec![conv("g", 3, 1)],
                 ..Batch::default()
-            })
+            }))
             .unwrap();
     }
     {
@@ -87,12 +88,12 @@ fn messages_stored_one_per_row_are_moved_into_runs() {
     let page = store.read_page("g", 2, 3, 10, usize::MAX).unwrap();
     assert_eq!(page.messages, vec![msg("g", 2, 20), msg("g", 3, 30)]);
     store
-        .commit(Batch {
+        .commit(Arc::new(Batch {
             id: 2,
             messages: vec![msg("g", 4, 40).into()],
             positions: vec![position("g", 4, 1)],
             ..Batch::default()
-        })
+        }))
         .unwrap();
     let page = store.read_page("g", 1, 4, 10, usize::MAX).unwrap();
     let seqs: Vec<u64> = page.messages.iter().map(|m| m.seq).collect();
@@ -145,20 +146,20 @@ fn a_large_backlog_of_expired_dedup_entries_is_forgotten_in_steps() {
     // 200 batches, one run each, accepted at t = 1..=200.
     for t in 1..=200u64 {
         store
-            .commit(Batch {
+            .commit(Arc::new(Batch {
                 id: t,
                 dedup_put: vec![dedup(&format!("old{t}"), t)],
                 ..Batch::default()
-            })
+            }))
             .unwrap();
     }
     store
-        .commit(Batch {
+        .commit(Arc::new(Batch {
             id: 201,
             dedup_put: vec![dedup("new", 1_000)],
             dedup_forget_before_ms: Some(500),
             ..Batch::default()
-        })
+        }))
         .unwrap();
     let left = |store: &RedbStore| dedup_cmids(store).len();
     // One transaction forgets at most 64 runs: the oldest went, the newest expired ones wait.
@@ -187,11 +188,11 @@ fn a_large_backlog_of_expired_dedup_entries_is_forgotten_in_steps() {
             id - 202
         );
         store
-            .commit(Batch {
+            .commit(Arc::new(Batch {
                 id,
                 dedup_put: vec![dedup(&format!("later{id}"), 1_000 + id)],
                 ..Batch::default()
-            })
+            }))
             .unwrap();
         id += 1;
     }
@@ -225,11 +226,11 @@ fn dedup_entries_stored_one_per_row_are_moved_into_runs() {
     let store = RedbStore::open(dir.path()).unwrap();
     assert_eq!(dedup_cmids(&store), ["x", "y"]);
     store
-        .commit(Batch {
+        .commit(Arc::new(Batch {
             id: 1,
             dedup_put: vec![dedup("z", 9)],
             ..Batch::default()
-        })
+        }))
         .unwrap();
     assert_eq!(dedup_cmids(&store), ["x", "y", "z"]);
 }
@@ -241,11 +242,11 @@ fn dedup_runs_without_a_key_table_are_indexed_on_open() {
     let dir = tempfile::tempdir().unwrap();
     let store = RedbStore::open(dir.path()).unwrap();
     store
-        .commit(Batch {
+        .commit(Arc::new(Batch {
             id: 1,
             dedup_put: vec![dedup("x", 5), dedup("y", 7)],
             ..Batch::default()
-        })
+        }))
         .unwrap();
     drop(store);
     {
@@ -271,11 +272,11 @@ fn dedup_runs_written_without_their_keys_are_indexed_on_open() {
     let dir = tempfile::tempdir().unwrap();
     let store = RedbStore::open(dir.path()).unwrap();
     store
-        .commit(Batch {
+        .commit(Arc::new(Batch {
             id: 1,
             dedup_put: vec![dedup("x", 5)],
             ..Batch::default()
-        })
+        }))
         .unwrap();
     drop(store);
     {
@@ -325,11 +326,11 @@ fn conversations_without_a_member_index_are_indexed_on_open() {
     let dir = tempfile::tempdir().unwrap();
     let store = RedbStore::open(dir.path()).unwrap();
     store
-        .commit(Batch {
+        .commit(Arc::new(Batch {
             id: 1,
             convs: vec![conv("g", 0, 1), conv("h", 0, 1)],
             ..Batch::default()
-        })
+        }))
         .unwrap();
     drop(store);
     {
@@ -352,11 +353,11 @@ fn conversations_written_without_the_index_are_indexed_on_open() {
     let dir = tempfile::tempdir().unwrap();
     let store = RedbStore::open(dir.path()).unwrap();
     store
-        .commit(Batch {
+        .commit(Arc::new(Batch {
             id: 1,
             convs: vec![conv("g", 0, 1)],
             ..Batch::default()
-        })
+        }))
         .unwrap();
     drop(store);
     {
@@ -412,22 +413,22 @@ fn retention_removes_from_the_file_what_it_hides() {
     for (id, seqs) in [(1, 1..=10), (2, 11..=310)] {
         let last = *seqs.end();
         store
-            .commit(Batch {
+            .commit(Arc::new(Batch {
                 id,
                 messages: messages("g", seqs, 10),
                 convs: vec![conv("g", last, 1)],
                 ..Batch::default()
-            })
+            }))
             .unwrap();
     }
     // By count, in the middle of the first run; by age, in the middle of a later one.
     store
-        .commit(Batch {
+        .commit(Arc::new(Batch {
             id: 3,
             convs: vec![conv("g", 310, 6)],
             trim_below: vec![("g".into(), 6)],
             ..Batch::default()
-        })
+        }))
         .unwrap();
     drop(store);
     assert_eq!(
@@ -436,19 +437,19 @@ fn retention_removes_from_the_file_what_it_hides() {
     );
     let store = RedbStore::open(dir.path()).unwrap();
     let out = store
-        .commit(Batch {
+        .commit(Arc::new(Batch {
             id: 4,
             trim_before_ms: vec![("g".into(), 10 * 200)],
             ..Batch::default()
-        })
+        }))
         .unwrap();
     assert_eq!(out.first_seqs, vec![("g".to_string(), 200)]);
     let out = store
-        .commit(Batch {
+        .commit(Arc::new(Batch {
             id: 5,
             trim_before_ms: vec![("g".into(), 10 * 150)],
             ..Batch::default()
-        })
+        }))
         .unwrap();
     assert!(out.first_seqs.is_empty(), "{:?}", out.first_seqs);
     drop(store);

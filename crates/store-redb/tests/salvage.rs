@@ -64,7 +64,7 @@ fn a_damaged_record_is_salvaged_keeping_what_precedes_it() {
     assert_eq!(seqs(&store), (1..=40).collect::<Vec<_>>());
     assert_ne!(epoch(&store), 7, "the epoch moved: devices sync anew");
     // It takes batches again: seq 41 anew, under the new epoch.
-    store.commit(batch(11, 4, 40)).unwrap();
+    store.commit(batch(11, 4, 40).into()).unwrap();
     drop(store);
     let store = RedbStore::open(dir.path()).unwrap();
     assert_eq!(seqs(&store), (1..=44).collect::<Vec<_>>());

@@ -16,7 +16,7 @@ fn what_commit_returned_survives_a_crash() {
     let crashed = tempfile::tempdir().unwrap();
     let store = RedbStore::open(dir.path()).unwrap();
     for n in 1..=20 {
-        store.commit(batch(n, 5, 50)).unwrap();
+        store.commit(batch(n, 5, 50).into()).unwrap();
     }
     crash_copy(dir.path(), crashed.path());
     drop(store);
@@ -26,7 +26,7 @@ fn what_commit_returned_survives_a_crash() {
     assert_eq!(loaded[0].as_ref().map(|c| c.rec.max_seq), Some(100));
     // And it goes on from there, across another crash.
     for n in 21..=30 {
-        reopened.commit(batch(n, 5, 50)).unwrap();
+        reopened.commit(batch(n, 5, 50).into()).unwrap();
     }
     let again = tempfile::tempdir().unwrap();
     crash_copy(crashed.path(), again.path());
@@ -41,7 +41,7 @@ fn a_torn_last_record_is_dropped_and_the_rest_kept() {
     let crashed = tempfile::tempdir().unwrap();
     let store = RedbStore::open(dir.path()).unwrap();
     for n in 1..=3 {
-        store.commit(batch(n, 4, 20)).unwrap();
+        store.commit(batch(n, 4, 20).into()).unwrap();
     }
     crash_copy(dir.path(), crashed.path());
     drop(store);
@@ -63,7 +63,7 @@ fn a_torn_last_record_is_dropped_and_the_rest_kept() {
         "{got:?}"
     );
     let next = got.len() as u64 / 4 + 1;
-    store.commit(batch(next, 4, 20)).unwrap();
+    store.commit(batch(next, 4, 20).into()).unwrap();
     assert_eq!(seqs(&store).len() as u64, next * 4);
 }
 
@@ -77,7 +77,7 @@ fn the_log_moves_between_its_segments_and_stale_records_are_not_replayed() {
     let batches = 5 * wal::SWITCH_BYTES / (per * 2048) + 10;
     let mut crashes = Vec::new();
     for n in 1..=batches {
-        store.commit(batch(n, per, 2048)).unwrap();
+        store.commit(batch(n, per, 2048).into()).unwrap();
         // Crash at a few points: in the first segment, just after a move, in the second.
         if [batches / 4, batches / 2 + 1, batches - 1].contains(&n) {
             let crashed = tempfile::tempdir().unwrap();
@@ -103,7 +103,7 @@ fn the_log_moves_between_its_segments_and_stale_records_are_not_replayed() {
 fn a_batch_larger_than_the_log_is_committed_directly() {
     let dir = tempfile::tempdir().unwrap();
     let store = RedbStore::open(dir.path()).unwrap();
-    store.commit(batch(1, 3, 10)).unwrap();
+    store.commit(batch(1, 3, 10).into()).unwrap();
     // Messages of 64 KiB, more of them than the whole log holds, as seqs 4.. .
     let big = wal::SEGMENT_BYTES / (64 << 10) + 100;
     let mut b = batch(1, big, 64 << 10);
@@ -112,7 +112,7 @@ fn a_batch_larger_than_the_log_is_committed_directly() {
     }
     let last = 3 + big;
     b.convs = vec![conv(last)];
-    store.commit(b).unwrap();
+    store.commit(b.into()).unwrap();
     // Logging goes on after it.
     let mut after = batch(1, 2, 10);
     for m in &mut after.messages {
@@ -120,7 +120,7 @@ fn a_batch_larger_than_the_log_is_committed_directly() {
     }
     let last = last + 2;
     after.convs = vec![conv(last)];
-    store.commit(after).unwrap();
+    store.commit(after.into()).unwrap();
     let crashed = tempfile::tempdir().unwrap();
     crash_copy(dir.path(), crashed.path());
     drop(store);

@@ -170,7 +170,7 @@ pub fn position(conv: &str, max_seq: u64, first_seq: u64) -> ConvPosition {
 }
 
 /// Batch `id`: creates `conv` ([`conv`]) with messages `1..=n` ([`messages`]).
-fn created(id: u64, conv_id: &str, n: u64, ts_step: u64) -> Batch {
+pub fn created(id: u64, conv_id: &str, n: u64, ts_step: u64) -> Batch {
     Batch {
         id,
         messages: messages(conv_id, 1..=n, ts_step),
@@ -180,7 +180,7 @@ fn created(id: u64, conv_id: &str, n: u64, ts_step: u64) -> Batch {
 }
 
 /// Batch `id`: messages `seqs` of `conv` ([`messages`]), its range moved to end there.
-fn appended(id: u64, conv: &str, seqs: RangeInclusive<u64>, ts_step: u64) -> Batch {
+pub fn appended(id: u64, conv: &str, seqs: RangeInclusive<u64>, ts_step: u64) -> Batch {
     Batch {
         id,
         positions: vec![position(conv, *seqs.end(), 1)],
@@ -233,7 +233,7 @@ fn page(store: &dyn Store, conv: &str, from: u64, to: u64, limit: u32, max_bytes
 fn commit(store: &dyn Store, batch: Batch) -> Vec<(String, u64)> {
     let id = batch.id;
     store
-        .commit(batch)
+        .commit(batch.into())
         .unwrap_or_else(|e| panic!("commit of batch {id}: {e}"))
         .first_seqs
 }
@@ -732,7 +732,7 @@ pub fn a_seq_stored_twice_is_refused_whole<B: Backend>() {
     );
     let mut twice = msg("g", 2, 50);
     twice.cmid = "again".into();
-    let refused = b.store().commit(Batch {
+    let refused = b.store().commit(Arc::new(Batch {
         id: 2,
         messages: vec![msg("g", 4, 40).into(), twice.into(), msg("h", 1, 40).into()],
         convs: vec![conv("g", 4, 2), conv("h", 1, 1)],
@@ -747,7 +747,7 @@ pub fn a_seq_stored_twice_is_refused_whole<B: Backend>() {
         trim_below: vec![("g".into(), 2)],
         dedup_forget_before_ms: Some(100),
         ..Batch::default()
-    });
+    }));
     assert!(
         matches!(refused, Err(StoreError::Conflict { .. })),
         "a seq stored twice: {refused:?}"

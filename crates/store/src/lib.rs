@@ -135,8 +135,13 @@ pub trait Store: Send + Sync + 'static {
     fn groups(&self, after: Option<&str>, limit: usize) -> Result<GroupPage, StoreError>;
 
     /// Makes the whole batch durable, or nothing of it. Returns only once it is durable. Called
-    /// by one thread, one batch at a time, in order; an error stops the server.
-    fn commit(&self, batch: Batch) -> Result<CommitOutcome, StoreError>;
+    /// by one thread, one batch at a time, in order.
+    ///
+    /// [`StoreError::Unreachable`] promises that nothing of the batch took effect (a backend
+    /// whose connection broke during its commit reads the outcome back before it says so, or
+    /// says so only once it has); the caller gives the same batch again, and no other, until
+    /// it gets another answer. Any other error stops the server.
+    fn commit(&self, batch: std::sync::Arc<Batch>) -> Result<CommitOutcome, StoreError>;
 
     /// Reads messages of `conv` with seq in `from..=to`, at most `limit` of them, and stops
     /// after the first message that brings the bodies' total to `max_bytes` or more (so a page

@@ -53,7 +53,7 @@ impl Store for MemStore {
         Ok(self.lock().groups(after, limit))
     }
 
-    fn commit(&self, batch: Batch) -> Result<CommitOutcome, StoreError> {
+    fn commit(&self, batch: std::sync::Arc<Batch>) -> Result<CommitOutcome, StoreError> {
         self.lock().apply(&batch).map_err(|e| StoreError::Conflict {
             conv: e.conv,
             seq: e.seq,

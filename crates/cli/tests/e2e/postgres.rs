@@ -5,59 +5,14 @@
 //! is skipped with the reason printed, except in CI (`CI=true`), where it fails.
 
 use super::common::*;
-use postgres::{Client as PgClient, NoTls};
+use ordo_store_postgres::test_schema::TestSchema;
 use serde_json::json;
-
-fn base() -> String {
-    std::env::var("ORDO_TEST_POSTGRES")
-        .unwrap_or_else(|_| "host=127.0.0.1 port=5432 user=postgres dbname=test".into())
-}
-
-/// A schema of its own, dropped when this is; `None` (after printing why) without PostgreSQL.
-struct Schema {
-    name: String,
-}
-
-impl Schema {
-    fn new(test: &str) -> Option<Schema> {
-        let mut admin = match PgClient::connect(&base(), NoTls) {
-            Ok(c) => c,
-            Err(e) if std::env::var("CI").as_deref() == Ok("true") => {
-                panic!(
-                    "PostgreSQL is needed in CI and cannot be reached at {}: {e}",
-                    base()
-                )
-            }
-            Err(e) => {
-                eprintln!("SKIPPED {test}: no PostgreSQL at {} ({e})", base());
-                return None;
-            }
-        };
-        let name = format!("ordo_e2e_{:016x}", rand::random::<u64>());
-        admin
-            .batch_execute(&format!("CREATE SCHEMA {name}"))
-            .expect("create a schema");
-        Some(Schema { name })
-    }
-
-    fn url(&self) -> String {
-        format!("{} options='-c search_path={}'", base(), self.name)
-    }
-}
-
-impl Drop for Schema {
-    fn drop(&mut self) {
-        if let Ok(mut admin) = PgClient::connect(&base(), NoTls) {
-            let _ = admin.batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name));
-        }
-    }
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn nothing_accepted_is_lost_across_a_kill_on_postgresql() {
     // The synchronous client runs a runtime of its own: not on this one's threads.
     let made = tokio::task::block_in_place(|| {
-        Schema::new("nothing_accepted_is_lost_across_a_kill_on_postgresql")
+        TestSchema::create("nothing_accepted_is_lost_across_a_kill_on_postgresql")
     });
     let Some(schema) = made else {
         return;

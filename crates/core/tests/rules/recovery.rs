@@ -127,3 +127,74 @@ fn abort_all_tells_every_waiter_to_retry_and_a_rebuild_recovers() {
     );
     assert!(!s.store.convs.contains_key("h"));
 }
+
+/// While the store cannot be reached, the batch in flight waits (its senders get `accepted`
+/// only once it commits), new messages are refused with `unavailable` and a retry time, held
+/// back so that resending keeps the order, and resends of durable messages are still answered.
+#[test]
+fn while_the_store_is_unreachable_new_sends_are_refused_in_order_and_the_batch_waits() {
+    let mut s = alice_and_bob_in_g(cfg());
+    s.send(1, "g", "m1");
+    s.flush();
+    s.send(1, "g", "m2");
+    let in_flight = s.take();
+    // The commit failed because the database is gone; the server retries the same batch.
+    s.core.set_store_reachable(Err("connection refused".into()));
+
+    // A resend of a durable message is answered from the cache.
+    let out = s.send(1, "g", "m1");
+    assert_eq!(accepted(&out, 1).len(), 1);
+    // A new message is refused for now, with a time to retry after.
+    let out = s.send(1, "g", "m3");
+    assert_eq!(rejected(&out), (ErrorCode::Unavailable, true, Some(1000)));
+    // The next one into the same conversation waits behind it, to keep the order.
+    let out = s.send(1, "g", "m4");
+    assert_eq!(rejected(&out).0, ErrorCode::Unavailable);
+    // A resend of the message in flight waits for it.
+    assert!(s.send(1, "g", "m2").is_empty());
+    // A backend post is refused too.
+    let post = ordo_core::AdminPost {
+        conv: Some("g".into()),
+        to: None,
+        from: None,
+        cmid: "p1".into(),
+        body: "hello".into(),
+        reply_to: None,
+    };
+    let out = s.core.post(9, post.clone(), s.now);
+    assert!(matches!(
+        &out[..],
+        [Action::Posted { reply: Err(e), .. }] if e.code() == ErrorCode::Unavailable
+    ));
+
+    // The retried commit goes through: both copies of m2 are answered with one seq.
+    s.core.set_store_reachable(Ok(()));
+    let mut out = s.commit(&in_flight);
+    let (batches, more) = s.flush();
+    out.extend(more);
+    assert!(
+        batches.iter().all(|b| b.messages.is_empty()),
+        "nothing new was taken"
+    );
+    let got = accepted(&out, 1);
+    assert_eq!(got.len(), 2);
+    assert!(got.iter().all(|(c, _, seq, _)| c == "m2" && *seq == 2));
+    // m4 still waits for m3 to be resent; then both go, in order.
+    assert_eq!(rejected(&s.send(1, "g", "m4")).0, ErrorCode::Unavailable);
+    s.send(1, "g", "m3");
+    s.send(1, "g", "m4");
+    let (_, out) = s.flush();
+    let order: Vec<(String, u64)> = accepted(&out, 1)
+        .into_iter()
+        .map(|(c, _, seq, _)| (c, seq))
+        .collect();
+    assert_eq!(order, vec![("m3".into(), 3), ("m4".into(), 4)]);
+    assert_eq!(s.store.seqs("g"), vec![1, 2, 3, 4]);
+    // The post goes through now.
+    let out = s.core.post(10, post, s.now);
+    s.answer_lookups(out);
+    let (_, out) = s.flush();
+    assert!(out
+        .iter()
+        .any(|a| matches!(a, Action::Posted { reply: Ok(p), .. } if p.seq == 5)));
+}

@@ -71,7 +71,7 @@ pub fn crashed_with(n: u64) -> tempfile::TempDir {
     let crashed = tempfile::tempdir().unwrap();
     let store = RedbStore::open(dir.path()).unwrap();
     for k in 1..=n {
-        store.commit(batch(k, 4, 40)).unwrap();
+        store.commit(batch(k, 4, 40).into()).unwrap();
     }
     crash_copy(dir.path(), crashed.path());
     drop(store);

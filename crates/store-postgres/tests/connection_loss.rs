@@ -1,0 +1,269 @@
+//! A connection to PostgreSQL that breaks, at the worst moments: between the store and the
+//! database runs a TCP proxy of the test's own, which can cut a connection right after it
+//! passed the COMMIT on (the commit takes effect, its answer is lost), swallow the COMMIT and
+//! cut (it does not take effect), or refuse every connection (the database is gone). The store
+//! must never guess: an unknown outcome is read back, [`StoreError::Unreachable`] means nothing
+//! took effect, and giving the same batch again after it stores it exactly once.
+//!
+//! Each test runs in a schema of its own, dropped after. Without a reachable PostgreSQL the
+//! tests are skipped with the reason printed, except in CI (`CI=true`), where they fail.
+
+use ordo_core::Batch;
+use ordo_store::conformance::{appended, created};
+use ordo_store::{Store, StoreError};
+use ordo_store_postgres::test_schema::TestSchema;
+use ordo_store_postgres::PgStore;
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const PG: &str = "127.0.0.1:5432";
+
+/// What the proxy does next.
+const PASS: u8 = 0;
+/// Passes the next COMMIT on, waits for it to be done, then cuts that connection (once).
+const CUT_AFTER_COMMIT: u8 = 1;
+/// Swallows the next COMMIT and cuts that connection (once).
+const DROP_COMMIT: u8 = 2;
+/// Cuts every connection and refuses new ones.
+const REFUSE: u8 = 3;
+/// As [`CUT_AFTER_COMMIT`], and refuses new connections from then on.
+const CUT_AFTER_COMMIT_AND_REFUSE: u8 = 4;
+
+struct Proxy {
+    port: u16,
+    mode: Arc<AtomicU8>,
+    /// Every connection's two sockets, to cut them all.
+    open: Arc<Mutex<Vec<(TcpStream, TcpStream)>>>,
+}
+
+impl Proxy {
+    fn start() -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
+        let port = listener.local_addr().expect("its address").port();
+        let mode = Arc::new(AtomicU8::new(PASS));
+        let open = Arc::new(Mutex::new(Vec::new()));
+        let (m, o) = (mode.clone(), open.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                if m.load(Ordering::SeqCst) == REFUSE {
+                    let _ = client.shutdown(Shutdown::Both);
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(PG) else {
+                    continue;
+                };
+                let pair = (
+                    client.try_clone().expect("clone"),
+                    server.try_clone().expect("clone"),
+                );
+                o.lock().unwrap().push(pair);
+                let (c2, s2) = (
+                    client.try_clone().expect("clone"),
+                    server.try_clone().expect("clone"),
+                );
+                let mode = m.clone();
+                let held = Arc::new(AtomicU8::new(0));
+                let h2 = held.clone();
+                std::thread::spawn(move || pump_up(client, server, mode, held));
+                std::thread::spawn(move || pump_down(s2, c2, h2));
+            }
+        });
+        Proxy { port, mode, open }
+    }
+
+    fn set(&self, mode: u8) {
+        self.mode.store(mode, Ordering::SeqCst);
+        if mode == REFUSE {
+            for (c, s) in self.open.lock().unwrap().drain(..) {
+                let _ = c.shutdown(Shutdown::Both);
+                let _ = s.shutdown(Shutdown::Both);
+            }
+        }
+    }
+}
+
+/// Client to server, watching for the simple-query COMMIT the client library ends a
+/// transaction with.
+/// `held` is set before a COMMIT whose answer is to be lost goes on: from then on nothing goes
+/// back to the client.
+fn pump_up(mut client: TcpStream, mut server: TcpStream, mode: Arc<AtomicU8>, held: Arc<AtomicU8>) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match client.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let chunk = &buf[..n];
+        let commit = chunk.windows(7).any(|w| w == b"COMMIT\0");
+        if commit {
+            let m = mode.load(Ordering::SeqCst);
+            if [CUT_AFTER_COMMIT, DROP_COMMIT, CUT_AFTER_COMMIT_AND_REFUSE].contains(&m) {
+                held.store(1, Ordering::SeqCst);
+                let next = if m == CUT_AFTER_COMMIT_AND_REFUSE {
+                    REFUSE
+                } else {
+                    PASS
+                };
+                let _ = mode.compare_exchange(m, next, Ordering::SeqCst, Ordering::SeqCst);
+                if m != DROP_COMMIT {
+                    let _ = server.write_all(chunk);
+                    // Time for the database to do it; its answer goes nowhere.
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+                let _ = client.shutdown(Shutdown::Both);
+                let _ = server.shutdown(Shutdown::Both);
+                return;
+            }
+        }
+        if server.write_all(chunk).is_err() {
+            break;
+        }
+    }
+    let _ = server.shutdown(Shutdown::Both);
+    let _ = client.shutdown(Shutdown::Both);
+}
+
+fn pump_down(mut server: TcpStream, mut client: TcpStream, held: Arc<AtomicU8>) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match server.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if held.load(Ordering::SeqCst) == 1 || client.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = client.shutdown(Shutdown::Both);
+}
+
+/// A schema of the test's own and a store on it through the proxy; `None` (skipped) without a
+/// PostgreSQL outside CI.
+struct Setup {
+    proxy: Proxy,
+    store: PgStore,
+    _schema: TestSchema,
+}
+
+fn setup(test: &str) -> Option<Setup> {
+    let schema = TestSchema::create(test)?;
+    let proxy = Proxy::start();
+    let url = format!(
+        "host=127.0.0.1 port={} user=postgres dbname=test connect_timeout=2 options='-c search_path={}'",
+        proxy.port, schema.name
+    );
+    let store = PgStore::open(&url).expect("open the store through the proxy");
+    Some(Setup {
+        proxy,
+        store,
+        _schema: schema,
+    })
+}
+
+fn commit(store: &PgStore, b: &Batch) -> Result<(), StoreError> {
+    store.commit(Arc::new(b.clone())).map(|_| ())
+}
+
+/// The seqs of `conv` the store holds, each as often as it holds it.
+fn stored(store: &PgStore, conv: &str) -> Vec<u64> {
+    let page = store
+        .read_page(conv, 1, u64::MAX, 1000, usize::MAX)
+        .expect("read back");
+    page.messages.iter().map(|m| m.seq).collect()
+}
+
+fn unreachable(r: Result<(), StoreError>) -> String {
+    match r {
+        Err(StoreError::Unreachable(why)) => why,
+        other => panic!("expected Unreachable, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_commit_whose_answer_is_lost_is_read_back_and_counts_once() {
+    let Some(s) = setup("a_commit_whose_answer_is_lost_is_read_back_and_counts_once") else {
+        return;
+    };
+    commit(&s.store, &created(1, "g", 3, 10)).expect("first batch");
+    s.proxy.set(CUT_AFTER_COMMIT);
+    let second = appended(2, "g", 4..=6, 10);
+    // The answer is lost, the database is still there: read back at once, committed.
+    commit(&s.store, &second).expect("read back as committed");
+    assert_eq!(stored(&s.store, "g"), (1..=6).collect::<Vec<_>>());
+    // It really is stored: the same seqs again are a conflict.
+    assert!(matches!(
+        commit(&s.store, &appended(3, "g", 4..=6, 10)),
+        Err(StoreError::Conflict { seq: 4, .. })
+    ));
+}
+
+#[test]
+fn a_commit_that_never_reached_the_database_is_unreachable_and_taken_when_given_again() {
+    let Some(s) =
+        setup("a_commit_that_never_reached_the_database_is_unreachable_and_taken_when_given_again")
+    else {
+        return;
+    };
+    commit(&s.store, &created(1, "g", 3, 10)).expect("first batch");
+    s.proxy.set(DROP_COMMIT);
+    let second = appended(2, "g", 4..=6, 10);
+    let why = unreachable(commit(&s.store, &second));
+    assert!(why.contains("did not take effect"), "{why}");
+    assert_eq!(stored(&s.store, "g"), vec![1, 2, 3]);
+    commit(&s.store, &second).expect("given again, it is taken");
+    assert_eq!(stored(&s.store, "g"), (1..=6).collect::<Vec<_>>());
+}
+
+#[test]
+fn an_unknown_outcome_is_read_back_once_the_database_is_back_never_guessed() {
+    let Some(s) = setup("an_unknown_outcome_is_read_back_once_the_database_is_back_never_guessed")
+    else {
+        return;
+    };
+    commit(&s.store, &created(1, "g", 3, 10)).expect("first batch");
+    let second = appended(2, "g", 4..=6, 10);
+
+    // Committed, answer lost, and the database gone before the store can ask.
+    s.proxy.set(CUT_AFTER_COMMIT_AND_REFUSE);
+    let why = unreachable(commit(&s.store, &second));
+    assert!(why.contains("read back"), "{why}");
+    s.proxy.set(REFUSE);
+    // Still unknown while the database cannot be reached.
+    unreachable(commit(&s.store, &second));
+    s.proxy.set(PASS);
+    // Back: it did commit, so the same batch is answered without being written again.
+    commit(&s.store, &second).expect("read back as committed");
+    assert_eq!(stored(&s.store, "g"), (1..=6).collect::<Vec<_>>());
+
+    // And one that did not commit: written when given again.
+    let third = appended(3, "g", 7..=8, 10);
+    s.proxy.set(DROP_COMMIT);
+    unreachable(commit(&s.store, &third));
+    s.proxy.set(REFUSE);
+    unreachable(commit(&s.store, &third));
+    s.proxy.set(PASS);
+    commit(&s.store, &third).expect("written now");
+    assert_eq!(stored(&s.store, "g"), (1..=8).collect::<Vec<_>>());
+}
+
+#[test]
+fn reads_while_the_database_is_gone_say_it_cannot_be_reached() {
+    let Some(s) = setup("reads_while_the_database_is_gone_say_it_cannot_be_reached") else {
+        return;
+    };
+    commit(&s.store, &created(1, "g", 3, 10)).expect("first batch");
+    s.proxy.set(REFUSE);
+    assert!(matches!(
+        s.store.read_page("g", 1, 3, 10, 1 << 20),
+        Err(StoreError::Unreachable(_))
+    ));
+    assert!(matches!(
+        s.store.dedup_lookup(&[("a".into(), "c1".into())]),
+        Err(StoreError::Unreachable(_))
+    ));
+    s.proxy.set(PASS);
+    assert_eq!(stored(&s.store, "g"), vec![1, 2, 3]);
+}
