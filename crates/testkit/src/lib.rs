@@ -7,11 +7,14 @@
 //! - [`mod@token`]: client tokens signed with a server's secret.
 //! - [`wire`]: a raw protocol client (frames over a WebSocket, nothing else).
 //! - [`device`]: one connected device for tests, with waits that fail loudly.
+//! - [`pg_cluster`]: a PostgreSQL primary and standbys of the run's own, to SIGKILL and fail
+//!   over.
 //!
 //! It is not part of the product: the `ordo` binary links it only for `ordo check`.
 
 pub mod admin;
 pub mod device;
+pub mod pg_cluster;
 pub mod process;
 pub mod token;
 pub mod wire;

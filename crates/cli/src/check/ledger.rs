@@ -21,6 +21,10 @@ pub struct Report {
     pub accepted: u64,
     pub delivered: u64,
     pub server_kills: u64,
+    /// SIGKILLs of the database's primary (with `--pg-cluster`), and for each how long until a
+    /// primary took writes again (a standby promoted, or the primary restarted), in ms.
+    pub db_kills: u64,
+    pub db_recovery_ms: Vec<u64>,
     pub client_kills: u64,
     pub disconnects: u64,
     /// Accepted messages missing on a member device.
@@ -63,6 +67,16 @@ impl Report {
             "  server kills {}  client kills {}  disconnects {}",
             self.server_kills, self.client_kills, self.disconnects
         );
+        if self.db_kills > 0 {
+            let mut ms = self.db_recovery_ms.clone();
+            ms.sort_unstable();
+            println!(
+                "  database primary kills {}  primary back after (ms) p50 {}  max {}",
+                self.db_kills,
+                ms.get(ms.len() / 2).copied().unwrap_or(0),
+                ms.last().copied().unwrap_or(0)
+            );
+        }
         println!(
             "  lost {}  unaccepted {}  duplicated {}  misordered {}  receipt regressions {}  settled {}",
             self.lost,

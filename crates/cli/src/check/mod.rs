@@ -9,6 +9,12 @@
 //! stormy part, faults stop and everything settles; then the ledger checks that every accepted
 //! message reached every member device exactly once and in order, that each device's messages
 //! kept their send order, and that receipts never went back.
+//!
+//! With `--pg-cluster N` the server runs on a PostgreSQL of the run's own (the test kit's
+//! [`PgCluster`]: a primary and N synchronous standbys), and `--db-kills K` SIGKILLs its
+//! primary K times during the storm, each time failing over to the standby furthest ahead (or,
+//! without standbys, restarting it): every message the server acknowledged must still be
+//! delivered.
 
 mod ledger;
 mod proxy;
@@ -16,6 +22,7 @@ mod proxy;
 use clap::Args;
 use ledger::{Ledger, Report};
 use ordo_client::{Client, ClientOptions, Target};
+use ordo_testkit::pg_cluster::PgCluster;
 use ordo_testkit::{Admin, ServerOptions, ServerProcess};
 use proxy::{FaultProxy, Faults};
 use rand::rngs::StdRng;
@@ -58,8 +65,18 @@ pub struct CheckArgs {
     /// Run the server on this PostgreSQL database (`ordo serve --store`), which must hold no
     /// Ordo data yet (an empty database, or a `key=value` string with
     /// `options='-c search_path=SCHEMA'` naming an empty schema). Unset: the embedded store.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "pg_cluster")]
     store: Option<String>,
+    /// Run the server on a PostgreSQL of the run's own, started in temporary directories from
+    /// the machine's PostgreSQL server binaries (`/usr/lib/postgresql/15/bin`, or `ORDO_PG_BIN`):
+    /// a primary and this many standbys, commits waiting for any one of them.
+    #[arg(long, value_name = "STANDBYS")]
+    pg_cluster: Option<usize>,
+    /// SIGKILLs of the `--pg-cluster` primary, spread over the duration: each fails over to
+    /// the standby furthest ahead (which is then the primary), or, without standbys, restarts
+    /// the primary. The storm lasts until all are done.
+    #[arg(long, default_value_t = 0, requires = "pg_cluster")]
+    db_kills: u64,
     /// Seed of every random choice (printed; pass it again to replay the same plan).
     #[arg(long)]
     seed: Option<u64>,
@@ -133,6 +150,21 @@ async fn check(args: CheckArgs) -> Result<(Report, bool), String> {
     if let Some(url) = &args.store {
         opts.extra.extend(["--store".into(), url.clone()]);
     }
+    let cluster = match args.pg_cluster {
+        None => None,
+        Some(standbys) => {
+            let c = tokio::task::spawn_blocking(move || PgCluster::start(standbys))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("cannot start PostgreSQL: {e}"))?;
+            eprintln!(
+                "ordo check: PostgreSQL primary and {standbys} standbys at {}",
+                c.url()
+            );
+            opts.extra.extend(["--store".into(), c.url()]);
+            Some(Arc::new(Mutex::new(c)))
+        }
+    };
     let server = tokio::task::spawn_blocking(move || ServerProcess::start(opts))
         .await
         .map_err(|e| e.to_string())?
@@ -270,6 +302,30 @@ async fn check(args: CheckArgs) -> Result<(Report, bool), String> {
             }
         })
     };
+    let db_killer = {
+        let (cluster, kills) = (cluster.clone(), args.db_kills);
+        let every = Duration::from_secs(args.duration) / (kills as u32 + 1);
+        let storm_start = Instant::now();
+        tokio::task::spawn_blocking(move || -> Result<Vec<u64>, String> {
+            let mut took = Vec::new();
+            let Some(cluster) = cluster else {
+                return Ok(took);
+            };
+            for k in 1..=kills {
+                let at = storm_start + every * k as u32;
+                std::thread::sleep(at.saturating_duration_since(Instant::now()));
+                let mut c = cluster.lock().map_err(|_| "cluster lock poisoned")?;
+                let f = c.fail_primary().map_err(|e| e.to_string())?;
+                eprintln!(
+                    "ordo check: database primary killed; {} took writes after {} ms",
+                    f.primary,
+                    f.took.as_millis()
+                );
+                took.push(f.took.as_millis() as u64);
+            }
+            Ok(took)
+        })
+    };
     while Instant::now() < storm_end {
         let wait = if args.client_kill_every > 0.0 {
             exp_secs(&mut rng, args.client_kill_every)
@@ -284,6 +340,10 @@ async fn check(args: CheckArgs) -> Result<(Report, bool), String> {
         let _ = ctrls[victim].send(Ctrl::Crash);
     }
 
+    let db_recovery_ms = db_killer
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("database control failed: {e}"))?;
     // Calm: no more faults, no more new messages; wait for everything to arrive.
     stop_killing.store(true, Ordering::Relaxed);
     killer
@@ -328,6 +388,8 @@ async fn check(args: CheckArgs) -> Result<(Report, bool), String> {
     report.seed = seed;
     report.seconds = started.elapsed().as_secs_f64();
     report.server_kills = server_kills.load(Ordering::Relaxed);
+    report.db_kills = db_recovery_ms.len() as u64;
+    report.db_recovery_ms = db_recovery_ms;
     report.client_kills = client_kills.load(Ordering::Relaxed);
     report.disconnects = proxy.disconnects.load(Ordering::Relaxed);
     Ok((report, args.json))

@@ -1,34 +1,18 @@
 //! `ordo check` in CI: a short chaos run with at least five server kills, and the server holding
 //! one conversation at a time, must find nothing lost, duplicated or out of order, whatever
-//! `ORDO_*` variables the caller has exported.
+//! `ORDO_*` variables the caller has exported. On a PostgreSQL of the run's own, the same with
+//! its primary SIGKILLed: ten failovers to a synchronous standby, and restarts of a lone
+//! primary.
 
 use std::process::Command;
 
-#[test]
-fn a_short_chaos_run_finds_no_violation() {
+/// Runs `ordo check` with `args` (and `--json`); the report, after checking that it passed
+/// with nothing lost, duplicated or out of order.
+fn passing_check(args: &[&str]) -> serde_json::Value {
     let out = Command::new(env!("CARGO_BIN_EXE_ordo"))
-        .args([
-            "check",
-            "--duration",
-            "14",
-            "--kill-every",
-            "1",
-            "--client-kill-every",
-            "3",
-            "--disconnect-every",
-            "2",
-            "--clients",
-            "6",
-            "--rate",
-            "30",
-            // Below what each user offers, so refusals and ordered resends are exercised.
-            "--user-rate",
-            "5",
-            // One conversation held: the others are loaded and evicted all through the run.
-            "--conv-cache-entries",
-            "1",
-            "--json",
-        ])
+        .arg("check")
+        .args(args)
+        .arg("--json")
         .env_remove("RUST_LOG")
         // Settings meant for some other server: had the server under test inherited them, it
         // would drop all but the last 3 messages of a conversation and refuse every body.
@@ -54,9 +38,86 @@ fn a_short_chaos_run_finds_no_violation() {
         assert_eq!(report[field], 0, "{field}:\n{report:#}");
     }
     assert_eq!(report["settled"], true);
+    assert!(report["accepted"].as_u64().unwrap_or(0) > 50);
+    report
+}
+
+#[test]
+fn a_short_chaos_run_finds_no_violation() {
+    let report = passing_check(&[
+        "--duration",
+        "14",
+        "--kill-every",
+        "1",
+        "--client-kill-every",
+        "3",
+        "--disconnect-every",
+        "2",
+        "--clients",
+        "6",
+        "--rate",
+        "30",
+        // Below what each user offers, so refusals and ordered resends are exercised.
+        "--user-rate",
+        "5",
+        // One conversation held: the others are loaded and evicted all through the run.
+        "--conv-cache-entries",
+        "1",
+    ]);
     assert!(
         report["server_kills"].as_u64().unwrap_or(0) >= 5,
         "at least five server kills:\n{report:#}"
     );
-    assert!(report["accepted"].as_u64().unwrap_or(0) > 50);
+}
+
+/// Whether this machine can start a PostgreSQL of its own; in CI it must.
+fn postgres_binaries(test: &str) -> bool {
+    match ordo_testkit::pg_cluster::bin_dir() {
+        Ok(_) => true,
+        Err(why) if std::env::var("CI").as_deref() == Ok("true") => panic!("{why}"),
+        Err(why) => {
+            eprintln!("SKIPPED {test}: {why}");
+            false
+        }
+    }
+}
+
+#[test]
+fn ten_database_failovers_lose_no_acknowledged_message() {
+    if !postgres_binaries("ten_database_failovers_lose_no_acknowledged_message") {
+        return;
+    }
+    let report = passing_check(&[
+        "--pg-cluster",
+        "2",
+        "--db-kills",
+        "10",
+        "--duration",
+        "30",
+        "--kill-every",
+        "4",
+        "--rate",
+        "30",
+    ]);
+    assert_eq!(report["db_kills"], 10, "{report:#}");
+}
+
+#[test]
+fn a_database_restarted_under_load_loses_nothing() {
+    if !postgres_binaries("a_database_restarted_under_load_loses_nothing") {
+        return;
+    }
+    let report = passing_check(&[
+        "--pg-cluster",
+        "0",
+        "--db-kills",
+        "4",
+        "--duration",
+        "12",
+        "--kill-every",
+        "0",
+        "--rate",
+        "30",
+    ]);
+    assert_eq!(report["db_kills"], 4, "{report:#}");
 }
