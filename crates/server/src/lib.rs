@@ -247,15 +247,37 @@ async fn close_store(store: Arc<dyn Store>) {
     let _ = tokio::task::spawn_blocking(move || drop(store)).await;
 }
 
+/// How long a starting server waits for its database to be reachable (it may be restarting, or
+/// failing over) before it gives up.
+const DATABASE_WAIT: Duration = Duration::from_secs(60);
+
+/// Opens the PostgreSQL store, waiting up to [`DATABASE_WAIT`] for a database that cannot be
+/// reached yet.
+async fn open_database(url: String) -> Result<ordo_store_postgres::PgStore, ServerError> {
+    let started = tokio::time::Instant::now();
+    let mut wait = Duration::from_millis(100);
+    loop {
+        let u = url.clone();
+        let opened = tokio::task::spawn_blocking(move || ordo_store_postgres::PgStore::open(&u))
+            .await
+            .map_err(|e| ServerError::Io(std::io::Error::other(e.to_string())))?;
+        match opened {
+            Err(StoreError::Unreachable(why)) if started.elapsed() < DATABASE_WAIT => {
+                tracing::warn!(error = %why, "waiting for the database");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(2));
+            }
+            other => return Ok(other?),
+        }
+    }
+}
+
 /// Opens the store (the embedded one in `cfg.data`, or the PostgreSQL database `cfg.store`
 /// names) and starts serving. Returns once the listener is bound.
 pub async fn start(cfg: Config) -> Result<RunningServer, ServerError> {
     cfg.validate()?;
     if let Some(url) = cfg.store.clone() {
-        let store = tokio::task::spawn_blocking(move || ordo_store_postgres::PgStore::open(&url))
-            .await
-            .map_err(|e| ServerError::Io(std::io::Error::other(e.to_string())))??;
-        let store: Arc<dyn Store> = Arc::new(store);
+        let store: Arc<dyn Store> = Arc::new(open_database(url).await?);
         // A database that holds messages already has tokens out: never a new secret for it.
         let probe = store.clone();
         let holds_data = tokio::task::spawn_blocking(move || probe.load())

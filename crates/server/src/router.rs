@@ -416,6 +416,7 @@ impl Router {
         housekeeping: Duration,
     ) -> Result<Self, StoreError> {
         let snapshot = store.load()?;
+        metrics::gauge!(m::STORE_UNREACHABLE).set(0.0);
         // Acceptance times never go back, even if the clock did across a restart: retention by
         // age relies on them growing along a conversation.
         let last_now = snapshot.last_ts;
@@ -728,8 +729,9 @@ impl Router {
                     metrics::gauge!(m::STORE_UNREACHABLE).set(1.0);
                     self.store_down = Some(Instant::now());
                 }
-                // The latest reason, for the refusals.
-                self.core.set_store_reachable(Err(why));
+                // Clients are told only that much: the reason may name the database's address.
+                self.core
+                    .set_store_reachable(Err("the connection to it is lost".into()));
                 return;
             }
         };

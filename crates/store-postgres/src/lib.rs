@@ -104,6 +104,7 @@ impl Drop for Conn<'_> {
             _ => {
                 idle.1 -= 1 + idle.0.len();
                 idle.0.clear();
+                self.pool.freed.notify_all();
             }
         }
         self.pool.freed.notify_one();
@@ -123,6 +124,14 @@ impl Pool {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
+        // The database server gives up on a connection whose client is gone (a transaction
+        // left open would hold this writer's row for hours: the read-back waits for it).
+        let server_side = "-c idle_in_transaction_session_timeout=60s -c tcp_keepalives_idle=10 -c tcp_keepalives_interval=2 -c tcp_keepalives_count=5";
+        let options = match config.get_options() {
+            Some(o) => format!("{o} {server_side}"),
+            None => server_side.to_string(),
+        };
+        config.options(&options);
         config
             .keepalives(true)
             .keepalives_idle(DEAD_PEER / 2)
@@ -161,6 +170,8 @@ impl Pool {
                     Err(e) => {
                         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
                         idle.1 -= 1;
+                        // A waiter may open one now.
+                        self.freed.notify_one();
                         Err(StoreError::Unreachable(format!(
                             "cannot connect to PostgreSQL at {}: {e}",
                             redact(&self.url)
@@ -174,7 +185,8 @@ impl Pool {
                 .unwrap_or_else(|p| p.into_inner());
             idle = next;
             if waited.timed_out() && idle.0.is_empty() && idle.1 >= POOL_SIZE {
-                return Err(StoreError::Unavailable(format!(
+                // Nothing took effect; the caller tries again later.
+                return Err(StoreError::Unreachable(format!(
                     "no PostgreSQL connection free within {} s",
                     POOL_WAIT.as_secs()
                 )));
@@ -183,9 +195,10 @@ impl Pool {
     }
 }
 
-/// The URL without its password, for messages.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
+/// The connection string without its password (in a URL's user part, or a `password=`
+/// setting of a key=value string or a URL's query), for messages.
+pub fn redact(url: &str) -> String {
+    let mut out = match (url.find("://"), url.rfind('@')) {
         (Some(s), Some(at)) if at > s => {
             let userinfo = &url[s + 3..at];
             match userinfo.split_once(':') {
@@ -194,7 +207,34 @@ fn redact(url: &str) -> String {
             }
         }
         _ => url.to_string(),
+    };
+    let mut from = 0;
+    while let Some(found) = out[from..].find("password=") {
+        let start = from + found + "password=".len();
+        let rest = &out[start..];
+        let len = match rest.strip_prefix('\'') {
+            // A quoted value: up to the closing quote not escaped by a backslash.
+            Some(quoted) => {
+                let mut end = quoted.len();
+                let mut escaped = false;
+                for (i, c) in quoted.char_indices() {
+                    match c {
+                        '\\' if !escaped => escaped = true,
+                        '\'' if !escaped => {
+                            end = i + 1;
+                            break;
+                        }
+                        _ => escaped = false,
+                    }
+                }
+                (end + 1).min(rest.len())
+            }
+            None => rest.find([' ', '&']).unwrap_or(rest.len()),
+        };
+        out.replace_range(start..start + len, "***");
+        from = start + 3;
     }
+    out
 }
 
 /// The PostgreSQL store.
@@ -202,11 +242,15 @@ pub struct PgStore {
     pool: Pool,
     /// Dedup entries accepted before this may be deleted (0: none).
     forget_before: Mutex<u64>,
-    /// This store's row in `ordo_writers`: every commit moves it to its batch's id, so that
-    /// the outcome of a commit whose answer was lost can be read back.
+    /// This store's row in `ordo_writers` (made at open): every commit moves it to the number
+    /// of its attempt, so that the outcome of a commit whose answer was lost can be read back.
     writer: String,
-    /// The batch whose COMMIT's answer was lost, until its outcome has been read back.
-    unresolved: Mutex<Option<u64>>,
+    /// Commit attempts made: each is numbered, so a read-back can tell exactly which one last
+    /// took effect (batch ids cannot: a new core on the same store starts them again).
+    attempts: std::sync::atomic::AtomicU64,
+    /// The batch (id, attempt) whose COMMIT's answer was lost, until its outcome has been
+    /// read back.
+    unresolved: Mutex<Option<(u64, u64)>>,
 }
 
 /// Whether `e` means the database cannot serve this connection now (the connection broke or
@@ -218,8 +262,16 @@ fn unreachable(e: &postgres::Error) -> bool {
         return true;
     }
     let Some(code) = e.code() else {
-        // No answer from the server at all: an I/O error of the connection.
-        return e.as_db_error().is_none();
+        // The client library's own error: only those of the connection itself (a bug, a row
+        // that does not decode, must not be retried for ever).
+        let text = e.to_string();
+        return [
+            "error communicating with the server",
+            "error connecting to server",
+            "timeout waiting for server",
+        ]
+        .iter()
+        .any(|t| text.starts_with(t));
     };
     code.code().starts_with("08")
         || [
@@ -261,13 +313,12 @@ fn u(v: i64) -> u64 {
 
 impl PgStore {
     /// Connects to the database at `url` (a `postgres://` URL or a key=value string), creates
-    /// or migrates the tables, and reads the store's own state.
+    /// or migrates the tables, and reads the store's own state. `Unreachable` if no connection
+    /// can be opened.
     pub fn open(url: &str) -> Result<PgStore, StoreError> {
         let pool = Pool::new(url)?;
-        let mut c = pool.get().map_err(|e| StoreError::Open {
-            path: redact(url),
-            source: Box::new(e),
-        })?;
+        // A database that cannot be reached is `Unreachable`: the caller may wait for it.
+        let mut c = pool.get()?;
         schema::migrate(&mut c).map_err(|e| StoreError::Open {
             path: redact(url),
             source: Box::new(e),
@@ -280,22 +331,32 @@ impl PgStore {
             .map_err(db("reading the store's state"))?
             .map_or(0, |r| r.get(0));
         // Rows of writers long gone: a writer's row matters only while its last commit's
-        // outcome may still be asked about.
+        // outcome may still be asked about. (A live writer idle that long makes its row again.)
         c.execute(
-            "DELETE FROM ordo_writers WHERE updated < now() - interval '7 days'",
+            "DELETE FROM ordo_writers WHERE updated < now() - interval '30 days'",
             &[],
         )
         .map_err(db("forgetting old writers"))?;
+        // The row exists, committed, before any batch moves it: a read-back waits for a
+        // commit in flight that updates a row, not for one that would insert it.
+        let writer = format!("{:016x}", rand::random::<u64>());
+        c.execute(
+            "INSERT INTO ordo_writers (id, batch, updated) VALUES ($1, 0, now())",
+            &[&writer],
+        )
+        .map_err(db("registering this writer"))?;
         drop(c);
         Ok(PgStore {
             pool,
             forget_before: Mutex::new(u(forget)),
-            writer: format!("{:016x}", rand::random::<u64>()),
+            writer,
+            attempts: 0.into(),
             unresolved: Mutex::new(None),
         })
     }
 
-    /// Whether batch `id` (this writer's last) committed: read back from this writer's row,
+    /// Whether commit attempt `attempt` (this writer's last) took effect: read back from this
+    /// writer's row,
     /// in a transaction that writes it. Its own commit waits, under synchronous replication,
     /// until everything before it (the batch's commit among it) is on the standbys too: a
     /// commit whose answer was lost may have been durable on the primary alone, and must not
@@ -303,7 +364,7 @@ impl PgStore {
     /// seconds for a lock held by the batch's own transaction (the database may not have
     /// noticed yet that its connection is gone). Any failure is `Unreachable`: the outcome
     /// is still unknown, and is asked again later.
-    fn read_back(&self, id: u64) -> Result<bool, StoreError> {
+    fn read_back(&self, attempt: u64) -> Result<bool, StoreError> {
         let mut c = self.pool.get()?;
         let mut read = || -> Result<bool, postgres::Error> {
             let mut tx = c.transaction()?;
@@ -313,7 +374,7 @@ impl PgStore {
                 &[&self.writer],
             )?;
             tx.commit()?;
-            Ok(row.is_some_and(|r| u(r.get(0)) >= id))
+            Ok(row.is_some_and(|r| u(r.get(0)) == attempt))
         };
         read().map_err(|e| {
             StoreError::Unreachable(format!(
@@ -324,8 +385,11 @@ impl PgStore {
 
     /// The outcome of `batch`, committed earlier, read from what is stored.
     fn outcome_of(&self, batch: &Batch) -> Result<CommitOutcome, StoreError> {
-        let mut c = self.pool.get()?;
         let mut first_seqs = Vec::new();
+        if batch.trim_before_ms.is_empty() {
+            return Ok(CommitOutcome { first_seqs });
+        }
+        let mut c = self.pool.get()?;
         for (conv, _) in &batch.trim_before_ms {
             let first: i64 = c
                 .query_opt("SELECT first_seq FROM ordo_convs WHERE id = $1", &[conv])
@@ -368,13 +432,26 @@ impl PgStore {
         Ok(Some(ConvState { rec, cursors }))
     }
 
-    fn apply(&self, tx: &mut Transaction<'_>, b: &Batch) -> Result<CommitOutcome, StoreError> {
-        tx.execute(
-            "INSERT INTO ordo_writers (id, batch, updated) VALUES ($1, $2, now())
-             ON CONFLICT (id) DO UPDATE SET batch = EXCLUDED.batch, updated = EXCLUDED.updated",
-            &[&self.writer, &i(b.id)],
-        )
-        .map_err(db("marking the batch"))?;
+    fn apply(
+        &self,
+        tx: &mut Transaction<'_>,
+        b: &Batch,
+        attempt: u64,
+    ) -> Result<CommitOutcome, StoreError> {
+        let marked = tx
+            .execute(
+                "UPDATE ordo_writers SET batch = $2, updated = now() WHERE id = $1",
+                &[&self.writer, &i(attempt)],
+            )
+            .map_err(db("marking the batch"))?;
+        if marked == 0 {
+            // Forgotten as long gone after a very long pause: made again.
+            tx.execute(
+                "INSERT INTO ordo_writers (id, batch, updated) VALUES ($1, $2, now())",
+                &[&self.writer, &i(attempt)],
+            )
+            .map_err(db("marking the batch"))?;
+        }
         for rec in &b.convs {
             let json = serde_json::to_string(rec).map_err(|e| StoreError::Engine {
                 context: "encoding a conversation".into(),
@@ -554,7 +631,7 @@ fn insert_messages(
     let from: Vec<&str> = msgs.iter().map(|m| m.from.as_str()).collect();
     let device: Vec<&str> = msgs.iter().map(|m| m.device.as_str()).collect();
     let cmid: Vec<&str> = msgs.iter().map(|m| m.cmid.as_str()).collect();
-    let body: Vec<&str> = msgs.iter().map(|m| m.body.as_str()).collect();
+    let body: Vec<&[u8]> = msgs.iter().map(|m| m.body.as_bytes()).collect();
     let reply_to: Vec<Option<i64>> = msgs.iter().map(|m| m.reply_to.map(i)).collect();
     let ts: Vec<i64> = msgs.iter().map(|m| i(m.ts)).collect();
     let event: Vec<Option<String>> = msgs
@@ -564,7 +641,7 @@ fn insert_messages(
     let inserted = tx.execute(
         "INSERT INTO ordo_messages (conv, seq, from_user, device, cmid, body, reply_to, ts, event)
          SELECT * FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[],
-                              $6::text[], $7::int8[], $8::int8[], $9::text[])",
+                              $6::bytea[], $7::int8[], $8::int8[], $9::text[])",
         &[
             &conv, &seq, &from, &device, &cmid, &body, &reply_to, &ts, &event,
         ],
@@ -627,7 +704,8 @@ fn message_of(row: &Row) -> Result<Message, StoreError> {
         from: row.get(2),
         device: row.get(3),
         cmid: row.get(4),
-        body: row.get(5),
+        body: String::from_utf8(row.get(5))
+            .map_err(|e| corrupt("message", format!("body of {conv:?} seq {seq}: {e}")))?,
         reply_to: row.get::<_, Option<i64>>(6).map(u),
         ts: u(row.get(7)),
         event,
@@ -742,25 +820,31 @@ impl Store for PgStore {
             return Ok(CommitOutcome::default());
         }
         let mut unresolved = self.unresolved.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(id) = *unresolved {
-            // The last commit's answer was lost: what it did is read back, never guessed.
-            let took = self.read_back(id)?;
-            *unresolved = None;
-            if took {
+        if let Some((id, attempt)) = *unresolved {
+            // The last commit's answer was lost: what it did is read back, never guessed. Until
+            // that is known (and the outcome read), it stays unresolved.
+            if self.read_back(attempt)? {
                 if id != batch.id {
                     return Err(StoreError::Engine {
                         context: "PostgreSQL, committing a batch".into(),
                         source: format!("batch {id}, whose answer was lost, did commit, but batch {} was given instead of it again", batch.id).into(),
                     });
                 }
+                let outcome = self.outcome_of(&batch)?;
+                *unresolved = None;
                 self.committed(&batch);
-                return self.outcome_of(&batch);
+                return Ok(outcome);
             }
+            *unresolved = None;
         }
+        let attempt = self
+            .attempts
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
         let mut c = self.pool.get()?;
         // (A connection that broke is not given back to the pool.)
         let mut tx = c.transaction().map_err(db("starting a commit"))?;
-        match self.apply(&mut tx, &batch) {
+        match self.apply(&mut tx, &batch, attempt) {
             Ok(outcome) => match tx.commit() {
                 Ok(()) => {
                     self.committed(&batch);
@@ -771,8 +855,8 @@ impl Store for PgStore {
                     // the database can still be reached, else before the next commit.
                     c.discard();
                     drop(c);
-                    *unresolved = Some(batch.id);
-                    let took = self.read_back(batch.id).map_err(|_| {
+                    *unresolved = Some((batch.id, attempt));
+                    let took = self.read_back(attempt).map_err(|_| {
                         StoreError::Unreachable(format!(
                             "PostgreSQL (the connection broke during COMMIT: {e}; whether it took effect is read back once the database can be reached)"
                         ))
@@ -951,5 +1035,35 @@ impl Store for PgStore {
             .flatten()
             .map(|d| ScanFrom(serde_json::to_vec(&(d.ts, &d.user, &d.cmid)).unwrap_or_default()));
         Ok(DedupScan { entries, next })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn passwords_are_left_out_of_messages() {
+        for (url, want) in [
+            (
+                "postgres://ordo:s3cret@db:5432/ordo",
+                "postgres://ordo:***@db:5432/ordo",
+            ),
+            (
+                "host=db user=ordo password=s3cret dbname=ordo",
+                "host=db user=ordo password=*** dbname=ordo",
+            ),
+            (
+                "host=db password='it\\'s a \\\\ secret' dbname=ordo",
+                "host=db password=*** dbname=ordo",
+            ),
+            (
+                "postgres://db/ordo?user=ordo&password=s3cret&sslmode=disable",
+                "postgres://db/ordo?user=ordo&password=***&sslmode=disable",
+            ),
+            ("host=db user=ordo", "host=db user=ordo"),
+        ] {
+            assert_eq!(redact(url), want, "{url}");
+        }
     }
 }

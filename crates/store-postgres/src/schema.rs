@@ -75,6 +75,30 @@ pub const MIGRATIONS: &[&str] = &[
         updated timestamptz NOT NULL
     );
     "#,
+    // 3: bodies as bytes (a body may hold any character, NUL among them, which text cannot),
+    // and ids compared byte by byte: the order the embedded store lists them in, and cheaper
+    // than a locale's rules.
+    r#"
+    ALTER TABLE ordo_messages
+        ALTER COLUMN body TYPE bytea USING convert_to(body, 'UTF8'),
+        ALTER COLUMN conv TYPE text COLLATE "C",
+        ALTER COLUMN from_user TYPE text COLLATE "C",
+        ALTER COLUMN device TYPE text COLLATE "C",
+        ALTER COLUMN cmid TYPE text COLLATE "C";
+    ALTER TABLE ordo_dedup
+        ALTER COLUMN user_id TYPE text COLLATE "C",
+        ALTER COLUMN cmid TYPE text COLLATE "C",
+        ALTER COLUMN conv TYPE text COLLATE "C";
+    ALTER TABLE ordo_convs ALTER COLUMN id TYPE text COLLATE "C";
+    ALTER TABLE ordo_members
+        ALTER COLUMN user_id TYPE text COLLATE "C",
+        ALTER COLUMN conv TYPE text COLLATE "C";
+    ALTER TABLE ordo_cursors
+        ALTER COLUMN conv TYPE text COLLATE "C",
+        ALTER COLUMN user_id TYPE text COLLATE "C",
+        ALTER COLUMN device TYPE text COLLATE "C";
+    ALTER TABLE ordo_writers ALTER COLUMN id TYPE text COLLATE "C";
+    "#,
 ];
 
 /// The schema version this binary writes.

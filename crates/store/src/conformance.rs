@@ -84,6 +84,7 @@ macro_rules! conformance_tests {
             conversations_load_one_at_a_time_and_by_member,
             age_retention_sweeps_every_conversation_in_slices,
             groups_are_listed_in_pages_without_direct_or_deleted_ones,
+            any_body_is_kept_as_sent,
         );
     };
     (@each $backend:ty; $($property:ident),+ $(,)?) => {
@@ -283,6 +284,29 @@ fn dedup_entries(store: &dyn Store) -> Vec<DedupEntryView> {
         .into_values()
         .map(|d| (d.user, d.cmid, d.conv, d.seq, d.ts))
         .collect()
+}
+
+/// A body is kept as sent, whatever characters it holds: NUL (which the protocol allows, and
+/// a database's text type may not), control characters, any script and emoji.
+pub fn any_body_is_kept_as_sent<B: Backend>() {
+    let mut b = B::open();
+    let bodies = [
+        "nul\u{0}inside",
+        "\u{0}",
+        "tab\tnew\nline\r",
+        "日本語 🙂 \u{7f}",
+        "",
+    ];
+    let mut batch = created(1, "g", bodies.len() as u64, 10);
+    for (m, body) in batch.messages.iter_mut().zip(bodies) {
+        Arc::make_mut(m).body = body.to_string();
+    }
+    commit(b.store(), batch);
+    now_and_after_reopen(&mut b, |s| {
+        let got = page(s, "g", 1, u64::MAX, u32::MAX, usize::MAX);
+        let got: Vec<&str> = got.messages.iter().map(|m| m.body.as_str()).collect();
+        assert_eq!(got, bodies);
+    });
 }
 
 /// A committed batch is read back, across a reopen: its conversation record, its messages whole

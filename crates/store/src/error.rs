@@ -37,11 +37,12 @@ pub enum StoreError {
     /// why and what brings it back. Trying again, or restarting, may work.
     #[error("the store is unavailable: {0}")]
     Unavailable(String),
-    /// The store's server cannot be reached now (the connection broke, or cannot be opened),
-    /// and nothing of what was asked took effect: for a commit, the backend made sure of that,
-    /// reading back the outcome of a commit whose answer was lost. Asking again, once the
-    /// store is back, may work; the server retries commits and reads, and refuses new sends
-    /// meanwhile. The message says what failed.
+    /// The store's server cannot be reached now (the connection broke, or cannot be opened).
+    /// Nothing of what was asked took effect, or, for a commit whose answer was lost, whether it
+    /// did is not known yet: given the same batch again, the backend reads that back first and
+    /// applies the batch exactly once. Asking again, once the store is back, may work; the
+    /// server retries commits and reads, and refuses new sends meanwhile. The message says
+    /// what failed (and may name the store's address: it is for the operator, not clients).
     #[error("the store cannot be reached: {0}; the server retries until it is back")]
     Unreachable(String),
     /// The storage engine (or its client library) reported an error that none of the other

@@ -137,10 +137,11 @@ pub trait Store: Send + Sync + 'static {
     /// Makes the whole batch durable, or nothing of it. Returns only once it is durable. Called
     /// by one thread, one batch at a time, in order.
     ///
-    /// [`StoreError::Unreachable`] promises that nothing of the batch took effect (a backend
-    /// whose connection broke during its commit reads the outcome back before it says so, or
-    /// says so only once it has); the caller gives the same batch again, and no other, until
-    /// it gets another answer. Any other error stops the server.
+    /// [`StoreError::Unreachable`] means the batch did not take effect, or that whether it did
+    /// is not known yet (the connection broke during its commit); the caller gives the same
+    /// batch again, and no other, until it gets another answer, and the backend then applies
+    /// it exactly once (it reads back what the lost commit did before anything else). Any
+    /// other error stops the server.
     fn commit(&self, batch: std::sync::Arc<Batch>) -> Result<CommitOutcome, StoreError>;
 
     /// Reads messages of `conv` with seq in `from..=to`, at most `limit` of them, and stops

@@ -6,7 +6,7 @@
 //!
 //! With standbys, commits wait for any one of them (`synchronous_standby_names = 'ANY 1 (...)'`,
 //! `synchronous_commit = on`): an acknowledged commit is on two machines. [`PgCluster::fail_primary`]
-//! SIGKILLs the primary's whole process group, promotes the standby that received the most
+//! SIGKILLs every process of the primary at once, promotes the standby that received the most
 //! WAL (it holds every commit that was acknowledged: each is on at least one standby), points
 //! the other standbys at it, and rebuilds the dead node as a new standby from a fresh base
 //! backup. Without standbys it restarts the primary in place (crash recovery). Clients find
@@ -100,7 +100,7 @@ impl PgCluster {
         c.own(c.root.path())?;
         let names: Vec<String> = (0..=standbys).map(|i| format!("n{i}")).collect();
         for name in &names {
-            let port = crate::process::free_port()?;
+            let port = free_port_below_ephemeral()?;
             let dir = c.root.path().join(name);
             c.nodes.push(Node {
                 name: name.clone(),
@@ -187,6 +187,7 @@ impl PgCluster {
              max_wal_senders = 10\n\
              wal_keep_size = '256MB'\n\
              hot_standby = on\n\
+             wal_retrieve_retry_interval = '100ms'\n\
              synchronous_commit = on\n\
              synchronous_standby_names = '{sync}'\n\
              shared_buffers = '32MB'\n\
@@ -321,13 +322,29 @@ impl PgCluster {
         }
     }
 
+    /// SIGKILLs the node's postmaster and every process it started (each of which runs in a
+    /// session of its own, so not in the postmaster's group), and waits until all are gone.
     fn kill(&mut self, i: usize) {
-        if let Some(mut c) = self.nodes[i].child.take() {
-            // SAFETY: kill has no memory-safety preconditions; the group is the node's own.
+        let Some(mut c) = self.nodes[i].child.take() else {
+            return;
+        };
+        let postmaster = c.id() as i32;
+        let mut pids = children_of(postmaster);
+        pids.push(postmaster);
+        for pid in &pids {
+            // SAFETY: kill has no memory-safety preconditions; these are the node's processes.
             unsafe {
-                libc::kill(-(c.id() as i32), libc::SIGKILL);
+                libc::kill(*pid, libc::SIGKILL);
             }
-            let _ = c.wait();
+        }
+        let _ = c.wait();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while pids
+            .iter()
+            .any(|p| Path::new(&format!("/proc/{p}")).exists())
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 
@@ -358,7 +375,13 @@ impl PgCluster {
             }
         }
         let (next, _) = best.ok_or_else(|| HarnessError::Start("no standby to promote".into()))?;
-        self.sql(next, "SELECT pg_promote(true, 60)")?;
+        let promoted = self.sql(next, "SELECT pg_promote(true, 60)")?;
+        if !promoted.first().is_some_and(|r| r.get::<_, bool>(0)) {
+            return Err(HarnessError::Start(format!(
+                "postgres {} was not promoted within 60 s",
+                self.nodes[next].name
+            )));
+        }
         self.primary = next;
         let others = self.nodes.len() - 2;
         for i in (0..self.nodes.len()).filter(|&i| i != next && i != dead) {
@@ -395,6 +418,40 @@ impl Drop for PgCluster {
             self.kill(i);
         }
     }
+}
+
+/// The processes whose parent is `pid` (from `/proc`).
+fn children_of(pid: i32) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|p| {
+            // The parent is the second field after the command, which is in parentheses.
+            std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .ok()
+                .and_then(|s| {
+                    let after = &s[s.rfind(')')? + 1..];
+                    after.split_whitespace().nth(1)?.parse::<i32>().ok()
+                })
+                == Some(pid)
+        })
+        .collect()
+}
+
+/// A free port below the system's range for outgoing connections, so that no client socket
+/// takes it while its node is down.
+fn free_port_below_ephemeral() -> Result<u16, HarnessError> {
+    for _ in 0..200 {
+        let port = 20_000 + (rand::random::<u16>() % 12_000);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err(HarnessError::Start(
+        "no free port for PostgreSQL in 20000..32000".into(),
+    ))
 }
 
 fn append(path: &Path, text: &str) -> Result<(), HarnessError> {

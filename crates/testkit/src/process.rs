@@ -273,7 +273,7 @@ fn http_status(port: u16, path: &str, bearer: Option<&str>) -> Option<u16> {
     std::str::from_utf8(head.get(9..12)?).ok()?.parse().ok()
 }
 
-pub(crate) fn free_port() -> Result<u16, HarnessError> {
+fn free_port() -> Result<u16, HarnessError> {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
