@@ -751,6 +751,9 @@ impl Router {
         match result {
             Ok(outcome) => {
                 let actions = self.core.commit_done(id, outcome);
+                // The next batch goes to the store before this one's answers and pushes go
+                // out: the commit thread works while the router sends them.
+                self.start_commit();
                 self.dispatch(actions);
             }
             Err(e) => {

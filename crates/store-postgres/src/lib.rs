@@ -22,6 +22,7 @@
 //! so this backend uses the synchronous `postgres` client over a small pool of its own
 //! ([`Pool`]).
 
+mod pool;
 pub mod schema;
 pub mod test_schema;
 
@@ -31,211 +32,21 @@ use ordo_core::{
 };
 use ordo_protocol::{ConvEvent, ConvKind, Message};
 use ordo_store::{DedupScan, Page, PageFill, ScanFrom, Store, StoreError};
+pub use pool::{redact, Conn, Pool, Prepared, POOL_SIZE};
 use postgres::error::SqlState;
-use postgres::{Client, NoTls, Row, Transaction};
+use postgres::{Client, Row, Transaction};
 use std::collections::HashMap;
-use std::sync::{Condvar, Mutex};
-use std::time::Duration;
+use std::sync::Mutex;
 
-/// Connections the pool opens at most; a caller waits for one past it.
-pub const POOL_SIZE: usize = 8;
-/// How long a caller waits for a connection of the pool.
-const POOL_WAIT: Duration = Duration::from_secs(30);
 /// Conversation ids read at once for an overview or a list of groups.
 const ID_CHUNK: i64 = 256;
 const GROUP_CHUNK: i64 = 16;
 /// Dedup entries a commit deletes at least, beyond twice its own messages.
 const EXPIRE_STEP: usize = 1000;
 
-/// How long opening a connection may take, unless the URL says (`connect_timeout`).
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// A connection whose peer stops answering is found dead within about this long (TCP
-/// keepalives, and unacknowledged data), rather than after the system's two hours.
-const DEAD_PEER: Duration = Duration::from_secs(20);
 /// How long reading back the outcome of a commit waits for a lock held by that commit's own
 /// transaction, if the database has not noticed its connection is gone yet.
 const READ_BACK_LOCK_WAIT: &str = "5s";
-
-/// A few connections to one database, opened on demand, at most [`POOL_SIZE`].
-pub struct Pool {
-    url: String,
-    config: postgres::Config,
-    idle: Mutex<(Vec<Client>, usize)>,
-    freed: Condvar,
-}
-
-/// A connection taken from the [`Pool`]; given back when dropped (unless it broke, or was
-/// [discarded](Conn::discard)).
-pub struct Conn<'a> {
-    pool: &'a Pool,
-    client: Option<Client>,
-    discard: bool,
-}
-
-impl Conn<'_> {
-    /// Closes the connection when it is dropped instead of giving it back: after an error that
-    /// says the server behind it can no longer serve (it shuts down, or is a standby now).
-    pub fn discard(&mut self) {
-        self.discard = true;
-    }
-}
-
-impl std::ops::Deref for Conn<'_> {
-    type Target = Client;
-    fn deref(&self) -> &Client {
-        self.client.as_ref().expect("present until dropped")
-    }
-}
-
-impl std::ops::DerefMut for Conn<'_> {
-    fn deref_mut(&mut self) -> &mut Client {
-        self.client.as_mut().expect("present until dropped")
-    }
-}
-
-impl Drop for Conn<'_> {
-    fn drop(&mut self) {
-        let mut idle = self.pool.idle.lock().unwrap_or_else(|p| p.into_inner());
-        match self.client.take() {
-            Some(c) if !c.is_closed() && !self.discard => idle.0.push(c),
-            // A broken connection is not kept: the next caller opens a new one. What broke it
-            // (the database restarted, or failed over) most likely broke the idle ones too,
-            // which would not know until used: they go as well.
-            _ => {
-                idle.1 -= 1 + idle.0.len();
-                idle.0.clear();
-                self.pool.freed.notify_all();
-            }
-        }
-        self.pool.freed.notify_one();
-    }
-}
-
-impl Pool {
-    /// A pool for the database at `url` (a `postgres://` URL or a key=value string; several
-    /// hosts and `target_session_attrs=read-write` pick the primary of a replicated cluster).
-    /// Connections time out opening after 5 s unless the URL says otherwise, and a peer that
-    /// stops answering is found dead in about 20 s.
-    pub fn new(url: &str) -> Result<Pool, StoreError> {
-        let mut config: postgres::Config = url.parse().map_err(|e| StoreError::Open {
-            path: redact(url),
-            source: format!("not a PostgreSQL connection string: {e}").into(),
-        })?;
-        if config.get_connect_timeout().is_none() {
-            config.connect_timeout(CONNECT_TIMEOUT);
-        }
-        // The database server gives up on a connection whose client is gone (a transaction
-        // left open would hold this writer's row for hours: the read-back waits for it).
-        let server_side = "-c idle_in_transaction_session_timeout=60s -c tcp_keepalives_idle=10 -c tcp_keepalives_interval=2 -c tcp_keepalives_count=5";
-        let options = match config.get_options() {
-            Some(o) => format!("{o} {server_side}"),
-            None => server_side.to_string(),
-        };
-        config.options(&options);
-        config
-            .keepalives(true)
-            .keepalives_idle(DEAD_PEER / 2)
-            .keepalives_interval(Duration::from_secs(2))
-            .keepalives_retries(5)
-            .tcp_user_timeout(DEAD_PEER);
-        Ok(Pool {
-            url: url.to_string(),
-            config,
-            idle: Mutex::new((Vec::new(), 0)),
-            freed: Condvar::new(),
-        })
-    }
-
-    /// An idle connection, a new one while fewer than [`POOL_SIZE`] are open, or the next one
-    /// given back.
-    pub fn get(&self) -> Result<Conn<'_>, StoreError> {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        loop {
-            if let Some(c) = idle.0.pop() {
-                return Ok(Conn {
-                    pool: self,
-                    client: Some(c),
-                    discard: false,
-                });
-            }
-            if idle.1 < POOL_SIZE {
-                idle.1 += 1;
-                drop(idle);
-                return match self.config.connect(NoTls) {
-                    Ok(c) => Ok(Conn {
-                        pool: self,
-                        client: Some(c),
-                        discard: false,
-                    }),
-                    Err(e) => {
-                        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-                        idle.1 -= 1;
-                        // A waiter may open one now.
-                        self.freed.notify_one();
-                        Err(StoreError::Unreachable(format!(
-                            "cannot connect to PostgreSQL at {}: {e}",
-                            redact(&self.url)
-                        )))
-                    }
-                };
-            }
-            let (next, waited) = self
-                .freed
-                .wait_timeout(idle, POOL_WAIT)
-                .unwrap_or_else(|p| p.into_inner());
-            idle = next;
-            if waited.timed_out() && idle.0.is_empty() && idle.1 >= POOL_SIZE {
-                // Nothing took effect; the caller tries again later.
-                return Err(StoreError::Unreachable(format!(
-                    "no PostgreSQL connection free within {} s",
-                    POOL_WAIT.as_secs()
-                )));
-            }
-        }
-    }
-}
-
-/// The connection string without its password (in a URL's user part, or a `password=`
-/// setting of a key=value string or a URL's query), for messages.
-pub fn redact(url: &str) -> String {
-    let mut out = match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => {
-            let userinfo = &url[s + 3..at];
-            match userinfo.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
-                None => url.to_string(),
-            }
-        }
-        _ => url.to_string(),
-    };
-    let mut from = 0;
-    while let Some(found) = out[from..].find("password=") {
-        let start = from + found + "password=".len();
-        let rest = &out[start..];
-        let len = match rest.strip_prefix('\'') {
-            // A quoted value: up to the closing quote not escaped by a backslash.
-            Some(quoted) => {
-                let mut end = quoted.len();
-                let mut escaped = false;
-                for (i, c) in quoted.char_indices() {
-                    match c {
-                        '\\' if !escaped => escaped = true,
-                        '\'' if !escaped => {
-                            end = i + 1;
-                            break;
-                        }
-                        _ => escaped = false,
-                    }
-                }
-                (end + 1).min(rest.len())
-            }
-            None => rest.find([' ', '&']).unwrap_or(rest.len()),
-        };
-        out.replace_range(start..start + len, "***");
-        from = start + 3;
-    }
-    out
-}
 
 /// The PostgreSQL store.
 pub struct PgStore {
@@ -330,6 +141,17 @@ impl PgStore {
             )
             .map_err(db("reading the store's state"))?
             .map_or(0, |r| r.get(0));
+        // The row exists, committed, before any batch moves it: a read-back waits for a
+        // commit in flight that updates a row, not for one that would insert it. It starts
+        // with the newest acceptance time of every writer, so that forgetting old writers
+        // below never loses it.
+        let writer = format!("{:016x}", rand::random::<u64>());
+        c.execute(
+            "INSERT INTO ordo_writers (id, batch, updated, last_ts)
+             SELECT $1, 0, now(), COALESCE(MAX(last_ts), 0) FROM ordo_writers",
+            &[&writer],
+        )
+        .map_err(db("registering this writer"))?;
         // Rows of writers long gone: a writer's row matters only while its last commit's
         // outcome may still be asked about. (A live writer idle that long makes its row again.)
         c.execute(
@@ -337,14 +159,6 @@ impl PgStore {
             &[],
         )
         .map_err(db("forgetting old writers"))?;
-        // The row exists, committed, before any batch moves it: a read-back waits for a
-        // commit in flight that updates a row, not for one that would insert it.
-        let writer = format!("{:016x}", rand::random::<u64>());
-        c.execute(
-            "INSERT INTO ordo_writers (id, batch, updated) VALUES ($1, 0, now())",
-            &[&writer],
-        )
-        .map_err(db("registering this writer"))?;
         drop(c);
         Ok(PgStore {
             pool,
@@ -435,20 +249,26 @@ impl PgStore {
     fn apply(
         &self,
         tx: &mut Transaction<'_>,
+        st: &mut Prepared,
         b: &Batch,
         attempt: u64,
     ) -> Result<CommitOutcome, StoreError> {
-        let marked = tx
-            .execute(
-                "UPDATE ordo_writers SET batch = $2, updated = now() WHERE id = $1",
-                &[&self.writer, &i(attempt)],
-            )
-            .map_err(db("marking the batch"))?;
+        let newest = i(b.messages.iter().map(|m| m.ts).max().unwrap_or(0));
+        let marked = run(
+            tx,
+            st,
+            "UPDATE ordo_writers SET batch = $2, updated = now(), last_ts = GREATEST(last_ts, $3)
+             WHERE id = $1",
+            &[&self.writer, &i(attempt), &newest],
+        )
+        .map_err(db("marking the batch"))?;
         if marked == 0 {
             // Forgotten as long gone after a very long pause: made again.
-            tx.execute(
-                "INSERT INTO ordo_writers (id, batch, updated) VALUES ($1, $2, now())",
-                &[&self.writer, &i(attempt)],
+            run(
+                tx,
+                st,
+                "INSERT INTO ordo_writers (id, batch, updated, last_ts) VALUES ($1, $2, now(), $3)",
+                &[&self.writer, &i(attempt), &newest],
             )
             .map_err(db("marking the batch"))?;
         }
@@ -461,7 +281,9 @@ impl PgStore {
                 ConvKind::Direct => "direct",
                 ConvKind::Group => "group",
             };
-            tx.execute(
+            run(
+                tx,
+                st,
                 "INSERT INTO ordo_convs (id, kind, max_seq, first_seq, deleted, record)
                  VALUES ($1, $2, $3, $4, $5, $6)
                  ON CONFLICT (id) DO UPDATE SET kind = EXCLUDED.kind,
@@ -479,12 +301,16 @@ impl PgStore {
             )
             .map_err(db("writing a conversation"))?;
             let members: Vec<&str> = rec.members.iter().map(String::as_str).collect();
-            tx.execute(
+            run(
+                tx,
+                st,
                 "DELETE FROM ordo_members WHERE conv = $1 AND NOT (user_id = ANY($2))",
                 &[&rec.id, &members],
             )
             .map_err(db("writing members"))?;
-            tx.execute(
+            run(
+                tx,
+                st,
                 "INSERT INTO ordo_members (user_id, conv) SELECT u, $1 FROM UNNEST($2::text[]) AS u
                  ON CONFLICT DO NOTHING",
                 &[&rec.id, &members],
@@ -495,7 +321,9 @@ impl PgStore {
             let ids: Vec<&str> = b.positions.iter().map(|p| p.id.as_str()).collect();
             let max: Vec<i64> = b.positions.iter().map(|p| i(p.max_seq)).collect();
             let first: Vec<i64> = b.positions.iter().map(|p| i(p.first_seq)).collect();
-            tx.execute(
+            run(
+                tx,
+                st,
                 "UPDATE ordo_convs AS c SET max_seq = GREATEST(c.max_seq, p.max_seq),
                    first_seq = GREATEST(c.first_seq, p.first_seq)
                  FROM UNNEST($1::text[], $2::int8[], $3::int8[]) AS p(id, max_seq, first_seq)
@@ -505,24 +333,28 @@ impl PgStore {
             .map_err(db("moving seq ranges"))?;
         }
         if !b.messages.is_empty() {
-            insert_messages(tx, &b.messages)?;
+            insert_messages(tx, st, &b.messages)?;
         }
         for (user, cmid) in &b.dedup_delete {
-            tx.execute(
+            run(
+                tx,
+                st,
                 "DELETE FROM ordo_dedup WHERE user_id = $1 AND cmid = $2",
                 &[user, cmid],
             )
             .map_err(db("forgetting a dedup entry"))?;
         }
-        self.expire_dedup(tx, b)?;
-        put_dedup(tx, b)?;
+        self.expire_dedup(tx, st, b)?;
+        put_dedup(tx, st, b)?;
         if !b.cursors.is_empty() {
             let conv: Vec<&str> = b.cursors.iter().map(|c| c.conv.as_str()).collect();
             let user: Vec<&str> = b.cursors.iter().map(|c| c.user.as_str()).collect();
             let device: Vec<&str> = b.cursors.iter().map(|c| c.device.as_str()).collect();
             let delivered: Vec<i64> = b.cursors.iter().map(|c| i(c.delivered)).collect();
             let read: Vec<i64> = b.cursors.iter().map(|c| i(c.read)).collect();
-            tx.execute(
+            run(
+                tx,
+                st,
                 "INSERT INTO ordo_cursors (conv, user_id, device, delivered, read)
                  SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int8[], $5::int8[])
                  ON CONFLICT (conv, user_id, device) DO UPDATE
@@ -531,13 +363,17 @@ impl PgStore {
             )
             .map_err(db("writing device positions"))?;
         }
+        // Trimmed messages take their dedup entries with them: those still in the window are
+        // kept on their own first.
+        let cutoff = {
+            let before = *self.forget_before.lock().unwrap_or_else(|p| p.into_inner());
+            i(before.max(b.dedup_forget_before_ms.unwrap_or(0)))
+        };
         for (conv, below) in &b.trim_below {
-            tx.execute(
-                "DELETE FROM ordo_messages WHERE conv = $1 AND seq < $2",
-                &[conv, &i(*below)],
-            )
-            .map_err(db("trimming a conversation"))?;
-            tx.execute(
+            trim(tx, st, conv, i(*below), 0, cutoff)?;
+            run(
+                tx,
+                st,
                 "UPDATE ordo_convs SET first_seq = GREATEST(first_seq, $2) WHERE id = $1",
                 &[conv, &i(*below)],
             )
@@ -545,11 +381,7 @@ impl PgStore {
         }
         let mut first_seqs = Vec::new();
         for (conv, before) in &b.trim_before_ms {
-            tx.execute(
-                "DELETE FROM ordo_messages WHERE conv = $1 AND ts < $2",
-                &[conv, &i(*before)],
-            )
-            .map_err(db("trimming a conversation by age"))?;
+            trim(tx, st, conv, 0, i(*before), cutoff)?;
             let first: i64 = tx
                 .query_one(
                     "SELECT COALESCE((SELECT MIN(seq) FROM ordo_messages WHERE conv = $1),
@@ -558,7 +390,9 @@ impl PgStore {
                 )
                 .map_err(db("trimming a conversation by age"))?
                 .get(0);
-            tx.execute(
+            run(
+                tx,
+                st,
                 "UPDATE ordo_convs SET first_seq = GREATEST(first_seq, $2) WHERE id = $1",
                 &[conv, &first],
             )
@@ -570,11 +404,15 @@ impl PgStore {
 
     /// One bounded step of dedup expiry (see the crate's docs). The store's own cutoff is
     /// moved (by the caller) only once the transaction committed.
-    fn expire_dedup(&self, tx: &mut Transaction<'_>, b: &Batch) -> Result<(), StoreError> {
+    fn expire_dedup(
+        &self,
+        tx: &mut Transaction<'_>,
+        st: &mut Prepared,
+        b: &Batch,
+    ) -> Result<(), StoreError> {
         let mut before = *self.forget_before.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(new) = b.dedup_forget_before_ms.filter(|n| *n > before) {
-            tx.execute(
-                "INSERT INTO ordo_state (key, value) VALUES ('dedup_forget_before', $1)
+            run(tx, st, "INSERT INTO ordo_state (key, value) VALUES ('dedup_forget_before', $1)
                  ON CONFLICT (key) DO UPDATE SET value = GREATEST(ordo_state.value, EXCLUDED.value)",
                 &[&i(new)],
             )
@@ -585,7 +423,9 @@ impl PgStore {
             return Ok(());
         }
         let step = i((b.messages.len() * 2 + EXPIRE_STEP) as u64);
-        tx.execute(
+        run(
+            tx,
+            st,
             "DELETE FROM ordo_dedup WHERE (user_id, cmid) IN
                (SELECT user_id, cmid FROM ordo_dedup WHERE ts < $1 ORDER BY ts LIMIT $2)",
             &[&i(before), &step],
@@ -599,6 +439,198 @@ impl PgStore {
         let mut before = self.forget_before.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(new) = b.dedup_forget_before_ms {
             *before = (*before).max(new);
+        }
+    }
+}
+
+/// Deletes the messages of `conv` with seq below `below_seq` or accepted before `before_ms`,
+/// keeping the dedup entries of those accepted at or after `cutoff` (still in the window) on
+/// their own.
+fn trim(
+    tx: &mut Transaction<'_>,
+    st: &mut Prepared,
+    conv: &str,
+    below_seq: i64,
+    before_ms: i64,
+    cutoff: i64,
+) -> Result<(), StoreError> {
+    run(
+        tx,
+        st,
+        "INSERT INTO ordo_dedup (user_id, cmid, conv, seq, ts)
+         SELECT DISTINCT ON (from_user, cmid) from_user, cmid, conv, seq, ts
+         FROM ordo_messages WHERE conv = $1 AND (seq < $2 OR ts < $3) AND ts >= $4
+         ORDER BY from_user, cmid, ts DESC
+         ON CONFLICT (user_id, cmid) DO UPDATE
+           SET conv = EXCLUDED.conv, seq = EXCLUDED.seq, ts = EXCLUDED.ts
+           WHERE ordo_dedup.ts <= EXCLUDED.ts",
+        &[&conv, &below_seq, &before_ms, &cutoff],
+    )
+    .map_err(db("keeping the dedup entries of trimmed messages"))?;
+    run(
+        tx,
+        st,
+        "DELETE FROM ordo_messages WHERE conv = $1 AND (seq < $2 OR ts < $3)",
+        &[&conv, &below_seq, &before_ms],
+    )
+    .map_err(db("trimming a conversation"))?;
+    Ok(())
+}
+
+/// Runs `sql`, prepared once per connection, in the transaction.
+fn run(
+    tx: &mut Transaction<'_>,
+    st: &mut Prepared,
+    sql: &'static str,
+    params: &[&(dyn postgres::types::ToSql + Sync)],
+) -> Result<u64, postgres::Error> {
+    let statement = st.get(tx, sql)?;
+    tx.execute(&statement, params)
+}
+
+/// How a commit failed.
+enum Failed {
+    /// The connection broke while the commit was on its way or being made: whether it took
+    /// effect is not known (it is read back).
+    Unknown(postgres::Error),
+    /// It did not take effect.
+    Store(StoreError),
+}
+
+impl PgStore {
+    /// Whether the batch holds only what the one-statement commit writes: messages, seq
+    /// ranges, device positions and a step of dedup expiry (the common batch); conversation
+    /// records, trims and dedup changes of their own take the transaction.
+    fn fits_one_statement(&self, b: &Batch) -> bool {
+        let before = *self.forget_before.lock().unwrap_or_else(|p| p.into_inner());
+        b.convs.is_empty()
+            && b.trim_below.is_empty()
+            && b.trim_before_ms.is_empty()
+            && b.dedup_put.is_empty()
+            && b.dedup_delete.is_empty()
+            && b.dedup_forget_before_ms.is_none_or(|n| n <= before)
+    }
+
+    /// Commits a common batch as one statement (data-modifying parts of one `WITH`, run in
+    /// autocommit): one round trip to the database, where the transaction takes one for each
+    /// statement, and its begin and commit.
+    fn commit_in_one(
+        &self,
+        c: &mut Client,
+        st: &mut Prepared,
+        b: &Batch,
+        attempt: u64,
+    ) -> Result<CommitOutcome, Failed> {
+        let msgs = &b.messages;
+        let newest = i(msgs.iter().map(|m| m.ts).max().unwrap_or(0));
+        let attempt_no = i(attempt);
+        let m = MessageColumns::of(msgs);
+        let pos_id: Vec<&str> = b.positions.iter().map(|p| p.id.as_str()).collect();
+        let pos_max: Vec<i64> = b.positions.iter().map(|p| i(p.max_seq)).collect();
+        let pos_first: Vec<i64> = b.positions.iter().map(|p| i(p.first_seq)).collect();
+        let cur_conv: Vec<&str> = b.cursors.iter().map(|c| c.conv.as_str()).collect();
+        let cur_user: Vec<&str> = b.cursors.iter().map(|c| c.user.as_str()).collect();
+        let cur_device: Vec<&str> = b.cursors.iter().map(|c| c.device.as_str()).collect();
+        let delivered: Vec<i64> = b.cursors.iter().map(|c| i(c.delivered)).collect();
+        let read: Vec<i64> = b.cursors.iter().map(|c| i(c.read)).collect();
+        let before = i(*self.forget_before.lock().unwrap_or_else(|p| p.into_inner()));
+        let step = i((msgs.len() * 2 + EXPIRE_STEP) as u64);
+        let statement = st
+            .get(
+                c,
+                "WITH
+                   w AS (UPDATE ordo_writers
+                           SET batch = $2, updated = now(), last_ts = GREATEST(last_ts, $3)
+                         WHERE id = $1 RETURNING 1),
+                   m AS (INSERT INTO ordo_messages
+                           (conv, seq, from_user, device, cmid, body, reply_to, ts, event)
+                         SELECT * FROM UNNEST($4::text[], $5::int8[], $6::text[], $7::text[],
+                           $8::text[], $9::bytea[], $10::int8[], $11::int8[], $12::text[])
+                         RETURNING 1),
+                   p AS (UPDATE ordo_convs AS c SET max_seq = GREATEST(c.max_seq, p.max_seq),
+                           first_seq = GREATEST(c.first_seq, p.first_seq)
+                         FROM UNNEST($13::text[], $14::int8[], $15::int8[])
+                           AS p(id, max_seq, first_seq)
+                         WHERE c.id = p.id RETURNING 1),
+                   k AS (INSERT INTO ordo_cursors (conv, user_id, device, delivered, read)
+                         SELECT * FROM UNNEST($16::text[], $17::text[], $18::text[],
+                           $19::int8[], $20::int8[])
+                         ON CONFLICT (conv, user_id, device) DO UPDATE
+                           SET delivered = EXCLUDED.delivered, read = EXCLUDED.read
+                         RETURNING 1),
+                   e AS (DELETE FROM ordo_dedup WHERE (user_id, cmid) IN
+                           (SELECT user_id, cmid FROM ordo_dedup WHERE ts < $21::int8
+                            ORDER BY ts LIMIT $22::int8)
+                         RETURNING 1)
+                 SELECT (SELECT count(*) FROM w)",
+            )
+            .map_err(|e| self.failed(e, "preparing the commit"))?;
+        let marked: i64 = c
+            .query_one(
+                &statement,
+                &[
+                    &[&self.writer as Param, &attempt_no, &newest][..],
+                    &m.params(),
+                    &[
+                        &pos_id,
+                        &pos_max,
+                        &pos_first,
+                        &cur_conv,
+                        &cur_user,
+                        &cur_device,
+                        &delivered,
+                        &read,
+                        &before,
+                        &step,
+                    ],
+                ]
+                .concat(),
+            )
+            .map_err(|e| self.failed(e, "committing a batch"))?
+            .get(0);
+        if marked == 0 {
+            // This writer's row was forgotten as long gone after a very long pause: made
+            // again, at this attempt (committed; only this attempt could be asked about).
+            c.execute(
+                "INSERT INTO ordo_writers (id, batch, updated, last_ts) VALUES ($1, $2, now(), $3)",
+                &[&self.writer, &i(attempt), &newest],
+            )
+            .map_err(|e| Failed::Store(db("marking the batch")(e)))?;
+        }
+        Ok(CommitOutcome::default())
+    }
+
+    /// A failure of the one-statement commit: a broken connection leaves its outcome unknown,
+    /// a seq stored twice is a conflict, anything else an error of the store.
+    fn failed(&self, e: postgres::Error, what: &str) -> Failed {
+        if unreachable(&e) {
+            Failed::Unknown(e)
+        } else if e.code() == Some(&SqlState::UNIQUE_VIOLATION) {
+            Failed::Store(StoreError::Conflict {
+                conv: String::new(),
+                seq: 0,
+            })
+        } else {
+            Failed::Store(db(what)(e))
+        }
+    }
+
+    /// Commits any batch in a transaction of its own.
+    fn commit_in_transaction(
+        &self,
+        c: &mut Client,
+        st: &mut Prepared,
+        b: &Batch,
+        attempt: u64,
+    ) -> Result<CommitOutcome, Failed> {
+        let mut tx = c
+            .transaction()
+            .map_err(|e| Failed::Store(db("starting a commit")(e)))?;
+        let outcome = self.apply(&mut tx, st, b, attempt).map_err(Failed::Store)?;
+        match tx.commit() {
+            Ok(()) => Ok(outcome),
+            Err(e) if unreachable(&e) => Err(Failed::Unknown(e)),
+            Err(e) => Err(Failed::Store(db("committing a batch")(e))),
         }
     }
 }
@@ -622,29 +654,70 @@ fn record_of(id: &str, row: &Row) -> Result<ConvRecord, StoreError> {
     Ok(rec)
 }
 
+/// Messages as the columns of `ordo_messages`, one array each, for `UNNEST`.
+struct MessageColumns<'a> {
+    conv: Vec<&'a str>,
+    seq: Vec<i64>,
+    from: Vec<&'a str>,
+    device: Vec<&'a str>,
+    cmid: Vec<&'a str>,
+    body: Vec<&'a [u8]>,
+    reply_to: Vec<Option<i64>>,
+    ts: Vec<i64>,
+    event: Vec<Option<String>>,
+}
+
+/// A statement parameter.
+type Param<'a> = &'a (dyn postgres::types::ToSql + Sync);
+
+impl<'a> MessageColumns<'a> {
+    /// The columns as nine statement parameters, in the table's order.
+    fn params(&self) -> [Param<'_>; 9] {
+        [
+            &self.conv,
+            &self.seq,
+            &self.from,
+            &self.device,
+            &self.cmid,
+            &self.body,
+            &self.reply_to,
+            &self.ts,
+            &self.event,
+        ]
+    }
+
+    fn of(msgs: &'a [std::sync::Arc<StoredMessage>]) -> Self {
+        MessageColumns {
+            conv: msgs.iter().map(|m| m.conv.as_str()).collect(),
+            seq: msgs.iter().map(|m| i(m.seq)).collect(),
+            from: msgs.iter().map(|m| m.from.as_str()).collect(),
+            device: msgs.iter().map(|m| m.device.as_str()).collect(),
+            cmid: msgs.iter().map(|m| m.cmid.as_str()).collect(),
+            body: msgs.iter().map(|m| m.body.as_bytes()).collect(),
+            reply_to: msgs.iter().map(|m| m.reply_to.map(i)).collect(),
+            ts: msgs.iter().map(|m| i(m.ts)).collect(),
+            // An event that does not encode cannot happen (plain data); stored as none.
+            event: msgs
+                .iter()
+                .map(|m| m.event.as_ref().and_then(|e| serde_json::to_string(e).ok()))
+                .collect(),
+        }
+    }
+}
+
 fn insert_messages(
     tx: &mut Transaction<'_>,
+    st: &mut Prepared,
     msgs: &[std::sync::Arc<StoredMessage>],
 ) -> Result<(), StoreError> {
-    let conv: Vec<&str> = msgs.iter().map(|m| m.conv.as_str()).collect();
-    let seq: Vec<i64> = msgs.iter().map(|m| i(m.seq)).collect();
-    let from: Vec<&str> = msgs.iter().map(|m| m.from.as_str()).collect();
-    let device: Vec<&str> = msgs.iter().map(|m| m.device.as_str()).collect();
-    let cmid: Vec<&str> = msgs.iter().map(|m| m.cmid.as_str()).collect();
-    let body: Vec<&[u8]> = msgs.iter().map(|m| m.body.as_bytes()).collect();
-    let reply_to: Vec<Option<i64>> = msgs.iter().map(|m| m.reply_to.map(i)).collect();
-    let ts: Vec<i64> = msgs.iter().map(|m| i(m.ts)).collect();
-    let event: Vec<Option<String>> = msgs
-        .iter()
-        .map(|m| m.event.as_ref().and_then(|e| serde_json::to_string(e).ok()))
-        .collect();
-    let inserted = tx.execute(
+    let m = MessageColumns::of(msgs);
+    let inserted = run(
+        tx,
+        st,
         "INSERT INTO ordo_messages (conv, seq, from_user, device, cmid, body, reply_to, ts, event)
          SELECT * FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[],
                               $6::bytea[], $7::int8[], $8::int8[], $9::text[])",
-        &[
-            &conv, &seq, &from, &device, &cmid, &body, &reply_to, &ts, &event,
-        ],
+        &m.params(),
     );
     match inserted {
         Ok(_) => Ok(()),
@@ -659,12 +732,12 @@ fn insert_messages(
     }
 }
 
-/// The dedup entries of the batch (its messages' and `dedup_put`), the last of each key, kept
-/// unless the store holds a newer entry of that key.
-fn put_dedup(tx: &mut Transaction<'_>, b: &Batch) -> Result<(), StoreError> {
+/// The batch's dedup entries of their own (`dedup_put`, which earlier versions wrote), the last
+/// of each key, kept unless the store holds a newer entry of that key. (A message is its own
+/// entry, indexed where it is stored.)
+fn put_dedup(tx: &mut Transaction<'_>, st: &mut Prepared, b: &Batch) -> Result<(), StoreError> {
     let mut last: HashMap<(String, String), DedupRecord> = HashMap::new();
-    let own = b.messages.iter().map(|m| DedupRecord::of(m));
-    for d in b.dedup_put.iter().cloned().chain(own) {
+    for d in b.dedup_put.iter().cloned() {
         last.insert((d.user.clone(), d.cmid.clone()), d);
     }
     if last.is_empty() {
@@ -676,7 +749,9 @@ fn put_dedup(tx: &mut Transaction<'_>, b: &Batch) -> Result<(), StoreError> {
     let conv: Vec<&str> = entries.iter().map(|d| d.conv.as_str()).collect();
     let seq: Vec<i64> = entries.iter().map(|d| i(d.seq)).collect();
     let ts: Vec<i64> = entries.iter().map(|d| i(d.ts)).collect();
-    tx.execute(
+    run(
+        tx,
+        st,
         "INSERT INTO ordo_dedup (user_id, cmid, conv, seq, ts)
          SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int8[], $5::int8[])
          ON CONFLICT (user_id, cmid) DO UPDATE
@@ -727,7 +802,11 @@ impl Store for PgStore {
     fn load(&self) -> Result<Snapshot, StoreError> {
         let mut c = self.pool.get()?;
         let last: i64 = c
-            .query_one("SELECT COALESCE(MAX(ts), 0) FROM ordo_dedup", &[])
+            .query_one(
+                "SELECT GREATEST((SELECT COALESCE(MAX(last_ts), 0) FROM ordo_writers),
+                                 (SELECT COALESCE(MAX(ts), 0) FROM ordo_dedup))",
+                &[],
+            )
             .map_err(db("reading the newest acceptance time"))?
             .get(0);
         Ok(Snapshot { last_ts: u(last) })
@@ -842,43 +921,44 @@ impl Store for PgStore {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             + 1;
         let mut c = self.pool.get()?;
-        // (A connection that broke is not given back to the pool.)
-        let mut tx = c.transaction().map_err(db("starting a commit"))?;
-        match self.apply(&mut tx, &batch, attempt) {
-            Ok(outcome) => match tx.commit() {
-                Ok(()) => {
-                    self.committed(&batch);
-                    Ok(outcome)
-                }
-                Err(e) if unreachable(&e) => {
-                    // The COMMIT may or may not have taken effect: read it back, at once if
-                    // the database can still be reached, else before the next commit.
-                    c.discard();
-                    drop(c);
-                    *unresolved = Some((batch.id, attempt));
-                    let took = self.read_back(attempt).map_err(|_| {
-                        StoreError::Unreachable(format!(
-                            "PostgreSQL (the connection broke during COMMIT: {e}; whether it took effect is read back once the database can be reached)"
-                        ))
-                    })?;
+        let (client, st) = c.split();
+        let result = if self.fits_one_statement(&batch) {
+            self.commit_in_one(client, st, &batch, attempt)
+        } else {
+            self.commit_in_transaction(client, st, &batch, attempt)
+        };
+        match result {
+            Ok(outcome) => {
+                self.committed(&batch);
+                Ok(outcome)
+            }
+            Err(Failed::Unknown(e)) => {
+                // The commit may or may not have taken effect: read it back, at once if the
+                // database can still be reached, else before the next commit.
+                c.discard();
+                drop(c);
+                *unresolved = Some((batch.id, attempt));
+                let took = self.read_back(attempt).map_err(|_| {
+                    StoreError::Unreachable(format!(
+                        "PostgreSQL (the connection broke during the commit: {e}; whether it took effect is read back once the database can be reached)"
+                    ))
+                })?;
+                if !took {
                     *unresolved = None;
-                    if !took {
-                        return Err(StoreError::Unreachable(format!(
-                            "PostgreSQL (the connection broke during COMMIT, which did not take effect: {e})"
-                        )));
-                    }
-                    self.committed(&batch);
-                    Ok(outcome)
+                    return Err(StoreError::Unreachable(format!(
+                        "PostgreSQL (the connection broke during the commit, which did not take effect: {e})"
+                    )));
                 }
-                Err(e) => Err(db("committing a batch")(e)),
-            },
-            Err(e @ StoreError::Unreachable(_)) => {
-                drop(tx);
+                let outcome = self.outcome_of(&batch)?;
+                *unresolved = None;
+                self.committed(&batch);
+                Ok(outcome)
+            }
+            Err(Failed::Store(e @ StoreError::Unreachable(_))) => {
                 c.discard();
                 Err(e)
             }
-            Err(StoreError::Conflict { .. }) => {
-                drop(tx);
+            Err(Failed::Store(StoreError::Conflict { .. })) => {
                 // Which seq: read after the rollback.
                 let conv: Vec<&str> = batch.messages.iter().map(|m| m.conv.as_str()).collect();
                 let seq: Vec<i64> = batch.messages.iter().map(|m| i(m.seq)).collect();
@@ -904,7 +984,7 @@ impl Store for PgStore {
                 };
                 Err(StoreError::Conflict { conv, seq })
             }
-            Err(e) => Err(e),
+            Err(Failed::Store(e)) => Err(e),
         }
     }
 
@@ -917,22 +997,29 @@ impl Store for PgStore {
         max_bytes: usize,
     ) -> Result<Page, StoreError> {
         let mut c = self.pool.get()?;
-        let mut tx = snapshot(&mut c, "reading history")?;
+        let (client, st) = c.split();
+        let mut tx = snapshot(client, "reading history")?;
+        let first = st
+            .get(&mut tx, "SELECT first_seq FROM ordo_convs WHERE id = $1")
+            .map_err(db("reading history"))?;
         let first_seq = tx
-            .query_opt("SELECT first_seq FROM ordo_convs WHERE id = $1", &[&conv])
+            .query_opt(&first, &[&conv])
             .map_err(db("reading history"))?
             .map_or(1, |r| u(r.get(0)));
         let (mut fill, start) = match PageFill::start(first_seq, from, to, limit, max_bytes) {
             Ok(f) => f,
             Err(empty) => return Ok(empty),
         };
-        let rows = tx
-            .query(
+        let range = st
+            .get(
+                &mut tx,
                 "SELECT conv, seq, from_user, device, cmid, body, reply_to, ts, event
                  FROM ordo_messages WHERE conv = $1 AND seq >= $2 AND seq <= $3
                  ORDER BY seq LIMIT $4",
-                &[&conv, &i(start), &i(to), &i64::from(limit)],
             )
+            .map_err(db("reading history"))?;
+        let rows = tx
+            .query(&range, &[&conv, &i(start), &i(to), &i64::from(limit)])
             .map_err(db("reading history"))?;
         for row in &rows {
             if fill.push(message_of(row)?) {
@@ -953,19 +1040,34 @@ impl Store for PgStore {
         let mut c = self.pool.get()?;
         let user: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
         let cmid: Vec<&str> = keys.iter().map(|k| k.1.as_str()).collect();
-        let rows = c
-            .query(
-                "SELECT d.user_id, d.cmid, d.conv, d.seq, d.ts FROM ordo_dedup d
+        let (client, st) = c.split();
+        let lookup = st
+            .get(
+                client,
+                "SELECT m.from_user, m.cmid, m.conv, m.seq, m.ts FROM ordo_messages m
                  JOIN UNNEST($1::text[], $2::text[]) AS k(user_id, cmid)
-                   ON d.user_id = k.user_id AND d.cmid = k.cmid",
-                &[&user, &cmid],
+                   ON m.from_user = k.user_id AND m.cmid = k.cmid
+                 WHERE m.ts >= $3::int8
+                 UNION ALL
+                 SELECT d.user_id, d.cmid, d.conv, d.seq, d.ts FROM ordo_dedup d
+                 JOIN UNNEST($1::text[], $2::text[]) AS k(user_id, cmid)
+                   ON d.user_id = k.user_id AND d.cmid = k.cmid
+                 WHERE d.ts >= $3::int8",
             )
             .map_err(db("looking up client message ids"))?;
-        let found: HashMap<(String, String), DedupRecord> = rows
-            .iter()
-            .map(dedup_of)
-            .map(|d| ((d.user.clone(), d.cmid.clone()), d))
-            .collect();
+        // Entries accepted before the store's cutoff are forgotten, wherever they are kept.
+        let cutoff = i(*self.forget_before.lock().unwrap_or_else(|p| p.into_inner()));
+        let rows = client
+            .query(&lookup, &[&user, &cmid, &cutoff])
+            .map_err(db("looking up client message ids"))?;
+        // The newest of each key, from the messages and the entries kept on their own.
+        let mut found: HashMap<(String, String), DedupRecord> = HashMap::new();
+        for d in rows.iter().map(dedup_of) {
+            let key = (d.user.clone(), d.cmid.clone());
+            if found.get(&key).is_none_or(|f| f.ts <= d.ts) {
+                found.insert(key, d);
+            }
+        }
         Ok(keys.iter().map(|k| found.get(k).cloned()).collect())
     }
 
@@ -1004,38 +1106,66 @@ impl Store for PgStore {
     }
 
     fn dedup_scan(&self, from: Option<ScanFrom>, max: usize) -> Result<DedupScan, StoreError> {
-        let after = match &from {
-            None => None,
-            Some(ScanFrom(raw)) => Some(
-                serde_json::from_slice::<(u64, String, String)>(raw).map_err(|e| {
-                    StoreError::Engine {
-                        context: "dedup scan".into(),
-                        source: format!("a scan position this store did not make: {e}").into(),
-                    }
-                })?,
-            ),
+        // The entries kept on their own first, then the messages, each in acceptance order,
+        // both from the store's cutoff on (older ones count as forgotten).
+        let at = match &from {
+            None => ScanAt::Kept(0, String::new(), String::new()),
+            Some(ScanFrom(raw)) => {
+                serde_json::from_slice::<ScanAt>(raw).map_err(|e| StoreError::Engine {
+                    context: "dedup scan".into(),
+                    source: format!("a scan position this store did not make: {e}").into(),
+                })?
+            }
         };
+        let cutoff = i(*self.forget_before.lock().unwrap_or_else(|p| p.into_inner()));
         let mut c = self.pool.get()?;
         let max = max.max(1);
-        let rows = match &after {
-            None => c.query(
-                "SELECT user_id, cmid, conv, seq, ts FROM ordo_dedup ORDER BY ts, user_id, cmid LIMIT $1",
-                &[&i(max as u64)],
+        let limit = i(max as u64);
+        let (rows, kept) = match &at {
+            ScanAt::Kept(ts, user, cmid) => (
+                c.query(
+                    "SELECT user_id, cmid, conv, seq, ts FROM ordo_dedup
+                     WHERE ts >= $5::int8 AND (ts, user_id, cmid) > ($1::int8, $2::text, $3::text)
+                     ORDER BY ts, user_id, cmid LIMIT $4",
+                    &[&i(*ts), user, cmid, &limit, &cutoff],
+                ),
+                true,
             ),
-            Some((ts, user, cmid)) => c.query(
-                "SELECT user_id, cmid, conv, seq, ts FROM ordo_dedup
-                 WHERE (ts, user_id, cmid) > ($1, $2, $3) ORDER BY ts, user_id, cmid LIMIT $4",
-                &[&i(*ts), user, cmid, &i(max as u64)],
+            ScanAt::Messages(ts, conv, seq) => (
+                c.query(
+                    "SELECT from_user, cmid, conv, seq, ts FROM ordo_messages
+                     WHERE ts >= GREATEST($1::int8, $5::int8)
+                       AND (ts, conv, seq) > ($1::int8, $2::text, $3::int8)
+                     ORDER BY ts, conv, seq LIMIT $4",
+                    &[&i(*ts), conv, &i(*seq), &limit, &cutoff],
+                ),
+                false,
             ),
-        }
-        .map_err(db("scanning dedup entries"))?;
-        let entries: Vec<DedupRecord> = rows.iter().map(dedup_of).collect();
-        let next = (entries.len() >= max)
-            .then(|| entries.last())
-            .flatten()
-            .map(|d| ScanFrom(serde_json::to_vec(&(d.ts, &d.user, &d.cmid)).unwrap_or_default()));
+        };
+        let entries: Vec<DedupRecord> = rows
+            .map_err(db("scanning dedup entries"))?
+            .iter()
+            .map(dedup_of)
+            .collect();
+        let full = entries.len() >= max;
+        let next = match (entries.last(), full, kept) {
+            (Some(d), true, true) => Some(ScanAt::Kept(d.ts, d.user.clone(), d.cmid.clone())),
+            (Some(d), true, false) => Some(ScanAt::Messages(d.ts, d.conv.clone(), d.seq)),
+            // The kept entries are done: on to the messages.
+            (_, false, true) => Some(ScanAt::Messages(0, String::new(), 0)),
+            (_, false, false) | (None, true, _) => None,
+        };
+        let next = next.map(|n| ScanFrom(serde_json::to_vec(&n).unwrap_or_default()));
         Ok(DedupScan { entries, next })
     }
+}
+
+/// Where a dedup scan goes on: in the entries kept on their own after (ts, user, cmid), or in
+/// the messages after (ts, conv, seq).
+#[derive(serde::Serialize, serde::Deserialize)]
+enum ScanAt {
+    Kept(u64, String, String),
+    Messages(u64, String, u64),
 }
 
 #[cfg(test)]

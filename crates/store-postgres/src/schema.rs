@@ -99,6 +99,17 @@ pub const MIGRATIONS: &[&str] = &[
         ALTER COLUMN device TYPE text COLLATE "C";
     ALTER TABLE ordo_writers ALTER COLUMN id TYPE text COLLATE "C";
     "#,
+    // 4: a message is its own dedup entry, found by sender and client message id, and listed
+    // in acceptance order; `ordo_dedup` keeps only entries whose message is gone (trimmed
+    // within the dedup window) or that were written on their own. The newest acceptance time
+    // is kept with the writers.
+    r#"
+    CREATE INDEX ordo_messages_by_sender ON ordo_messages (from_user, cmid);
+    CREATE INDEX ordo_messages_by_time ON ordo_messages (ts);
+    DELETE FROM ordo_dedup d USING ordo_messages m
+     WHERE m.conv = d.conv AND m.seq = d.seq AND m.from_user = d.user_id AND m.cmid = d.cmid;
+    ALTER TABLE ordo_writers ADD COLUMN last_ts bigint NOT NULL DEFAULT 0;
+    "#,
 ];
 
 /// The schema version this binary writes.

@@ -1,7 +1,9 @@
 //! A connection to PostgreSQL that breaks, at the worst moments: between the store and the
 //! database runs a TCP proxy of the test's own, which can cut a connection right after it
-//! passed the COMMIT on (the commit takes effect, its answer is lost), swallow the COMMIT and
-//! cut (it does not take effect), or refuse every connection (the database is gone). The store
+//! passed a commit on (the commit takes effect, its answer is lost), swallow the commit and
+//! cut (it does not take effect), or refuse every connection (the database is gone). A commit
+//! is the client's write holding a needle: the `COMMIT` of a transaction, or, for a batch the
+//! store commits as one statement, a body of the batch. The store
 //! must never guess: an unknown outcome is read back, [`StoreError::Unreachable`] means nothing
 //! took effect, and giving the same batch again after it stores it exactly once.
 //!
@@ -23,9 +25,9 @@ const PG: &str = "127.0.0.1:5432";
 
 /// What the proxy does next.
 const PASS: u8 = 0;
-/// Passes the next COMMIT on, waits for it to be done, then cuts that connection (once).
+/// Passes the next commit on, waits for it to be done, then cuts that connection (once).
 const CUT_AFTER_COMMIT: u8 = 1;
-/// Swallows the next COMMIT and cuts that connection (once).
+/// Swallows the next commit and cuts that connection (once).
 const DROP_COMMIT: u8 = 2;
 /// Cuts every connection and refuses new ones.
 const REFUSE: u8 = 3;
@@ -35,6 +37,10 @@ const CUT_AFTER_COMMIT_AND_REFUSE: u8 = 4;
 struct Proxy {
     port: u16,
     mode: Arc<AtomicU8>,
+    /// What marks the write that commits.
+    needle: Arc<Mutex<Vec<u8>>>,
+    /// Commits cut or swallowed so far.
+    fired: Arc<AtomicU8>,
     /// Every connection's two sockets, to cut them all.
     open: Arc<Mutex<Vec<(TcpStream, TcpStream)>>>,
 }
@@ -44,8 +50,10 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
         let port = listener.local_addr().expect("its address").port();
         let mode = Arc::new(AtomicU8::new(PASS));
+        let needle = Arc::new(Mutex::new(b"COMMIT\0".to_vec()));
+        let fired = Arc::new(AtomicU8::new(0));
         let open = Arc::new(Mutex::new(Vec::new()));
-        let (m, o) = (mode.clone(), open.clone());
+        let (m, o, n, f) = (mode.clone(), open.clone(), needle.clone(), fired.clone());
         std::thread::spawn(move || {
             for client in listener.incoming().flatten() {
                 if m.load(Ordering::SeqCst) == REFUSE {
@@ -64,14 +72,25 @@ impl Proxy {
                     client.try_clone().expect("clone"),
                     server.try_clone().expect("clone"),
                 );
-                let mode = m.clone();
+                let (mode, needle, fired) = (m.clone(), n.clone(), f.clone());
                 let held = Arc::new(AtomicU8::new(0));
                 let h2 = held.clone();
-                std::thread::spawn(move || pump_up(client, server, mode, held));
+                std::thread::spawn(move || pump_up(client, server, mode, needle, held, fired));
                 std::thread::spawn(move || pump_down(s2, c2, h2));
             }
         });
-        Proxy { port, mode, open }
+        Proxy {
+            port,
+            mode,
+            needle,
+            fired,
+            open,
+        }
+    }
+
+    /// The next commit is the write holding `needle`.
+    fn commit_marked_by(&self, needle: &[u8]) {
+        *self.needle.lock().unwrap() = needle.to_vec();
     }
 
     fn set(&self, mode: u8) {
@@ -85,11 +104,17 @@ impl Proxy {
     }
 }
 
-/// Client to server, watching for the simple-query COMMIT the client library ends a
-/// transaction with.
-/// `held` is set before a COMMIT whose answer is to be lost goes on: from then on nothing goes
-/// back to the client.
-fn pump_up(mut client: TcpStream, mut server: TcpStream, mode: Arc<AtomicU8>, held: Arc<AtomicU8>) {
+/// Client to server, watching for the write that commits (holding the needle). `held` is set
+/// before a commit whose answer is to be lost goes on: from then on nothing goes back to the
+/// client.
+fn pump_up(
+    mut client: TcpStream,
+    mut server: TcpStream,
+    mode: Arc<AtomicU8>,
+    needle: Arc<Mutex<Vec<u8>>>,
+    held: Arc<AtomicU8>,
+    fired: Arc<AtomicU8>,
+) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = match client.read(&mut buf) {
@@ -97,11 +122,13 @@ fn pump_up(mut client: TcpStream, mut server: TcpStream, mode: Arc<AtomicU8>, he
             Ok(n) => n,
         };
         let chunk = &buf[..n];
-        let commit = chunk.windows(7).any(|w| w == b"COMMIT\0");
+        let needle = needle.lock().unwrap().clone();
+        let commit = chunk.windows(needle.len()).any(|w| w == needle);
         if commit {
             let m = mode.load(Ordering::SeqCst);
             if [CUT_AFTER_COMMIT, DROP_COMMIT, CUT_AFTER_COMMIT_AND_REFUSE].contains(&m) {
                 held.store(1, Ordering::SeqCst);
+                fired.fetch_add(1, Ordering::SeqCst);
                 let next = if m == CUT_AFTER_COMMIT_AND_REFUSE {
                     REFUSE
                 } else {
@@ -188,10 +215,17 @@ fn a_commit_whose_answer_is_lost_is_read_back_and_counts_once() {
         return;
     };
     commit(&s.store, &created(1, "g", 3, 10)).expect("first batch");
+    // A batch of messages is committed as one statement: its write holds their bodies.
+    s.proxy.commit_marked_by(b"body 5");
     s.proxy.set(CUT_AFTER_COMMIT);
     let second = appended(2, "g", 4..=6, 10);
     // The answer is lost, the database is still there: read back at once, committed.
     commit(&s.store, &second).expect("read back as committed");
+    assert_eq!(
+        s.proxy.fired.load(Ordering::SeqCst),
+        1,
+        "the commit was cut"
+    );
     assert_eq!(stored(&s.store, "g"), (1..=6).collect::<Vec<_>>());
     // It really is stored: the same seqs again are a conflict.
     assert!(matches!(
@@ -208,6 +242,7 @@ fn a_commit_that_never_reached_the_database_is_unreachable_and_taken_when_given_
         return;
     };
     commit(&s.store, &created(1, "g", 3, 10)).expect("first batch");
+    s.proxy.commit_marked_by(b"body 5");
     s.proxy.set(DROP_COMMIT);
     let second = appended(2, "g", 4..=6, 10);
     let why = unreachable(commit(&s.store, &second));
@@ -227,9 +262,15 @@ fn an_unknown_outcome_is_read_back_once_the_database_is_back_never_guessed() {
     let second = appended(2, "g", 4..=6, 10);
 
     // Committed, answer lost, and the database gone before the store can ask.
+    s.proxy.commit_marked_by(b"body 5");
     s.proxy.set(CUT_AFTER_COMMIT_AND_REFUSE);
     let why = unreachable(commit(&s.store, &second));
     assert!(why.contains("read back"), "{why}");
+    assert_eq!(
+        s.proxy.fired.load(Ordering::SeqCst),
+        1,
+        "the commit was cut"
+    );
     s.proxy.set(REFUSE);
     // Still unknown while the database cannot be reached.
     unreachable(commit(&s.store, &second));
@@ -240,6 +281,7 @@ fn an_unknown_outcome_is_read_back_once_the_database_is_back_never_guessed() {
 
     // And one that did not commit: written when given again.
     let third = appended(3, "g", 7..=8, 10);
+    s.proxy.commit_marked_by(b"body 8");
     s.proxy.set(DROP_COMMIT);
     unreachable(commit(&s.store, &third));
     s.proxy.set(REFUSE);
@@ -266,4 +308,27 @@ fn reads_while_the_database_is_gone_say_it_cannot_be_reached() {
     ));
     s.proxy.set(PASS);
     assert_eq!(stored(&s.store, "g"), vec![1, 2, 3]);
+}
+
+/// A batch that changes a conversation's record takes a transaction: its outcome hangs on the
+/// COMMIT, which is read back just the same.
+#[test]
+fn a_transaction_whose_commit_answer_is_lost_is_read_back() {
+    let Some(s) = setup("a_transaction_whose_commit_answer_is_lost_is_read_back") else {
+        return;
+    };
+    s.proxy.set(CUT_AFTER_COMMIT);
+    commit(&s.store, &created(1, "g", 3, 10)).expect("read back as committed");
+    assert_eq!(
+        s.proxy.fired.load(Ordering::SeqCst),
+        1,
+        "the COMMIT was cut"
+    );
+    assert_eq!(stored(&s.store, "g"), vec![1, 2, 3]);
+    s.proxy.set(DROP_COMMIT);
+    let h = created(2, "h", 2, 10);
+    unreachable(commit(&s.store, &h));
+    assert!(stored(&s.store, "h").is_empty());
+    commit(&s.store, &h).expect("given again, it is taken");
+    assert_eq!(stored(&s.store, "h"), vec![1, 2]);
 }

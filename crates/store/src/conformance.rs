@@ -466,6 +466,28 @@ pub fn retention_by_count_and_by_age<B: Backend>() {
         let p = page(s, "g", 1, 10, 100, usize::MAX);
         assert_eq!((p.first_seq, seqs(&p)), (11, Vec::<u64>::new()));
         assert_eq!(records(s, &["g"]), vec![conv("g", 10, 11)]);
+        // A trimmed message's client message id is still known: its resend inside the dedup
+        // window must not become a second message.
+        let keys: Vec<(String, String)> = [1, 5, 10]
+            .iter()
+            .map(|n| ("a".to_string(), format!("c{n}")))
+            .collect();
+        let found = s.dedup_lookup(&keys).expect("dedup lookup");
+        let seqs: Vec<Option<u64>> = found.iter().map(|d| d.as_ref().map(|d| d.seq)).collect();
+        assert_eq!(seqs, vec![Some(1), Some(5), Some(10)]);
+        assert_eq!(dedup_entries(s).len(), 10);
+    });
+    // Past the dedup window, they may go.
+    commit(
+        b.store(),
+        Batch {
+            id: 5,
+            dedup_forget_before_ms: Some(10_000),
+            ..Batch::default()
+        },
+    );
+    now_and_after_reopen(&mut b, |s| {
+        assert!(dedup_entries(s).is_empty());
     });
 }
 
