@@ -277,6 +277,8 @@ async fn open_database(url: String) -> Result<ordo_store_postgres::PgStore, Serv
 pub async fn start(cfg: Config) -> Result<RunningServer, ServerError> {
     cfg.validate()?;
     if let Some(url) = cfg.store.clone() {
+        // The data directory still holds the secrets, the revocations and the webhook queue.
+        std::fs::create_dir_all(&cfg.data).map_err(ServerError::Io)?;
         let store: Arc<dyn Store> = Arc::new(open_database(url).await?);
         // A database that holds messages already has tokens out: never a new secret for it.
         let probe = store.clone();

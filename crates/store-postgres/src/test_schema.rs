@@ -81,8 +81,14 @@ impl TestSchema {
 
 impl Drop for TestSchema {
     fn drop(&mut self) {
-        if let Ok(mut admin) = Client::connect(&base(), NoTls) {
-            let _ = admin.batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name));
-        }
+        // On a thread of its own: the synchronous client starts a runtime, which it cannot do
+        // on a thread of another (a test's), where this may be dropped, even while unwinding.
+        let name = self.name.clone();
+        let _ = std::thread::spawn(move || {
+            if let Ok(mut admin) = Client::connect(&base(), NoTls) {
+                let _ = admin.batch_execute(&format!("DROP SCHEMA IF EXISTS {name} CASCADE"));
+            }
+        })
+        .join();
     }
 }

@@ -4,6 +4,8 @@
 //! its primary SIGKILLed: ten failovers to a synchronous standby, and restarts of a lone
 //! primary.
 
+use super::common::{embedded_only, on_postgres};
+use ordo_store_postgres::test_schema::TestSchema;
 use std::process::Command;
 
 /// Runs `ordo check` with `args` (and `--json`); the report, after checking that it passed
@@ -44,26 +46,40 @@ fn passing_check(args: &[&str]) -> serde_json::Value {
 
 #[test]
 fn a_short_chaos_run_finds_no_violation() {
-    let report = passing_check(&[
-        "--duration",
-        "14",
-        "--kill-every",
-        "1",
-        "--client-kill-every",
-        "3",
-        "--disconnect-every",
-        "2",
-        "--clients",
-        "6",
-        "--rate",
-        "30",
-        // Below what each user offers, so refusals and ordered resends are exercised.
-        "--user-rate",
-        "5",
-        // One conversation held: the others are loaded and evicted all through the run.
-        "--conv-cache-entries",
-        "1",
-    ]);
+    // In the PostgreSQL suite, on a schema of its own.
+    let schema = on_postgres()
+        .then(|| TestSchema::create("a_short_chaos_run_finds_no_violation"))
+        .flatten();
+    let url = schema.as_ref().map(TestSchema::url);
+    let store: Vec<&str> = match &url {
+        Some(u) => vec!["--store", u.as_str()],
+        None => vec![],
+    };
+    let report = passing_check(
+        &[
+            "--duration",
+            "14",
+            "--kill-every",
+            "1",
+            "--client-kill-every",
+            "3",
+            "--disconnect-every",
+            "2",
+            "--clients",
+            "6",
+            "--rate",
+            "30",
+            // Below what each user offers, so refusals and ordered resends are exercised.
+            "--user-rate",
+            "5",
+            // One conversation held: the others are loaded and evicted all through the run.
+            "--conv-cache-entries",
+            "1",
+        ]
+        .into_iter()
+        .chain(store)
+        .collect::<Vec<_>>(),
+    );
     assert!(
         report["server_kills"].as_u64().unwrap_or(0) >= 5,
         "at least five server kills:\n{report:#}"
@@ -84,7 +100,11 @@ fn postgres_binaries(test: &str) -> bool {
 
 #[test]
 fn ten_database_failovers_lose_no_acknowledged_message() {
-    if !postgres_binaries("ten_database_failovers_lose_no_acknowledged_message") {
+    let test = "ten_database_failovers_lose_no_acknowledged_message";
+    if embedded_only(test, "it runs its own PostgreSQL, once, in the e2e suite") {
+        return;
+    }
+    if !postgres_binaries(test) {
         return;
     }
     let report = passing_check(&[
@@ -104,7 +124,11 @@ fn ten_database_failovers_lose_no_acknowledged_message() {
 
 #[test]
 fn a_database_restarted_under_load_loses_nothing() {
-    if !postgres_binaries("a_database_restarted_under_load_loses_nothing") {
+    let test = "a_database_restarted_under_load_loses_nothing";
+    if embedded_only(test, "it runs its own PostgreSQL, once, in the e2e suite") {
+        return;
+    }
+    if !postgres_binaries(test) {
         return;
     }
     let report = passing_check(&[

@@ -2,6 +2,11 @@
 //! ([`ordo_testkit::ServerProcess`]) on a free port and a temporary data directory, driven over
 //! real WebSockets by [`ordo_testkit::device::Device`].
 //!
+//! The suite runs twice: on the embedded store (the test binary `e2e`), and with every server
+//! on PostgreSQL (`e2e_postgres`, the same modules: each server gets a schema of its own, kept
+//! across its restarts and dropped with it). A test of something only the embedded store has
+//! (its files) says so with [`embedded_only`].
+//!
 //! Every wait has a generous deadline (CI machines are small and shared) and no assertion
 //! depends on timing. The process calls block, so they run under `block_in_place` (every test
 //! here runs on the multi-threaded runtime).
@@ -10,6 +15,7 @@
 #![allow(dead_code, unused_imports)]
 
 use ordo_protocol::{Encoding, ServerFrame};
+use ordo_store_postgres::test_schema::TestSchema;
 use ordo_testkit::admin::Reply;
 pub use ordo_testkit::device::{
     cmids, send_frame, seqs, Device as Client, SendResult, Target, WAIT,
@@ -23,7 +29,35 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 pub const SECRET: &str = "test-secret";
 
 /// A running (or stopped) `ordo serve`; [`ServerProcess`]'s calls, failing the test on error.
-pub struct Server(ServerProcess);
+/// On PostgreSQL it holds its schema (dropped after the process is gone).
+pub struct Server(ServerProcess, Option<TestSchema>);
+
+/// Whether this test binary runs its servers on PostgreSQL (`e2e_postgres`).
+pub fn on_postgres() -> bool {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| Some(p.file_name()?.to_str()?.starts_with("e2e_postgres")))
+        .unwrap_or(false)
+}
+
+/// True (after printing that `test` is skipped, and why) when the servers run on PostgreSQL:
+/// for tests of what only the embedded store has.
+pub fn embedded_only(test: &str, why: &str) -> bool {
+    if on_postgres() {
+        eprintln!("SKIPPED {test} on PostgreSQL: {why}");
+    }
+    on_postgres()
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(schema) = self.1.take() {
+            // The server first: it holds connections to the schema.
+            let _ = self.0.kill9();
+            drop(schema);
+        }
+    }
+}
 
 impl std::ops::Deref for Server {
     type Target = ServerProcess;
@@ -46,8 +80,17 @@ impl Server {
         opts.secret = Some(SECRET.into());
         opts.user_rate = rate;
         opts.extra = extra.iter().map(|s| s.to_string()).collect();
+        let schema = match on_postgres() && !extra.contains(&"--store") {
+            false => None,
+            true => {
+                let made = tokio::task::block_in_place(|| TestSchema::create("an e2e server"));
+                // Without PostgreSQL (and outside CI, where it fails) the suite runs on the
+                // embedded store instead, as the message printed says.
+                made.inspect(|s| opts.extra.extend(["--store".into(), s.url()]))
+            }
+        };
         let s = tokio::task::block_in_place(|| ServerProcess::start(opts));
-        Server(s.unwrap_or_else(|e| panic!("start ordo: {e}")))
+        Server(s.unwrap_or_else(|e| panic!("start ordo: {e}")), schema)
     }
 
     pub fn pid(&self) -> u32 {

@@ -100,6 +100,10 @@ async fn sigkill_mid_stream_loses_nothing_accepted_and_dedup_survives() {
 /// verify` says the same and exits 1.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_log_damaged_after_a_kill_is_refused_and_verify_names_the_damage() {
+    let test = "a_log_damaged_after_a_kill_is_refused_and_verify_names_the_damage";
+    if embedded_only(test, "it damages the embedded store's log") {
+        return;
+    }
     let mut server = Server::start(&[]).await;
     let conv = "g-damage";
     server
