@@ -172,6 +172,7 @@ pub fn svg(panels: &[Panel]) -> String {
             let len = (v / max * span).max(1.0);
             let color = match name.as_str() {
                 "ordo" => "#2b6cb0",
+                "ordo-pg" => "#4c51bf",
                 "disk fdatasync" => "#a0aec0",
                 _ => "#ed8936",
             };

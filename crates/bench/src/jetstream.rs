@@ -44,6 +44,10 @@ const PREFIX: &str = "ordo_bench";
 const INBOX_DURABLE: &str = "r";
 
 impl System for JetStream {
+    fn cpu_groups(&self) -> Vec<(&'static str, crate::cpu::Procs)> {
+        vec![("server", crate::cpu::Procs::Named("nats-server"))]
+    }
+
     type Receiver = Receiver;
     type Sender = Publisher;
     type Idle = ();

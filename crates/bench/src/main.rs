@@ -11,6 +11,7 @@
 //! Not part of the product: the `ordo` binary links none of the peers' clients.
 
 mod chart;
+mod cpu;
 mod disk;
 mod jetstream;
 mod mqtt;
@@ -100,12 +101,21 @@ pub struct Common {
     /// NATS's URL.
     #[arg(long, default_value = "nats://127.0.0.1:4222")]
     pub nats: String,
+    /// The PostgreSQL database the `ordo-pg` system keeps its store in (a `postgres://` URL or
+    /// a key=value string); each run gets a schema of its own there, dropped after.
+    #[arg(
+        long,
+        default_value = "host=127.0.0.1 port=5432 user=postgres dbname=test"
+    )]
+    pub store: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum System {
     Ordo,
+    /// Ordo on the PostgreSQL store (`--store`).
+    OrdoPg,
     MqttQos1,
     MqttQos2,
     Jetstream,
@@ -115,6 +125,7 @@ impl System {
     pub fn name(self) -> &'static str {
         match self {
             System::Ordo => "ordo",
+            System::OrdoPg => "ordo-pg",
             System::MqttQos1 => "mqtt-qos1",
             System::MqttQos2 => "mqtt-qos2",
             System::Jetstream => "jetstream",
@@ -411,14 +422,16 @@ async fn run_once(system: System, common: &Common, run: Run<'_>) -> Result<Outco
         Run::Soak(_) => Some("soak"),
         _ => None,
     };
-    if let (Some(scenario), true) = (only_ordo, system != System::Ordo) {
+    let ordo = matches!(system, System::Ordo | System::OrdoPg);
+    if let (Some(scenario), false) = (only_ordo, ordo) {
         return Err(BenchError(format!(
             "the {scenario} scenario measures Ordo's server only (not {}); run it with --systems ordo",
             system.name()
         )));
     }
     match system {
-        System::Ordo => run_on(ordo::Ordo::start(common).await?, run).await,
+        System::Ordo => run_on(ordo::Ordo::start(common, false).await?, run).await,
+        System::OrdoPg => run_on(ordo::Ordo::start(common, true).await?, run).await,
         System::MqttQos1 => run_on(mqtt::Mqtt::new(&common.mqtt, 1)?, run).await,
         System::MqttQos2 => run_on(mqtt::Mqtt::new(&common.mqtt, 2)?, run).await,
         System::Jetstream => run_on(jetstream::JetStream::open(&common.nats).await?, run).await,

@@ -86,6 +86,10 @@ impl Mqtt {
 }
 
 impl System for Mqtt {
+    fn cpu_groups(&self) -> Vec<(&'static str, crate::cpu::Procs)> {
+        vec![("server", crate::cpu::Procs::Named("mosquitto"))]
+    }
+
     type Receiver = Conn;
     type Sender = Publisher;
     type Idle = ();

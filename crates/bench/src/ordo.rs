@@ -37,6 +37,8 @@ const TOKEN_TTL_SECS: u64 = 30 * 86_400;
 /// The Ordo server under test, and this run's names.
 pub struct Ordo {
     server: Option<ServerProcess>,
+    /// With the PostgreSQL store: the database and the run's schema in it, dropped at close.
+    schema: Option<(String, String)>,
     dial: Arc<Dialer>,
     tag: String,
     /// `/metrics` when the measured part started.
@@ -52,9 +54,15 @@ struct Dialer {
 }
 
 impl Ordo {
-    /// Starts `ordo serve` (or names the running `--server`).
-    pub async fn start(common: &Common) -> Result<Ordo, BenchError> {
+    /// Starts `ordo serve` (or names the running `--server`); with `postgres`, on the PostgreSQL
+    /// store, in a schema of the run's own in the `--store` database.
+    pub async fn start(common: &Common, postgres: bool) -> Result<Ordo, BenchError> {
         let tag = run_tag();
+        if let (Some(_), true) = (&common.server, postgres) {
+            return Err(BenchError(
+                "ordo-pg starts a server of its own on --store; --server measures one that is running: use --systems ordo with it".into(),
+            ));
+        }
         if let Some(url) = &common.server {
             let ws = url
                 .trim_end_matches('/')
@@ -82,6 +90,7 @@ impl Ordo {
             let admin = Admin::new(&ws, &key).map_err(fail("--server"))?;
             return Ok(Ordo {
                 server: None,
+                schema: None,
                 dial: Arc::new(Dialer {
                     ws,
                     admin,
@@ -103,6 +112,19 @@ impl Ordo {
             .split_whitespace()
             .map(str::to_string)
             .collect();
+        let schema = match postgres {
+            false => None,
+            true => {
+                let (db, name) = (common.store.clone(), format!("ordo_bench_{tag}"));
+                let (d, n) = (db.clone(), name.clone());
+                tokio::task::spawn_blocking(move || schema_sql(&d, &format!("CREATE SCHEMA {n}")))
+                    .await
+                    .map_err(fail("making the run's schema"))??;
+                opts.extra
+                    .extend(["--store".to_string(), in_schema(&db, &name)]);
+                Some((db, name))
+            }
+        };
         let server = tokio::task::spawn_blocking(move || ServerProcess::start(opts))
             .await
             .map_err(fail("starting the server"))?
@@ -116,6 +138,7 @@ impl Ordo {
                 secret: Some(server.secret().to_string()),
             }),
             server: Some(server),
+            schema,
             tag,
             before: HashMap::new(),
         })
@@ -226,7 +249,10 @@ impl System for Ordo {
     type Idle = WireClient;
 
     fn name(&self) -> &'static str {
-        "ordo"
+        match self.schema {
+            Some(_) => "ordo-pg",
+            None => "ordo",
+        }
     }
 
     async fn pair_receivers(
@@ -412,7 +438,22 @@ impl System for Ordo {
         if let Some(s) = self.server {
             let _ = tokio::task::spawn_blocking(move || drop(s)).await;
         }
+        if let Some((db, name)) = self.schema {
+            let drop_it = format!("DROP SCHEMA IF EXISTS {name} CASCADE");
+            let _ = tokio::task::spawn_blocking(move || schema_sql(&db, &drop_it)).await;
+        }
         result
+    }
+
+    fn cpu_groups(&self) -> Vec<(&'static str, crate::cpu::Procs)> {
+        let mut groups = Vec::new();
+        if let Some(pid) = self.server_pid() {
+            groups.push(("server", crate::cpu::Procs::Pid(pid)));
+        }
+        if self.schema.is_some() {
+            groups.push(("postgres", crate::cpu::Procs::Named("postgres")));
+        }
+        groups
     }
 }
 
@@ -733,5 +774,23 @@ impl Subscribe for Receiver {
             c.close().await;
             rx.inbox
         })
+    }
+}
+
+/// Runs one statement of schema upkeep on the `--store` database.
+fn schema_sql(db: &str, sql: &str) -> Result<(), BenchError> {
+    let mut c = postgres::Client::connect(db, postgres::NoTls)
+        .map_err(|e| BenchError(format!("cannot connect to the --store database: {e}")))?;
+    c.batch_execute(sql)
+        .map_err(|e| BenchError(format!("{sql}: {e}")))
+}
+
+/// The `--store` database's connection string, its tables in `schema`.
+fn in_schema(db: &str, schema: &str) -> String {
+    if db.starts_with("postgres://") || db.starts_with("postgresql://") {
+        let sep = if db.contains('?') { '&' } else { '?' };
+        format!("{db}{sep}options=-c%20search_path%3D{schema}")
+    } else {
+        format!("{db} options='-c search_path={schema}'")
     }
 }

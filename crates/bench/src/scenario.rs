@@ -46,6 +46,8 @@ pub async fn pairs<S: System>(
             ))
         })
         .collect();
+    let groups = sys.cpu_groups();
+    let cpu_before: Vec<_> = groups.iter().map(|(_, p)| p.sample()).collect();
     sys.measuring().await;
     let start_us = clock.now_us();
     let per_sender = a.rate.map(|r| r / a.pairs as f64);
@@ -90,6 +92,16 @@ pub async fn pairs<S: System>(
     bar.finish();
     let mut o = outcome(name, &sent, sent.sent, &got, start_us, &clock);
     sys.measured(&mut o).await;
+    // What a delivered message cost in CPU, per group of processes.
+    for ((group, procs), before) in groups.iter().zip(&cpu_before) {
+        let used = crate::cpu::used_us(before, &procs.sample());
+        if o.delivered > 0 {
+            o.extra.insert(
+                format!("{group}_cpu_us_per_msg"),
+                used as f64 / o.delivered as f64,
+            );
+        }
+    }
     if let Some((p50, p99)) = disk {
         o.extra.insert("disk_fdatasync_p50_ms".into(), p50);
         o.extra.insert("disk_fdatasync_p99_ms".into(), p99);

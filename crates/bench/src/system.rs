@@ -93,6 +93,12 @@ pub trait System {
         None
     }
 
+    /// The processes whose CPU time a run reports per delivered message, by group name (the
+    /// server, the database behind it).
+    fn cpu_groups(&self) -> Vec<(&'static str, crate::cpu::Procs)> {
+        Vec::new()
+    }
+
     /// `soak --groups`: creates `n` groups of two members each (conversations the server must
     /// hold and load again after its restart).
     fn create_groups(&self, n: usize) -> impl Future<Output = Result<(), BenchError>> {
