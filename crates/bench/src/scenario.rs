@@ -92,6 +92,10 @@ pub async fn pairs<S: System>(
     bar.finish();
     let mut o = outcome(name, &sent, sent.sent, &got, start_us, &clock);
     sys.measured(&mut o).await;
+    // The server's resident memory at the end of the run (one the bench started).
+    if let Some(rss) = sys.server_pid().and_then(rss_bytes) {
+        o.extra.insert("server_rss_mib".into(), mib(rss));
+    }
     // What a delivered message cost in CPU, per group of processes.
     for ((group, procs), before) in groups.iter().zip(&cpu_before) {
         let used = crate::cpu::used_us(before, &procs.sample());
@@ -245,7 +249,6 @@ pub async fn connections<S: System>(
     let after = rss()?;
     let mut out = Outcome::new(name);
     let n = held.len() as f64;
-    let mib = |b: u64| b as f64 / (1 << 20) as f64;
     out.extra.insert("connections".into(), n);
     out.extra.insert("connects_per_sec".into(), n / took);
     out.extra
@@ -287,6 +290,11 @@ fn server_pid<S: System>(sys: &S, scenario: &str) -> Result<u32, BenchError> {
             "the {scenario} scenario reads the server's memory, so it needs a server the bench starts itself (without --server)"
         ))
     })
+}
+
+/// Bytes in MiB.
+fn mib(b: u64) -> f64 {
+    b as f64 / (1 << 20) as f64
 }
 
 /// Resident memory of a process, from `/proc/<pid>/status`.
@@ -409,7 +417,6 @@ pub async fn soak<S: System>(
     let samples = sampler.join().await?;
     bar.finish();
     let mut o = outcome(name, &sent, sent.sent, &got, start_us, clock);
-    let mib = |b: u64| b as f64 / (1 << 20) as f64;
     let peak = samples.iter().map(|s| s.rss).max().unwrap_or(0);
     let fin = samples.last().map_or(0, |s| s.rss);
     o.extra.insert("rss_before_mib".into(), mib(rss_before));

@@ -23,6 +23,7 @@
 //! ([`Pool`]).
 
 mod pool;
+mod scan;
 pub mod schema;
 pub mod test_schema;
 
@@ -1106,66 +1107,10 @@ impl Store for PgStore {
     }
 
     fn dedup_scan(&self, from: Option<ScanFrom>, max: usize) -> Result<DedupScan, StoreError> {
-        // The entries kept on their own first, then the messages, each in acceptance order,
-        // both from the store's cutoff on (older ones count as forgotten).
-        let at = match &from {
-            None => ScanAt::Kept(0, String::new(), String::new()),
-            Some(ScanFrom(raw)) => {
-                serde_json::from_slice::<ScanAt>(raw).map_err(|e| StoreError::Engine {
-                    context: "dedup scan".into(),
-                    source: format!("a scan position this store did not make: {e}").into(),
-                })?
-            }
-        };
-        let cutoff = i(*self.forget_before.lock().unwrap_or_else(|p| p.into_inner()));
+        let cutoff = *self.forget_before.lock().unwrap_or_else(|p| p.into_inner());
         let mut c = self.pool.get()?;
-        let max = max.max(1);
-        let limit = i(max as u64);
-        let (rows, kept) = match &at {
-            ScanAt::Kept(ts, user, cmid) => (
-                c.query(
-                    "SELECT user_id, cmid, conv, seq, ts FROM ordo_dedup
-                     WHERE ts >= $5::int8 AND (ts, user_id, cmid) > ($1::int8, $2::text, $3::text)
-                     ORDER BY ts, user_id, cmid LIMIT $4",
-                    &[&i(*ts), user, cmid, &limit, &cutoff],
-                ),
-                true,
-            ),
-            ScanAt::Messages(ts, conv, seq) => (
-                c.query(
-                    "SELECT from_user, cmid, conv, seq, ts FROM ordo_messages
-                     WHERE ts >= GREATEST($1::int8, $5::int8)
-                       AND (ts, conv, seq) > ($1::int8, $2::text, $3::int8)
-                     ORDER BY ts, conv, seq LIMIT $4",
-                    &[&i(*ts), conv, &i(*seq), &limit, &cutoff],
-                ),
-                false,
-            ),
-        };
-        let entries: Vec<DedupRecord> = rows
-            .map_err(db("scanning dedup entries"))?
-            .iter()
-            .map(dedup_of)
-            .collect();
-        let full = entries.len() >= max;
-        let next = match (entries.last(), full, kept) {
-            (Some(d), true, true) => Some(ScanAt::Kept(d.ts, d.user.clone(), d.cmid.clone())),
-            (Some(d), true, false) => Some(ScanAt::Messages(d.ts, d.conv.clone(), d.seq)),
-            // The kept entries are done: on to the messages.
-            (_, false, true) => Some(ScanAt::Messages(0, String::new(), 0)),
-            (_, false, false) | (None, true, _) => None,
-        };
-        let next = next.map(|n| ScanFrom(serde_json::to_vec(&n).unwrap_or_default()));
-        Ok(DedupScan { entries, next })
+        scan::page(&mut c, from, max, cutoff)
     }
-}
-
-/// Where a dedup scan goes on: in the entries kept on their own after (ts, user, cmid), or in
-/// the messages after (ts, conv, seq).
-#[derive(serde::Serialize, serde::Deserialize)]
-enum ScanAt {
-    Kept(u64, String, String),
-    Messages(u64, String, u64),
 }
 
 #[cfg(test)]
