@@ -540,9 +540,12 @@ impl PgStore {
             .get(
                 c,
                 "WITH
-                   w AS (UPDATE ordo_writers
-                           SET batch = $2, updated = now(), last_ts = GREATEST(last_ts, $3)
-                         WHERE id = $1 RETURNING 1),
+                   w AS (INSERT INTO ordo_writers (id, batch, updated, last_ts)
+                         VALUES ($1, $2, now(), $3)
+                         ON CONFLICT (id) DO UPDATE SET batch = EXCLUDED.batch,
+                           updated = EXCLUDED.updated,
+                           last_ts = GREATEST(ordo_writers.last_ts, EXCLUDED.last_ts)
+                         RETURNING 1),
                    m AS (INSERT INTO ordo_messages
                            (conv, seq, from_user, device, cmid, body, reply_to, ts, event)
                          SELECT * FROM UNNEST($4::text[], $5::int8[], $6::text[], $7::text[],
@@ -566,38 +569,27 @@ impl PgStore {
                  SELECT (SELECT count(*) FROM w)",
             )
             .map_err(|e| self.failed(e, "preparing the commit"))?;
-        let marked: i64 = c
-            .query_one(
-                &statement,
+        c.query_one(
+            &statement,
+            &[
+                &[&self.writer as Param, &attempt_no, &newest][..],
+                &m.params(),
                 &[
-                    &[&self.writer as Param, &attempt_no, &newest][..],
-                    &m.params(),
-                    &[
-                        &pos_id,
-                        &pos_max,
-                        &pos_first,
-                        &cur_conv,
-                        &cur_user,
-                        &cur_device,
-                        &delivered,
-                        &read,
-                        &before,
-                        &step,
-                    ],
-                ]
-                .concat(),
-            )
-            .map_err(|e| self.failed(e, "committing a batch"))?
-            .get(0);
-        if marked == 0 {
-            // This writer's row was forgotten as long gone after a very long pause: made
-            // again, at this attempt (committed; only this attempt could be asked about).
-            c.execute(
-                "INSERT INTO ordo_writers (id, batch, updated, last_ts) VALUES ($1, $2, now(), $3)",
-                &[&self.writer, &i(attempt), &newest],
-            )
-            .map_err(|e| Failed::Store(db("marking the batch")(e)))?;
-        }
+                    &pos_id,
+                    &pos_max,
+                    &pos_first,
+                    &cur_conv,
+                    &cur_user,
+                    &cur_device,
+                    &delivered,
+                    &read,
+                    &before,
+                    &step,
+                ],
+            ]
+            .concat(),
+        )
+        .map_err(|e| self.failed(e, "committing a batch"))?;
         Ok(CommitOutcome::default())
     }
 

@@ -117,6 +117,13 @@ pub const MIGRATIONS: &[&str] = &[
     DROP INDEX ordo_messages_by_time;
     CREATE INDEX ordo_messages_by_time ON ordo_messages USING brin (ts) WITH (pages_per_range = 32);
     "#,
+    // 6: the newest acceptance time of a store that step 4 migrated (it dropped the entries of
+    // stored messages from ordo_dedup, where it was read from before), with the writers.
+    r#"
+    INSERT INTO ordo_writers (id, batch, updated, last_ts)
+    SELECT 'migrated', 0, now(), COALESCE((SELECT MAX(ts) FROM ordo_messages), 0)
+    ON CONFLICT (id) DO UPDATE SET last_ts = GREATEST(ordo_writers.last_ts, EXCLUDED.last_ts);
+    "#,
 ];
 
 /// The schema version this binary writes.
@@ -134,6 +141,12 @@ pub enum SchemaError {
 
 /// Brings the schema to [`current`]; returns the version found.
 pub fn migrate(client: &mut Client) -> Result<i64, SchemaError> {
+    migrate_to(client, current())
+}
+
+/// Brings the schema to version `target` (at most [`current`]; tests of an upgrade start from
+/// an older one); returns the version found.
+pub fn migrate_to(client: &mut Client, target: i64) -> Result<i64, SchemaError> {
     client.batch_execute(
         "CREATE TABLE IF NOT EXISTS ordo_schema (only_row boolean PRIMARY KEY DEFAULT true CHECK (only_row), version bigint NOT NULL);
          INSERT INTO ordo_schema (version) VALUES (0) ON CONFLICT DO NOTHING;",
@@ -147,7 +160,8 @@ pub fn migrate(client: &mut Client) -> Result<i64, SchemaError> {
             known: current(),
         });
     }
-    for (i, step) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+    let steps = MIGRATIONS.iter().take(target.clamp(0, current()) as usize);
+    for (i, step) in steps.enumerate().skip(found as usize) {
         let mut tx = client.transaction()?;
         // Two servers starting at once: the second waits here, then finds the work done.
         let now: i64 = tx
