@@ -159,10 +159,7 @@ fn a_version_3_store_keeps_its_entries_and_newest_time() {
     drop(c);
     let store = PgStore::open(&schema.url()).expect("open, migrating");
     assert_eq!(store.load().expect("load").last_ts, 1_700_000_000_060);
-    let listed: BTreeSet<(String, u64)> = scan_all(&store, 7)
-        .into_iter()
-        .map(|(conv, seq)| (conv, seq))
-        .collect();
+    let listed: BTreeSet<(String, u64)> = scan_all(&store, 7).into_iter().collect();
     assert_eq!(listed.len(), 60, "every entry listed");
     let found = store
         .dedup_lookup(&[("a".into(), "c60".into())])
