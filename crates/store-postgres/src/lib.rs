@@ -254,25 +254,6 @@ impl PgStore {
         b: &Batch,
         attempt: u64,
     ) -> Result<CommitOutcome, StoreError> {
-        let newest = i(b.messages.iter().map(|m| m.ts).max().unwrap_or(0));
-        let marked = run(
-            tx,
-            st,
-            "UPDATE ordo_writers SET batch = $2, updated = now(), last_ts = GREATEST(last_ts, $3)
-             WHERE id = $1",
-            &[&self.writer, &i(attempt), &newest],
-        )
-        .map_err(db("marking the batch"))?;
-        if marked == 0 {
-            // Forgotten as long gone after a very long pause: made again.
-            run(
-                tx,
-                st,
-                "INSERT INTO ordo_writers (id, batch, updated, last_ts) VALUES ($1, $2, now(), $3)",
-                &[&self.writer, &i(attempt), &newest],
-            )
-            .map_err(db("marking the batch"))?;
-        }
         for rec in &b.convs {
             let json = serde_json::to_string(rec).map_err(|e| StoreError::Engine {
                 context: "encoding a conversation".into(),
@@ -318,24 +299,26 @@ impl PgStore {
             )
             .map_err(db("writing members"))?;
         }
-        if !b.positions.is_empty() {
-            let ids: Vec<&str> = b.positions.iter().map(|p| p.id.as_str()).collect();
-            let max: Vec<i64> = b.positions.iter().map(|p| i(p.max_seq)).collect();
-            let first: Vec<i64> = b.positions.iter().map(|p| i(p.first_seq)).collect();
-            run(
-                tx,
-                st,
-                "UPDATE ordo_convs AS c SET max_seq = GREATEST(c.max_seq, p.max_seq),
-                   first_seq = GREATEST(c.first_seq, p.first_seq)
-                 FROM UNNEST($1::text[], $2::int8[], $3::int8[]) AS p(id, max_seq, first_seq)
-                 WHERE c.id = p.id",
-                &[&ids, &max, &first],
+        // The store's dedup cutoff, moved by the batch (kept in `ordo_state`; the store's own
+        // copy moves only once the transaction committed, in `committed`).
+        let mut cutoff = *self.forget_before.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(new) = b.dedup_forget_before_ms.filter(|n| *n > cutoff) {
+            run(tx, st, "INSERT INTO ordo_state (key, value) VALUES ('dedup_forget_before', $1)
+                 ON CONFLICT (key) DO UPDATE SET value = GREATEST(ordo_state.value, EXCLUDED.value)",
+                &[&i(new)],
             )
-            .map_err(db("moving seq ranges"))?;
+            .map_err(db("keeping the dedup cutoff"))?;
+            cutoff = new;
         }
-        if !b.messages.is_empty() {
-            insert_messages(tx, st, &b.messages)?;
-        }
+        self.write_common(tx, st, b, attempt, cutoff)
+            .map_err(|e| match e.code() {
+                // The transaction is aborted; which seq it was is read afresh by the caller.
+                Some(&SqlState::UNIQUE_VIOLATION) => StoreError::Conflict {
+                    conv: String::new(),
+                    seq: 0,
+                },
+                _ => db("writing the batch")(e),
+            })?;
         for (user, cmid) in &b.dedup_delete {
             run(
                 tx,
@@ -345,31 +328,10 @@ impl PgStore {
             )
             .map_err(db("forgetting a dedup entry"))?;
         }
-        self.expire_dedup(tx, st, b)?;
         put_dedup(tx, st, b)?;
-        if !b.cursors.is_empty() {
-            let conv: Vec<&str> = b.cursors.iter().map(|c| c.conv.as_str()).collect();
-            let user: Vec<&str> = b.cursors.iter().map(|c| c.user.as_str()).collect();
-            let device: Vec<&str> = b.cursors.iter().map(|c| c.device.as_str()).collect();
-            let delivered: Vec<i64> = b.cursors.iter().map(|c| i(c.delivered)).collect();
-            let read: Vec<i64> = b.cursors.iter().map(|c| i(c.read)).collect();
-            run(
-                tx,
-                st,
-                "INSERT INTO ordo_cursors (conv, user_id, device, delivered, read)
-                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int8[], $5::int8[])
-                 ON CONFLICT (conv, user_id, device) DO UPDATE
-                   SET delivered = EXCLUDED.delivered, read = EXCLUDED.read",
-                &[&conv, &user, &device, &delivered, &read],
-            )
-            .map_err(db("writing device positions"))?;
-        }
         // Trimmed messages take their dedup entries with them: those still in the window are
         // kept on their own first.
-        let cutoff = {
-            let before = *self.forget_before.lock().unwrap_or_else(|p| p.into_inner());
-            i(before.max(b.dedup_forget_before_ms.unwrap_or(0)))
-        };
+        let cutoff = i(cutoff);
         for (conv, below) in &b.trim_below {
             trim(tx, st, conv, i(*below), 0, cutoff)?;
             run(
@@ -401,38 +363,6 @@ impl PgStore {
             first_seqs.push((conv.clone(), u(first)));
         }
         Ok(CommitOutcome { first_seqs })
-    }
-
-    /// One bounded step of dedup expiry (see the crate's docs). The store's own cutoff is
-    /// moved (by the caller) only once the transaction committed.
-    fn expire_dedup(
-        &self,
-        tx: &mut Transaction<'_>,
-        st: &mut Prepared,
-        b: &Batch,
-    ) -> Result<(), StoreError> {
-        let mut before = *self.forget_before.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(new) = b.dedup_forget_before_ms.filter(|n| *n > before) {
-            run(tx, st, "INSERT INTO ordo_state (key, value) VALUES ('dedup_forget_before', $1)
-                 ON CONFLICT (key) DO UPDATE SET value = GREATEST(ordo_state.value, EXCLUDED.value)",
-                &[&i(new)],
-            )
-            .map_err(db("keeping the dedup cutoff"))?;
-            before = new;
-        }
-        if before == 0 {
-            return Ok(());
-        }
-        let step = i((b.messages.len() * 2 + EXPIRE_STEP) as u64);
-        run(
-            tx,
-            st,
-            "DELETE FROM ordo_dedup WHERE (user_id, cmid) IN
-               (SELECT user_id, cmid FROM ordo_dedup WHERE ts < $1 ORDER BY ts LIMIT $2)",
-            &[&i(before), &step],
-        )
-        .map_err(db("expiring dedup entries"))?;
-        Ok(())
     }
 
     /// The batch committed: the store's dedup cutoff moves with it.
@@ -512,9 +442,9 @@ impl PgStore {
             && b.dedup_forget_before_ms.is_none_or(|n| n <= before)
     }
 
-    /// Commits a common batch as one statement (data-modifying parts of one `WITH`, run in
-    /// autocommit): one round trip to the database, where the transaction takes one for each
-    /// statement, and its begin and commit.
+    /// Commits a common batch as one statement ([`PgStore::write_common`], run in autocommit):
+    /// one round trip to the database, where a transaction takes one for each statement, and
+    /// its begin and commit.
     fn commit_in_one(
         &self,
         c: &mut Client,
@@ -522,6 +452,24 @@ impl PgStore {
         b: &Batch,
         attempt: u64,
     ) -> Result<CommitOutcome, Failed> {
+        let cutoff = *self.forget_before.lock().unwrap_or_else(|p| p.into_inner());
+        self.write_common(c, st, b, attempt, cutoff)
+            .map_err(|e| self.failed(e, "committing a batch"))?;
+        Ok(CommitOutcome::default())
+    }
+
+    /// What every batch writes, as one statement (data-modifying parts of one `WITH`): this
+    /// writer's row moved to `attempt` (made if it is missing), the messages, the seq ranges,
+    /// the device positions, and one bounded step of dedup expiry before `cutoff` (see the
+    /// crate's docs).
+    fn write_common(
+        &self,
+        c: &mut impl postgres::GenericClient,
+        st: &mut Prepared,
+        b: &Batch,
+        attempt: u64,
+        cutoff: u64,
+    ) -> Result<(), postgres::Error> {
         let msgs = &b.messages;
         let newest = i(msgs.iter().map(|m| m.ts).max().unwrap_or(0));
         let attempt_no = i(attempt);
@@ -534,12 +482,11 @@ impl PgStore {
         let cur_device: Vec<&str> = b.cursors.iter().map(|c| c.device.as_str()).collect();
         let delivered: Vec<i64> = b.cursors.iter().map(|c| i(c.delivered)).collect();
         let read: Vec<i64> = b.cursors.iter().map(|c| i(c.read)).collect();
-        let before = i(*self.forget_before.lock().unwrap_or_else(|p| p.into_inner()));
+        let before = i(cutoff);
         let step = i((msgs.len() * 2 + EXPIRE_STEP) as u64);
-        let statement = st
-            .get(
-                c,
-                "WITH
+        let statement = st.get(
+            c,
+            "WITH
                    w AS (INSERT INTO ordo_writers (id, batch, updated, last_ts)
                          VALUES ($1, $2, now(), $3)
                          ON CONFLICT (id) DO UPDATE SET batch = EXCLUDED.batch,
@@ -567,8 +514,7 @@ impl PgStore {
                             ORDER BY ts LIMIT $22::int8)
                          RETURNING 1)
                  SELECT (SELECT count(*) FROM w)",
-            )
-            .map_err(|e| self.failed(e, "preparing the commit"))?;
+        )?;
         c.query_one(
             &statement,
             &[
@@ -588,9 +534,8 @@ impl PgStore {
                 ],
             ]
             .concat(),
-        )
-        .map_err(|e| self.failed(e, "committing a batch"))?;
-        Ok(CommitOutcome::default())
+        )?;
+        Ok(())
     }
 
     /// A failure of the one-statement commit: a broken connection leaves its outcome unknown,
@@ -695,33 +640,6 @@ impl<'a> MessageColumns<'a> {
                 .map(|m| m.event.as_ref().and_then(|e| serde_json::to_string(e).ok()))
                 .collect(),
         }
-    }
-}
-
-fn insert_messages(
-    tx: &mut Transaction<'_>,
-    st: &mut Prepared,
-    msgs: &[std::sync::Arc<StoredMessage>],
-) -> Result<(), StoreError> {
-    let m = MessageColumns::of(msgs);
-    let inserted = run(
-        tx,
-        st,
-        "INSERT INTO ordo_messages (conv, seq, from_user, device, cmid, body, reply_to, ts, event)
-         SELECT * FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[],
-                              $6::bytea[], $7::int8[], $8::int8[], $9::text[])",
-        &m.params(),
-    );
-    match inserted {
-        Ok(_) => Ok(()),
-        Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
-            // The transaction is aborted; which seq it was is read afresh by the caller.
-            Err(StoreError::Conflict {
-                conv: String::new(),
-                seq: 0,
-            })
-        }
-        Err(e) => Err(db("writing messages")(e)),
     }
 }
 
