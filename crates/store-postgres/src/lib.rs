@@ -5,14 +5,19 @@
 //! A batch is one transaction: its messages (the key (conversation, seq) is unique, so a history
 //! can never fork: a second writer of the same seq gets [`StoreError::Conflict`] and nothing of
 //! its batch is written), conversation records and seq ranges, dedup entries, device positions
-//! and trims. The transaction commits before [`Store::commit`] returns; with
-//! `synchronous_commit = on` (PostgreSQL's default) that means durable, on the standbys too
-//! when `synchronous_standby_names` says so.
+//! and trims. The common batch (messages, seq ranges, positions) is one statement in
+//! autocommit, one round trip; the others a transaction of several. It commits before
+//! [`Store::commit`] returns; with `synchronous_commit = on` (PostgreSQL's default) that means
+//! durable, on the standbys too when `synchronous_standby_names` says so. Every commit also
+//! moves this writer's row in `ordo_writers` to the attempt's number, so that a commit whose
+//! answer was lost is read back, never guessed (see [`StoreError::Unreachable`]).
 //!
-//! Dedup entries expire by time in bounded steps: the cutoff the core gives is kept (in
-//! `ordo_state`), and every commit deletes at most twice its own messages' worth of entries
-//! older than it (plus a thousand), oldest first, so expiry keeps up with the rate of new
-//! entries and no commit carries one huge delete.
+//! A message is its own dedup entry (indexed by sender and client message id, and by time for
+//! the dedup scan, which reads them in slices of time). `ordo_dedup` keeps only the entries of messages a trim deletes while
+//! they are still in the dedup window, and those written on their own; they expire by time in
+//! bounded steps: the cutoff the core gives is kept (in `ordo_state`), and every commit deletes
+//! at most twice its own messages' worth of entries older than it (plus a thousand), oldest
+//! first. Entries older than the cutoff are not answered, wherever they are kept.
 //!
 //! The tables are created and migrated at open ([`schema`]); a database whose schema is newer
 //! than this binary is refused. Tables live in the connection's `search_path` (one database or
