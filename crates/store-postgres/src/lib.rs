@@ -316,14 +316,7 @@ impl PgStore {
             cutoff = new;
         }
         self.write_common(tx, st, b, attempt, cutoff)
-            .map_err(|e| match e.code() {
-                // The transaction is aborted; which seq it was is read afresh by the caller.
-                Some(&SqlState::UNIQUE_VIOLATION) => StoreError::Conflict {
-                    conv: String::new(),
-                    seq: 0,
-                },
-                _ => db("writing the batch")(e),
-            })?;
+            .map_err(not_written)?;
         for (user, cmid) in &b.dedup_delete {
             run(
                 tx,
@@ -413,6 +406,19 @@ fn trim(
     Ok(())
 }
 
+/// Why [`PgStore::write_common`] wrote nothing: a seq stored twice is a conflict (which seq is
+/// read afresh by the caller), anything else as [`db`] says. (In autocommit a broken connection
+/// leaves the outcome unknown instead: the caller sees to that first.)
+fn not_written(e: postgres::Error) -> StoreError {
+    match e.code() {
+        Some(&SqlState::UNIQUE_VIOLATION) => StoreError::Conflict {
+            conv: String::new(),
+            seq: 0,
+        },
+        _ => db("writing the batch")(e),
+    }
+}
+
 /// Runs `sql`, prepared once per connection, in the transaction.
 fn run(
     tx: &mut Transaction<'_>,
@@ -459,7 +465,10 @@ impl PgStore {
     ) -> Result<CommitOutcome, Failed> {
         let cutoff = *self.forget_before.lock().unwrap_or_else(|p| p.into_inner());
         self.write_common(c, st, b, attempt, cutoff)
-            .map_err(|e| self.failed(e, "committing a batch"))?;
+            .map_err(|e| match unreachable(&e) {
+                true => Failed::Unknown(e),
+                false => Failed::Store(not_written(e)),
+            })?;
         Ok(CommitOutcome::default())
     }
 
@@ -541,21 +550,6 @@ impl PgStore {
             .concat(),
         )?;
         Ok(())
-    }
-
-    /// A failure of the one-statement commit: a broken connection leaves its outcome unknown,
-    /// a seq stored twice is a conflict, anything else an error of the store.
-    fn failed(&self, e: postgres::Error, what: &str) -> Failed {
-        if unreachable(&e) {
-            Failed::Unknown(e)
-        } else if e.code() == Some(&SqlState::UNIQUE_VIOLATION) {
-            Failed::Store(StoreError::Conflict {
-                conv: String::new(),
-                seq: 0,
-            })
-        } else {
-            Failed::Store(db(what)(e))
-        }
     }
 
     /// Commits any batch in a transaction of its own.

@@ -86,8 +86,13 @@ fn a_short_chaos_run_finds_no_violation() {
     );
 }
 
-/// Whether this machine can start a PostgreSQL of its own; in CI it must.
-fn postgres_binaries(test: &str) -> bool {
+/// Whether `test`, which runs a PostgreSQL of its own, runs here: once, in the embedded suite
+/// (it needs no other database), and where the machine has the server binaries (in CI it
+/// must).
+fn runs_its_own_postgres(test: &str) -> bool {
+    if embedded_only(test, "it runs its own PostgreSQL, once, in the e2e suite") {
+        return false;
+    }
     match ordo_testkit::pg_cluster::bin_dir() {
         Ok(_) => true,
         Err(why) if std::env::var("CI").as_deref() == Ok("true") => panic!("{why}"),
@@ -100,11 +105,7 @@ fn postgres_binaries(test: &str) -> bool {
 
 #[test]
 fn ten_database_failovers_lose_no_acknowledged_message() {
-    let test = "ten_database_failovers_lose_no_acknowledged_message";
-    if embedded_only(test, "it runs its own PostgreSQL, once, in the e2e suite") {
-        return;
-    }
-    if !postgres_binaries(test) {
+    if !runs_its_own_postgres("ten_database_failovers_lose_no_acknowledged_message") {
         return;
     }
     let report = passing_check(&[
@@ -124,11 +125,7 @@ fn ten_database_failovers_lose_no_acknowledged_message() {
 
 #[test]
 fn a_database_restarted_under_load_loses_nothing() {
-    let test = "a_database_restarted_under_load_loses_nothing";
-    if embedded_only(test, "it runs its own PostgreSQL, once, in the e2e suite") {
-        return;
-    }
-    if !postgres_binaries(test) {
+    if !runs_its_own_postgres("a_database_restarted_under_load_loses_nothing") {
         return;
     }
     let report = passing_check(&[
