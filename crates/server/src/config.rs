@@ -358,6 +358,8 @@ impl Config {
             dedup_cache_entries: self.dedup_cache_entries,
             dedup_filter_bytes: self.dedup_filter_mib << 20,
             max_parked_bytes: CoreConfig::default().max_parked_bytes,
+            // The router sets it from the store.
+            commit_lanes: 1,
             conv_cache_entries: self.conv_cache_entries,
             retention_sweep_convs: CoreConfig::default().retention_sweep_convs,
             retention_pass_ms: self.housekeeping_secs.saturating_mul(1000),

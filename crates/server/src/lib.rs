@@ -7,6 +7,7 @@
 
 mod accept;
 pub mod auth;
+mod committer;
 pub mod config;
 mod conn;
 mod http;

@@ -27,11 +27,13 @@
 //! so this backend uses the synchronous `postgres` client over a small pool of its own
 //! ([`Pool`]).
 
+mod chain;
 mod pool;
 mod scan;
 pub mod schema;
 pub mod test_schema;
 
+use chain::{Ahead, Attempt, Chain};
 use ordo_core::{
     AgeSweep, Batch, CommitOutcome, ConvRecord, ConvState, CursorRecord, DedupRecord, Expired,
     GroupPage, MemberPage, MemberPageAsk, Snapshot, StoredMessage, MAX_GROUPS_LIMIT,
@@ -42,7 +44,8 @@ pub use pool::{redact, Conn, Pool, Prepared, POOL_SIZE};
 use postgres::error::SqlState;
 use postgres::{Client, Row, Transaction};
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 /// Conversation ids read at once for an overview or a list of groups.
 const ID_CHUNK: i64 = 256;
@@ -62,13 +65,14 @@ pub struct PgStore {
     /// This store's row in `ordo_writers` (made at open): every commit moves it to the number
     /// of its attempt, so that the outcome of a commit whose answer was lost can be read back.
     writer: String,
-    /// Commit attempts made: each is numbered, so a read-back can tell exactly which one last
-    /// took effect (batch ids cannot: a new core on the same store starts them again).
-    attempts: std::sync::atomic::AtomicU64,
-    /// The batch (id, attempt) whose COMMIT's answer was lost, until its outcome has been
-    /// read back.
-    unresolved: Mutex<Option<(u64, u64)>>,
+    /// Where this writer's commit attempts stand (see [`chain`]), and a signal for a commit
+    /// waiting for the attempt it follows.
+    chain: Mutex<Chain>,
+    moved: Condvar,
 }
+
+/// How long a commit waits for the attempt it follows to finish, when it overtook it.
+const FOLLOW_WAIT: Duration = Duration::from_secs(60);
 
 /// Whether `e` means the database cannot serve this connection now (the connection broke or
 /// could not be opened, the server is shutting down or starting, or it is a standby, as the
@@ -101,16 +105,29 @@ fn unreachable(e: &postgres::Error) -> bool {
         .contains(code)
 }
 
+/// What `e` says, with its causes (the client library's own text leaves out what the database
+/// said).
+pub(crate) fn text(e: &postgres::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
+
 /// A PostgreSQL error in the store's terms: a lost connection is `Unreachable` (trying again,
 /// once the database is back, may work); anything else says what the store was doing.
 fn db(context: &str) -> impl Fn(postgres::Error) -> StoreError + '_ {
     move |e| {
         if unreachable(&e) {
-            StoreError::Unreachable(format!("PostgreSQL ({context}): {e}"))
+            StoreError::Unreachable(format!("PostgreSQL ({context}): {}", text(&e)))
         } else {
             StoreError::Engine {
                 context: format!("PostgreSQL, {context}"),
-                source: Box::new(e),
+                source: text(&e).into(),
             }
         }
     }
@@ -170,37 +187,66 @@ impl PgStore {
             pool,
             forget_before: Mutex::new(u(forget)),
             writer,
-            attempts: 0.into(),
-            unresolved: Mutex::new(None),
+            chain: Mutex::new(Chain::default()),
+            moved: Condvar::new(),
         })
     }
 
-    /// Whether commit attempt `attempt` (this writer's last) took effect: read back from this
-    /// writer's row,
-    /// in a transaction that writes it. Its own commit waits, under synchronous replication,
-    /// until everything before it (the batch's commit among it) is on the standbys too: a
-    /// commit whose answer was lost may have been durable on the primary alone, and must not
-    /// be reported as committed until it is replicated as any other. It waits at most a few
-    /// seconds for a lock held by the batch's own transaction (the database may not have
-    /// noticed yet that its connection is gone). Any failure is `Unreachable`: the outcome
-    /// is still unknown, and is asked again later.
-    fn read_back(&self, attempt: u64) -> Result<bool, StoreError> {
+    fn chain(&self) -> MutexGuard<'_, Chain> {
+        self.chain.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes a fence (see [`chain`]): reads back what this writer's row holds and moves it to
+    /// a fresh number, in one transaction, so that no attempt begun before can take effect
+    /// any more and the failed ones are settled. Its commit waits, under synchronous
+    /// replication, until everything before it (a lost commit among it) is on the standbys
+    /// too: a commit whose answer was lost may have been durable on the primary alone, and
+    /// must not be reported as committed until it is replicated as any other. It waits at
+    /// most a few seconds for a lock held by a commit's own transaction (the database may not
+    /// have noticed yet that its connection is gone). Any failure is `Unreachable`: what the
+    /// failed attempts did is still unknown, and is asked again later.
+    fn fence(&self, chain: &mut Chain) -> Result<(), StoreError> {
+        let at = chain.fence_number();
         let mut c = self.pool.get()?;
-        let mut read = || -> Result<bool, postgres::Error> {
+        let mut read = || -> Result<Option<u64>, postgres::Error> {
             let mut tx = c.transaction()?;
             tx.batch_execute(&format!("SET LOCAL lock_timeout = '{READ_BACK_LOCK_WAIT}'"))?;
             let row = tx.query_opt(
-                "UPDATE ordo_writers SET updated = now() WHERE id = $1 RETURNING batch",
+                "SELECT batch FROM ordo_writers WHERE id = $1 FOR UPDATE",
                 &[&self.writer],
             )?;
+            let found = match row {
+                Some(r) => {
+                    tx.execute(
+                        "UPDATE ordo_writers SET batch = $2, updated = now() WHERE id = $1",
+                        &[&self.writer, &i(at)],
+                    )?;
+                    Some(u(r.get(0)))
+                }
+                None => {
+                    // Another server forgot the row as idle for a month: nothing this writer
+                    // began since then moved it.
+                    tx.execute(
+                        "INSERT INTO ordo_writers (id, batch, updated, last_ts)
+                         SELECT $1, $2, now(), COALESCE(MAX(last_ts), 0) FROM ordo_writers",
+                        &[&self.writer, &i(at)],
+                    )?;
+                    None
+                }
+            };
             tx.commit()?;
-            Ok(row.is_some_and(|r| u(r.get(0)) == attempt))
+            Ok(found)
         };
-        read().map_err(|e| {
+        let found = read().map_err(|e| {
+            c.discard();
             StoreError::Unreachable(format!(
-                "PostgreSQL (reading back whether a commit whose answer was lost took effect): {e}"
+                "PostgreSQL (reading back what commits whose answer was lost did): {}",
+                text(&e)
             ))
-        })
+        })?;
+        let base = chain.base();
+        chain.fenced(at, found.unwrap_or(base));
+        Ok(())
     }
 
     /// The outcome of `batch`, committed earlier, read from what is stored.
@@ -257,7 +303,7 @@ impl PgStore {
         tx: &mut Transaction<'_>,
         st: &mut Prepared,
         b: &Batch,
-        attempt: u64,
+        attempt: Attempt,
     ) -> Result<CommitOutcome, StoreError> {
         for rec in &b.convs {
             let json = serde_json::to_string(rec).map_err(|e| StoreError::Engine {
@@ -415,6 +461,13 @@ fn not_written(e: postgres::Error) -> StoreError {
             conv: String::new(),
             seq: 0,
         },
+        // Refused as a whole, and worth giving again: its fence settles it.
+        Some(c) if c.code() == FOLLOWS_PASSED || c == &SqlState::T_R_DEADLOCK_DETECTED => {
+            StoreError::Unreachable(format!(
+                "PostgreSQL (the commit was refused and is given again: {})",
+                text(&e)
+            ))
+        }
         _ => db("writing the batch")(e),
     }
 }
@@ -437,7 +490,30 @@ enum Failed {
     Unknown(postgres::Error),
     /// It did not take effect.
     Store(StoreError),
+    /// It reached the database before the attempt it follows had moved the writer's row, and
+    /// did not take effect: it is run again once that attempt finished.
+    Early(postgres::Error),
 }
+
+/// `ordo_follows` (schema step 7): the attempt a commit follows has not taken effect (yet).
+const FOLLOWS_NOT_YET: &str = "OR002";
+/// `ordo_follows`: the writer's row moved past the attempt a commit follows (a fence).
+const FOLLOWS_PASSED: &str = "OR001";
+
+/// How a failed statement of a commit ended: see [`Failed`]. In autocommit (`autocommit`), a
+/// broken connection leaves the outcome unknown; in a transaction not yet committed, nothing
+/// took effect.
+fn failed(e: postgres::Error, autocommit: bool) -> Failed {
+    match e.code().map(SqlState::code) {
+        Some(FOLLOWS_NOT_YET) => Failed::Early(e),
+        _ if autocommit && unreachable(&e) => Failed::Unknown(e),
+        _ => Failed::Store(not_written(e)),
+    }
+}
+
+/// Batches the PostgreSQL store commits at once: the next one's messages are written while
+/// the one before it is made durable (see [`chain`]).
+pub const COMMIT_LANES: usize = 2;
 
 impl PgStore {
     /// Whether the batch holds only what the one-statement commit writes: messages, seq
@@ -453,6 +529,24 @@ impl PgStore {
             && b.dedup_forget_before_ms.is_none_or(|n| n <= before)
     }
 
+    /// One attempt at committing `batch`.
+    fn try_commit(&self, batch: &Batch, attempt: Attempt) -> Result<CommitOutcome, Failed> {
+        let mut c = self.pool.get().map_err(Failed::Store)?;
+        let (client, st) = c.split();
+        let result = if self.fits_one_statement(batch) {
+            self.commit_in_one(client, st, batch, attempt)
+        } else {
+            self.commit_in_transaction(client, st, batch, attempt)
+        };
+        if matches!(
+            result,
+            Err(Failed::Unknown(_) | Failed::Store(StoreError::Unreachable(_)))
+        ) {
+            c.discard();
+        }
+        result
+    }
+
     /// Commits a common batch as one statement ([`PgStore::write_common`], run in autocommit):
     /// one round trip to the database, where a transaction takes one for each statement, and
     /// its begin and commit.
@@ -461,32 +555,33 @@ impl PgStore {
         c: &mut Client,
         st: &mut Prepared,
         b: &Batch,
-        attempt: u64,
+        attempt: Attempt,
     ) -> Result<CommitOutcome, Failed> {
         let cutoff = *self.forget_before.lock().unwrap_or_else(|p| p.into_inner());
         self.write_common(c, st, b, attempt, cutoff)
-            .map_err(|e| match unreachable(&e) {
-                true => Failed::Unknown(e),
-                false => Failed::Store(not_written(e)),
-            })?;
+            .map_err(|e| failed(e, true))?;
         Ok(CommitOutcome::default())
     }
 
-    /// What every batch writes, as one statement (data-modifying parts of one `WITH`): this
-    /// writer's row moved to `attempt` (made if it is missing), the messages, the seq ranges,
-    /// the device positions, and one bounded step of dedup expiry before `cutoff` (see the
-    /// crate's docs).
+    /// What every batch writes, as one statement (data-modifying parts of one `WITH`): the
+    /// messages first; then this writer's row moved to `attempt` (waiting for the attempt it
+    /// follows, if that one's transaction holds the row, and refused whole if the row holds
+    /// anything else: see [`chain`]); then the seq ranges, the device positions, and one
+    /// bounded step of dedup expiry before `cutoff` (see the crate's docs). The messages go
+    /// first so that they are written while the attempt before finishes; everything that
+    /// another commit may also touch comes after the writer's row, in the same order for
+    /// every commit, so that two never wait for each other.
     fn write_common(
         &self,
         c: &mut impl postgres::GenericClient,
         st: &mut Prepared,
         b: &Batch,
-        attempt: u64,
+        attempt: Attempt,
         cutoff: u64,
     ) -> Result<(), postgres::Error> {
         let msgs = &b.messages;
         let newest = i(msgs.iter().map(|m| m.ts).max().unwrap_or(0));
-        let attempt_no = i(attempt);
+        let (number, follows) = (i(attempt.number), i(attempt.follows));
         let m = MessageColumns::of(msgs);
         let pos_id: Vec<&str> = b.positions.iter().map(|p| p.id.as_str()).collect();
         let pos_max: Vec<i64> = b.positions.iter().map(|p| i(p.max_seq)).collect();
@@ -498,41 +593,41 @@ impl PgStore {
         let read: Vec<i64> = b.cursors.iter().map(|c| i(c.read)).collect();
         let before = i(cutoff);
         let step = i((msgs.len() * 2 + EXPIRE_STEP) as u64);
+        // The main query reads `m`, then `w`, in that order; the other parts run after it.
         let statement = st.get(
             c,
             "WITH
-                   w AS (INSERT INTO ordo_writers (id, batch, updated, last_ts)
-                         VALUES ($1, $2, now(), $3)
-                         ON CONFLICT (id) DO UPDATE SET batch = EXCLUDED.batch,
-                           updated = EXCLUDED.updated,
-                           last_ts = GREATEST(ordo_writers.last_ts, EXCLUDED.last_ts)
-                         RETURNING 1),
                    m AS (INSERT INTO ordo_messages
                            (conv, seq, from_user, device, cmid, body, reply_to, ts, event)
-                         SELECT * FROM UNNEST($4::text[], $5::int8[], $6::text[], $7::text[],
-                           $8::text[], $9::bytea[], $10::int8[], $11::int8[], $12::text[])
+                         SELECT * FROM UNNEST($5::text[], $6::int8[], $7::text[], $8::text[],
+                           $9::text[], $10::bytea[], $11::int8[], $12::int8[], $13::text[])
                          RETURNING 1),
+                   w AS (UPDATE ordo_writers
+                         SET batch = CASE WHEN batch = $2 THEN $3 ELSE batch END,
+                           updated = now(), last_ts = GREATEST(last_ts, $4)
+                         WHERE id = $1 RETURNING batch),
                    p AS (UPDATE ordo_convs AS c SET max_seq = GREATEST(c.max_seq, p.max_seq),
                            first_seq = GREATEST(c.first_seq, p.first_seq)
-                         FROM UNNEST($13::text[], $14::int8[], $15::int8[])
+                         FROM UNNEST($14::text[], $15::int8[], $16::int8[])
                            AS p(id, max_seq, first_seq)
                          WHERE c.id = p.id RETURNING 1),
                    k AS (INSERT INTO ordo_cursors (conv, user_id, device, delivered, read)
-                         SELECT * FROM UNNEST($16::text[], $17::text[], $18::text[],
-                           $19::int8[], $20::int8[])
+                         SELECT * FROM UNNEST($17::text[], $18::text[], $19::text[],
+                           $20::int8[], $21::int8[])
                          ON CONFLICT (conv, user_id, device) DO UPDATE
                            SET delivered = EXCLUDED.delivered, read = EXCLUDED.read
                          RETURNING 1),
                    e AS (DELETE FROM ordo_dedup WHERE (user_id, cmid) IN
-                           (SELECT user_id, cmid FROM ordo_dedup WHERE ts < $21::int8
-                            ORDER BY ts LIMIT $22::int8)
+                           (SELECT user_id, cmid FROM ordo_dedup WHERE ts < $22::int8
+                            ORDER BY ts LIMIT $23::int8)
                          RETURNING 1)
-                 SELECT (SELECT count(*) FROM w)",
+                 SELECT (SELECT count(*) FROM m),
+                   ordo_follows((SELECT batch FROM w), $2::int8, $3::int8)",
         )?;
         c.query_one(
             &statement,
             &[
-                &[&self.writer as Param, &attempt_no, &newest][..],
+                &[&self.writer as Param, &follows, &number, &newest][..],
                 &m.params(),
                 &[
                     &pos_id,
@@ -552,23 +647,107 @@ impl PgStore {
         Ok(())
     }
 
-    /// Commits any batch in a transaction of its own.
+    /// Commits any batch in a transaction of its own. Its first statement moves the writer's
+    /// row (waiting for the attempt it follows): every statement after it sees what that
+    /// attempt wrote.
     fn commit_in_transaction(
         &self,
         c: &mut Client,
         st: &mut Prepared,
         b: &Batch,
-        attempt: u64,
+        attempt: Attempt,
     ) -> Result<CommitOutcome, Failed> {
         let mut tx = c
             .transaction()
             .map_err(|e| Failed::Store(db("starting a commit")(e)))?;
-        let outcome = self.apply(&mut tx, st, b, attempt).map_err(Failed::Store)?;
+        let (number, follows) = (i(attempt.number), i(attempt.follows));
+        let statement = st
+            .get(
+                &mut tx,
+                "WITH w AS (UPDATE ordo_writers
+                            SET batch = CASE WHEN batch = $2 THEN $3 ELSE batch END,
+                              updated = now()
+                            WHERE id = $1 RETURNING batch)
+                 SELECT ordo_follows((SELECT batch FROM w), $2::int8, $3::int8)",
+            )
+            .map_err(|e| failed(e, false))?;
+        tx.query_one(&statement, &[&self.writer, &follows, &number])
+            .map_err(|e| failed(e, false))?;
+        // From here on the row holds this attempt's number: `write_common` moves it from there.
+        let own = Attempt {
+            number: attempt.number,
+            follows: attempt.number,
+        };
+        let outcome = self.apply(&mut tx, st, b, own).map_err(Failed::Store)?;
         match tx.commit() {
             Ok(()) => Ok(outcome),
             Err(e) if unreachable(&e) => Err(Failed::Unknown(e)),
             Err(e) => Err(Failed::Store(db("committing a batch")(e))),
         }
+    }
+
+    /// `attempt`, run for `batch`, finished; a commit waiting for it is told.
+    fn finished(&self, batch: &Arc<Batch>, attempt: Attempt, took: bool) {
+        self.chain().finished(batch, attempt, took);
+        self.moved.notify_all();
+    }
+
+    /// Waits (at most [`FOLLOW_WAIT`]) until the attempt `number` is not in flight any more.
+    fn wait_for(&self, number: u64) -> Ahead {
+        let deadline = Instant::now() + FOLLOW_WAIT;
+        let mut chain = self.chain();
+        loop {
+            let ahead = chain.ahead(number);
+            let left = deadline.saturating_duration_since(Instant::now());
+            if ahead != Ahead::InFlight || left.is_zero() {
+                return ahead;
+            }
+            chain = self
+                .moved
+                .wait_timeout(chain, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// `batch` took effect (a read-back said so): its outcome, read from what is stored.
+    fn took_effect(&self, batch: &Batch) -> Result<CommitOutcome, StoreError> {
+        let outcome = self.outcome_of(batch)?;
+        self.committed(batch);
+        Ok(outcome)
+    }
+
+    /// The seq of `batch` stored twice (read after its attempt was rolled back), as a
+    /// conflict.
+    fn which_conflict(&self, batch: &Batch) -> StoreError {
+        let conv: Vec<&str> = batch.messages.iter().map(|m| m.conv.as_str()).collect();
+        let seq: Vec<i64> = batch.messages.iter().map(|m| i(m.seq)).collect();
+        let row = self.pool.get().and_then(|mut c| {
+            c.query_opt(
+                "SELECT m.conv, m.seq FROM ordo_messages m
+                 JOIN UNNEST($1::text[], $2::int8[]) AS b(conv, seq)
+                   ON m.conv = b.conv AND m.seq = b.seq LIMIT 1",
+                &[&conv, &seq],
+            )
+            .map_err(db("finding a seq stored twice"))
+        });
+        let row = match row {
+            Ok(row) => row,
+            Err(e) => return e,
+        };
+        let (conv, seq) = match row {
+            Some(r) => (r.get::<_, String>(0), u(r.get(1))),
+            // Stored twice within the batch itself.
+            None => {
+                let mut seen = std::collections::HashSet::new();
+                batch
+                    .messages
+                    .iter()
+                    .find(|m| !seen.insert((m.conv.as_str(), m.seq)))
+                    .map_or((String::new(), 0), |m| (m.conv.clone(), m.seq))
+            }
+        };
+        StoreError::Conflict { conv, seq }
     }
 }
 
@@ -804,97 +983,102 @@ impl Store for PgStore {
         GroupPage::collect(limit, records)
     }
 
-    fn commit(&self, batch: std::sync::Arc<Batch>) -> Result<CommitOutcome, StoreError> {
+    fn commit_lanes(&self) -> usize {
+        COMMIT_LANES
+    }
+
+    fn begin_commit(&self, batch: &Arc<Batch>) {
+        if !batch.is_empty() {
+            self.chain().begin(batch);
+        }
+    }
+
+    fn commit(&self, batch: Arc<Batch>) -> Result<CommitOutcome, StoreError> {
         if batch.is_empty() {
             return Ok(CommitOutcome::default());
         }
-        let mut unresolved = self.unresolved.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((id, attempt)) = *unresolved {
-            // The last commit's answer was lost: what it did is read back, never guessed. Until
-            // that is known (and the outcome read), it stays unresolved.
-            if self.read_back(attempt)? {
-                if id != batch.id {
-                    return Err(StoreError::Engine {
-                        context: "PostgreSQL, committing a batch".into(),
-                        source: format!("batch {id}, whose answer was lost, did commit, but batch {} was given instead of it again", batch.id).into(),
+        let mut chain = self.chain();
+        if let Some(number) = chain.failed_attempt(&batch) {
+            // Given again after its attempt failed: what that attempt did is read back (a
+            // fence settles it), never guessed.
+            if chain.fate(number).is_none() {
+                self.fence(&mut chain)?;
+            }
+            let took = chain.fate(number) == Some(true);
+            chain.settle(&batch);
+            if took {
+                drop(chain);
+                return self.took_effect(&batch);
+            }
+        }
+        if let Some(id) = chain.took_effect_unanswered(&batch) {
+            return Err(StoreError::Engine {
+                context: "PostgreSQL, committing a batch".into(),
+                source: format!("batch {id}, whose answer was lost, did commit, but batch {} was given before it again", batch.id).into(),
+            });
+        }
+        if chain.broken() {
+            self.fence(&mut chain)?;
+        }
+        let attempt = chain.start(&batch);
+        drop(chain);
+        let mut overtook = false;
+        loop {
+            match self.try_commit(&batch, attempt) {
+                Ok(outcome) => {
+                    self.finished(&batch, attempt, true);
+                    self.committed(&batch);
+                    return Ok(outcome);
+                }
+                Err(Failed::Early(e)) => {
+                    // It reached the database before the attempt it follows: wait for that one.
+                    let ahead = self.wait_for(attempt.follows);
+                    if ahead == Ahead::Done && !overtook {
+                        overtook = true;
+                        continue;
+                    }
+                    self.finished(&batch, attempt, false);
+                    return Err(match ahead {
+                        Ahead::Failed => StoreError::Unreachable(
+                            "PostgreSQL (the commit before this one failed, so this one did not take effect)".into(),
+                        ),
+                        Ahead::InFlight => StoreError::Unreachable(format!(
+                            "PostgreSQL (the commit before this one did not finish in {} s)",
+                            FOLLOW_WAIT.as_secs()
+                        )),
+                        Ahead::Done => StoreError::Engine {
+                            context: "PostgreSQL, committing a batch".into(),
+                            source: format!("this server's row in ordo_writers is behind a commit the database confirmed ({}): the database lost committed transactions (was an asynchronous standby promoted, or a backup restored?); restart the server so that it reads the store afresh, and clients resync", text(&e)).into(),
+                        },
                     });
                 }
-                let outcome = self.outcome_of(&batch)?;
-                *unresolved = None;
-                self.committed(&batch);
-                return Ok(outcome);
-            }
-            *unresolved = None;
-        }
-        let attempt = self
-            .attempts
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-            + 1;
-        let mut c = self.pool.get()?;
-        let (client, st) = c.split();
-        let result = if self.fits_one_statement(&batch) {
-            self.commit_in_one(client, st, &batch, attempt)
-        } else {
-            self.commit_in_transaction(client, st, &batch, attempt)
-        };
-        match result {
-            Ok(outcome) => {
-                self.committed(&batch);
-                Ok(outcome)
-            }
-            Err(Failed::Unknown(e)) => {
-                // The commit may or may not have taken effect: read it back, at once if the
-                // database can still be reached, else before the next commit.
-                c.discard();
-                drop(c);
-                *unresolved = Some((batch.id, attempt));
-                let took = self.read_back(attempt).map_err(|_| {
-                    StoreError::Unreachable(format!(
-                        "PostgreSQL (the connection broke during the commit: {e}; whether it took effect is read back once the database can be reached)"
-                    ))
-                })?;
-                if !took {
-                    *unresolved = None;
-                    return Err(StoreError::Unreachable(format!(
-                        "PostgreSQL (the connection broke during the commit, which did not take effect: {e})"
-                    )));
-                }
-                let outcome = self.outcome_of(&batch)?;
-                *unresolved = None;
-                self.committed(&batch);
-                Ok(outcome)
-            }
-            Err(Failed::Store(e @ StoreError::Unreachable(_))) => {
-                c.discard();
-                Err(e)
-            }
-            Err(Failed::Store(StoreError::Conflict { .. })) => {
-                // Which seq: read after the rollback.
-                let conv: Vec<&str> = batch.messages.iter().map(|m| m.conv.as_str()).collect();
-                let seq: Vec<i64> = batch.messages.iter().map(|m| i(m.seq)).collect();
-                let row = c
-                    .query_opt(
-                        "SELECT m.conv, m.seq FROM ordo_messages m
-                         JOIN UNNEST($1::text[], $2::int8[]) AS b(conv, seq)
-                           ON m.conv = b.conv AND m.seq = b.seq LIMIT 1",
-                        &[&conv, &seq],
-                    )
-                    .map_err(db("finding a seq stored twice"))?;
-                let (conv, seq) = match row {
-                    Some(r) => (r.get::<_, String>(0), u(r.get(1))),
-                    // Stored twice within the batch itself.
-                    None => {
-                        let mut seen = std::collections::HashSet::new();
-                        batch
-                            .messages
-                            .iter()
-                            .find(|m| !seen.insert((m.conv.as_str(), m.seq)))
-                            .map_or((String::new(), 0), |m| (m.conv.clone(), m.seq))
+                Err(Failed::Unknown(e)) => {
+                    // The attempt may or may not have taken effect: read it back at once if the
+                    // database can still be reached, else when the batch is given again.
+                    self.finished(&batch, attempt, false);
+                    let mut chain = self.chain();
+                    if self.fence(&mut chain).is_err() {
+                        return Err(StoreError::Unreachable(format!(
+                            "PostgreSQL (the connection broke during the commit: {}; whether it took effect is read back once the database can be reached)", text(&e)
+                        )));
                     }
-                };
-                Err(StoreError::Conflict { conv, seq })
+                    if chain.fate(attempt.number) != Some(true) {
+                        return Err(StoreError::Unreachable(format!(
+                            "PostgreSQL (the connection broke during the commit, which did not take effect: {})", text(&e)
+                        )));
+                    }
+                    chain.settle(&batch);
+                    drop(chain);
+                    return self.took_effect(&batch);
+                }
+                Err(Failed::Store(e)) => {
+                    self.finished(&batch, attempt, false);
+                    return Err(match e {
+                        StoreError::Conflict { .. } => self.which_conflict(&batch),
+                        e => e,
+                    });
+                }
             }
-            Err(Failed::Store(e)) => Err(e),
         }
     }
 

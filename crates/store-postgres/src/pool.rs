@@ -175,8 +175,9 @@ impl Pool {
                         // A waiter may open one now.
                         self.freed.notify_one();
                         Err(StoreError::Unreachable(format!(
-                            "cannot connect to PostgreSQL at {}: {e}",
-                            redact(&self.url)
+                            "cannot connect to PostgreSQL at {}: {}",
+                            redact(&self.url),
+                            crate::text(&e)
                         )))
                     }
                 };

@@ -124,6 +124,29 @@ pub const MIGRATIONS: &[&str] = &[
     SELECT 'migrated', 0, now(), COALESCE((SELECT MAX(ts) FROM ordo_messages), 0)
     ON CONFLICT (id) DO UPDATE SET last_ts = GREATEST(ordo_writers.last_ts, EXCLUDED.last_ts);
     "#,
+    // 7: a commit moves its writer's row only from the attempt it follows, and is refused
+    // whole otherwise (so that of two commits in flight, the second never takes effect
+    // before the first, nor without it): `held` is what the row holds after the commit's
+    // move. OR002: the attempt it follows has not taken effect (yet); OR001: the row moved
+    // past it (a read-back fenced it).
+    r#"
+    CREATE FUNCTION ordo_follows(held bigint, follows bigint, attempt bigint) RETURNS bigint
+    LANGUAGE plpgsql AS $$
+    BEGIN
+        IF held IS NULL THEN
+            RAISE EXCEPTION 'ordo: commit attempt % found no row of its writer', attempt
+                USING ERRCODE = 'OR001';
+        ELSIF held = attempt THEN
+            RETURN held;
+        ELSIF held < follows THEN
+            RAISE EXCEPTION 'ordo: commit attempt % follows attempt %, which has not taken effect (the row holds %)', attempt, follows, held
+                USING ERRCODE = 'OR002';
+        ELSE
+            RAISE EXCEPTION 'ordo: commit attempt % follows attempt %, but the row moved past it to %', attempt, follows, held
+                USING ERRCODE = 'OR001';
+        END IF;
+    END $$;
+    "#,
 ];
 
 /// The schema version this binary writes.

@@ -332,3 +332,100 @@ fn a_transaction_whose_commit_answer_is_lost_is_read_back() {
     commit(&s.store, &h).expect("given again, it is taken");
     assert_eq!(stored(&s.store, "h"), vec![1, 2]);
 }
+
+/// Two batches in flight at once ([`Store::commit_lanes`]): begun in order, committed on two
+/// threads. The second reaching the database first waits for the first.
+#[test]
+fn of_two_commits_in_flight_the_second_waits_for_the_first() {
+    let Some(s) = setup("of_two_commits_in_flight_the_second_waits_for_the_first") else {
+        return;
+    };
+    assert!(s.store.commit_lanes() > 1);
+    commit(&s.store, &created(1, "g", 3, 10)).expect("first batch");
+    let (first, second) = (
+        Arc::new(appended(2, "g", 4..=6, 10)),
+        Arc::new(appended(3, "g", 7..=9, 10)),
+    );
+    s.store.begin_commit(&first);
+    s.store.begin_commit(&second);
+    std::thread::scope(|t| {
+        let later = t.spawn(|| s.store.commit(second.clone()).map(|_| ()));
+        std::thread::sleep(Duration::from_millis(300));
+        // The second has not taken effect without the first.
+        assert_eq!(stored(&s.store, "g"), vec![1, 2, 3]);
+        assert!(!later.is_finished(), "the second answered before the first");
+        s.store.commit(first.clone()).expect("the first");
+        later
+            .join()
+            .expect("no panic")
+            .expect("the second, after it");
+    });
+    assert_eq!(stored(&s.store, "g"), (1..=9).collect::<Vec<_>>());
+}
+
+/// The first of two batches in flight never reaches the database: the second does not take
+/// effect either, and both are taken when given again, in order.
+#[test]
+fn when_the_first_of_two_in_flight_is_lost_the_second_is_not_taken_without_it() {
+    let Some(s) =
+        setup("when_the_first_of_two_in_flight_is_lost_the_second_is_not_taken_without_it")
+    else {
+        return;
+    };
+    commit(&s.store, &created(1, "g", 3, 10)).expect("first batch");
+    let (first, second) = (
+        Arc::new(appended(2, "g", 4..=6, 10)),
+        Arc::new(appended(3, "g", 7..=9, 10)),
+    );
+    s.proxy.commit_marked_by(b"body 5");
+    s.proxy.set(DROP_COMMIT);
+    s.store.begin_commit(&first);
+    s.store.begin_commit(&second);
+    let (a, b) = std::thread::scope(|t| {
+        let a = t.spawn(|| s.store.commit(first.clone()).map(|_| ()));
+        let b = t.spawn(|| s.store.commit(second.clone()).map(|_| ()));
+        (a.join().expect("no panic"), b.join().expect("no panic"))
+    });
+    unreachable(a);
+    unreachable(b);
+    assert_eq!(stored(&s.store, "g"), vec![1, 2, 3]);
+    s.store.commit(first).expect("given again");
+    s.store.commit(second).expect("given again, after it");
+    assert_eq!(stored(&s.store, "g"), (1..=9).collect::<Vec<_>>());
+}
+
+/// The first of two batches in flight commits and its answer is lost: whatever the second
+/// did meanwhile, giving the failed ones again in order stores every message exactly once.
+#[test]
+fn when_the_answer_of_the_first_of_two_in_flight_is_lost_each_counts_once() {
+    let Some(s) = setup("when_the_answer_of_the_first_of_two_in_flight_is_lost_each_counts_once")
+    else {
+        return;
+    };
+    commit(&s.store, &created(1, "g", 3, 10)).expect("first batch");
+    let (first, second) = (
+        Arc::new(appended(2, "g", 4..=6, 10)),
+        Arc::new(appended(3, "g", 7..=9, 10)),
+    );
+    s.proxy.commit_marked_by(b"body 5");
+    s.proxy.set(CUT_AFTER_COMMIT);
+    s.store.begin_commit(&first);
+    s.store.begin_commit(&second);
+    let (a, b) = std::thread::scope(|t| {
+        let a = t.spawn(|| s.store.commit(first.clone()).map(|_| ()));
+        let b = t.spawn(|| s.store.commit(second.clone()).map(|_| ()));
+        (a.join().expect("no panic"), b.join().expect("no panic"))
+    });
+    assert_eq!(
+        s.proxy.fired.load(Ordering::SeqCst),
+        1,
+        "the commit was cut"
+    );
+    for (batch, result) in [(first, a), (second, b)] {
+        if let Err(e) = result {
+            assert!(matches!(e, StoreError::Unreachable(_)), "{e}");
+            s.store.commit(batch).expect("given again");
+        }
+    }
+    assert_eq!(stored(&s.store, "g"), (1..=9).collect::<Vec<_>>());
+}

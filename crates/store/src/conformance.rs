@@ -235,7 +235,7 @@ fn commit(store: &dyn Store, batch: Batch) -> Vec<(String, u64)> {
     let id = batch.id;
     store
         .commit(batch.into())
-        .unwrap_or_else(|e| panic!("commit of batch {id}: {e}"))
+        .unwrap_or_else(|e| panic!("commit of batch {id}: {e} ({e:?})"))
         .first_seqs
 }
 
