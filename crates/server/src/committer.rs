@@ -41,6 +41,8 @@ pub(crate) const RETRY_MAX: Duration = Duration::from_secs(2);
 enum Event {
     /// A batch the core took, to make durable after the ones before it.
     Batch(Batch),
+    /// The router is gone: stop (the lanes stop after the commit they are in).
+    Stop,
     /// A lane's commit answered.
     Answered {
         lane: usize,
@@ -97,6 +99,13 @@ impl Committer {
     }
 }
 
+impl Drop for Committer {
+    fn drop(&mut self) {
+        // The lanes hold senders of the same channel: closing ours does not end it.
+        let _ = self.tx.send(Event::Stop);
+    }
+}
+
 /// A batch begun and not yet reported back.
 struct Entry {
     batch: Arc<Batch>,
@@ -122,6 +131,7 @@ impl Pipeline {
         while let Ok(event) = rx.recv() {
             match event {
                 Event::Batch(b) => self.waiting.push_back(b),
+                Event::Stop => return,
                 Event::Answered { lane, id, result } => {
                     self.idle.push(lane);
                     if let Some(e) = self.queue.iter_mut().find(|e| e.batch.id == id) {

@@ -69,6 +69,8 @@ pub struct PgStore {
     /// waiting for the attempt it follows.
     chain: Mutex<Chain>,
     moved: Condvar,
+    /// Batches committed at once (1 unless set).
+    lanes: usize,
 }
 
 /// How long a commit waits for the attempt it follows to finish, when it overtook it.
@@ -189,7 +191,16 @@ impl PgStore {
             writer,
             chain: Mutex::new(Chain::default()),
             moved: Condvar::new(),
+            lanes: 1,
         })
+    }
+
+    /// Commits up to `lanes` batches at once (1 to [`MAX_COMMIT_LANES`]): each batch's
+    /// messages are written while the ones before it are made durable, and it takes effect
+    /// only after them (see [`chain`]). Worth it when a commit waits mostly on the network or
+    /// on synchronous standbys; smaller batches cost the database more per message.
+    pub fn set_commit_lanes(&mut self, lanes: usize) {
+        self.lanes = lanes.clamp(1, MAX_COMMIT_LANES);
     }
 
     fn chain(&self) -> MutexGuard<'_, Chain> {
@@ -511,9 +522,8 @@ fn failed(e: postgres::Error, autocommit: bool) -> Failed {
     }
 }
 
-/// Batches the PostgreSQL store commits at once: the next one's messages are written while
-/// the one before it is made durable (see [`chain`]).
-pub const COMMIT_LANES: usize = 2;
+/// The most batches the PostgreSQL store commits at once ([`PgStore::set_commit_lanes`]).
+pub const MAX_COMMIT_LANES: usize = 4;
 
 impl PgStore {
     /// Whether the batch holds only what the one-statement commit writes: messages, seq
@@ -984,7 +994,7 @@ impl Store for PgStore {
     }
 
     fn commit_lanes(&self) -> usize {
-        COMMIT_LANES
+        self.lanes
     }
 
     fn begin_commit(&self, batch: &Arc<Batch>) {
