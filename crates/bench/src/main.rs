@@ -23,6 +23,7 @@ mod scenario;
 mod system;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use ordo_testkit::pg_cluster::PgCluster;
 use payload::Clock;
 use report::Outcome;
 use serde::Serialize;
@@ -108,6 +109,12 @@ pub struct Common {
         default_value = "host=127.0.0.1 port=5432 user=postgres dbname=test"
     )]
     pub store: String,
+    /// Runs `ordo-pg` on a PostgreSQL of the bench's own instead of `--store`: a primary and
+    /// this many standbys with quorum commit (`synchronous_standby_names = 'ANY 1 (...)'`;
+    /// 0: a lone primary), from the server binaries in `/usr/lib/postgresql/15/bin` (or
+    /// `ORDO_PG_BIN`), removed after. Its CPU counts as PostgreSQL's.
+    #[arg(long, conflicts_with = "store")]
+    pub pg_cluster: Option<usize>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
@@ -468,6 +475,30 @@ async fn series<P: Serialize>(
         Run::Connections(a) => raise_fd_limit(a.connections as u64 + 512)?,
         Run::Pairs(_) | Run::Catchup(_) | Run::Soak(_) => {}
     }
+    let cluster = match common.pg_cluster {
+        Some(n) if common.systems.contains(&System::OrdoPg) => {
+            if !common.json {
+                eprintln!("{scenario}: starting PostgreSQL with {n} standby(s)");
+            }
+            let c = tokio::task::spawn_blocking(move || PgCluster::start(n))
+                .await
+                .map_err(|e| BenchError(e.to_string()))?
+                .map_err(|e| BenchError(format!("--pg-cluster: {e}")))?;
+            Some(c)
+        }
+        _ => None,
+    };
+    let on_cluster;
+    let common = match &cluster {
+        Some(c) => {
+            on_cluster = Common {
+                store: c.url(),
+                ..common.clone()
+            };
+            &on_cluster
+        }
+        None => common,
+    };
     let mut runs: Vec<Outcome> = Vec::new();
     for round in 0..common.runs {
         for &sys in &common.systems {
