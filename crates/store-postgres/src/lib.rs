@@ -9,12 +9,14 @@
 //! autocommit, one round trip; the others a transaction of several. It commits before
 //! [`Store::commit`] returns; with `synchronous_commit = on` (PostgreSQL's default) that means
 //! durable, on the standbys too when `synchronous_standby_names` says so. Every commit also
-//! moves this writer's row in `ordo_writers` to the attempt's number, so that a commit whose
-//! answer was lost is read back, never guessed (see [`StoreError::Unreachable`]).
+//! moves this writer's row in `ordo_writers` from the number of the attempt before it to its
+//! own (the `chain` module), so that a commit whose answer was lost is read back, never guessed (see
+//! [`StoreError::Unreachable`]), batches committed at once ([`PgStore::set_commit_lanes`]) take
+//! effect in order, and a database that lost commits it confirmed is noticed at the next one.
 //!
 //! A message is its own dedup entry (indexed by sender and client message id, and by time for
-//! the dedup scan, which reads them in slices of time). `ordo_dedup` keeps only the entries of messages a trim deletes while
-//! they are still in the dedup window, and those written on their own; they expire by time in
+//! the dedup scan, which reads them in slices of time). `ordo_dedup` keeps only the entries of
+//! messages a trim deletes while they are still in the dedup window, and those written on their own; they expire by time in
 //! bounded steps: the cutoff the core gives is kept (in `ordo_state`), and every commit deletes
 //! at most twice its own messages' worth of entries older than it (plus a thousand), oldest
 //! first. Entries older than the cutoff are not answered, wherever they are kept.
@@ -197,7 +199,7 @@ impl PgStore {
 
     /// Commits up to `lanes` batches at once (1 to [`MAX_COMMIT_LANES`]): each batch's
     /// messages are written while the ones before it are made durable, and it takes effect
-    /// only after them (see [`chain`]). Worth it when a commit waits mostly on the network or
+    /// only after them (see the `chain` module). Worth it when a commit waits mostly on the network or
     /// on synchronous standbys; smaller batches cost the database more per message.
     pub fn set_commit_lanes(&mut self, lanes: usize) {
         self.lanes = lanes.clamp(1, MAX_COMMIT_LANES);
