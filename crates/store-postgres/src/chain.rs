@@ -10,8 +10,10 @@
 //!
 //! A failed attempt (its connection broke, or the attempt before it failed) is settled by a
 //! fence: a read-back that moves the row to a fresh number, so that no attempt begun before
-//! the fence can take effect any more, and reads what the row held: every attempt since the
-//! previous fence up to that number took effect, the others begun before the fence did not.
+//! the fence can take effect any more, and reads the last attempt that took effect (kept in
+//! the row beside the number, and left as it is by fences): every attempt since the previous
+//! fence up to that one took effect, the others begun before the fence did not. A fence whose
+//! own answer was lost is not counted: the next one reads the same last attempt.
 //!
 //! This module holds only the bookkeeping (no I/O); [`crate::PgStore`] runs the statements.
 
@@ -29,7 +31,8 @@ pub(crate) struct Attempt {
     pub follows: u64,
 }
 
-/// A read-back that moved the row to `at`, finding `found`; the fence before it was `base`.
+/// A read-back that moved the row to `at`, finding `found` the last attempt that took effect;
+/// the fence before it (whose answer was seen) was `base`.
 #[derive(Clone, Copy, Debug)]
 struct Fence {
     base: u64,
@@ -162,7 +165,7 @@ impl Chain {
         self.last
     }
 
-    /// The fence `at` moved the row, which held `found`.
+    /// The fence `at` moved the row; the last attempt that took effect was `found`.
     pub fn fenced(&mut self, at: u64, found: u64) {
         self.fences.push(Fence {
             base: self.base,

@@ -209,7 +209,7 @@ impl PgStore {
         self.chain.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Makes a fence (see [`chain`]): reads back what this writer's row holds and moves it to
+    /// Makes a fence (see [`chain`]): reads back the last attempt of this writer that took effect, and moves its row to
     /// a fresh number, in one transaction, so that no attempt begun before can take effect
     /// any more and the failed ones are settled. Its commit waits, under synchronous
     /// replication, until everything before it (a lost commit among it) is on the standbys
@@ -225,7 +225,7 @@ impl PgStore {
             let mut tx = c.transaction()?;
             tx.batch_execute(&format!("SET LOCAL lock_timeout = '{READ_BACK_LOCK_WAIT}'"))?;
             let row = tx.query_opt(
-                "SELECT batch FROM ordo_writers WHERE id = $1 FOR UPDATE",
+                "SELECT last_attempt FROM ordo_writers WHERE id = $1 FOR UPDATE",
                 &[&self.writer],
             )?;
             let found = match row {
@@ -616,6 +616,7 @@ impl PgStore {
                          RETURNING 1),
                    w AS (UPDATE ordo_writers
                          SET batch = CASE WHEN batch = $2 THEN $3 ELSE batch END,
+                           last_attempt = CASE WHEN batch = $2 THEN $3 ELSE last_attempt END,
                            updated = now(), last_ts = GREATEST(last_ts, $4)
                          WHERE id = $1 RETURNING batch),
                    p AS (UPDATE ordo_convs AS c SET max_seq = GREATEST(c.max_seq, p.max_seq),
@@ -678,6 +679,7 @@ impl PgStore {
                 &mut tx,
                 "WITH w AS (UPDATE ordo_writers
                             SET batch = CASE WHEN batch = $2 THEN $3 ELSE batch END,
+                              last_attempt = CASE WHEN batch = $2 THEN $3 ELSE last_attempt END,
                               updated = now()
                             WHERE id = $1 RETURNING batch)
                  SELECT ordo_follows((SELECT batch FROM w), $2::int8, $3::int8)",

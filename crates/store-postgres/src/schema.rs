@@ -129,7 +129,12 @@ pub const MIGRATIONS: &[&str] = &[
     // before the first, nor without it): `held` is what the row holds after the commit's
     // move. OR002: the attempt it follows has not taken effect (yet); OR001: the row moved
     // past it (a read-back fenced it).
+    //
+    // `batch` is what the next attempt follows (an attempt's number, or a fence's);
+    // `last_attempt` the last attempt that took effect, which a fence leaves as it is: a fence
+    // reads it to settle the attempts before it, even when an earlier fence's answer was lost.
     r#"
+    ALTER TABLE ordo_writers ADD COLUMN last_attempt bigint NOT NULL DEFAULT 0;
     CREATE FUNCTION ordo_follows(held bigint, follows bigint, attempt bigint) RETURNS bigint
     LANGUAGE plpgsql AS $$
     BEGIN

@@ -33,6 +33,8 @@ const DROP_COMMIT: u8 = 2;
 const REFUSE: u8 = 3;
 /// As [`CUT_AFTER_COMMIT`], and refuses new connections from then on.
 const CUT_AFTER_COMMIT_AND_REFUSE: u8 = 4;
+/// As [`DROP_COMMIT`], and refuses new connections from then on.
+const DROP_COMMIT_AND_REFUSE: u8 = 5;
 
 struct Proxy {
     port: u16,
@@ -126,16 +128,23 @@ fn pump_up(
         let commit = chunk.windows(needle.len()).any(|w| w == needle);
         if commit {
             let m = mode.load(Ordering::SeqCst);
-            if [CUT_AFTER_COMMIT, DROP_COMMIT, CUT_AFTER_COMMIT_AND_REFUSE].contains(&m) {
+            if [
+                CUT_AFTER_COMMIT,
+                DROP_COMMIT,
+                CUT_AFTER_COMMIT_AND_REFUSE,
+                DROP_COMMIT_AND_REFUSE,
+            ]
+            .contains(&m)
+            {
                 held.store(1, Ordering::SeqCst);
                 fired.fetch_add(1, Ordering::SeqCst);
-                let next = if m == CUT_AFTER_COMMIT_AND_REFUSE {
+                let next = if [CUT_AFTER_COMMIT_AND_REFUSE, DROP_COMMIT_AND_REFUSE].contains(&m) {
                     REFUSE
                 } else {
                     PASS
                 };
                 let _ = mode.compare_exchange(m, next, Ordering::SeqCst, Ordering::SeqCst);
-                if m != DROP_COMMIT {
+                if ![DROP_COMMIT, DROP_COMMIT_AND_REFUSE].contains(&m) {
                     let _ = server.write_all(chunk);
                     // Time for the database to do it; its answer goes nowhere.
                     std::thread::sleep(Duration::from_millis(300));
@@ -430,4 +439,30 @@ fn when_the_answer_of_the_first_of_two_in_flight_is_lost_each_counts_once() {
         }
     }
     assert_eq!(stored(&s.store, "g"), (1..=9).collect::<Vec<_>>());
+}
+
+/// The read-back's own answer is lost: a commit that never reached the database, then a
+/// read-back (fence) that committed unseen. The next read-back must still find that the commit
+/// did not take effect (the fence moved the row, not the last attempt that took effect), so
+/// that the batch is written when given again, not reported as stored.
+#[test]
+fn a_read_back_whose_answer_is_lost_settles_nothing_wrongly() {
+    let Some(s) = setup("a_read_back_whose_answer_is_lost_settles_nothing_wrongly") else {
+        return;
+    };
+    commit(&s.store, &created(1, "g", 3, 10)).expect("first batch");
+    let second = appended(2, "g", 4..=6, 10);
+    // Swallowed, and the database gone before the store can read back.
+    s.proxy.commit_marked_by(b"body 5");
+    s.proxy.set(DROP_COMMIT_AND_REFUSE);
+    unreachable(commit(&s.store, &second));
+    // Back, but the read-back's COMMIT is cut after it went through.
+    s.proxy.commit_marked_by(b"COMMIT\0");
+    s.proxy.set(CUT_AFTER_COMMIT);
+    unreachable(commit(&s.store, &second));
+    assert_eq!(s.proxy.fired.load(Ordering::SeqCst), 2, "both were cut");
+    assert_eq!(stored(&s.store, "g"), vec![1, 2, 3]);
+    s.proxy.set(PASS);
+    commit(&s.store, &second).expect("given again, it is written");
+    assert_eq!(stored(&s.store, "g"), (1..=6).collect::<Vec<_>>());
 }
