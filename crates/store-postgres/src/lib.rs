@@ -209,9 +209,9 @@ impl PgStore {
         self.chain.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Makes a fence (see [`chain`]): reads back the last attempt of this writer that took effect, and moves its row to
-    /// a fresh number, in one transaction, so that no attempt begun before can take effect
-    /// any more and the failed ones are settled. Its commit waits, under synchronous
+    /// Makes a fence (see [`chain`]): reads back the last attempt of this writer that took
+    /// effect, and moves its row to a fresh number, in one transaction, so that no attempt
+    /// begun before can take effect any more and the failed ones are settled. Its commit waits, under synchronous
     /// replication, until everything before it (a lost commit among it) is on the standbys
     /// too: a commit whose answer was lost may have been durable on the primary alone, and
     /// must not be reported as committed until it is replicated as any other. It waits at
