@@ -154,6 +154,17 @@ impl Chain {
             .map(|(b, _)| b.id)
     }
 
+    /// Whether an attempt other than `batch`'s is begun or running. A fence is made only when
+    /// none is: attempts begun after a fence follow it, and must not overtake earlier ones.
+    pub fn others_in_flight(&self, batch: &Arc<Batch>) -> bool {
+        let own = self
+            .begun
+            .iter()
+            .find(|(b, _)| Arc::ptr_eq(b, batch))
+            .map(|(_, a)| a.number);
+        !self.running.is_empty() || self.begun.iter().any(|(_, a)| Some(a.number) != own)
+    }
+
     /// Whether an attempt failed since the last fence: the next commit fences first.
     pub fn broken(&self) -> bool {
         self.broken
@@ -252,6 +263,21 @@ mod tests {
             }
         );
         assert!(!c.broken());
+    }
+
+    #[test]
+    fn others_in_flight_leaves_out_the_batch_asking() {
+        let mut c = Chain::default();
+        let (a, b) = (batch(1), batch(2));
+        c.begin(&a);
+        assert!(!c.others_in_flight(&a));
+        assert!(c.others_in_flight(&b));
+        c.begin(&b);
+        let sa = c.start(&a);
+        assert!(c.others_in_flight(&b), "a is running");
+        c.finished(&a, sa, true);
+        assert!(!c.others_in_flight(&b));
+        assert!(c.others_in_flight(&a), "b is begun");
     }
 
     #[test]

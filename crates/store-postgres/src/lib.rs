@@ -724,6 +724,18 @@ impl PgStore {
         }
     }
 
+    /// A fence (see [`PgStore::fence`]) made only while no attempt but `batch`'s is on its
+    /// way: one made while others are would let attempts begun after it take effect before
+    /// them. Otherwise `Unreachable`: the batch is given again once they have answered.
+    fn fence_alone(&self, chain: &mut Chain, batch: &Arc<Batch>) -> Result<(), StoreError> {
+        if chain.others_in_flight(batch) {
+            return Err(StoreError::Unreachable(
+                "PostgreSQL (whether an earlier commit took effect is read back once the commits under way have answered)".into(),
+            ));
+        }
+        self.fence(chain)
+    }
+
     /// `batch` took effect (a read-back said so): its outcome, read from what is stored.
     fn took_effect(&self, batch: &Batch) -> Result<CommitOutcome, StoreError> {
         let outcome = self.outcome_of(batch)?;
@@ -1016,22 +1028,35 @@ impl Store for PgStore {
             // Given again after its attempt failed: what that attempt did is read back (a
             // fence settles it), never guessed.
             if chain.fate(number).is_none() {
-                self.fence(&mut chain)?;
+                self.fence_alone(&mut chain, &batch)?;
             }
-            let took = chain.fate(number) == Some(true);
-            chain.settle(&batch);
-            if took {
+            if chain.fate(number) == Some(true) {
                 drop(chain);
-                return self.took_effect(&batch);
+                let outcome = self.took_effect(&batch)?;
+                self.chain().settle(&batch);
+                return Ok(outcome);
             }
+            chain.settle(&batch);
         }
         if let Some(id) = chain.took_effect_unanswered(&batch) {
             return Err(StoreError::Engine {
                 context: "PostgreSQL, committing a batch".into(),
-                source: format!("batch {id}, whose answer was lost, did commit, but batch {} was given before it again", batch.id).into(),
+                source: format!("batch {id}, whose answer was lost, did commit, but batch {} was given before it again (a fault of the server's commit thread); restart the server, which reads the store afresh", batch.id).into(),
             });
         }
         if chain.broken() {
+            if chain.others_in_flight(&batch) {
+                // An attempt failed while this one and others were on their way: it can be
+                // placed after them only once they have all answered (a fence now could let
+                // it take effect before one of them).
+                let attempt = chain.start(&batch);
+                chain.finished(&batch, attempt, false);
+                drop(chain);
+                self.moved.notify_all();
+                return Err(StoreError::Unreachable(
+                    "PostgreSQL (a commit before this one failed; this one is given again after it)".into(),
+                ));
+            }
             self.fence(&mut chain)?;
         }
         let attempt = chain.start(&batch);
@@ -1068,10 +1093,11 @@ impl Store for PgStore {
                 }
                 Err(Failed::Unknown(e)) => {
                     // The attempt may or may not have taken effect: read it back at once if the
-                    // database can still be reached, else when the batch is given again.
+                    // database can still be reached and no other attempt is on its way, else
+                    // when the batch is given again.
                     self.finished(&batch, attempt, false);
                     let mut chain = self.chain();
-                    if self.fence(&mut chain).is_err() {
+                    if chain.others_in_flight(&batch) || self.fence(&mut chain).is_err() {
                         return Err(StoreError::Unreachable(format!(
                             "PostgreSQL (the connection broke during the commit: {}; whether it took effect is read back once the database can be reached)", text(&e)
                         )));
@@ -1081,9 +1107,10 @@ impl Store for PgStore {
                             "PostgreSQL (the connection broke during the commit, which did not take effect: {})", text(&e)
                         )));
                     }
-                    chain.settle(&batch);
                     drop(chain);
-                    return self.took_effect(&batch);
+                    let outcome = self.took_effect(&batch)?;
+                    self.chain().settle(&batch);
+                    return Ok(outcome);
                 }
                 Err(Failed::Store(e)) => {
                     self.finished(&batch, attempt, false);

@@ -466,3 +466,43 @@ fn a_read_back_whose_answer_is_lost_settles_nothing_wrongly() {
     commit(&s.store, &second).expect("given again, it is written");
     assert_eq!(stored(&s.store, "g"), (1..=6).collect::<Vec<_>>());
 }
+
+/// The first of two batches in flight commits unseen; a third is begun before the second has
+/// run. No read-back happens while the second is on its way (it would let the third overtake
+/// it): the third is refused untried, and giving the failed ones again in order stores each
+/// batch once, in order.
+#[test]
+fn a_batch_begun_after_a_failure_never_overtakes_one_still_on_its_way() {
+    let Some(s) = setup("a_batch_begun_after_a_failure_never_overtakes_one_still_on_its_way")
+    else {
+        return;
+    };
+    commit(&s.store, &created(1, "g", 3, 10)).expect("first batch");
+    let (a, b, c) = (
+        Arc::new(appended(2, "g", 4..=6, 10)),
+        Arc::new(appended(3, "g", 7..=9, 10)),
+        Arc::new(appended(4, "g", 10..=12, 10)),
+    );
+    s.store.begin_commit(&a);
+    s.store.begin_commit(&b);
+    s.proxy.commit_marked_by(b"body 5");
+    s.proxy.set(CUT_AFTER_COMMIT);
+    let why = unreachable(s.store.commit(a.clone()).map(|_| ()));
+    assert!(why.contains("read back"), "{why}");
+    assert_eq!(stored(&s.store, "g"), (1..=6).collect::<Vec<_>>());
+    s.store.begin_commit(&c);
+    unreachable(s.store.commit(c.clone()).map(|_| ()));
+    assert_eq!(
+        stored(&s.store, "g"),
+        (1..=6).collect::<Vec<_>>(),
+        "the third did not go before the second"
+    );
+    // The second, begun before the failure, is refused too: it follows an attempt whose
+    // outcome was not known when it was placed.
+    unreachable(s.store.commit(b.clone()).map(|_| ()));
+    assert_eq!(stored(&s.store, "g"), (1..=6).collect::<Vec<_>>());
+    s.store.commit(a).expect("read back as stored");
+    s.store.commit(b).expect("given again, after it");
+    s.store.commit(c).expect("given again, last");
+    assert_eq!(stored(&s.store, "g"), (1..=12).collect::<Vec<_>>());
+}
