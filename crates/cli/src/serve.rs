@@ -78,10 +78,6 @@ pub struct ServeArgs {
     /// The embedded store's page cache in MiB [default: 64].
     #[arg(long, env = "ORDO_STORE_CACHE_MIB")]
     store_cache_mib: Option<usize>,
-    /// Batches the PostgreSQL store commits at once, 1 to 4 [default: 1]: more when
-    /// PostgreSQL is on another machine or waits for synchronous standbys.
-    #[arg(long, env = "ORDO_COMMIT_LANES")]
-    commit_lanes: Option<usize>,
     /// `text` or `json` [default: text].
     #[arg(long, env = "ORDO_LOG_FORMAT")]
     log_format: Option<String>,
@@ -158,7 +154,6 @@ impl ServeArgs {
             rate_burst,
             housekeeping_secs,
             store_cache_mib,
-            commit_lanes,
             log_format,
             max_connections,
             max_pending_per_ip,

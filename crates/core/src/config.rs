@@ -48,11 +48,6 @@ pub struct CoreConfig {
     /// (but the sender) with no connected device are reported ([`crate::Action::Offline`], for
     /// offline push); 0 reports nothing.
     pub offline_max_members: usize,
-    /// Batches handed to the store at once: 1 commits one batch at a time; more lets the next
-    /// batch go to the store while one is being made durable, for a store whose commits wait
-    /// mostly on the network or on replicas (the store tells the server how many it can take
-    /// and keeps them in order: see `Store::commit_lanes`).
-    pub commit_lanes: usize,
 }
 
 impl Default for CoreConfig {
@@ -74,7 +69,6 @@ impl Default for CoreConfig {
             default_retention: Retention::default(),
             default_sync_limit: 100,
             offline_max_members: 0,
-            commit_lanes: 1,
         }
     }
 }

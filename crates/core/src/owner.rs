@@ -28,7 +28,7 @@ use foldhash::{HashMap, HashMapExt};
 use ordo_protocol::{
     validate_id, ConvEvent, ConvKind, ErrorCode, IdKind, Message, ServerFrame, DIRECT_PREFIX,
 };
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::BTreeSet;
 use std::mem::take;
 use std::sync::Arc;
 
@@ -155,9 +155,7 @@ pub struct Owner {
     /// The newest acceptance time given out (or stored, at start).
     pub(crate) newest_ts: u64,
     pub(crate) pending: Pending,
-    /// Batches handed out and not yet reported back, oldest first (at most
-    /// [`CoreConfig::commit_lanes`]); they are reported back in this order.
-    pub(crate) in_flight: VecDeque<InFlight>,
+    pub(crate) in_flight: Option<InFlight>,
     /// Emptied lists of the last batch, reused by the next one: growing them again from nothing
     /// for every batch costs a trail of ever larger allocations.
     spare_messages: Vec<Arc<StoredMessage>>,
@@ -213,7 +211,7 @@ impl Owner {
             dedup_stored_since: (snapshot.last_ts > 0).then_some(0),
             newest_ts: snapshot.last_ts,
             pending: Pending::default(),
-            in_flight: VecDeque::new(),
+            in_flight: None,
             spare_messages: Vec::new(),
             spare_waiters: Vec::new(),
             next_batch: 1,
@@ -1244,15 +1242,13 @@ impl Owner {
     }
 
     pub fn in_flight(&self) -> bool {
-        !self.in_flight.is_empty()
+        self.in_flight.is_some()
     }
 
-    /// Hands out the next batch to make durable, if there is something pending and fewer than
-    /// [`CoreConfig::commit_lanes`] batches are in flight. A batch taken while others are in
-    /// flight holds what changed since them: the store must make it durable only after them,
-    /// and report them back in the order they were taken.
+    /// Hands out the next batch to make durable, if there is something pending and no other
+    /// batch is in flight.
     pub fn take_batch(&mut self) -> Option<Batch> {
-        if self.in_flight.len() >= self.cfg.commit_lanes.max(1) || self.pending.is_empty() {
+        if self.in_flight.is_some() || self.pending.is_empty() {
             return None;
         }
         let next = Pending {
@@ -1312,7 +1308,7 @@ impl Owner {
             trim_below,
             trim_before_ms: p.trim_before_ms,
         };
-        self.in_flight.push_back(InFlight {
+        self.in_flight = Some(InFlight {
             id,
             messages: p.messages,
             convs,
@@ -1326,13 +1322,9 @@ impl Owner {
         Some(batch)
     }
 
-    /// The batch `id` is durable: release everything that waited on it. Batches are reported
-    /// in the order they were taken; any other report is ignored.
+    /// The batch `id` is durable: release everything that waited on it.
     pub fn commit_done(&mut self, id: u64, outcome: CommitOutcome) -> Vec<Out> {
-        if self.in_flight.front().is_none_or(|f| f.id != id) {
-            return Vec::new();
-        }
-        let Some(f) = self.in_flight.pop_front() else {
+        let Some(f) = self.in_flight.take_if(|f| f.id == id) else {
             return Vec::new();
         };
         let mut out = Vec::with_capacity(f.waiters.len() + f.messages.len() + f.admin.len());
@@ -1421,7 +1413,7 @@ impl Owner {
         out.extend(p.waiters.iter().map(|w| &*w.conv));
         out.extend(p.admin.iter().map(|(_, c)| c.as_str()));
         out.extend(p.posts.iter().map(|(_, p)| p.conv.as_str()));
-        for f in &self.in_flight {
+        if let Some(f) = &self.in_flight {
             out.extend(f.convs.iter().map(|c| c.id.as_str()));
             out.extend(f.positions.iter().map(|c| c.id.as_str()));
             out.extend(f.cursors.iter().map(|c| c.conv.as_str()));
@@ -1443,7 +1435,7 @@ impl Owner {
         let pending = std::mem::take(&mut self.pending);
         let (mut waiters, mut admin) = (pending.waiters, pending.admin);
         let mut posts: Vec<Ticket> = pending.posts.iter().map(|(t, _)| *t).collect();
-        for f in self.in_flight.drain(..) {
+        if let Some(f) = self.in_flight.take() {
             waiters.extend(f.waiters);
             admin.extend(f.admin);
             posts.extend(f.posts.iter().map(|(t, _)| *t));

@@ -65,11 +65,6 @@ pub struct Config {
     /// The embedded store's page cache (redb's), in MiB: pages of history and indexes kept in
     /// memory.
     pub store_cache_mib: usize,
-    /// Batches the PostgreSQL store commits at once: with more than 1, the next batch is
-    /// written while the one before waits for its commit (worth it when PostgreSQL is on
-    /// another machine, or waits for synchronous standbys; on one machine short of cores the
-    /// smaller batches cost more than they save). The embedded store commits one at a time.
-    pub commit_lanes: usize,
     /// `text` or `json` logs.
     pub log_format: String,
     /// Sockets open at once, WebSockets included; more are closed as soon as accepted. Keep it
@@ -138,7 +133,6 @@ impl Default for Config {
             retention_max_count: None,
             housekeeping_secs: 60,
             store_cache_mib: ordo_store_redb::DEFAULT_CACHE_BYTES >> 20,
-            commit_lanes: 1,
             log_format: "text".into(),
             max_connections: 19_500,
             max_pending_per_ip: 256,
@@ -267,12 +261,6 @@ impl Config {
         }
         int("housekeeping_secs", self.housekeeping_secs, 1, 86_400)?;
         int("store_cache_mib", size(self.store_cache_mib), 1, 1 << 20)?;
-        int(
-            "commit_lanes",
-            size(self.commit_lanes),
-            1,
-            size(ordo_store_postgres::MAX_COMMIT_LANES),
-        )?;
         int("max_connections", size(self.max_connections), 1, 1_000_000)?;
         int(
             "max_pending_per_ip",
@@ -370,8 +358,6 @@ impl Config {
             dedup_cache_entries: self.dedup_cache_entries,
             dedup_filter_bytes: self.dedup_filter_mib << 20,
             max_parked_bytes: CoreConfig::default().max_parked_bytes,
-            // The router sets it from the store.
-            commit_lanes: 1,
             conv_cache_entries: self.conv_cache_entries,
             retention_sweep_convs: CoreConfig::default().retention_sweep_convs,
             retention_pass_ms: self.housekeeping_secs.saturating_mul(1000),

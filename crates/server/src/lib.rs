@@ -7,7 +7,6 @@
 
 mod accept;
 pub mod auth;
-mod committer;
 pub mod config;
 mod conn;
 mod http;
@@ -280,9 +279,7 @@ pub async fn start(cfg: Config) -> Result<RunningServer, ServerError> {
     if let Some(url) = cfg.store.clone() {
         // The data directory still holds the secrets, the revocations and the webhook queue.
         std::fs::create_dir_all(&cfg.data).map_err(ServerError::Io)?;
-        let mut db = open_database(url).await?;
-        db.set_commit_lanes(cfg.commit_lanes);
-        let store: Arc<dyn Store> = Arc::new(db);
+        let store: Arc<dyn Store> = Arc::new(open_database(url).await?);
         // A database that holds messages already has tokens out: never a new secret for it.
         let probe = store.clone();
         let holds_data = tokio::task::spawn_blocking(move || probe.load())

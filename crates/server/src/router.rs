@@ -23,15 +23,14 @@
 //! state is unknown; only a restart, which reloads from the store, knows again what is
 //! durable.
 
-use crate::committer::{Committed, Committer, RETRY_FIRST, RETRY_MAX};
 use crate::metrics as m;
 use axum::extract::ws::{Message as WsMessage, Utf8Bytes};
 use foldhash::{HashMap, HashMapExt};
 use ordo_core::owed::{self, Owed};
 use ordo_core::{
-    Action, AdminOp, AdminPost, AdminReply, AgeSweep, ConvState, Core, CoreConfig, CoreError,
-    CoreStats, DedupRecord, Expired, Handled, MemberPage, MemberPageAsk, Posted, SessionId,
-    SyncPlan, Ticket,
+    Action, AdminOp, AdminPost, AdminReply, AgeSweep, Batch, CommitOutcome, ConvState, Core,
+    CoreConfig, CoreError, CoreStats, DedupRecord, Expired, Handled, MemberPage, MemberPageAsk,
+    Posted, SessionId, SyncPlan, Ticket,
 };
 use ordo_protocol::{encode, ClientFrame, Encoded, Encoding, ErrorCode, Message, ServerFrame};
 use ordo_store::{Store, StoreError};
@@ -277,6 +276,21 @@ pub enum Command {
     },
 }
 
+/// What the commit thread reports.
+enum Committed {
+    /// The commit of batch `id` answered.
+    Done {
+        id: u64,
+        result: Result<CommitOutcome, StoreError>,
+    },
+    /// The store cannot be reached (why); the batch is tried again.
+    Retrying(String),
+}
+
+/// The first wait before a commit or a read is tried again on a store that cannot be reached;
+/// it doubles up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(2);
 /// How long a server asked to stop waits for a store that cannot be reached before it stops
 /// anyway, telling the senders still waiting to resend.
 const SHUTDOWN_STORE_WAIT: Duration = Duration::from_secs(10);
@@ -356,7 +370,7 @@ pub struct Router {
     /// connection sends no further frame until its waiting one is answered).
     replies: HashMap<SessionId, oneshot::Sender<Option<SyncPlan>>>,
     next_ticket: Ticket,
-    writer: Committer,
+    writer: std::sync::mpsc::Sender<Batch>,
     committed: mpsc::UnboundedReceiver<Committed>,
     /// Lookups asked by the core since the last hand-over to the lookup thread.
     lookups: Vec<Lookup>,
@@ -373,8 +387,7 @@ pub struct Router {
     /// Set by a failed commit: the router stops and the server exits with this error.
     fatal: Option<StoreError>,
     /// When the batch now being committed was handed over.
-    /// When each batch in flight was handed to the store, oldest first.
-    in_flight_since: std::collections::VecDeque<Instant>,
+    in_flight_since: Option<Instant>,
     /// Since when the store cannot be reached, while it cannot.
     store_down: Option<Instant>,
     /// When the first shutdown was asked for.
@@ -407,14 +420,14 @@ impl Router {
         // Acceptance times never go back, even if the clock did across a restart: retention by
         // age relies on them growing along a conversation.
         let last_now = snapshot.last_ts;
-        // The core hands out as many batches at once as the store takes.
-        let cfg = CoreConfig {
-            commit_lanes: store.commit_lanes().max(1),
-            ..cfg
-        };
         let core = Core::new(cfg, rand::random(), snapshot);
+        let (writer, batches) = std::sync::mpsc::channel::<Batch>();
         let (done_tx, committed) = mpsc::unbounded_channel();
-        let writer = Committer::start(store.clone(), done_tx)?;
+        let writer_store = store.clone();
+        std::thread::Builder::new()
+            .name("ordo-commit".into())
+            .spawn(move || commit_thread(writer_store, batches, done_tx))
+            .map_err(|e| StoreError::Unavailable(format!("cannot start the commit thread: {e}")))?;
         let (lookup_tx, lookup_rx) = std::sync::mpsc::channel::<Vec<Lookup>>();
         let (looked_tx, looked) = mpsc::unbounded_channel();
         std::thread::Builder::new()
@@ -442,7 +455,7 @@ impl Router {
             last_housekeeping: Instant::now(),
             shutdown: Vec::new(),
             fatal: None,
-            in_flight_since: Default::default(),
+            in_flight_since: None,
             store_down: None,
             stopping_since: None,
             owed: HashMap::new(),
@@ -527,15 +540,14 @@ impl Router {
     }
 
     fn start_commit(&mut self) {
-        while let Some(batch) = self.core.take_batch() {
-            self.in_flight_since.push_back(Instant::now());
+        if let Some(batch) = self.core.take_batch() {
+            self.in_flight_since = Some(Instant::now());
             if self.writer.send(batch).is_err() {
                 // The commit thread is gone: nothing can become durable any more.
                 tracing::error!("commit thread stopped; failing pending sends");
                 let actions = self.core.abort_all("commit thread stopped");
                 self.dispatch(actions);
                 self.fatal = Some(StoreError::Unavailable("the commit thread stopped".into()));
-                return;
             }
         }
     }
@@ -723,7 +735,7 @@ impl Router {
                 return;
             }
         };
-        if let Some(t) = self.in_flight_since.pop_front() {
+        if let Some(t) = self.in_flight_since.take() {
             metrics::histogram!(m::BATCH_SECONDS).record(t.elapsed().as_secs_f64());
         }
         if result.is_ok() {
@@ -932,6 +944,42 @@ fn to_ws(e: Encoded) -> WsMessage {
     match e {
         Encoded::Text(s) => WsMessage::Text(Utf8Bytes::from(s)),
         Encoded::Binary(b) => WsMessage::Binary(b.into()),
+    }
+}
+
+fn commit_thread(
+    store: Arc<dyn Store>,
+    batches: std::sync::mpsc::Receiver<Batch>,
+    done: mpsc::UnboundedSender<Committed>,
+) {
+    while let Ok(batch) = batches.recv() {
+        let started = Instant::now();
+        let (id, empty, messages) = (batch.id, batch.is_empty(), batch.messages.len());
+        let batch = Arc::new(batch);
+        let mut wait = RETRY_FIRST;
+        let result = loop {
+            match store.commit(batch.clone()) {
+                // Nothing of it took effect (the store made sure): the same batch again.
+                Err(StoreError::Unreachable(why)) => {
+                    metrics::counter!(m::STORE_RETRIES).increment(1);
+                    if done.send(Committed::Retrying(why)).is_err() {
+                        return;
+                    }
+                    std::thread::sleep(wait);
+                    wait = (wait * 2).min(RETRY_MAX);
+                }
+                result => break result,
+            }
+        };
+        let elapsed = started.elapsed();
+        if !empty {
+            metrics::counter!(m::COMMITS).increment(1);
+            metrics::histogram!(m::COMMIT_MESSAGES).record(messages as f64);
+            metrics::histogram!(m::COMMIT_SECONDS).record(elapsed.as_secs_f64());
+        }
+        if done.send(Committed::Done { id, result }).is_err() {
+            break;
+        }
     }
 }
 

@@ -10,9 +10,9 @@
 //! [`Store::commit`] returns; with `synchronous_commit = on` (PostgreSQL's default) that means
 //! durable, on the standbys too when `synchronous_standby_names` says so. Every commit also
 //! moves this writer's row in `ordo_writers` from the number of the attempt before it to its
-//! own (the `chain` module), so that a commit whose answer was lost is read back, never guessed (see
-//! [`StoreError::Unreachable`]), batches committed at once ([`PgStore::set_commit_lanes`]) take
-//! effect in order, and a database that lost commits it confirmed is noticed at the next one.
+//! own (the `chain` module), so that a commit whose answer was lost is read back, never
+//! guessed (see [`StoreError::Unreachable`]), and a database that lost commits it confirmed
+//! is noticed at the next one.
 //!
 //! A message is its own dedup entry (indexed by sender and client message id, and by time for
 //! the dedup scan, which reads them in slices of time). `ordo_dedup` keeps only the entries of
@@ -35,7 +35,7 @@ mod scan;
 pub mod schema;
 pub mod test_schema;
 
-use chain::{Ahead, Attempt, Chain};
+use chain::{Attempt, Chain};
 use ordo_core::{
     AgeSweep, Batch, CommitOutcome, ConvRecord, ConvState, CursorRecord, DedupRecord, Expired,
     GroupPage, MemberPage, MemberPageAsk, Snapshot, StoredMessage, MAX_GROUPS_LIMIT,
@@ -46,8 +46,7 @@ pub use pool::{redact, Conn, Pool, Prepared, POOL_SIZE};
 use postgres::error::SqlState;
 use postgres::{Client, Row, Transaction};
 use std::collections::HashMap;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Conversation ids read at once for an overview or a list of groups.
 const ID_CHUNK: i64 = 256;
@@ -67,16 +66,9 @@ pub struct PgStore {
     /// This store's row in `ordo_writers` (made at open): every commit moves it to the number
     /// of its attempt, so that the outcome of a commit whose answer was lost can be read back.
     writer: String,
-    /// Where this writer's commit attempts stand (see [`chain`]), and a signal for a commit
-    /// waiting for the attempt it follows.
+    /// Where this writer's commit attempts stand (see [`chain`]).
     chain: Mutex<Chain>,
-    moved: Condvar,
-    /// Batches committed at once (1 unless set).
-    lanes: usize,
 }
-
-/// How long a commit waits for the attempt it follows to finish, when it overtook it.
-const FOLLOW_WAIT: Duration = Duration::from_secs(60);
 
 /// Whether `e` means the database cannot serve this connection now (the connection broke or
 /// could not be opened, the server is shutting down or starting, or it is a standby, as the
@@ -192,17 +184,7 @@ impl PgStore {
             forget_before: Mutex::new(u(forget)),
             writer,
             chain: Mutex::new(Chain::default()),
-            moved: Condvar::new(),
-            lanes: 1,
         })
-    }
-
-    /// Commits up to `lanes` batches at once (1 to [`MAX_COMMIT_LANES`]): each batch's
-    /// messages are written while the ones before it are made durable, and it takes effect
-    /// only after them (see the `chain` module). Worth it when a commit waits mostly on the network or
-    /// on synchronous standbys; smaller batches cost the database more per message.
-    pub fn set_commit_lanes(&mut self, lanes: usize) {
-        self.lanes = lanes.clamp(1, MAX_COMMIT_LANES);
     }
 
     fn chain(&self) -> MutexGuard<'_, Chain> {
@@ -503,12 +485,13 @@ enum Failed {
     Unknown(postgres::Error),
     /// It did not take effect.
     Store(StoreError),
-    /// It reached the database before the attempt it follows had moved the writer's row, and
-    /// did not take effect: it is run again once that attempt finished.
-    Early(postgres::Error),
+    /// The writer's row is behind the attempt it follows, which took effect: the database lost
+    /// commits it confirmed. Nothing of it took effect.
+    Behind(postgres::Error),
 }
 
-/// `ordo_follows` (schema step 7): the attempt a commit follows has not taken effect (yet).
+/// `ordo_follows` (schema step 7): the writer's row holds less than the attempt a commit
+/// follows (which took effect: one commit runs at a time).
 const FOLLOWS_NOT_YET: &str = "OR002";
 /// `ordo_follows`: the writer's row moved past the attempt a commit follows (a fence).
 const FOLLOWS_PASSED: &str = "OR001";
@@ -518,14 +501,11 @@ const FOLLOWS_PASSED: &str = "OR001";
 /// took effect.
 fn failed(e: postgres::Error, autocommit: bool) -> Failed {
     match e.code().map(SqlState::code) {
-        Some(FOLLOWS_NOT_YET) => Failed::Early(e),
+        Some(FOLLOWS_NOT_YET) => Failed::Behind(e),
         _ if autocommit && unreachable(&e) => Failed::Unknown(e),
         _ => Failed::Store(not_written(e)),
     }
 }
-
-/// The most batches the PostgreSQL store commits at once ([`PgStore::set_commit_lanes`]).
-pub const MAX_COMMIT_LANES: usize = 4;
 
 impl PgStore {
     /// Whether the batch holds only what the one-statement commit writes: messages, seq
@@ -576,13 +556,10 @@ impl PgStore {
     }
 
     /// What every batch writes, as one statement (data-modifying parts of one `WITH`): the
-    /// messages first; then this writer's row moved to `attempt` (waiting for the attempt it
-    /// follows, if that one's transaction holds the row, and refused whole if the row holds
-    /// anything else: see [`chain`]); then the seq ranges, the device positions, and one
-    /// bounded step of dedup expiry before `cutoff` (see the crate's docs). The messages go
-    /// first so that they are written while the attempt before finishes; everything that
-    /// another commit may also touch comes after the writer's row, in the same order for
-    /// every commit, so that two never wait for each other.
+    /// messages; this writer's row moved from the attempt it follows to `attempt` (the whole
+    /// statement is refused if the row holds anything else: see [`chain`]); the seq ranges,
+    /// the device positions, and one bounded step of dedup expiry before `cutoff` (see the
+    /// crate's docs).
     fn write_common(
         &self,
         c: &mut impl postgres::GenericClient,
@@ -605,7 +582,6 @@ impl PgStore {
         let read: Vec<i64> = b.cursors.iter().map(|c| i(c.read)).collect();
         let before = i(cutoff);
         let step = i((msgs.len() * 2 + EXPIRE_STEP) as u64);
-        // The main query reads `m`, then `w`, in that order; the other parts run after it.
         let statement = st.get(
             c,
             "WITH
@@ -661,8 +637,7 @@ impl PgStore {
     }
 
     /// Commits any batch in a transaction of its own. Its first statement moves the writer's
-    /// row (waiting for the attempt it follows): every statement after it sees what that
-    /// attempt wrote.
+    /// row from the attempt it follows (see [`chain`]).
     fn commit_in_transaction(
         &self,
         c: &mut Client,
@@ -698,42 +673,6 @@ impl PgStore {
             Err(e) if unreachable(&e) => Err(Failed::Unknown(e)),
             Err(e) => Err(Failed::Store(db("committing a batch")(e))),
         }
-    }
-
-    /// `attempt`, run for `batch`, finished; a commit waiting for it is told.
-    fn finished(&self, batch: &Arc<Batch>, attempt: Attempt, took: bool) {
-        self.chain().finished(batch, attempt, took);
-        self.moved.notify_all();
-    }
-
-    /// Waits (at most [`FOLLOW_WAIT`]) until the attempt `number` is not in flight any more.
-    fn wait_for(&self, number: u64) -> Ahead {
-        let deadline = Instant::now() + FOLLOW_WAIT;
-        let mut chain = self.chain();
-        loop {
-            let ahead = chain.ahead(number);
-            let left = deadline.saturating_duration_since(Instant::now());
-            if ahead != Ahead::InFlight || left.is_zero() {
-                return ahead;
-            }
-            chain = self
-                .moved
-                .wait_timeout(chain, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
-    }
-
-    /// A fence (see [`PgStore::fence`]) made only while no attempt but `batch`'s is on its
-    /// way: one made while others are would let attempts begun after it take effect before
-    /// them. Otherwise `Unreachable`: the batch is given again once they have answered.
-    fn fence_alone(&self, chain: &mut Chain, batch: &Arc<Batch>) -> Result<(), StoreError> {
-        if chain.others_in_flight(batch) {
-            return Err(StoreError::Unreachable(
-                "PostgreSQL (whether an earlier commit took effect is read back once the commits under way have answered)".into(),
-            ));
-        }
-        self.fence(chain)
     }
 
     /// `batch` took effect (a read-back said so): its outcome, read from what is stored.
@@ -1009,16 +948,6 @@ impl Store for PgStore {
         GroupPage::collect(limit, records)
     }
 
-    fn commit_lanes(&self) -> usize {
-        self.lanes
-    }
-
-    fn begin_commit(&self, batch: &Arc<Batch>) {
-        if !batch.is_empty() {
-            self.chain().begin(batch);
-        }
-    }
-
     fn commit(&self, batch: Arc<Batch>) -> Result<CommitOutcome, StoreError> {
         if batch.is_empty() {
             return Ok(CommitOutcome::default());
@@ -1028,7 +957,7 @@ impl Store for PgStore {
             // Given again after its attempt failed: what that attempt did is read back (a
             // fence settles it), never guessed.
             if chain.fate(number).is_none() {
-                self.fence_alone(&mut chain, &batch)?;
+                self.fence(&mut chain)?;
             }
             if chain.fate(number) == Some(true) {
                 drop(chain);
@@ -1041,84 +970,53 @@ impl Store for PgStore {
         if let Some(id) = chain.took_effect_unanswered(&batch) {
             return Err(StoreError::Engine {
                 context: "PostgreSQL, committing a batch".into(),
-                source: format!("batch {id}, whose answer was lost, did commit, but batch {} was given before it again (a fault of the server's commit thread); restart the server, which reads the store afresh", batch.id).into(),
+                source: format!("batch {id}, whose answer was lost, did commit, but batch {} was given instead of it again (a fault of the server's commit thread); restart the server, which reads the store afresh", batch.id).into(),
             });
         }
         if chain.broken() {
-            if chain.others_in_flight(&batch) {
-                // An attempt failed while this one and others were on their way: it can be
-                // placed after them only once they have all answered (a fence now could let
-                // it take effect before one of them).
-                let attempt = chain.start(&batch);
-                chain.finished(&batch, attempt, false);
-                drop(chain);
-                self.moved.notify_all();
-                return Err(StoreError::Unreachable(
-                    "PostgreSQL (a commit before this one failed; this one is given again after it)".into(),
-                ));
-            }
             self.fence(&mut chain)?;
         }
-        let attempt = chain.start(&batch);
+        let attempt = chain.start();
         drop(chain);
-        let mut overtook = false;
-        loop {
-            match self.try_commit(&batch, attempt) {
-                Ok(outcome) => {
-                    self.finished(&batch, attempt, true);
-                    self.committed(&batch);
-                    return Ok(outcome);
+        match self.try_commit(&batch, attempt) {
+            Ok(outcome) => {
+                self.chain().finished(&batch, attempt, true);
+                self.committed(&batch);
+                Ok(outcome)
+            }
+            Err(Failed::Behind(e)) => {
+                self.chain().finished(&batch, attempt, false);
+                Err(StoreError::Engine {
+                    context: "PostgreSQL, committing a batch".into(),
+                    source: format!("this server's row in ordo_writers is behind a commit the database confirmed ({}): the database lost committed transactions (was an asynchronous standby promoted, or a backup restored?); restart the server so that it reads the store afresh", text(&e)).into(),
+                })
+            }
+            Err(Failed::Unknown(e)) => {
+                // The attempt may or may not have taken effect: read it back at once if the
+                // database can still be reached, else when the batch is given again.
+                let mut chain = self.chain();
+                chain.finished(&batch, attempt, false);
+                if self.fence(&mut chain).is_err() {
+                    return Err(StoreError::Unreachable(format!(
+                        "PostgreSQL (the connection broke during the commit: {}; whether it took effect is read back once the database can be reached)", text(&e)
+                    )));
                 }
-                Err(Failed::Early(e)) => {
-                    // It reached the database before the attempt it follows: wait for that one.
-                    let ahead = self.wait_for(attempt.follows);
-                    if ahead == Ahead::Done && !overtook {
-                        overtook = true;
-                        continue;
-                    }
-                    self.finished(&batch, attempt, false);
-                    return Err(match ahead {
-                        Ahead::Failed => StoreError::Unreachable(
-                            "PostgreSQL (the commit before this one failed, so this one did not take effect)".into(),
-                        ),
-                        Ahead::InFlight => StoreError::Unreachable(format!(
-                            "PostgreSQL (the commit before this one did not finish in {} s)",
-                            FOLLOW_WAIT.as_secs()
-                        )),
-                        Ahead::Done => StoreError::Engine {
-                            context: "PostgreSQL, committing a batch".into(),
-                            source: format!("this server's row in ordo_writers is behind a commit the database confirmed ({}): the database lost committed transactions (was an asynchronous standby promoted, or a backup restored?); restart the server so that it reads the store afresh, and clients resync", text(&e)).into(),
-                        },
-                    });
+                if chain.fate(attempt.number) != Some(true) {
+                    return Err(StoreError::Unreachable(format!(
+                        "PostgreSQL (the connection broke during the commit, which did not take effect: {})", text(&e)
+                    )));
                 }
-                Err(Failed::Unknown(e)) => {
-                    // The attempt may or may not have taken effect: read it back at once if the
-                    // database can still be reached and no other attempt is on its way, else
-                    // when the batch is given again.
-                    self.finished(&batch, attempt, false);
-                    let mut chain = self.chain();
-                    if chain.others_in_flight(&batch) || self.fence(&mut chain).is_err() {
-                        return Err(StoreError::Unreachable(format!(
-                            "PostgreSQL (the connection broke during the commit: {}; whether it took effect is read back once the database can be reached)", text(&e)
-                        )));
-                    }
-                    if chain.fate(attempt.number) != Some(true) {
-                        return Err(StoreError::Unreachable(format!(
-                            "PostgreSQL (the connection broke during the commit, which did not take effect: {})", text(&e)
-                        )));
-                    }
-                    drop(chain);
-                    let outcome = self.took_effect(&batch)?;
-                    self.chain().settle(&batch);
-                    return Ok(outcome);
-                }
-                Err(Failed::Store(e)) => {
-                    self.finished(&batch, attempt, false);
-                    return Err(match e {
-                        StoreError::Conflict { .. } => self.which_conflict(&batch),
-                        e => e,
-                    });
-                }
+                drop(chain);
+                let outcome = self.took_effect(&batch)?;
+                self.chain().settle(&batch);
+                Ok(outcome)
+            }
+            Err(Failed::Store(e)) => {
+                self.chain().finished(&batch, attempt, false);
+                Err(match e {
+                    StoreError::Conflict { .. } => self.which_conflict(&batch),
+                    e => e,
+                })
             }
         }
     }

@@ -125,10 +125,9 @@ pub const MIGRATIONS: &[&str] = &[
     ON CONFLICT (id) DO UPDATE SET last_ts = GREATEST(ordo_writers.last_ts, EXCLUDED.last_ts);
     "#,
     // 7: a commit moves its writer's row only from the attempt it follows, and is refused
-    // whole otherwise (so that of two commits in flight, the second never takes effect
-    // before the first, nor without it): `held` is what the row holds after the commit's
-    // move. OR002: the attempt it follows has not taken effect (yet); OR001: the row moved
-    // past it (a read-back fenced it).
+    // whole otherwise: `held` is what the row holds after the commit's move. OR002: the row
+    // is behind the attempt it follows (the database lost commits it confirmed); OR001: the
+    // row moved past it (a read-back fenced it).
     //
     // `batch` is what the next attempt follows (an attempt's number, or a fence's);
     // `last_attempt` the last attempt that took effect, which a fence leaves as it is: a fence
@@ -144,7 +143,7 @@ pub const MIGRATIONS: &[&str] = &[
         ELSIF held = attempt THEN
             RETURN held;
         ELSIF held < follows THEN
-            RAISE EXCEPTION 'ordo: commit attempt % follows attempt %, which has not taken effect (the row holds %)', attempt, follows, held
+            RAISE EXCEPTION 'ordo: commit attempt % follows attempt %, but the row holds only %', attempt, follows, held
                 USING ERRCODE = 'OR002';
         ELSE
             RAISE EXCEPTION 'ordo: commit attempt % follows attempt %, but the row moved past it to %', attempt, follows, held

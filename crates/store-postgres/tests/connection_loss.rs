@@ -181,6 +181,8 @@ fn pump_down(mut server: TcpStream, mut client: TcpStream, held: Arc<AtomicU8>) 
 struct Setup {
     proxy: Proxy,
     store: PgStore,
+    /// The schema's URL, straight to the database (not through the proxy).
+    url: String,
     _schema: TestSchema,
 }
 
@@ -191,12 +193,11 @@ fn setup(test: &str) -> Option<Setup> {
         "host=127.0.0.1 port={} user=postgres dbname=test connect_timeout=2 options='-c search_path={}'",
         proxy.port, schema.name
     );
-    let mut store = PgStore::open(&url).expect("open the store through the proxy");
-    // Two batches may be in flight at once (the tests of one at a time give them in turn).
-    store.set_commit_lanes(2);
+    let store = PgStore::open(&url).expect("open the store through the proxy");
     Some(Setup {
         proxy,
         store,
+        url: schema.url(),
         _schema: schema,
     })
 }
@@ -344,103 +345,6 @@ fn a_transaction_whose_commit_answer_is_lost_is_read_back() {
     assert_eq!(stored(&s.store, "h"), vec![1, 2]);
 }
 
-/// Two batches in flight at once ([`Store::commit_lanes`]): begun in order, committed on two
-/// threads. The second reaching the database first waits for the first.
-#[test]
-fn of_two_commits_in_flight_the_second_waits_for_the_first() {
-    let Some(s) = setup("of_two_commits_in_flight_the_second_waits_for_the_first") else {
-        return;
-    };
-    assert_eq!(s.store.commit_lanes(), 2);
-    commit(&s.store, &created(1, "g", 3, 10)).expect("first batch");
-    let (first, second) = (
-        Arc::new(appended(2, "g", 4..=6, 10)),
-        Arc::new(appended(3, "g", 7..=9, 10)),
-    );
-    s.store.begin_commit(&first);
-    s.store.begin_commit(&second);
-    std::thread::scope(|t| {
-        let later = t.spawn(|| s.store.commit(second.clone()).map(|_| ()));
-        std::thread::sleep(Duration::from_millis(300));
-        // The second has not taken effect without the first.
-        assert_eq!(stored(&s.store, "g"), vec![1, 2, 3]);
-        assert!(!later.is_finished(), "the second answered before the first");
-        s.store.commit(first.clone()).expect("the first");
-        later
-            .join()
-            .expect("no panic")
-            .expect("the second, after it");
-    });
-    assert_eq!(stored(&s.store, "g"), (1..=9).collect::<Vec<_>>());
-}
-
-/// The first of two batches in flight never reaches the database: the second does not take
-/// effect either, and both are taken when given again, in order.
-#[test]
-fn when_the_first_of_two_in_flight_is_lost_the_second_is_not_taken_without_it() {
-    let Some(s) =
-        setup("when_the_first_of_two_in_flight_is_lost_the_second_is_not_taken_without_it")
-    else {
-        return;
-    };
-    commit(&s.store, &created(1, "g", 3, 10)).expect("first batch");
-    let (first, second) = (
-        Arc::new(appended(2, "g", 4..=6, 10)),
-        Arc::new(appended(3, "g", 7..=9, 10)),
-    );
-    s.proxy.commit_marked_by(b"body 5");
-    s.proxy.set(DROP_COMMIT);
-    s.store.begin_commit(&first);
-    s.store.begin_commit(&second);
-    let (a, b) = std::thread::scope(|t| {
-        let a = t.spawn(|| s.store.commit(first.clone()).map(|_| ()));
-        let b = t.spawn(|| s.store.commit(second.clone()).map(|_| ()));
-        (a.join().expect("no panic"), b.join().expect("no panic"))
-    });
-    unreachable(a);
-    unreachable(b);
-    assert_eq!(stored(&s.store, "g"), vec![1, 2, 3]);
-    s.store.commit(first).expect("given again");
-    s.store.commit(second).expect("given again, after it");
-    assert_eq!(stored(&s.store, "g"), (1..=9).collect::<Vec<_>>());
-}
-
-/// The first of two batches in flight commits and its answer is lost: whatever the second
-/// did meanwhile, giving the failed ones again in order stores every message exactly once.
-#[test]
-fn when_the_answer_of_the_first_of_two_in_flight_is_lost_each_counts_once() {
-    let Some(s) = setup("when_the_answer_of_the_first_of_two_in_flight_is_lost_each_counts_once")
-    else {
-        return;
-    };
-    commit(&s.store, &created(1, "g", 3, 10)).expect("first batch");
-    let (first, second) = (
-        Arc::new(appended(2, "g", 4..=6, 10)),
-        Arc::new(appended(3, "g", 7..=9, 10)),
-    );
-    s.proxy.commit_marked_by(b"body 5");
-    s.proxy.set(CUT_AFTER_COMMIT);
-    s.store.begin_commit(&first);
-    s.store.begin_commit(&second);
-    let (a, b) = std::thread::scope(|t| {
-        let a = t.spawn(|| s.store.commit(first.clone()).map(|_| ()));
-        let b = t.spawn(|| s.store.commit(second.clone()).map(|_| ()));
-        (a.join().expect("no panic"), b.join().expect("no panic"))
-    });
-    assert_eq!(
-        s.proxy.fired.load(Ordering::SeqCst),
-        1,
-        "the commit was cut"
-    );
-    for (batch, result) in [(first, a), (second, b)] {
-        if let Err(e) = result {
-            assert!(matches!(e, StoreError::Unreachable(_)), "{e}");
-            s.store.commit(batch).expect("given again");
-        }
-    }
-    assert_eq!(stored(&s.store, "g"), (1..=9).collect::<Vec<_>>());
-}
-
 /// The read-back's own answer is lost: a commit that never reached the database, then a
 /// read-back (fence) that committed unseen. The next read-back must still find that the commit
 /// did not take effect (the fence moved the row, not the last attempt that took effect), so
@@ -467,42 +371,31 @@ fn a_read_back_whose_answer_is_lost_settles_nothing_wrongly() {
     assert_eq!(stored(&s.store, "g"), (1..=6).collect::<Vec<_>>());
 }
 
-/// The first of two batches in flight commits unseen; a third is begun before the second has
-/// run. No read-back happens while the second is on its way (it would let the third overtake
-/// it): the third is refused untried, and giving the failed ones again in order stores each
-/// batch once, in order.
+/// The database lost commits it had confirmed (an asynchronous standby promoted, a backup
+/// restored): this writer's row is behind its last commit. The next commit is refused, says
+/// so, and writes nothing over the lost seqs.
 #[test]
-fn a_batch_begun_after_a_failure_never_overtakes_one_still_on_its_way() {
-    let Some(s) = setup("a_batch_begun_after_a_failure_never_overtakes_one_still_on_its_way")
-    else {
+fn a_database_that_lost_confirmed_commits_is_noticed_at_the_next_one() {
+    let Some(s) = setup("a_database_that_lost_confirmed_commits_is_noticed_at_the_next_one") else {
         return;
     };
     commit(&s.store, &created(1, "g", 3, 10)).expect("first batch");
-    let (a, b, c) = (
-        Arc::new(appended(2, "g", 4..=6, 10)),
-        Arc::new(appended(3, "g", 7..=9, 10)),
-        Arc::new(appended(4, "g", 10..=12, 10)),
-    );
-    s.store.begin_commit(&a);
-    s.store.begin_commit(&b);
-    s.proxy.commit_marked_by(b"body 5");
-    s.proxy.set(CUT_AFTER_COMMIT);
-    let why = unreachable(s.store.commit(a.clone()).map(|_| ()));
-    assert!(why.contains("read back"), "{why}");
-    assert_eq!(stored(&s.store, "g"), (1..=6).collect::<Vec<_>>());
-    s.store.begin_commit(&c);
-    unreachable(s.store.commit(c.clone()).map(|_| ()));
-    assert_eq!(
-        stored(&s.store, "g"),
-        (1..=6).collect::<Vec<_>>(),
-        "the third did not go before the second"
-    );
-    // The second, begun before the failure, is refused too: it follows an attempt whose
-    // outcome was not known when it was placed.
-    unreachable(s.store.commit(b.clone()).map(|_| ()));
-    assert_eq!(stored(&s.store, "g"), (1..=6).collect::<Vec<_>>());
-    s.store.commit(a).expect("read back as stored");
-    s.store.commit(b).expect("given again, after it");
-    s.store.commit(c).expect("given again, last");
-    assert_eq!(stored(&s.store, "g"), (1..=12).collect::<Vec<_>>());
+    commit(&s.store, &appended(2, "g", 4..=6, 10)).expect("second batch");
+    // The second batch and the row's move with it are lost, as a standby that lacked them
+    // would have them.
+    let mut c = postgres::Client::connect(&s.url, postgres::NoTls).expect("connect");
+    c.batch_execute(
+        "DELETE FROM ordo_messages WHERE seq > 3;
+         UPDATE ordo_writers SET batch = batch - 1, last_attempt = last_attempt - 1
+         WHERE id <> 'migrated';",
+    )
+    .expect("lose the last commit");
+    match commit(&s.store, &appended(3, "g", 4..=5, 10)) {
+        Err(StoreError::Engine { source, .. }) => {
+            let why = source.to_string();
+            assert!(why.contains("lost committed transactions"), "{why}");
+        }
+        other => panic!("expected the lost history to be noticed, got {other:?}"),
+    }
+    assert_eq!(stored(&s.store, "g"), vec![1, 2, 3]);
 }

@@ -135,32 +135,14 @@ pub trait Store: Send + Sync + 'static {
     fn groups(&self, after: Option<&str>, limit: usize) -> Result<GroupPage, StoreError>;
 
     /// Makes the whole batch durable, or nothing of it. Returns only once it is durable. Called
-    /// one batch at a time, in order, unless the store takes more than one at once
-    /// ([`Store::commit_lanes`]).
+    /// by one thread, one batch at a time, in order.
     ///
     /// [`StoreError::Unreachable`] means the batch did not take effect, or that whether it did
     /// is not known yet (the connection broke during its commit); the caller gives the same
-    /// batch again, and no other, until it gets another answer, and the
-    /// backend then applies it exactly once (it reads back what the lost commit did before
-    /// anything else). Any other error stops the server.
+    /// batch again, and no other, until it gets another answer, and the backend then applies
+    /// it exactly once (it reads back what the lost commit did before anything else). Any
+    /// other error stops the server.
     fn commit(&self, batch: std::sync::Arc<Batch>) -> Result<CommitOutcome, StoreError>;
-
-    /// How many batches the store takes at once (1 unless it says more). With more, the caller
-    /// hands each batch to [`Store::begin_commit`], in the order the core took them, and then
-    /// to `commit` on a thread of its own, up to this many at once. The store makes a batch
-    /// take effect only after every batch begun before it, and only if they did (a batch
-    /// whose predecessor failed fails with `Unreachable`). After any error, the caller waits
-    /// until every `commit` under way has answered, then gives the batches that failed again,
-    /// one at a time and in order, each until it is answered otherwise; then it goes on.
-    fn commit_lanes(&self) -> usize {
-        1
-    }
-
-    /// Places `batch` after every batch begun before it (see [`Store::commit_lanes`]); called
-    /// in order, on one thread, before `commit` is called for it. Cheap: no I/O.
-    fn begin_commit(&self, batch: &std::sync::Arc<Batch>) {
-        let _ = batch;
-    }
 
     /// Reads messages of `conv` with seq in `from..=to`, at most `limit` of them, and stops
     /// after the first message that brings the bodies' total to `max_bytes` or more (so a page

@@ -77,10 +77,6 @@ pub struct CheckArgs {
     /// the primary. The storm lasts until all are done.
     #[arg(long, default_value_t = 0, requires = "pg_cluster")]
     db_kills: u64,
-    /// Batches the server's PostgreSQL store commits at once (`ordo serve --commit-lanes`).
-    /// Unset: the server's default.
-    #[arg(long)]
-    commit_lanes: Option<usize>,
     /// Seed of every random choice (printed; pass it again to replay the same plan).
     #[arg(long)]
     seed: Option<u64>,
@@ -153,9 +149,6 @@ async fn check(args: CheckArgs) -> Result<(Report, bool), String> {
     }
     if let Some(url) = &args.store {
         opts.extra.extend(["--store".into(), url.clone()]);
-    }
-    if let Some(n) = args.commit_lanes {
-        opts.extra.extend(["--commit-lanes".into(), n.to_string()]);
     }
     let cluster = match args.pg_cluster {
         None => None,

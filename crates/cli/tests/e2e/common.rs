@@ -4,7 +4,7 @@
 //!
 //! The suite runs twice: on the embedded store (the test binary `e2e`), and with every server
 //! on PostgreSQL (`e2e_postgres`, the same modules: each server gets a schema of its own, kept
-//! across its restarts and dropped with it, and commits two batches at once). A test of something only the embedded store has
+//! across its restarts and dropped with it). A test of something only the embedded store has
 //! (its files) says so with [`embedded_only`].
 //!
 //! Every wait has a generous deadline (CI machines are small and shared) and no assertion
@@ -86,16 +86,7 @@ impl Server {
                 let made = tokio::task::block_in_place(|| TestSchema::create("an e2e server"));
                 // Without PostgreSQL (and outside CI, where it fails) the suite runs on the
                 // embedded store instead, as the message printed says.
-                // Two commit lanes: the suite covers batches in flight together (`ordo check
-                // --store` runs the default, one).
-                made.inspect(|s| {
-                    opts.extra.extend([
-                        "--store".into(),
-                        s.url(),
-                        "--commit-lanes".into(),
-                        "2".into(),
-                    ])
-                })
+                made.inspect(|s| opts.extra.extend(["--store".into(), s.url()]))
             }
         };
         let s = tokio::task::block_in_place(|| ServerProcess::start(opts));

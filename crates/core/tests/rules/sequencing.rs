@@ -3,7 +3,7 @@
 //! batch is in flight at a time and sends pending meanwhile join the next.
 
 use crate::support::*;
-use ordo_core::{Action, CommitOutcome, CoreConfig, Retention};
+use ordo_core::{Action, CommitOutcome, Retention};
 use ordo_protocol::{direct_conv_id, ConvKind, ErrorCode};
 use std::collections::BTreeSet;
 
@@ -202,51 +202,4 @@ fn messages_move_the_seq_range_without_rewriting_the_record() {
         ["alice", "bob", "carol"]
     );
     assert_eq!(s.store.max_seq(&direct_conv_id("alice", "bob")), 2);
-}
-
-/// With two commit lanes, a second batch is taken while the first is in flight: it holds only
-/// what came after, writes the whole record of a conversation the first creates (that one may
-/// not be stored yet when it runs), and is answered only after the first, in order.
-#[test]
-fn with_two_lanes_a_second_batch_follows_the_first_and_is_answered_after_it() {
-    let mut s = Sim::new(CoreConfig {
-        commit_lanes: 2,
-        ..cfg()
-    });
-    s.group("g", &["alice", "bob"], Retention::default());
-    s.core.connect(1, "alice", "a1");
-    s.core.connect(2, "bob", "b1");
-    s.create_group(7, "h", &["alice"], Retention::default());
-    s.send(1, "g", "m1");
-    let b1 = s.take();
-    assert_eq!(b1.convs.len(), 1, "h's record");
-    s.send(1, "g", "m2");
-    s.send(1, "h", "n1");
-    let b2 = s.take();
-    assert!(s.core.take_batch().is_none(), "two in flight at most");
-    assert_eq!(batch_seqs(&b1, "g"), vec![1]);
-    assert_eq!(batch_seqs(&b2, "g"), vec![2]);
-    assert_eq!(batch_seqs(&b2, "h"), vec![1]);
-    assert_eq!(
-        b2.convs.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(),
-        vec!["h"],
-        "h is not durable yet: its whole record goes again"
-    );
-    // The second reported first is not taken: batches are answered in order.
-    let store_b2 = s.store.apply(&b2).expect("stored");
-    assert!(s.core.commit_done(b2.id, store_b2.clone()).is_empty());
-    let out = s.commit(&b1);
-    assert_eq!(accepted(&out, 1).len(), 1);
-    assert_eq!(msg_seqs(&out, 2), vec![1]);
-    let out = s.core.commit_done(b2.id, store_b2);
-    assert_eq!(
-        accepted(&out, 1)
-            .into_iter()
-            .map(|a| (a.0, a.2))
-            .collect::<Vec<_>>(),
-        vec![("m2".to_string(), 2), ("n1".to_string(), 1)]
-    );
-    assert_eq!(msg_seqs(&out, 2), vec![2]);
-    assert!(!s.core.in_flight());
-    assert_eq!(info(&mut s, 2, "g").max_seq, 2);
 }
