@@ -16,10 +16,10 @@
 //!
 //! A message is its own dedup entry (indexed by sender and client message id, and by time for
 //! the dedup scan, which reads them in slices of time). `ordo_dedup` keeps only the entries of
-//! messages a trim deletes while they are still in the dedup window, and those written on their own; they expire by time in
-//! bounded steps: the cutoff the core gives is kept (in `ordo_state`), and every commit deletes
-//! at most twice its own messages' worth of entries older than it (plus a thousand), oldest
-//! first. Entries older than the cutoff are not answered, wherever they are kept.
+//! messages a trim deletes while they are still in the dedup window, and those written on
+//! their own; they expire by time in bounded steps: the cutoff the core gives is kept (in
+//! `ordo_state`), and every commit deletes at most twice its own messages' worth of entries
+//! older than it (plus a thousand), oldest first. Entries older than the cutoff are not answered, wherever they are kept.
 //!
 //! The tables are created and migrated at open ([`schema`]); a database whose schema is newer
 //! than this binary is refused. Tables live in the connection's `search_path` (one database or
@@ -63,8 +63,9 @@ pub struct PgStore {
     pool: Pool,
     /// Dedup entries accepted before this may be deleted (0: none).
     forget_before: Mutex<u64>,
-    /// This store's row in `ordo_writers` (made at open): every commit moves it to the number
-    /// of its attempt, so that the outcome of a commit whose answer was lost can be read back.
+    /// This store's row in `ordo_writers` (made at open): every commit moves it from the number
+    /// of the attempt before to its own, so that the outcome of a commit whose answer was lost
+    /// can be read back (see [`chain`]).
     writer: String,
     /// Where this writer's commit attempts stand (see [`chain`]).
     chain: Mutex<Chain>,
@@ -193,9 +194,9 @@ impl PgStore {
 
     /// Makes a fence (see [`chain`]): reads back the last attempt of this writer that took
     /// effect, and moves its row to a fresh number, in one transaction, so that no attempt
-    /// begun before can take effect any more and the failed ones are settled. Its commit waits, under synchronous
-    /// replication, until everything before it (a lost commit among it) is on the standbys
-    /// too: a commit whose answer was lost may have been durable on the primary alone, and
+    /// made before can take effect any more and the failed one is settled. Its commit waits,
+    /// under synchronous replication, until everything before it (a lost commit among it) is
+    /// on the standbys too: a commit whose answer was lost may have been durable on the primary alone, and
     /// must not be reported as committed until it is replicated as any other. It waits at
     /// most a few seconds for a lock held by a commit's own transaction (the database may not
     /// have noticed yet that its connection is gone). Any failure is `Unreachable`: what the
