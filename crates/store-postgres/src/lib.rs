@@ -19,7 +19,8 @@
 //! messages a trim deletes while they are still in the dedup window, and those written on
 //! their own; they expire by time in bounded steps: the cutoff the core gives is kept (in
 //! `ordo_state`), and every commit deletes at most twice its own messages' worth of entries
-//! older than it (plus a thousand), oldest first. Entries older than the cutoff are not answered, wherever they are kept.
+//! older than it (plus a thousand), oldest first. Entries older than the cutoff are not
+//! answered, wherever they are kept.
 //!
 //! The tables are created and migrated at open ([`schema`]); a database whose schema is newer
 //! than this binary is refused. Tables live in the connection's `search_path` (one database or
@@ -196,11 +197,11 @@ impl PgStore {
     /// effect, and moves its row to a fresh number, in one transaction, so that no attempt
     /// made before can take effect any more and the failed one is settled. Its commit waits,
     /// under synchronous replication, until everything before it (a lost commit among it) is
-    /// on the standbys too: a commit whose answer was lost may have been durable on the primary alone, and
-    /// must not be reported as committed until it is replicated as any other. It waits at
-    /// most a few seconds for a lock held by a commit's own transaction (the database may not
-    /// have noticed yet that its connection is gone). Any failure is `Unreachable`: what the
-    /// failed attempts did is still unknown, and is asked again later.
+    /// on the standbys too: a commit whose answer was lost may have been durable on the
+    /// primary alone, and must not be reported as committed until it is replicated as any
+    /// other. It waits at most a few seconds for a lock held by a commit's own transaction
+    /// (the database may not have noticed yet that its connection is gone). Any failure is
+    /// `Unreachable`: what the failed attempt did is still unknown, and is asked again later.
     fn fence(&self, chain: &mut Chain) -> Result<(), StoreError> {
         let at = chain.fence_number();
         let mut c = self.pool.get()?;
