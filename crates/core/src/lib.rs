@@ -32,6 +32,7 @@ pub mod memory_store;
 pub mod model;
 pub mod owed;
 pub mod owner;
+pub mod partition;
 pub mod posting;
 pub mod rate;
 pub mod rng;
