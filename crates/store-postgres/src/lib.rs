@@ -450,13 +450,19 @@ fn trim(
 }
 
 /// Why [`PgStore::write_common`] wrote nothing: a seq stored twice is a conflict (which seq is
-/// read afresh by the caller), anything else as [`db`] says. (In autocommit a broken connection
-/// leaves the outcome unknown instead: the caller sees to that first.)
+/// read afresh by the caller); a writer's row behind the attempt it follows means the database
+/// lost commits it confirmed (the server stops); a row moved past it, or a deadlock, is worth
+/// giving again; anything else as [`db`] says. (In autocommit a broken connection leaves the
+/// outcome unknown instead: the caller sees to that first.)
 fn not_written(e: postgres::Error) -> StoreError {
     match e.code() {
         Some(&SqlState::UNIQUE_VIOLATION) => StoreError::Conflict {
             conv: String::new(),
             seq: 0,
+        },
+        Some(c) if c.code() == FOLLOWS_BEHIND => StoreError::Engine {
+            context: "PostgreSQL, committing a batch".into(),
+            source: format!("this server's row in ordo_writers is behind a commit the database confirmed ({}): the database lost committed transactions (was an asynchronous standby promoted, or a backup restored?); restart the server so that it reads the store afresh", text(&e)).into(),
         },
         // Refused as a whole, and worth giving again: its fence settles it.
         Some(c) if c.code() == FOLLOWS_PASSED || c == &SqlState::T_R_DEADLOCK_DETECTED => {
@@ -487,14 +493,11 @@ enum Failed {
     Unknown(postgres::Error),
     /// It did not take effect.
     Store(StoreError),
-    /// The writer's row is behind the attempt it follows, which took effect: the database lost
-    /// commits it confirmed. Nothing of it took effect.
-    Behind(postgres::Error),
 }
 
 /// `ordo_follows` (schema step 7): the writer's row holds less than the attempt a commit
 /// follows (which took effect: one commit runs at a time).
-const FOLLOWS_NOT_YET: &str = "OR002";
+const FOLLOWS_BEHIND: &str = "OR002";
 /// `ordo_follows`: the writer's row moved past the attempt a commit follows (a fence).
 const FOLLOWS_PASSED: &str = "OR001";
 
@@ -502,10 +505,9 @@ const FOLLOWS_PASSED: &str = "OR001";
 /// broken connection leaves the outcome unknown; in a transaction not yet committed, nothing
 /// took effect.
 fn failed(e: postgres::Error, autocommit: bool) -> Failed {
-    match e.code().map(SqlState::code) {
-        Some(FOLLOWS_NOT_YET) => Failed::Behind(e),
-        _ if autocommit && unreachable(&e) => Failed::Unknown(e),
-        _ => Failed::Store(not_written(e)),
+    match autocommit && unreachable(&e) {
+        true => Failed::Unknown(e),
+        false => Failed::Store(not_written(e)),
     }
 }
 
@@ -638,8 +640,7 @@ impl PgStore {
         Ok(())
     }
 
-    /// Commits any batch in a transaction of its own. Its first statement moves the writer's
-    /// row from the attempt it follows (see [`chain`]).
+    /// Commits any batch in a transaction of its own.
     fn commit_in_transaction(
         &self,
         c: &mut Client,
@@ -650,26 +651,7 @@ impl PgStore {
         let mut tx = c
             .transaction()
             .map_err(|e| Failed::Store(db("starting a commit")(e)))?;
-        let (number, follows) = (i(attempt.number), i(attempt.follows));
-        let statement = st
-            .get(
-                &mut tx,
-                "WITH w AS (UPDATE ordo_writers
-                            SET batch = CASE WHEN batch = $2 THEN $3 ELSE batch END,
-                              last_attempt = CASE WHEN batch = $2 THEN $3 ELSE last_attempt END,
-                              updated = now()
-                            WHERE id = $1 RETURNING batch)
-                 SELECT ordo_follows((SELECT batch FROM w), $2::int8, $3::int8)",
-            )
-            .map_err(|e| failed(e, false))?;
-        tx.query_one(&statement, &[&self.writer, &follows, &number])
-            .map_err(|e| failed(e, false))?;
-        // From here on the row holds this attempt's number: `write_common` moves it from there.
-        let own = Attempt {
-            number: attempt.number,
-            follows: attempt.number,
-        };
-        let outcome = self.apply(&mut tx, st, b, own).map_err(Failed::Store)?;
+        let outcome = self.apply(&mut tx, st, b, attempt).map_err(Failed::Store)?;
         match tx.commit() {
             Ok(()) => Ok(outcome),
             Err(e) if unreachable(&e) => Err(Failed::Unknown(e)),
@@ -985,13 +967,6 @@ impl Store for PgStore {
                 self.chain().finished(&batch, attempt, true);
                 self.committed(&batch);
                 Ok(outcome)
-            }
-            Err(Failed::Behind(e)) => {
-                self.chain().finished(&batch, attempt, false);
-                Err(StoreError::Engine {
-                    context: "PostgreSQL, committing a batch".into(),
-                    source: format!("this server's row in ordo_writers is behind a commit the database confirmed ({}): the database lost committed transactions (was an asynchronous standby promoted, or a backup restored?); restart the server so that it reads the store afresh", text(&e)).into(),
-                })
             }
             Err(Failed::Unknown(e)) => {
                 // The attempt may or may not have taken effect: read it back at once if the
