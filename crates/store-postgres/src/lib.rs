@@ -31,12 +31,14 @@
 //! ([`Pool`]).
 
 mod chain;
+pub mod lease;
 mod pool;
 mod scan;
 pub mod schema;
 pub mod test_schema;
 
 use chain::{Attempt, Chain};
+use lease::Fences;
 use ordo_core::{
     AgeSweep, Batch, CommitOutcome, ConvRecord, ConvState, CursorRecord, DedupRecord, Expired,
     GroupPage, MemberPage, MemberPageAsk, Snapshot, StoredMessage, MAX_GROUPS_LIMIT,
@@ -70,7 +72,14 @@ pub struct PgStore {
     writer: String,
     /// Where this writer's commit attempts stand (see [`chain`]).
     chain: Mutex<Chain>,
+    /// For a node of a cluster: the partitions it holds, which every commit is fenced with
+    /// (see [`lease`]).
+    fences: Option<Arc<Fences>>,
 }
+
+/// The partitions a batch writes to and the epochs this node holds them at: the fence its
+/// commit checks (both empty outside a cluster).
+type FenceParams = (Vec<i32>, Vec<i64>);
 
 /// Whether `e` means the database cannot serve this connection now (the connection broke or
 /// could not be opened, the server is shutting down or starting, or it is a standby, as the
@@ -186,7 +195,16 @@ impl PgStore {
             forget_before: Mutex::new(u(forget)),
             writer,
             chain: Mutex::new(Chain::default()),
+            fences: None,
         })
+    }
+
+    /// Opens the store for a node of a cluster: every commit is refused unless the node holds
+    /// the leases of the partitions it writes to, at the epochs `fences` holds (see [`lease`]).
+    pub fn open_fenced(url: &str, fences: Arc<Fences>) -> Result<PgStore, StoreError> {
+        let mut store = PgStore::open(url)?;
+        store.fences = Some(fences);
+        Ok(store)
     }
 
     fn chain(&self) -> MutexGuard<'_, Chain> {
@@ -301,6 +319,7 @@ impl PgStore {
         st: &mut Prepared,
         b: &Batch,
         attempt: Attempt,
+        fence: &FenceParams,
     ) -> Result<CommitOutcome, StoreError> {
         for rec in &b.convs {
             let json = serde_json::to_string(rec).map_err(|e| StoreError::Engine {
@@ -358,7 +377,7 @@ impl PgStore {
             .map_err(db("keeping the dedup cutoff"))?;
             cutoff = new;
         }
-        self.write_common(tx, st, b, attempt, cutoff)
+        self.write_common(tx, st, b, attempt, cutoff, fence)
             .map_err(not_written)?;
         for (user, cmid) in &b.dedup_delete {
             run(
@@ -460,6 +479,10 @@ fn not_written(e: postgres::Error) -> StoreError {
             conv: String::new(),
             seq: 0,
         },
+        Some(c) if c.code() == lease::FENCED => StoreError::Fenced {
+            lease: "a partition this batch writes to".into(),
+            detail: text(&e),
+        },
         Some(c) if c.code() == FOLLOWS_BEHIND => StoreError::Engine {
             context: "PostgreSQL, committing a batch".into(),
             source: format!("this server's row in ordo_writers is behind a commit the database confirmed ({}): the database lost committed transactions (was an asynchronous standby promoted, or a backup restored?); restart the server so that it reads the store afresh", text(&e)).into(),
@@ -527,12 +550,16 @@ impl PgStore {
 
     /// One attempt at committing `batch`.
     fn try_commit(&self, batch: &Batch, attempt: Attempt) -> Result<CommitOutcome, Failed> {
+        let fence = match &self.fences {
+            Some(f) => f.of_batch(batch).map_err(Failed::Store)?,
+            None => (Vec::new(), Vec::new()),
+        };
         let mut c = self.pool.get().map_err(Failed::Store)?;
         let (client, st) = c.split();
         let result = if self.fits_one_statement(batch) {
-            self.commit_in_one(client, st, batch, attempt)
+            self.commit_in_one(client, st, batch, attempt, &fence)
         } else {
-            self.commit_in_transaction(client, st, batch, attempt)
+            self.commit_in_transaction(client, st, batch, attempt, &fence)
         };
         if matches!(
             result,
@@ -552,9 +579,10 @@ impl PgStore {
         st: &mut Prepared,
         b: &Batch,
         attempt: Attempt,
+        fence: &FenceParams,
     ) -> Result<CommitOutcome, Failed> {
         let cutoff = *self.forget_before.lock().unwrap_or_else(|p| p.into_inner());
-        self.write_common(c, st, b, attempt, cutoff)
+        self.write_common(c, st, b, attempt, cutoff, fence)
             .map_err(|e| failed(e, true))?;
         Ok(CommitOutcome::default())
     }
@@ -563,7 +591,9 @@ impl PgStore {
     /// messages; this writer's row moved from the attempt it follows to `attempt` (the whole
     /// statement is refused if the row holds anything else: see [`chain`]); the seq ranges,
     /// the device positions, and one bounded step of dedup expiry before `cutoff` (see the
-    /// crate's docs).
+    /// crate's docs). For a node of a cluster it is also refused whole unless the node holds
+    /// the leases of `fence` at their epochs, which it locks against a takeover until it ends
+    /// (see [`lease`]).
     fn write_common(
         &self,
         c: &mut impl postgres::GenericClient,
@@ -571,7 +601,9 @@ impl PgStore {
         b: &Batch,
         attempt: Attempt,
         cutoff: u64,
+        fence: &FenceParams,
     ) -> Result<(), postgres::Error> {
+        let node = self.fences.as_ref().map_or("", |f| f.node());
         let msgs = &b.messages;
         let newest = i(msgs.iter().map(|m| m.ts).max().unwrap_or(0));
         let (number, follows) = (i(attempt.number), i(attempt.follows));
@@ -613,8 +645,13 @@ impl PgStore {
                    e AS (DELETE FROM ordo_dedup WHERE (user_id, cmid) IN
                            (SELECT user_id, cmid FROM ordo_dedup WHERE ts < $22::int8
                             ORDER BY ts LIMIT $23::int8)
-                         RETURNING 1)
-                 SELECT (SELECT count(*) FROM m),
+                         RETURNING 1),
+                   f AS (SELECT 1 FROM UNNEST($24::int4[], $25::int8[]) AS h(part, epoch)
+                         JOIN ordo_leases l
+                           ON l.part = h.part AND l.epoch = h.epoch AND l.node = $26
+                         FOR SHARE OF l)
+                 SELECT ordo_fenced((SELECT count(*) FROM f), cardinality($24::int4[])),
+                   (SELECT count(*) FROM m),
                    ordo_follows((SELECT batch FROM w), $2::int8, $3::int8)",
         )?;
         c.query_one(
@@ -633,6 +670,9 @@ impl PgStore {
                     &read,
                     &before,
                     &step,
+                    &fence.0,
+                    &fence.1,
+                    &node,
                 ],
             ]
             .concat(),
@@ -647,11 +687,14 @@ impl PgStore {
         st: &mut Prepared,
         b: &Batch,
         attempt: Attempt,
+        fence: &FenceParams,
     ) -> Result<CommitOutcome, Failed> {
         let mut tx = c
             .transaction()
             .map_err(|e| Failed::Store(db("starting a commit")(e)))?;
-        let outcome = self.apply(&mut tx, st, b, attempt).map_err(Failed::Store)?;
+        let outcome = self
+            .apply(&mut tx, st, b, attempt, fence)
+            .map_err(Failed::Store)?;
         match tx.commit() {
             Ok(()) => Ok(outcome),
             Err(e) if unreachable(&e) => Err(Failed::Unknown(e)),
@@ -664,6 +707,38 @@ impl PgStore {
         let outcome = self.outcome_of(batch)?;
         self.committed(batch);
         Ok(outcome)
+    }
+
+    /// For a node of a cluster whose batch stored a seq twice or was fenced: whether it lost
+    /// the lease of a partition the batch writes to (a seq stored twice is then its new
+    /// owner's), as [`StoreError::Fenced`] naming the partition and who holds it now.
+    fn lost_lease(&self, batch: &Batch) -> Option<StoreError> {
+        let fences = self.fences.as_ref()?;
+        let (parts, epochs) = match fences.of_batch(batch) {
+            Ok(f) => f,
+            Err(e) => return Some(e),
+        };
+        let row = self.pool.get().ok()?.split().0.query_opt(
+            "SELECT l.part, l.node, l.epoch, h.epoch FROM UNNEST($1::int4[], $2::int8[])
+               AS h(part, epoch) JOIN ordo_leases l ON l.part = h.part
+             WHERE l.epoch <> h.epoch OR l.node IS DISTINCT FROM $3 LIMIT 1",
+            &[&parts, &epochs, &fences.node()],
+        );
+        let row = row.ok()??;
+        let (part, node, now, held) = (
+            row.get::<_, i32>(0),
+            row.get::<_, Option<String>>(1),
+            row.get::<_, i64>(2),
+            row.get::<_, i64>(3),
+        );
+        Some(StoreError::Fenced {
+            lease: format!("partition {part}"),
+            detail: format!(
+                "node {} held it at epoch {held}; it is now at epoch {now}, held by {}",
+                fences.node(),
+                node.as_deref().unwrap_or("no node")
+            ),
+        })
     }
 
     /// The seq of `batch` stored twice (read after its attempt was rolled back), as a
@@ -991,7 +1066,11 @@ impl Store for PgStore {
             Err(Failed::Store(e)) => {
                 self.chain().finished(&batch, attempt, false);
                 Err(match e {
-                    StoreError::Conflict { .. } => self.which_conflict(&batch),
+                    StoreError::Conflict { .. } => self
+                        .lost_lease(&batch)
+                        .unwrap_or_else(|| self.which_conflict(&batch)),
+                    // Named: which partition, and who holds it now.
+                    e @ StoreError::Fenced { .. } => self.lost_lease(&batch).unwrap_or(e),
                     e => e,
                 })
             }

@@ -151,6 +151,35 @@ pub const MIGRATIONS: &[&str] = &[
         END IF;
     END $$;
     "#,
+    // 8: a cluster's nodes and the leases of its partitions (see `lease.rs`). A node's row
+    // says when it was last heard from; a lease row names the node holding a partition, its
+    // fencing epoch (moved by every takeover) and when it runs out, by the database's clock.
+    // `ordo_fenced` refuses a commit (OR003) unless the node still holds every partition it
+    // writes to at the epoch it took it with: `held` is how many of the `wanted` lease rows
+    // matched, locked against a takeover until the commit ends.
+    r#"
+    CREATE TABLE ordo_nodes (
+        id text PRIMARY KEY,
+        seen timestamptz NOT NULL,
+        -- Where other nodes reach it, for the admin API's view (informational).
+        info text NOT NULL DEFAULT ''
+    );
+    CREATE TABLE ordo_leases (
+        part integer PRIMARY KEY,
+        node text,
+        epoch bigint NOT NULL DEFAULT 0,
+        expires timestamptz NOT NULL DEFAULT '-infinity'
+    );
+    CREATE FUNCTION ordo_fenced(held bigint, wanted integer) RETURNS bigint
+    LANGUAGE plpgsql AS $$
+    BEGIN
+        IF held <> wanted THEN
+            RAISE EXCEPTION 'ordo: the commit writes to % partitions, but this node holds the lease of only % of them at the epoch it took them with', wanted, held
+                USING ERRCODE = 'OR003';
+        END IF;
+        RETURN held;
+    END $$;
+    "#,
 ];
 
 /// The schema version this binary writes.
