@@ -22,6 +22,25 @@ pub struct ServeArgs {
     /// (postgres://USER@HOST:PORT/DB); the secret and admin key stay in --data unless given.
     #[arg(long, env = "ORDO_STORE", hide_env_values = true)]
     store: Option<String>,
+    /// Run as a node of a cluster sharing --store (PostgreSQL) and --nats with the other nodes.
+    #[arg(long, env = "ORDO_CLUSTER")]
+    cluster: bool,
+    /// The NATS server a cluster's nodes talk through (nats://HOST:PORT).
+    #[arg(long, env = "ORDO_NATS")]
+    nats: Option<String>,
+    /// This node's id in its cluster [default: generated at each start].
+    #[arg(long, env = "ORDO_NODE_ID")]
+    node_id: Option<String>,
+    /// The cluster's partition count, the same on every node [default: 64].
+    #[arg(long, env = "ORDO_PARTITIONS")]
+    partitions: Option<u32>,
+    /// Milliseconds a partition's lease runs without renewal: how soon a dead node's
+    /// partitions are taken over [default: 2000].
+    #[arg(long, env = "ORDO_LEASE_MS")]
+    lease_ms: Option<u64>,
+    /// NATS subjects of the cluster start with this [default: ordo].
+    #[arg(long, env = "ORDO_SUBJECT_PREFIX")]
+    subject_prefix: Option<String>,
     /// Token-signing secret (default: generated into `<data>/secret`).
     #[arg(long, env = "ORDO_SECRET", hide_env_values = true)]
     secret: Option<String>,
@@ -179,6 +198,22 @@ impl ServeArgs {
         }
         if self.secret.is_some() {
             c.secret = self.secret;
+        }
+        c.cluster |= self.cluster;
+        if self.nats.is_some() {
+            c.nats = self.nats;
+        }
+        if self.node_id.is_some() {
+            c.node_id = self.node_id;
+        }
+        if let Some(p) = self.partitions {
+            c.partitions = p;
+        }
+        if let Some(l) = self.lease_ms {
+            c.lease_ms = l;
+        }
+        if let Some(p) = self.subject_prefix {
+            c.subject_prefix = p;
         }
         if self.admin_key.is_some() {
             c.admin_key = self.admin_key;

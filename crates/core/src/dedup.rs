@@ -266,6 +266,11 @@ impl DedupFilter {
     pub fn set_complete(&mut self) {
         self.complete = true;
     }
+
+    /// Keys the store holds may be missing (see [`crate::owner::Owner::dedup_filter_incomplete`]).
+    pub fn set_incomplete(&mut self) {
+        self.complete = false;
+    }
 }
 
 #[cfg(test)]

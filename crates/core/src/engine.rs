@@ -106,7 +106,7 @@ pub fn per_session(actions: Vec<Action>) -> Vec<Action> {
 /// Admin reply: the group as it now stands.
 pub type AdminReply = ConvRecord;
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum AdminOp {
     /// A new group; each member's joining is recorded in it ([`ordo_protocol::ConvEvent`]).
     CreateGroup {
@@ -421,6 +421,21 @@ impl Core {
 
     pub fn evict(&mut self) {
         self.owner.evict();
+    }
+
+    /// See [`Owner::busy_with`].
+    pub fn busy_with(&self, of: &dyn Fn(&str) -> bool) -> bool {
+        self.owner.busy_with(of)
+    }
+
+    /// See [`Owner::forget_convs`].
+    pub fn forget_convs(&mut self, of: &dyn Fn(&str) -> bool) -> Result<usize, CoreError> {
+        self.owner.forget_convs(of)
+    }
+
+    /// See [`Owner::dedup_filter_incomplete`].
+    pub fn dedup_filter_incomplete(&mut self) {
+        self.owner.dedup_filter_incomplete();
     }
 
     // ----- admin -----

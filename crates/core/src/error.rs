@@ -29,6 +29,9 @@ pub enum CoreError {
     Unavailable(String),
     #[error("the server is busy: {what}; retry in {retry_after_ms} ms")]
     Busy { what: String, retry_after_ms: u64 },
+    /// The answer of another node of a cluster, which owns what the request was about.
+    #[error("{message}")]
+    Remote { code: ErrorCode, message: String },
 }
 
 impl CoreError {
@@ -43,6 +46,7 @@ impl CoreError {
             | CoreError::HeldBack { .. }
             | CoreError::HeldBackFull { .. } => ErrorCode::RateLimited,
             CoreError::Unavailable(_) | CoreError::Busy { .. } => ErrorCode::Unavailable,
+            CoreError::Remote { code, .. } => *code,
         }
     }
 

@@ -610,6 +610,11 @@ impl Owner {
         self.touch(&id);
     }
 
+    /// Conversations being loaded.
+    pub(crate) fn loads_waiting(&self) -> impl Iterator<Item = &str> {
+        self.loads.waiting.keys().map(String::as_str)
+    }
+
     /// Conversations the core holds.
     pub fn convs_held(&self) -> usize {
         self.convs.len()

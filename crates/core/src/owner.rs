@@ -1427,6 +1427,44 @@ impl Owner {
         out
     }
 
+    /// Whether any work not finished yet touches a conversation `of` says yes to: pending or in
+    /// flight (see `pinned_convs`), a send parked in a connection's line, a load or an admin
+    /// request waiting. A cluster's node hands a partition over only once this is false for it.
+    pub fn busy_with(&self, of: &dyn Fn(&str) -> bool) -> bool {
+        self.pinned_convs().into_iter().any(of)
+            || self
+                .lines
+                .values()
+                .any(|l| l.parked.iter().any(|p| of(&p.cmd.conv)))
+            || self.loads_waiting().any(of)
+    }
+
+    /// Forgets every conversation `of` says yes to, and whatever it knows of them (a cluster's
+    /// node that took or gave up their partition: their owner was another, or will be, and the
+    /// store holds what it committed). Refused, with nothing forgotten, while work touches one
+    /// of them ([`Owner::busy_with`]).
+    pub fn forget_convs(&mut self, of: &dyn Fn(&str) -> bool) -> Result<usize, CoreError> {
+        if self.busy_with(of) {
+            return Err(CoreError::Unavailable(
+                "work on these conversations is not finished".into(),
+            ));
+        }
+        let doomed: Vec<String> = self.convs.keys().filter(|c| of(c)).cloned().collect();
+        for id in &doomed {
+            let changed = self.convs.remove(id).map_or(0, |c| c.changed);
+            self.note_change(id.clone(), changed);
+        }
+        Ok(doomed.len())
+    }
+
+    /// The filter of dedup keys no longer holds every key the store holds (a cluster's node
+    /// took a partition whose sends another node accepted): every send the cache cannot answer
+    /// is looked up until the keys are added again and [`Owner::dedup_filter_complete`] is
+    /// called.
+    pub fn dedup_filter_incomplete(&mut self) {
+        self.filter.set_incomplete();
+    }
+
     /// Storage failed: nothing pending or in flight will become durable, and no lookup will be
     /// answered. Every waiting sender and admin request is told to retry. The caller then
     /// rebuilds the core from the store, which is the truth, and drops the connections.

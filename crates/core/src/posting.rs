@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 /// A message the app's backend posts: into `conv`, or (with `to` and `from`) into the direct
 /// conversation of `from` and `to`; as user `from`, or as the system when `from` is `None`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct AdminPost {
     pub conv: Option<String>,
     pub to: Option<String>,
@@ -35,7 +35,7 @@ pub struct AdminPost {
 }
 
 /// Where a backend post went.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Posted {
     pub conv: String,
     pub seq: u64,

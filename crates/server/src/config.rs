@@ -101,6 +101,24 @@ pub struct Config {
     /// Bytes of a message's body an event carries as `preview` (cut at a character boundary);
     /// 0: no preview.
     pub webhook_preview_bytes: usize,
+    /// Run as a node of a cluster: with the other nodes, on the PostgreSQL database `store`
+    /// names and the NATS server `nats` names (see docs/scaling.md).
+    pub cluster: bool,
+    /// The NATS server the nodes of a cluster talk through (`nats://HOST:PORT`).
+    pub nats: Option<String>,
+    /// This node's id in its cluster (letters, digits, `-` and `_`; at most 64): generated at
+    /// every start when unset.
+    pub node_id: Option<String>,
+    /// The cluster's partition count: the same on every node, for the cluster's whole life.
+    pub partitions: u32,
+    /// Milliseconds a partition's lease runs without renewal: a dead node's partitions are
+    /// taken over within about this long.
+    pub lease_ms: u64,
+    /// NATS subjects of the cluster start with this (the same on every node).
+    pub subject_prefix: String,
+    /// Seconds a send forwarded to its conversation's node may stay unanswered before its
+    /// connection is closed (its client reconnects and resends).
+    pub forward_timeout_secs: u64,
 }
 
 impl Default for Config {
@@ -148,6 +166,13 @@ impl Default for Config {
             webhook_url: None,
             webhook_secret: None,
             webhook_preview_bytes: 0,
+            cluster: false,
+            nats: None,
+            node_id: None,
+            partitions: 64,
+            lease_ms: 2000,
+            subject_prefix: "ordo".into(),
+            forward_timeout_secs: 10,
         }
     }
 }
@@ -205,6 +230,51 @@ impl Config {
             64 * MIB,
         )?;
         int("max_sync_limit", self.max_sync_limit.into(), 1, 100_000)?;
+        if self.cluster {
+            if self.store.is_none() {
+                return Err(ConfigError::Invalid(
+                    "a cluster's node needs --store, the PostgreSQL database every node shares"
+                        .into(),
+                ));
+            }
+            if self.nats.is_none() {
+                return Err(ConfigError::Invalid(
+                    "a cluster's node needs --nats, the NATS server every node talks through"
+                        .into(),
+                ));
+            }
+            if let Some(id) = &self.node_id {
+                if id.is_empty()
+                    || id.len() > 64
+                    || !id
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                {
+                    return Err(ConfigError::Invalid(format!(
+                        "node_id {id:?}: 1 to 64 letters, digits, '-' or '_'"
+                    )));
+                }
+            }
+            if self.subject_prefix.is_empty()
+                || !self
+                    .subject_prefix
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "subject_prefix {:?}: letters, digits, '-', '_' and '.'",
+                    self.subject_prefix
+                )));
+            }
+        }
+        int(
+            "partitions",
+            self.partitions.into(),
+            1,
+            ordo_store_postgres::lease::MAX_PARTITIONS.into(),
+        )?;
+        int("lease_ms", self.lease_ms, 200, 600_000)?;
+        int("forward_timeout_secs", self.forward_timeout_secs, 1, 3600)?;
         int(
             "default_sync_limit",
             self.default_sync_limit.into(),

@@ -33,6 +33,12 @@ use tokio::sync::{mpsc, oneshot};
 
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 
+/// A session id not given before in this process (connections and a cluster's remote sessions
+/// share them).
+pub(crate) fn next_session() -> SessionId {
+    NEXT_SESSION.fetch_add(1, Ordering::Relaxed)
+}
+
 /// How long a closing connection may take to flush what is queued for it.
 const WRITER_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -93,7 +99,7 @@ pub async fn run(
             exp.saturating_mul(1000)
                 .saturating_sub(crate::router::now_ms()),
         );
-    let session = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
+    let session = next_session();
     let _live = state.live.clone();
     let (mut sink, mut stream) = socket.split();
     let (tx, mut rx) = mpsc::channel::<Outbound>(state.outbound_queue);

@@ -31,6 +31,7 @@ pub fn routes(state: AppState) -> Router {
         .route("/v1/admin/tokens", post(issue_token))
         .route("/v1/admin/revocations", post(revoke))
         .route("/v1/admin/messages", post(post_message))
+        .route("/v1/admin/cluster", get(cluster_status))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::map_response(json_errors))
@@ -589,6 +590,22 @@ struct ListGroups {
 }
 
 /// One page of the groups, in id order: `{"groups": [...], "has_more": bool}`.
+/// A cluster's node: the live nodes, and each partition's owner and epoch, as its lease keeper
+/// last read them, with its counts of takeovers, handovers and lost leases.
+async fn cluster_status(State(state): State<AppState>, _: Admin) -> Response {
+    match &state.cluster {
+        Some(s) => {
+            let status = s.read().unwrap_or_else(|p| p.into_inner()).clone();
+            Json(status).into_response()
+        }
+        None => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "this server is not a node of a cluster (started without --cluster)",
+        ),
+    }
+}
+
 async fn list_groups(
     State(state): State<AppState>,
     _: Admin,

@@ -7,6 +7,7 @@
 
 mod accept;
 pub mod auth;
+pub mod cluster;
 pub mod config;
 mod conn;
 mod http;
@@ -70,6 +71,9 @@ pub enum ServerError {
     Webhook(#[from] webhook::WebhookError),
     #[error("server error: {0}")]
     Io(#[from] std::io::Error),
+    /// A cluster's node could not join (NATS could not be reached, or the lease table read).
+    #[error("cannot join the cluster: {0}")]
+    Cluster(String),
 }
 
 /// Reads the TLS certificate and key, and the JWKS file, again on every SIGHUP until the server
@@ -129,6 +133,8 @@ pub(crate) struct AppState {
     users: Arc<http::UserConnections>,
     /// How long a WebSocket may stay silent.
     idle_timeout: Duration,
+    /// On a cluster's node: what its lease keeper last saw.
+    cluster: Option<cluster::SharedStatus>,
 }
 
 /// The token secret: flag/env value, or `<data>/secret`, created on first use. Never created
@@ -251,16 +257,22 @@ async fn close_store(store: Arc<dyn Store>) {
 /// failing over) before it gives up.
 const DATABASE_WAIT: Duration = Duration::from_secs(60);
 
-/// Opens the PostgreSQL store, waiting up to [`DATABASE_WAIT`] for a database that cannot be
-/// reached yet.
-async fn open_database(url: String) -> Result<ordo_store_postgres::PgStore, ServerError> {
+/// Opens the PostgreSQL store (fenced with `fences` on a cluster's node), waiting up to
+/// [`DATABASE_WAIT`] for a database that cannot be reached yet.
+async fn open_database(
+    url: String,
+    fences: Option<Arc<ordo_store_postgres::lease::Fences>>,
+) -> Result<ordo_store_postgres::PgStore, ServerError> {
     let started = tokio::time::Instant::now();
     let mut wait = Duration::from_millis(100);
     loop {
-        let u = url.clone();
-        let opened = tokio::task::spawn_blocking(move || ordo_store_postgres::PgStore::open(&u))
-            .await
-            .map_err(|e| ServerError::Io(std::io::Error::other(e.to_string())))?;
+        let (u, f) = (url.clone(), fences.clone());
+        let opened = tokio::task::spawn_blocking(move || match f {
+            Some(f) => ordo_store_postgres::PgStore::open_fenced(&u, f),
+            None => ordo_store_postgres::PgStore::open(&u),
+        })
+        .await
+        .map_err(|e| ServerError::Io(std::io::Error::other(e.to_string())))?;
         match opened {
             Err(StoreError::Unreachable(why)) if started.elapsed() < DATABASE_WAIT => {
                 tracing::warn!(error = %why, "waiting for the database");
@@ -279,7 +291,12 @@ pub async fn start(cfg: Config) -> Result<RunningServer, ServerError> {
     if let Some(url) = cfg.store.clone() {
         // The data directory still holds the secrets, the revocations and the webhook queue.
         std::fs::create_dir_all(&cfg.data).map_err(ServerError::Io)?;
-        let store: Arc<dyn Store> = Arc::new(open_database(url).await?);
+        let node = match cfg.cluster {
+            true => Some(cluster::open_node(&cfg, &url).await?),
+            false => None,
+        };
+        let fences = node.as_ref().map(|n| n.fences.clone());
+        let store: Arc<dyn Store> = Arc::new(open_database(url, fences).await?);
         // A database that holds messages already has tokens out: never a new secret for it.
         let probe = store.clone();
         let holds_data = tokio::task::spawn_blocking(move || probe.load())
@@ -295,7 +312,7 @@ pub async fn start(cfg: Config) -> Result<RunningServer, ServerError> {
             SECRET_FLAG,
             !holds_data,
         )?;
-        return start_with_store(cfg, store).await;
+        return start_inner(cfg, store, node).await;
     }
     // Before the store is made: a new store gets new secrets, an existing one never does.
     token_key(cfg.secret.as_deref(), &cfg.data)?;
@@ -314,6 +331,19 @@ pub async fn start(cfg: Config) -> Result<RunningServer, ServerError> {
 pub async fn start_with_store(
     cfg: Config,
     store: Arc<dyn Store>,
+) -> Result<RunningServer, ServerError> {
+    if cfg.cluster {
+        return Err(ServerError::Config(ConfigError::Invalid(
+            "a cluster's node opens its own store: use start".into(),
+        )));
+    }
+    start_inner(cfg, store, None).await
+}
+
+async fn start_inner(
+    cfg: Config,
+    store: Arc<dyn Store>,
+    node: Option<cluster::Node>,
 ) -> Result<RunningServer, ServerError> {
     cfg.validate()?;
     let _ = metrics::handle();
@@ -353,6 +383,20 @@ pub async fn start_with_store(
             .map_err(|e| ServerError::Io(std::io::Error::other(e.to_string())))??;
     let (router_tx, router_rx) = mpsc::channel(8192);
     let (stop, stop_rx) = watch::channel(false);
+    let joined = match node {
+        Some(node) => Some(
+            node.join(
+                &cfg,
+                &mut router,
+                router_tx.clone(),
+                store.clone(),
+                stop_rx.clone(),
+            )
+            .await?,
+        ),
+        None => None,
+    };
+    let cluster_status = joined.as_ref().map(|j| j.status.clone());
     let mut webhook_task = None;
     if let Some(url) = &cfg.webhook_url {
         let endpoint = webhook::Endpoint::parse(url).map_err(ConfigError::Invalid)?;
@@ -407,6 +451,7 @@ pub async fn start_with_store(
         live,
         users: Arc::new(http::UserConnections::new(cfg.max_connections_per_user)),
         idle_timeout: Duration::from_secs(cfg.idle_timeout_secs),
+        cluster: cluster_status,
     };
     let tokens = state.tokens.clone();
     let app = http::routes(state);
@@ -421,6 +466,10 @@ pub async fn start_with_store(
         // WebSocket connections outlive the accept loop: wait until each has sent its close
         // frame (bounded, so a stuck peer cannot hold the server up).
         let _ = tokio::time::timeout(CLOSE_GRACE, all_closed.recv()).await;
+        // A cluster's node hands its partitions over (the router drains each) and leaves.
+        if let Some(j) = joined {
+            j.leave().await;
+        }
         // Connections are closed; let the router commit what is pending.
         let (done, finished) = oneshot::channel();
         if router_tx.send(Command::Shutdown { done }).await.is_ok() {

@@ -49,6 +49,29 @@ pub const WEBHOOK_FAILED: &str = "ordo_webhook_failed_total";
 /// Events given up: the queue was full, or they failed for `webhook` retry period (24 h).
 pub const WEBHOOK_DROPPED: &str = "ordo_webhook_dropped_total";
 
+/// Partitions of the cluster this node holds the lease of.
+pub const CLUSTER_PARTITIONS_HELD: &str = "ordo_cluster_partitions_held";
+/// Partitions this node took over (at start, from a node gone, or handed over).
+pub const CLUSTER_TAKEOVERS: &str = "ordo_cluster_takeovers_total";
+/// Partitions this node handed over to another (drained first).
+pub const CLUSTER_HANDOVERS: &str = "ordo_cluster_handovers_total";
+/// Partitions this node lost (another took them over while this one believed it held them).
+pub const CLUSTER_LEASES_LOST: &str = "ordo_cluster_leases_lost_total";
+/// Rounds of lease renewal that went through.
+pub const CLUSTER_RENEWALS: &str = "ordo_cluster_lease_renewals_total";
+/// Frames of this node's connections forwarded to the nodes owning their conversations, and
+/// the sends among them.
+pub const CLUSTER_FORWARDED: &str = "ordo_cluster_forwarded_frames_total";
+pub const CLUSTER_FORWARDED_SENDS: &str = "ordo_cluster_forwarded_sends_total";
+/// From forwarding a send to its owner to its answer coming back: NATS both ways plus the
+/// owner's commit.
+pub const CLUSTER_FORWARD_SECONDS: &str = "ordo_cluster_forward_roundtrip_seconds";
+/// Connections of other nodes this node serves as an owner.
+pub const CLUSTER_REMOTE_SESSIONS: &str = "ordo_cluster_remote_sessions";
+/// Connections closed because a frame between nodes was lost, a forwarded send went
+/// unanswered, or a conversation moved between owners under them.
+pub const CLUSTER_KICKS: &str = "ordo_cluster_connections_closed_total";
+
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
 /// Installs the process-wide recorder once; later calls return the same handle. `None` if

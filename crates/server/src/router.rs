@@ -270,6 +270,17 @@ pub enum Command {
         post: AdminPost,
         reply: oneshot::Sender<Result<Posted, CoreError>>,
     },
+    /// A connection of another node of the cluster, served here as the owner of some of its
+    /// conversations; `origin` is (its node, its session id there).
+    ConnectRemote {
+        session: SessionId,
+        user: String,
+        device: String,
+        handle: SessionHandle,
+        origin: (Arc<str>, SessionId),
+    },
+    /// From the cluster's lease keeper or another node.
+    Cluster(crate::cluster::route::ClusterEvent),
     /// Finish what is pending, then stop.
     Shutdown {
         done: oneshot::Sender<()>,
@@ -305,6 +316,8 @@ enum Lookup {
     Member(u64, MemberPageAsk),
     /// A step of age retention.
     Sweep(AgeSweep),
+    /// List the store's dedup keys for the filter again, from the start: rebuild number `n`.
+    Rescan(u64),
 }
 
 /// What the lookup thread sends back.
@@ -317,10 +330,12 @@ enum Looked {
     Members(u64, MemberPage),
     /// The conversations of a retention step with messages past their age.
     Expired(Expired),
-    /// A page of the dedup keys the store holds, for the filter; `done` on the last.
+    /// A page of the dedup keys the store holds, for the filter; `done` on the last; `scan`
+    /// is the rebuild it belongs to (0: the one at start).
     Scanned {
         entries: Vec<DedupRecord>,
         done: bool,
+        scan: u64,
     },
     Failed(StoreError),
 }
@@ -360,8 +375,8 @@ impl Counters {
 }
 
 pub struct Router {
-    core: Core,
-    sessions: HashMap<SessionId, SessionHandle>,
+    pub(crate) core: Core,
+    pub(crate) sessions: HashMap<SessionId, SessionHandle>,
     admin: HashMap<Ticket, oneshot::Sender<Result<AdminReply, CoreError>>>,
     posts: HashMap<Ticket, oneshot::Sender<Result<Posted, CoreError>>>,
     /// Where offline members of a message are reported, if a webhook is set.
@@ -394,7 +409,9 @@ pub struct Router {
     stopping_since: Option<Instant>,
     /// Per connection, what its pushes that did not fit its queue are owed as (see
     /// [`Router::queue`] and [`ordo_core::owed`]), sent once the queue has room.
-    owed: HashMap<SessionId, Owed>,
+    pub(crate) owed: HashMap<SessionId, Owed>,
+    /// On a cluster's node: what its router knows of the cluster (see `cluster::route`).
+    pub(crate) cluster: Option<crate::cluster::route::ClusterState>,
 }
 
 /// Most frames one connection may be owed (notifies by conversation, receipts by conversation
@@ -459,7 +476,26 @@ impl Router {
             store_down: None,
             stopping_since: None,
             owed: HashMap::new(),
+            cluster: None,
         })
+    }
+
+    /// Makes this router a cluster's node's.
+    pub fn set_cluster(&mut self, c: crate::cluster::route::ClusterState) {
+        self.cluster = Some(c);
+    }
+
+    /// Lists the store's dedup keys for the filter again (a cluster's node took a partition).
+    pub(crate) fn rescan_dedup(&mut self) {
+        let scan = match self.cluster.as_mut() {
+            Some(c) => {
+                c.scan += 1;
+                c.scan
+            }
+            None => return,
+        };
+        self.scan = Some((Instant::now(), 0));
+        self.lookups.push(Lookup::Rescan(scan));
     }
 
     fn now(&mut self) -> u64 {
@@ -503,6 +539,7 @@ impl Router {
                 }
                 return Err(e);
             }
+            self.cluster_drain();
             self.record_stats();
             self.ask_lookups();
             self.start_commit();
@@ -564,14 +601,44 @@ impl Router {
                 self.core.connect(session, &user, &device);
                 self.sessions.insert(session, handle);
                 metrics::gauge!(m::CONNECTIONS).set(self.sessions.len() as f64);
+                if self.cluster.is_some() {
+                    self.cluster_connect(session, &user, &device);
+                }
+            }
+            Command::ConnectRemote {
+                session,
+                user,
+                device,
+                handle,
+                origin,
+            } => {
+                if self.cluster.is_none() {
+                    return;
+                }
+                self.core.connect(session, &user, &device);
+                self.sessions.insert(session, handle);
+                self.cluster_remote(session, origin);
+            }
+            Command::Cluster(e) => {
+                if self.cluster.is_some() {
+                    self.cluster_event(e, now);
+                }
             }
             Command::Disconnect { session } => {
+                if self.cluster.is_some() {
+                    self.cluster_disconnect(session);
+                }
                 self.core.disconnect(session);
                 self.replies.remove(&session);
                 self.sessions.remove(&session);
                 self.owed.remove(&session);
                 metrics::gauge!(m::CONNECTIONS).set(self.sessions.len() as f64);
             }
+            Command::Frame {
+                session,
+                frame,
+                read,
+            } if self.cluster.is_some() => self.cluster_frame(session, frame, read, now),
             Command::Frame {
                 session,
                 frame,
@@ -587,30 +654,62 @@ impl Router {
                 self.dispatch(actions);
             }
             Command::Admin { op, reply } => {
-                let ticket = self.next_ticket;
-                self.next_ticket += 1;
-                match self.core.admin(ticket, op, now) {
-                    Ok(actions) => {
-                        self.admin.insert(ticket, reply);
-                        self.dispatch(actions);
-                    }
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
-                    }
+                let here = match self.cluster.is_some() {
+                    true => self.cluster_admin(op, reply, false),
+                    false => Some((op, reply)),
+                };
+                if let Some((op, reply)) = here {
+                    self.admin_here(op, reply, now);
                 }
             }
             Command::Post { post, reply } => {
-                let ticket = self.next_ticket;
-                self.next_ticket += 1;
-                self.posts.insert(ticket, reply);
-                let actions = self.core.post(ticket, post, now);
-                self.dispatch(actions);
+                let here = match self.cluster.is_some() {
+                    true => self.cluster_post(post, reply, false),
+                    false => Some((post, reply)),
+                };
+                if let Some((post, reply)) = here {
+                    self.post_here(post, reply, now);
+                }
             }
             Command::Shutdown { done } => self.shutdown.push(done),
         }
     }
 
-    fn on_frame(
+    /// An admin request this node's core answers.
+    pub(crate) fn admin_here(
+        &mut self,
+        op: AdminOp,
+        reply: oneshot::Sender<Result<AdminReply, CoreError>>,
+        now: u64,
+    ) {
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        match self.core.admin(ticket, op, now) {
+            Ok(actions) => {
+                self.admin.insert(ticket, reply);
+                self.dispatch(actions);
+            }
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+
+    /// A backend post this node's core takes.
+    pub(crate) fn post_here(
+        &mut self,
+        post: AdminPost,
+        reply: oneshot::Sender<Result<Posted, CoreError>>,
+        now: u64,
+    ) {
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        self.posts.insert(ticket, reply);
+        let actions = self.core.post(ticket, post, now);
+        self.dispatch(actions);
+    }
+
+    pub(crate) fn on_frame(
         &mut self,
         session: SessionId,
         frame: ClientFrame,
@@ -687,13 +786,25 @@ impl Router {
                 let actions = self.core.member_convs_loaded(id, page);
                 self.dispatch(actions);
             }
-            Looked::Expired(expired) => self.core.expired(expired),
-            Looked::Scanned { entries, done } => {
+            Looked::Expired(mut expired) => {
+                // A cluster's node trims only what it owns.
+                if let Some(c) = &self.cluster {
+                    expired.trims.retain(|(conv, _)| c.holds(conv));
+                }
+                self.core.expired(expired)
+            }
+            Looked::Scanned {
+                entries,
+                done,
+                scan,
+            } => {
                 self.core.dedup_filter_add(&entries);
                 if let Some((_, n)) = self.scan.as_mut() {
                     *n += entries.len();
                 }
-                if done {
+                // A rebuild started again since is what completes the filter.
+                let current = self.cluster.as_ref().map_or(0, |c| c.scan);
+                if done && scan == current {
                     self.core.dedup_filter_complete();
                     if let Some((started, n)) = self.scan.take() {
                         tracing::info!(
@@ -712,7 +823,7 @@ impl Router {
     }
 
     /// Storage failed: every waiting sender is told to retry, and the server stops.
-    fn fail(&mut self, e: StoreError) {
+    pub(crate) fn fail(&mut self, e: StoreError) {
         let actions = self.core.abort_all(&e.to_string());
         self.dispatch(actions);
         if self.fatal.is_none() {
@@ -776,6 +887,7 @@ impl Router {
         // it one slice of conversations per call.
         let actions = self.core.retention_tick(now);
         self.dispatch(actions);
+        self.cluster_tick();
     }
 
     fn record_stats(&mut self) {
@@ -845,7 +957,7 @@ impl Router {
         }
     }
 
-    fn send_to(&mut self, session: SessionId, frame: ServerFrame) {
+    pub(crate) fn send_to(&mut self, session: SessionId, frame: ServerFrame) {
         if let ServerFrame::Rejected { .. } = frame {
             self.counters.rejected.increment(1);
         }
@@ -860,7 +972,7 @@ impl Router {
     /// owed what replaces it, a `notify` or the latest `receipt` ([`ordo_core::owed`]), sent once
     /// there is room; so are the later pushes of the same kind queued meanwhile. An answer that
     /// does not fit means the peer is not reading: it is dropped (1013).
-    fn queue(&mut self, session: SessionId, out: Outbound) {
+    pub(crate) fn queue(&mut self, session: SessionId, out: Outbound) {
         let Some(h) = self.sessions.get(&session) else {
             return;
         };
@@ -886,8 +998,10 @@ impl Router {
             return;
         }
         if let ServerFrame::Msg(m) = frame {
-            self.core.push_missed(session, &m.conv, m.seq);
+            let (conv, seq) = (m.conv.clone(), m.seq);
+            self.missed(session, &conv, seq);
         }
+        let frame = out.frame();
         metrics::counter!(m::PUSHES_DEFERRED).increment(1);
         let owed = self.owed.entry(session).or_default();
         owed.owe(frame);
@@ -992,6 +1106,8 @@ struct Round {
     convs: Vec<String>,
     members: Vec<(u64, MemberPageAsk)>,
     sweeps: Vec<AgeSweep>,
+    /// The dedup keys are to be listed again from the start, as rebuild number this.
+    rescan: Option<u64>,
 }
 
 impl Round {
@@ -1004,6 +1120,7 @@ impl Round {
             Lookup::Conv(c) => self.convs.push(c),
             Lookup::Member(id, ask) => self.members.push((id, ask)),
             Lookup::Sweep(sweep) => self.sweeps.push(sweep),
+            Lookup::Rescan(n) => self.rescan = Some(n),
         }
     }
 
@@ -1088,6 +1205,7 @@ fn lookup_thread(
     use std::sync::mpsc::TryRecvError;
     let mut scan_from = None;
     let mut scanning = true;
+    let mut scan = 0;
     let mut round = Round::default();
     let mut wait = RETRY_FIRST;
     loop {
@@ -1108,6 +1226,9 @@ fn lookup_thread(
                     break;
                 }
             }
+        }
+        if let Some(n) = round.rescan.take() {
+            (scanning, scan_from, scan) = (true, None, n);
         }
         if !round.is_empty() {
             match answer(&*store, &mut round, &out) {
@@ -1134,6 +1255,7 @@ fn lookup_thread(
                 out.send(Looked::Scanned {
                     entries: page.entries,
                     done: !scanning,
+                    scan,
                 })
             }
             Err(StoreError::Unreachable(why)) => {

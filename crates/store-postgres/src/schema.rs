@@ -191,7 +191,7 @@ pub fn current() -> i64 {
 pub enum SchemaError {
     #[error("the database's Ordo schema is version {found}, newer than this ordo knows ({known}): upgrade ordo, or point it at another database or schema")]
     Newer { found: i64, known: i64 },
-    #[error("cannot apply the schema: {0}")]
+    #[error("cannot apply the schema: {}", crate::text(.0))]
     Db(#[from] postgres::Error),
 }
 
@@ -203,6 +203,17 @@ pub fn migrate(client: &mut Client) -> Result<i64, SchemaError> {
 /// Brings the schema to version `target` (at most [`current`]; tests of an upgrade start from
 /// an older one); returns the version found.
 pub fn migrate_to(client: &mut Client, target: i64) -> Result<i64, SchemaError> {
+    // Servers starting together (a cluster's nodes) take turns: even `CREATE TABLE IF NOT
+    // EXISTS` fails for all but one of two sessions running it at once.
+    client.batch_execute("SELECT pg_advisory_lock(7400001)")?;
+    let result = migrate_locked(client, target);
+    let unlocked = client.batch_execute("SELECT pg_advisory_unlock(7400001)");
+    let found = result?;
+    unlocked?;
+    Ok(found)
+}
+
+fn migrate_locked(client: &mut Client, target: i64) -> Result<i64, SchemaError> {
     client.batch_execute(
         "CREATE TABLE IF NOT EXISTS ordo_schema (only_row boolean PRIMARY KEY DEFAULT true CHECK (only_row), version bigint NOT NULL);
          INSERT INTO ordo_schema (version) VALUES (0) ON CONFLICT DO NOTHING;",

@@ -1,0 +1,398 @@
+//! The NATS side of a node: what it hears from the other nodes, the connections of other nodes
+//! it serves as an owner, and the one task that publishes what the router sends.
+//!
+//! **The dispatcher** reads this node's subject. Connections other nodes announce
+//! ([`NodeMsg::Open`]) become *remote sessions*; their frames go to them in order; whatever is
+//! for the router (answers and pushes for this node's connections, a kick, a missed push,
+//! admin requests and posts) goes to the router.
+//!
+//! **A remote session** is a session of this node's core like a local connection: the owner
+//! decides for it, the hub pushes to it, and its outgoing queue is bounded the same way. Its
+//! reader task hands its frames to the router in the order their numbers say (a number out of
+//! order means NATS lost a frame: the session is dropped, and its node closes the connection,
+//! whose client resends in order) and reads the history pages its `sync`s need; its writer task
+//! sends what the router queues for it back to the connection's node, several frames per NATS
+//! message. A remote session not announced again for [`FORGET_AFTER`] is forgotten (its node
+//! died, or forgot it).
+
+use super::route::ClusterEvent;
+use super::wire::{self, NodeMsg, OpenSession, WireError};
+use crate::metrics as m;
+use crate::router::{Budget, Command, Kick, Outbound, SessionHandle};
+use futures_util::StreamExt;
+use ordo_core::{may_read, SessionId};
+use ordo_protocol::{ClientFrame, ErrorCode, ServerFrame};
+use ordo_store::Store;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+
+/// How often a node announces its connections to the others.
+pub const ANNOUNCE_EVERY: Duration = Duration::from_secs(5);
+/// A remote session not announced for this long is forgotten.
+pub const FORGET_AFTER: Duration = Duration::from_secs(20);
+/// Frames of one remote session waiting for the router; past it the session is dropped.
+const INBOX: usize = 1024;
+/// Most frames one NATS message back to a connection's node carries.
+const OUT_BATCH: usize = 256;
+/// Most bytes (by the budget's count) one such message carries.
+const OUT_BATCH_BYTES: usize = 256 * 1024;
+/// How long an admin request or a post forwarded to another node waits for its answer.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the dispatcher and the remote sessions share.
+#[derive(Clone)]
+pub struct Ctx {
+    pub node: Arc<str>,
+    pub prefix: Arc<str>,
+    pub nats: async_nats::Client,
+    pub router: mpsc::Sender<Command>,
+    pub store: Arc<dyn Store>,
+    pub outbound_queue: usize,
+    pub outbound_bytes: usize,
+    pub max_sync_bytes: usize,
+}
+
+impl Ctx {
+    /// Publishes `msg` to node `to`; false if it could not be sent.
+    pub async fn publish(&self, to: &str, msg: &NodeMsg) -> bool {
+        let Ok(bytes) = wire::encode(msg) else {
+            return false;
+        };
+        self.nats
+            .publish(wire::node_subject(&self.prefix, to), bytes.into())
+            .await
+            .is_ok()
+    }
+}
+
+/// One remote session as the dispatcher knows it.
+struct Entry {
+    inbox: mpsc::Sender<(u64, ClientFrame)>,
+    seen: Instant,
+}
+
+type Registry = Arc<Mutex<HashMap<(Arc<str>, SessionId), Entry>>>;
+
+/// Runs the dispatcher until the subscription ends.
+pub async fn dispatch(
+    ctx: Ctx,
+    mut sub: async_nats::Subscriber,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let registry: Registry = Arc::default();
+    let mut sweep = tokio::time::interval(ANNOUNCE_EVERY);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            msg = sub.next() => {
+                let Some(msg) = msg else { break };
+                match wire::decode::<NodeMsg>(&msg.payload) {
+                    Ok(m) => on_message(&ctx, &registry, m, msg.reply).await,
+                    Err(e) => tracing::warn!(error = %e, "a message from another node could not be read"),
+                }
+            }
+            _ = sweep.tick() => {
+                let mut r = registry.lock().unwrap_or_else(|p| p.into_inner());
+                r.retain(|_, e| e.seen.elapsed() < FORGET_AFTER);
+                metrics::gauge!(m::CLUSTER_REMOTE_SESSIONS).set(r.len() as f64);
+            }
+        }
+    }
+}
+
+async fn on_message(
+    ctx: &Ctx,
+    registry: &Registry,
+    msg: NodeMsg,
+    reply: Option<async_nats::Subject>,
+) {
+    match msg {
+        NodeMsg::Open { from, sessions } => {
+            let from: Arc<str> = from.into();
+            for s in sessions {
+                open(ctx, registry, from.clone(), s);
+            }
+        }
+        NodeMsg::Close { from, session } => {
+            registry
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&(Arc::from(from), session));
+        }
+        NodeMsg::Frame {
+            from,
+            session,
+            n,
+            frame,
+        } => {
+            let key = (Arc::<str>::from(from), session);
+            let sent = {
+                let r = registry.lock().unwrap_or_else(|p| p.into_inner());
+                r.get(&key).map(|e| e.inbox.try_send((n, frame)).is_ok())
+            };
+            let why = match sent {
+                Some(true) => return,
+                Some(false) => "its frames came faster than this node took them",
+                None => "this node does not know the connection",
+            };
+            registry
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&key);
+            let kick = NodeMsg::Kick {
+                session,
+                reason: format!("the node owning the conversation dropped the connection ({why}); reconnect and resend"),
+            };
+            ctx.publish(&key.0, &kick).await;
+        }
+        NodeMsg::Admin { op } => {
+            let (tx, rx) = oneshot::channel();
+            let event = ClusterEvent::AdminIn { op, reply: tx };
+            answer(ctx, reply, event, rx).await;
+        }
+        NodeMsg::Post { post } => {
+            let (tx, rx) = oneshot::channel();
+            let event = ClusterEvent::PostIn { post, reply: tx };
+            answer(ctx, reply, event, rx).await;
+        }
+        other => {
+            let _ = ctx
+                .router
+                .send(Command::Cluster(ClusterEvent::Inbound(other)))
+                .await;
+        }
+    }
+}
+
+/// Hands a forwarded admin request or post to the router (`event`), and answers it on `reply`
+/// once the router has (off the dispatcher).
+async fn answer<T: serde::Serialize + Send + 'static>(
+    ctx: &Ctx,
+    reply: Option<async_nats::Subject>,
+    event: ClusterEvent,
+    rx: oneshot::Receiver<Result<T, ordo_core::CoreError>>,
+) {
+    let asked = ctx.router.send(Command::Cluster(event)).await.is_ok();
+    let Some(reply) = reply else { return };
+    let nats = ctx.nats.clone();
+    tokio::spawn(async move {
+        let result = match asked {
+            true => rx.await.unwrap_or_else(|_| {
+                Err(ordo_core::CoreError::Unavailable(
+                    "the node stopped; retry".into(),
+                ))
+            }),
+            false => Err(ordo_core::CoreError::Unavailable(
+                "the node is stopping; retry".into(),
+            )),
+        };
+        let result = result.map_err(|e| WireError {
+            code: e.code(),
+            message: e.to_string(),
+        });
+        if let Ok(bytes) = wire::encode(&result) {
+            let _ = nats.publish(reply, bytes.into()).await;
+        }
+    });
+}
+
+/// A connection of node `from` announced: a remote session of this node's core, unless it is
+/// one already (then it is only marked as heard of).
+fn open(ctx: &Ctx, registry: &Registry, from: Arc<str>, s: OpenSession) {
+    let key = (from.clone(), s.session);
+    let mut r = registry.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(e) = r.get_mut(&key) {
+        e.seen = Instant::now();
+        return;
+    }
+    let (inbox, frames) = mpsc::channel(INBOX);
+    r.insert(
+        key.clone(),
+        Entry {
+            inbox,
+            seen: Instant::now(),
+        },
+    );
+    metrics::gauge!(m::CLUSTER_REMOTE_SESSIONS).set(r.len() as f64);
+    tokio::spawn(run_session(ctx.clone(), registry.clone(), key, s, frames));
+}
+
+/// One remote session, from its announcement until it is closed, dropped or forgotten.
+async fn run_session(
+    ctx: Ctx,
+    registry: Registry,
+    key: (Arc<str>, SessionId),
+    s: OpenSession,
+    mut frames: mpsc::Receiver<(u64, ClientFrame)>,
+) {
+    let session = crate::conn::next_session();
+    let (tx, mut rx) = mpsc::channel::<Outbound>(ctx.outbound_queue);
+    let budget = Arc::new(Budget::new(ctx.outbound_bytes));
+    let kick = Arc::new(Kick::default());
+    let handle = SessionHandle {
+        tx,
+        budget: budget.clone(),
+        kick: kick.clone(),
+    };
+    let connected = ctx
+        .router
+        .send(Command::ConnectRemote {
+            session,
+            user: s.user,
+            device: s.device,
+            handle,
+            origin: key.clone(),
+        })
+        .await;
+    if connected.is_err() {
+        return;
+    }
+    // The writer: frames for the connection, back to its node.
+    let (wctx, wkey, wkick) = (ctx.clone(), key.clone(), kick.clone());
+    let writer = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                biased;
+                first = rx.recv() => {
+                    let Some(first) = first else { break };
+                    let mut out = vec![first];
+                    let mut bytes = out[0].weight();
+                    while out.len() < OUT_BATCH && bytes < OUT_BATCH_BYTES {
+                        match rx.try_recv() {
+                            Ok(o) => {
+                                bytes += o.weight();
+                                out.push(o);
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    let answers = out.iter().filter(|o| o.is_answer()).count();
+                    let msg = NodeMsg::Out {
+                        session: wkey.1,
+                        frames: out.iter().map(|o| o.frame().clone()).collect(),
+                    };
+                    let sent = wctx.publish(&wkey.0, &msg).await;
+                    budget.give(bytes);
+                    budget.answered(answers);
+                    if !sent {
+                        break;
+                    }
+                }
+                _ = wkick.woken.notified() => {
+                    let msg = NodeMsg::Kick { session: wkey.1, reason: wkick.reason() };
+                    wctx.publish(&wkey.0, &msg).await;
+                    break;
+                }
+            }
+        }
+    });
+    // The reader: frames in the order their numbers say.
+    let mut expected = 1;
+    let mut gap = None;
+    // (A kick ends the writer, which tells the connection's node; its close ends this.)
+    while let Some((n, frame)) = frames.recv().await {
+        if n != expected {
+            gap = Some(format!(
+                "frame {n} of the connection came where frame {expected} was due: frames between the nodes were lost; reconnect and resend"
+            ));
+            break;
+        }
+        expected += 1;
+        if !forward_frame(&ctx, session, frame).await {
+            break;
+        }
+    }
+    if let Some(reason) = gap {
+        metrics::counter!(m::CLUSTER_KICKS).increment(1);
+        let msg = NodeMsg::Kick {
+            session: key.1,
+            reason,
+        };
+        ctx.publish(&key.0, &msg).await;
+    }
+    registry
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&key);
+    let _ = ctx.router.send(Command::Disconnect { session }).await;
+    // The router lets go of the queue: the writer sends what is left and ends.
+    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+}
+
+/// Hands one frame of a remote session to the router, as a connection does (reading the page
+/// a `sync` needs); false if the router is gone.
+async fn forward_frame(ctx: &Ctx, session: SessionId, frame: ClientFrame) -> bool {
+    if !may_read(&frame) {
+        return ctx
+            .router
+            .send(Command::Frame {
+                session,
+                frame,
+                read: None,
+            })
+            .await
+            .is_ok();
+    }
+    let (reply, rx) = oneshot::channel();
+    let sent = ctx
+        .router
+        .send(Command::Frame {
+            session,
+            frame,
+            read: Some(reply),
+        })
+        .await;
+    if sent.is_err() {
+        return false;
+    }
+    let Ok(Some(plan)) = rx.await else {
+        return true;
+    };
+    let store = ctx.store.clone();
+    let (c, from, to, lim, budget) = (
+        plan.conv.clone(),
+        plan.from,
+        plan.to,
+        plan.limit,
+        ctx.max_sync_bytes,
+    );
+    let page =
+        tokio::task::spawn_blocking(move || store.read_page(&c, from, to, lim, budget)).await;
+    match page {
+        Ok(Ok(page)) => ctx
+            .router
+            .send(Command::PageRead {
+                session,
+                plan,
+                messages: page.messages,
+                first_seq: page.first_seq,
+            })
+            .await
+            .is_ok(),
+        _ => ctx
+            .router
+            .send(Command::Cluster(ClusterEvent::Say {
+                session,
+                frame: ServerFrame::error_about(
+                    ErrorCode::Unavailable,
+                    "history could not be read; retry the sync",
+                    "sync",
+                    Some(&plan.conv),
+                ),
+            }))
+            .await
+            .is_ok(),
+    }
+}
+
+/// The task that publishes what the router hands it (the router never waits on NATS), in
+/// order.
+pub async fn publisher(nats: async_nats::Client, mut rx: mpsc::Receiver<(String, Vec<u8>)>) {
+    while let Some((subject, bytes)) = rx.recv().await {
+        if let Err(e) = nats.publish(subject, bytes.into()).await {
+            tracing::warn!(error = %e, "publishing to another node failed");
+        }
+    }
+}
