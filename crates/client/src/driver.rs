@@ -59,7 +59,9 @@ pub const WS_PATH: &str = "/v1/ws";
 #[derive(Clone, Debug)]
 pub struct ClientOptions {
     /// WebSocket base URL, e.g. `ws://127.0.0.1:7400` or `wss://chat.example.com`; the driver
-    /// appends [`WS_PATH`] (so not `ws://127.0.0.1:7400/v1/ws`).
+    /// appends [`WS_PATH`] (so not `ws://127.0.0.1:7400/v1/ws`). Several, separated by commas
+    /// (the nodes of a cluster): the driver starts with the first and moves to the next, in
+    /// turn, each time a connection attempt fails or a connection is lost.
     pub url: String,
     /// A PEM file of certificates to trust for `wss://` beside the system's roots (a private
     /// CA).
@@ -353,10 +355,18 @@ impl Client {
     /// ([`ClientError::Connect`], see [`endpoint`]), a token that cannot go in a header
     /// ([`ClientError::BadToken`]) or unreadable TLS settings ([`ClientError::Tls`]).
     pub async fn open(opts: ClientOptions) -> Result<Client, ClientError> {
-        let endpoint = endpoint(&opts.url).map_err(ClientError::Connect)?;
+        let servers = opts
+            .url
+            .split(',')
+            .map(|u| {
+                let e = endpoint(u).map_err(ClientError::Connect)?;
+                Ok((e, u.trim().trim_end_matches('/').to_string()))
+            })
+            .collect::<Result<Vec<_>, ClientError>>()?;
+        let (endpoint, url) = servers[0].clone();
         let auth = HeaderValue::from_str(&format!("Bearer {}", opts.token.trim()))
             .map_err(|_| ClientError::BadToken)?;
-        let tls = if endpoint.starts_with("wss://") {
+        let tls = if servers.iter().any(|(e, _)| e.starts_with("wss://")) {
             Some(crate::tls::client_config(opts.ca.as_deref()).map_err(ClientError::Tls)?)
         } else {
             None
@@ -376,13 +386,14 @@ impl Client {
             let _ = ev_tx.send(Out::Event(Event::Message(m)));
         }
         let stopped = Arc::new(OnceLock::new());
-        let url = opts.url.trim().trim_end_matches('/').to_string();
         let driver = Driver {
             state,
             store: store.clone(),
             tls,
             endpoint,
             url,
+            servers,
+            current: 0,
             auth,
             opts,
             events: ev_tx,
@@ -576,6 +587,10 @@ struct Driver {
     endpoint: String,
     /// The server URL as the app gave it, for messages.
     url: String,
+    /// Every server given, (endpoint, URL), and which of them is in use: `endpoint` and
+    /// `url` are its.
+    servers: Vec<(String, String)>,
+    current: usize,
     /// The `Authorization` header.
     auth: HeaderValue,
     opts: ClientOptions,
@@ -611,6 +626,9 @@ impl Driver {
     /// Counts a failure and schedules the next attempt with backoff and jitter; the delay.
     fn schedule_reconnect(&mut self) -> Duration {
         self.attempt = self.attempt.saturating_add(1);
+        // The next server, in turn (the same one if only one was given).
+        self.current = (self.current + 1) % self.servers.len();
+        (self.endpoint, self.url) = self.servers[self.current].clone();
         let delay = self.opts.reconnect.delay_ms(self.attempt, rand::random());
         self.reconnect_at = Some(self.now() + delay);
         Duration::from_millis(delay)
@@ -623,11 +641,11 @@ impl Driver {
             return;
         }
         let reason = self.closed_by_server.take().unwrap_or(reason);
-        let retry_in = self.schedule_reconnect();
         let cause = ConnectError::Lost {
             url: self.url.clone(),
             reason,
         };
+        let retry_in = self.schedule_reconnect();
         tracing::debug!(error = %cause, ?retry_in, "connection lost");
         self.report(Connection::Retrying {
             cause,
@@ -770,7 +788,11 @@ impl Driver {
                     reason: describe_ws_error(&e),
                 })?;
         req.headers_mut().insert("authorization", self.auth.clone());
-        let connector = self.tls.clone().map(tokio_tungstenite::Connector::Rustls);
+        let connector = self
+            .tls
+            .clone()
+            .filter(|_| self.endpoint.starts_with("wss://"))
+            .map(tokio_tungstenite::Connector::Rustls);
         let fut = tokio_tungstenite::connect_async_tls_with_config(
             req,
             Some(ws_config()),
