@@ -159,6 +159,11 @@ impl Kick {
         self.woken.notify_one();
     }
 
+    /// Whether the router dropped the connection.
+    pub fn kicked(&self) -> bool {
+        self.reason.lock().map(|r| r.is_some()).unwrap_or(true)
+    }
+
     /// Why the connection was dropped.
     pub fn reason(&self) -> String {
         self.reason
@@ -617,7 +622,7 @@ impl Router {
                 }
                 self.core.connect(session, &user, &device);
                 self.sessions.insert(session, handle);
-                self.cluster_remote(session, origin);
+                self.cluster_remote(session, origin, &user);
             }
             Command::Cluster(e) => {
                 if self.cluster.is_some() {

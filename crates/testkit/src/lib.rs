@@ -9,11 +9,14 @@
 //! - [`device`]: one connected device for tests, with waits that fail loudly.
 //! - [`pg_cluster`]: a PostgreSQL primary and standbys of the run's own, to SIGKILL and fail
 //!   over.
+//! - [`nodes`]: the nodes of an Ordo cluster (`ordo serve --cluster`), and each partition's
+//!   owner as they report it.
 //!
 //! It is not part of the product: the `ordo` binary links it only for `ordo check`.
 
 pub mod admin;
 pub mod device;
+pub mod nodes;
 pub mod pg_cluster;
 pub mod process;
 pub mod token;

@@ -256,7 +256,14 @@ async fn run_session(
             tokio::select! {
                 biased;
                 first = rx.recv() => {
-                    let Some(first) = first else { break };
+                    let Some(first) = first else {
+                        // The router let go of the session: dropped (tell its node), or closed.
+                        if wkick.kicked() {
+                            let msg = NodeMsg::Kick { session: wkey.1, reason: wkick.reason() };
+                            wctx.publish(&wkey.0, &msg).await;
+                        }
+                        break;
+                    };
                     let mut out = vec![first];
                     let mut bytes = out[0].weight();
                     while out.len() < OUT_BATCH && bytes < OUT_BATCH_BYTES {

@@ -109,9 +109,10 @@ pub struct ClusterState {
     out: mpsc::Sender<(String, Vec<u8>)>,
     nats: async_nats::Client,
     locals: HashMap<SessionId, Local>,
-    /// Remote sessions: (their node, its session id) to this core's session, and back.
+    /// Remote sessions: (their node, its session id) to this core's session, and back (with
+    /// the session's user).
     remotes: HashMap<(Arc<str>, SessionId), SessionId>,
-    remote_of: HashMap<SessionId, (Arc<str>, SessionId)>,
+    remote_of: HashMap<SessionId, ((Arc<str>, SessionId), String)>,
     last_announce: Instant,
     /// The dedup filter's rebuild now under way.
     pub scan: u64,
@@ -313,16 +314,21 @@ impl Router {
                 c.publish(&n, &close);
             }
         }
-        if let Some(key) = c.remote_of.remove(&session) {
+        if let Some((key, _)) = c.remote_of.remove(&session) {
             c.remotes.remove(&key);
         }
     }
 
     /// A remote session joined the core.
-    pub(crate) fn cluster_remote(&mut self, session: SessionId, origin: (Arc<str>, SessionId)) {
+    pub(crate) fn cluster_remote(
+        &mut self,
+        session: SessionId,
+        origin: (Arc<str>, SessionId),
+        user: &str,
+    ) {
         let c = self.cluster_mut();
         c.remotes.insert(origin.clone(), session);
-        c.remote_of.insert(session, origin);
+        c.remote_of.insert(session, (origin, user.to_string()));
     }
 
     /// Closes one of this node's connections (its client reconnects and resends in order).
@@ -346,11 +352,11 @@ impl Router {
     ) {
         let c = self.cluster();
         let remote = c.remote_of.contains_key(&session);
-        let user = match c.locals.get(&session) {
-            Some(l) => l.user.clone(),
-            None if remote => String::new(),
+        let user = match (c.locals.get(&session), c.remote_of.get(&session)) {
+            (Some(l), _) => l.user.clone(),
+            (None, Some((_, user))) => user.clone(),
             // Gone meanwhile.
-            None => return self.on_frame(session, frame, read, now),
+            (None, None) => return self.on_frame(session, frame, read, now),
         };
         let conv = match &frame {
             ClientFrame::Send { conv, to, .. } => send_conv(&user, conv, to),
