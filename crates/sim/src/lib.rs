@@ -24,6 +24,10 @@
 //! - [`runner`]: runs seeds, reports failures with their seed and trace, hunts for the bugs a
 //!   sabotage plants.
 //!
+//! Beside it, [`leases`] explores a model of a cluster's partition ownership (leases, fencing
+//! epochs, takeovers while a commit is under way, a paused process and its replacement): every
+//! interleaving up to a depth, checking that no history ever forks.
+//!
 //! A failure names its seed; `ORDO_SIM_SEED=<n>` replays that seed alone and prints its whole
 //! trace, and `ORDO_SIM_SEEDS=<n>` runs `n` seeds (from `ORDO_SIM_FIRST`, default 0).
 //!
@@ -47,6 +51,7 @@ macro_rules! tr {
 pub mod checks;
 pub mod client;
 pub mod faults;
+pub mod leases;
 pub mod network;
 pub mod rng;
 pub mod runner;
