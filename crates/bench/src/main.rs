@@ -115,6 +115,10 @@ pub struct Common {
     /// `ORDO_PG_BIN`), removed after. Its CPU counts as PostgreSQL's.
     #[arg(long, conflicts_with = "store")]
     pub pg_cluster: Option<usize>,
+    /// Nodes of the `ordo-cluster` system: `ordo serve --cluster` on a schema of the run's own
+    /// in `--store` (or `--pg-cluster`'s primary) and on `--nats`.
+    #[arg(long, default_value_t = 3)]
+    pub nodes: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
@@ -123,6 +127,8 @@ pub enum System {
     Ordo,
     /// Ordo on the PostgreSQL store (`--store`).
     OrdoPg,
+    /// Ordo as a cluster of `--nodes` nodes on the PostgreSQL store and NATS.
+    OrdoCluster,
     MqttQos1,
     MqttQos2,
     Jetstream,
@@ -133,6 +139,7 @@ impl System {
         match self {
             System::Ordo => "ordo",
             System::OrdoPg => "ordo-pg",
+            System::OrdoCluster => "ordo-cluster",
             System::MqttQos1 => "mqtt-qos1",
             System::MqttQos2 => "mqtt-qos2",
             System::Jetstream => "jetstream",
@@ -430,6 +437,11 @@ async fn run_once(system: System, common: &Common, run: Run<'_>) -> Result<Outco
         _ => None,
     };
     let ordo = matches!(system, System::Ordo | System::OrdoPg);
+    if matches!(system, System::OrdoCluster) && !matches!(run, Run::Pairs(_) | Run::Fanout(_)) {
+        return Err(BenchError(
+            "ordo-cluster runs the pairs and fanout scenarios".into(),
+        ));
+    }
     if let (Some(scenario), false) = (only_ordo, ordo) {
         return Err(BenchError(format!(
             "the {scenario} scenario measures Ordo's server only (not {}); run it with --systems ordo",
@@ -439,6 +451,7 @@ async fn run_once(system: System, common: &Common, run: Run<'_>) -> Result<Outco
     match system {
         System::Ordo => run_on(ordo::Ordo::start(common, false).await?, run).await,
         System::OrdoPg => run_on(ordo::Ordo::start(common, true).await?, run).await,
+        System::OrdoCluster => run_on(ordo::Ordo::start_cluster(common).await?, run).await,
         System::MqttQos1 => run_on(mqtt::Mqtt::new(&common.mqtt, 1)?, run).await,
         System::MqttQos2 => run_on(mqtt::Mqtt::new(&common.mqtt, 2)?, run).await,
         System::Jetstream => run_on(jetstream::JetStream::open(&common.nats).await?, run).await,
@@ -476,7 +489,10 @@ async fn series<P: Serialize>(
         Run::Pairs(_) | Run::Catchup(_) | Run::Soak(_) => {}
     }
     let cluster = match common.pg_cluster {
-        Some(n) if common.systems.contains(&System::OrdoPg) => {
+        Some(n)
+            if common.systems.contains(&System::OrdoPg)
+                || common.systems.contains(&System::OrdoCluster) =>
+        {
             if !common.json {
                 eprintln!("{scenario}: starting PostgreSQL with {n} standby(s)");
             }

@@ -11,6 +11,12 @@
 //! Pairs are user `s<tag>-i` sending to user `r<tag>-i` (a direct conversation); a fan-out group
 //! has members `m<tag>-0..n`, and its sender is member 0 on a device of its own; catch-up is
 //! user `s<tag>` sending to `r<tag>`, who connects only afterwards.
+//!
+//! `ordo-cluster` is Ordo as a cluster: `--nodes` nodes (`ordo serve --cluster`) on a schema of
+//! the run's own in `--store` and on `--nats`. Devices connect to the nodes in turn, so that
+//! most messages cross nodes (their sender's node forwards them to their conversation's
+//! owner); each node's CPU is measured on its own, and `forwarded_share` says which part of the
+//! sends were forwarded.
 
 use crate::report::{Latency, Outcome};
 use crate::system::{
@@ -37,6 +43,10 @@ const TOKEN_TTL_SECS: u64 = 30 * 86_400;
 /// The Ordo server under test, and this run's names.
 pub struct Ordo {
     server: Option<ServerProcess>,
+    /// `ordo-cluster`: its nodes (and `server` is none), each with its admin API.
+    nodes: Vec<(ServerProcess, Admin)>,
+    /// `/metrics` of each node when the measured part started.
+    nodes_before: Vec<HashMap<String, f64>>,
     /// With the PostgreSQL store: the database and the run's schema in it, dropped at close.
     schema: Option<(String, String)>,
     dial: Arc<Dialer>,
@@ -47,7 +57,9 @@ pub struct Ordo {
 
 /// How to reach the server under test: connect devices, mint tokens. Shared by connect tasks.
 struct Dialer {
-    ws: String,
+    /// The server's WebSocket URL; a cluster's nodes', taken in turn.
+    ws: Vec<String>,
+    next: std::sync::atomic::AtomicUsize,
     admin: Admin,
     /// Signs tokens locally when the bench started the server (else the admin API mints them).
     secret: Option<String>,
@@ -90,12 +102,10 @@ impl Ordo {
             let admin = Admin::new(&ws, &key).map_err(fail("--server"))?;
             return Ok(Ordo {
                 server: None,
+                nodes: Vec::new(),
+                nodes_before: Vec::new(),
                 schema: None,
-                dial: Arc::new(Dialer {
-                    ws,
-                    admin,
-                    secret: None,
-                }),
+                dial: Arc::new(Dialer::new(vec![ws], admin, None)),
                 tag,
                 before: HashMap::new(),
             });
@@ -132,12 +142,14 @@ impl Ordo {
         let admin =
             Admin::new(&server.http_url(), server.admin_key()).map_err(fail("the server"))?;
         Ok(Ordo {
-            dial: Arc::new(Dialer {
-                ws: server.ws_url(),
+            dial: Arc::new(Dialer::new(
+                vec![server.ws_url()],
                 admin,
-                secret: Some(server.secret().to_string()),
-            }),
+                Some(server.secret().to_string()),
+            )),
             server: Some(server),
+            nodes: Vec::new(),
+            nodes_before: Vec::new(),
             schema,
             tag,
             before: HashMap::new(),
@@ -205,6 +217,21 @@ fn ordo_binary() -> Result<std::path::PathBuf, BenchError> {
 }
 
 impl Dialer {
+    fn new(ws: Vec<String>, admin: Admin, secret: Option<String>) -> Self {
+        Dialer {
+            ws,
+            next: 0.into(),
+            admin,
+            secret,
+        }
+    }
+
+    /// The URL the next device connects to.
+    fn pick(&self) -> &str {
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        &self.ws[i % self.ws.len()]
+    }
+
     async fn token(&self, user: &str, device: &str) -> Result<String, BenchError> {
         match &self.secret {
             Some(secret) => ordo_testkit::token(secret, user, device, TOKEN_TTL_SECS)
@@ -225,16 +252,16 @@ impl Dialer {
         from: Option<IpAddr>,
     ) -> Result<WireClient, BenchError> {
         let token = self.token(user, device).await?;
-        let mut c = timeout(IDLE, WireClient::connect_from(&self.ws, &token, ENC, from))
+        let ws = self.pick();
+        let mut c = timeout(IDLE, WireClient::connect_from(ws, &token, ENC, from))
             .await
             .map_err(|_| {
                 BenchError(format!(
-                    "cannot connect to Ordo at {}: no answer within {} s",
-                    self.ws,
+                    "cannot connect to Ordo at {ws}: no answer within {} s",
                     IDLE.as_secs()
                 ))
             })?
-            .map_err(fail(&format!("cannot connect to Ordo at {}", self.ws)))?;
+            .map_err(fail(&format!("cannot connect to Ordo at {ws}")))?;
         match c.recv_timeout(IDLE).await {
             Ok(ServerFrame::Welcome { .. }) => Ok(c),
             Ok(other) => Err(BenchError(format!("expected welcome, got {other:?}"))),
@@ -249,9 +276,10 @@ impl System for Ordo {
     type Idle = WireClient;
 
     fn name(&self) -> &'static str {
-        match self.schema {
-            Some(_) => "ordo-pg",
-            None => "ordo",
+        match (&self.schema, self.nodes.is_empty()) {
+            (Some(_), false) => "ordo-cluster",
+            (Some(_), true) => "ordo-pg",
+            (None, _) => "ordo",
         }
     }
 
@@ -334,8 +362,12 @@ impl System for Ordo {
         Ok(Receiver::new(c, Some(conv)))
     }
 
+    /// The server's pid; a cluster's first node's.
     fn server_pid(&self) -> Option<u32> {
-        self.server.as_ref().and_then(ServerProcess::pid)
+        match &self.server {
+            Some(s) => s.pid(),
+            None => self.nodes.first().and_then(|(n, _)| n.pid()),
+        }
     }
 
     fn idle_connection(
@@ -387,12 +419,11 @@ impl System for Ordo {
         .map_err(fail("restarting the server"))?
         .map_err(fail("cannot restart `ordo serve`"))?;
         // It may have had to come back on another port.
-        self.dial = Arc::new(Dialer {
-            ws: server.ws_url(),
-            admin: Admin::new(&server.http_url(), server.admin_key())
-                .map_err(fail("the server"))?,
-            secret: Some(server.secret().to_string()),
-        });
+        self.dial = Arc::new(Dialer::new(
+            vec![server.ws_url()],
+            Admin::new(&server.http_url(), server.admin_key()).map_err(fail("the server"))?,
+            Some(server.secret().to_string()),
+        ));
         self.server = Some(server);
         Ok(took)
     }
@@ -416,6 +447,11 @@ impl System for Ordo {
 
     async fn measuring(&mut self) {
         self.before = self.dial.admin.metrics().await.unwrap_or_default();
+        self.nodes_before.clear();
+        for (_, admin) in &self.nodes {
+            self.nodes_before
+                .push(admin.metrics().await.unwrap_or_default());
+        }
     }
 
     /// Adds `messages_per_fsync`: how many messages shared one commit during the run.
@@ -431,6 +467,9 @@ impl System for Ordo {
                 d("ordo_commit_batch_messages_sum") / commits,
             );
         }
+        if !self.nodes.is_empty() {
+            self.measured_nodes(out).await;
+        }
     }
 
     /// The server (if the bench started it) stops with the run.
@@ -438,6 +477,8 @@ impl System for Ordo {
         if let Some(s) = self.server {
             let _ = tokio::task::spawn_blocking(move || drop(s)).await;
         }
+        let nodes = self.nodes;
+        let _ = tokio::task::spawn_blocking(move || drop(nodes)).await;
         if let Some((db, name)) = self.schema {
             let drop_it = format!("DROP SCHEMA IF EXISTS {name} CASCADE");
             let _ = tokio::task::spawn_blocking(move || schema_sql(&db, &drop_it)).await;
@@ -447,8 +488,16 @@ impl System for Ordo {
 
     fn cpu_groups(&self) -> Vec<(&'static str, crate::cpu::Procs)> {
         let mut groups = Vec::new();
-        if let Some(pid) = self.server_pid() {
+        if let Some(pid) = self.server.as_ref().and_then(ServerProcess::pid) {
             groups.push(("server", crate::cpu::Procs::Pid(pid)));
+        }
+        for ((node, _), name) in self.nodes.iter().zip(NODE_NAMES) {
+            if let Some(pid) = node.pid() {
+                groups.push((name, crate::cpu::Procs::Pid(pid)));
+            }
+        }
+        if !self.nodes.is_empty() {
+            groups.push(("nats", crate::cpu::Procs::Named("nats-server")));
         }
         if self.schema.is_some() {
             groups.push(("postgres", crate::cpu::Procs::Named("postgres")));
@@ -775,6 +824,131 @@ impl Subscribe for Receiver {
             rx.inbox
         })
     }
+}
+
+/// The CPU groups of a cluster's nodes, by index (at most this many nodes).
+const NODE_NAMES: [&str; 8] = [
+    "node0", "node1", "node2", "node3", "node4", "node5", "node6", "node7",
+];
+
+impl Ordo {
+    /// Starts `common.nodes` nodes of a cluster on a schema of the run's own in `--store`, and
+    /// on `--nats`.
+    pub async fn start_cluster(common: &Common) -> Result<Ordo, BenchError> {
+        let n = common.nodes;
+        if !(2..=NODE_NAMES.len()).contains(&n) {
+            return Err(BenchError(format!(
+                "--nodes is {n}; a cluster here has 2 to {} nodes",
+                NODE_NAMES.len()
+            )));
+        }
+        if common.server.is_some() {
+            return Err(BenchError(
+                "ordo-cluster starts nodes of its own; --server measures one that is running"
+                    .into(),
+            ));
+        }
+        let tag = run_tag();
+        let exe = match &common.ordo {
+            Some(p) => p.clone(),
+            None => ordo_binary()?,
+        };
+        let (db, name) = (common.store.clone(), format!("ordo_bench_{tag}"));
+        let (d, nm) = (db.clone(), name.clone());
+        tokio::task::spawn_blocking(move || schema_sql(&d, &format!("CREATE SCHEMA {nm}")))
+            .await
+            .map_err(fail("making the run's schema"))??;
+        let opts = ordo_testkit::nodes::NodeOptions {
+            exe,
+            store: in_schema(&db, &name),
+            nats: common.nats.clone(),
+            prefix: format!("bench{tag}"),
+            lease_ms: 2000,
+            partitions: 64,
+            secret: format!("bench-secret-{tag}-{:016x}", rand::random::<u64>()),
+            extra: common
+                .serve_args
+                .as_deref()
+                .unwrap_or("")
+                .split_whitespace()
+                .map(str::to_string)
+                .collect(),
+        };
+        let secret = opts.secret.clone();
+        let started = ordo_testkit::nodes::Nodes::start(n, opts).await;
+        let nodes = match started {
+            Ok(nodes) => nodes,
+            Err(e) => {
+                let drop_it = format!("DROP SCHEMA IF EXISTS {name} CASCADE");
+                let _ = tokio::task::spawn_blocking(move || schema_sql(&db, &drop_it)).await;
+                return Err(BenchError(format!("cannot start the cluster: {e}")));
+            }
+        };
+        let mut with_admin = Vec::new();
+        for node in nodes.nodes {
+            let admin = Admin::new(&node.http_url(), node.admin_key()).map_err(fail("a node"))?;
+            with_admin.push((node, admin));
+        }
+        let ws = with_admin.iter().map(|(n, _)| n.ws_url()).collect();
+        let admin = Admin::new(&with_admin[0].0.http_url(), with_admin[0].0.admin_key())
+            .map_err(fail("a node"))?;
+        Ok(Ordo {
+            server: None,
+            nodes: with_admin,
+            nodes_before: Vec::new(),
+            schema: Some((db, name)),
+            dial: Arc::new(Dialer::new(ws, admin, Some(secret))),
+            tag,
+            before: HashMap::new(),
+        })
+    }
+
+    /// A cluster's figures: messages per commit over all nodes, the share of sends forwarded to
+    /// another node, and each node's resident memory.
+    async fn measured_nodes(&self, out: &mut Outcome) {
+        let mut sum = HashMap::<&str, f64>::new();
+        let keys = [
+            "ordo_commits_total",
+            "ordo_commit_batch_messages_sum",
+            "ordo_messages_accepted_total",
+            "ordo_cluster_forwarded_sends_total",
+        ];
+        for (i, (node, admin)) in self.nodes.iter().enumerate() {
+            let after = admin.metrics().await.unwrap_or_default();
+            let before = self.nodes_before.get(i);
+            for k in keys {
+                let d = after.get(k).copied().unwrap_or(0.0)
+                    - before.and_then(|b| b.get(k)).copied().unwrap_or(0.0);
+                *sum.entry(k).or_default() += d;
+            }
+            if let Some(rss) = node.pid().and_then(rss_bytes) {
+                out.extra
+                    .insert(format!("node{i}_rss_mib"), rss as f64 / (1 << 20) as f64);
+            }
+        }
+        let commits = sum["ordo_commits_total"];
+        if commits > 0.0 {
+            out.extra.insert(
+                "messages_per_fsync".into(),
+                sum["ordo_commit_batch_messages_sum"] / commits,
+            );
+        }
+        let accepted = sum["ordo_messages_accepted_total"];
+        if accepted > 0.0 {
+            out.extra.insert(
+                "forwarded_share".into(),
+                sum["ordo_cluster_forwarded_sends_total"] / accepted,
+            );
+        }
+    }
+}
+
+/// Resident memory of a process, from `/proc/<pid>/status`.
+fn rss_bytes(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 /// Runs one statement of schema upkeep on the `--store` database.
