@@ -790,6 +790,7 @@ impl Router {
             Looked::Members(id, page) => {
                 let actions = self.core.member_convs_loaded(id, page);
                 self.dispatch(actions);
+                self.forget_foreign();
             }
             Looked::Expired(mut expired) => {
                 // A cluster's node trims only what it owns.

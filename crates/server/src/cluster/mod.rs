@@ -134,9 +134,26 @@ impl Node {
             forward_timeout: Duration::from_secs(cfg.forward_timeout_secs),
             info: cfg.listen.to_string(),
         };
+        let troubles = router_tx.clone();
         let options = async_nats::ConnectOptions::new()
             .name(format!("ordo node {}", cc.node_id))
-            .request_timeout(Some(remote::REQUEST_TIMEOUT));
+            .request_timeout(Some(remote::REQUEST_TIMEOUT))
+            .event_callback(move |event| {
+                let troubles = troubles.clone();
+                async move {
+                    let why = match event {
+                        async_nats::Event::Disconnected => "disconnected from NATS".to_string(),
+                        async_nats::Event::SlowConsumer(_) => {
+                            "messages from other nodes were dropped (slow consumer)".to_string()
+                        }
+                        _ => return,
+                    };
+                    tracing::warn!(%why, "NATS");
+                    let _ = troubles
+                        .send(Command::Cluster(route::ClusterEvent::NatsTrouble(why)))
+                        .await;
+                }
+            });
         let nats = tokio::time::timeout(NATS_WAIT, options.connect(url.as_str()))
             .await
             .map_err(|_| {

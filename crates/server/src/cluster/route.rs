@@ -55,6 +55,9 @@ pub enum ClusterEvent {
     },
     /// A message of another node for the router.
     Inbound(NodeMsg),
+    /// This node's NATS connection broke or dropped messages (`why`): pushes and answers from
+    /// other nodes may have been lost.
+    NatsTrouble(String),
     /// An admin request another node forwarded here.
     AdminIn {
         op: AdminOp,
@@ -342,6 +345,41 @@ impl Router {
         self.owed.remove(&session);
     }
 
+    /// Closes every connection of this node: pushes from other nodes may have been lost, and a
+    /// client that reconnects asks for its overview and syncs what it is missing (a device
+    /// that stayed connected would learn of a lost last message only with the next one).
+    fn kick_all(&mut self, reason: &str) {
+        let locals: Vec<SessionId> = self.cluster().locals.keys().copied().collect();
+        if !locals.is_empty() {
+            tracing::warn!(
+                connections = locals.len(),
+                reason,
+                "closing this node's connections"
+            );
+        }
+        for s in locals {
+            self.kick(s, reason);
+        }
+    }
+
+    /// Forgets what the core holds of conversations this node does not own (an overview reads
+    /// them from the store and may keep them): another node changes them, so a copy here would
+    /// be stale by the next overview.
+    pub(crate) fn forget_foreign(&mut self) {
+        let Some(c) = self.cluster.as_ref() else {
+            return;
+        };
+        let (parts, held) = (c.partitions, c.held.clone());
+        let releasing: Vec<u32> = c.releasing.iter().map(|r| r.0).collect();
+        let foreign = move |conv: &str| {
+            let p = partition_of(conv, parts);
+            !held.contains_key(&p) && !releasing.contains(&p)
+        };
+        if let Err(e) = self.core.forget_convs(&foreign) {
+            tracing::warn!(error = %e, "conversations of other nodes are still in use here");
+        }
+    }
+
     /// A client frame on a cluster's node: see the module docs.
     pub(crate) fn cluster_frame(
         &mut self,
@@ -617,12 +655,32 @@ impl Router {
                     .filter(|n| **n != c.node && !c.live.contains(n))
                     .cloned()
                     .collect();
+                let gone: Vec<Arc<str>> = c
+                    .live
+                    .iter()
+                    .filter(|n| !live.contains(n))
+                    .cloned()
+                    .collect();
                 c.owners = owners;
                 c.live = live;
                 let all = c.all_sessions();
                 for n in new {
                     c.announce(&n, &all);
                 }
+                if !gone.is_empty() {
+                    // What a node that left committed may never have been pushed (it died
+                    // first, or its pushes were still on their way): every connection here
+                    // reconnects, and its client's overview shows it what it is missing.
+                    self.kick_all(&format!(
+                        "node {} left the cluster; reconnect and sync",
+                        gone.join(", ")
+                    ));
+                }
+            }
+            ClusterEvent::NatsTrouble(why) => {
+                self.kick_all(&format!(
+                    "this node's link to the other nodes was interrupted ({why}); reconnect and sync"
+                ));
             }
             ClusterEvent::Inbound(msg) => self.inbound(msg),
             ClusterEvent::AdminIn { op, reply } => {
