@@ -66,6 +66,8 @@ pub const CLUSTER_FORWARDED_SENDS: &str = "ordo_cluster_forwarded_sends_total";
 /// From forwarding a send to its owner to its answer coming back: NATS both ways plus the
 /// owner's commit.
 pub const CLUSTER_FORWARD_SECONDS: &str = "ordo_cluster_forward_roundtrip_seconds";
+/// NATS's round trip from this node (a PING and its PONG, every few seconds).
+pub const CLUSTER_NATS_RTT_SECONDS: &str = "ordo_cluster_nats_roundtrip_seconds";
 /// Connections of other nodes this node serves as an owner.
 pub const CLUSTER_REMOTE_SESSIONS: &str = "ordo_cluster_remote_sessions";
 /// Connections closed because a frame between nodes was lost, a forwarded send went

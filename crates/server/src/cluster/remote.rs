@@ -94,9 +94,20 @@ pub async fn dispatch(
                 }
             }
             _ = sweep.tick() => {
-                let mut r = registry.lock().unwrap_or_else(|p| p.into_inner());
-                r.retain(|_, e| e.seen.elapsed() < FORGET_AFTER);
-                metrics::gauge!(m::CLUSTER_REMOTE_SESSIONS).set(r.len() as f64);
+                {
+                    let mut r = registry.lock().unwrap_or_else(|p| p.into_inner());
+                    r.retain(|_, e| e.seen.elapsed() < FORGET_AFTER);
+                    metrics::gauge!(m::CLUSTER_REMOTE_SESSIONS).set(r.len() as f64);
+                }
+                // NATS's round trip (a PING answered by its PONG), off this loop.
+                let nats = ctx.nats.clone();
+                tokio::spawn(async move {
+                    let started = Instant::now();
+                    if tokio::time::timeout(REQUEST_TIMEOUT, nats.flush()).await.is_ok() {
+                        metrics::histogram!(m::CLUSTER_NATS_RTT_SECONDS)
+                            .record(started.elapsed().as_secs_f64());
+                    }
+                });
             }
         }
     }
