@@ -79,7 +79,8 @@ use tokio::sync::{mpsc, watch};
 
 /// How long a starting node waits for NATS.
 const NATS_WAIT: Duration = Duration::from_secs(10);
-/// Messages to other nodes the router may have waiting for the publisher.
+/// Messages to other nodes the router may have waiting for the publisher (and bytes: see
+/// `route::PUBLISH_BYTES`).
 const PUBLISH_QUEUE: usize = 65_536;
 
 /// A node about to join: its lease table and fences (its store is opened with them).
@@ -169,8 +170,19 @@ impl Node {
             .await
             .map_err(|e| ServerError::Cluster(format!("cannot subscribe to {subject}: {e}")))?;
         let (out_tx, out_rx) = mpsc::channel(PUBLISH_QUEUE);
-        tokio::spawn(remote::publisher(nats.clone(), out_rx));
-        router.set_cluster(route::ClusterState::new(&cc, nats.clone(), out_tx));
+        let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        tokio::spawn(remote::publisher(nats.clone(), out_rx, queued.clone()));
+        router.set_cluster(route::ClusterState::new(
+            &cc,
+            nats.clone(),
+            route::Outbox { tx: out_tx, queued },
+        ));
+        // A page goes back in one NATS message, which the server caps (1 MB by default).
+        let max_payload = match nats.server_info().max_payload {
+            0 => 1 << 20,
+            n => n,
+        };
+        let max_sync_bytes = cfg.max_sync_bytes.min(max_payload / 2).max(1024);
         let ctx = remote::Ctx {
             node: cc.node_id.as_str().into(),
             prefix: cc.subject_prefix.as_str().into(),
@@ -179,7 +191,7 @@ impl Node {
             store,
             outbound_queue: cfg.outbound_queue,
             outbound_bytes: cfg.outbound_bytes,
-            max_sync_bytes: cfg.max_sync_bytes,
+            max_sync_bytes,
         };
         tokio::spawn(remote::dispatch(ctx, sub, stop));
         let status = SharedStatus::default();

@@ -295,6 +295,12 @@ async fn run_session(
                     budget.give(bytes);
                     budget.answered(answers);
                     if !sent {
+                        // Frames were lost: the connection must start over.
+                        let msg = NodeMsg::Kick {
+                            session: wkey.1,
+                            reason: "frames from the node owning the conversation could not be sent; reconnect and sync".into(),
+                        };
+                        wctx.publish(&wkey.0, &msg).await;
                         break;
                     }
                 }
@@ -406,11 +412,17 @@ async fn forward_frame(ctx: &Ctx, session: SessionId, frame: ClientFrame) -> boo
 }
 
 /// The task that publishes what the router hands it (the router never waits on NATS), in
-/// order.
-pub async fn publisher(nats: async_nats::Client, mut rx: mpsc::Receiver<(String, Vec<u8>)>) {
+/// order; `queued` counts the bytes handed over and not published yet.
+pub async fn publisher(
+    nats: async_nats::Client,
+    mut rx: mpsc::Receiver<(String, Vec<u8>)>,
+    queued: Arc<std::sync::atomic::AtomicUsize>,
+) {
     while let Some((subject, bytes)) = rx.recv().await {
+        let n = bytes.len();
         if let Err(e) = nats.publish(subject, bytes.into()).await {
             tracing::warn!(error = %e, "publishing to another node failed");
         }
+        queued.fetch_sub(n, std::sync::atomic::Ordering::AcqRel);
     }
 }

@@ -75,6 +75,17 @@ pub enum ClusterEvent {
     },
 }
 
+/// Most bytes of messages to other nodes the router may have waiting for the publisher; past
+/// it, a frame that cannot be forwarded closes its connection.
+const PUBLISH_BYTES: usize = 64 << 20;
+
+/// The publisher's queue: messages to other nodes, by subject, and their bytes not published
+/// yet.
+pub struct Outbox {
+    pub tx: mpsc::Sender<(String, Vec<u8>)>,
+    pub queued: Arc<std::sync::atomic::AtomicUsize>,
+}
+
 /// Where the answer to an admin request or a post goes.
 type Reply<T> = oneshot::Sender<Result<T, CoreError>>;
 
@@ -109,7 +120,7 @@ pub struct ClusterState {
     releasing: Vec<(u32, u64, std::sync::mpsc::Sender<()>)>,
     owners: Vec<Option<Arc<str>>>,
     live: Vec<Arc<str>>,
-    out: mpsc::Sender<(String, Vec<u8>)>,
+    out: Outbox,
     nats: async_nats::Client,
     locals: HashMap<SessionId, Local>,
     /// Remote sessions: (their node, its session id) to this core's session, and back (with
@@ -122,11 +133,7 @@ pub struct ClusterState {
 }
 
 impl ClusterState {
-    pub fn new(
-        cfg: &super::ClusterConfig,
-        nats: async_nats::Client,
-        out: mpsc::Sender<(String, Vec<u8>)>,
-    ) -> Self {
+    pub fn new(cfg: &super::ClusterConfig, nats: async_nats::Client, out: Outbox) -> Self {
         ClusterState {
             node: cfg.node_id.as_str().into(),
             prefix: cfg.subject_prefix.as_str().into(),
@@ -166,15 +173,32 @@ impl ClusterState {
         self.place(conv) == Place::Here
     }
 
-    /// Hands a message to the publisher; false if its queue is full.
+    /// Hands a message to the publisher; false if its queue is full (in messages or bytes).
     fn publish(&self, to: &str, msg: &NodeMsg) -> bool {
-        match wire::encode(msg) {
-            Ok(bytes) => self
-                .out
-                .try_send((wire::node_subject(&self.prefix, to), bytes))
-                .is_ok(),
-            Err(_) => false,
+        use std::sync::atomic::Ordering::AcqRel;
+        let Ok(bytes) = wire::encode(msg) else {
+            return false;
+        };
+        let n = bytes.len();
+        let room = self
+            .out
+            .queued
+            .fetch_update(AcqRel, std::sync::atomic::Ordering::Acquire, |q| {
+                (q.saturating_add(n) <= PUBLISH_BYTES).then_some(q + n)
+            })
+            .is_ok();
+        if !room {
+            return false;
         }
+        let sent = self
+            .out
+            .tx
+            .try_send((wire::node_subject(&self.prefix, to), bytes))
+            .is_ok();
+        if !sent {
+            self.out.queued.fetch_sub(n, AcqRel);
+        }
+        sent
     }
 
     fn others(&self) -> Vec<Arc<str>> {
