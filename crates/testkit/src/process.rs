@@ -115,9 +115,14 @@ impl ServerProcess {
         }
     }
 
+    /// Everything the most recent run wrote to stderr (empty if it cannot be read).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path(self.starts)).unwrap_or_default()
+    }
+
     /// The last lines the most recent run wrote to stderr, for failure messages.
     pub fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(self.log_path(self.starts)).unwrap_or_default();
+        let text = self.log();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(40)..].join("\n")
     }
@@ -128,6 +133,32 @@ impl ServerProcess {
             c.kill()
                 .map_err(|e| HarnessError::io("SIGKILL the server", e))?;
             let _ = c.wait();
+        }
+        Ok(())
+    }
+
+    /// SIGSTOP: the process freezes as a whole (a long GC pause, a VM migration), its sockets
+    /// stay open and its timers stop; [`Self::resume`] lets it go on.
+    pub fn pause(&mut self) -> Result<(), HarnessError> {
+        self.signal(libc::SIGSTOP, "send SIGSTOP to the server")
+    }
+
+    /// SIGCONT after [`Self::pause`].
+    pub fn resume(&mut self) -> Result<(), HarnessError> {
+        self.signal(libc::SIGCONT, "send SIGCONT to the server")
+    }
+
+    fn signal(&mut self, sig: libc::c_int, doing: &str) -> Result<(), HarnessError> {
+        let c = self.child.as_mut().ok_or(HarnessError::NotRunning)?;
+        // Not reaped yet (an exited child stays a zombie until waited for), so the id is still
+        // ours; one that exited meanwhile is simply not running.
+        if !matches!(c.try_wait(), Ok(None)) {
+            return Err(HarnessError::NotRunning);
+        }
+        let pid = c.id() as libc::pid_t;
+        // SAFETY: `pid` is our own child, not yet reaped, so it cannot have been reused.
+        if unsafe { libc::kill(pid, sig) } != 0 {
+            return Err(HarnessError::io(doing, std::io::Error::last_os_error()));
         }
         Ok(())
     }

@@ -7,7 +7,7 @@
 //! message at the same seq, every sent message was accepted once, and each device's messages
 //! kept their send order.
 
-use ordo_client::{Event, Status};
+use ordo_client::{Event, Message, Status};
 use serde::Serialize;
 use std::collections::HashMap;
 
@@ -27,6 +27,21 @@ pub struct Report {
     pub db_recovery_ms: Vec<u64>,
     pub client_kills: u64,
     pub disconnects: u64,
+    /// Cluster nodes (`--nodes`; 0: one server, not a cluster).
+    pub nodes: usize,
+    /// Nodes SIGKILLed (then restarted), SIGSTOPped past their lease (then resumed), and cut
+    /// off NATS.
+    pub node_kills: u64,
+    pub node_pauses: u64,
+    pub nats_cuts: u64,
+    /// Nodes found exited and restarted: most stopped themselves on finding, after a pause,
+    /// that another node had taken over a partition they had work on.
+    pub self_stops: u64,
+    /// For each kill and pause, ms until the other nodes held every partition of the node.
+    pub takeover_ms: Vec<u64>,
+    /// Takeovers that did not finish in time, nodes that could not be restarted, and nodes
+    /// that exited for any reason but a lost partition (each also in `violations`).
+    pub node_failures: u64,
     /// Accepted messages missing on a member device.
     pub lost: u64,
     /// Sent messages never accepted (still in an outbox when the check ended: with `settled`
@@ -38,6 +53,11 @@ pub struct Report {
     /// numbered out of send order.
     pub misordered: u64,
     pub receipt_regressions: u64,
+    /// Messages handed to a device as from a user or device other than the one that wrote
+    /// them (each body names its writer): one user's message sent as another's.
+    pub misattributed: u64,
+    /// Messages handed to a device whose user is not a member of their conversation.
+    pub leaked: u64,
     /// Everything was delivered before the settle deadline.
     pub settled: bool,
     /// The first violations, in words.
@@ -52,6 +72,9 @@ impl Report {
             && self.duplicated == 0
             && self.misordered == 0
             && self.receipt_regressions == 0
+            && self.misattributed == 0
+            && self.leaked == 0
+            && self.node_failures == 0
     }
 
     pub fn print(&self) {
@@ -77,6 +100,23 @@ impl Report {
                 ms.last().copied().unwrap_or(0)
             );
         }
+        if self.nodes > 0 {
+            let mut ms = self.takeover_ms.clone();
+            ms.sort_unstable();
+            println!(
+                "  nodes: {}; node kills {}, pauses {}, NATS cuts {}, self-stops {}; takeover p50 {} ms, max {} ms",
+                self.nodes,
+                self.node_kills,
+                self.node_pauses,
+                self.nats_cuts,
+                self.self_stops,
+                ms.get(ms.len() / 2).copied().unwrap_or(0),
+                ms.last().copied().unwrap_or(0)
+            );
+            if self.node_failures > 0 {
+                println!("  node failures {}", self.node_failures);
+            }
+        }
         println!(
             "  lost {}  unaccepted {}  duplicated {}  misordered {}  receipt regressions {}  settled {}",
             self.lost,
@@ -86,6 +126,12 @@ impl Report {
             self.receipt_regressions,
             self.settled
         );
+        if self.misattributed > 0 || self.leaked > 0 {
+            println!(
+                "  misattributed {}  leaked {}",
+                self.misattributed, self.leaked
+            );
+        }
         for v in &self.violations {
             println!("  ! {v}");
         }
@@ -150,6 +196,7 @@ impl Ledger {
         match ev {
             Event::Message(m) => {
                 self.report.delivered += 1;
+                self.check_origin(device, &m);
                 // Every device gets every message, its sender's devices too: a message handed
                 // out is as good a witness of its acceptance as the `Sent` status (which a
                 // crashing client may never have shown), and a message stored twice shows up
@@ -200,6 +247,31 @@ impl Ledger {
                     .insert(key, (before.0.max(delivered), before.1.max(read)));
             }
             _ => {}
+        }
+    }
+
+    /// A message handed to `device` is of a conversation its user is in, and from the user
+    /// and device that wrote it: the check's devices write `user/device#n` (system messages
+    /// have no sender). Either going wrong is one user's data shown to, or sent as, another.
+    fn check_origin(&mut self, device: usize, m: &Message) {
+        let who = self.name(device);
+        if !self.conv_members(&m.conv).contains(&self.devices[device].0) {
+            self.report.leaked += 1;
+            self.violation(format!(
+                "{who} was handed {} seq {} ({}), of a conversation it is not in",
+                m.conv, m.seq, m.cmid
+            ));
+        }
+        if m.event.is_some() || m.from.is_empty() {
+            return;
+        }
+        let writer = m.body.split('#').next().unwrap_or_default();
+        if writer != format!("{}/{}", m.from, m.device) {
+            self.report.misattributed += 1;
+            self.violation(format!(
+                "{who} was handed {} seq {} ({}) as from {}/{}, but {writer} wrote it",
+                m.conv, m.seq, m.cmid, m.from, m.device
+            ));
         }
     }
 
@@ -360,7 +432,6 @@ impl Ledger {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ordo_client::Message;
 
     fn msg(conv: &str, seq: u64, cmid: &str) -> Event {
         Event::Message(Message {
@@ -369,7 +440,7 @@ mod tests {
             from: "a".into(),
             device: "d0".into(),
             cmid: cmid.into(),
-            body: String::new(),
+            body: format!("a/d0#{seq}"),
             reply_to: None,
             ts: 0,
             event: None,
@@ -493,6 +564,25 @@ mod tests {
         l.sent(0, "g", "z".into());
         let r = l.verify(true);
         assert_eq!(r.unaccepted, 1);
+        assert!(!r.passed());
+
+        // a's message handed out as b's; a message of a conversation b is not in.
+        let mut l = clean();
+        let as_b = |e| match e {
+            Event::Message(m) => Event::Message(Message {
+                from: "b".into(),
+                ..m
+            }),
+            e => e,
+        };
+        for d in 0..2 {
+            l.event(d, as_b(msg("g", 1, "x")));
+            l.event(d, msg("g", 2, "y"));
+        }
+        l.event(1, msg("a-only", 1, "z"));
+        let r = l.verify(true);
+        assert_eq!(r.misattributed, 2);
+        assert_eq!(r.leaked, 1);
         assert!(!r.passed());
     }
 }

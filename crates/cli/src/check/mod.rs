@@ -15,12 +15,24 @@
 //! primary K times during the storm, each time failing over to the standby furthest ahead (or,
 //! without standbys, restarting it): every message the server acknowledged must still be
 //! delivered.
+//!
+//! With `--nodes N` the server is a cluster ([`nodes`]): N `ordo serve --cluster` nodes on the
+//! `--store` PostgreSQL and the `--nats` NATS server, each behind a client proxy of its own
+//! and reaching NATS through a plain proxy of its own. Every device knows all the nodes and
+//! starts at its own (device i at node i mod N), moving on when its node fails. Instead of
+//! the single server's SIGKILLs, the storm strikes one random node at a time: a SIGKILL (then
+//! a restart), a SIGSTOP past its lease (then a SIGCONT), or a cut of its NATS connections;
+//! for kills and pauses it measures how long the other nodes take to own every partition of
+//! the stricken node. A takeover that does not finish, or a node that exits for any reason but
+//! a lost partition or cannot be restarted, fails the check as a lost message does.
 
 mod ledger;
+mod nodes;
 mod proxy;
 
 use clap::Args;
 use ledger::{Ledger, Report};
+use nodes::{Nodes, Tally};
 use ordo_client::{Client, ClientOptions, Target};
 use ordo_testkit::pg_cluster::PgCluster;
 use ordo_testkit::{Admin, ServerOptions, ServerProcess};
@@ -41,7 +53,8 @@ pub struct CheckArgs {
     /// SDK clients (devices); users get one or two devices each.
     #[arg(long, default_value_t = 6)]
     clients: usize,
-    /// Mean seconds between server SIGKILLs, each then restarted (0: never).
+    /// Mean seconds between server SIGKILLs, each then restarted (0: never); with --nodes,
+    /// between node faults.
     #[arg(long, default_value_t = 5.0)]
     kill_every: f64,
     /// Mean seconds between client crashes (0: never).
@@ -65,8 +78,25 @@ pub struct CheckArgs {
     /// Run the server on this PostgreSQL database (`ordo serve --store`), which must hold no
     /// Ordo data yet (an empty database, or a `key=value` string with
     /// `options='-c search_path=SCHEMA'` naming an empty schema). Unset: the embedded store.
+    /// Required with --nodes.
     #[arg(long, conflicts_with = "pg_cluster")]
     store: Option<String>,
+    /// Run the server as a cluster of this many nodes (at least 2) sharing --store and --nats:
+    /// each a node behind its own proxy, clients spread over them and knowing them all. The
+    /// storm strikes one node at a time (a SIGKILL, a SIGSTOP past its 2 s lease, or a cut of
+    /// its NATS connections), measures how long the others take to own every partition of a
+    /// killed or paused node, and fails the check if that takes over 20 s or a node exits
+    /// for any reason but a lost partition.
+    #[arg(
+        long,
+        requires = "store",
+        conflicts_with_all = ["pg_cluster", "db_kills"],
+        value_parser = clap::value_parser!(u32).range(2..)
+    )]
+    nodes: Option<u32>,
+    /// The NATS server of the --nodes cluster.
+    #[arg(long, default_value = "nats://127.0.0.1:4222")]
+    nats: String,
     /// Run the server on a PostgreSQL of the run's own, started in temporary directories from
     /// the machine's PostgreSQL server binaries (`/usr/lib/postgresql/15/bin`, or `ORDO_PG_BIN`):
     /// a primary and this many standbys, commits waiting for any one of them.
@@ -147,7 +177,7 @@ async fn check(args: CheckArgs) -> Result<(Report, bool), String> {
         opts.extra
             .extend(["--conv-cache-entries".into(), n.to_string()]);
     }
-    if let Some(url) = &args.store {
+    if let (Some(url), None) = (&args.store, args.nodes) {
         opts.extra.extend(["--store".into(), url.clone()]);
     }
     let cluster = match args.pg_cluster {
@@ -165,14 +195,8 @@ async fn check(args: CheckArgs) -> Result<(Report, bool), String> {
             Some(Arc::new(Mutex::new(c)))
         }
     };
-    let server = tokio::task::spawn_blocking(move || ServerProcess::start(opts))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("cannot start `ordo serve`: {e}"))?;
-    let port = server.port();
-    let secret = server.secret().to_string();
-    let admin = Admin::new(&server.http_url(), server.admin_key()).map_err(|e| e.to_string())?;
-    let server = Arc::new(Mutex::new(server));
+    let servers = Servers::start(&args, opts, seed).await?;
+    let (secret, admin) = servers.secret_and_admin()?;
 
     let faults = Faults {
         mean_life: if args.disconnect_every > 0.0 {
@@ -183,10 +207,15 @@ async fn check(args: CheckArgs) -> Result<(Report, bool), String> {
         stall_chance: 0.01,
         max_stall: Duration::from_millis(300),
     };
-    let proxy = FaultProxy::start(port, faults, rng.random())
-        .await
-        .map_err(|e| format!("cannot start the proxy: {e}"))?;
-    let url = format!("ws://{}", proxy.addr);
+    // A proxy per server; device i knows them all, starting at its own (i mod their number).
+    let mut proxies = Vec::new();
+    for port in servers.ports() {
+        let p = FaultProxy::start(port, faults.clone(), rng.random())
+            .await
+            .map_err(|e| format!("cannot start the proxy: {e}"))?;
+        proxies.push(p);
+    }
+    let urls: Vec<String> = proxies.iter().map(|p| format!("ws://{}", p.addr)).collect();
 
     // Users, devices and conversations.
     let clients = args.clients.max(2);
@@ -243,7 +272,7 @@ async fn check(args: CheckArgs) -> Result<(Report, bool), String> {
         ctrls.push(tx);
         let opts = {
             let mut o = ClientOptions::new(
-                url.clone(),
+                rotated(&urls, i).join(","),
                 token,
                 dir.path().join(format!("{}-{}.redb", d.user, d.device)),
             );
@@ -265,43 +294,16 @@ async fn check(args: CheckArgs) -> Result<(Report, bool), String> {
         )));
     }
 
-    // The storm: server kills and client crashes until the duration is over.
+    // The storm: server (or node) faults and client crashes until the duration is over.
     let storm_end = Instant::now() + Duration::from_secs(args.duration);
     let server_kills = Arc::new(AtomicU64::new(0));
     let stop_killing = Arc::new(AtomicBool::new(false));
-    let killer = {
-        let (server, kills, stop, mean) = (
-            server.clone(),
-            server_kills.clone(),
-            stop_killing.clone(),
-            args.kill_every,
-        );
-        let mut r = StdRng::seed_from_u64(rng.random());
-        tokio::task::spawn_blocking(move || -> Result<(), String> {
-            if mean <= 0.0 {
-                return Ok(());
-            }
-            loop {
-                // Uniform around the mean, so that a run of a given length sees a predictable
-                // number of kills.
-                let wait = Duration::from_secs_f64(mean * r.random_range(0.5..1.5));
-                let until = Instant::now() + wait;
-                while Instant::now() < until {
-                    if stop.load(Ordering::Relaxed) {
-                        return Ok(());
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                let down = Duration::from_millis(r.random_range(50..600));
-                let mut s = server.lock().map_err(|_| "server lock poisoned")?;
-                s.kill9().map_err(|e| e.to_string())?;
-                kills.fetch_add(1, Ordering::Relaxed);
-                std::thread::sleep(down);
-                s.restart().map_err(|e| e.to_string())?;
-                same_port(&s, port)?;
-            }
-        })
-    };
+    let killer = servers.storm(
+        args.kill_every,
+        rng.random(),
+        server_kills.clone(),
+        stop_killing.clone(),
+    );
     let db_killer = {
         let (cluster, kills) = (cluster.clone(), args.db_kills);
         let every = Duration::from_secs(args.duration) / (kills as u32 + 1);
@@ -346,27 +348,17 @@ async fn check(args: CheckArgs) -> Result<(Report, bool), String> {
         .map_err(|e| format!("database control failed: {e}"))?;
     // Calm: no more faults, no more new messages; wait for everything to arrive.
     stop_killing.store(true, Ordering::Relaxed);
-    killer
+    let mut tally = killer
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("server control failed: {e}"))?;
-    proxy.set_faults(false);
+    for p in &proxies {
+        p.set_faults(false);
+    }
     for c in &ctrls {
         let _ = c.send(Ctrl::StopSending);
     }
-    {
-        let server = server.clone();
-        tokio::task::spawn_blocking(move || -> Result<(), String> {
-            let mut s = server.lock().map_err(|_| "server lock poisoned")?;
-            if !s.is_running() {
-                s.restart().map_err(|e| e.to_string())?;
-                same_port(&s, port)?;
-            }
-            Ok(())
-        })
-        .await
-        .map_err(|e| e.to_string())??;
-    }
+    servers.calm(&mut tally, true).await?;
     let settle_deadline = Instant::now() + Duration::from_secs(args.settle_secs);
     let mut settled = false;
     while Instant::now() < settle_deadline {
@@ -380,6 +372,8 @@ async fn check(args: CheckArgs) -> Result<(Report, bool), String> {
     for t in tasks {
         t.abort();
     }
+    // Nodes that stopped themselves while things settled count too (left down: it is over).
+    servers.calm(&mut tally, false).await?;
 
     let mut report = ledger
         .lock()
@@ -391,8 +385,168 @@ async fn check(args: CheckArgs) -> Result<(Report, bool), String> {
     report.db_kills = db_recovery_ms.len() as u64;
     report.db_recovery_ms = db_recovery_ms;
     report.client_kills = client_kills.load(Ordering::Relaxed);
-    report.disconnects = proxy.disconnects.load(Ordering::Relaxed);
+    report.disconnects = proxies
+        .iter()
+        .map(|p| p.disconnects.load(Ordering::Relaxed))
+        .sum();
+    report.nodes = servers.nodes();
+    report.node_kills = tally.node_kills;
+    report.node_pauses = tally.node_pauses;
+    report.nats_cuts = tally.nats_cuts;
+    report.self_stops = tally.self_stops;
+    report.takeover_ms = tally.takeover_ms;
+    report.node_failures = tally.failures.len() as u64;
+    report.violations.extend(tally.failures);
+    if let (false, Servers::Cluster(nodes)) = (report.passed(), &servers) {
+        let dir = std::env::temp_dir().join(format!("ordo-check-{seed}"));
+        match nodes.keep_logs(&dir).await {
+            Ok(()) => eprintln!("ordo check: the nodes' logs are in {}", dir.display()),
+            Err(e) => eprintln!("ordo check: the nodes' logs could not be kept: {e}"),
+        }
+    }
     Ok((report, args.json))
+}
+
+/// The servers under test: one `ordo serve`, or the nodes of a cluster.
+enum Servers {
+    One {
+        server: Arc<Mutex<ServerProcess>>,
+        port: u16,
+    },
+    Cluster(Arc<Nodes>),
+}
+
+impl Servers {
+    /// One server with `opts`, or with `--nodes` that many nodes on `--store` and `--nats`.
+    async fn start(args: &CheckArgs, opts: ServerOptions, seed: u64) -> Result<Servers, String> {
+        if let Some(n) = args.nodes {
+            let store = args.store.as_deref().ok_or("--nodes needs --store")?;
+            let nodes = Nodes::start(n as usize, &opts, store, &args.nats, seed).await?;
+            eprintln!(
+                "ordo check: {n} nodes on ports {:?}, every partition owned",
+                nodes.ports()
+            );
+            return Ok(Servers::Cluster(Arc::new(nodes)));
+        }
+        let server = tokio::task::spawn_blocking(move || ServerProcess::start(opts))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("cannot start `ordo serve`: {e}"))?;
+        Ok(Servers::One {
+            port: server.port(),
+            server: Arc::new(Mutex::new(server)),
+        })
+    }
+
+    /// The token secret, and the admin API the check creates its group through (node 0's).
+    fn secret_and_admin(&self) -> Result<(String, Admin), String> {
+        match self {
+            Servers::One { server, .. } => {
+                let s = server.lock().map_err(|_| "server lock poisoned")?;
+                let admin = Admin::new(&s.http_url(), s.admin_key()).map_err(|e| e.to_string())?;
+                Ok((s.secret().to_string(), admin))
+            }
+            Servers::Cluster(nodes) => Ok((nodes.secret()?, nodes.admin().clone())),
+        }
+    }
+
+    fn ports(&self) -> Vec<u16> {
+        match self {
+            Servers::One { port, .. } => vec![*port],
+            Servers::Cluster(nodes) => nodes.ports(),
+        }
+    }
+
+    /// Cluster nodes (0: one server).
+    fn nodes(&self) -> usize {
+        match self {
+            Servers::One { .. } => 0,
+            Servers::Cluster(nodes) => nodes.len(),
+        }
+    }
+
+    /// The faults of the storm until `stop`, at intervals around `mean` seconds (none if 0):
+    /// SIGKILLs of the one server (counted in `kills`), or the node faults of a cluster.
+    fn storm(
+        &self,
+        mean: f64,
+        seed: u64,
+        kills: Arc<AtomicU64>,
+        stop: Arc<AtomicBool>,
+    ) -> tokio::task::JoinHandle<Result<Tally, String>> {
+        match self {
+            Servers::One { server, port } => {
+                let (server, port) = (server.clone(), *port);
+                tokio::task::spawn_blocking(move || {
+                    kill_server(&server, port, mean, seed, &kills, &stop).map(|()| Tally::default())
+                })
+            }
+            Servers::Cluster(nodes) => tokio::spawn(nodes.clone().storm(mean, seed, stop)),
+        }
+    }
+
+    /// Faults are over: restarts whatever is down (with `restart` false only counts cluster
+    /// nodes that stopped themselves).
+    async fn calm(&self, tally: &mut Tally, restart: bool) -> Result<(), String> {
+        match self {
+            Servers::One { server, port } if restart => {
+                let (server, port) = (server.clone(), *port);
+                tokio::task::spawn_blocking(move || -> Result<(), String> {
+                    let mut s = server.lock().map_err(|_| "server lock poisoned")?;
+                    if !s.is_running() {
+                        s.restart().map_err(|e| e.to_string())?;
+                        same_port(&s, port)?;
+                    }
+                    Ok(())
+                })
+                .await
+                .map_err(|e| e.to_string())?
+            }
+            Servers::One { .. } => Ok(()),
+            Servers::Cluster(nodes) => nodes.ensure_running(tally, restart).await,
+        }
+    }
+}
+
+/// The single server's storm: SIGKILLs at intervals uniform around `mean` seconds, each then
+/// restarted after a short while, until `stop`.
+fn kill_server(
+    server: &Mutex<ServerProcess>,
+    port: u16,
+    mean: f64,
+    seed: u64,
+    kills: &AtomicU64,
+    stop: &AtomicBool,
+) -> Result<(), String> {
+    if mean <= 0.0 {
+        return Ok(());
+    }
+    let mut r = StdRng::seed_from_u64(seed);
+    loop {
+        // Uniform around the mean, so that a run of a given length sees a predictable number
+        // of kills.
+        let wait = Duration::from_secs_f64(mean * r.random_range(0.5..1.5));
+        let until = Instant::now() + wait;
+        while Instant::now() < until {
+            if stop.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let down = Duration::from_millis(r.random_range(50..600));
+        let mut s = server.lock().map_err(|_| "server lock poisoned")?;
+        s.kill9().map_err(|e| e.to_string())?;
+        kills.fetch_add(1, Ordering::Relaxed);
+        std::thread::sleep(down);
+        s.restart().map_err(|e| e.to_string())?;
+        same_port(&s, port)?;
+    }
+}
+
+/// `urls` starting at `i` mod their number, then on in turn.
+fn rotated(urls: &[String], i: usize) -> Vec<String> {
+    let k = i % urls.len().max(1);
+    urls[k..].iter().chain(&urls[..k]).cloned().collect()
 }
 
 /// The proxy and the clients know the server by its first port: a restart that had to move

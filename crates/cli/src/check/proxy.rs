@@ -1,6 +1,10 @@
 //! A fault-injecting TCP proxy between clients and the server: connections are cut after a
 //! random lifetime (sometimes in the middle of a frame), and each direction stalls now and
 //! then. Faults can be switched off for the quiet phase at the end of a check.
+//!
+//! With its faults off from the start ([`FaultProxy::plain`]) it is a plain TCP proxy whose
+//! only fault is the one it is asked for: [`FaultProxy::cut_all`] cuts every open connection
+//! at once (how `ordo check --nodes` cuts a node off NATS; new connections go through).
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -10,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Mutex;
+use tokio::sync::{watch, Mutex};
 
 #[derive(Clone, Debug)]
 pub struct Faults {
@@ -25,25 +29,70 @@ pub struct Faults {
 pub struct FaultProxy {
     pub addr: SocketAddr,
     enabled: Arc<AtomicBool>,
+    /// Connections cut by their random lifetime (not those cut by [`Self::cut_all`]).
     pub disconnects: Arc<AtomicU64>,
+    /// Bumped by [`Self::cut_all`]; every connection watches it.
+    cut: watch::Sender<u64>,
+    /// Connections open now (both ends connected).
+    open: Arc<AtomicU64>,
+}
+
+/// Counts a connection open while it lives.
+struct OpenGuard(Arc<AtomicU64>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl FaultProxy {
+    /// A proxy to the server on 127.0.0.1:`upstream_port`, faults on.
     pub async fn start(upstream_port: u16, faults: Faults, seed: u64) -> std::io::Result<Self> {
+        Self::start_to(format!("127.0.0.1:{upstream_port}"), faults, seed).await
+    }
+
+    /// A proxy to `upstream` (`host:port`) with no faults of its own, ever: connections end
+    /// only when either side closes them or [`Self::cut_all`] cuts them.
+    pub async fn plain(upstream: String) -> std::io::Result<Self> {
+        let faults = Faults {
+            mean_life: Duration::from_secs(1 << 30),
+            stall_chance: 0.0,
+            max_stall: Duration::ZERO,
+        };
+        let p = Self::start_to(upstream, faults, 0).await?;
+        p.set_faults(false);
+        Ok(p)
+    }
+
+    /// A proxy to `upstream` (`host:port`), faults on.
+    pub async fn start_to(upstream: String, faults: Faults, seed: u64) -> std::io::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let enabled = Arc::new(AtomicBool::new(true));
         let disconnects = Arc::new(AtomicU64::new(0));
+        let open = Arc::new(AtomicU64::new(0));
+        let (cut, _) = watch::channel(0u64);
         let rng = Arc::new(Mutex::new(StdRng::seed_from_u64(seed)));
-        let (en, dc) = (enabled.clone(), disconnects.clone());
+        let (en, dc, op, cut_tx) = (
+            enabled.clone(),
+            disconnects.clone(),
+            open.clone(),
+            cut.clone(),
+        );
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                let port = upstream_port;
+                let upstream = upstream.clone();
                 let (en, dc, rng, faults) = (en.clone(), dc.clone(), rng.clone(), faults.clone());
+                // Subscribed at accept: a cut asked for after this moment cuts this connection.
+                let mut cut_rx = cut_tx.subscribe();
+                let op = op.clone();
                 tokio::spawn(async move {
-                    let Ok(server) = TcpStream::connect(("127.0.0.1", port)).await else {
+                    let Ok(server) = TcpStream::connect(upstream.as_str()).await else {
                         return; // server down: the client sees the connection fail
                     };
+                    op.fetch_add(1, Ordering::Relaxed);
+                    let _open = OpenGuard(op);
                     let _ = client.set_nodelay(true);
                     let _ = server.set_nodelay(true);
                     let (life, seed_a, seed_b) = {
@@ -64,6 +113,7 @@ impl FaultProxy {
                         _ = &mut cut, if en.load(Ordering::Relaxed) => {
                             dc.fetch_add(1, Ordering::Relaxed);
                         }
+                        _ = cut_rx.changed() => {}
                     }
                     // Dropping both halves closes both connections.
                 });
@@ -73,11 +123,21 @@ impl FaultProxy {
             addr,
             enabled,
             disconnects,
+            cut,
+            open,
         })
     }
 
     pub fn set_faults(&self, on: bool) {
         self.enabled.store(on, Ordering::Relaxed);
+    }
+
+    /// Cuts every connection open now, whether faults are on or off (new ones go through);
+    /// returns how many were open.
+    pub fn cut_all(&self) -> u64 {
+        let open = self.open.load(Ordering::Relaxed);
+        self.cut.send_modify(|n| *n += 1);
+        open
     }
 }
 
