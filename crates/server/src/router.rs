@@ -282,7 +282,7 @@ pub enum Command {
         user: String,
         device: String,
         handle: SessionHandle,
-        origin: (Arc<str>, SessionId),
+        origin: (crate::cluster::wire::Peer, SessionId),
     },
     /// From the cluster's lease keeper or another node.
     Cluster(crate::cluster::route::ClusterEvent),

@@ -61,6 +61,12 @@ impl Keeper {
         };
         let mut last_view = None;
         while !self.stop.load(Ordering::Acquire) {
+            if self.router.is_closed() {
+                // The node stopped (a failed commit): nothing more is committed here, so its
+                // partitions go back at once rather than when their leases run out.
+                self.router_gone(&mut status);
+                break;
+            }
             let started = Instant::now();
             match self.round(&mut status, &mut last_view) {
                 Ok(()) => renewed = started,
@@ -74,14 +80,31 @@ impl Keeper {
                     }
                 }
             }
-            if self.router.is_closed() {
-                return;
-            }
             *self.status.write().unwrap_or_else(|p| p.into_inner()) = status.clone();
             std::thread::sleep(round.saturating_sub(started.elapsed()));
         }
-        self.hand_everything_over(&mut status);
+        if !self.router.is_closed() {
+            self.hand_everything_over(&mut status);
+        }
         *self.status.write().unwrap_or_else(|p| p.into_inner()) = status;
+    }
+
+    /// The router is gone: every lease goes back without a drain (a commit still on its way
+    /// holds its lease rows locked, and a takeover waits for it), and the node leaves.
+    fn router_gone(&self, status: &mut Status) {
+        if let Err(e) = self.table.leave() {
+            tracing::warn!(error = %e, "could not take this node off the live list");
+        }
+        for (part, epoch) in self.fences.held() {
+            self.fences.forget(part);
+            match self.table.release(part, epoch) {
+                Ok(()) => status.handovers += 1,
+                Err(e) => {
+                    tracing::warn!(part, error = %e, "could not give a lease back; it runs out")
+                }
+            }
+        }
+        metrics::gauge!(m::CLUSTER_PARTITIONS_HELD).set(0.0);
     }
 
     fn lose(&self, part: u32, status: &mut Status, why: &str) {
@@ -119,10 +142,15 @@ impl Keeper {
                 (true, None) => {
                     if let Some(epoch) = self.table.acquire(part, lease_ms)? {
                         self.fences.hold(part, epoch);
+                        if !self.send(ClusterEvent::Gained { part, epoch }) {
+                            // The node is stopping: the partition goes back at once.
+                            self.fences.forget(part);
+                            self.table.release(part, epoch)?;
+                            return Ok(());
+                        }
                         status.takeovers += 1;
                         metrics::counter!(m::CLUSTER_TAKEOVERS).increment(1);
                         tracing::info!(part, epoch, "took a partition");
-                        self.send(ClusterEvent::Gained { part, epoch });
                     }
                 }
                 (false, Some(epoch)) if target.is_some() => leaving.push((part, epoch)),
@@ -168,6 +196,11 @@ impl Keeper {
             let (done, drained) = std::sync::mpsc::channel();
             if self.send(ClusterEvent::Release { part: *part, done }) {
                 waiting.push((*part, *epoch, drained));
+            } else {
+                // No router: nothing to drain (see `router_gone`).
+                self.fences.forget(*part);
+                self.table.release(*part, *epoch)?;
+                status.handovers += 1;
             }
         }
         let until = Instant::now() + DRAIN_WAIT;

@@ -188,7 +188,7 @@ impl Node {
             prefix: cc.subject_prefix.as_str().into(),
             nats,
             router: router_tx.clone(),
-            store,
+            store: remote::StoreRef::new(store),
             outbound_queue: cfg.outbound_queue,
             outbound_bytes: cfg.outbound_bytes,
             max_sync_bytes,

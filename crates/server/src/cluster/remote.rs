@@ -16,7 +16,7 @@
 //! died, or forgot it).
 
 use super::route::ClusterEvent;
-use super::wire::{self, NodeMsg, OpenSession, WireError};
+use super::wire::{self, NodeMsg, OpenSession, Peer, WireError};
 use crate::metrics as m;
 use crate::router::{Budget, Command, Kick, Outbound, SessionHandle};
 use futures_util::StreamExt;
@@ -48,7 +48,7 @@ pub struct Ctx {
     pub prefix: Arc<str>,
     pub nats: async_nats::Client,
     pub router: mpsc::Sender<Command>,
-    pub store: Arc<dyn Store>,
+    pub store: Arc<StoreRef>,
     pub outbound_queue: usize,
     pub outbound_bytes: usize,
     pub max_sync_bytes: usize,
@@ -67,13 +67,41 @@ impl Ctx {
     }
 }
 
+/// The store, for the pages remote sessions read; let go of on a blocking thread, never on an
+/// async worker: dropping the last reference closes the store, which may block or, for the
+/// PostgreSQL client, start a runtime of its own (which panics on a worker).
+pub struct StoreRef(Option<Arc<dyn Store>>);
+
+impl StoreRef {
+    pub fn new(store: Arc<dyn Store>) -> Arc<StoreRef> {
+        Arc::new(StoreRef(Some(store)))
+    }
+
+    fn get(&self) -> Option<Arc<dyn Store>> {
+        self.0.clone()
+    }
+}
+
+impl Drop for StoreRef {
+    fn drop(&mut self) {
+        if let Some(store) = self.0.take() {
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => drop(rt.spawn_blocking(move || drop(store))),
+                Err(_) => drop(store),
+            }
+        }
+    }
+}
+
 /// One remote session as the dispatcher knows it.
 struct Entry {
     inbox: mpsc::Sender<(u64, ClientFrame)>,
     seen: Instant,
 }
 
-type Registry = Arc<Mutex<HashMap<(Arc<str>, SessionId), Entry>>>;
+/// A connection of another node's process.
+type Key = (Peer, SessionId);
+type Registry = Arc<Mutex<HashMap<Key, Entry>>>;
 
 /// Runs the dispatcher until the subscription ends.
 pub async fn dispatch(
@@ -85,7 +113,11 @@ pub async fn dispatch(
     let mut sweep = tokio::time::interval(ANNOUNCE_EVERY);
     loop {
         tokio::select! {
-            _ = stop.changed() => break,
+            _ = stop.changed() => {
+                // Every remote session ends (its frames stop), and lets go of the store.
+                registry.lock().unwrap_or_else(|p| p.into_inner()).clear();
+                break;
+            }
             msg = sub.next() => {
                 let Some(msg) = msg else { break };
                 match wire::decode::<NodeMsg>(&msg.payload) {
@@ -121,7 +153,11 @@ async fn on_message(
 ) {
     match msg {
         NodeMsg::Open { from, sessions } => {
-            let from: Arc<str> = from.into();
+            // The sessions of an earlier process of that node are gone with it.
+            registry
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|(peer, _), _| peer.node != from.node || peer.inc == from.inc);
             for s in sessions {
                 open(ctx, registry, from.clone(), s);
             }
@@ -130,7 +166,7 @@ async fn on_message(
             registry
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .remove(&(Arc::from(from), session));
+                .remove(&(from, session));
         }
         NodeMsg::Frame {
             from,
@@ -138,7 +174,7 @@ async fn on_message(
             n,
             frame,
         } => {
-            let key = (Arc::<str>::from(from), session);
+            let key = (from, session);
             let sent = {
                 let r = registry.lock().unwrap_or_else(|p| p.into_inner());
                 r.get(&key).map(|e| e.inbox.try_send((n, frame)).is_ok())
@@ -153,10 +189,11 @@ async fn on_message(
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&key);
             let kick = NodeMsg::Kick {
+                inc: key.0.inc,
                 session,
                 reason: format!("the node owning the conversation dropped the connection ({why}); reconnect and resend"),
             };
-            ctx.publish(&key.0, &kick).await;
+            ctx.publish(&key.0.node, &kick).await;
         }
         NodeMsg::Admin { op } => {
             let (tx, rx) = oneshot::channel();
@@ -211,8 +248,8 @@ async fn answer<T: serde::Serialize + Send + 'static>(
 
 /// A connection of node `from` announced: a remote session of this node's core, unless it is
 /// one already (then it is only marked as heard of).
-fn open(ctx: &Ctx, registry: &Registry, from: Arc<str>, s: OpenSession) {
-    let key = (from.clone(), s.session);
+fn open(ctx: &Ctx, registry: &Registry, from: Peer, s: OpenSession) {
+    let key = (from, s.session);
     let mut r = registry.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(e) = r.get_mut(&key) {
         e.seen = Instant::now();
@@ -234,7 +271,7 @@ fn open(ctx: &Ctx, registry: &Registry, from: Arc<str>, s: OpenSession) {
 async fn run_session(
     ctx: Ctx,
     registry: Registry,
-    key: (Arc<str>, SessionId),
+    key: Key,
     s: OpenSession,
     mut frames: mpsc::Receiver<(u64, ClientFrame)>,
 ) {
@@ -270,8 +307,8 @@ async fn run_session(
                     let Some(first) = first else {
                         // The router let go of the session: dropped (tell its node), or closed.
                         if wkick.kicked() {
-                            let msg = NodeMsg::Kick { session: wkey.1, reason: wkick.reason() };
-                            wctx.publish(&wkey.0, &msg).await;
+                            let msg = NodeMsg::Kick { inc: wkey.0.inc, session: wkey.1, reason: wkick.reason() };
+                            wctx.publish(&wkey.0.node, &msg).await;
                         }
                         break;
                     };
@@ -288,25 +325,27 @@ async fn run_session(
                     }
                     let answers = out.iter().filter(|o| o.is_answer()).count();
                     let msg = NodeMsg::Out {
+                        inc: wkey.0.inc,
                         session: wkey.1,
                         frames: out.iter().map(|o| o.frame().clone()).collect(),
                     };
-                    let sent = wctx.publish(&wkey.0, &msg).await;
+                    let sent = wctx.publish(&wkey.0.node, &msg).await;
                     budget.give(bytes);
                     budget.answered(answers);
                     if !sent {
                         // Frames were lost: the connection must start over.
                         let msg = NodeMsg::Kick {
+                            inc: wkey.0.inc,
                             session: wkey.1,
                             reason: "frames from the node owning the conversation could not be sent; reconnect and sync".into(),
                         };
-                        wctx.publish(&wkey.0, &msg).await;
+                        wctx.publish(&wkey.0.node, &msg).await;
                         break;
                     }
                 }
                 _ = wkick.woken.notified() => {
-                    let msg = NodeMsg::Kick { session: wkey.1, reason: wkick.reason() };
-                    wctx.publish(&wkey.0, &msg).await;
+                    let msg = NodeMsg::Kick { inc: wkey.0.inc, session: wkey.1, reason: wkick.reason() };
+                    wctx.publish(&wkey.0.node, &msg).await;
                     break;
                 }
             }
@@ -331,10 +370,11 @@ async fn run_session(
     if let Some(reason) = gap {
         metrics::counter!(m::CLUSTER_KICKS).increment(1);
         let msg = NodeMsg::Kick {
+            inc: key.0.inc,
             session: key.1,
             reason,
         };
-        ctx.publish(&key.0, &msg).await;
+        ctx.publish(&key.0.node, &msg).await;
     }
     registry
         .lock()
@@ -374,7 +414,9 @@ async fn forward_frame(ctx: &Ctx, session: SessionId, frame: ClientFrame) -> boo
     let Ok(Some(plan)) = rx.await else {
         return true;
     };
-    let store = ctx.store.clone();
+    let Some(store) = ctx.store.get() else {
+        return false;
+    };
     let (c, from, to, lim, budget) = (
         plan.conv.clone(),
         plan.from,
@@ -383,7 +425,14 @@ async fn forward_frame(ctx: &Ctx, session: SessionId, frame: ClientFrame) -> boo
         ctx.max_sync_bytes,
     );
     let page =
-        tokio::task::spawn_blocking(move || store.read_page(&c, from, to, lim, budget)).await;
+        // The store goes back with the blocking thread: its last reference is never let go of
+        // on this worker.
+        tokio::task::spawn_blocking(move || {
+            let page = store.read_page(&c, from, to, lim, budget);
+            drop(store);
+            page
+        })
+        .await;
     match page {
         Ok(Ok(page)) => ctx
             .router

@@ -23,7 +23,7 @@
 //! with work on it stops the node (its commits would be refused: fail-stop).
 
 use super::remote::{ANNOUNCE_EVERY, REQUEST_TIMEOUT};
-use super::wire::{self, NodeMsg, OpenSession};
+use super::wire::{self, NodeMsg, OpenSession, Peer};
 use crate::metrics as m;
 use crate::router::{Outbound, Router};
 use foldhash::{HashMap, HashMapExt};
@@ -111,6 +111,8 @@ struct Local {
 /// The router's cluster state.
 pub struct ClusterState {
     node: Arc<str>,
+    /// This process (its node id and incarnation), as other nodes know its connections.
+    me: Peer,
     prefix: Arc<str>,
     partitions: u32,
     forward_timeout: Duration,
@@ -125,8 +127,8 @@ pub struct ClusterState {
     locals: HashMap<SessionId, Local>,
     /// Remote sessions: (their node, its session id) to this core's session, and back (with
     /// the session's user).
-    remotes: HashMap<(Arc<str>, SessionId), SessionId>,
-    remote_of: HashMap<SessionId, ((Arc<str>, SessionId), String)>,
+    remotes: HashMap<(Peer, SessionId), SessionId>,
+    remote_of: HashMap<SessionId, ((Peer, SessionId), String)>,
     last_announce: Instant,
     /// The dedup filter's rebuild now under way.
     pub scan: u64,
@@ -134,8 +136,13 @@ pub struct ClusterState {
 
 impl ClusterState {
     pub fn new(cfg: &super::ClusterConfig, nats: async_nats::Client, out: Outbox) -> Self {
+        let node: Arc<str> = cfg.node_id.as_str().into();
         ClusterState {
-            node: cfg.node_id.as_str().into(),
+            me: Peer {
+                node: node.clone(),
+                inc: rand::random(),
+            },
+            node,
             prefix: cfg.subject_prefix.as_str().into(),
             partitions: cfg.partitions,
             forward_timeout: cfg.forward_timeout,
@@ -215,7 +222,7 @@ impl ClusterState {
             self.publish(
                 to,
                 &NodeMsg::Open {
-                    from: self.node.to_string(),
+                    from: self.me.clone(),
                     sessions: chunk.to_vec(),
                 },
             );
@@ -334,7 +341,7 @@ impl Router {
         let c = self.cluster_mut();
         if c.locals.remove(&session).is_some() {
             let close = NodeMsg::Close {
-                from: c.node.to_string(),
+                from: c.me.clone(),
                 session,
             };
             for n in c.others() {
@@ -350,7 +357,7 @@ impl Router {
     pub(crate) fn cluster_remote(
         &mut self,
         session: SessionId,
-        origin: (Arc<str>, SessionId),
+        origin: (Peer, SessionId),
         user: &str,
     ) {
         let c = self.cluster_mut();
@@ -360,9 +367,9 @@ impl Router {
 
     /// Closes one of this node's connections (its client reconnects and resends in order).
     fn kick(&mut self, session: SessionId, reason: &str) {
-        metrics::counter!(m::CLUSTER_KICKS).increment(1);
-        tracing::info!(session, reason, "closing a connection");
         if let Some(h) = self.sessions.remove(&session) {
+            metrics::counter!(m::CLUSTER_KICKS).increment(1);
+            tracing::info!(session, reason, "closing a connection");
             h.kick.kick(reason);
         }
         self.core.disconnect(session);
@@ -501,7 +508,7 @@ impl Router {
         send: Option<(u32, String)>,
     ) {
         let c = self.cluster_mut();
-        let from = c.node.to_string();
+        let from = c.me.clone();
         let Some(l) = c.locals.get_mut(&session) else {
             return;
         };
@@ -556,7 +563,7 @@ impl Router {
                     c.publish(
                         &n,
                         &NodeMsg::Missed {
-                            from: c.node.to_string(),
+                            from: c.me.clone(),
                             session,
                             conv: conv.to_string(),
                             seq,
@@ -723,7 +730,12 @@ impl Router {
 
     fn inbound(&mut self, msg: NodeMsg) {
         match msg {
-            NodeMsg::Out { session, frames } => {
+            // For a connection of another process of this node (one before a restart): dropped.
+            NodeMsg::Out { inc, .. } | NodeMsg::Kick { inc, .. }
+                if inc != self.cluster().me.inc => {}
+            NodeMsg::Out {
+                session, frames, ..
+            } => {
                 let Some(l) = self.cluster_mut().locals.get_mut(&session) else {
                     return;
                 };
@@ -741,7 +753,9 @@ impl Router {
                     self.queue(session, Outbound::new(f));
                 }
             }
-            NodeMsg::Kick { session, reason } if self.cluster().locals.contains_key(&session) => {
+            NodeMsg::Kick {
+                session, reason, ..
+            } if self.cluster().locals.contains_key(&session) => {
                 self.kick(session, &reason);
             }
             NodeMsg::Missed {
@@ -750,8 +764,7 @@ impl Router {
                 conv,
                 seq,
             } => {
-                let key = (Arc::<str>::from(from), session);
-                if let Some(s) = self.cluster().remotes.get(&key).copied() {
+                if let Some(s) = self.cluster().remotes.get(&(from, session)).copied() {
                     self.core.push_missed(s, &conv, seq);
                 }
             }

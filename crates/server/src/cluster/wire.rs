@@ -11,6 +11,15 @@ use ordo_core::{AdminOp, AdminPost, SessionId};
 use ordo_protocol::{ClientFrame, ErrorCode, ServerFrame};
 use serde::{Deserialize, Serialize};
 
+/// A node's process: its id, and this start's incarnation (random at every start). A
+/// connection is a process's: its session id means nothing to the next process of the same node
+/// id, so remote sessions are known by both.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Peer {
+    pub node: std::sync::Arc<str>,
+    pub inc: u64,
+}
+
 /// One message between nodes.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "t", rename_all = "snake_case")]
@@ -19,15 +28,15 @@ pub enum NodeMsg {
     /// and again every few seconds for as long as it stays open: a node forgets connections it
     /// has not heard of for a while).
     Open {
-        from: String,
+        from: Peer,
         sessions: Vec<OpenSession>,
     },
     /// The connection closed.
-    Close { from: String, session: SessionId },
+    Close { from: Peer, session: SessionId },
     /// A frame of a connection for a conversation the receiving node owns; `n` counts the
     /// frames of this connection sent to that node, from 1.
     Frame {
-        from: String,
+        from: Peer,
         session: SessionId,
         n: u64,
         frame: ClientFrame,
@@ -36,19 +45,25 @@ pub enum NodeMsg {
     /// more of the conversation until the device syncs (the connection's node owes it a
     /// `notify`).
     Missed {
-        from: String,
+        from: Peer,
         session: SessionId,
         conv: String,
         seq: u64,
     },
-    /// From an owner to a connection's node: frames for it, in order.
+    /// From an owner to a connection's node: frames for it, in order. `inc` is the incarnation
+    /// of the process the connection belongs to (another process of that node drops them).
     Out {
+        inc: u64,
         session: SessionId,
         frames: Vec<ServerFrame>,
     },
     /// From an owner to a connection's node: close the connection (its stream of frames lost
     /// one, or the owner dropped it): the client reconnects and resends in order.
-    Kick { session: SessionId, reason: String },
+    Kick {
+        inc: u64,
+        session: SessionId,
+        reason: String,
+    },
     /// An admin request for a group the receiving node owns; answered on the NATS reply
     /// subject with a `Result<AdminReply, WireError>`.
     Admin { op: AdminOp },
@@ -92,7 +107,10 @@ mod tests {
     #[test]
     fn frames_cross_between_nodes_as_they_were() {
         let msg = NodeMsg::Frame {
-            from: "n1".into(),
+            from: Peer {
+                node: "n1".into(),
+                inc: 9,
+            },
             session: 7,
             n: 3,
             frame: ClientFrame::Send {
@@ -106,6 +124,7 @@ mod tests {
         let back: NodeMsg = decode(&encode(&msg).expect("encode")).expect("decode");
         assert_eq!(format!("{back:?}"), format!("{msg:?}"));
         let out = NodeMsg::Out {
+            inc: 9,
             session: 7,
             frames: vec![ServerFrame::error(ErrorCode::Unavailable, "x")],
         };
