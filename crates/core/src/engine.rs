@@ -433,6 +433,11 @@ impl Core {
         self.owner.forget_convs(of)
     }
 
+    /// See [`Owner::set_keep_overviews`].
+    pub fn set_keep_overviews(&mut self, keep: bool) {
+        self.owner.set_keep_overviews(keep);
+    }
+
     /// See [`Owner::dedup_filter_incomplete`].
     pub fn dedup_filter_incomplete(&mut self) {
         self.owner.dedup_filter_incomplete();

@@ -446,7 +446,7 @@ impl Owner {
         }
         // A list that may be older than the core's view is shown, never kept: a conversation
         // held from it could number a seq the store already has.
-        let keep = !stale;
+        let keep = !stale && self.keep_overviews;
         let list_max = self.cfg.receipt_max_members;
         // The page covers ids after `after`, up to its last one if more follow.
         let end = page

@@ -149,6 +149,8 @@ pub struct Owner {
     /// Per connection, the conversation of a `sync` whose page is being read (one at a time):
     /// held in memory until the page is served.
     pub(crate) reading: HashMap<SessionId, String>,
+    /// Whether an overview keeps the conversations it read (see [`Owner::set_keep_overviews`]).
+    pub(crate) keep_overviews: bool,
     /// No dedup entry the store holds (and has not been told to forget) was accepted before
     /// this; `None` if it holds none.
     pub(crate) dedup_stored_since: Option<u64>,
@@ -207,6 +209,7 @@ impl Owner {
             next_lookup: 1,
             post_lookups: HashMap::new(),
             reading: HashMap::new(),
+            keep_overviews: true,
             // A store with entries may hold them from any time.
             dedup_stored_since: (snapshot.last_ts > 0).then_some(0),
             newest_ts: snapshot.last_ts,
@@ -1437,6 +1440,15 @@ impl Owner {
                 .values()
                 .any(|l| l.parked.iter().any(|p| of(&p.cmd.conv)))
             || self.loads_waiting().any(of)
+            || self.post_lookups.values().any(|(job, _)| of(&job.conv))
+            || self.pending.trim_before_ms.iter().any(|(c, _)| of(c))
+    }
+
+    /// Whether an overview (`convs`) keeps the conversations it read from the store (the device
+    /// is likely to sync them next). A cluster's node does not: a conversation whose partition
+    /// it takes while the overview is read would be kept as it was before the takeover.
+    pub fn set_keep_overviews(&mut self, keep: bool) {
+        self.keep_overviews = keep;
     }
 
     /// Forgets every conversation `of` says yes to, and whatever it knows of them (a cluster's

@@ -388,7 +388,7 @@ pub struct Router {
     webhook: Option<crate::webhook::WebhookSender>,
     /// The reply channels of frames waiting for a conversation to load, by connection (a
     /// connection sends no further frame until its waiting one is answered).
-    replies: HashMap<SessionId, oneshot::Sender<Option<SyncPlan>>>,
+    pub(crate) replies: HashMap<SessionId, oneshot::Sender<Option<SyncPlan>>>,
     next_ticket: Ticket,
     writer: std::sync::mpsc::Sender<Batch>,
     committed: mpsc::UnboundedReceiver<Committed>,
@@ -487,6 +487,7 @@ impl Router {
 
     /// Makes this router a cluster's node's.
     pub fn set_cluster(&mut self, c: crate::cluster::route::ClusterState) {
+        self.core.set_keep_overviews(false);
         self.cluster = Some(c);
     }
 
@@ -790,7 +791,6 @@ impl Router {
             Looked::Members(id, page) => {
                 let actions = self.core.member_convs_loaded(id, page);
                 self.dispatch(actions);
-                self.forget_foreign();
             }
             Looked::Expired(mut expired) => {
                 // A cluster's node trims only what it owns.
@@ -944,6 +944,7 @@ impl Router {
                     if let Some(h) = self.sessions.remove(&session) {
                         h.kick.kick(&reason);
                     }
+                    self.replies.remove(&session);
                     metrics::gauge!(m::CONNECTIONS).set(self.sessions.len() as f64);
                 }
                 Action::Reply { session, plan } => {
@@ -1055,6 +1056,8 @@ impl Router {
         self.core.disconnect(session);
         self.sessions.remove(&session);
         self.owed.remove(&session);
+        // A frame waiting for a load is not answered now: its reader is let go.
+        self.replies.remove(&session);
         metrics::gauge!(m::CONNECTIONS).set(self.sessions.len() as f64);
     }
 }

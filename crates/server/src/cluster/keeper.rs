@@ -208,7 +208,7 @@ impl Keeper {
             let left = until.saturating_duration_since(Instant::now());
             if drained.recv_timeout(left).is_err() {
                 tracing::warn!(part, "partition not drained in time; handing it over later");
-                self.send(ClusterEvent::Keep { part });
+                self.send(ClusterEvent::Keep { part, epoch });
                 continue;
             }
             self.fences.forget(part);

@@ -44,8 +44,8 @@ pub enum ClusterEvent {
         part: u32,
         done: std::sync::mpsc::Sender<()>,
     },
-    /// The handover of `part` did not finish in time: it stays this node's.
-    Keep { part: u32 },
+    /// The handover of `part` did not finish in time: it stays this node's, at `epoch`.
+    Keep { part: u32, epoch: u64 },
     /// This node lost `part` (the fences dropped it already).
     Lost { part: u32 },
     /// Each partition's live owner (`None` while it moves), and the live nodes.
@@ -106,7 +106,13 @@ struct Local {
     sent: HashMap<Arc<str>, u64>,
     /// Forwarded sends not answered yet, by client message id: (node, partition, when).
     unanswered: HashMap<String, (Arc<str>, u32, Instant)>,
+    /// Forwarded `sync`s not answered yet, by conversation: when.
+    syncs: HashMap<String, Instant>,
 }
+
+/// Most forwarded `sync`s one connection may have unanswered (one per conversation); past it,
+/// the connection is closed.
+const MAX_SYNCS: usize = 1024;
 
 /// The router's cluster state.
 pub struct ClusterState {
@@ -324,6 +330,7 @@ impl Router {
                 device: device.to_string(),
                 sent: HashMap::new(),
                 unanswered: HashMap::new(),
+                syncs: HashMap::new(),
             },
         );
         let open = [OpenSession {
@@ -349,7 +356,10 @@ impl Router {
             }
         }
         if let Some((key, _)) = c.remote_of.remove(&session) {
-            c.remotes.remove(&key);
+            // (The connection may have been announced again since: its new session stays.)
+            if c.remotes.get(&key) == Some(&session) {
+                c.remotes.remove(&key);
+            }
         }
     }
 
@@ -374,6 +384,7 @@ impl Router {
         }
         self.core.disconnect(session);
         self.owed.remove(&session);
+        self.replies.remove(&session);
     }
 
     /// Closes every connection of this node: pushes from other nodes may have been lost, and a
@@ -390,24 +401,6 @@ impl Router {
         }
         for s in locals {
             self.kick(s, reason);
-        }
-    }
-
-    /// Forgets what the core holds of conversations this node does not own (an overview reads
-    /// them from the store and may keep them): another node changes them, so a copy here would
-    /// be stale by the next overview.
-    pub(crate) fn forget_foreign(&mut self) {
-        let Some(c) = self.cluster.as_ref() else {
-            return;
-        };
-        let (parts, held) = (c.partitions, c.held.clone());
-        let releasing: Vec<u32> = c.releasing.iter().map(|r| r.0).collect();
-        let foreign = move |conv: &str| {
-            let p = partition_of(conv, parts);
-            !held.contains_key(&p) && !releasing.contains(&p)
-        };
-        if let Err(e) = self.core.forget_convs(&foreign) {
-            tracing::warn!(error = %e, "conversations of other nodes are still in use here");
         }
     }
 
@@ -512,6 +505,12 @@ impl Router {
         let Some(l) = c.locals.get_mut(&session) else {
             return;
         };
+        if let ClientFrame::Sync { conv, .. } = &frame {
+            l.syncs.insert(conv.clone(), Instant::now());
+            if l.syncs.len() > MAX_SYNCS {
+                return self.kick(session, "too many syncs unanswered; reconnect");
+            }
+        }
         let n = l.sent.entry(node.clone()).or_insert(0);
         *n += 1;
         let msg = NodeMsg::Frame {
@@ -659,12 +658,11 @@ impl Router {
                     }
                 }
             }
-            ClusterEvent::Keep { part } => {
+            ClusterEvent::Keep { part, epoch } => {
+                // Whether or not its drain finished meanwhile (the keeper no longer waited).
                 let c = self.cluster_mut();
-                if let Some(i) = c.releasing.iter().position(|r| r.0 == part) {
-                    let (part, epoch, _) = c.releasing.remove(i);
-                    c.held.insert(part, epoch);
-                }
+                c.releasing.retain(|r| r.0 != part);
+                c.held.insert(part, epoch);
             }
             ClusterEvent::Lost { part } => {
                 let c = self.cluster_mut();
@@ -692,6 +690,13 @@ impl Router {
                     .filter(|n| !live.contains(n))
                     .cloned()
                     .collect();
+                // A partition its owner no longer holds: the sends a connection had refused
+                // there (to be resent first, in order) are unknown to the next owner.
+                let moved = c
+                    .owners
+                    .iter()
+                    .zip(&owners)
+                    .any(|(old, new)| old.is_some() && old != new);
                 c.owners = owners;
                 c.live = live;
                 let all = c.all_sessions();
@@ -706,12 +711,23 @@ impl Router {
                         "node {} left the cluster; reconnect and sync",
                         gone.join(", ")
                     ));
+                } else if moved {
+                    // Every connection reconnects and resends its pending messages in order:
+                    // the next owner numbers them as sent.
+                    self.kick_all("conversations moved between nodes; reconnect and resend");
                 }
             }
             ClusterEvent::NatsTrouble(why) => {
-                self.kick_all(&format!(
+                let reason = format!(
                     "this node's link to the other nodes was interrupted ({why}); reconnect and sync"
-                ));
+                );
+                self.kick_all(&reason);
+                // Frames of other nodes' connections may have been lost too: their nodes are
+                // told to close them.
+                let remotes: Vec<SessionId> = self.cluster().remote_of.keys().copied().collect();
+                for s in remotes {
+                    self.kick(s, &reason);
+                }
             }
             ClusterEvent::Inbound(msg) => self.inbound(msg),
             ClusterEvent::AdminIn { op, reply } => {
@@ -740,13 +756,20 @@ impl Router {
                     return;
                 };
                 for f in &frames {
-                    if let ServerFrame::Accepted { cmid, .. } | ServerFrame::Rejected { cmid, .. } =
-                        f
-                    {
-                        if let Some((_, _, at)) = l.unanswered.remove(&**cmid) {
-                            metrics::histogram!(m::CLUSTER_FORWARD_SECONDS)
-                                .record(at.elapsed().as_secs_f64());
+                    match f {
+                        ServerFrame::Accepted { cmid, .. } | ServerFrame::Rejected { cmid, .. } => {
+                            if let Some((_, _, at)) = l.unanswered.remove(&**cmid) {
+                                metrics::histogram!(m::CLUSTER_FORWARD_SECONDS)
+                                    .record(at.elapsed().as_secs_f64());
+                            }
                         }
+                        ServerFrame::Synced { conv, .. }
+                        | ServerFrame::Error {
+                            conv: Some(conv), ..
+                        } => {
+                            l.syncs.remove(conv.as_str());
+                        }
+                        _ => {}
                     }
                 }
                 for f in frames {
@@ -783,16 +806,22 @@ impl Router {
         }
         let parts = c.partitions;
         let mut releasing = std::mem::take(&mut c.releasing);
-        releasing.retain(|(part, _, done)| {
+        let mut kept = Vec::new();
+        releasing.retain(|(part, epoch, done)| {
             let part = *part;
             let of = move |conv: &str| partition_of(conv, parts) == part;
             if self.core.forget_convs(&of).is_err() {
                 return true;
             }
-            let _ = done.send(());
+            // The keeper gave up waiting: the partition stays this node's (it sends `Keep`).
+            if done.send(()).is_err() {
+                kept.push((part, *epoch));
+            }
             false
         });
-        self.cluster_mut().releasing = releasing;
+        let c = self.cluster_mut();
+        c.releasing = releasing;
+        c.held.extend(kept);
     }
 
     /// Every second: unanswered forwarded sends past their time close their connections, and
@@ -805,16 +834,15 @@ impl Router {
             .locals
             .iter()
             .filter(|(_, l)| {
-                l.unanswered
-                    .values()
-                    .any(|(_, _, at)| at.elapsed() > c.forward_timeout)
+                let late = |at: &Instant| at.elapsed() > c.forward_timeout;
+                l.unanswered.values().any(|(_, _, at)| late(at)) || l.syncs.values().any(late)
             })
             .map(|(s, _)| *s)
             .collect();
         for s in late {
             self.kick(
                 s,
-                "a send forwarded to the conversation's owner went unanswered; reconnect and resend",
+                "a frame forwarded to the conversation's owner went unanswered; reconnect and resend",
             );
         }
         let c = self.cluster_mut();
