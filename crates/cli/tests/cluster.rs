@@ -251,3 +251,51 @@ async fn sigterm_hands_partitions_over_before_the_lease_runs_out() {
         .await
         .expect("node0 takes node1's partitions without waiting for the lease");
 }
+
+#[test]
+fn a_short_chaos_run_on_three_nodes_finds_no_violation() {
+    let Some(nats) = nats_or_skip("cluster_chaos") else {
+        return;
+    };
+    let Some(schema) = TestSchema::create("cluster_chaos") else {
+        return;
+    };
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ordo"))
+        .args([
+            "check",
+            "--nodes",
+            "3",
+            "--store",
+            &schema.uri(),
+            "--nats",
+            &nats,
+        ])
+        .args(["--duration", "20", "--kill-every", "4", "--json"])
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run ordo check");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap_or_else(|e| {
+        panic!(
+            "no JSON report ({e}):\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    assert!(out.status.success(), "ordo check failed:\n{report:#}");
+    for field in [
+        "lost",
+        "unaccepted",
+        "duplicated",
+        "misordered",
+        "receipt_regressions",
+    ] {
+        assert_eq!(report[field], 0, "{field}:\n{report:#}");
+    }
+    assert_eq!(report["settled"], true, "{report:#}");
+    let faults = ["node_kills", "node_pauses", "nats_cuts"]
+        .iter()
+        .map(|f| report[f].as_u64().unwrap_or(0))
+        .sum::<u64>();
+    assert!(faults >= 2, "too few node faults in the run:\n{report:#}");
+    assert!(report["accepted"].as_u64().unwrap_or(0) > 50, "{report:#}");
+}
