@@ -34,6 +34,11 @@ pub struct Report {
     pub node_kills: u64,
     pub node_pauses: u64,
     pub nats_cuts: u64,
+    /// Nodes stopped with SIGTERM (then restarted): each hands its partitions over first, and
+    /// must exit cleanly.
+    pub node_stops: u64,
+    /// For each SIGTERM, ms until the other nodes held every partition of the node.
+    pub handover_ms: Vec<u64>,
     /// Nodes found exited and restarted: most stopped themselves on finding, after a pause,
     /// that another node had taken over a partition they had work on.
     pub self_stops: u64,
@@ -103,15 +108,20 @@ impl Report {
         if self.nodes > 0 {
             let mut ms = self.takeover_ms.clone();
             ms.sort_unstable();
+            let mut hand = self.handover_ms.clone();
+            hand.sort_unstable();
             println!(
-                "  nodes: {}; node kills {}, pauses {}, NATS cuts {}, self-stops {}; takeover p50 {} ms, max {} ms",
+                "  nodes: {}; node kills {}, pauses {}, SIGTERMs {}, NATS cuts {}, self-stops {}; takeover p50 {} ms, max {} ms; handover after SIGTERM p50 {} ms, max {} ms",
                 self.nodes,
                 self.node_kills,
                 self.node_pauses,
+                self.node_stops,
                 self.nats_cuts,
                 self.self_stops,
                 ms.get(ms.len() / 2).copied().unwrap_or(0),
-                ms.last().copied().unwrap_or(0)
+                ms.last().copied().unwrap_or(0),
+                hand.get(hand.len() / 2).copied().unwrap_or(0),
+                hand.last().copied().unwrap_or(0)
             );
             if self.node_failures > 0 {
                 println!("  node failures {}", self.node_failures);

@@ -21,9 +21,10 @@
 //! and reaching NATS through a plain proxy of its own. Every device knows all the nodes and
 //! starts at its own (device i at node i mod N), moving on when its node fails. Instead of
 //! the single server's SIGKILLs, the storm strikes one random node at a time: a SIGKILL (then
-//! a restart), a SIGSTOP past its lease (then a SIGCONT), or a cut of its NATS connections;
-//! for kills and pauses it measures how long the other nodes take to own every partition of
-//! the stricken node. A takeover that does not finish, or a node that exits for any reason but
+//! a restart), a SIGSTOP past its lease (then a SIGCONT), a SIGTERM (it hands its partitions
+//! over and must exit cleanly; then a restart), or a cut of its NATS connections; for kills,
+//! pauses and SIGTERMs it measures how long the other nodes take to own every partition of the
+//! stricken node. A takeover that does not finish, or a node that exits for any reason but
 //! a lost partition or cannot be restarted, fails the check as a lost message does.
 
 mod ledger;
@@ -83,10 +84,11 @@ pub struct CheckArgs {
     store: Option<String>,
     /// Run the server as a cluster of this many nodes (at least 2) sharing --store and --nats:
     /// each a node behind its own proxy, clients spread over them and knowing them all. The
-    /// storm strikes one node at a time (a SIGKILL, a SIGSTOP past its 2 s lease, or a cut of
-    /// its NATS connections), measures how long the others take to own every partition of a
-    /// killed or paused node, and fails the check if that takes over 20 s or a node exits
-    /// for any reason but a lost partition.
+    /// storm strikes one node at a time (a SIGKILL, a SIGSTOP past its 2 s lease, a SIGTERM,
+    /// or a cut of its NATS connections), measures how long the others take to own every
+    /// partition of a killed, paused or stopped node, and fails the check if that takes over
+    /// 20 s, a SIGTERM does not end in a clean exit, or a node exits for any reason but a lost
+    /// partition.
     #[arg(
         long,
         requires = "store",
@@ -393,6 +395,8 @@ async fn check(args: CheckArgs) -> Result<(Report, bool), String> {
     report.node_kills = tally.node_kills;
     report.node_pauses = tally.node_pauses;
     report.nats_cuts = tally.nats_cuts;
+    report.node_stops = tally.node_stops;
+    report.handover_ms = tally.handover_ms;
     report.self_stops = tally.self_stops;
     report.takeover_ms = tally.takeover_ms;
     report.node_failures = tally.failures.len() as u64;

@@ -5,9 +5,11 @@
 //! Each node reaches NATS through a plain TCP proxy of its own ([`FaultProxy::plain`]), so
 //! that the check can cut one node's NATS connections without touching the others'. One fault
 //! at a time, on a random node: a SIGKILL (then a restart), a SIGSTOP past the lease (then a
-//! SIGCONT), or a NATS cut. For a kill and a pause the check measures the takeover: how long
-//! until, by a surviving node's `/v1/admin/cluster`, every partition has a live owner and none
-//! is the stricken node. A takeover that does not finish in [`TAKEOVER_LIMIT`] fails the check.
+//! SIGCONT), a SIGTERM (the node hands its partitions over and must exit cleanly; then a
+//! restart), or a NATS cut. For a kill, a pause and a SIGTERM the check measures the takeover:
+//! how long until, by a surviving node's `/v1/admin/cluster`, every partition has a live owner
+//! and none is the stricken node (for a SIGTERM, from the signal, the handover included). A
+//! takeover that does not finish in [`TAKEOVER_LIMIT`] fails the check.
 //!
 //! A paused node resumed after its leases ran out may find that another took over a partition
 //! it had work on; it then stops itself (fail-stop, "no longer owns" in its log). That is
@@ -67,8 +69,10 @@ pub struct Tally {
     pub node_kills: u64,
     pub node_pauses: u64,
     pub nats_cuts: u64,
+    pub node_stops: u64,
     pub self_stops: u64,
     pub takeover_ms: Vec<u64>,
+    pub handover_ms: Vec<u64>,
     /// Takeovers not finished in time, failed restarts, unexplained exits: in words.
     pub failures: Vec<String>,
 }
@@ -78,6 +82,7 @@ pub struct Tally {
 enum Fault {
     Kill,
     Pause,
+    Term,
     CutNats,
 }
 
@@ -208,10 +213,12 @@ impl Nodes {
             }
             self.ensure_running(&mut tally, true).await?;
             let victim = r.random_range(0..self.nodes.len());
-            let fault = [Fault::Kill, Fault::Pause, Fault::CutNats][r.random_range(0..3)];
+            let fault =
+                [Fault::Kill, Fault::Pause, Fault::Term, Fault::CutNats][r.random_range(0..4)];
             match fault {
                 Fault::Kill => self.kill(victim, &mut tally).await?,
                 Fault::Pause => self.pause(victim, &mut tally).await?,
+                Fault::Term => self.term(victim, &mut tally).await?,
                 Fault::CutNats => {
                     let cut = self.nodes[victim].nats.cut_all();
                     tally.nats_cuts += 1;
@@ -232,6 +239,31 @@ impl Nodes {
         let killed = Instant::now();
         tally.node_kills += 1;
         self.takeover(i, held, killed, "SIGKILL", tally).await;
+        self.restart(i, tally).await
+    }
+
+    /// SIGTERM node `i`: it hands its partitions over (the others hold them once it is gone,
+    /// without waiting for its leases to run out) and exits cleanly; then it is restarted.
+    async fn term(&self, i: usize, tally: &mut Tally) -> Result<(), String> {
+        let held = self.held(i).await;
+        let stopped = Instant::now();
+        let status = self.with(i, |s| s.sigterm()).await?;
+        tally.node_stops += 1;
+        match status {
+            Ok(st) if st.success() => {}
+            Ok(st) => tally.failures.push(format!(
+                "{} exited with {st} after SIGTERM; its log ends:\n{}",
+                self.nodes[i].id,
+                self.tail(i)
+            )),
+            // It exited since the last look: the next fault restarts it.
+            Err(HarnessError::NotRunning) => return Ok(()),
+            Err(e) => return Err(e.to_string()),
+        }
+        let mut took = Tally::default();
+        self.takeover(i, held, stopped, "SIGTERM", &mut took).await;
+        tally.handover_ms.extend(took.takeover_ms);
+        tally.failures.extend(took.failures);
         self.restart(i, tally).await
     }
 
