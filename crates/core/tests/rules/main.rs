@@ -18,6 +18,7 @@
 //! - `retention`: count and age retention, and `first_seq`;
 //! - `recovery`: restart from the store and storage failure (G2, G3, G6 across crashes);
 //! - `admin`: admin requests and membership changes;
+//! - `partitions`: what a cluster's node asks of the core when a partition moves;
 //! - `property`: random interleavings of sends, resends, commits, acks, syncs and crashes,
 //!   checked against a model of every rule.
 //!
@@ -33,6 +34,7 @@ mod direct;
 mod fanout;
 mod limits;
 mod loading;
+mod partitions;
 mod property;
 mod recovery;
 mod retention;
