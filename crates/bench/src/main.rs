@@ -65,13 +65,9 @@ enum Scenario {
 /// Options every message scenario shares.
 #[derive(Args, Clone)]
 pub struct Common {
-    /// Systems to measure, comma-separated.
-    #[arg(
-        long,
-        value_enum,
-        value_delimiter = ',',
-        default_value = "ordo,mqtt-qos1,mqtt-qos2,jetstream"
-    )]
+    /// Systems to measure, comma-separated [default: ordo,mqtt-qos1,mqtt-qos2,jetstream; with
+    /// --nodes: ordo-pg,ordo-cluster,jetstream].
+    #[arg(long, value_enum, value_delimiter = ',')]
     pub systems: Vec<System>,
     /// Runs per system (alternated between systems); rows show the median.
     #[arg(long, default_value_t = 3)]
@@ -116,9 +112,11 @@ pub struct Common {
     #[arg(long, conflicts_with = "store")]
     pub pg_cluster: Option<usize>,
     /// Nodes of the `ordo-cluster` system: `ordo serve --cluster` on a schema of the run's own
-    /// in `--store` (or `--pg-cluster`'s primary) and on `--nats`.
-    #[arg(long, default_value_t = 3)]
-    pub nodes: usize,
+    /// in `--store` (or `--pg-cluster`'s primary) and on `--nats` [default: 3]. Given without
+    /// --systems, the run measures a cluster of this many nodes beside one node on the same
+    /// store and JetStream.
+    #[arg(long)]
+    pub nodes: Option<usize>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
@@ -479,6 +477,25 @@ async fn series<P: Serialize>(
     common: &Common,
     run: Run<'_>,
 ) -> Result<(), BenchError> {
+    let with_systems;
+    let common = match (common.systems.is_empty(), common.nodes) {
+        (false, _) => common,
+        (true, nodes) => {
+            with_systems = Common {
+                systems: match nodes {
+                    Some(_) => vec![System::OrdoPg, System::OrdoCluster, System::Jetstream],
+                    None => vec![
+                        System::Ordo,
+                        System::MqttQos1,
+                        System::MqttQos2,
+                        System::Jetstream,
+                    ],
+                },
+                ..common.clone()
+            };
+            &with_systems
+        }
+    };
     if common.runs == 0 || common.systems.is_empty() {
         return Err(BenchError("--runs and --systems must not be empty".into()));
     }

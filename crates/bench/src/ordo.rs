@@ -835,7 +835,7 @@ impl Ordo {
     /// Starts `common.nodes` nodes of a cluster on a schema of the run's own in `--store`, and
     /// on `--nats`.
     pub async fn start_cluster(common: &Common) -> Result<Ordo, BenchError> {
-        let n = common.nodes;
+        let n = common.nodes.unwrap_or(3);
         if !(2..=NODE_NAMES.len()).contains(&n) {
             return Err(BenchError(format!(
                 "--nodes is {n}; a cluster here has 2 to {} nodes",
