@@ -433,6 +433,11 @@ impl Core {
         self.owner.forget_convs(of)
     }
 
+    /// See [`Owner::read_failed`].
+    pub fn read_failed(&mut self, session: SessionId) {
+        self.owner.read_failed(session);
+    }
+
     /// See [`Owner::set_keep_overviews`].
     pub fn set_keep_overviews(&mut self, keep: bool) {
         self.owner.set_keep_overviews(keep);

@@ -1444,6 +1444,12 @@ impl Owner {
             || self.pending.trim_before_ms.iter().any(|(c, _)| of(c))
     }
 
+    /// The page a `sync` of `session` was to read could not be read (it was answered with an
+    /// error): its conversation is no longer held for it.
+    pub fn read_failed(&mut self, session: SessionId) {
+        self.reading.remove(&session);
+    }
+
     /// Whether an overview (`convs`) keeps the conversations it read from the store (the device
     /// is likely to sync them next). A cluster's node does not: a conversation whose partition
     /// it takes while the overview is read would be kept as it was before the takeover.

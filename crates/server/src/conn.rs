@@ -451,6 +451,10 @@ impl Conn {
             Ok(Ok(p)) => p,
             Ok(Err(e)) => {
                 tracing::error!(error = %e, conv = %plan.conv, "sync read failed");
+                self.router(Command::ReadFailed {
+                    session: self.session,
+                })
+                .await?;
                 return self.reply(ServerFrame::error_about(
                     ErrorCode::Unavailable,
                     "history could not be read; retry the sync",
@@ -459,12 +463,16 @@ impl Conn {
                 ));
             }
             Err(_) => {
+                self.router(Command::ReadFailed {
+                    session: self.session,
+                })
+                .await?;
                 return self.reply(ServerFrame::error_about(
                     ErrorCode::Internal,
                     "sync failed; retry",
                     "sync",
                     Some(&plan.conv),
-                ))
+                ));
             }
         };
         metrics::counter!(m::DELIVERED).increment(page.messages.len() as u64);

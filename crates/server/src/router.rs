@@ -259,6 +259,11 @@ pub enum Command {
         frame: ClientFrame,
         read: Option<oneshot::Sender<Option<SyncPlan>>>,
     },
+    /// The page of a [`SyncPlan`] a connection was handed could not be read (it answered the
+    /// `sync` with an error itself).
+    ReadFailed {
+        session: SessionId,
+    },
     /// The page a connection read for a [`SyncPlan`] it was handed: answer the `sync` with it.
     PageRead {
         session: SessionId,
@@ -650,6 +655,7 @@ impl Router {
                 frame,
                 read,
             } => self.on_frame(session, frame, read, now),
+            Command::ReadFailed { session } => self.core.read_failed(session),
             Command::PageRead {
                 session,
                 plan,

@@ -28,7 +28,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 /// How long a handover waits for the router to drain a partition before it tries again next
-/// round (the partition stays this node's meanwhile).
+/// round (the partition stays this node's meanwhile), at most: never more than a quarter of the
+/// lease, since nothing is renewed while it waits.
 const DRAIN_WAIT: Duration = Duration::from_secs(2);
 
 pub struct Keeper {
@@ -203,7 +204,7 @@ impl Keeper {
                 status.handovers += 1;
             }
         }
-        let until = Instant::now() + DRAIN_WAIT;
+        let until = Instant::now() + DRAIN_WAIT.min(self.lease / 4);
         for (part, epoch, drained) in waiting {
             let left = until.saturating_duration_since(Instant::now());
             if drained.recv_timeout(left).is_err() {

@@ -110,6 +110,8 @@ pub async fn dispatch(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let registry: Registry = Arc::default();
+    // Each node's process as last heard from.
+    let mut incs: HashMap<Arc<str>, u64> = HashMap::new();
     let mut sweep = tokio::time::interval(ANNOUNCE_EVERY);
     loop {
         tokio::select! {
@@ -121,7 +123,7 @@ pub async fn dispatch(
             msg = sub.next() => {
                 let Some(msg) = msg else { break };
                 match wire::decode::<NodeMsg>(&msg.payload) {
-                    Ok(m) => on_message(&ctx, &registry, m, msg.reply).await,
+                    Ok(m) => on_message(&ctx, &registry, &mut incs, m, msg.reply).await,
                     Err(e) => tracing::warn!(error = %e, "a message from another node could not be read"),
                 }
             }
@@ -148,16 +150,19 @@ pub async fn dispatch(
 async fn on_message(
     ctx: &Ctx,
     registry: &Registry,
+    incs: &mut HashMap<Arc<str>, u64>,
     msg: NodeMsg,
     reply: Option<async_nats::Subject>,
 ) {
     match msg {
         NodeMsg::Open { from, sessions } => {
             // The sessions of an earlier process of that node are gone with it.
-            registry
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .retain(|(peer, _), _| peer.node != from.node || peer.inc == from.inc);
+            if incs.insert(from.node.clone(), from.inc) != Some(from.inc) {
+                registry
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .retain(|(peer, _), _| peer.node != from.node || peer.inc == from.inc);
+            }
             for s in sessions {
                 open(ctx, registry, from.clone(), s);
             }
@@ -297,8 +302,13 @@ async fn run_session(
     if connected.is_err() {
         return;
     }
-    // The writer: frames for the connection, back to its node.
-    let (wctx, wkey, wkick) = (ctx.clone(), key.clone(), kick.clone());
+    // The writer: frames for the connection, back to its node. Once the router dropped the
+    // session it also forgets it here, so that a later frame of the connection is answered
+    // with a kick (the one it sends now may be lost).
+    let (wctx, wkey, wkick, wregistry) = (ctx.clone(), key.clone(), kick.clone(), registry.clone());
+    let forget = move |r: &Registry, k: &Key| {
+        r.lock().unwrap_or_else(|p| p.into_inner()).remove(k);
+    };
     let writer = tokio::spawn(async move {
         loop {
             tokio::select! {
@@ -307,6 +317,7 @@ async fn run_session(
                     let Some(first) = first else {
                         // The router let go of the session: dropped (tell its node), or closed.
                         if wkick.kicked() {
+                            forget(&wregistry, &wkey);
                             let msg = NodeMsg::Kick { inc: wkey.0.inc, session: wkey.1, reason: wkick.reason() };
                             wctx.publish(&wkey.0.node, &msg).await;
                         }
@@ -344,6 +355,7 @@ async fn run_session(
                     }
                 }
                 _ = wkick.woken.notified() => {
+                    forget(&wregistry, &wkey);
                     let msg = NodeMsg::Kick { inc: wkey.0.inc, session: wkey.1, reason: wkick.reason() };
                     wctx.publish(&wkey.0.node, &msg).await;
                     break;
@@ -444,19 +456,28 @@ async fn forward_frame(ctx: &Ctx, session: SessionId, frame: ClientFrame) -> boo
             })
             .await
             .is_ok(),
-        _ => ctx
-            .router
-            .send(Command::Cluster(ClusterEvent::Say {
-                session,
-                frame: ServerFrame::error_about(
-                    ErrorCode::Unavailable,
-                    "history could not be read; retry the sync",
-                    "sync",
-                    Some(&plan.conv),
-                ),
-            }))
-            .await
-            .is_ok(),
+        _ => {
+            if ctx
+                .router
+                .send(Command::ReadFailed { session })
+                .await
+                .is_err()
+            {
+                return false;
+            }
+            ctx.router
+                .send(Command::Cluster(ClusterEvent::Say {
+                    session,
+                    frame: ServerFrame::error_about(
+                        ErrorCode::Unavailable,
+                        "history could not be read; retry the sync",
+                        "sync",
+                        Some(&plan.conv),
+                    ),
+                }))
+                .await
+                .is_ok()
+        }
     }
 }
 

@@ -107,12 +107,16 @@ struct Local {
     /// Forwarded sends not answered yet, by client message id: (node, partition, when).
     unanswered: HashMap<String, (Arc<str>, u32, Instant)>,
     /// Forwarded `sync`s not answered yet, by conversation: when.
-    syncs: HashMap<String, Instant>,
+    syncs: std::collections::HashSet<String>,
+    /// When a forwarded `sync` last went out to an empty set of them, or was last answered: the
+    /// owner serves a connection's syncs one after the other, so an answer is progress for
+    /// those still waiting.
+    sync_progress: Instant,
 }
 
 /// Most forwarded `sync`s one connection may have unanswered (one per conversation); past it,
 /// the connection is closed.
-const MAX_SYNCS: usize = 1024;
+const MAX_SYNCS: usize = 16_384;
 
 /// The router's cluster state.
 pub struct ClusterState {
@@ -247,6 +251,15 @@ impl ClusterState {
     }
 }
 
+/// Whether `f` answers a `sync`: its page, or an error about one.
+fn answers_sync(f: &ServerFrame) -> bool {
+    match f {
+        ServerFrame::Synced { .. } => true,
+        ServerFrame::Error { request, .. } => request.as_deref() == Some("sync"),
+        _ => false,
+    }
+}
+
 /// The conversation a send goes to.
 fn send_conv(user: &str, conv: &Option<String>, to: &Option<String>) -> Option<String> {
     match (conv, to) {
@@ -330,7 +343,8 @@ impl Router {
                 device: device.to_string(),
                 sent: HashMap::new(),
                 unanswered: HashMap::new(),
-                syncs: HashMap::new(),
+                syncs: Default::default(),
+                sync_progress: Instant::now(),
             },
         );
         let open = [OpenSession {
@@ -506,7 +520,10 @@ impl Router {
             return;
         };
         if let ClientFrame::Sync { conv, .. } = &frame {
-            l.syncs.insert(conv.clone(), Instant::now());
+            if l.syncs.is_empty() {
+                l.sync_progress = Instant::now();
+            }
+            l.syncs.insert(conv.clone());
             if l.syncs.len() > MAX_SYNCS {
                 return self.kick(session, "too many syncs unanswered; reconnect");
             }
@@ -634,6 +651,9 @@ impl Router {
     pub(crate) fn cluster_event(&mut self, e: ClusterEvent, now: u64) {
         match e {
             ClusterEvent::Gained { part, epoch } => {
+                // This node's connections may have had sends refused by the last owner, to be
+                // resent before any other: they reconnect and resend in order first.
+                self.kick_all("conversations moved between nodes; reconnect and resend");
                 let c = self.cluster_mut();
                 let parts = c.partitions;
                 c.held.insert(part, epoch);
@@ -763,11 +783,14 @@ impl Router {
                                     .record(at.elapsed().as_secs_f64());
                             }
                         }
+                        // A sync's answer (an error about another request does not count).
                         ServerFrame::Synced { conv, .. }
                         | ServerFrame::Error {
-                            conv: Some(conv), ..
-                        } => {
-                            l.syncs.remove(conv.as_str());
+                            conv: Some(conv),
+                            request: Some(_),
+                            ..
+                        } if answers_sync(f) && l.syncs.remove(conv.as_str()) => {
+                            l.sync_progress = Instant::now();
                         }
                         _ => {}
                     }
@@ -835,7 +858,8 @@ impl Router {
             .iter()
             .filter(|(_, l)| {
                 let late = |at: &Instant| at.elapsed() > c.forward_timeout;
-                l.unanswered.values().any(|(_, _, at)| late(at)) || l.syncs.values().any(late)
+                l.unanswered.values().any(|(_, _, at)| late(at))
+                    || (!l.syncs.is_empty() && late(&l.sync_progress))
             })
             .map(|(s, _)| *s)
             .collect();
