@@ -260,42 +260,26 @@ fn a_short_chaos_run_on_three_nodes_finds_no_violation() {
     let Some(schema) = TestSchema::create("cluster_chaos") else {
         return;
     };
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ordo"))
-        .args([
-            "check",
+    let url = schema.uri();
+    let report = ordo_testkit::check::passing(
+        std::path::Path::new(env!("CARGO_BIN_EXE_ordo")),
+        &[
             "--nodes",
             "3",
             "--store",
-            &schema.uri(),
+            &url,
             "--nats",
             &nats,
-        ])
-        .args(["--duration", "20", "--kill-every", "4", "--json"])
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run ordo check");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap_or_else(|e| {
-        panic!(
-            "no JSON report ({e}):\n{stdout}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    assert!(out.status.success(), "ordo check failed:\n{report:#}");
-    for field in [
-        "lost",
-        "unaccepted",
-        "duplicated",
-        "misordered",
-        "receipt_regressions",
-    ] {
-        assert_eq!(report[field], 0, "{field}:\n{report:#}");
-    }
-    assert_eq!(report["settled"], true, "{report:#}");
-    let faults = ["node_kills", "node_pauses", "nats_cuts"]
+            "--duration",
+            "20",
+            "--kill-every",
+            "4",
+        ],
+        &[],
+    );
+    let faults = ["node_kills", "node_pauses", "node_stops", "nats_cuts"]
         .iter()
         .map(|f| report[f].as_u64().unwrap_or(0))
         .sum::<u64>();
     assert!(faults >= 2, "too few node faults in the run:\n{report:#}");
-    assert!(report["accepted"].as_u64().unwrap_or(0) > 50, "{report:#}");
 }

@@ -4,6 +4,7 @@
 //! - [`process`]: `ordo serve` as a child process on a free port and a temporary data
 //!   directory, with `ORDO_*` variables cleared; waits for health; SIGKILL, SIGTERM, restart.
 //! - [`admin`]: the admin API (groups, tokens, metrics).
+//! - [`check`]: `ordo check` as a child process, and its report checked for a pass.
 //! - [`mod@token`]: client tokens signed with a server's secret.
 //! - [`wire`]: a raw protocol client (frames over a WebSocket, nothing else).
 //! - [`device`]: one connected device for tests, with waits that fail loudly.
@@ -15,6 +16,7 @@
 //! It is not part of the product: the `ordo` binary links it only for `ordo check`.
 
 pub mod admin;
+pub mod check;
 pub mod device;
 pub mod nodes;
 pub mod pg_cluster;

@@ -6,42 +6,20 @@
 
 use super::common::{embedded_only, on_postgres};
 use ordo_store_postgres::test_schema::TestSchema;
-use std::process::Command;
 
-/// Runs `ordo check` with `args` (and `--json`); the report, after checking that it passed
-/// with nothing lost, duplicated or out of order.
+/// Runs `ordo check` with `args`; the report, after checking that it passed with nothing lost,
+/// duplicated or out of order.
 fn passing_check(args: &[&str]) -> serde_json::Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_ordo"))
-        .arg("check")
-        .args(args)
-        .arg("--json")
-        .env_remove("RUST_LOG")
+    ordo_testkit::check::passing(
+        std::path::Path::new(env!("CARGO_BIN_EXE_ordo")),
+        args,
         // Settings meant for some other server: had the server under test inherited them, it
         // would drop all but the last 3 messages of a conversation and refuse every body.
-        .env("ORDO_RETENTION_MAX_COUNT", "3")
-        .env("ORDO_MAX_BODY_BYTES", "1")
-        .output()
-        .expect("run ordo check");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap_or_else(|e| {
-        panic!(
-            "no JSON report ({e}):\n{stdout}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    assert!(out.status.success(), "ordo check failed:\n{report:#}");
-    for field in [
-        "lost",
-        "unaccepted",
-        "duplicated",
-        "misordered",
-        "receipt_regressions",
-    ] {
-        assert_eq!(report[field], 0, "{field}:\n{report:#}");
-    }
-    assert_eq!(report["settled"], true);
-    assert!(report["accepted"].as_u64().unwrap_or(0) > 50);
-    report
+        &[
+            ("ORDO_RETENTION_MAX_COUNT", "3"),
+            ("ORDO_MAX_BODY_BYTES", "1"),
+        ],
+    )
 }
 
 #[test]

@@ -20,6 +20,23 @@ fn is_g(conv: &str) -> bool {
     conv == "g"
 }
 
+/// alice alone in `g`: this node commits m1; then the partition moves to the other node, where
+/// alice's m2 is committed (seq 2); then it comes back. Returns the seq m2 got.
+fn m2_committed_elsewhere(s: &mut Sim) -> u64 {
+    s.send(1, "g", "m1");
+    let b = s.take();
+    s.commit(&b);
+    let mut other = other_node(s);
+    std::mem::swap(&mut s.core, &mut other);
+    s.core.connect(1, "alice", "a1");
+    let out = s.send(1, "g", "m2");
+    assert!(out.is_empty(), "m2 waits for its commit");
+    let b = s.take();
+    let done = s.commit(&b);
+    std::mem::swap(&mut s.core, &mut other);
+    accepted(&done, 1)[0].2
+}
+
 #[test]
 fn a_conversation_with_work_on_it_is_never_forgotten() {
     let mut s = alice_alone_in_g(cfg());
@@ -39,20 +56,8 @@ fn a_conversation_with_work_on_it_is_never_forgotten() {
 #[test]
 fn a_conversation_taken_back_goes_on_from_what_the_other_owner_committed() {
     let mut s = alice_alone_in_g(cfg());
-    s.send(1, "g", "m1");
-    let b = s.take();
-    s.commit(&b);
-    // The partition moves to the other node, which commits m2 as seq 2.
-    let mut other = other_node(&s);
-    std::mem::swap(&mut s.core, &mut other);
-    s.core.connect(1, "alice", "a1");
-    let out = s.send(1, "g", "m2");
-    assert!(out.is_empty(), "m2 waits for its commit");
-    let b = s.take();
-    let done = s.commit(&b);
-    assert_eq!(accepted(&done, 1)[0].2, 2);
-    // And back: this node forgets what it held of g before taking it again.
-    std::mem::swap(&mut s.core, &mut other);
+    assert_eq!(m2_committed_elsewhere(&mut s), 2);
+    // Back here: this node forgets what it held of g before taking it again.
     assert_eq!(s.core.forget_convs(&is_g), Ok(1));
     s.send(1, "g", "m3");
     let b = s.take();
@@ -68,17 +73,8 @@ fn a_conversation_taken_back_goes_on_from_what_the_other_owner_committed() {
 #[test]
 fn keys_another_owner_accepted_are_looked_up_once_the_filter_is_marked_incomplete() {
     let mut s = alice_alone_in_g(cfg());
-    s.send(1, "g", "m1");
-    let b = s.take();
-    s.commit(&b);
     // The other node accepts m2, which this node's filter has never seen.
-    let mut other = other_node(&s);
-    std::mem::swap(&mut s.core, &mut other);
-    s.core.connect(1, "alice", "a1");
-    s.send(1, "g", "m2");
-    let b = s.take();
-    s.commit(&b);
-    std::mem::swap(&mut s.core, &mut other);
+    assert_eq!(m2_committed_elsewhere(&mut s), 2);
     s.core.forget_convs(&is_g).expect("nothing pending");
     s.core.dedup_filter_incomplete();
     // A resend of m2 is answered as the other owner accepted it, not stored again.
