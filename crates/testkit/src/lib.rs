@@ -10,6 +10,8 @@
 //! - [`device`]: one connected device for tests, with waits that fail loudly.
 //! - [`pg_cluster`]: a PostgreSQL primary and standbys of the run's own, to SIGKILL and fail
 //!   over.
+//! - [`node_js`]: the JavaScript packages (the TypeScript SDK, the web app): npm installs and
+//!   scripts run from `cargo test`.
 //! - [`nodes`]: the nodes of an Ordo cluster (`ordo serve --cluster`), and each partition's
 //!   owner as they report it.
 //!
@@ -18,6 +20,7 @@
 pub mod admin;
 pub mod check;
 pub mod device;
+pub mod node_js;
 pub mod nodes;
 pub mod pg_cluster;
 pub mod process;

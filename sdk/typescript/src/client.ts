@@ -492,7 +492,12 @@ export class Client {
       this.lost(`the server closed it (code ${ev.code}${ev.reason ? `: ${ev.reason}` : ''})`);
     };
     ws.onerror = () => {
-      // A close event follows with what little the WebSocket API says.
+      // Before the upgrade, some WebSocket classes fire no close after the error: the attempt
+      // failed. Once open, a close event follows with what little the WebSocket API says.
+      if (!opened && this.ws === ws) {
+        clearTimeout(timeout);
+        this.failed(ws, url, 'the upgrade failed');
+      }
     };
   }
 

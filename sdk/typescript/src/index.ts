@@ -31,5 +31,6 @@ export type { Offer } from './reorder.js';
 export { MemoryStore, StoreError } from './store.js';
 export type { ConvRow, LocalStore } from './store.js';
 export { IndexedDbStore } from './indexeddb-store.js';
+export { TabClient } from './tabs.js';
 export { decodeServerFrame, directConvId, encodeClientFrame, FrameError, readServerFrame } from './protocol.js';
 export type { ClientFrame, ConvEvent, ConvInfo, Message, ServerFrame } from './protocol.js';
