@@ -49,6 +49,14 @@ export class SqliteStore implements LocalStore {
     let db: Database;
     try {
       db = new Sqlite(path);
+    } catch (e) {
+      const msg = (e as Error).message;
+      const hint = /bindings|\.node\b|NODE_MODULE_VERSION/.test(msg)
+        ? 'better-sqlite3 is installed but its native part is not built for this Node.js: reinstall it (npm rebuild better-sqlite3)'
+        : 'check the path and its permissions';
+      throw new StoreError(`cannot open the client store ${path}: ${msg}; ${hint}`);
+    }
+    try {
       db.pragma('journal_mode = WAL');
       db.pragma('synchronous = FULL');
       db.pragma('locking_mode = EXCLUSIVE');
@@ -56,7 +64,10 @@ export class SqliteStore implements LocalStore {
       // Take the lock now: a second process on the same file fails here, not later.
       db.exec('BEGIN EXCLUSIVE; COMMIT;');
     } catch (e) {
-      throw new StoreError(`cannot open the client store ${path}: ${(e as Error).message}; is another client using it?`);
+      db.close();
+      const busy = (e as { code?: string }).code?.startsWith('SQLITE_BUSY') === true;
+      const hint = busy ? 'another client is using it (one process per store file)' : 'the file may be damaged';
+      throw new StoreError(`cannot open the client store ${path}: ${(e as Error).message}; ${hint}`);
     }
     return new SqliteStore(db, path);
   }

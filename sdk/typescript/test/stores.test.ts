@@ -87,7 +87,7 @@ for (const f of files) {
 test('a second process cannot open a SQLite store in use', async () => {
   const file = join(tmp, 'locked.sqlite');
   const a = await SqliteStore.open(file);
-  await assert.rejects(SqliteStore.open(file), /is another client using it/);
+  await assert.rejects(SqliteStore.open(file), /another client is using it/);
   await a.close();
   const b = await SqliteStore.open(file);
   await b.close();
