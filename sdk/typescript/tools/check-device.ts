@@ -57,7 +57,13 @@ const retry = (initial_ms: number): RetryPolicy => ({
   max_attempts: null,
 });
 const store = await SqliteStore.open(file);
-const client = await Client.open({ url, token, store, reconnect: retry(100), config: { retry: retry(500) } });
+const client = await Client.open({
+  url,
+  token,
+  store,
+  reconnect: retry(100),
+  config: { retry: retry(500) },
+});
 let closing = false;
 out({ ready: true });
 

@@ -63,6 +63,21 @@ pub struct Report {
     pub misattributed: u64,
     /// Messages handed to a device whose user is not a member of their conversation.
     pub leaked: u64,
+    /// TypeScript SDK devices (`--ts-clients`), each a Node process; of `sent`, `delivered`
+    /// and `client_kills`, theirs (a kill is a SIGKILL of the process).
+    pub ts_devices: usize,
+    pub ts_sent: u64,
+    pub ts_delivered: u64,
+    pub ts_kills: u64,
+    /// TypeScript device processes that exited, or answered nothing, by themselves (each then
+    /// started again on its store).
+    pub ts_exits: u64,
+    /// Messages a SIGKILLed TypeScript device had printed but not yet recorded as taken,
+    /// handed to it again after the restart: the repeat the SDK documents for the last
+    /// message before a crash, allowed once each.
+    pub repeated_after_kill: u64,
+    /// Devices that could not be started (each also in `violations`).
+    pub device_failures: u64,
     /// Everything was delivered before the settle deadline.
     pub settled: bool,
     /// The first violations, in words.
@@ -80,6 +95,7 @@ impl Report {
             && self.misattributed == 0
             && self.leaked == 0
             && self.node_failures == 0
+            && self.device_failures == 0
     }
 
     pub fn print(&self) {
@@ -95,6 +111,23 @@ impl Report {
             "  server kills {}  client kills {}  disconnects {}",
             self.server_kills, self.client_kills, self.disconnects
         );
+        if self.ts_devices > 0 {
+            println!(
+                "  TypeScript devices {}: sent {}  delivered {}  kills {}  unbidden exits {}  repeated after a kill {}",
+                self.ts_devices,
+                self.ts_sent,
+                self.ts_delivered,
+                self.ts_kills,
+                self.ts_exits,
+                self.repeated_after_kill
+            );
+        }
+        if self.device_failures > 0 {
+            println!(
+                "  devices that could not be started {}",
+                self.device_failures
+            );
+        }
         if self.db_kills > 0 {
             let mut ms = self.db_recovery_ms.clone();
             ms.sort_unstable();
@@ -164,6 +197,10 @@ pub struct Ledger {
     /// (observer device, conversation, user) -> (delivered, read).
     receipts: HashMap<(usize, String, String), (u64, u64)>,
     outbox_empty: Vec<bool>,
+    /// Devices from this index on are TypeScript devices.
+    ts_from: usize,
+    /// Per device: the message it may be handed again, once, after a SIGKILL (conv, seq, cmid).
+    repeatable: Vec<Option<(String, u64, String)>>,
     report: Report,
 }
 
@@ -178,8 +215,16 @@ impl Ledger {
             received: vec![HashMap::new(); n],
             receipts: HashMap::new(),
             outbox_empty: vec![false; n],
+            repeatable: vec![None; n],
+            ts_from: n,
             report: Report::default(),
         }
+    }
+
+    /// Devices from `index` on are TypeScript devices (counted apart in the report).
+    pub fn ts_devices_from(mut self, index: usize) -> Self {
+        self.ts_from = index.min(self.devices.len());
+        self
     }
 
     fn violation(&mut self, v: String) {
@@ -194,6 +239,9 @@ impl Ledger {
 
     pub fn sent(&mut self, device: usize, conv: &str, cmid: String) {
         self.report.sent += 1;
+        if device >= self.ts_from {
+            self.report.ts_sent += 1;
+        }
         self.outbox_empty[device] = false;
         self.sent[device].push((conv.to_string(), cmid));
     }
@@ -202,10 +250,45 @@ impl Ledger {
         self.outbox_empty[device] = empty;
     }
 
+    /// `device` was SIGKILLed right after it was handed `m` and may not have recorded it as
+    /// taken: its first message of `m.conv` after the restart may be `m` again.
+    pub fn may_repeat(&mut self, device: usize, m: &Message) {
+        self.repeatable[device] = Some((m.conv.clone(), m.seq, m.cmid.clone()));
+    }
+
+    /// `device` could not be started: the check fails.
+    pub fn device_failure(&mut self, device: usize, why: String) {
+        self.report.device_failures += 1;
+        let who = self.name(device);
+        self.violation(format!("{who} could not be started: {why}"));
+    }
+
+    /// Whether `m` is the repeat [`may_repeat`](Self::may_repeat) allowed `device` (a first
+    /// message of the conversation after the restart uses the allowance up, whatever it is).
+    fn allowed_repeat(&mut self, device: usize, m: &Message) -> bool {
+        if !matches!(&self.repeatable[device], Some((c, _, _)) if *c == m.conv) {
+            return false;
+        }
+        let Some((conv, seq, cmid)) = self.repeatable[device].take() else {
+            return false;
+        };
+        let last = self.received[device]
+            .get(&conv)
+            .and_then(|l| l.last())
+            .map_or(0, |(s, _)| *s);
+        seq == m.seq && cmid == m.cmid && last == seq
+    }
+
     pub fn event(&mut self, device: usize, ev: Event) {
         match ev {
+            Event::Message(m) if self.allowed_repeat(device, &m) => {
+                self.report.repeated_after_kill += 1;
+            }
             Event::Message(m) => {
                 self.report.delivered += 1;
+                if device >= self.ts_from {
+                    self.report.ts_delivered += 1;
+                }
                 self.check_origin(device, &m);
                 // Every device gets every message, its sender's devices too: a message handed
                 // out is as good a witness of its acceptance as the `Sent` status (which a
@@ -363,6 +446,7 @@ impl Ledger {
     pub fn verify(&mut self, settled: bool) -> Report {
         self.report.settled = settled;
         self.report.devices = self.devices.len();
+        self.report.ts_devices = self.devices.len() - self.ts_from;
         self.report.accepted = self.accepted.len() as u64;
         // Every sent message accepted.
         let unaccepted: Vec<String> = self
@@ -594,5 +678,37 @@ mod tests {
         assert_eq!(r.misattributed, 2);
         assert_eq!(r.leaked, 1);
         assert!(!r.passed());
+    }
+
+    #[test]
+    fn only_the_last_message_before_a_sigkill_may_come_again_once() {
+        let mut l = clean();
+        for d in 0..2 {
+            l.event(d, msg("g", 1, "x"));
+            l.event(d, msg("g", 2, "y"));
+        }
+        // Device 1 was killed right after y: y once more is the allowed repeat...
+        let Event::Message(y) = msg("g", 2, "y") else {
+            unreachable!()
+        };
+        l.may_repeat(1, &y);
+        l.event(1, msg("g", 2, "y"));
+        // ...but not twice, and not on another device.
+        l.event(1, msg("g", 2, "y"));
+        l.event(0, msg("g", 2, "y"));
+        let r = l.verify(true);
+        assert_eq!(r.repeated_after_kill, 1);
+        assert_eq!(r.duplicated, 2);
+
+        // Another message of the conversation first uses the allowance up; x is no repeat.
+        let mut l = clean();
+        l.event(1, msg("g", 1, "x"));
+        l.may_repeat(1, &y);
+        l.event(1, msg("g", 1, "x"));
+        l.event(1, msg("g", 2, "y"));
+        l.event(1, msg("g", 2, "y"));
+        let r = l.verify(true);
+        assert_eq!(r.repeated_after_kill, 0);
+        assert_eq!(r.duplicated, 2);
     }
 }

@@ -10,6 +10,13 @@
 //! message reached every member device exactly once and in order, that each device's messages
 //! kept their send order, and that receipts never went back.
 //!
+//! With `--ts-clients N`, N TypeScript SDK devices (`t0`, `t1`, ... of the same users, each a
+//! Node process running `sdk/typescript/dist/tools/check-device.js` on a SQLite store, see
+//! [`ts_device`]) send and receive beside the Rust ones ([`device`] drives either kind), and a
+//! crash of one is a SIGKILL of its process. `--ts-sdk DIR` (or `ORDO_TS_SDK`) names the built
+//! SDK; by default `sdk/typescript` is looked for above the current directory, then above the
+//! `ordo` binary (`<repo>/target/<profile>/ordo`). Build it first with `npm ci && npx tsc -p .`.
+//!
 //! With `--pg-cluster N` the server runs on a PostgreSQL of the run's own (the test kit's
 //! [`PgCluster`]: a primary and N synchronous standbys), and `--db-kills K` SIGKILLs its
 //! primary K times during the storm, each time failing over to the standby furthest ahead (or,
@@ -27,19 +34,23 @@
 //! stricken node. A takeover that does not finish, or a node that exits for any reason but
 //! a lost partition or cannot be restarted, fails the check as a lost message does.
 
+mod device;
 mod ledger;
 mod nodes;
 mod proxy;
+mod ts_device;
 
 use clap::Args;
+use device::{Counts, Ctrl, Device, Opener};
 use ledger::{Ledger, Report};
 use nodes::{Nodes, Tally};
-use ordo_client::{Client, ClientOptions, Target};
+use ordo_client::{ClientOptions, Target};
 use ordo_testkit::pg_cluster::PgCluster;
 use ordo_testkit::{Admin, ServerOptions, ServerProcess};
 use proxy::{FaultProxy, Faults};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -51,9 +62,17 @@ pub struct CheckArgs {
     /// Seconds of faults and traffic (then everything settles and is verified).
     #[arg(long, default_value_t = 30)]
     duration: u64,
-    /// SDK clients (devices); users get one or two devices each.
+    /// Rust SDK clients (devices); users get one or two devices each.
     #[arg(long, default_value_t = 6)]
     clients: usize,
+    /// TypeScript SDK clients besides: each a Node process (devices t0, t1, ... of the same
+    /// users) on a SQLite store, SIGKILLed to crash it.
+    #[arg(long, default_value_t = 0)]
+    ts_clients: usize,
+    /// The TypeScript SDK's directory, built (`npm ci && npx tsc -p .`). Unset: `sdk/typescript`
+    /// above the current directory or the `ordo` binary.
+    #[arg(long, env = "ORDO_TS_SDK", value_name = "DIR")]
+    ts_sdk: Option<PathBuf>,
     /// Mean seconds between server SIGKILLs, each then restarted (0: never); with --nodes,
     /// between node faults.
     #[arg(long, default_value_t = 5.0)]
@@ -151,25 +170,17 @@ pub fn run(args: CheckArgs) -> ExitCode {
     }
 }
 
-/// One simulated device.
-#[derive(Clone)]
-struct Device {
-    user: String,
-    device: String,
-    /// Conversations it sends into: (target, conversation id).
-    targets: Vec<(Target, String)>,
-}
-
-enum Ctrl {
-    Crash,
-    StopSending,
-}
-
 async fn check(args: CheckArgs) -> Result<(Report, bool), String> {
     let seed = args.seed.unwrap_or_else(rand::random);
     eprintln!("ordo check: seed {seed}");
     let mut rng = StdRng::seed_from_u64(seed);
     let started = Instant::now();
+    let ts_runtime = if args.ts_clients > 0 {
+        let sdk = ts_device::find_sdk(args.ts_sdk.as_deref())?;
+        Some(ts_device::runtime(&sdk).await?)
+    } else {
+        None
+    };
 
     let mut opts = ServerOptions::new(
         std::env::current_exe().map_err(|e| format!("cannot find the ordo binary: {e}"))?,
@@ -227,22 +238,25 @@ async fn check(args: CheckArgs) -> Result<(Report, bool), String> {
         .create_group("chk", &names)
         .await
         .map_err(|e| e.to_string())?;
+    // Rust devices d0, d1, ... of users 0, 1, ... in turn, then TypeScript devices t0, t1, ...
+    // spread over the users the same way.
+    let device = |u: usize, id: String| {
+        let peer = (u + 1) % users;
+        Device {
+            user: names[u].clone(),
+            device: id,
+            targets: vec![
+                (Target::Conv("chk".into()), "chk".into()),
+                (
+                    Target::User(names[peer].clone()),
+                    ordo_client::direct_conv_id(&names[u], &names[peer]),
+                ),
+            ],
+        }
+    };
     let devices: Vec<Device> = (0..clients)
-        .map(|i| {
-            let u = i % users;
-            let peer = (u + 1) % users;
-            Device {
-                user: names[u].clone(),
-                device: format!("d{}", i / users),
-                targets: vec![
-                    (Target::Conv("chk".into()), "chk".into()),
-                    (
-                        Target::User(names[peer].clone()),
-                        ordo_client::direct_conv_id(&names[u], &names[peer]),
-                    ),
-                ],
-            }
-        })
+        .map(|i| device(i % users, format!("d{}", i / users)))
+        .chain((0..args.ts_clients).map(|j| device(j % users, format!("t{j}"))))
         .collect();
     let mut members: Vec<(String, Vec<String>)> = vec![("chk".into(), names.clone())];
     for u in 0..users {
@@ -252,18 +266,21 @@ async fn check(args: CheckArgs) -> Result<(Report, bool), String> {
             members.push((conv, vec![names[u].clone(), names[peer].clone()]));
         }
     }
-    let ledger = Arc::new(Mutex::new(Ledger::new(
-        devices
-            .iter()
-            .map(|d| (d.user.clone(), d.device.clone()))
-            .collect(),
-        members,
-    )));
+    let ledger = Arc::new(Mutex::new(
+        Ledger::new(
+            devices
+                .iter()
+                .map(|d| (d.user.clone(), d.device.clone()))
+                .collect(),
+            members,
+        )
+        .ts_devices_from(clients),
+    ));
 
     // Device tasks.
     let dir = tempfile::tempdir().map_err(|e| format!("cannot create a temp dir: {e}"))?;
-    let per_device_rate = (args.rate / clients as f64).max(0.01);
-    let client_kills = Arc::new(AtomicU64::new(0));
+    let per_device_rate = (args.rate / devices.len() as f64).max(0.01);
+    let counts = Arc::new(Counts::default());
     let mut ctrls = Vec::new();
     let mut tasks = Vec::new();
     for (i, d) in devices.iter().enumerate() {
@@ -272,27 +289,37 @@ async fn check(args: CheckArgs) -> Result<(Report, bool), String> {
             .map_err(|e| e.to_string())?;
         let (tx, rx) = mpsc::unbounded_channel();
         ctrls.push(tx);
-        let opts = {
-            let mut o = ClientOptions::new(
-                rotated(&urls, i).join(","),
+        let urls = rotated(&urls, i).join(",");
+        let opener = match (&ts_runtime, i < clients) {
+            (Some(runtime), false) => Opener::Ts(ts_device::Spec {
+                runtime: runtime.clone(),
+                urls,
                 token,
-                dir.path().join(format!("{}-{}.redb", d.user, d.device)),
-            );
-            o.reconnect.initial_ms = 100;
-            o.reconnect.max_ms = 2000;
-            o.config.retry.max_attempts = None; // under chaos, keep trying: never give up
-            o.config.retry.max_ms = 2000;
-            o
+                store: dir.path().join(format!("{}-{}.sqlite", d.user, d.device)),
+                name: format!("{}/{}", d.user, d.device),
+            }),
+            _ => {
+                let mut o = ClientOptions::new(
+                    urls,
+                    token,
+                    dir.path().join(format!("{}-{}.redb", d.user, d.device)),
+                );
+                o.reconnect.initial_ms = 100;
+                o.reconnect.max_ms = 2000;
+                o.config.retry.max_attempts = None; // under chaos, keep trying: never give up
+                o.config.retry.max_ms = 2000;
+                Opener::Rust(o)
+            }
         };
-        tasks.push(tokio::spawn(device_task(
+        tasks.push(tokio::spawn(device::run(
             i,
             d.clone(),
-            opts,
+            opener,
             ledger.clone(),
             rx,
             per_device_rate,
             rng.random(),
-            client_kills.clone(),
+            counts.clone(),
         )));
     }
 
@@ -386,7 +413,9 @@ async fn check(args: CheckArgs) -> Result<(Report, bool), String> {
     report.server_kills = server_kills.load(Ordering::Relaxed);
     report.db_kills = db_recovery_ms.len() as u64;
     report.db_recovery_ms = db_recovery_ms;
-    report.client_kills = client_kills.load(Ordering::Relaxed);
+    report.client_kills = counts.client_kills.load(Ordering::Relaxed);
+    report.ts_kills = counts.ts_kills.load(Ordering::Relaxed);
+    report.ts_exits = counts.ts_exits.load(Ordering::Relaxed);
     report.disconnects = proxies
         .iter()
         .map(|p| p.disconnects.load(Ordering::Relaxed))
@@ -570,77 +599,4 @@ fn same_port(s: &ServerProcess, port: u16) -> Result<(), String> {
 fn exp_secs(r: &mut StdRng, mean: f64) -> Duration {
     let u: f64 = r.random_range(0.0001..1.0);
     Duration::from_secs_f64(mean * -u.ln())
-}
-
-async fn open_client(opts: &ClientOptions) -> Client {
-    // After a crash the old driver may still hold the store for a moment.
-    loop {
-        match Client::open(opts.clone()).await {
-            Ok(c) => return c,
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn device_task(
-    index: usize,
-    d: Device,
-    opts: ClientOptions,
-    ledger: Arc<Mutex<Ledger>>,
-    mut ctrl: mpsc::UnboundedReceiver<Ctrl>,
-    rate: f64,
-    seed: u64,
-    kills: Arc<AtomicU64>,
-) {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mut client = open_client(&opts).await;
-    let mut sending = true;
-    let mut n = 0u64;
-    let period = Duration::from_secs_f64(1.0 / rate);
-    let mut tick = tokio::time::interval(period);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut outbox_check = tokio::time::interval(Duration::from_millis(200));
-    loop {
-        tokio::select! {
-            ev = client.next_event() => match ev {
-                Some(ev) => {
-                    if let Ok(mut l) = ledger.lock() {
-                        l.event(index, ev);
-                    }
-                }
-                None => {
-                    // The driver stopped (its store failed): start over on the same store.
-                    client = open_client(&opts).await;
-                }
-            },
-            _ = tick.tick(), if sending => {
-                let (target, conv) = d.targets[rng.random_range(0..d.targets.len())].clone();
-                n += 1;
-                let body = format!("{}/{}#{n}", d.user, d.device);
-                if let Ok(cmid) = client.send(target, body).await {
-                    if let Ok(mut l) = ledger.lock() {
-                        l.sent(index, &conv, cmid);
-                    }
-                }
-            }
-            _ = outbox_check.tick(), if !sending => {
-                let empty = client.pending().map(|p| p.is_empty()).unwrap_or(false);
-                if let Ok(mut l) = ledger.lock() {
-                    l.outbox_empty(index, empty);
-                }
-            }
-            c = ctrl.recv() => match c {
-                Some(Ctrl::Crash) => {
-                    client.crash();
-                    kills.fetch_add(1, Ordering::Relaxed);
-                    let down = Duration::from_millis(rng.random_range(50..800));
-                    tokio::time::sleep(down).await;
-                    client = open_client(&opts).await;
-                }
-                Some(Ctrl::StopSending) => sending = false,
-                None => return,
-            },
-        }
-    }
 }

@@ -1,6 +1,7 @@
 //! `ordo check` in CI: a short chaos run with at least five server kills, and the server holding
 //! one conversation at a time, must find nothing lost, duplicated or out of order, whatever
-//! `ORDO_*` variables the caller has exported. On a PostgreSQL of the run's own, the same with
+//! `ORDO_*` variables the caller has exported; the same with TypeScript SDK devices (Node
+//! processes, SIGKILLed) beside the Rust ones. On a PostgreSQL of the run's own, the same with
 //! its primary SIGKILLed: ten failovers to a synchronous standby, and restarts of a lone
 //! primary.
 
@@ -61,6 +62,50 @@ fn a_short_chaos_run_finds_no_violation() {
     assert!(
         report["server_kills"].as_u64().unwrap_or(0) >= 5,
         "at least five server kills:\n{report:#}"
+    );
+}
+
+#[test]
+fn typescript_devices_take_part_in_a_chaos_run() {
+    use ordo_testkit::node_js;
+    if !node_js::node_or_skip("typescript_devices_take_part_in_a_chaos_run") {
+        return;
+    }
+    let sdk = node_js::repo_root().join("sdk/typescript");
+    node_js::npm_ci(&sdk);
+    node_js::run(&sdk, &["run", "build"], &[]);
+    let schema = on_postgres()
+        .then(|| TestSchema::create("typescript_devices_take_part_in_a_chaos_run"))
+        .flatten();
+    let url = schema.as_ref().map(TestSchema::url);
+    let sdk = sdk.to_str().expect("the SDK's path is UTF-8");
+    let mut args = vec![
+        "--duration",
+        "20",
+        "--clients",
+        "4",
+        "--ts-clients",
+        "2",
+        "--ts-sdk",
+        sdk,
+        // About 20 crashes, a third of them SIGKILLs of the Node processes.
+        "--client-kill-every",
+        "1",
+    ];
+    if let Some(u) = &url {
+        args.extend(["--store", u.as_str()]);
+    }
+    let report = passing_check(&args);
+    assert_eq!(report["ts_devices"], 2, "{report:#}");
+    for field in ["ts_sent", "ts_delivered", "ts_kills"] {
+        assert!(
+            report[field].as_u64().unwrap_or(0) > 0,
+            "{field}: the TypeScript devices took part:\n{report:#}"
+        );
+    }
+    assert_eq!(
+        report["ts_exits"], 0,
+        "a TypeScript device process ended by itself:\n{report:#}"
     );
 }
 
