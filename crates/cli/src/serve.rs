@@ -145,6 +145,9 @@ pub struct ServeArgs {
     /// Bytes of the message body an event carries as `preview` [default: 0: none].
     #[arg(long, env = "ORDO_WEBHOOK_PREVIEW_BYTES")]
     webhook_preview_bytes: Option<usize>,
+    /// Do not serve the web chat app at / (`web = false` in the file).
+    #[arg(long, env = "ORDO_NO_WEB")]
+    no_web: bool,
 }
 
 impl ServeArgs {
@@ -200,6 +203,9 @@ impl ServeArgs {
             c.secret = self.secret;
         }
         c.cluster |= self.cluster;
+        if self.no_web {
+            c.web = false;
+        }
         if self.nats.is_some() {
             c.nats = self.nats;
         }

@@ -28,7 +28,7 @@ use ordo_client::{
     StoreOp, Target,
 };
 use ordo_protocol::{
-    encode, ClientFrame, ConvEvent, ConvInfo, ConvKind, Encoded, Encoding, ErrorCode, Limits,
+    encode, ConvEvent, ConvInfo, ConvKind, Encoded, Encoding, ErrorCode, Limits,
     MemberPosition, Message, ServerFrame,
 };
 use serde_json::{json, Value};
@@ -483,8 +483,10 @@ fn reorder() -> Rec {
 }
 
 fn acks() -> Rec {
-    let mut cfg = ClientConfig::default();
-    cfg.ack_every = 4;
+    let cfg = ClientConfig {
+        ack_every: 4,
+        ..ClientConfig::default()
+    };
     let mut r = online(
         "acks",
         "acks are cumulative and batched: after a delay, or at once after ack_every messages; \
@@ -642,8 +644,10 @@ fn statuses() -> Rec {
 }
 
 fn reorder_overflow() -> Rec {
-    let mut cfg = ClientConfig::default();
-    cfg.reorder_capacity = 2;
+    let cfg = ClientConfig {
+        reorder_capacity: 2,
+        ..ClientConfig::default()
+    };
     let mut r = online(
         "reorder_overflow",
         "a hole never holds more than reorder_capacity messages: the lowest are kept, the \
@@ -771,10 +775,12 @@ fn random_walk(seed: u64) -> Rec {
         rng ^= rng << 17;
         rng % n
     };
-    let mut cfg = ClientConfig::default();
-    cfg.ack_every = 5;
-    cfg.reorder_capacity = 4;
-    cfg.sync_limit = 3;
+    let cfg = ClientConfig {
+        ack_every: 5,
+        reorder_capacity: 4,
+        sync_limit: 3,
+        ..ClientConfig::default()
+    };
     let mut r = Rec::new(
         "random_walk",
         "a long deterministic mix of sends, pushes and pages in and out of order, accepts and \

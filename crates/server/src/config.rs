@@ -119,6 +119,9 @@ pub struct Config {
     /// Seconds a send forwarded to its conversation's node may stay unanswered before its
     /// connection is closed (its client reconnects and resends).
     pub forward_timeout_secs: u64,
+    /// Serve the web chat app at `/` (`false`: `--no-web`; `/` is then a 404 like any unknown
+    /// path).
+    pub web: bool,
 }
 
 impl Default for Config {
@@ -173,6 +176,7 @@ impl Default for Config {
             lease_ms: 2000,
             subject_prefix: "ordo".into(),
             forward_timeout_secs: 10,
+            web: true,
         }
     }
 }
@@ -464,6 +468,14 @@ mod tests {
         };
         let e = zero.validate().expect_err("a store cache of 0 is refused");
         assert!(e.to_string().contains("store_cache_mib"), "{e}");
+    }
+
+    #[test]
+    fn the_web_app_is_served_unless_turned_off() {
+        assert!(Config::default().web);
+        let c: Config = toml::from_str("web = false").expect("parse");
+        assert!(!c.web);
+        assert!(c.validate().is_ok());
     }
 
     #[test]

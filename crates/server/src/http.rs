@@ -1,5 +1,6 @@
-//! HTTP routes: the WebSocket upgrade at `/v1/ws`, health and metrics, and the admin API for
-//! groups and tokens (which needs the admin key as a bearer token).
+//! HTTP routes: the WebSocket upgrade at `/v1/ws`, `/v1/me` (what a client token says), health
+//! and metrics, the admin API for groups and tokens (which needs the admin key as a bearer
+//! token), and the web app ([`crate::web`]) unless it is turned off.
 
 use crate::auth::{constant_time_eq, AuthError, Claims};
 use crate::router::Command;
@@ -18,9 +19,11 @@ use serde_json::json;
 use std::collections::BTreeMap;
 use tokio::sync::oneshot;
 
-pub fn routes(state: AppState) -> Router {
-    Router::new()
+/// The server's routes; with `web`, the web app's too.
+pub fn routes(state: AppState, web: bool) -> Router {
+    let api = Router::new()
         .route("/v1/ws", get(ws_upgrade))
+        .route("/v1/me", get(me))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/v1/admin/groups", post(create_group).get(list_groups))
@@ -31,8 +34,12 @@ pub fn routes(state: AppState) -> Router {
         .route("/v1/admin/tokens", post(issue_token))
         .route("/v1/admin/revocations", post(revoke))
         .route("/v1/admin/messages", post(post_message))
-        .route("/v1/admin/cluster", get(cluster_status))
-        .fallback(not_found)
+        .route("/v1/admin/cluster", get(cluster_status));
+    let app = match web {
+        true => api.merge(crate::web::routes()),
+        false => api,
+    };
+    app.fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::map_response(json_errors))
         .with_state(state)
@@ -106,6 +113,26 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
 }
 
+/// The claims of a client token, checked as the WebSocket upgrade checks them (signature,
+/// expiry, revocations).
+fn client_claims(state: &AppState, token: Option<&str>) -> Result<Claims, AuthError> {
+    match token {
+        None => Err(AuthError::Missing),
+        Some(t) => state.tokens.verify(t, crate::router::now_ms() / 1000),
+    }
+}
+
+/// Whom a client token names, if the server takes it: `{"user", "device", "exp"}` (`exp`: when
+/// the server stops taking it, a JWT's leeway included), or 401 with the reason. A browser
+/// cannot read why a WebSocket upgrade failed; this tells a refused token from a server that
+/// cannot be reached.
+async fn me(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    match client_claims(&state, bearer(&headers)) {
+        Ok(c) => Json(json!({"user": c.user, "device": c.device, "exp": c.exp})).into_response(),
+        Err(e) => error(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string()),
+    }
+}
+
 #[derive(Deserialize)]
 struct WsQuery {
     token: Option<String>,
@@ -122,12 +149,8 @@ async fn ws_upgrade(
     Query(q): Query<WsQuery>,
     ws: WebSocketUpgrade,
 ) -> Response {
-    let token = bearer(&headers).map(str::to_string).or(q.token);
-    let claims = match token {
-        None => Err(AuthError::Missing),
-        Some(t) => state.tokens.verify(&t, crate::router::now_ms() / 1000),
-    };
-    let claims = match claims {
+    let token = bearer(&headers).or(q.token.as_deref());
+    let claims = match client_claims(&state, token) {
         Ok(c) => c,
         Err(e) => return error(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string()),
     };

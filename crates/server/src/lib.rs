@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod revocation;
 mod router;
 pub mod tls;
+mod web;
 pub mod webhook;
 
 pub use config::{Config, ConfigError};
@@ -454,7 +455,7 @@ async fn start_inner(
         cluster: cluster_status,
     };
     let tokens = state.tokens.clone();
-    let app = http::routes(state);
+    let app = http::routes(state, cfg.web);
     tracing::info!(%addr, data = %cfg.data.display(), tls = tls.is_some(), jwks = tokens.jwt.has_jwks(), "ordo listening");
     // Always: without a handler, SIGHUP would end the process.
     reload_on_sighup(tls.clone(), tokens, stop_rx.clone())?;

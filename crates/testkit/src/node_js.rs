@@ -38,6 +38,9 @@ pub fn node_or_skip(test: &str) -> bool {
 /// Installs `dir`'s dependencies with `npm ci` unless `node_modules` was installed from the
 /// same `package-lock.json` already.
 pub fn npm_ci(dir: &Path) {
+    // Tests of one binary run on threads: one install at a time.
+    static INSTALL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
     let lock = std::fs::read(dir.join("package-lock.json"))
         .unwrap_or_else(|e| panic!("{}/package-lock.json: {e}", dir.display()));
     let stamp = dir.join("node_modules/.ordo-installed-lock");
