@@ -47,7 +47,7 @@ export function ownState(f: OwnMessageFacts, thisDevice: string): MarkState {
 export function mark(state: MarkState): { glyph: string; label: string } {
   switch (state) {
     case 'pending':
-      return { glyph: '🕓', label: 'waiting to be sent' };
+      return { glyph: '◷', label: 'waiting to be sent' };
     case 'sent':
       return { glyph: '✓', label: 'sent: stored on the server' };
     case 'delivered':
