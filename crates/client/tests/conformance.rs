@@ -28,8 +28,8 @@ use ordo_client::{
     StoreOp, Target,
 };
 use ordo_protocol::{
-    encode, ConvEvent, ConvInfo, ConvKind, Encoded, Encoding, ErrorCode, Limits,
-    MemberPosition, Message, ServerFrame,
+    encode, ConvEvent, ConvInfo, ConvKind, Encoded, Encoding, ErrorCode, Limits, MemberPosition,
+    Message, ServerFrame,
 };
 use serde_json::{json, Value};
 use std::path::PathBuf;
