@@ -171,6 +171,8 @@ export class Client {
   private timer: ReturnType<typeof setTimeout> | null = null;
   private timerAt = Infinity;
   private readonly events: Event[] = [];
+  /** Messages `send` took whose outbox write is not done yet. */
+  private readonly unstored = new Set<string>();
   private waiters: ((e: Event | null) => void)[] = [];
   /** The last message handed out, recorded as taken when the app asks for the next event. */
   private taken: { conv: string; seq: number } | null = null;
@@ -237,9 +239,16 @@ export class Client {
     return this.conn;
   }
 
-  /** Messages in the outbox (not yet accepted), in the order they were sent. */
+  /**
+   * Messages in the outbox (not yet accepted), in the order they were sent: those whose `send`
+   * has resolved, that is, that are on disk.
+   */
   pending(): Pending[] {
-    return this.st.outbox().items().map((p) => ({ ...p }));
+    return this.st
+      .outbox()
+      .items()
+      .filter((p) => !this.unstored.has(p.cmid))
+      .map((p) => ({ ...p }));
   }
 
   /** Highest seq of `conv` stored without a hole. */
@@ -260,7 +269,11 @@ export class Client {
   send(target: Target, body: string, opts: { replyTo?: number } = {}): Promise<string> {
     if (this.stoppedReason !== null) return Promise.reject(new ClientError(this.stoppedReason));
     if (this.closed) return Promise.reject(new ClientError('the client is closed'));
-    return this.input(() => this.st.send(target, body, opts.replyTo ?? null, this.now()));
+    return this.input(() => {
+      const cmid = this.st.send(target, body, opts.replyTo ?? null, this.now());
+      this.unstored.add(cmid);
+      return cmid;
+    });
   }
 
   /** The app showed the user everything up to `seq` of `conv`. */
@@ -353,6 +366,7 @@ export class Client {
       if ('persist' in e) {
         try {
           await this.store.apply(e.persist);
+          for (const op of e.persist) if (op.op === 'put_pending') this.unstored.delete(op.pending.cmid);
         } catch (err) {
           this.stop(`the local store failed: ${(err as Error).message}`, false);
           throw new ClientError(`the local store failed: ${(err as Error).message}`);

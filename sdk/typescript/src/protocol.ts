@@ -8,6 +8,8 @@
  * older or newer server is understood.
  */
 
+import { sha256 } from './sha256.js';
+
 /** One message of a conversation, as `msg` pushes it and `synced` pages carry it. */
 export interface Message {
   conv: string;
@@ -349,7 +351,9 @@ export async function directConvId(a: string, b: string): Promise<string> {
   data.set(x, 4);
   view.setUint32(4 + x.length, y.length);
   data.set(y, 8 + x.length);
-  const digest = new Uint8Array(await globalThis.crypto.subtle.digest('SHA-256', data));
+  const subtle = globalThis.crypto?.subtle;
+  const digest =
+    subtle === undefined ? sha256(data) : new Uint8Array(await subtle.digest('SHA-256', data));
   let hex = '';
   for (const byte of digest.subarray(0, 16)) hex += byte.toString(16).padStart(2, '0');
   return `d_${hex}`;
