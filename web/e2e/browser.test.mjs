@@ -178,3 +178,41 @@ test('two browsers chat; one goes offline, sends 20, reloads, comes back; the se
   await alice.context.close();
   await bob.context.close();
 });
+
+test('two tabs of one browser share one client: each shows every message once, and the second takes over when the first closes', async () => {
+  const carol = await person('carol', 'laptop');
+  const dave = await person('dave', 'phone');
+  // A second tab of carol's, on the same profile: it follows the first.
+  const tab2 = await carol.context.newPage();
+  await tab2.goto(`${server.http}/`);
+  const second = { user: 'carol (tab 2)', context: carol.context, page: tab2 };
+  await openChatWith(dave, 'carol');
+  await send(dave, 'to both tabs');
+  const conv = await dave.page.getByTestId('conversation').getAttribute('data-conv');
+  await openConv(carol, conv);
+  await openConv(second, conv);
+  for (const p of [carol, second]) {
+    await until(`${p.user} shows it`, async () => (await shown(p)).some((m) => m.body === 'to both tabs'));
+  }
+  // The follower sends through the leader.
+  await send(second, 'from tab 2');
+  await until('dave has it', async () => (await shown(dave)).some((m) => m.body === 'from tab 2'));
+  // The leading tab closes: the second takes over the connection and carries on.
+  await carol.page.close();
+  await send(dave, 'after the first tab closed');
+  await until('tab 2 has it', async () => (await shown(second)).some((m) => m.body === 'after the first tab closed'), 30_000);
+  await send(second, 'tab 2 leads');
+  await until('dave has the last', async () => (await shown(dave)).some((m) => m.body === 'tab 2 leads'), 30_000);
+  await new Promise((r) => setTimeout(r, 500));
+  for (const p of [second, dave]) {
+    const l = await shown(p);
+    assertOnceInOrder(l, p.user);
+    assert.deepEqual(
+      l.map((m) => m.body),
+      ['to both tabs', 'from tab 2', 'after the first tab closed', 'tab 2 leads'],
+      `${p.user}: the conversation once, in order`,
+    );
+  }
+  await carol.context.close();
+  await dave.context.close();
+});
