@@ -157,7 +157,8 @@ export class MessageView {
       items.push({ kind: 'notice', n: x.n, key: x.key });
     }
     for (const p of outbox) {
-      if (storedOwn.has(p.cmid) || !s.durable.has(p.cmid)) continue;
+      // `pending()` lists only messages whose send resolved: they are on disk.
+      if (storedOwn.has(p.cmid)) continue;
       if ((await s.convOf(p.target)) === conv) items.push({ kind: 'pending', p, conv });
     }
     for (const f of s.failed(conv)) {

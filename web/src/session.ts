@@ -47,13 +47,6 @@ export const ID_RE = /^[A-Za-z0-9._@:-]{1,128}$/;
 export class Session {
   /** Last state heard in a `status` event, by cmid. */
   readonly heard = new Map<string, MarkState>();
-  /**
-   * Our messages known to be in the outbox on disk: there when the session opened, `send`
-   * resolved, or a status came (the SDK writes before it tells). The outbox in memory takes a
-   * message a moment before that: one shown as pending only then could still be lost to a
-   * reload.
-   */
-  readonly durable = new Set<string>();
   readonly prefs: DevicePrefs;
   onChange: (c: Change) => void = () => {};
   onAlert: (a: Alert) => void = () => {};
@@ -74,7 +67,6 @@ export class Session {
     readonly url: string,
   ) {
     this.prefs = new DevicePrefs(store.name);
-    for (const p of this.pending()) this.durable.add(p.cmid);
   }
 
   /**
@@ -135,7 +127,6 @@ export class Session {
         return;
       case 'status': {
         this.heard.set(e.cmid, e.status.state);
-        this.durable.add(e.cmid);
         let conv = e.conv;
         if (e.status.state === 'failed') {
           const p = this.lastPending.get(e.cmid);
@@ -209,7 +200,6 @@ export class Session {
     const opts = replyTo === undefined ? {} : { replyTo };
     const cmid = await this.client.send(this.targetOf(conv), body, opts);
     this.heard.set(cmid, this.heard.get(cmid) ?? 'pending');
-    this.durable.add(cmid);
     this.pending();
     return cmid;
   }

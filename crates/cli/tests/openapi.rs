@@ -192,6 +192,7 @@ fn statuses_in(src: &str) -> BTreeSet<u16> {
         let code = match name.as_str() {
             "OK" => 200,
             "CREATED" => 201,
+            "NO_CONTENT" => 204,
             "BAD_REQUEST" => 400,
             "UNAUTHORIZED" => 401,
             "NOT_FOUND" => 404,

@@ -87,6 +87,16 @@ async fn the_app_is_served_at_the_root() {
         assert_eq!(cache, "no-cache", "{path}");
         assert!(!body.is_empty(), "{path} is empty");
     }
+    // No other site may frame the page, and it runs only this server's code.
+    let resp = reqwest::get(format!("{}/", server.http_url()))
+        .await
+        .expect("GET /");
+    let csp = resp.headers()["content-security-policy"]
+        .to_str()
+        .expect("ASCII");
+    assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
+    assert!(csp.contains("default-src 'self'"), "{csp}");
+    assert_eq!(resp.headers()["x-frame-options"], "DENY");
     // The rest of the API is as it was: an unknown path is a JSON 404.
     let (status, ctype, _, body) = get(&server, "/assets/other.js").await;
     assert_eq!(status, 404, "{body}");
@@ -197,4 +207,40 @@ async fn me_names_the_token_or_says_why_it_is_refused() {
     );
     let (status, body) = me(&server, Some(&format!("Bearer {token}"))).await;
     assert_eq!(status, 200, "{body}");
+}
+
+/// A page of any origin may ask `/v1/me` (the token is the credential, no cookie is involved):
+/// the browser's preflight allows the `Authorization` header, and both answers allow any
+/// origin, so an app served elsewhere tells a refused token from a server that is down.
+#[tokio::test(flavor = "multi_thread")]
+async fn me_may_be_asked_from_any_origin() {
+    let server = start(&[]).await;
+    let http = reqwest::Client::new();
+    let pre = http
+        .request(
+            reqwest::Method::OPTIONS,
+            format!("{}/v1/me", server.http_url()),
+        )
+        .header("origin", "https://chat.example.com")
+        .header("access-control-request-method", "GET")
+        .header("access-control-request-headers", "authorization")
+        .send()
+        .await
+        .expect("preflight");
+    assert_eq!(pre.status(), 204);
+    let h = pre.headers();
+    assert_eq!(h["access-control-allow-origin"], "*");
+    assert_eq!(h["access-control-allow-methods"], "GET");
+    assert_eq!(h["access-control-allow-headers"], "authorization");
+    for auth in [None, Some("Bearer nonsense")] {
+        let mut req = http
+            .get(format!("{}/v1/me", server.http_url()))
+            .header("origin", "https://chat.example.com");
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        let resp = req.send().await.expect("GET /v1/me");
+        assert_eq!(resp.status(), 401);
+        assert_eq!(resp.headers()["access-control-allow-origin"], "*");
+    }
 }

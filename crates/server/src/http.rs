@@ -23,7 +23,7 @@ use tokio::sync::oneshot;
 pub fn routes(state: AppState, web: bool) -> Router {
     let api = Router::new()
         .route("/v1/ws", get(ws_upgrade))
-        .route("/v1/me", get(me))
+        .route("/v1/me", get(me).options(me_preflight))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/v1/admin/groups", post(create_group).get(list_groups))
@@ -127,10 +127,30 @@ fn client_claims(state: &AppState, token: Option<&str>) -> Result<Claims, AuthEr
 /// cannot read why a WebSocket upgrade failed; this tells a refused token from a server that
 /// cannot be reached.
 async fn me(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    match client_claims(&state, bearer(&headers)) {
+    let mut resp = match client_claims(&state, bearer(&headers)) {
         Ok(c) => Json(json!({"user": c.user, "device": c.device, "exp": c.exp})).into_response(),
         Err(e) => error(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string()),
-    }
+    };
+    // Any page may ask (an app served from another origin): the token is the credential.
+    resp.headers_mut().insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        header::HeaderValue::from_static("*"),
+    );
+    resp
+}
+
+/// The CORS preflight of `GET /v1/me` with an `Authorization` header, from any origin.
+async fn me_preflight() -> Response {
+    (
+        StatusCode::NO_CONTENT,
+        [
+            (header::ACCESS_CONTROL_ALLOW_ORIGIN, "*"),
+            (header::ACCESS_CONTROL_ALLOW_METHODS, "GET"),
+            (header::ACCESS_CONTROL_ALLOW_HEADERS, "authorization"),
+            (header::ACCESS_CONTROL_MAX_AGE, "600"),
+        ],
+    )
+        .into_response()
 }
 
 #[derive(Deserialize)]

@@ -41,6 +41,17 @@ fn file(body: &'static [u8], content_type: &'static str) -> Response {
                 header::X_CONTENT_TYPE_OPTIONS,
                 HeaderValue::from_static("nosniff"),
             ),
+            // No other site may frame the app (its token is in the page's storage), and the
+            // page loads code from this server only; it may connect to any server, since a
+            // user may sign in to another.
+            (
+                header::CONTENT_SECURITY_POLICY,
+                HeaderValue::from_static(
+                    "default-src 'self'; connect-src *; img-src 'self' data:; \
+                     frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+                ),
+            ),
+            (header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY")),
         ],
         body,
     )

@@ -159,6 +159,16 @@ export class Client {
   private readonly reconnectPolicy: RetryPolicy;
   private readonly WS: WebSocketFactory;
   private ws: WebSocketLike | null = null;
+  /** Whether `ws` opened. */
+  private wsOpen = false;
+  /**
+   * The socket the state machine was told is connected: frames go out on it only. It is set by
+   * the `connected` input and cleared at once when the socket goes, so that work queued before
+   * the state machine hears of the loss never goes out on a newer socket.
+   */
+  private live: WebSocketLike | null = null;
+  /** Numbers connection attempts, so that a late answer about an old one changes nothing. */
+  private attempt = 0;
   private conn: ConnectionState;
   private failures = 0;
   private reconnectAt: number | null = null;
@@ -269,10 +279,15 @@ export class Client {
   send(target: Target, body: string, opts: { replyTo?: number } = {}): Promise<string> {
     if (this.stoppedReason !== null) return Promise.reject(new ClientError(this.stoppedReason));
     if (this.closed) return Promise.reject(new ClientError('the client is closed'));
+    let cmid: string | null = null;
     return this.input(() => {
-      const cmid = this.st.send(target, body, opts.replyTo ?? null, this.now());
+      cmid = this.st.send(target, body, opts.replyTo ?? null, this.now());
       this.unstored.add(cmid);
       return cmid;
+    }).catch((e: unknown) => {
+      // A failure after the outbox write (the client stops) does not undo the send.
+      if (cmid !== null && !this.unstored.has(cmid)) return cmid;
+      throw e;
     });
   }
 
@@ -306,7 +321,13 @@ export class Client {
   }
 
   private hand(e: Event): Event {
-    if (e.type === 'message') this.taken = { conv: e.message.conv, seq: e.message.seq };
+    if (e.type === 'message') {
+      // A message of a history that was reset since (its reset is queued behind it) must not
+      // move the new history's handed position when it is recorded as taken.
+      const conv = e.message.conv;
+      const reset = this.events.some((q) => q.type === 'epoch_reset' && q.conv === conv);
+      this.taken = reset ? null : { conv, seq: e.message.seq };
+    }
     return e;
   }
 
@@ -335,6 +356,7 @@ export class Client {
     await this.commitTaken().catch(() => {});
     const ws = this.ws;
     this.ws = null;
+    this.live = null;
     if (ws !== null) {
       detach(ws);
       try {
@@ -381,7 +403,7 @@ export class Client {
   }
 
   private transmit(f: ClientFrame): void {
-    const ws = this.ws;
+    const ws = this.live;
     if (ws === null || ws.readyState !== OPEN) return; // resent after the next connect
     try {
       ws.send(encodeClientFrame(f));
@@ -391,6 +413,8 @@ export class Client {
   }
 
   private emit(e: Event): void {
+    // The app took a message of the history that was just reset: never record it as taken.
+    if (e.type === 'epoch_reset' && this.taken?.conv === e.conv) this.taken = null;
     const w = this.waiters.shift();
     if (w !== undefined) w(e);
     else this.events.push(e);
@@ -467,19 +491,26 @@ export class Client {
       return;
     }
     this.ws = ws;
+    this.wsOpen = false;
+    const attempt = ++this.attempt;
     let opened = false;
     const timeout = setTimeout(() => {
-      if (!opened && this.ws === ws) this.failed(ws, url, `no answer within ${this.opts.connectTimeoutMs} ms`);
+      if (!opened && this.ws === ws) this.failed(ws, url, attempt, `no answer within ${this.opts.connectTimeoutMs} ms`);
     }, this.opts.connectTimeoutMs);
     ws.onopen = () => {
       clearTimeout(timeout);
       if (this.ws !== ws) return;
       opened = true;
+      this.wsOpen = true;
       this.failures = 0;
       this.lastHeard = this.now();
       this.pinged = false;
       this.conn = { state: 'connected', url };
-      void this.input(() => this.st.connected(this.now())).catch(() => {});
+      void this.input(() => {
+        // Gone already? Then its loss is queued behind this, and nothing goes out on it.
+        this.live = this.ws === ws ? ws : null;
+        this.st.connected(this.now());
+      }).catch(() => {});
     };
     ws.onmessage = (ev) => {
       if (this.ws !== ws) return;
@@ -500,7 +531,7 @@ export class Client {
       clearTimeout(timeout);
       if (this.ws !== ws) return;
       if (!opened) {
-        this.failed(ws, url, `the connection closed (code ${ev.code}${ev.reason ? `: ${ev.reason}` : ''})`);
+        this.failed(ws, url, attempt, `the connection closed (code ${ev.code}${ev.reason ? `: ${ev.reason}` : ''})`);
         return;
       }
       this.lost(`the server closed it (code ${ev.code}${ev.reason ? `: ${ev.reason}` : ''})`);
@@ -510,13 +541,13 @@ export class Client {
       // failed. Once open, a close event follows with what little the WebSocket API says.
       if (!opened && this.ws === ws) {
         clearTimeout(timeout);
-        this.failed(ws, url, 'the upgrade failed');
+        this.failed(ws, url, attempt, 'the upgrade failed');
       }
     };
   }
 
   /** A connection attempt failed: ask the server whether the token is the reason, then retry. */
-  private failed(ws: WebSocketLike, url: string, reason: string): void {
+  private failed(ws: WebSocketLike, url: string, attempt: number, reason: string): void {
     detach(ws);
     try {
       ws.close();
@@ -524,8 +555,10 @@ export class Client {
       // never opened
     }
     this.ws = null;
+    if (this.live === ws) this.live = null;
     void this.tokenRefused(url).then((refused) => {
-      if (this.closed) return;
+      // A newer attempt started meanwhile (the network came back): this answer is stale.
+      if (this.closed || attempt !== this.attempt || this.ws !== null) return;
       if (refused !== null) {
         this.stop(`${url} refused the token: ${refused}`, true);
         return;
@@ -540,14 +573,17 @@ export class Client {
     try {
       const ctrl = new AbortController();
       const t = setTimeout(() => ctrl.abort(), 5_000);
-      const resp = await fetch(`${httpBase(url)}/v1/me`, {
-        headers: { authorization: `Bearer ${this.opts.token}` },
-        signal: ctrl.signal,
-      });
-      clearTimeout(t);
-      if (resp.status !== 401) return null;
-      const body = (await resp.json().catch(() => ({}))) as any;
-      return String(body?.error?.message ?? 'unauthorized');
+      try {
+        const resp = await fetch(`${httpBase(url)}/v1/me`, {
+          headers: { authorization: `Bearer ${this.opts.token}` },
+          signal: ctrl.signal,
+        });
+        if (resp.status !== 401) return null;
+        const body = (await resp.json().catch(() => ({}))) as any;
+        return String(body?.error?.message ?? 'unauthorized');
+      } finally {
+        clearTimeout(t);
+      }
     } catch {
       return null;
     }
@@ -559,6 +595,7 @@ export class Client {
     const ws = this.ws;
     if (ws !== null) detach(ws);
     this.ws = null;
+    this.live = null;
     void this.input(() => this.st.disconnected()).catch(() => {});
     this.retry(url, `lost the connection to ${url}: ${reason}`, null);
   }
@@ -567,7 +604,7 @@ export class Client {
   private dropConnection(reason: string): void {
     const ws = this.ws;
     if (ws === null) return;
-    const wasOpen = this.conn.state === 'connected';
+    const wasOpen = this.wsOpen;
     detach(ws);
     try {
       ws.close(4000, reason.slice(0, 100));
@@ -575,6 +612,7 @@ export class Client {
       // already closed
     }
     this.ws = null;
+    this.live = null;
     if (wasOpen) void this.input(() => this.st.disconnected()).catch(() => {});
     this.retry(this.servers[this.current]!, reason, wasOpen ? null : 'connect_failed');
   }
@@ -587,8 +625,9 @@ export class Client {
     const offline = (globalThis as any).navigator?.onLine === false;
     const retryInMs = delayMs(this.reconnectPolicy, this.failures, Math.random());
     this.conn = { state: 'retrying', url, reason, failures: this.failures, retryInMs };
-    // Offline, the browser's `online` event is the signal to try again.
-    this.reconnectAt = offline ? null : this.now() + retryInMs;
+    // Offline, the browser's `online` event is the signal to try again; in case it never
+    // comes (the browser can be wrong), a slow retry too.
+    this.reconnectAt = this.now() + (offline ? this.reconnectPolicy.max_ms : retryInMs);
     if (event !== null) this.emit({ type: 'connect_failed', reason, unauthorized: false });
     this.schedule();
   }
@@ -602,6 +641,7 @@ export class Client {
     this.timer = null;
     const ws = this.ws;
     this.ws = null;
+    this.live = null;
     if (ws !== null) {
       detach(ws);
       try {

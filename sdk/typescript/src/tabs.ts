@@ -114,15 +114,28 @@ export class TabClient {
     await new Promise<void>((resolve) => {
       this.release = resolve;
       void (async () => {
-        for (;;) {
-          const e = await client.nextEvent();
-          if (e === null) break;
-          this.user = client.user;
+        try {
+          for (;;) {
+            const e = await client.nextEvent();
+            if (e === null) break;
+            this.user = client.user;
+            this.deliver(e);
+            this.channel.postMessage({ kind: 'event', event: e } satisfies Msg);
+            if (e.type !== 'message') this.broadcastState();
+          }
+        } catch (err) {
+          // Recording a message as taken failed (the store went away): this tab cannot lead.
+          const reason = `this tab's client failed: ${(err as Error).message}`;
+          const e: Event = { type: 'connect_failed', reason, unauthorized: false, permanent: true };
           this.deliver(e);
           this.channel.postMessage({ kind: 'event', event: e } satisfies Msg);
-          if (e.type !== 'message') this.broadcastState();
+          await client.close().catch(() => {});
+        } finally {
+          // The client stopped (or failed): this tab no longer answers for it, and the lock
+          // goes to the next tab.
+          if (this.client === client) this.client = null;
+          resolve();
         }
-        resolve();
       })();
     });
   }

@@ -185,6 +185,9 @@ pub async fn run(
                     if let Some(how) = dev.crash(index, &ledger).await {
                         counts.ts_exits.fetch_add(1, Ordering::Relaxed);
                         eprintln!("ordo check: {name} ended unbidden ({how}); starting it again");
+                        if let Ok(mut l) = ledger.lock() {
+                            l.unbidden_exit(index, &how);
+                        }
                         tokio::time::sleep(Duration::from_millis(200)).await;
                     }
                     let Some(d) = open(index, &opener, &ledger).await else { return };

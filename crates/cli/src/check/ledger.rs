@@ -70,7 +70,7 @@ pub struct Report {
     pub ts_delivered: u64,
     pub ts_kills: u64,
     /// TypeScript device processes that exited, or answered nothing, by themselves (each then
-    /// started again on its store).
+    /// started again on its store): an SDK that stops or hangs fails the check.
     pub ts_exits: u64,
     /// Messages a SIGKILLed TypeScript device had printed but not yet recorded as taken,
     /// handed to it again after the restart: the repeat the SDK documents for the last
@@ -96,6 +96,7 @@ impl Report {
             && self.leaked == 0
             && self.node_failures == 0
             && self.device_failures == 0
+            && self.ts_exits == 0
     }
 
     pub fn print(&self) {
@@ -254,6 +255,12 @@ impl Ledger {
     /// taken: its first message of `m.conv` after the restart may be `m` again.
     pub fn may_repeat(&mut self, device: usize, m: &Message) {
         self.repeatable[device] = Some((m.conv.clone(), m.seq, m.cmid.clone()));
+    }
+
+    /// `device`'s process ended or hung by itself (it is started again): the check fails.
+    pub fn unbidden_exit(&mut self, device: usize, how: &str) {
+        let who = self.name(device);
+        self.violation(format!("{who} ended unbidden: {how}"));
     }
 
     /// `device` could not be started: the check fails.

@@ -120,6 +120,11 @@ export class TestServer {
     }
   }
 
+  /** The server's process id while it runs. */
+  pid(): number | undefined {
+    return this.child?.pid;
+  }
+
   /** SIGKILL: nothing is flushed, nothing is said to the clients. */
   async kill9(): Promise<void> {
     const c = this.child;
