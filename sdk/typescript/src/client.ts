@@ -16,7 +16,7 @@
 import { delayMs, reconnectPolicy, type RetryPolicy } from './backoff.js';
 import type { Pending, Target } from './outbox.js';
 import { decodeServerFrame, encodeClientFrame, type ClientFrame } from './protocol.js';
-import { ClientState, defaultConfig, type ClientConfig, type Event } from './state.js';
+import { ClientState, defaultConfig, type ClientConfig, type Event, type StoreOp } from './state.js';
 import type { LocalStore } from './store.js';
 
 /** The WebSocket path the server serves, appended to each server URL. */
@@ -144,6 +144,9 @@ function randomSeed(): bigint {
 
 const OPEN = 1;
 
+/** Most inputs taken together (their writes in one store transaction). */
+const MAX_BATCH = 256;
+
 /** A client of one device, connected or reconnecting. */
 export class Client {
   readonly store: LocalStore;
@@ -176,8 +179,9 @@ export class Client {
   private pinged = false;
   private closed = false;
   private stoppedReason: string | null = null;
-  /** Inputs are taken one at a time: each waits for the effects of the one before. */
-  private queue: Promise<unknown> = Promise.resolve();
+  /** Inputs waiting to be taken, and whether a batch is being carried out. */
+  private readonly inbox: { run: () => unknown; resolve: (v: unknown) => void; reject: (e: unknown) => void }[] = [];
+  private draining = false;
   private timer: ReturnType<typeof setTimeout> | null = null;
   private timerAt = Infinity;
   private readonly events: Event[] = [];
@@ -352,7 +356,8 @@ export class Client {
     }
     if (this.timer !== null) clearTimeout(this.timer);
     this.timer = null;
-    await this.queue.catch(() => {});
+    // Whatever was taken before is carried out first.
+    await this.input(() => undefined).catch(() => {});
     await this.commitTaken().catch(() => {});
     const ws = this.ws;
     this.ws = null;
@@ -370,36 +375,75 @@ export class Client {
 
   // ----- inputs -----
 
-  /** Runs `f` on the state machine once the previous input's effects are carried out, then
-   * carries out its own. */
+  /**
+   * Runs `f` on the state machine once the effects of every earlier input are carried out.
+   * Inputs that arrive while a batch is being carried out are taken together as the next
+   * batch, whose writes go to the store as one transaction: one disk flush for a burst of
+   * frames rather than one per frame. That keeps the rule, since writes only move earlier:
+   * every frame and event still follows the writes it depends on.
+   */
   private input<T>(f: () => T): Promise<T> {
-    const run = this.queue.then(async () => {
-      if (this.stoppedReason !== null) throw new ClientError(this.stoppedReason);
-      const out = f();
-      await this.carryOut();
-      return out;
+    return new Promise<T>((resolve, reject) => {
+      this.inbox.push({ run: f, resolve: resolve as (v: unknown) => void, reject });
+      if (this.inbox.length > 1 || this.draining) return;
+      this.draining = true;
+      queueMicrotask(() => void this.drain());
     });
-    this.queue = run.catch(() => {});
-    return run;
   }
 
-  private async carryOut(): Promise<void> {
-    for (let e = this.st.pollEffect(); e !== undefined; e = this.st.pollEffect()) {
-      if ('persist' in e) {
-        try {
-          await this.store.apply(e.persist);
-          for (const op of e.persist) if (op.op === 'put_pending') this.unstored.delete(op.pending.cmid);
-        } catch (err) {
-          this.stop(`the local store failed: ${(err as Error).message}`, false);
-          throw new ClientError(`the local store failed: ${(err as Error).message}`);
+  private async drain(): Promise<void> {
+    while (this.inbox.length > 0) {
+      const batch = this.inbox.splice(0, MAX_BATCH);
+      const results: unknown[] = [];
+      const ops: StoreOp[] = [];
+      /** Frames (with the socket they were meant for) and events, in order. */
+      const out: ({ frame: ClientFrame; ws: WebSocketLike | null } | { event: Event })[] = [];
+      for (const task of batch) {
+        if (this.stoppedReason !== null) {
+          results.push(new ClientError(this.stoppedReason));
+          continue;
         }
-      } else if ('transmit' in e) {
-        this.transmit(e.transmit);
-      } else {
-        this.emit(e.event);
+        try {
+          results.push({ ok: task.run() });
+        } catch (err) {
+          results.push(err);
+        }
+        // Frames go out only on the socket the state machine meant them for, should a later
+        // input of the batch have moved it to another.
+        for (let e = this.st.pollEffect(); e !== undefined; e = this.st.pollEffect()) {
+          if ('persist' in e) ops.push(...e.persist);
+          else if ('transmit' in e) out.push({ frame: e.transmit, ws: this.live });
+          else out.push({ event: e.event });
+        }
       }
+      let failed: ClientError | null = null;
+      if (ops.length > 0 && this.stoppedReason === null) {
+        try {
+          await this.store.apply(ops);
+          for (const op of ops) if (op.op === 'put_pending') this.unstored.delete(op.pending.cmid);
+        } catch (err) {
+          failed = new ClientError(`the local store failed: ${(err as Error).message}`);
+          this.stop(failed.message, false);
+        }
+      }
+      if (failed === null) {
+        for (const o of out) {
+          if ('frame' in o) {
+            if (o.ws !== null && o.ws === this.live) this.transmit(o.frame);
+          } else {
+            this.emit(o.event);
+          }
+        }
+      }
+      batch.forEach((task, i) => {
+        const r = results[i] as { ok: unknown } | unknown;
+        if (failed !== null) task.reject(failed);
+        else if (typeof r === 'object' && r !== null && 'ok' in r) task.resolve(r.ok);
+        else task.reject(r);
+      });
+      this.schedule();
     }
-    this.schedule();
+    this.draining = false;
   }
 
   private transmit(f: ClientFrame): void {

@@ -15,6 +15,7 @@ import { defaultRetryPolicy, type RetryPolicy } from './backoff.js';
 import { Outbox, sendFrame, stored, targetConv, type Pending, type Target } from './outbox.js';
 import type { ClientFrame, ConvInfo, Message, ServerFrame } from './protocol.js';
 import { ReorderBuffer } from './reorder.js';
+import { SentMessages } from './sent.js';
 
 export interface ClientConfig {
   retry: RetryPolicy;
@@ -141,10 +142,6 @@ interface ConvState {
 
 const MASK64 = (1n << 64n) - 1n;
 
-function sameStatus(a: Status, b: Status): boolean {
-  return JSON.stringify(a) === JSON.stringify(b);
-}
-
 export class ClientState {
   private readonly cfg: ClientConfig;
   private readonly device: string;
@@ -153,8 +150,8 @@ export class ClientState {
   private isOnline = false;
   private readonly box: Outbox;
   private readonly convs = new Map<string, ConvState>();
-  /** conv -> seq -> [cmid, status] of our messages not yet read by everyone. */
-  private readonly sent = new Map<string, Map<number, [string, Status]>>();
+  /** Per conversation, our messages not yet read by everyone. */
+  private readonly sent = new Map<string, SentMessages>();
   private readonly effects: Effect[] = [];
   /** A `convs` request is outstanding. */
   private overviewPending = false;
@@ -172,7 +169,7 @@ export class ClientState {
     for (const c of snap.convs) {
       this.convs.set(c.conv, this.newConv(c.epoch, c.contiguous, c.read));
     }
-    for (const s of snap.sent) this.sentOf(s.conv).set(s.seq, [s.cmid, s.status]);
+    for (const s of snap.sent) this.sentOf(s.conv).put(s.seq, s.cmid, s.status);
     this.box = new Outbox(cfg.retry, snap.outbox);
   }
 
@@ -191,10 +188,10 @@ export class ClientState {
     };
   }
 
-  private sentOf(conv: string): Map<number, [string, Status]> {
+  private sentOf(conv: string): SentMessages {
     let m = this.sent.get(conv);
     if (m === undefined) {
-      m = new Map();
+      m = new SentMessages();
       this.sent.set(conv, m);
     }
     return m;
@@ -407,7 +404,7 @@ export class ClientState {
   private onAccepted(cmid: string, conv: string, seq: number): void {
     if (this.box.accepted(cmid) === undefined) return; // an answer to a resend we already had
     const status: Status = { state: 'sent', seq };
-    this.sentOf(conv).set(seq, [cmid, status]);
+    this.sentOf(conv).put(seq, cmid, status);
     this.effects.push({
       persist: [
         { op: 'remove_pending', cmid },
@@ -562,22 +559,12 @@ export class ClientState {
     const events: Event[] = [];
     const mine = this.sent.get(conv);
     if (mine !== undefined) {
-      const upTo = Math.max(delivered, read);
-      const seqs = [...mine.keys()].filter((s) => s <= upTo).sort((x, y) => x - y);
-      for (const seq of seqs) {
-        const entry = mine.get(seq)!;
-        const [cmid, status] = entry;
-        const next: Status = seq <= read ? { state: 'read' } : { state: 'delivered' };
-        if (sameStatus(status, next) || status.state === 'read') continue;
-        entry[1] = next;
-        ops.push({ op: 'put_sent', conv, seq, cmid, status: next });
-        events.push({ type: 'status', cmid, conv, status: next });
+      for (const { seq, cmid, status } of mine.advance(delivered, read)) {
+        ops.push({ op: 'put_sent', conv, seq, cmid, status });
+        events.push({ type: 'status', cmid, conv, status });
       }
-    }
-    // Read is final: forget those.
-    for (const [cv, m] of this.sent) {
-      for (const [seq, [, status]] of m) if (status.state === 'read') m.delete(seq);
-      if (m.size === 0) this.sent.delete(cv);
+      // Read is final: those are forgotten.
+      if (mine.size === 0) this.sent.delete(conv);
     }
     if (ops.length > 0) this.effects.push({ persist: ops });
     for (const e of events) this.event(e);
