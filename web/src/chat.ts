@@ -52,6 +52,10 @@ export class ChatScreen {
   constructor(private readonly session: Session) {
     this.banner = new Banner(session);
     this.view = new MessageView(session);
+    // Scrolling down to messages not seen yet reads them.
+    this.view.el.addEventListener('scroll', () => {
+      if (this.open !== null) this.changed({ convs: new Set([this.open]), connection: false });
+    });
     const signOut = h('button', { type: 'button', class: 'link', 'data-testid': 'sign-out' }, 'Sign out');
     signOut.addEventListener('click', () => this.onSignOut());
 
@@ -135,10 +139,7 @@ export class ChatScreen {
   }
 
   private readonly onVisible = (): void => {
-    if (this.open !== null) {
-      this.session.markRead(this.open);
-      this.changed({ convs: new Set([this.open]), connection: false });
-    }
+    if (this.open !== null) this.changed({ convs: new Set([this.open]), connection: false });
   };
 
   /** Stops timers and listeners (the session is closed by the caller). */
@@ -194,17 +195,22 @@ export class ChatScreen {
     })();
   }
 
+  /** Marks read what the user can see of the open conversation. */
+  private markSeen(): void {
+    const seen = this.view.seenUpTo();
+    if (this.open !== null && seen !== null) this.session.markRead(this.open, seen);
+  }
+
   private async draw(dirty: Set<string> | null): Promise<void> {
     const open = this.open;
     if (open !== null) {
-      // What is stored of the open conversation is on screen (below): read, before the
-      // list counts it.
       await this.session.conversations();
-      this.session.markRead(open);
+      if (dirty === null || dirty.has(open)) await this.view.render(open);
+      // Read: what of the open conversation is on screen, before the list counts it.
+      this.markSeen();
     }
     this.list.render(await summaries(this.session), open);
     if (open !== null) {
-      if (dirty === null || dirty.has(open)) await this.view.render(open);
       setText(this.title, convTitle(this.session, open));
       const out = this.session.isRemoved(open);
       this.input.disabled = out;

@@ -94,6 +94,23 @@ export class MessageView {
     });
   }
 
+  /**
+   * The highest seq of the open conversation the user can have seen: the last stored message
+   * whose top is within the visible part of the list (`null`: none rendered). Scrolled to the
+   * bottom, the last one.
+   */
+  seenUpTo(): number | null {
+    const bottom = this.el.getBoundingClientRect().bottom;
+    let seen: number | null = null;
+    for (const el of this.list.querySelectorAll<HTMLElement>('[data-testid="message"][data-seq]')) {
+      const seq = Number(el.dataset.seq);
+      if (!Number.isInteger(seq) || seq <= 0) continue;
+      if (el.getBoundingClientRect().top >= bottom) break;
+      seen = seq;
+    }
+    return seen;
+  }
+
   /** The stored message `seq` of the open conversation, if rendered. */
   message(seq: number): Message | undefined {
     return this.bySeq.get(seq);

@@ -245,12 +245,15 @@ export class Session {
    * Marks `conv` read up to what is stored (as of the last `conversations()`), if the page is
    * visible and we are a member.
    */
-  markRead(conv: string): void {
+  /** The user saw `conv` up to `seen` (only what is stored counts, and only on a shown page). */
+  markRead(conv: string, seen: number): void {
     if (document.visibilityState !== 'visible' || this.isRemoved(conv)) return;
     const row = this.rows.get(conv);
-    if (row === undefined || row.contiguous <= this.readPosition(conv)) return;
-    this.client.markRead(conv, row.contiguous);
-    this.askedRead.set(conv, row.contiguous);
+    if (row === undefined) return;
+    const upTo = Math.min(row.contiguous, seen);
+    if (upTo <= this.readPosition(conv)) return;
+    this.client.markRead(conv, upTo);
+    this.askedRead.set(conv, upTo);
   }
 
   /** This device's read position in `conv`: as stored, or as asked for since. */
