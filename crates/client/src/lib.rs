@@ -67,6 +67,7 @@ pub mod fault;
 pub mod memory_store;
 pub mod outbox;
 pub mod reorder;
+mod sent;
 pub mod state;
 pub mod store;
 pub mod tls;

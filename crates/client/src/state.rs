@@ -10,9 +10,10 @@
 use crate::backoff::RetryPolicy;
 use crate::outbox::{Failure, Outbox, Pending, Target};
 use crate::reorder::{Offer, ReorderBuffer};
+use crate::sent::SentMessages;
 use ordo_protocol::{ClientFrame, ConvEvent, ConvInfo, ErrorCode, Message, Position, ServerFrame};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -205,8 +206,8 @@ pub struct ClientState {
     connected: bool,
     outbox: Outbox,
     convs: HashMap<String, ConvState>,
-    /// (conv, seq) -> (cmid, status) of our messages not yet read by everyone.
-    sent: BTreeMap<(String, u64), (String, Status)>,
+    /// Per conversation, our messages not yet read by everyone.
+    sent: HashMap<String, SentMessages>,
     effects: VecDeque<Effect>,
     /// A `convs` request is outstanding.
     overview_pending: bool,
@@ -239,11 +240,10 @@ impl ClientState {
                 },
             );
         }
-        let sent = snap
-            .sent
-            .into_iter()
-            .map(|s| ((s.conv, s.seq), (s.cmid, s.status)))
-            .collect();
+        let mut sent: HashMap<String, SentMessages> = HashMap::new();
+        for s in snap.sent {
+            sent.entry(s.conv).or_default().put(s.seq, s.cmid, s.status);
+        }
         ClientState {
             outbox: Outbox::new(cfg.retry.clone(), snap.outbox),
             cfg,
@@ -550,7 +550,9 @@ impl ClientState {
             return; // an answer to a resend we already had
         };
         self.sent
-            .insert((conv.clone(), seq), (cmid.clone(), Status::Sent(seq)));
+            .entry(conv.clone())
+            .or_default()
+            .put(seq, cmid.clone(), Status::Sent(seq));
         self.effects.push_back(Effect::Persist(vec![
             StoreOp::RemovePending(cmid.clone()),
             StoreOp::PutSent {
@@ -756,7 +758,7 @@ impl ClientState {
         };
         if !c.members_known {
             // A conversation new since the last overview: learn its members first.
-            if self.sent.keys().any(|(cv, _)| cv == conv) {
+            if self.sent.get(conv).is_some_and(|s| !s.is_empty()) {
                 self.request_overview();
             }
             return;
@@ -776,31 +778,26 @@ impl ClientState {
         };
         let mut ops = Vec::new();
         let mut events = Vec::new();
-        let range = (conv.to_string(), 0)..=(conv.to_string(), delivered.max(read));
-        for ((cv, seq), (cmid, status)) in self.sent.range_mut(range) {
-            let new = if *seq <= read {
-                Status::Read
-            } else {
-                Status::Delivered
-            };
-            if *status == new || (*status == Status::Read) {
-                continue;
-            }
-            *status = new.clone();
+        let Some(mine) = self.sent.get_mut(conv) else {
+            return;
+        };
+        // Only the messages whose status moves; read ones are forgotten (read is final).
+        for (seq, cmid, status) in mine.advance(delivered, read) {
             ops.push(StoreOp::PutSent {
-                conv: cv.clone(),
-                seq: *seq,
+                conv: conv.to_string(),
+                seq,
                 cmid: cmid.clone(),
-                status: new.clone(),
+                status: status.clone(),
             });
             events.push(Event::Status {
-                cmid: cmid.clone(),
-                conv: Some(cv.clone()),
-                status: new,
+                cmid,
+                conv: Some(conv.to_string()),
+                status,
             });
         }
-        // Read is final: forget those.
-        self.sent.retain(|_, (_, s)| *s != Status::Read);
+        if mine.is_empty() {
+            self.sent.remove(conv);
+        }
         if !ops.is_empty() {
             self.effects.push_back(Effect::Persist(ops));
         }

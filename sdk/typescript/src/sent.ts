@@ -38,7 +38,7 @@ function prefix(list: number[], upTo: number): number {
 
 export class SentMessages {
   private readonly bySeq = new Map<number, [string, Status]>();
-  /** Seqs still `sent`, ascending. */
+  /** Seqs not `delivered` yet (`sent`), ascending. */
   private readonly notDelivered: number[] = [];
   /** Seqs `sent` or `delivered`, ascending. */
   private readonly notRead: number[] = [];
@@ -57,7 +57,7 @@ export class SentMessages {
     if (status.state === 'read') return;
     this.bySeq.set(seq, [cmid, status]);
     insert(this.notRead, seq);
-    if (status.state === 'sent') insert(this.notDelivered, seq);
+    if (status.state !== 'delivered') insert(this.notDelivered, seq);
   }
 
   /**
