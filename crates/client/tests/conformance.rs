@@ -28,8 +28,7 @@ use ordo_client::{
     StoreOp, Target,
 };
 use ordo_protocol::{
-    encode, ConvEvent, ConvInfo, ConvKind, Encoded, Encoding, ErrorCode, Limits, MemberPosition,
-    Message, ServerFrame,
+    encode, ConvEvent, ConvInfo, Encoded, Encoding, ErrorCode, Message, ServerFrame,
 };
 use serde_json::{json, Value};
 use std::path::PathBuf;
@@ -277,45 +276,19 @@ impl Rec {
     }
 }
 
-// ----- frames a server would send -----
+// ----- frames a server would send (the client state tests' builders, and a few more) -----
 
-const TEAM: &str = "team";
-const OTHER: &str = "other";
-const EPOCH: u64 = 77;
+#[allow(dead_code)] // the state tests' harness: this test uses its frame builders only
+#[path = "state/support.rs"]
+mod support;
 
-fn welcome(user: &str) -> ServerFrame {
-    ServerFrame::Welcome {
-        user: user.into(),
-        device: "phone".into(),
-        protocol: 1,
-        server_time: 0,
-        limits: Limits::default(),
-    }
-}
-
-fn m(conv: &str, seq: u64) -> Message {
-    Message {
-        conv: conv.into(),
-        seq,
-        from: "bob".into(),
-        device: "tab".into(),
-        cmid: format!("bob-{conv}-{seq}"),
-        body: format!("{conv} #{seq}"),
-        reply_to: None,
-        ts: 1_000 + seq,
-        event: None,
-    }
-}
+use support::{accepted, info, m, push, receipt, rejected, welcome, EPOCH, OTHER, TEAM};
 
 fn m_epoch(conv: &str, epoch: u64, seq: u64) -> Message {
     Message {
         cmid: format!("bob-{conv}-{epoch}-{seq}"),
         ..m(conv, seq)
     }
-}
-
-fn push(conv: &str, seq: u64) -> ServerFrame {
-    ServerFrame::Msg(m(conv, seq).into())
 }
 
 fn synced(
@@ -338,58 +311,6 @@ fn synced(
 
 fn page(conv: &str, seqs: std::ops::RangeInclusive<u64>) -> Vec<Message> {
     seqs.map(|s| m(conv, s)).collect()
-}
-
-fn accepted(cmid: &str, conv: &str, seq: u64) -> ServerFrame {
-    ServerFrame::Accepted {
-        cmid: cmid.into(),
-        conv: conv.into(),
-        seq,
-        ts: 5_000 + seq,
-    }
-}
-
-fn rejected(cmid: &str, code: ErrorCode, retry_after_ms: Option<u64>) -> ServerFrame {
-    ServerFrame::rejected(cmid, code, format!("refused: {code}"), retry_after_ms)
-}
-
-fn receipt(conv: &str, user: &str, delivered: u64, read: u64) -> ServerFrame {
-    ServerFrame::Receipt {
-        conv: conv.into(),
-        user: user.into(),
-        delivered,
-        read,
-    }
-}
-
-fn info(
-    conv: &str,
-    max_seq: u64,
-    delivered: u64,
-    read: u64,
-    members: &[(&str, u64, u64)],
-) -> ConvInfo {
-    ConvInfo {
-        conv: conv.into(),
-        kind: ConvKind::Group,
-        epoch: EPOCH,
-        max_seq,
-        first_seq: 1,
-        delivered,
-        read,
-        member_count: members.len() as u64,
-        others_delivered: 0,
-        others_read: 0,
-        name: None,
-        members: members
-            .iter()
-            .map(|(u, d, r)| MemberPosition {
-                user: u.to_string(),
-                delivered: *d,
-                read: *r,
-            })
-            .collect(),
-    }
 }
 
 fn convs(list: Vec<ConvInfo>, has_more: bool) -> ServerFrame {
