@@ -6,6 +6,11 @@
 //! The `Store` trait is called from blocking threads (the server's commit and lookup threads),
 //! and the synchronous `postgres` client fits them; no pool crate of that client keeps prepared
 //! statements with its connections, so this small one does.
+//!
+//! A synchronous connection runs a small runtime of its own, which cannot be driven, nor
+//! dropped, on a thread of an async runtime: a pool may still be dropped there (by the last
+//! task holding its store, as a server stops), so its connections are closed by [`close`],
+//! which moves them to a thread of their own when it must.
 
 use ordo_store::StoreError;
 use postgres::{Client, GenericClient, NoTls, Statement};
@@ -101,9 +106,11 @@ impl Drop for Conn<'_> {
             // A broken connection is not kept: the next caller opens a new one. What broke it
             // (the database restarted, or failed over) most likely broke the idle ones too,
             // which would not know until used: they go as well.
-            _ => {
+            broken => {
                 idle.1 -= 1 + idle.0.len();
-                idle.0.clear();
+                let mut gone: Vec<Client> = idle.0.drain(..).map(|(c, _)| c).collect();
+                gone.extend(broken);
+                close(gone);
                 self.pool.freed.notify_all();
             }
         }
@@ -195,6 +202,35 @@ impl Pool {
                 )));
             }
         }
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        let idle = self.idle.get_mut().unwrap_or_else(|p| p.into_inner());
+        close(idle.0.drain(..).map(|(c, _)| c).collect());
+    }
+}
+
+/// Closes `clients`: here, unless this thread drives an async runtime, where a synchronous
+/// client can neither be closed nor dropped (either panics); then on a thread of their own,
+/// not waited for (closing a connection whose peer is gone may take until it is found dead).
+fn close(clients: Vec<Client>) {
+    if clients.is_empty() {
+        return;
+    }
+    if tokio::runtime::Handle::try_current().is_err() {
+        drop(clients);
+        return;
+    }
+    // Not dropped with the closure should the thread not start: they are then left to the
+    // process, which closes their sockets when it ends.
+    let clients = std::mem::ManuallyDrop::new(clients);
+    let spawned = std::thread::Builder::new()
+        .name("ordo-pg-close".into())
+        .spawn(move || drop(std::mem::ManuallyDrop::into_inner(clients)));
+    if let Err(e) = spawned {
+        eprintln!("cannot start a thread to close PostgreSQL connections, left open: {e}");
     }
 }
 
