@@ -67,9 +67,10 @@ impl Ctx {
     }
 }
 
-/// The store, for the pages remote sessions read; let go of on a blocking thread, never on an
-/// async worker: dropping the last reference closes the store, which may block or, for the
-/// PostgreSQL client, start a runtime of its own (which panics on a worker).
+/// The store, for the pages remote sessions read; let go of on a blocking thread where it can,
+/// not on an async worker: dropping the last reference closes the store, which may block. (As
+/// the runtime shuts down it may still go on a worker; the PostgreSQL store, whose client
+/// cannot close there, then closes its connections on a thread of their own.)
 pub struct StoreRef(Option<Arc<dyn Store>>);
 
 impl StoreRef {
