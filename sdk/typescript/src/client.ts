@@ -362,14 +362,7 @@ export class Client {
     const ws = this.ws;
     this.ws = null;
     this.live = null;
-    if (ws !== null) {
-      detach(ws);
-      try {
-        ws.close(1000, 'client closed');
-      } catch {
-        // already closing
-      }
-    }
+    if (ws !== null) shut(ws, 1000, 'client closed');
     this.wake(null);
   }
 
@@ -592,12 +585,7 @@ export class Client {
 
   /** A connection attempt failed: ask the server whether the token is the reason, then retry. */
   private failed(ws: WebSocketLike, url: string, attempt: number, reason: string): void {
-    detach(ws);
-    try {
-      ws.close();
-    } catch {
-      // never opened
-    }
+    shut(ws);
     this.ws = null;
     if (this.live === ws) this.live = null;
     void this.tokenRefused(url).then((refused) => {
@@ -649,12 +637,7 @@ export class Client {
     const ws = this.ws;
     if (ws === null) return;
     const wasOpen = this.wsOpen;
-    detach(ws);
-    try {
-      ws.close(4000, reason.slice(0, 100));
-    } catch {
-      // already closed
-    }
+    shut(ws, 4000, reason.slice(0, 100));
     this.ws = null;
     this.live = null;
     if (wasOpen) void this.input(() => this.st.disconnected()).catch(() => {});
@@ -686,16 +669,24 @@ export class Client {
     const ws = this.ws;
     this.ws = null;
     this.live = null;
-    if (ws !== null) {
-      detach(ws);
-      try {
-        ws.close();
-      } catch {
-        // already closed
-      }
-    }
+    if (ws !== null) shut(ws);
     this.emit({ type: 'connect_failed', reason, unauthorized, permanent: true });
     this.wake(null);
+  }
+}
+
+/**
+ * Closes `ws` (with `code` and `reason`, if given) after detaching its handlers, so that
+ * nothing it still reports reaches the client; a socket that is already closing, or never
+ * opened, is left as it is.
+ */
+function shut(ws: WebSocketLike, code?: number, reason?: string): void {
+  detach(ws);
+  try {
+    // Absent arguments are undefined, which the WebSocket API takes as not given.
+    ws.close(code, reason);
+  } catch {
+    // already closing, or never opened
   }
 }
 
