@@ -143,6 +143,16 @@ impl ServerProcess {
         self.signal(libc::SIGSTOP, "send SIGSTOP to the server")
     }
 
+    /// Whether the running server is stopped (by SIGSTOP, and not resumed since), as the
+    /// kernel reports it in `/proc`; `None` where that cannot be read (not Linux, not running).
+    pub fn is_stopped(&self) -> Option<bool> {
+        let pid = self.pid()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // `pid (command) state ...`: the command may hold spaces and parentheses.
+        let state = stat[stat.rfind(')')? + 1..].split_whitespace().next()?;
+        Some(state == "T")
+    }
+
     /// SIGCONT after [`Self::pause`].
     pub fn resume(&mut self) -> Result<(), HarnessError> {
         self.signal(libc::SIGCONT, "send SIGCONT to the server")

@@ -284,6 +284,15 @@ impl Nodes {
             self.takeover(i, held, paused, "SIGSTOP", tally),
             tokio::time::sleep(LEASE + PAUSE_PAST_LEASE)
         );
+        if self.with(i, |s| s.is_stopped()).await? == Some(false) {
+            tally.failures.push(format!(
+                "{} was resumed during its SIGSTOP by something other than this check, so the \
+                 pause did not happen as planned (the kernel sends SIGHUP and SIGCONT to a \
+                 process group left without a parent in its session while one of its members is \
+                 stopped: run the check from a shell that keeps it as a job, not detached)",
+                self.nodes[i].id
+            ));
+        }
         match self.with(i, |s| s.resume()).await? {
             Ok(()) | Err(HarnessError::NotRunning) => {}
             Err(e) => return Err(e.to_string()),
