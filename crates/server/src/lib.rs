@@ -264,16 +264,24 @@ async fn open_database(
     url: String,
     fences: Option<Arc<ordo_store_postgres::lease::Fences>>,
 ) -> Result<ordo_store_postgres::PgStore, ServerError> {
+    wait_for_database(move || match fences.clone() {
+        Some(f) => ordo_store_postgres::PgStore::open_fenced(&url, f),
+        None => ordo_store_postgres::PgStore::open(&url),
+    })
+    .await
+}
+
+/// Runs `open` (which blocks) until the database answers it, or [`DATABASE_WAIT`] passes:
+/// `Unreachable` means the database restarts, fails over, or is not up yet.
+pub(crate) async fn wait_for_database<T: Send + 'static>(
+    open: impl Fn() -> Result<T, StoreError> + Clone + Send + 'static,
+) -> Result<T, ServerError> {
     let started = tokio::time::Instant::now();
     let mut wait = Duration::from_millis(100);
     loop {
-        let (u, f) = (url.clone(), fences.clone());
-        let opened = tokio::task::spawn_blocking(move || match f {
-            Some(f) => ordo_store_postgres::PgStore::open_fenced(&u, f),
-            None => ordo_store_postgres::PgStore::open(&u),
-        })
-        .await
-        .map_err(|e| ServerError::Io(std::io::Error::other(e.to_string())))?;
+        let opened = tokio::task::spawn_blocking(open.clone())
+            .await
+            .map_err(|e| ServerError::Io(std::io::Error::other(e.to_string())))?;
         match opened {
             Err(StoreError::Unreachable(why)) if started.elapsed() < DATABASE_WAIT => {
                 tracing::warn!(error = %why, "waiting for the database");

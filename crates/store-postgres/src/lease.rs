@@ -181,10 +181,7 @@ impl LeaseTable {
         }
         let pool = Pool::new(url)?;
         let mut c = pool.get()?;
-        crate::schema::migrate(&mut c).map_err(|e| StoreError::Open {
-            path: crate::redact(url),
-            source: Box::new(e),
-        })?;
+        crate::apply_schema(&mut c, url)?;
         let (client, _) = c.split();
         let mut tx = client
             .transaction()

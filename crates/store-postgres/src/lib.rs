@@ -140,6 +140,26 @@ fn db(context: &str) -> impl Fn(postgres::Error) -> StoreError + '_ {
     }
 }
 
+/// Brings the schema of the database at `url`, on its connection `c`, to this binary's version.
+/// A connection that breaks meanwhile (the database restarts, or fails over, as a server
+/// starts) is `Unreachable`: the next attempt's may hold.
+pub(crate) fn apply_schema(c: &mut pool::Conn<'_>, url: &str) -> Result<(), StoreError> {
+    match schema::migrate(c) {
+        Ok(_) => Ok(()),
+        Err(schema::SchemaError::Db(e)) if unreachable(&e) => {
+            c.discard();
+            Err(StoreError::Unreachable(format!(
+                "PostgreSQL (applying the schema): {}",
+                text(&e)
+            )))
+        }
+        Err(e) => Err(StoreError::Open {
+            path: redact(url),
+            source: Box::new(e),
+        }),
+    }
+}
+
 fn corrupt(what: &'static str, detail: String) -> StoreError {
     StoreError::Corrupt { what, detail }
 }
@@ -160,10 +180,7 @@ impl PgStore {
         let pool = Pool::new(url)?;
         // A database that cannot be reached is `Unreachable`: the caller may wait for it.
         let mut c = pool.get()?;
-        schema::migrate(&mut c).map_err(|e| StoreError::Open {
-            path: redact(url),
-            source: Box::new(e),
-        })?;
+        apply_schema(&mut c, url)?;
         let forget: i64 = c
             .query_opt(
                 "SELECT value FROM ordo_state WHERE key = 'dedup_forget_before'",

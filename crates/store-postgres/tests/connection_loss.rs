@@ -183,6 +183,8 @@ struct Setup {
     store: PgStore,
     /// The schema's URL, straight to the database (not through the proxy).
     url: String,
+    /// The schema's URL through the proxy.
+    via_proxy: String,
     _schema: TestSchema,
 }
 
@@ -198,6 +200,7 @@ fn setup(test: &str) -> Option<Setup> {
         proxy,
         store,
         url: schema.url(),
+        via_proxy: url,
         _schema: schema,
     })
 }
@@ -219,6 +222,25 @@ fn unreachable(r: Result<(), StoreError>) -> String {
         Err(StoreError::Unreachable(why)) => why,
         other => panic!("expected Unreachable, got {other:?}"),
     }
+}
+
+#[test]
+fn a_connection_lost_while_the_schema_is_applied_is_unreachable_not_a_failure_to_open() {
+    // A server starting while its database fails over loses the connection in the middle of
+    // opening the store: it must be told to wait for the database, not that the store is bad.
+    let Some(s) = setup("lost_at_open") else {
+        return;
+    };
+    s.proxy.commit_marked_by(b"pg_advisory_lock");
+    s.proxy.set(DROP_COMMIT);
+    match PgStore::open(&s.via_proxy) {
+        Err(StoreError::Unreachable(why)) => assert!(why.contains("schema"), "{why}"),
+        Err(e) => panic!("a lost connection while opening is not Unreachable: {e:?}"),
+        Ok(_) => panic!("the proxy did not cut the connection"),
+    }
+    assert_eq!(s.proxy.fired.load(Ordering::SeqCst), 1);
+    // Once the database answers again, the store opens.
+    PgStore::open(&s.via_proxy).expect("open once the connection holds");
 }
 
 #[test]

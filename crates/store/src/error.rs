@@ -13,7 +13,7 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 #[non_exhaustive]
 pub enum StoreError {
     /// The store could not be opened (or connected to) at all.
-    #[error("cannot open the data store at {path}: {source}; check that the directory is writable and not used by another ordo process")]
+    #[error("cannot open the data store at {path}: {source}; check the directory or address, its permissions, and, for a directory, that no other ordo process uses it")]
     Open {
         /// Where the store is: a file or directory, or (for a database server) its address.
         path: String,

@@ -90,16 +90,15 @@ pub struct Node {
     node_id: String,
 }
 
-/// Opens the lease table for this node (generating its id if none was given).
+/// Opens the lease table for this node (generating its id if none was given), waiting, as
+/// for the store, for a database that cannot be reached yet.
 pub async fn open_node(cfg: &Config, url: &str) -> Result<Node, ServerError> {
     let node_id = cfg
         .node_id
         .clone()
         .unwrap_or_else(|| format!("n-{:012x}", rand::random::<u64>() >> 16));
     let (u, id, parts) = (url.to_string(), node_id.clone(), cfg.partitions);
-    let table = tokio::task::spawn_blocking(move || LeaseTable::open(&u, &id, parts))
-        .await
-        .map_err(|e| ServerError::Io(std::io::Error::other(e.to_string())))??;
+    let table = crate::wait_for_database(move || LeaseTable::open(&u, &id, parts)).await?;
     Ok(Node {
         fences: Fences::new(&node_id, cfg.partitions),
         table,
