@@ -101,20 +101,23 @@ impl Drop for Conn<'_> {
         let mut idle = self.pool.idle.lock().unwrap_or_else(|p| p.into_inner());
         match self.client.take() {
             Some(c) if !c.is_closed() && !self.discard => {
-                idle.0.push((c, std::mem::take(&mut self.prepared)))
+                idle.0.push((c, std::mem::take(&mut self.prepared)));
+                drop(idle);
+                self.pool.freed.notify_one();
             }
             // A broken connection is not kept: the next caller opens a new one. What broke it
             // (the database restarted, or failed over) most likely broke the idle ones too,
-            // which would not know until used: they go as well.
+            // which would not know until used: they go as well, closed once the pool's lock
+            // is let go (closing may wait on the network).
             broken => {
                 idle.1 -= 1 + idle.0.len();
                 let mut gone: Vec<Client> = idle.0.drain(..).map(|(c, _)| c).collect();
                 gone.extend(broken);
-                close(gone);
+                drop(idle);
                 self.pool.freed.notify_all();
+                close(gone);
             }
         }
-        self.pool.freed.notify_one();
     }
 }
 
