@@ -406,6 +406,7 @@ async fn start_inner(
         None => None,
     };
     let cluster_status = joined.as_ref().map(|j| j.status.clone());
+    let remote_store = joined.as_ref().map(|j| j.store.clone());
     let mut webhook_task = None;
     if let Some(url) = &cfg.webhook_url {
         let endpoint = webhook::Endpoint::parse(url).map_err(ConfigError::Invalid)?;
@@ -486,6 +487,10 @@ async fn start_inner(
         }
         drop(router_tx);
         let routed = router_task.await;
+        // Remote sessions' tasks may still wait on NATS: they no longer hold the store.
+        if let Some(r) = remote_store {
+            drop(r.release());
+        }
         // The router is gone: the webhook task writes what it was handed and ends.
         if let Some(t) = webhook_task {
             let _ = tokio::time::timeout(CLOSE_GRACE, t).await;

@@ -111,6 +111,8 @@ pub struct Joined {
     pub status: SharedStatus,
     stop: Arc<AtomicBool>,
     keeper: std::thread::JoinHandle<()>,
+    /// The store as remote sessions read it, released once the router has ended.
+    pub store: Arc<remote::StoreRef>,
 }
 
 impl Node {
@@ -182,12 +184,13 @@ impl Node {
             n => n,
         };
         let max_sync_bytes = cfg.max_sync_bytes.min(max_payload / 2).max(1024);
+        let store = remote::StoreRef::new(store);
         let ctx = remote::Ctx {
             node: cc.node_id.as_str().into(),
             prefix: cc.subject_prefix.as_str().into(),
             nats,
             router: router_tx.clone(),
-            store: remote::StoreRef::new(store),
+            store: store.clone(),
             outbound_queue: cfg.outbound_queue,
             outbound_bytes: cfg.outbound_bytes,
             max_sync_bytes,
@@ -213,6 +216,7 @@ impl Node {
             status,
             stop,
             keeper,
+            store,
         })
     }
 }

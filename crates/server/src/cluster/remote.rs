@@ -71,21 +71,30 @@ impl Ctx {
 /// not on an async worker: dropping the last reference closes the store, which may block. (As
 /// the runtime shuts down it may still go on a worker; the PostgreSQL store, whose client
 /// cannot close there, then closes its connections on a thread of their own.)
-pub struct StoreRef(Option<Arc<dyn Store>>);
+///
+/// The server [releases](StoreRef::release) it once its router has ended, so that a remote
+/// session's task still waiting on NATS then does not keep the store open past the server.
+pub struct StoreRef(Mutex<Option<Arc<dyn Store>>>);
 
 impl StoreRef {
     pub fn new(store: Arc<dyn Store>) -> Arc<StoreRef> {
-        Arc::new(StoreRef(Some(store)))
+        Arc::new(StoreRef(Mutex::new(Some(store))))
     }
 
     fn get(&self) -> Option<Arc<dyn Store>> {
-        self.0.clone()
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Lets go of the store: pages are no longer read for remote sessions (each is told the
+    /// router is gone, as it is). Returns it, for the caller to drop where it may block.
+    pub fn release(&self) -> Option<Arc<dyn Store>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 }
 
 impl Drop for StoreRef {
     fn drop(&mut self) {
-        if let Some(store) = self.0.take() {
+        if let Some(store) = self.release() {
             match tokio::runtime::Handle::try_current() {
                 Ok(rt) => drop(rt.spawn_blocking(move || drop(store))),
                 Err(_) => drop(store),
@@ -394,8 +403,15 @@ async fn run_session(
         .unwrap_or_else(|p| p.into_inner())
         .remove(&key);
     let _ = ctx.router.send(Command::Disconnect { session }).await;
-    // The router lets go of the queue: the writer sends what is left and ends.
-    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+    // The router lets go of the queue: the writer sends what is left and ends, unless NATS
+    // takes none of it (reconnecting): then it is cut off, as a connection's writer is.
+    let mut writer = writer;
+    if tokio::time::timeout(Duration::from_secs(5), &mut writer)
+        .await
+        .is_err()
+    {
+        writer.abort();
+    }
 }
 
 /// Hands one frame of a remote session to the router, as a connection does (reading the page
